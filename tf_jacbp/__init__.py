@@ -1,0 +1,14 @@
+"""tf_jacbp: backpropagation as explicit Jacobians, checked against autodiff while Keras trains.
+
+Every backward pass is a formula of "The Backpropagation Algorithm for a Math Student" (Damadi,
+Moharrer, Cham, Shen); ``reference_mode()`` switches to stock TensorFlow ops differentiated by
+autodiff, the witness the formulas are compared with.
+"""
+
+from tf_jacbp import _backend  # noqa: F401  (imports TensorFlow or says which extra to install)
+from tf_jacbp import activations, layers
+from tf_jacbp.mode import in_reference_mode, reference_mode
+
+__version__ = "0.1.0"
+
+__all__ = ["activations", "in_reference_mode", "layers", "reference_mode"]

@@ -1,0 +1,125 @@
+"""The one small base class of tf_jacbp: a layer as a Jacobian-transpose product.
+
+A tf_jacbp layer is a map ``y = F(x; p_1, ..., p_k)`` that provides
+
+(a) ``forward(x, *params) -> y``, its forward computation;
+(b) ``reference(x, *params) -> y``, the same map in stock TensorFlow ops, differentiated by
+    autodiff (the witness: it must not share the code under test);
+(c) ``backward(dy, x, y, *params) -> (dx, [dp_1, ..., dp_k])``, the Jacobian-transpose products
+    ``dx = (J_x F)^T dy`` and ``dp_i = (J_{p_i} F)^T dy`` (each shaped like its tensor);
+(d) materialized Jacobians for inspection (``input_jacobian``, ``parameter_jacobian``: see each
+    layer).
+
+``route`` wires (a) and (c) into a ``tf.custom_gradient`` (the Jacobian route, what training
+applies) or, inside ``tf_jacbp.reference_mode()``, calls (b). Following KERAS_NOTES.md, weights are
+read into tensors before the custom-gradient call, the call is positional, and every returned
+gradient is cast to the dtype of the tensor it belongs to (under ``mixed_float16`` the cast from the
+float32 variable to the float16 compute dtype is then differentiated by TensorFlow, so float32
+gradients reach the optimizer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from tf_jacbp._backend import keras, tf
+from tf_jacbp.mode import in_reference_mode
+
+
+class JacobianOp(Protocol):
+    """Anything with a forward pass, a reference route and a Jacobian-transpose backward pass."""
+
+    def forward(self, x: tf.Tensor, *params: tf.Tensor) -> tf.Tensor: ...
+
+    def reference(self, x: tf.Tensor, *params: tf.Tensor) -> tf.Tensor: ...
+
+    def backward(
+        self, dy: tf.Tensor, x: tf.Tensor, y: tf.Tensor, *params: tf.Tensor
+    ) -> tuple[tf.Tensor, Sequence[tf.Tensor]]: ...
+
+
+def route(op: JacobianOp, x: tf.Tensor, params: Sequence[tf.Tensor] = ()) -> tf.Tensor:
+    """Apply ``op`` to ``x``: its Jacobian route, or its reference route in ``reference_mode()``.
+
+    ``params`` must be tensors (read from the variables), passed positionally.
+    """
+    if in_reference_mode():
+        return op.reference(x, *params)
+
+    @tf.custom_gradient
+    def jacobian_route(x, *params):
+        y = op.forward(x, *params)
+
+        def grad(dy):
+            dx, dparams = op.backward(dy, x, y, *params)
+            if len(dparams) != len(params):
+                raise ValueError(
+                    f"{type(op).__name__}.backward returned {len(dparams)} parameter gradients "
+                    f"for {len(params)} parameters; return one per parameter, in order."
+                )
+            grads = [tf.cast(dx, x.dtype)]
+            grads += [tf.cast(g, p.dtype) for g, p in zip(dparams, params, strict=True)]
+            return grads
+
+        return y, grad
+
+    return jacobian_route(x, *params)
+
+
+class JacobianLayer(keras.layers.Layer):
+    """Base class of tf_jacbp layers: (a) forward, (b) reference, (c) backward, (d) Jacobians.
+
+    A subclass creates its weights in ``build`` as usual, lists those the formulas differentiate
+    in ``jacobian_parameters()`` (in theta order: kernel, then bias) and implements ``forward``,
+    ``reference`` and ``backward`` (see the module docstring). ``call`` reads the weights into
+    tensors of the compute dtype and hands everything to ``route``.
+
+    Example (a layer ``y = x * s`` with a learned scale ``s`` of shape ``(d,)``):
+
+        class Scale(tf_jacbp.layers.JacobianLayer):
+            def build(self, input_shape):
+                self.s = self.add_weight(shape=(input_shape[-1],), initializer="ones")
+
+            def jacobian_parameters(self):
+                return [self.s]
+
+            def forward(self, x, s):
+                return x * s
+
+            def reference(self, x, s):
+                return tf.multiply(x, s)
+
+            def backward(self, dy, x, y, s):
+                # J_x y = diag(s), J_s y = diag(x): both are diagonal.
+                return dy * s, [tf.reduce_sum(dy * x, axis=0)]
+    """
+
+    def jacobian_parameters(self) -> list[keras.Variable]:
+        """The variables the backward pass differentiates, in theta order. Default: none."""
+        return []
+
+    def forward(self, x: tf.Tensor, *params: tf.Tensor) -> tf.Tensor:
+        """(a) The forward computation, ``y = F(x; params)``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement forward(x, *params).")
+
+    def reference(self, x: tf.Tensor, *params: tf.Tensor) -> tf.Tensor:
+        """(b) The same map in stock TensorFlow ops, for autodiff."""
+        raise NotImplementedError(f"{type(self).__name__} must implement reference(x, *params).")
+
+    def backward(
+        self, dy: tf.Tensor, x: tf.Tensor, y: tf.Tensor, *params: tf.Tensor
+    ) -> tuple[tf.Tensor, list[tf.Tensor]]:
+        """(c) ``((J_x F)^T dy, [(J_p F)^T dy for p in params])``."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement backward(dy, x, y, *params)."
+        )
+
+    def read_parameters(self) -> list[tf.Tensor]:
+        """The values of ``jacobian_parameters()`` as tensors of the compute dtype."""
+        return [
+            tf.cast(tf.convert_to_tensor(v), self.compute_dtype) for v in self.jacobian_parameters()
+        ]
+
+    def call(self, inputs: tf.Tensor) -> tf.Tensor:
+        return route(self, inputs, self.read_parameters())

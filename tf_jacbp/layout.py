@@ -1,0 +1,61 @@
+"""Orderings and layouts, defined once (MATH.md, "Notation") and imported everywhere.
+
+* ``Vec(W)`` stacks the columns of a matrix, first column on top: column-major (Fortran) order.
+  For a Dense kernel ``W`` of shape ``(n, m)``, entry ``W[i, j]`` sits at ``j * n + i``.
+* A conv kernel ``K`` of shape ``(kh, kw, c_in, c_out)`` is vectorized the same way, column-major
+  over the array as stored: entry ``K[p, q, c, f]`` sits at
+  ``p + kh * (q + kw * (c + c_in * f))``.
+* Images are channels_last, ``(H, W, C)``, and ``vec(x)`` is their row-major flattening:
+  ``x[i, j, c]`` sits at ``(i * W + j) * C + c``. For one channel this is the paper's
+  ``Vec(X^T)`` (Lemma 2). Conv outputs ``(H_out, W_out, C_out)`` are flattened the same way, so
+  the rows of the Toeplitz matrix ``T(K)`` are output positions in row-major order.
+* ``theta = [Vec(W[1]); b[1]; Vec(W[2]); b[2]; ...]``: each layer's parameters in the order of
+  ``JacobianLayer.jacobian_parameters()`` (kernel, then bias), layers in model order, each
+  parameter by ``vec_parameter``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tf_jacbp._backend import tf
+
+
+def vec_parameter(p: tf.Tensor) -> tf.Tensor:
+    """``Vec(p)``: column-major flattening of a parameter of any rank (shape ``p.shape`` -> ``(size,)``).
+
+    A rank-1 parameter (a bias) is returned as it is.
+    """
+    rank = len(p.shape)
+    if rank <= 1:
+        return tf.reshape(p, [-1])
+    return tf.reshape(tf.transpose(p, perm=list(range(rank - 1, -1, -1))), [-1])
+
+
+def unvec_parameter(v: tf.Tensor, shape: tuple[int, ...]) -> tf.Tensor:
+    """Inverse of ``vec_parameter``: ``(prod(shape),)`` -> ``shape``."""
+    rank = len(shape)
+    if rank <= 1:
+        return tf.reshape(v, shape)
+    reversed_shape = list(shape)[::-1]
+    return tf.transpose(tf.reshape(v, reversed_shape), perm=list(range(rank - 1, -1, -1)))
+
+
+def vec_parameter_batch(p: tf.Tensor) -> tf.Tensor:
+    """``Vec`` applied to each entry of a batch: ``(batch, *shape)`` -> ``(batch, size)``."""
+    rank = len(p.shape)
+    if rank <= 2:
+        return tf.reshape(p, [tf.shape(p)[0], -1])
+    perm = [0] + list(range(rank - 1, 0, -1))
+    return tf.reshape(tf.transpose(p, perm=perm), [tf.shape(p)[0], -1])
+
+
+def vec_index(shape: tuple[int, ...]) -> np.ndarray:
+    """Array of ``shape`` whose entry at each index is that entry's position in ``Vec``."""
+    size = int(np.prod(shape))
+    return np.arange(size).reshape(shape, order="F")
+
+
+def vec_image(x: tf.Tensor) -> tf.Tensor:
+    """Row-major flattening of a channels_last batch: ``(batch, H, W, C)`` -> ``(batch, H*W*C)``."""
+    return tf.reshape(x, [tf.shape(x)[0], -1])
