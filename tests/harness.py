@@ -1,0 +1,216 @@
+"""The one test harness: ``run_layer_test`` gives a layer every mode and every comparison.
+
+For a layer made by ``make_layer(dtype)`` it checks, in this order:
+
+1. the Jacobian route's gradients (with respect to the layer's input and every parameter) equal
+   ``tf.GradientTape`` through the reference route, in float64 and float32, to
+   ``tf_jacbp.tolerances.rtol(dtype)``;
+2. in float64, the same gradients equal central finite differences of the loss
+   (``tf.test.compute_gradient``);
+3. the update ``model.fit`` applies (one SGD step with learning rate 1, so the update *is* the
+   gradient) equals the reference gradient when the model runs eagerly, as a graph, and with
+   ``jit_compile=True``;
+4. under ``mixed_float16``, float32 gradients reach the optimizer, agree with the reference route
+   run under the same policy, and a loss-scaled ``fit`` step applies them;
+5. a ``.keras`` round trip gives identical predictions and gradients.
+
+The layer sits behind a stock ``InputScale`` layer (``x -> x * s``, ``s`` trainable, initialized
+to one) so that its input gradient reaches a variable, and the loss is
+``0.5 * ||y - t||^2`` per sample, averaged over the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import tf_jacbp
+from tf_jacbp import tolerances
+
+
+@keras.saving.register_keras_serializable(package="tf_jacbp_tests")
+class InputScale(keras.layers.Layer):
+    """``y = x * s`` with a trainable ``s`` of the input's shape (stock ops, autodiff)."""
+
+    def build(self, input_shape):
+        self.s = self.add_weight(name="s", shape=tuple(input_shape[1:]), initializer="ones")
+
+    def call(self, x):
+        return x * keras.ops.cast(self.s, x.dtype)
+
+
+def half_squared_error(t: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+    """``0.5 * ||y - t||^2`` per sample (stock ops)."""
+    axes = list(range(1, len(y.shape)))
+    return 0.5 * tf.reduce_sum(tf.square(tf.cast(y, t.dtype) - t), axis=axes)
+
+
+def build_model(
+    make_layer: Callable[[str], keras.layers.Layer], input_shape: Sequence[int], dtype: str
+) -> keras.Sequential:
+    """``Input -> InputScale -> layer``, every layer with the dtype policy ``dtype``."""
+    return keras.Sequential(
+        [keras.Input(tuple(input_shape)), InputScale(dtype=dtype), make_layer(dtype)]
+    )
+
+
+def model_gradients(model: keras.Model, x, t, reference: bool) -> list[np.ndarray]:
+    """Gradients of the mean loss (plus regularization, as ``fit`` adds it), eagerly."""
+    with tf.GradientTape() as tape:
+        if reference:
+            with tf_jacbp.reference_mode():
+                y = model(x)
+        else:
+            y = model(x)
+        loss = tf.reduce_mean(half_squared_error(t, y)) + sum(model.losses)
+    grads = tape.gradient(loss, model.trainable_variables)
+    for g, v in zip(grads, model.trainable_variables, strict=True):
+        assert g is not None, f"no gradient reaches {v.path}"
+    return [np.asarray(g) for g in grads]
+
+
+def assert_gradients_close(
+    grads: Sequence, refs: Sequence, variables: Sequence, dtype: str, what: str, rtol=None
+) -> None:
+    """Each gradient within ``rtol`` (default: the dtype's) of its reference, all finite."""
+    rtol = tolerances.rtol(dtype) if rtol is None else rtol
+    for g, r, v in zip(grads, refs, variables, strict=True):
+        err = tolerances.relative_error(g, r, dtype)
+        assert err <= rtol, (
+            f"{what}: gradient of {v.path} differs from the reference: relative error {err:.3g} "
+            f"> rtol {rtol:.3g} ({dtype})"
+        )
+
+
+def _data(model: keras.Model, input_shape, batch_size: int, dtype: str, seed: int, input_fn):
+    rng = np.random.default_rng(seed)
+    x = input_fn(rng, (batch_size, *input_shape)) if input_fn else rng.normal(
+        size=(batch_size, *input_shape)
+    )
+    out_shape = model.compute_output_shape((batch_size, *input_shape))
+    t = rng.normal(size=out_shape)
+    return tf.constant(x, dtype), tf.constant(t, dtype)
+
+
+def _check_routes_agree(make_layer, input_shape, batch_size, seed, input_fn) -> None:
+    for dtype in ("float64", "float32"):
+        model = build_model(make_layer, input_shape, dtype)
+        x, t = _data(model, input_shape, batch_size, dtype, seed, input_fn)
+        grads = model_gradients(model, x, t, reference=False)
+        refs = model_gradients(model, x, t, reference=True)
+        assert_gradients_close(grads, refs, model.trainable_variables, dtype, f"{dtype} route")
+
+
+def _check_finite_differences(make_layer, input_shape, batch_size, seed, input_fn) -> None:
+    model = build_model(make_layer, input_shape, "float64")
+    x, t = _data(model, input_shape, batch_size, "float64", seed, input_fn)
+    values = [tf.identity(v) for v in model.trainable_variables]
+    fixed = [tf.identity(v) for v in model.non_trainable_variables]
+    for i, v in enumerate(model.trainable_variables):
+
+        def loss_at(value, i=i):
+            trainable = values[:i] + [value] + values[i + 1 :]
+            y, _ = model.stateless_call(trainable, fixed, x)
+            return tf.reduce_mean(half_squared_error(t, y))
+
+        theoretical, numerical = tf.test.compute_gradient(
+            loss_at, [values[i]], delta=tolerances.FINITE_DIFFERENCE_DELTA
+        )
+        err = tolerances.relative_error(theoretical[0], numerical[0])
+        assert err <= tolerances.FINITE_DIFFERENCE_RTOL, (
+            f"finite differences: gradient of {v.path} relative error {err:.3g} "
+            f"> {tolerances.FINITE_DIFFERENCE_RTOL}"
+        )
+
+
+def _fit_update(model: keras.Model, x, t, optimizer, **compile_args) -> list[np.ndarray]:
+    """The update ``w_before - w_after`` of one ``train_on_batch`` step."""
+    model.compile(optimizer=optimizer, loss=half_squared_error, **compile_args)
+    before = [np.asarray(v) for v in model.trainable_variables]
+    model.train_on_batch(x, t)
+    return [b - np.asarray(v) for b, v in zip(before, model.trainable_variables, strict=True)]
+
+
+def _check_fit_modes(make_layer, input_shape, batch_size, seed, input_fn) -> None:
+    template = build_model(make_layer, input_shape, "float32")
+    x, t = _data(template, input_shape, batch_size, "float32", seed, input_fn)
+    refs = model_gradients(template, x, t, reference=True)
+    modes = {
+        "eager": {"run_eagerly": True},
+        "graph": {"jit_compile": False},
+        "jit_compile": {"jit_compile": True},
+    }
+    for mode, compile_args in modes.items():
+        model = build_model(make_layer, input_shape, "float32")
+        model.set_weights(template.get_weights())
+        update = _fit_update(model, x, t, keras.optimizers.SGD(1.0), **compile_args)
+        assert_gradients_close(
+            update, refs, model.trainable_variables, "float32", f"model.fit ({mode})"
+        )
+
+
+def _check_mixed_precision(make_layer, input_shape, batch_size, seed, input_fn) -> None:
+    model = build_model(make_layer, input_shape, "mixed_float16")
+    x, t = _data(model, input_shape, batch_size, "float32", seed, input_fn)
+    grads = model_gradients(model, x, t, reference=False)
+    refs = model_gradients(model, x, t, reference=True)
+    for g, v in zip(grads, model.trainable_variables, strict=True):
+        assert v.dtype == "float32", f"{v.path} is {v.dtype} under mixed_float16"
+        assert g.dtype == np.float32, f"the gradient of {v.path} is {g.dtype}, not float32"
+    assert_gradients_close(
+        grads, refs, model.trainable_variables, "float16", "mixed_float16 route"
+    )
+    optimizer = keras.optimizers.LossScaleOptimizer(
+        keras.optimizers.SGD(1.0), initial_scale=2.0**7
+    )
+    update = _fit_update(model, x, t, optimizer)
+    assert_gradients_close(
+        update, refs, model.trainable_variables, "float16", "mixed_float16 loss-scaled fit"
+    )
+
+
+def _check_saving(make_layer, input_shape, batch_size, seed, input_fn, tmp_dir) -> None:
+    model = build_model(make_layer, input_shape, "float32")
+    x, t = _data(model, input_shape, batch_size, "float32", seed, input_fn)
+    path = f"{tmp_dir}/model.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert type(loaded.layers[-1]) is type(model.layers[-1])
+    np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
+    for g, r in zip(
+        model_gradients(loaded, x, t, False), model_gradients(model, x, t, False), strict=True
+    ):
+        np.testing.assert_array_equal(g, r)
+
+
+def run_layer_test(
+    make_layer: Callable[[str], keras.layers.Layer],
+    input_shape: Sequence[int],
+    *,
+    tmp_dir: str,
+    batch_size: int = 3,
+    seed: int = 0,
+    input_fn: Callable[[np.random.Generator, tuple], np.ndarray] | None = None,
+    finite_differences: bool = True,
+) -> None:
+    """Run every comparison and mode of the module docstring on ``make_layer``.
+
+    Args:
+        make_layer: ``dtype -> layer``, a fresh layer with that dtype policy each call.
+        input_shape: the input shape without the batch axis.
+        tmp_dir: a directory for the ``.keras`` file (pytest's ``tmp_path``).
+        input_fn: ``(rng, shape) -> array`` to draw inputs (default standard normal), e.g. to
+            keep inputs away from a kink.
+        finite_differences: off only for maps that are not differentiable almost everywhere at
+            the step size (none in tf_jacbp; kept for user layers).
+    """
+    args = (make_layer, input_shape, batch_size, seed, input_fn)
+    _check_routes_agree(*args)
+    if finite_differences:
+        _check_finite_differences(*args)
+    _check_fit_modes(*args)
+    _check_mixed_precision(*args)
+    _check_saving(*args, tmp_dir)

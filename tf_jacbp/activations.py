@@ -1,0 +1,298 @@
+"""Activation functions and their Jacobians (MATH.md, "Activations").
+
+An elementwise activation ``a = f(z)`` has the diagonal Jacobian
+``J_z f(z) = diag(f'(z_1), ..., f'(z_d))``, so its Jacobian-transpose product is the elementwise
+product ``f'(z) * delta``. Softmax ``s = softmax(z)`` (over the last axis) has
+``J_z s = diag(s) - s s^T`` and ``(J_z s)^T delta = s * (delta - <s, delta>)``.
+
+Each activation is a ``JacobianOp`` without parameters: ``forward`` and ``reference`` both use the
+stock TensorFlow function (the forward is not what is under test), ``backward`` is the formula,
+``derivative`` gives ``f'(z)`` and ``jacobian`` the materialized matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from tf_jacbp._backend import tf
+
+
+class Elementwise:
+    """An elementwise activation ``a = f(z)`` with ``J_z f(z) = diag(f'(z))``.
+
+    Subclasses set ``name`` and implement ``reference(z)`` (stock TensorFlow) and
+    ``derivative(z, a)`` (``f'(z)``, given ``z`` and ``a = f(z)``).
+    """
+
+    name = ""
+
+    def get_config(self) -> dict[str, Any]:
+        """Arguments that rebuild this activation with ``get(config)``."""
+        return {}
+
+    def reference(self, z: tf.Tensor) -> tf.Tensor:
+        raise NotImplementedError
+
+    def derivative(self, z: tf.Tensor, a: tf.Tensor) -> tf.Tensor:
+        """``f'(z)``, same shape as ``z``."""
+        raise NotImplementedError
+
+    def forward(self, z: tf.Tensor) -> tf.Tensor:
+        """``a = f(z)``, any shape."""
+        return self.reference(z)
+
+    def backward(self, dy: tf.Tensor, z: tf.Tensor, a: tf.Tensor) -> tuple[tf.Tensor, list]:
+        """``(J_z f)^T delta = diag(f'(z)) delta = f'(z) * delta``."""
+        return self.derivative(z, a) * dy, []
+
+    def jacobian(self, z: tf.Tensor) -> tf.Tensor:
+        """``J_z f(z) = diag(f'(z))``: ``(d,)`` -> ``(d, d)``, or ``(batch, d)`` -> ``(batch, d, d)``."""
+        z = tf.convert_to_tensor(z)
+        return tf.linalg.diag(self.derivative(z, self.forward(z)))
+
+
+class Linear(Elementwise):
+    """``f(z) = z``, ``f'(z) = 1``."""
+
+    name = "linear"
+
+    def reference(self, z):
+        return tf.identity(z)
+
+    def derivative(self, z, a):
+        return tf.ones_like(z)
+
+
+class ReLU(Elementwise):
+    """``f(z) = max(z, 0)`` (Keras' ``max_value``, ``negative_slope``, ``threshold`` supported).
+
+    ``f'(z)`` is ``0`` above ``max_value``, ``1`` on ``[threshold, max_value)``, ``negative_slope``
+    below ``threshold``: a 0/1 diagonal for the plain ReLU (paper, Section 3.4). At a kink the
+    derivative from the right's neighbour is taken as TensorFlow does (``f'(0) = 0``).
+    """
+
+    name = "relu"
+
+    def __init__(
+        self, max_value: float | None = None, negative_slope: float = 0.0, threshold: float = 0.0
+    ):
+        if max_value is not None and max_value < 0:
+            raise ValueError(f"ReLU: max_value must be >= 0 or None, got max_value={max_value}.")
+        if negative_slope < 0:
+            raise ValueError(
+                f"ReLU: negative_slope must be >= 0, got negative_slope={negative_slope}."
+            )
+        self.max_value = max_value
+        self.negative_slope = negative_slope
+        self.threshold = threshold
+
+    def get_config(self):
+        return {
+            "max_value": self.max_value,
+            "negative_slope": self.negative_slope,
+            "threshold": self.threshold,
+        }
+
+    def _plain(self) -> bool:
+        return self.max_value is None and self.negative_slope == 0 and self.threshold == 0
+
+    def reference(self, z):
+        if self._plain():
+            return tf.nn.relu(z)
+        out = tf.where(z >= self.threshold, z, self.negative_slope * (z - self.threshold))
+        if self.max_value is not None:
+            out = tf.minimum(out, tf.cast(self.max_value, z.dtype))
+        return out
+
+    def derivative(self, z, a):
+        one, zero = tf.ones_like(z), tf.zeros_like(z)
+        if self._plain():
+            return tf.where(z > 0, one, zero)
+        d = tf.where(z >= self.threshold, one, self.negative_slope * one)
+        if self.max_value is not None:
+            d = tf.where(z >= self.max_value, zero, d)
+        return d
+
+
+class Sigmoid(Elementwise):
+    """``f(z) = 1 / (1 + e^{-z})``, ``f'(z) = a (1 - a)``."""
+
+    name = "sigmoid"
+
+    def reference(self, z):
+        return tf.math.sigmoid(z)
+
+    def derivative(self, z, a):
+        return a * (1 - a)
+
+
+class Tanh(Elementwise):
+    """``f(z) = tanh(z)``, ``f'(z) = 1 - a^2``."""
+
+    name = "tanh"
+
+    def reference(self, z):
+        return tf.math.tanh(z)
+
+    def derivative(self, z, a):
+        return 1 - a * a
+
+
+class LeakyReLU(Elementwise):
+    """``f(z) = z`` for ``z > 0``, else ``negative_slope * z``; ``f'`` is ``1`` or the slope."""
+
+    name = "leaky_relu"
+
+    def __init__(self, negative_slope: float = 0.2):
+        if negative_slope < 0:
+            raise ValueError(
+                f"LeakyReLU: negative_slope must be >= 0, got negative_slope={negative_slope}."
+            )
+        self.negative_slope = negative_slope
+
+    def get_config(self):
+        return {"negative_slope": self.negative_slope}
+
+    def reference(self, z):
+        # Not tf.nn.leaky_relu: its slope is a float32 attribute, off by 1e-8 in float64.
+        return tf.where(z > 0, z, self.negative_slope * z)
+
+    def derivative(self, z, a):
+        return tf.where(z > 0, tf.ones_like(z), self.negative_slope * tf.ones_like(z))
+
+
+class ELU(Elementwise):
+    """``f(z) = z`` for ``z > 0``, else ``alpha (e^z - 1)``; ``f'`` is ``1`` or ``a + alpha``."""
+
+    name = "elu"
+
+    def __init__(self, alpha: float = 1.0):
+        self.alpha = alpha
+
+    def get_config(self):
+        return {"alpha": self.alpha}
+
+    def reference(self, z):
+        if self.alpha == 1.0:
+            return tf.nn.elu(z)
+        return tf.where(z > 0, z, self.alpha * tf.math.expm1(z))
+
+    def derivative(self, z, a):
+        return tf.where(z > 0, tf.ones_like(z), a + self.alpha)
+
+
+class Softplus(Elementwise):
+    """``f(z) = log(1 + e^z)``, ``f'(z) = sigmoid(z)``."""
+
+    name = "softplus"
+
+    def reference(self, z):
+        return tf.math.softplus(z)
+
+    def derivative(self, z, a):
+        return tf.math.sigmoid(z)
+
+
+class GELU(Elementwise):
+    """``f(z) = z Phi(z)``; ``f'(z) = Phi(z) + z phi(z)`` (exact), or the tanh approximation's."""
+
+    name = "gelu"
+
+    def __init__(self, approximate: bool = False):
+        self.approximate = bool(approximate)
+
+    def get_config(self):
+        return {"approximate": self.approximate}
+
+    def reference(self, z):
+        # Not tf.nn.gelu: it rounds its constants through float32, off by 1e-9 in float64.
+        if self.approximate:
+            c = math.sqrt(2 / math.pi)
+            return 0.5 * z * (1 + tf.math.tanh(c * (z + 0.044715 * z**3)))
+        return 0.5 * z * tf.math.erfc(-z / math.sqrt(2))
+
+    def derivative(self, z, a):
+        if self.approximate:
+            c = math.sqrt(2 / math.pi)
+            t = tf.math.tanh(c * (z + 0.044715 * z**3))
+            return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * c * (1 + 3 * 0.044715 * z * z)
+        cdf = 0.5 * (1 + tf.math.erf(z / math.sqrt(2)))
+        pdf = tf.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+        return cdf + z * pdf
+
+
+class Swish(Elementwise):
+    """``f(z) = z sigmoid(z)``; ``f'(z) = s (1 + z (1 - s))`` with ``s = sigmoid(z)``."""
+
+    name = "swish"
+
+    def reference(self, z):
+        return tf.nn.silu(z)
+
+    def derivative(self, z, a):
+        s = tf.math.sigmoid(z)
+        return s * (1 + z * (1 - s))
+
+
+class Softmax:
+    """``s = softmax(z)`` over the last axis; ``J_z s = diag(s) - s s^T`` (not diagonal)."""
+
+    name = "softmax"
+
+    def get_config(self) -> dict[str, Any]:
+        return {}
+
+    def reference(self, z: tf.Tensor) -> tf.Tensor:
+        return tf.nn.softmax(z, axis=-1)
+
+    def forward(self, z: tf.Tensor) -> tf.Tensor:
+        return tf.nn.softmax(z, axis=-1)
+
+    def backward(self, dy: tf.Tensor, z: tf.Tensor, s: tf.Tensor) -> tuple[tf.Tensor, list]:
+        """``(diag(s) - s s^T) delta = s * (delta - <s, delta>)`` (the matrix is symmetric)."""
+        return s * (dy - tf.reduce_sum(dy * s, axis=-1, keepdims=True)), []
+
+    def jacobian(self, z: tf.Tensor) -> tf.Tensor:
+        """``diag(s) - s s^T``: ``(d,)`` -> ``(d, d)``, or ``(batch, d)`` -> ``(batch, d, d)``."""
+        s = self.forward(tf.convert_to_tensor(z))
+        return tf.linalg.diag(s) - s[..., :, None] * s[..., None, :]
+
+
+_ACTIVATIONS = {
+    cls.name: cls
+    for cls in (Linear, ReLU, Sigmoid, Tanh, LeakyReLU, ELU, Softplus, GELU, Swish, Softmax)
+}
+_ALIASES = {"silu": "swish", None: "linear"}
+
+
+def get(identifier: str | None | Elementwise | Softmax, **kwargs: Any) -> Elementwise | Softmax:
+    """An activation from its name (``"relu"``, ``"softmax"``, ..., or ``None`` for linear).
+
+    Raises ``ValueError`` naming the unknown value and the names that exist.
+    """
+    if isinstance(identifier, (Elementwise, Softmax)):
+        return identifier
+    key = _ALIASES.get(identifier, identifier)
+    if isinstance(key, str) and key in _ACTIVATIONS:
+        return _ACTIVATIONS[key](**kwargs)
+    raise ValueError(
+        f"Unknown activation={identifier!r}. tf_jacbp has an explicit Jacobian for: "
+        f"{sorted(_ACTIVATIONS)} (and 'silu' for 'swish', None for 'linear'). "
+        "Use one of these names, or a stock keras.layers.Activation layer (whose gradient is "
+        "then autodiff's, not checked)."
+    )
+
+
+def serialize(activation: Elementwise | Softmax) -> str | dict[str, Any]:
+    """Name, or ``{"name": ..., **config}`` when it has arguments; ``get`` inverts it."""
+    config = activation.get_config()
+    return {"name": activation.name, **config} if config else activation.name
+
+
+def deserialize(config: str | dict[str, Any] | None) -> Elementwise | Softmax:
+    """Inverse of ``serialize``."""
+    if isinstance(config, dict):
+        config = dict(config)
+        return get(config.pop("name"), **config)
+    return get(config)

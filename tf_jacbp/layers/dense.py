@@ -1,0 +1,176 @@
+"""Dense layer: ``z = W^T a + b``, ``a_out = f(z)`` (MATH.md, "One layer").
+
+Batches are rows, so the forward pass is ``Z = A W + b`` for ``A`` of shape ``(batch, n)``.
+Jacobians for one sample ``a`` (``n``), kernel ``W`` (``n x m``), upstream ``delta`` (``m``):
+
+* ``J_a z = W^T`` (``m x n``), so ``(J_a z)^T delta = W delta``.
+* ``J_{W,b} z = [I_m (x) a^T | I_m]`` (``m x (n m + m)``, columns in ``Vec`` order, MATH.md), so
+  ``(J_{W,b} z)^T delta = [Vec(a delta^T); delta]``: the outer product ``a delta^T`` is the kernel
+  gradient. Summed over a batch: ``dW = A^T Delta``, ``db = sum_rows Delta``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tf_jacbp import activations
+from tf_jacbp._backend import keras, tf
+from tf_jacbp.layers.base import JacobianLayer, route
+
+
+@keras.saving.register_keras_serializable(package="tf_jacbp")
+class Dense(JacobianLayer):
+    """Fully connected layer with the paper's Jacobians; arguments as ``keras.layers.Dense``.
+
+    Args:
+        units: ``m``, the number of outputs (a positive integer).
+        activation: a name from ``tf_jacbp.activations`` (``"relu"``, ``"softmax"``, ...) or
+            ``None``. Its Jacobian ``D = J_z f(z)`` is applied after ``z``'s.
+        use_bias: whether ``z`` has the bias ``b``.
+        kernel_initializer, bias_initializer, kernel_regularizer, bias_regularizer,
+        activity_regularizer, kernel_constraint, bias_constraint: as in Keras.
+
+    Input ``(batch, n)``, output ``(batch, m)``. The kernel ``W`` has Keras' shape ``(n, m)``.
+
+    Example:
+        >>> layer = tf_jacbp.layers.Dense(3)
+        >>> layer.build((None, 4))
+        >>> layer.parameter_jacobian(np.ones(4)).shape  # the paper's 3 x 15 matrix
+        TensorShape([3, 15])
+    """
+
+    def __init__(
+        self,
+        units: int,
+        activation: str | None = None,
+        use_bias: bool = True,
+        kernel_initializer: Any = "glorot_uniform",
+        bias_initializer: Any = "zeros",
+        kernel_regularizer: Any = None,
+        bias_regularizer: Any = None,
+        activity_regularizer: Any = None,
+        kernel_constraint: Any = None,
+        bias_constraint: Any = None,
+        **kwargs: Any,
+    ):
+        super().__init__(activity_regularizer=activity_regularizer, **kwargs)
+        if isinstance(units, bool) or not isinstance(units, int) or units <= 0:
+            raise ValueError(
+                f"Dense: units must be a positive integer (the number of outputs), "
+                f"got units={units!r}."
+            )
+        self.units = units
+        self.activation = activations.get(activation)
+        self.use_bias = use_bias
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
+        self.kernel_constraint = keras.constraints.get(kernel_constraint)
+        self.bias_constraint = keras.constraints.get(bias_constraint)
+        self.input_spec = keras.layers.InputSpec(ndim=2)
+
+    def build(self, input_shape: tuple) -> None:
+        if len(input_shape) != 2:
+            raise ValueError(
+                f"Dense '{self.name}' expects inputs of shape (batch, features), got input "
+                f"shape {tuple(input_shape)}. Put tf_jacbp.layers.Flatten() before it."
+            )
+        n = input_shape[-1]
+        if n is None:
+            raise ValueError(
+                f"Dense '{self.name}': the last axis of the input shape {tuple(input_shape)} "
+                "must be known; give keras.Input a full shape."
+            )
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=(n, self.units),
+            initializer=self.kernel_initializer,
+            regularizer=self.kernel_regularizer,
+            constraint=self.kernel_constraint,
+        )
+        self.bias = None
+        if self.use_bias:
+            self.bias = self.add_weight(
+                name="bias",
+                shape=(self.units,),
+                initializer=self.bias_initializer,
+                regularizer=self.bias_regularizer,
+                constraint=self.bias_constraint,
+            )
+        self.input_spec = keras.layers.InputSpec(ndim=2, axes={-1: n})
+
+    def jacobian_parameters(self) -> list[keras.Variable]:
+        return [self.kernel] + ([self.bias] if self.use_bias else [])
+
+    def forward(self, a: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None) -> tf.Tensor:
+        """``Z = A W + b``: ``(batch, n)`` -> ``(batch, m)``."""
+        z = tf.matmul(a, kernel)
+        return z + bias if bias is not None else z
+
+    def reference(
+        self, a: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None
+    ) -> tf.Tensor:
+        z = tf.matmul(a, kernel)
+        return tf.nn.bias_add(z, bias) if bias is not None else z
+
+    def backward(self, dz, a, z, kernel, bias=None):
+        """``dA = Delta W^T``; ``dW = A^T Delta`` (sum of ``a delta^T``); ``db = sum Delta``."""
+        grads = [tf.matmul(a, dz, transpose_a=True)]
+        if bias is not None:
+            grads.append(tf.reduce_sum(dz, axis=0))
+        return tf.matmul(dz, kernel, transpose_b=True), grads
+
+    def call(self, inputs: tf.Tensor) -> tf.Tensor:
+        z = route(self, inputs, self.read_parameters())
+        return route(self.activation, z)
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        return (*input_shape[:-1], self.units)
+
+    def parameter_jacobian(self, a: Any) -> tf.Tensor:
+        """``J_{W,b} z = [I_m (x) a^T | I_m]`` (without ``| I_m`` when ``use_bias=False``).
+
+        ``a``: ``(n,)`` -> ``(m, n m + m)``; ``(batch, n)`` -> ``(batch, m, n m + m)``. Columns
+        are in theta order: ``Vec(W)`` (column-major) then ``b``.
+        """
+        a = tf.convert_to_tensor(a, dtype=self.compute_dtype)
+        m = self.units
+        eye = tf.eye(m, dtype=a.dtype)
+        # Row j of I_m (x) a^T holds a^T in column block j: eye[j, k] * a[i] at k * n + i.
+        kron = eye[:, :, None] * a[..., None, None, :]
+        kron = tf.reshape(kron, [*a.shape[:-1], m, m * a.shape[-1]])
+        if not self.use_bias:
+            return kron
+        eye = tf.broadcast_to(eye, [*a.shape[:-1], m, m])
+        return tf.concat([kron, eye], axis=-1)
+
+    def input_jacobian(self, a: Any) -> tf.Tensor:
+        """``J_a f(W^T a + b) = D W^T`` with ``D = J_z f(z)``: ``(batch, n)`` -> ``(batch, m, n)``."""
+        a = tf.convert_to_tensor(a, dtype=self.compute_dtype)
+        z = self.forward(a, *self.read_parameters())
+        d = self.activation.jacobian(z)
+        return tf.matmul(d, tf.transpose(tf.convert_to_tensor(self.kernel, a.dtype)))
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update(
+            {
+                "units": self.units,
+                "activation": activations.serialize(self.activation),
+                "use_bias": self.use_bias,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+                "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+                "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
+                "bias_regularizer": keras.regularizers.serialize(self.bias_regularizer),
+                "kernel_constraint": keras.constraints.serialize(self.kernel_constraint),
+                "bias_constraint": keras.constraints.serialize(self.bias_constraint),
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Dense:
+        config = dict(config)
+        config["activation"] = activations.deserialize(config["activation"])
+        return cls(**config)
