@@ -87,12 +87,14 @@ def assert_gradients_close(
 
 def _data(model: keras.Model, input_shape, batch_size: int, dtype: str, seed: int, input_fn):
     rng = np.random.default_rng(seed)
-    x = input_fn(rng, (batch_size, *input_shape)) if input_fn else rng.normal(
-        size=(batch_size, *input_shape)
+    x = (
+        input_fn(rng, (batch_size, *input_shape))
+        if input_fn
+        else rng.normal(size=(batch_size, *input_shape))
     )
-    out_shape = model.compute_output_shape((batch_size, *input_shape))
-    t = rng.normal(size=out_shape)
-    return tf.constant(x, dtype), tf.constant(t, dtype)
+    x = tf.constant(x, dtype)
+    t = rng.normal(size=model(x).shape)
+    return x, tf.constant(t, dtype)
 
 
 def _check_routes_agree(make_layer, input_shape, batch_size, seed, input_fn) -> None:
@@ -160,12 +162,8 @@ def _check_mixed_precision(make_layer, input_shape, batch_size, seed, input_fn) 
     for g, v in zip(grads, model.trainable_variables, strict=True):
         assert v.dtype == "float32", f"{v.path} is {v.dtype} under mixed_float16"
         assert g.dtype == np.float32, f"the gradient of {v.path} is {g.dtype}, not float32"
-    assert_gradients_close(
-        grads, refs, model.trainable_variables, "float16", "mixed_float16 route"
-    )
-    optimizer = keras.optimizers.LossScaleOptimizer(
-        keras.optimizers.SGD(1.0), initial_scale=2.0**7
-    )
+    assert_gradients_close(grads, refs, model.trainable_variables, "float16", "mixed_float16 route")
+    optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(1.0), initial_scale=2.0**7)
     update = _fit_update(model, x, t, optimizer)
     assert_gradients_close(
         update, refs, model.trainable_variables, "float16", "mixed_float16 loss-scaled fit"

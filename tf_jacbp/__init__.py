@@ -5,10 +5,19 @@ Moharrer, Cham, Shen); ``reference_mode()`` switches to stock TensorFlow ops dif
 autodiff, the witness the formulas are compared with.
 """
 
-from tf_jacbp import _backend  # noqa: F401  (imports TensorFlow or says which extra to install)
-from tf_jacbp import activations, layers
+# _backend comes first: it imports TensorFlow or says which extra to install.
+from tf_jacbp import _backend  # noqa: F401, I001
+from tf_jacbp import activations, datasets, layers, losses, models
 from tf_jacbp.mode import in_reference_mode, reference_mode
 
 __version__ = "0.1.0"
 
-__all__ = ["activations", "in_reference_mode", "layers", "reference_mode"]
+__all__ = [
+    "activations",
+    "datasets",
+    "in_reference_mode",
+    "layers",
+    "losses",
+    "models",
+    "reference_mode",
+]

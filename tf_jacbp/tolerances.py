@@ -52,6 +52,7 @@ def relative_error(g: object, g_ref: object, dtype: object = "float64") -> float
         return float("nan")
     return float(np.linalg.norm(g - g_ref) / max(np.linalg.norm(g_ref), TINY[_name(dtype)]))
 
+
 # Central finite differences in float64 with step ``FINITE_DIFFERENCE_DELTA`` have truncation
 # error ``O(delta^2)`` and rounding error ``O(eps / delta)``, about 1e-10 of the gradient's scale
 # for the smooth maps tested; the tolerance leaves room for curvature.

@@ -10,7 +10,7 @@ from typing import Any
 
 from tf_jacbp import activations
 from tf_jacbp._backend import keras, tf
-from tf_jacbp.layers.base import JacobianLayer
+from tf_jacbp.layers.base import JacobianLayer, as_float_tensor
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
@@ -38,7 +38,7 @@ class Activation(JacobianLayer):
 
     def jacobian(self, z: Any) -> tf.Tensor:
         """``J_z f(z)``: ``(d,)`` -> ``(d, d)``, ``(batch, d)`` -> ``(batch, d, d)``."""
-        return self.activation.jacobian(tf.convert_to_tensor(z, dtype=self.compute_dtype))
+        return self.activation.jacobian(as_float_tensor(z, self.compute_dtype))
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         return input_shape

@@ -67,6 +67,15 @@ def route(op: JacobianOp, x: tf.Tensor, params: Sequence[tf.Tensor] = ()) -> tf.
     return jacobian_route(x, *params)
 
 
+def as_float_tensor(x: object, default_dtype: str) -> tf.Tensor:
+    """``x`` as a tensor: floating inputs keep their dtype, others get ``default_dtype``.
+
+    The teaching accessors use it, so that a float64 NumPy array gives float64 Jacobians.
+    """
+    x = tf.convert_to_tensor(x)
+    return x if x.dtype.is_floating else tf.cast(x, default_dtype)
+
+
 class JacobianLayer(keras.layers.Layer):
     """Base class of tf_jacbp layers: (a) forward, (b) reference, (c) backward, (d) Jacobians.
 

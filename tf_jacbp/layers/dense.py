@@ -15,7 +15,7 @@ from typing import Any
 
 from tf_jacbp import activations
 from tf_jacbp._backend import keras, tf
-from tf_jacbp.layers.base import JacobianLayer, route
+from tf_jacbp.layers.base import JacobianLayer, as_float_tensor, route
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
@@ -68,7 +68,6 @@ class Dense(JacobianLayer):
         self.bias_regularizer = keras.regularizers.get(bias_regularizer)
         self.kernel_constraint = keras.constraints.get(kernel_constraint)
         self.bias_constraint = keras.constraints.get(bias_constraint)
-        self.input_spec = keras.layers.InputSpec(ndim=2)
 
     def build(self, input_shape: tuple) -> None:
         if len(input_shape) != 2:
@@ -134,7 +133,7 @@ class Dense(JacobianLayer):
         ``a``: ``(n,)`` -> ``(m, n m + m)``; ``(batch, n)`` -> ``(batch, m, n m + m)``. Columns
         are in theta order: ``Vec(W)`` (column-major) then ``b``.
         """
-        a = tf.convert_to_tensor(a, dtype=self.compute_dtype)
+        a = as_float_tensor(a, self.compute_dtype)
         m = self.units
         eye = tf.eye(m, dtype=a.dtype)
         # Row j of I_m (x) a^T holds a^T in column block j: eye[j, k] * a[i] at k * n + i.
@@ -147,10 +146,10 @@ class Dense(JacobianLayer):
 
     def input_jacobian(self, a: Any) -> tf.Tensor:
         """``J_a f(W^T a + b) = D W^T`` with ``D = J_z f(z)``: ``(batch, n)`` -> ``(batch, m, n)``."""
-        a = tf.convert_to_tensor(a, dtype=self.compute_dtype)
-        z = self.forward(a, *self.read_parameters())
-        d = self.activation.jacobian(z)
-        return tf.matmul(d, tf.transpose(tf.convert_to_tensor(self.kernel, a.dtype)))
+        a = as_float_tensor(a, self.compute_dtype)
+        params = [tf.cast(p, a.dtype) for p in self.read_parameters()]
+        d = self.activation.jacobian(self.forward(a, *params))
+        return tf.matmul(d, tf.transpose(params[0]))
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()

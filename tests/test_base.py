@@ -1,0 +1,83 @@
+"""The base class: a planted bug is caught, so the comparisons cannot pass vacuously."""
+
+import re
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from harness import run_layer_test
+
+import tf_jacbp
+from tf_jacbp import layers
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+class WrongKernelGradient(layers.Dense):
+    """A Dense whose backward pass doubles the kernel gradient."""
+
+    def backward(self, dz, a, z, kernel, bias=None):
+        dx, (dw, *rest) = super().backward(dz, a, z, kernel, bias)
+        return dx, [2 * dw, *rest]
+
+
+def test_fit_applies_the_custom_gradient():
+    """``model.fit`` applies the Jacobian route: a doubled kernel gradient doubles the update."""
+    x = np.random.default_rng(0).normal(size=(8, 3)).astype("float32")
+    y = np.random.default_rng(1).normal(size=(8, 2)).astype("float32")
+    updates = []
+    for cls in (layers.Dense, WrongKernelGradient):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((3,)), cls(2)])
+        model.compile(optimizer=keras.optimizers.SGD(1.0), loss="mse")
+        before = model.layers[0].kernel.numpy()
+        model.train_on_batch(x, y)
+        updates.append(before - model.layers[0].kernel.numpy())
+    np.testing.assert_allclose(updates[1], 2 * updates[0], rtol=1e-5)
+
+
+def test_harness_catches_a_planted_bug(tmp_path):
+    with pytest.raises(AssertionError, match="kernel differs from the reference"):
+        run_layer_test(lambda dtype: WrongKernelGradient(2, dtype=dtype), (3,), tmp_dir=tmp_path)
+
+
+def test_backward_with_a_missing_parameter_gradient_is_an_error():
+    class MissingBias(layers.Dense):
+        def backward(self, dz, a, z, kernel, bias=None):
+            dx, grads = super().backward(dz, a, z, kernel, bias)
+            return dx, grads[:1]
+
+    layer = MissingBias(2)
+    x = tf.ones((1, 3))
+    with pytest.raises(ValueError, match="returned 1 parameter gradients for 2 parameters"):
+        with tf.GradientTape() as tape:
+            y = layer(x)
+        tape.gradient(y, layer.trainable_variables)
+
+
+def readme_example() -> str:
+    """The custom-layer example of the README (the python block after its marker)."""
+    text = README.read_text()
+    match = re.search(r"<!-- custom-layer-example -->\s*```python\n(.*?)```", text, re.S)
+    assert match, "README.md lost its custom-layer example"
+    return match.group(1)
+
+
+def test_readme_custom_layer_example_passes_the_harness(tmp_path):
+    namespace: dict = {}
+    exec(readme_example(), namespace)
+    scale = namespace["Scale"]
+    run_layer_test(lambda dtype: scale(dtype=dtype), (4,), tmp_dir=tmp_path)
+    # and the example's assertion held: its gradient equals the reference route's
+    assert namespace["max_error"] < 1e-6
+
+
+def test_reference_mode_is_reentrant_and_restores():
+    assert not tf_jacbp.in_reference_mode()
+    with tf_jacbp.reference_mode():
+        with tf_jacbp.reference_mode():
+            assert tf_jacbp.in_reference_mode()
+        assert tf_jacbp.in_reference_mode()
+    assert not tf_jacbp.in_reference_mode()

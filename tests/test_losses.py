@@ -1,0 +1,214 @@
+"""Table 1 losses: the Jacobian route equals autodiff of stock ops, and Table 1 literally."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_jacbp
+from tf_jacbp import layers, losses, tolerances
+
+RNG = np.random.default_rng(0)
+BATCH, D = 5, 4
+
+
+def _labels(kind: str) -> np.ndarray:
+    if kind == "sparse":
+        return RNG.integers(0, D, size=(BATCH,))
+    if kind == "onehot":
+        return np.eye(D)[RNG.integers(0, D, size=BATCH)]
+    if kind == "binary":
+        return RNG.uniform(size=(BATCH, D))
+    return RNG.normal(size=(BATCH, D))
+
+
+# (loss, label kind, the model's last layer when from_logits=False)
+CASES = {
+    "CCE logits": (lambda dt: losses.CategoricalCrossentropy(from_logits=True, dtype=dt), "onehot"),
+    "CCE probs": (lambda dt: losses.CategoricalCrossentropy(dtype=dt), "onehot"),
+    "CCE smoothing": (
+        lambda dt: losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1, dtype=dt),
+        "onehot",
+    ),
+    "SCCE logits": (
+        lambda dt: losses.SparseCategoricalCrossentropy(from_logits=True, dtype=dt),
+        "sparse",
+    ),
+    "SCCE probs": (lambda dt: losses.SparseCategoricalCrossentropy(dtype=dt), "sparse"),
+    "BCE logits": (lambda dt: losses.BinaryCrossentropy(from_logits=True, dtype=dt), "binary"),
+    "BCE probs": (lambda dt: losses.BinaryCrossentropy(dtype=dt), "binary"),
+    "SquaredError": (lambda dt: losses.SquaredError(dtype=dt), "real"),
+    "MeanSquaredError": (lambda dt: losses.MeanSquaredError(dtype=dt), "real"),
+}
+
+
+def _prediction(loss, z):
+    """Logits for ``from_logits`` losses, else probabilities through our activation layers."""
+    if getattr(loss, "from_logits", True):
+        return z
+    if isinstance(loss, losses.BinaryCrossentropy):
+        return layers.Sigmoid(dtype=z.dtype.name)(z)
+    return layers.Softmax(dtype=z.dtype.name)(z)
+
+
+def _grad(loss, y, z, reference):
+    with tf.GradientTape() as tape:
+        tape.watch(z)
+        if reference:
+            with tf_jacbp.reference_mode():
+                value = loss(y, _prediction(loss, z))
+        else:
+            value = loss(y, _prediction(loss, z))
+    return value, tape.gradient(value, z)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_loss_routes_agree(name, dtype):
+    make, kind = CASES[name]
+    loss = make(dtype)
+    y = tf.constant(_labels(kind), dtype)
+    z = tf.constant(RNG.normal(size=(BATCH, D)) * 2, dtype)
+    value, grad = _grad(loss, y, z, reference=False)
+    ref_value, ref_grad = _grad(loss, y, z, reference=True)
+    rtol = tolerances.rtol(dtype)
+    assert tolerances.relative_error(value, ref_value, dtype) <= rtol
+    assert tolerances.relative_error(grad, ref_grad, dtype) <= rtol
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_loss_gradient_equals_finite_differences(name):
+    make, kind = CASES[name]
+    loss = make("float64")
+    y = tf.constant(_labels(kind), "float64")
+    z = tf.constant(RNG.normal(size=(BATCH, D)), "float64")
+    theoretical, numerical = tf.test.compute_gradient(
+        lambda z: loss(y, _prediction(loss, z)), [z], delta=tolerances.FINITE_DIFFERENCE_DELTA
+    )
+    err = tolerances.relative_error(theoretical[0], numerical[0])
+    assert err <= tolerances.FINITE_DIFFERENCE_RTOL
+
+
+@pytest.mark.parametrize(
+    "loss, y, formula",
+    [
+        (
+            losses.CategoricalCrossentropy(from_logits=True, dtype="float64"),
+            np.eye(D)[[0, 2, 1, 3, 3]],
+            lambda y, z: -(y - tf.nn.softmax(z)),
+        ),
+        (
+            losses.BinaryCrossentropy(from_logits=True, dtype="float64"),
+            np.array([[1.0], [0.0], [1.0], [0.0], [1.0]]),
+            lambda y, z: -(y - tf.math.sigmoid(z)),
+        ),
+        (
+            losses.SquaredError(dtype="float64"),
+            RNG.normal(size=(BATCH, D)),
+            lambda y, z: -2 * (y - z),
+        ),
+    ],
+    ids=["softmax+CE", "sigmoid+BCE", "identity+SE"],
+)
+def test_table_1_rows_literally(loss, y, formula):
+    """``grad_{z[L]} l`` is Table 1's row, divided by the batch size for the mean reduction."""
+    y = tf.constant(y)
+    z = tf.constant(RNG.normal(size=y.shape))
+    _, grad = _grad(loss, y, z, reference=False)
+    expected = formula(y, z) / BATCH
+    assert tolerances.relative_error(grad, expected) <= tolerances.rtol("float64")
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_softmax_layer_route_equals_fused_route(name):
+    """Probabilities through Softmax/Sigmoid's Jacobian give the fused ``grad_z l`` of Table 1."""
+    make, kind = CASES[name]
+    loss = make("float64")
+    if getattr(loss, "from_logits", True):
+        return
+    fused = type(loss)(from_logits=True, dtype="float64")
+    y = tf.constant(_labels(kind), "float64")
+    z = tf.constant(RNG.normal(size=(BATCH, D)), "float64")
+    _, through_layer = _grad(loss, y, z, reference=False)
+    _, direct = _grad(fused, y, z, reference=False)
+    assert tolerances.relative_error(through_layer, direct) <= 1e-9  # clip at eps = 1e-7 aside
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if "logits" in n])
+def test_large_logits_stay_finite(name):
+    make, kind = CASES[name]
+    loss = make("float32")
+    y = tf.constant(_labels(kind), "float32")
+    z = tf.constant(RNG.choice([-1e4, 1e4], size=(BATCH, D)), "float32")
+    value, grad = _grad(loss, y, z, reference=False)
+    assert np.isfinite(value.numpy()) and np.all(np.isfinite(grad.numpy()))
+    _, ref = _grad(loss, y, z, reference=True)
+    assert tolerances.relative_error(grad, ref, "float32") <= tolerances.rtol("float32")
+
+
+def test_keras_compatible_values():
+    """Same values as Keras' own losses (the reduction included)."""
+    y, z = tf.constant(_labels("sparse")), tf.constant(RNG.normal(size=(BATCH, D)), "float32")
+    ours = losses.SparseCategoricalCrossentropy(from_logits=True)(y, z)
+    theirs = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(y, z)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6)
+    t = tf.constant(RNG.normal(size=(BATCH, D)), "float32")
+    np.testing.assert_allclose(
+        losses.MeanSquaredError()(t, z), keras.losses.MeanSquaredError()(t, z), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        losses.SquaredError()(t, z), D * keras.losses.MeanSquaredError()(t, z), rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    "loss, y, match",
+    [
+        (losses.SparseCategoricalCrossentropy(from_logits=True), [0, 1, 4], r"\[0, 3\]"),
+        (losses.SparseCategoricalCrossentropy(from_logits=True), [0, -1, 2], r"\[0, 3\]"),
+        (losses.SparseCategoricalCrossentropy(from_logits=True), [0, 1.5, 2], "integer"),
+        (
+            losses.SparseCategoricalCrossentropy(from_logits=True),
+            np.eye(4)[:3],
+            "CategoricalCrossentropy",
+        ),
+        (
+            losses.CategoricalCrossentropy(from_logits=True),
+            [0, 1, 2],
+            "SparseCategoricalCrossentropy",
+        ),
+        (losses.CategoricalCrossentropy(from_logits=True), 2 * np.eye(4)[:3], r"\[0, 1\]"),
+        (losses.BinaryCrossentropy(from_logits=True), np.full((3, 4), 2.0), r"\[0, 1\]"),
+        (losses.MeanSquaredError(), np.zeros((3, 5)), "y_true has shape"),
+    ],
+)
+def test_bad_labels_name_the_argument_and_fix(loss, y, match):
+    with pytest.raises(ValueError, match=match):
+        loss(np.asarray(y, "float32"), tf.zeros((3, 4)))
+
+
+def test_out_of_range_label_in_a_compiled_xla_step_is_nan_not_silent():
+    loss = losses.SparseCategoricalCrossentropy(from_logits=True)
+    f = tf.function(lambda y, z: loss(y, z), jit_compile=True)
+    value = f(tf.constant([0.0, 7.0]), tf.zeros((2, 4)))
+    assert np.isnan(value.numpy())
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: losses.CategoricalCrossentropy(axis=0), "axis=0"),
+        (lambda: losses.SparseCategoricalCrossentropy(ignore_class=3), "ignore_class=3"),
+        (lambda: losses.BinaryCrossentropy(label_smoothing=2), "label_smoothing=2"),
+    ],
+)
+def test_bad_loss_arguments(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_loss_serialization_round_trip():
+    loss = losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.2)
+    again = keras.losses.deserialize(keras.losses.serialize(loss))
+    assert type(again) is losses.CategoricalCrossentropy
+    assert again.from_logits and again.label_smoothing == 0.2

@@ -1,0 +1,47 @@
+"""Networks of the paper built from tf_jacbp layers, ready for ``compile`` and ``fit``.
+
+Each returns a ``keras.Sequential`` that outputs logits ``z[L]`` (the paper fuses the last
+activation with the loss, Table 1): compile it with
+``tf_jacbp.losses.SparseCategoricalCrossentropy(from_logits=True)``. Pass
+``output_activation="softmax"`` for probabilities instead (then ``from_logits=False``).
+"""
+
+from __future__ import annotations
+
+from tf_jacbp import layers
+from tf_jacbp._backend import keras
+
+
+def mlp(
+    hidden_units: tuple[int, ...],
+    input_shape: tuple[int, ...] = (28, 28),
+    num_classes: int = 10,
+    activation: str = "relu",
+    output_activation: str | None = None,
+    name: str = "mlp",
+) -> keras.Sequential:
+    """A fully connected network ``input -> Flatten -> Dense(h_1) -> ... -> Dense(num_classes)``.
+
+    Input ``(batch, *input_shape)``, output ``(batch, num_classes)``. Inputs of rank above one are
+    flattened row-major (``Vec(X^T)``) by a ``keras.layers.Reshape``, which has no parameters.
+    """
+    stack = [keras.Input(shape=input_shape)]
+    if len(input_shape) > 1:
+        stack.append(keras.layers.Reshape((-1,)))
+    stack += [layers.Dense(units, activation=activation) for units in hidden_units]
+    stack.append(layers.Dense(num_classes, activation=output_activation))
+    return keras.Sequential(stack, name=name)
+
+
+def lenet_100_300_10(**kwargs) -> keras.Sequential:
+    """The paper's LeNet-100-300-10: 784 -> 100 -> 300 -> 10 (ReLU hidden layers, Section 3.3).
+
+    The paper's order of hidden sizes; LeCun et al. (1998) describe 300-100 (``lenet_300_100``).
+    Keyword arguments go to ``mlp``.
+    """
+    return mlp((100, 300), name="lenet_100_300_10", **kwargs)
+
+
+def lenet_300_100(**kwargs) -> keras.Sequential:
+    """LeCun et al. (1998)'s LeNet-300-100: 784 -> 300 -> 100 -> 10 (ReLU hidden layers)."""
+    return mlp((300, 100), name="lenet_300_100", **kwargs)
