@@ -52,8 +52,13 @@ def build_model(
     make_layer: Callable[[str], keras.layers.Layer], input_shape: Sequence[int], dtype: str
 ) -> keras.Sequential:
     """``Input -> InputScale -> layer``, every layer with the dtype policy ``dtype``."""
+    input_dtype = "float64" if dtype == "float64" else "float32"
     return keras.Sequential(
-        [keras.Input(tuple(input_shape)), InputScale(dtype=dtype), make_layer(dtype)]
+        [
+            keras.Input(tuple(input_shape), dtype=input_dtype),
+            InputScale(dtype=dtype),
+            make_layer(dtype),
+        ]
     )
 
 

@@ -40,6 +40,10 @@ class Activation(JacobianLayer):
         """``J_z f(z)``: ``(d,)`` -> ``(d, d)``, ``(batch, d)`` -> ``(batch, d, d)``."""
         return self.activation.jacobian(as_float_tensor(z, self.compute_dtype))
 
+    def jacobian_factors(self, z: tf.Tensor) -> dict[str, tf.Tensor]:
+        """``{"D": J_z f(z)}`` at one sample, flattened: ``(d, d)``."""
+        return {"D": self.jacobian(tf.reshape(z, [-1]))}
+
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         return input_shape
 

@@ -124,6 +124,42 @@ class JacobianLayer(keras.layers.Layer):
             f"{type(self).__name__} must implement backward(dy, x, y, *params)."
         )
 
+    def per_example_backward(
+        self, dy: tf.Tensor, x: tf.Tensor, y: tf.Tensor, *params: tf.Tensor
+    ) -> tuple[tf.Tensor, list[tf.Tensor]]:
+        """``backward`` without the sum over the batch: each ``dp`` gets a leading batch axis.
+
+        Sample ``i``'s parameter gradient is ``(J_p F(x_i))^T dy_i``. This default maps
+        ``backward`` over batches of one (``tf.vectorized_map``); layers override it with the
+        structured formula (Dense: the outer products ``a_i delta_i^T``).
+        """
+        if not params:
+            return self.backward(dy, x, y)
+
+        def one(args):
+            dy_i, x_i, y_i = (t[None] for t in args)
+            dx_i, dps = self.backward(dy_i, x_i, y_i, *params)
+            return dx_i[0], dps
+
+        return tf.vectorized_map(one, (dy, x, y))
+
+    def jacobian_ops(self) -> list[tuple[JacobianOp, list[tf.Tensor]]]:
+        """The maps this layer applies in order, each with its parameter tensors.
+
+        Algorithm 1 walks these (``tf_jacbp.jacobian``). Default: the layer itself. A layer with
+        a fused activation returns ``[(self, params), (activation, [])]``.
+        """
+        return [(self, self.read_parameters())]
+
+    def jacobian_factors(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
+        """(d) The named matrices of this layer's Jacobians at one sample ``x`` (no batch axis).
+
+        ``tf_jacbp.jacobian.layer_jacobians`` collects them (Algorithm 1, step 2).
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement jacobian_factors(x) for layer_jacobians."
+        )
+
     def read_parameters(self) -> list[tf.Tensor]:
         """The values of ``jacobian_parameters()`` as tensors of the compute dtype."""
         return [

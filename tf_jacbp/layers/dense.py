@@ -120,6 +120,17 @@ class Dense(JacobianLayer):
             grads.append(tf.reduce_sum(dz, axis=0))
         return tf.matmul(dz, kernel, transpose_b=True), grads
 
+    def per_example_backward(self, dz, a, z, kernel, bias=None):
+        """Per sample: ``dW_i = a_i delta_i^T`` (``(batch, n, m)``), ``db_i = delta_i``."""
+        grads = [a[:, :, None] * dz[:, None, :]]
+        if bias is not None:
+            grads.append(dz)
+        return tf.matmul(dz, kernel, transpose_b=True), grads
+
+    def jacobian_ops(self) -> list:
+        """``z = W^T a + b``, then ``a_out = f(z)``."""
+        return [(self, self.read_parameters()), (self.activation, [])]
+
     def call(self, inputs: tf.Tensor) -> tf.Tensor:
         z = route(self, inputs, self.read_parameters())
         return route(self.activation, z)
@@ -150,6 +161,11 @@ class Dense(JacobianLayer):
         params = [tf.cast(p, a.dtype) for p in self.read_parameters()]
         d = self.activation.jacobian(self.forward(a, *params))
         return tf.matmul(d, tf.transpose(params[0]))
+
+    def jacobian_factors(self, a: tf.Tensor) -> dict[str, tf.Tensor]:
+        """``{"W^T": (m, n), "[I (x) a^T | I]": (m, n m + m)}`` at one sample ``a`` (``(n,)``)."""
+        kernel = tf.cast(self.read_parameters()[0], a.dtype)
+        return {"W^T": tf.transpose(kernel), "[I (x) a^T | I]": self.parameter_jacobian(a)}
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
