@@ -27,7 +27,7 @@ import numpy as np
 from tf_jacbp import activations
 from tf_jacbp._backend import keras, tf
 from tf_jacbp.layers.base import JacobianLayer
-from tf_jacbp.layout import unvec_parameter, vec_parameter, vec_parameter_batch
+from tf_jacbp.layout import unvec_parameter, unvec_parameter_batch, vec_parameter
 
 # parameter_jacobian refuses to allocate more than this many bytes unless given max_bytes=...
 DEFAULT_MAX_BYTES = 2**30
@@ -110,20 +110,22 @@ def _forward(model: keras.Model, x: Any) -> tuple[list[tuple], tf.Tensor]:
     return records, a
 
 
-def _per_example_backward(op, dy, x, y, params) -> tuple[tf.Tensor, list[tf.Tensor]]:
-    if not params:
-        return op.backward(dy, x, y)
-    return op.per_example_backward(dy, x, y, *params)
+def _rows(op, m: tf.Tensor, x: tf.Tensor, y: tf.Tensor, params) -> tuple:
+    """``(M J_x, [M J_p])`` for one op; parameter-free activations use their ``backward``."""
+    if isinstance(op, JacobianLayer):
+        return op.jacobian_rows(m, x, y, *params)
+    dx, _ = op.backward(m, x[:, None], y[:, None])  # diag(f'(z)) or softmax's, per row of M
+    return dx, []
 
 
-def _backprop(records: list[tuple], delta: tf.Tensor) -> list[tuple[keras.Variable, tf.Tensor]]:
-    """Walk the ops backwards from ``delta``; per-example parameter gradients in theta order."""
-    grads = []
+def _walk(records: list[tuple], m: tf.Tensor) -> dict[keras.Variable, tf.Tensor]:
+    """Algorithm 1, step 2, from the output: ``{variable: M J_p}`` in theta order."""
+    blocks = []
     for layer, op, params, x, y in reversed(records):
-        delta, dps = _per_example_backward(op, delta, x, y, params)
+        m, rows = _rows(op, m, x, y, params)
         if params:
-            grads = list(zip(layer.jacobian_parameters(), dps, strict=True)) + grads
-    return grads
+            blocks = list(zip(layer.jacobian_parameters(), rows, strict=True)) + blocks
+    return blocks
 
 
 def parameter_jacobian(
@@ -144,9 +146,8 @@ def parameter_jacobian(
     records, out = _forward(model, x)
     batch, n_out = int(out.shape[0]), int(np.prod(out.shape[1:]))
     n_params = sum(int(np.prod(v.shape)) for v in parameter_variables(model))
-    itemsize = out.dtype.size
     largest = max(int(np.prod(r[3].shape[1:])) for r in records)
-    needed = batch * n_out * (n_params + 2 * largest) * itemsize
+    needed = batch * n_out * (n_params + 2 * largest) * out.dtype.size
     limit = DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
     if needed > limit:
         raise ValueError(
@@ -154,17 +155,10 @@ def parameter_jacobian(
             f"{n_out} outputs x {n_params} parameters, {out.dtype.name}), more than "
             f"max_bytes={limit}. Pass fewer samples or a larger max_bytes."
         )
-    # M = I at the output: one upstream vector per output unit, for every sample.
-    eye = tf.eye(n_out, dtype=out.dtype)
-    m = tf.reshape(tf.tile(eye[None], [batch, 1, 1]), [batch * n_out, *out.shape[1:]])
-    repeated = [
-        (layer, op, params, tf.repeat(a, n_out, axis=0), tf.repeat(y, n_out, axis=0))
-        for layer, op, params, a, y in records
-    ]
-    result = {
-        v.path: tf.reshape(vec_parameter_batch(g), [batch, n_out, -1])
-        for v, g in _backprop(repeated, m)
-    }
+    # M = I at the output: one row per output unit, for every sample.
+    eye = tf.reshape(tf.eye(n_out, dtype=out.dtype), [1, n_out, *out.shape[1:]])
+    m = tf.tile(eye, [batch] + [1] * (len(out.shape)))
+    result = {v.path: block for v, block in _walk(records, m)}
     return result if blocks else tf.concat(list(result.values()), axis=-1)
 
 
@@ -200,16 +194,16 @@ def per_example_gradients(
     """
     per_sample, dtype = _loss_function(model, loss)
     records, out = _forward(model, x)
-    y = tf.convert_to_tensor(y, dtype=dtype or out.dtype)
+    y = tf.cast(tf.convert_to_tensor(y), dtype or out.dtype)
     with tf.GradientTape() as tape:  # only to read delta[L] off the loss (Table 1 for ours)
         tape.watch(out)
         out_cast = tf.cast(out, dtype) if dtype else out
         total = tf.reduce_sum(per_sample(y, out_cast))
     delta = tf.cast(tape.gradient(total, out), out.dtype)
-    grads = [g for _, g in _backprop(records, delta)]
-    if not flatten:
-        return grads
-    return tf.concat([vec_parameter_batch(g) for g in grads], axis=-1)
+    rows = [(v, g[:, 0]) for v, g in _walk(records, delta[:, None])]  # one row: delta[L]^T
+    if flatten:
+        return tf.concat([g for _, g in rows], axis=-1)
+    return [unvec_parameter_batch(g, tuple(v.shape)) for v, g in rows]
 
 
 def layer_jacobians(model: keras.Model, x: Any) -> dict[str, tf.Tensor]:

@@ -50,6 +50,15 @@ def vec_parameter_batch(p: tf.Tensor) -> tf.Tensor:
     return tf.reshape(tf.transpose(p, perm=perm), [tf.shape(p)[0], -1])
 
 
+def unvec_parameter_batch(v: tf.Tensor, shape: tuple[int, ...]) -> tf.Tensor:
+    """Inverse of ``vec_parameter_batch``: ``(batch, prod(shape))`` -> ``(batch, *shape)``."""
+    rank = len(shape)
+    if rank <= 1:
+        return tf.reshape(v, [-1, *shape])
+    v = tf.reshape(v, [-1, *shape[::-1]])
+    return tf.transpose(v, perm=[0] + list(range(rank, 0, -1)))
+
+
 def vec_index(shape: tuple[int, ...]) -> np.ndarray:
     """Array of ``shape`` whose entry at each index is that entry's position in ``Vec``."""
     size = int(np.prod(shape))

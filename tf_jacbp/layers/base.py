@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from tf_jacbp._backend import keras, tf
+from tf_jacbp.layout import vec_parameter_batch
 from tf_jacbp.mode import in_reference_mode
 
 
@@ -142,6 +143,25 @@ class JacobianLayer(keras.layers.Layer):
             return dx_i[0], dps
 
         return tf.vectorized_map(one, (dy, x, y))
+
+    def jacobian_rows(
+        self, m: tf.Tensor, x: tf.Tensor, y: tf.Tensor, *params: tf.Tensor
+    ) -> tuple[tf.Tensor, list[tf.Tensor]]:
+        """Rows of Algorithm 1's chain: ``(M J_x F, [M J_p F for p in params])`` per sample.
+
+        ``M`` is ``(batch, k, *y_shape)``: ``k`` row vectors per sample (the rows of
+        ``J_y z[L]``). Returns ``(batch, k, *x_shape)`` and, per parameter, ``(batch, k, size)``
+        with columns in ``Vec`` order. This default stacks the ``k`` rows into the batch and
+        calls ``per_example_backward``; layers override it with the structured product
+        (Dense: ``M [I (x) a^T | I] = [M (x) a^T | M]``).
+        """
+        batch, k = tf.shape(m)[0], tf.shape(m)[1]
+        rows = tf.reshape(m, tf.concat([[batch * k], tf.shape(m)[2:]], 0))
+        dx, dps = self.per_example_backward(
+            rows, tf.repeat(x, k, axis=0), tf.repeat(y, k, axis=0), *params
+        )
+        dx = tf.reshape(dx, tf.concat([[batch, k], tf.shape(x)[1:]], 0))
+        return dx, [tf.reshape(vec_parameter_batch(g), [batch, k, -1]) for g in dps]
 
     def jacobian_ops(self) -> list[tuple[JacobianOp, list[tf.Tensor]]]:
         """The maps this layer applies in order, each with its parameter tensors.

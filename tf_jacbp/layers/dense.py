@@ -120,12 +120,16 @@ class Dense(JacobianLayer):
             grads.append(tf.reduce_sum(dz, axis=0))
         return tf.matmul(dz, kernel, transpose_b=True), grads
 
-    def per_example_backward(self, dz, a, z, kernel, bias=None):
-        """Per sample: ``dW_i = a_i delta_i^T`` (``(batch, n, m)``), ``db_i = delta_i``."""
-        grads = [a[:, :, None] * dz[:, None, :]]
+    def jacobian_rows(self, m, a, z, kernel, bias=None):
+        """``M W^T`` and ``M [I (x) a^T | I] = [M (x) a^T | M]`` for ``M`` ``(batch, k, m)``.
+
+        Entry ``(j, i)`` of ``M (x) a^T``'s row is ``M_j a_i`` at ``Vec`` position ``j n + i``.
+        """
+        batch, k = tf.shape(m)[0], tf.shape(m)[1]
+        blocks = [tf.reshape(m[..., :, None] * a[:, None, None, :], [batch, k, -1])]
         if bias is not None:
-            grads.append(dz)
-        return tf.matmul(dz, kernel, transpose_b=True), grads
+            blocks.append(m)
+        return tf.matmul(m, kernel, transpose_b=True), blocks
 
     def jacobian_ops(self) -> list:
         """``z = W^T a + b``, then ``a_out = f(z)``."""
