@@ -23,11 +23,11 @@ def mlp(
     """A fully connected network ``input -> Flatten -> Dense(h_1) -> ... -> Dense(num_classes)``.
 
     Input ``(batch, *input_shape)``, output ``(batch, num_classes)``. Inputs of rank above one are
-    flattened row-major (``Vec(X^T)``) by a ``keras.layers.Reshape``, which has no parameters.
+    flattened row-major (``Vec(X^T)``) by ``tf_jacbp.layers.Flatten`` (``J = I``).
     """
     stack = [keras.Input(shape=input_shape)]
     if len(input_shape) > 1:
-        stack.append(keras.layers.Reshape((-1,)))
+        stack.append(layers.Flatten())
     stack += [layers.Dense(units, activation=activation) for units in hidden_units]
     stack.append(layers.Dense(num_classes, activation=output_activation))
     return keras.Sequential(stack, name=name)
@@ -45,3 +45,31 @@ def lenet_100_300_10(**kwargs) -> keras.Sequential:
 def lenet_300_100(**kwargs) -> keras.Sequential:
     """LeCun et al. (1998)'s LeNet-300-100: 784 -> 300 -> 100 -> 10 (ReLU hidden layers)."""
     return mlp((300, 100), name="lenet_300_100", **kwargs)
+
+
+def lenet5(
+    input_shape: tuple[int, int, int] = (28, 28, 1), num_classes: int = 10
+) -> keras.Sequential:
+    """LeNet-5 of tf_jacbp layers, every backward pass an explicit Jacobian (LeCun et al., 1998).
+
+    ``Conv2D(6, 5x5, same, relu) -> MaxPooling2D(2) -> Conv2D(16, 5x5, valid, relu) ->
+    MaxPooling2D(2) -> Flatten -> Dense(120, relu) -> Dense(84, relu) -> Dense(num_classes)``.
+    Each convolution multiplies by its Toeplitz matrix ``T(K)`` (Lemmas 2-3,
+    ``tf_jacbp.toeplitz``). Input ``(batch, 28, 28, 1)`` (MNIST images with a channel axis),
+    output the logits ``(batch, num_classes)``: compile with
+    ``tf_jacbp.losses.SparseCategoricalCrossentropy(from_logits=True)``.
+    """
+    return keras.Sequential(
+        [
+            keras.Input(shape=input_shape),
+            layers.Conv2D(6, 5, padding="same", activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.Conv2D(16, 5, activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.Flatten(),
+            layers.Dense(120, activation="relu"),
+            layers.Dense(84, activation="relu"),
+            layers.Dense(num_classes),
+        ],
+        name="lenet5",
+    )

@@ -13,10 +13,17 @@ from tf_jacbp.layers.activation import (
     Tanh,
 )
 from tf_jacbp.layers.base import JacobianLayer, route
+from tf_jacbp.layers.conv import Conv2D
 from tf_jacbp.layers.dense import Dense
+from tf_jacbp.layers.flatten import Flatten
+from tf_jacbp.layers.pooling import AveragePooling2D, MaxPooling2D
 
 __all__ = [
+    "AveragePooling2D",
+    "Conv2D",
     "ELU",
+    "Flatten",
+    "MaxPooling2D",
     "GELU",
     "Activation",
     "Dense",

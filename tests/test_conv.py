@@ -1,0 +1,388 @@
+"""Conv2D: every mode of the harness, Lemmas 2-3, the Jacobian accessors, the memory guard, bad
+input, and LeNet-5 on the offline MNIST digits."""
+
+import logging
+import time
+import warnings
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from harness import run_layer_test
+
+import tf_jacbp
+from tf_jacbp import toeplitz, tolerances
+from tf_jacbp.layers.conv import Conv2D
+from tf_jacbp.layers.dense import Dense
+from tf_jacbp.layout import vec_parameter, vec_parameter_batch
+
+
+@pytest.mark.parametrize(
+    "input_shape, kwargs",
+    [
+        ((5, 6, 2), {"filters": 3, "kernel_size": 3, "padding": "same", "activation": "relu"}),
+        ((7, 6, 3), {"filters": 2, "kernel_size": (2, 3), "strides": 2, "bias": "untied"}),
+        ((6, 5, 1), {"filters": 2, "kernel_size": 2, "strides": (2, 1), "padding": "same"}),
+        (
+            (7, 7, 2),
+            {
+                "filters": 2,
+                "kernel_size": 3,
+                "dilation_rate": 2,
+                "padding": "same",
+                "activation": "tanh",
+            },
+        ),
+        (
+            (5, 5, 2),
+            {
+                "filters": 3,
+                "kernel_size": 4,
+                "padding": "same",
+                "bias": "untied",
+                "activation": "sigmoid",
+                "kernel_regularizer": "l2",
+            },
+        ),
+        ((6, 4, 2), {"filters": 2, "kernel_size": (3, 1), "strides": 3, "use_bias": False}),
+    ],
+)
+def test_conv2d_every_mode(input_shape, kwargs, tmp_path):
+    run_layer_test(lambda dtype: Conv2D(dtype=dtype, **kwargs), input_shape, tmp_dir=tmp_path)
+
+
+def _built(input_shape, seed=0, **kwargs):
+    layer = Conv2D(dtype="float64", **kwargs)
+    layer.build((None, *input_shape))
+    rng = np.random.default_rng(seed)
+    layer.set_weights([rng.normal(size=w.shape) for w in layer.weights])
+    return layer
+
+
+def test_lemma_2_toeplitz_matrix_of_the_layer():
+    """The paper's 3 x 3 input and 2 x 2 kernel: ``toeplitz_matrix()`` is MATH.md's 4 x 9."""
+    layer = Conv2D(1, 2, use_bias=False, dtype="float64")
+    layer.build((None, 3, 3, 1))
+    k1, k2, k3, k4 = 2.0, 3.0, 5.0, 7.0
+    layer.kernel.assign(np.array([[k1, k2], [k3, k4]]).reshape(2, 2, 1, 1))
+    expected = [
+        [k1, k2, 0, k3, k4, 0, 0, 0, 0],
+        [0, k1, k2, 0, k3, k4, 0, 0, 0],
+        [0, 0, 0, k1, k2, 0, k3, k4, 0],
+        [0, 0, 0, 0, k1, k2, 0, k3, k4],
+    ]
+    np.testing.assert_array_equal(layer.toeplitz_matrix(), expected)
+    np.testing.assert_array_equal(layer.input_jacobian(), expected)
+
+
+@pytest.mark.parametrize("bias", ["tied", "untied"])
+def test_lemma_3_conv_layer_is_a_dense_layer_with_w_equal_t_transpose(bias):
+    """``X * K_i + B_i = W_i^T x + b_i`` with ``W_i = T(K_i)^T``, ``b_i = vec(B_i)``: same outputs,
+    and the same input and bias gradients; the kernel gradient is the Dense one summed over the
+    entries of ``T`` that share each kernel entry."""
+    input_shape = (6, 5, 2)
+    conv = _built(
+        input_shape,
+        filters=3,
+        kernel_size=(3, 2),
+        strides=(2, 1),
+        padding="same",
+        bias=bias,
+        activation="tanh",
+    )
+    index = conv.conv_index
+    rows = index.shape[0]
+    dense = Dense(rows, activation="tanh", dtype="float64")
+    dense.build((None, index.shape[1]))
+    b = np.broadcast_to(conv.bias.numpy(), index.output_shape).reshape(-1)  # row-major vec(B)
+    dense.set_weights([np.asarray(conv.toeplitz_matrix()).T, b])
+    rng = np.random.default_rng(1)
+    x = tf.constant(rng.normal(size=(4, *input_shape)))
+    delta = tf.constant(rng.normal(size=(4, rows)))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        y_conv = tf.reshape(conv(x), [4, -1])
+        y_dense = dense(tf.reshape(x, [4, -1]))
+        loss_conv = tf.reduce_sum(delta * y_conv)
+        loss_dense = tf.reduce_sum(delta * y_dense)
+    rtol = tolerances.rtol("float64")
+    assert tolerances.relative_error(y_conv, y_dense) <= rtol
+    assert (
+        tolerances.relative_error(tape.gradient(loss_conv, x), tape.gradient(loss_dense, x)) <= rtol
+    )
+    dw = tape.gradient(loss_dense, dense.kernel).numpy().T  # dL/dT, (R, N)
+    dk = np.bincount(
+        index.entry_index.reshape(-1),
+        dw.reshape(-1),
+        minlength=conv.kernel.shape.num_elements() + 1,
+    )
+    dk = dk[:-1].reshape(conv.kernel.shape, order="F")  # Vec(K) is column-major
+    assert tolerances.relative_error(tape.gradient(loss_conv, conv.kernel), dk) <= rtol
+    db = tape.gradient(loss_dense, dense.bias).numpy().reshape(index.output_shape)
+    db = db.sum(axis=(0, 1)) if bias == "tied" else db
+    assert tolerances.relative_error(tape.gradient(loss_conv, conv.bias), db) <= rtol
+
+
+@pytest.mark.parametrize("bias", ["tied", "untied"])
+def test_parameter_jacobian_equals_autodiff_and_its_transpose_is_the_backward(bias):
+    """``J_{Vec(K), Vec(b)} z`` in theta order against ``tape.jacobian``; ``J^T delta`` equals the
+    fast backward pass (the patch-matrix product)."""
+    input_shape = (5, 4, 2)
+    layer = _built(
+        input_shape, filters=3, kernel_size=(2, 3), strides=(1, 2), padding="same", bias=bias
+    )
+    kernel, b = layer.read_parameters()
+    rng = np.random.default_rng(2)
+    x = tf.constant(rng.normal(size=(2, *input_shape)))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([kernel, b])
+        z = tf.reshape(layer.reference(x, kernel, b), [2, -1])
+    rows = z.shape[1]
+
+    def vec_per_row(jacobian, p):  # (2, R, *p.shape) -> (2, R, |p|), columns in Vec order
+        return tf.reshape(vec_parameter_batch(tf.reshape(jacobian, [-1, *p.shape])), [2, rows, -1])
+
+    expected = tf.concat(
+        [vec_per_row(tape.jacobian(z, kernel), kernel), vec_per_row(tape.jacobian(z, b), b)], -1
+    )
+    jacobian = layer.parameter_jacobian(x)
+    rtol = tolerances.rtol("float64")
+    assert tolerances.relative_error(jacobian, expected) <= rtol
+    assert tolerances.relative_error(layer.parameter_jacobian(x[0]), jacobian[0]) <= rtol
+    delta = tf.constant(rng.normal(size=(1, *layer.conv_index.output_shape)))
+    _, (dk, db) = layer.backward(delta, x[:1], None, kernel, b)
+    fast = tf.concat([vec_parameter(dk), vec_parameter(db)], axis=0)
+    materialized = tf.linalg.matvec(jacobian[0], tf.reshape(delta, [-1]), transpose_a=True)
+    assert tolerances.relative_error(materialized, fast) <= rtol
+
+
+def test_input_jacobian_is_t_and_equals_autodiff():
+    input_shape = (5, 6, 2)
+    layer = _built(input_shape, filters=2, kernel_size=3, strides=2, padding="same")
+    x = tf.constant(np.random.default_rng(3).normal(size=(1, *input_shape)))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        z = tf.reshape(layer.reference(x, *layer.read_parameters()), [-1])
+    expected = tf.reshape(tape.jacobian(z, x), [z.shape[0], -1])
+    assert tolerances.relative_error(layer.input_jacobian(), expected) <= tolerances.rtol("float64")
+
+
+@pytest.mark.parametrize("bias", ["tied", "untied"])
+def test_per_example_backward_sums_to_the_backward(bias):
+    input_shape = (6, 5, 2)
+    layer = _built(input_shape, filters=3, kernel_size=3, strides=(2, 1), padding="same", bias=bias)
+    params = layer.read_parameters()
+    rng = np.random.default_rng(5)
+    x = tf.constant(rng.normal(size=(4, *input_shape)))
+    dz = tf.constant(rng.normal(size=(4, *layer.conv_index.output_shape)))
+    dx, per_sample = layer.per_example_backward(dz, x, None, *params)
+    dx_sum, summed = layer.backward(dz, x, None, *params)
+    rtol = tolerances.rtol("float64")
+    assert tolerances.relative_error(dx, dx_sum) <= rtol
+    for g, total in zip(per_sample, summed, strict=True):
+        assert tolerances.relative_error(tf.reduce_sum(g, axis=0), total) <= rtol
+    _, first = layer.backward(dz[:1], x[:1], None, *params)
+    for g, one in zip(per_sample, first, strict=True):
+        assert tolerances.relative_error(g[0], one) <= rtol
+
+
+def _small_cnn():
+    from tf_jacbp.layers.flatten import Flatten
+    from tf_jacbp.layers.pooling import AveragePooling2D, MaxPooling2D
+
+    return keras.Sequential(
+        [
+            keras.Input((7, 6, 2), dtype="float64"),
+            Conv2D(3, 3, padding="same", activation="tanh", dtype="float64"),
+            MaxPooling2D(2, padding="same", dtype="float64"),
+            Conv2D(2, 2, bias="untied", dtype="float64"),
+            AveragePooling2D((2, 1), dtype="float64"),
+            Flatten(dtype="float64"),
+            Dense(3, dtype="float64"),
+        ]
+    )
+
+
+def test_algorithm_1_through_conv_pooling_and_flatten():
+    """``tf_jacbp.jacobian``'s explicit chain over Conv2D, pooling and Flatten equals autodiff
+    of the reference route: ``J_theta z[L]``, per-example gradients, and the named factors."""
+    from tf_jacbp import jacobian
+
+    model = _small_cnn()
+    rng = np.random.default_rng(6)
+    x = tf.constant(rng.normal(size=(2, 7, 6, 2)))
+    variables = jacobian.parameter_variables(model)
+    with tf.GradientTape(persistent=True) as tape:
+        with tf_jacbp.reference_mode():
+            z = model(x)
+    expected = tf.concat(  # (batch, n_out, |theta|), columns in Vec order per variable
+        [
+            tf.reshape(
+                vec_parameter_batch(tf.reshape(tape.jacobian(z, v), [-1, *v.shape])), [2, 3, -1]
+            )
+            for v in variables
+        ],
+        axis=-1,
+    )
+    rtol = tolerances.rtol("float64")
+    got = jacobian.parameter_jacobian(model, x)
+    assert tolerances.relative_error(got, expected) <= rtol
+    y = np.array([0, 2])
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    per_example = jacobian.per_example_gradients(model, x, y, loss=loss)
+    for i in range(2):
+        with tf.GradientTape() as tape:
+            with tf_jacbp.reference_mode():
+                value = loss(y[i : i + 1], model(x[i : i + 1]))
+        grads = tape.gradient(value, variables)
+        flat = tf.concat([vec_parameter(g) for g in grads], axis=0)
+        assert tolerances.relative_error(per_example[i], flat) <= rtol
+    factors = jacobian.layer_jacobians(model, x[:1])
+    names = [name.split(": ", 1)[1] for name in factors]
+    assert names.count("T(K)") == 2 and "J (selection by the arg-max)" in names
+    assert "J (averaging)" in names and "J = I" in names
+
+
+def _outputs_and_gradients(layer, x, delta, compiled):
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(delta * layer(x))
+        return [layer(x), *tape.gradient(loss, [x, *layer.trainable_variables])]
+
+    return [np.asarray(v) for v in (tf.function(step) if compiled else step)(x)]
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_memory_guard_sparse_path_gives_the_same_outputs_and_gradients(compiled, caplog):
+    """A budget below the dense ``T`` switches to a ``tf.SparseTensor``; nothing else changes."""
+    input_shape, kwargs = (
+        (7, 6, 2),
+        {"filters": 3, "kernel_size": 3, "padding": "same", "activation": "relu", "bias": "untied"},
+    )
+    dense = _built(input_shape, **kwargs)
+    index = dense.conv_index
+    budget = index.dense_bytes("float64") - 1
+    assert index.sparse_bytes("float64") <= budget
+    with caplog.at_level(logging.INFO, logger="tf_jacbp.layers.conv"):
+        sparse = _built(input_shape, toeplitz_budget_bytes=budget, **kwargs)
+    assert not dense.sparse_toeplitz and sparse.sparse_toeplitz
+    assert "sparse" in caplog.text
+    rng = np.random.default_rng(4)
+    x = tf.constant(rng.normal(size=(3, *input_shape)))
+    delta = tf.constant(rng.normal(size=(3, *index.output_shape)))
+    for got, want in zip(
+        _outputs_and_gradients(sparse, x, delta, compiled),
+        _outputs_and_gradients(dense, x, delta, compiled),
+        strict=True,
+    ):
+        assert tolerances.relative_error(got, want) <= tolerances.rtol("float64")
+
+
+def test_memory_guard_error_states_the_size_and_the_setting():
+    index = toeplitz.conv_index((3, 3, 2, 3), (7, 6, 2), padding="same")
+    budget = index.sparse_bytes("float32") - 1
+    with pytest.raises(ValueError) as info:
+        keras.Sequential(
+            [keras.Input((7, 6, 2)), Conv2D(3, 3, padding="same", toeplitz_budget_bytes=budget)]
+        )
+    message = str(info.value)
+    assert f"{index.dense_bytes('float32')} bytes" in message
+    assert f"{index.sparse_bytes('float32')} bytes" in message
+    assert "toeplitz_budget_bytes" in message and "set_budget_bytes" in message
+
+
+def test_memory_guard_reads_the_process_wide_budget_at_build():
+    index = toeplitz.conv_index((3, 3, 2, 3), (7, 6, 2), padding="same")
+    try:
+        toeplitz.set_budget_bytes(index.dense_bytes("float32") - 1)
+        layer = Conv2D(3, 3, padding="same")
+        layer.build((None, 7, 6, 2))
+        assert layer.sparse_toeplitz
+    finally:
+        toeplitz.set_budget_bytes(None)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"filters": 0}, "filters=0"),
+        ({"filters": -2}, "filters=-2"),
+        ({"filters": 2.0}, "filters=2.0"),
+        ({"padding": "full"}, "padding='full'"),
+        ({"bias": "shared"}, "bias='shared'"),
+        ({"groups": 2}, "groups=2"),
+        ({"data_format": "channels_first"}, "data_format='channels_first'"),
+        ({"strides": 0}, "strides=0"),
+        ({"strides": (1, -1)}, r"strides=\(1, -1\)"),
+        ({"dilation_rate": 0}, "dilation_rate=0"),
+        ({"dilation_rate": -2}, "dilation_rate=-2"),
+        ({"kernel_size": 0}, "kernel_size=0"),
+        ({"strides": 2, "dilation_rate": 2}, "dilation_rate"),
+        ({"toeplitz_budget_bytes": 0}, "toeplitz_budget_bytes"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Conv2D(**{"filters": 2, "kernel_size": 3, **kwargs})
+
+
+def test_kernel_larger_than_a_valid_input():
+    with pytest.raises(ValueError, match=r"kernel_size \(5, 5\).*padding='same'"):
+        keras.Sequential([keras.Input((4, 9, 1)), Conv2D(2, 5)])
+
+
+def test_two_dimensional_input_is_an_error():
+    with pytest.raises(ValueError, match=r"\(batch, height, width, channels\).*\(None, 784\)"):
+        keras.Sequential([keras.Input((784,)), Conv2D(2, 3)])
+
+
+def test_unknown_spatial_size_is_an_error():
+    with pytest.raises(ValueError, match="known height, width"):
+        keras.Sequential([keras.Input((None, None, 3)), Conv2D(2, 3)])
+
+
+def test_changed_channel_count_after_build_is_an_error():
+    layer = Conv2D(2, 3)
+    layer(np.zeros((1, 6, 6, 1), "float32"))
+    with pytest.raises(ValueError, match="expected axis -1 of input shape to have value 1"):
+        layer(np.zeros((1, 6, 6, 3), "float32"))
+
+
+def test_get_config_round_trip():
+    layer = Conv2D(
+        4,
+        (3, 2),
+        strides=2,
+        padding="same",
+        activation="relu",
+        bias="untied",
+        toeplitz_budget_bytes=12345,
+    )
+    clone = Conv2D.from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()
+
+
+def test_lenet5_trains_to_90_percent_on_the_offline_digits():
+    from tf_jacbp import datasets, losses, models
+
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the offline fallback says it is one
+        (x_train, y_train), (x_test, y_test) = datasets.load_mnist()
+    # The offline fallback's 4,000 / 1,000 digits (the first ones of full MNIST when cached).
+    x_train = (x_train[:4000] / 255.0).astype("float32")[..., None]
+    x_test = (x_test[:1000] / 255.0).astype("float32")[..., None]
+    y_train, y_test = y_train[:4000], y_test[:1000]
+    model = models.lenet5()
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    model.fit(x_train, y_train, batch_size=64, epochs=8, verbose=0)
+    _, accuracy = model.evaluate(x_test, y_test, batch_size=500, verbose=0)
+    elapsed = time.perf_counter() - start
+    assert accuracy >= 0.9, f"test accuracy {accuracy:.3f} < 0.90"
+    assert elapsed < 120, f"training took {elapsed:.0f} s"

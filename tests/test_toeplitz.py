@@ -1,0 +1,184 @@
+"""tf_jacbp.toeplitz: T(K) against tf.nn.conv2d, its columns, Lemma 2's 4 x 9 example, the guard."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tf_jacbp import toeplitz, tolerances
+from tf_jacbp.layout import vec_parameter
+
+
+@st.composite
+def conv_configs(draw, max_size=9):
+    """A convolution: kernel 1-5 (even too), strides 1-3, dilation 1-2, both paddings, sizes
+    that fit (odd and non-square), 1-4 channels in and out."""
+    kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    strides = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    padding = draw(st.sampled_from(toeplitz.PADDINGS))
+    lows = (
+        [1, 1]
+        if padding == "same"
+        else [(k - 1) * d + 1 for k, d in zip((kh, kw), dilation, strict=True)]
+    )
+    height = draw(st.integers(lows[0], max(lows[0], max_size)))
+    width = draw(st.integers(lows[1], max(lows[1], max_size)))
+    c_in, c_out = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    seed = draw(st.integers(0, 2**16))
+    return (kh, kw, c_in, c_out), (height, width, c_in), strides, padding, dilation, seed
+
+
+def _kernel(kernel_shape, seed):
+    return tf.constant(np.random.default_rng(seed).normal(size=kernel_shape))
+
+
+@settings(derandomize=True, max_examples=60, deadline=None)
+@given(conv_configs())
+def test_conv_matrix_equals_conv2d(config):
+    """``T(K) vec(x) == vec(conv2d(x, K))`` for a batch of two inputs, float64; sparse T too."""
+    kernel_shape, input_shape, strides, padding, dilation, seed = config
+    kernel = _kernel(kernel_shape, seed)
+    x = np.random.default_rng(seed + 1).normal(size=(2, *input_shape))
+    expected = tf.nn.conv2d(x, kernel, strides, padding.upper(), dilations=dilation)
+    t = toeplitz.conv_matrix(kernel, input_shape, strides, padding, dilation)
+    assert t.shape == (np.prod(expected.shape[1:]), np.prod(input_shape))
+    y = tf.matmul(x.reshape(2, -1), t, transpose_b=True)
+    err = tolerances.relative_error(y, tf.reshape(expected, [2, -1]))
+    assert err <= tolerances.rtol("float64")
+    index = toeplitz.conv_index(kernel_shape, input_shape, strides, padding, dilation)
+    np.testing.assert_array_equal(tf.sparse.to_dense(index.sparse_matrix(kernel)), t)
+    assert index.nnz == np.count_nonzero(t)  # a Gaussian kernel has no zero entries
+
+
+@settings(derandomize=True, max_examples=30, deadline=None)
+@given(conv_configs(max_size=7))
+def test_two_gather_build_equals_the_entry_index_definition(config):
+    """``T^T`` from two row gathers equals ``[Vec(K); 0]`` gathered entry by entry."""
+    kernel_shape, input_shape, strides, padding, dilation, seed = config
+    kernel = _kernel(kernel_shape, seed)
+    index = toeplitz.conv_index(kernel_shape, input_shape, strides, padding, dilation)
+    source = np.concatenate([vec_parameter(kernel).numpy(), [0.0]])
+    np.testing.assert_array_equal(index.transpose_matrix(kernel), source[index.entry_index].T)
+
+
+@settings(derandomize=True, max_examples=10, deadline=None)
+@given(conv_configs(max_size=6))
+def test_each_column_is_the_convolution_of_a_basis_image(config):
+    """Column ``n`` of ``T(K)`` is ``vec(conv2d(e_n, K))`` for the basis image ``e_n``."""
+    kernel_shape, input_shape, strides, padding, dilation, seed = config
+    kernel = _kernel(kernel_shape, seed)
+    n = int(np.prod(input_shape))
+    basis = np.eye(n).reshape(n, *input_shape)  # basis[n] = e_n, row-major numbering
+    images = tf.nn.conv2d(basis, kernel, strides, padding.upper(), dilations=dilation)
+    t = toeplitz.conv_matrix(kernel, input_shape, strides, padding, dilation)
+    np.testing.assert_array_equal(t, tf.transpose(tf.reshape(images, [n, -1])))
+
+
+@settings(derandomize=True, max_examples=20, deadline=None)
+@given(conv_configs(max_size=7))
+def test_kernel_gradient_is_the_patch_matrix_product(config):
+    """``ConvIndex.kernel_gradient`` equals autodiff of ``sum(delta * (X T(K)^T))`` in ``K``."""
+    kernel_shape, input_shape, strides, padding, dilation, seed = config
+    kernel = _kernel(kernel_shape, seed)
+    index = toeplitz.conv_index(kernel_shape, input_shape, strides, padding, dilation)
+    rng = np.random.default_rng(seed + 2)
+    x = tf.constant(rng.normal(size=(3, *input_shape)))
+    delta = tf.constant(rng.normal(size=(3, *index.output_shape)))
+    with tf.GradientTape() as tape:
+        tape.watch(kernel)
+        y = tf.matmul(tf.reshape(x, [3, -1]), index.transpose_matrix(kernel))
+        loss = tf.reduce_sum(tf.reshape(delta, [3, -1]) * y)
+    expected = tape.gradient(loss, kernel)
+    err = tolerances.relative_error(index.kernel_gradient(x, delta), expected)
+    assert err <= tolerances.rtol("float64")
+
+
+def test_lemma_2_the_papers_4_by_9_matrix():
+    """MATH.md, Lemma 2: a 3 x 3 input, ``K = [[k1, k2], [k3, k4]]``, valid, stride 1."""
+    k1, k2, k3, k4 = 2.0, 3.0, 5.0, 7.0
+    kernel = np.array([[k1, k2], [k3, k4]]).reshape(2, 2, 1, 1)
+    expected = np.array(
+        [
+            [k1, k2, 0, k3, k4, 0, 0, 0, 0],
+            [0, k1, k2, 0, k3, k4, 0, 0, 0],
+            [0, 0, 0, k1, k2, 0, k3, k4, 0],
+            [0, 0, 0, 0, k1, k2, 0, k3, k4],
+        ]
+    )
+    np.testing.assert_array_equal(toeplitz.conv_matrix(kernel, (3, 3, 1)), expected)
+
+
+@pytest.mark.parametrize(
+    "size, kernel, stride, dilation, expected",
+    [
+        (5, 3, 1, 1, (1, 1)),
+        (4, 2, 1, 1, (0, 1)),  # even kernel: the extra zero goes after
+        (6, 4, 2, 1, (1, 1)),
+        (5, 4, 2, 1, (1, 2)),
+        (7, 3, 3, 1, (1, 1)),
+        (5, 3, 1, 2, (2, 2)),
+        (8, 1, 3, 1, (0, 0)),
+    ],
+)
+def test_same_padding_is_tensorflows_rule(size, kernel, stride, dilation, expected):
+    assert toeplitz.same_padding(size, kernel, stride, dilation) == expected
+    k = tf.ones((kernel, 1, 1, 1), tf.float64)
+    x = tf.reshape(tf.range(1, size + 1, dtype=tf.float64), [1, size, 1, 1])
+    y = tf.nn.conv2d(x, k, (stride, 1), "SAME", dilations=(dilation, 1))
+    before, _ = expected
+    first_window = [i for i in range(-before, -before + (kernel - 1) * dilation + 1, dilation)]
+    assert y[0, 0, 0, 0] == sum(i + 1 for i in first_window if 0 <= i < size)
+    assert toeplitz.output_size(size, kernel, stride, "same", dilation) == y.shape[1]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"strides": 0}, "strides=0"),
+        ({"strides": (1, -2)}, r"strides=\(1, -2\)"),
+        ({"dilation_rate": 0}, "dilation_rate=0"),
+        ({"dilation_rate": (2, -1)}, r"dilation_rate=\(2, -1\)"),
+        ({"padding": "full"}, "padding='full'"),
+        ({"input_shape": (2, 2, 1)}, "kernel_size"),
+        ({"input_shape": (6, 6, 2)}, "input channels"),
+        ({"input_shape": (6, 6)}, "input_shape"),
+        ({"kernel": np.ones((3, 3, 1))}, "kernel"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, match):
+    args = {"kernel": np.ones((3, 3, 1, 2)), "input_shape": (6, 6, 1), **kwargs}
+    with pytest.raises(ValueError, match=match):
+        toeplitz.conv_matrix(**args)
+
+
+def test_valid_kernel_larger_than_input_suggests_same_padding():
+    with pytest.raises(ValueError, match="padding='same'"):
+        toeplitz.conv_matrix(np.ones((3, 3, 1, 1)), (6, 2, 1))
+    assert toeplitz.conv_matrix(np.ones((3, 3, 1, 1)), (6, 2, 1), padding="same").shape == (
+        12,
+        12,
+    )
+
+
+def test_budget_refuses_a_dense_matrix_and_names_size_and_setting():
+    kernel = np.ones((3, 3, 2, 4), np.float32)  # T is (6 6 4) x (8 8 2): 144 x 128 float32
+    assert toeplitz.conv_matrix(kernel, (8, 8, 2), budget_bytes=144 * 128 * 4).shape == (144, 128)
+    with pytest.raises(ValueError, match=r"73728 bytes.*budget_bytes=.*set_budget_bytes"):
+        toeplitz.conv_matrix(kernel, (8, 8, 2), budget_bytes=144 * 128 * 4 - 1)
+
+
+def test_process_wide_budget_setter():
+    kernel = np.ones((3, 3, 2, 4), np.float32)
+    try:
+        toeplitz.set_budget_bytes(1000)
+        assert toeplitz.get_budget_bytes() == 1000
+        with pytest.raises(ValueError, match="set_budget_bytes"):
+            toeplitz.conv_matrix(kernel, (8, 8, 2))
+    finally:
+        toeplitz.set_budget_bytes(None)
+    assert toeplitz.get_budget_bytes() == toeplitz.DEFAULT_BUDGET_BYTES
+    for bad in (0, -5, 1.5, "1GB"):
+        with pytest.raises(ValueError, match="positive integer number of bytes"):
+            toeplitz.set_budget_bytes(bad)

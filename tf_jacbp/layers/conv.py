@@ -1,0 +1,466 @@
+"""Conv2D as a Toeplitz matrix: ``z = T(K) vec(x) + b``, ``a = f(z)`` (MATH.md, Lemmas 2-3).
+
+By Lemma 3 a convolution is a dense layer whose weight ``W = T(K)^T`` is sparse and weight-shared,
+so the Dense formulas apply. For one sample, with ``x = vec(X)`` (``N = H W C``), ``z = vec(Z)``
+(``R = H_out W_out F``, ``P = H_out W_out`` positions) and an upstream ``delta`` (``R``):
+
+* ``J_x z = T(K)`` (``R x N``, ``tf_jacbp.toeplitz``), so ``(J_x z)^T delta = T(K)^T delta``.
+* ``J_{Vec(K)} z = I_F (x) X_patch``, arranged so that row ``(i, j, f)`` holds the patch of
+  position ``(i, j)`` in the block of filter ``f`` (``R x kh kw C F``; ``X_patch`` is
+  ``P x kh kw C``, columns in ``Vec`` order, ``ConvIndex.patches``). Its transpose times
+  ``delta`` is ``Vec(X_patch^T Delta)``, ``Delta`` the ``P x F`` matrix of ``delta``: the kernel
+  gradient.
+* Tied bias (Keras', one per filter, ``B_f = b_f * ones``): ``J_b z`` is ``I_F`` stacked ``P`` times
+  and ``(J_b z)^T delta = sum over positions of Delta``. Untied bias (the paper's ``B_i``, shape
+  ``(H_out, W_out, F)``): ``J_{Vec(B)} z`` is the permutation from ``Vec`` (column-major) to the
+  row-major order of ``z``, and the gradient is ``delta`` itself, reshaped.
+
+Batches are rows: ``Z = X T(K)^T + b`` for ``X`` of shape ``(batch, N)``; ``dX = Delta T(K)``;
+``dK`` sums the per-sample products in one matmul (``ConvIndex.kernel_gradient``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from tf_jacbp import activations, toeplitz
+from tf_jacbp._backend import keras, tf
+from tf_jacbp.layers.base import JacobianLayer, as_float_tensor, route
+from tf_jacbp.layout import unvec_parameter_batch, vec_index
+
+BIAS_MODES = ("tied", "untied")
+
+logger = logging.getLogger(__name__)
+
+
+def check_channels_last(data_format: Any, owner: str) -> str:
+    """``"channels_last"`` for ``data_format`` None (Keras' global setting) or "channels_last"."""
+    resolved = keras.config.image_data_format() if data_format is None else data_format
+    if resolved != "channels_last":
+        raise ValueError(
+            f"{owner}: only data_format='channels_last' (batch, height, width, channels) is "
+            f"supported, got data_format={data_format!r} (resolved to {resolved!r}); tf_jacbp's "
+            "vec and Toeplitz layouts are defined for channels_last. Transpose the input with "
+            "keras.layers.Permute((2, 3, 1)) and use channels_last."
+        )
+    return resolved
+
+
+def image_shape(input_shape: tuple, owner: str) -> tuple[int, int, int]:
+    """``(H, W, C)`` of a ``(batch, H, W, C)`` input shape, all known; a ValueError otherwise."""
+    if len(input_shape) != 4:
+        raise ValueError(
+            f"{owner} expects inputs of shape (batch, height, width, channels), got input shape "
+            f"{tuple(input_shape)} (rank {len(input_shape)}). Add a channel axis to images, e.g. "
+            "x[..., None] or keras.layers.Reshape((28, 28, 1))."
+        )
+    if any(n is None for n in input_shape[1:]):
+        raise ValueError(
+            f"{owner} needs a known height, width and channel count, got input shape "
+            f"{tuple(input_shape)}; the Toeplitz matrix and index maps are built for fixed sizes. "
+            "Give keras.Input a full shape, e.g. keras.Input((28, 28, 1))."
+        )
+    return tuple(int(n) for n in input_shape[1:])
+
+
+@keras.saving.register_keras_serializable(package="tf_jacbp")
+class Conv2D(JacobianLayer):
+    """2-D convolution that multiplies by its materialized Toeplitz matrix ``T(K)``.
+
+    Arguments as ``keras.layers.Conv2D`` (channels_last, ``groups=1``), plus ``bias`` and
+    ``toeplitz_budget_bytes``.
+
+    Args:
+        filters: ``F``, the number of output channels (a positive integer).
+        kernel_size: ``(kh, kw)`` or one int for both.
+        strides: ``(s_h, s_w)`` or one int, >= 1.
+        padding: ``"valid"`` or ``"same"`` (TensorFlow's rule, ``tf_jacbp.toeplitz.same_padding``).
+        data_format: ``None`` or ``"channels_last"``; ``"channels_first"`` is an error.
+        dilation_rate: ``(d_h, d_w)`` or one int, >= 1. As in Keras, ``strides > 1`` together with
+            ``dilation_rate > 1`` is an error (the reference route cannot differentiate it on CPU).
+        groups: must be 1.
+        activation: a name from ``tf_jacbp.activations`` or ``None``; its Jacobian ``D`` follows.
+        use_bias: whether ``z`` has a bias.
+        bias: ``"tied"`` (Keras': shape ``(F,)``, one per filter) or ``"untied"`` (the paper's
+            ``B_i`` of Lemma 3: shape ``(H_out, W_out, F)``, one per output entry).
+        kernel_initializer, bias_initializer, kernel_regularizer, bias_regularizer,
+        activity_regularizer, kernel_constraint, bias_constraint: as in Keras.
+        toeplitz_budget_bytes: the memory budget for ``T(K)`` (default: the process-wide
+            ``tf_jacbp.toeplitz.get_budget_bytes()`` when the layer is built). A dense ``T`` over
+            budget is replaced by a ``tf.SparseTensor`` (``tf.sparse.sparse_dense_matmul``; not
+            XLA-compatible, so not usable under ``jit_compile=True``); a sparse one over budget is
+            a ValueError at build time, which states the sizes and this setting.
+
+    Input ``(batch, H, W, C)`` with ``H, W, C`` known (they are fixed at build); output
+    ``(batch, H_out, W_out, F)``. The kernel ``K`` has Keras' shape ``(kh, kw, C, F)``.
+
+    Example:
+        >>> layer = tf_jacbp.layers.Conv2D(1, 2, use_bias=False)
+        >>> layer.build((None, 3, 3, 1))
+        >>> layer.toeplitz_matrix().shape  # Lemma 2's 4 x 9 matrix
+        TensorShape([4, 9])
+    """
+
+    def __init__(
+        self,
+        filters: int,
+        kernel_size: int | tuple[int, int],
+        strides: int | tuple[int, int] = (1, 1),
+        padding: str = "valid",
+        data_format: str | None = None,
+        dilation_rate: int | tuple[int, int] = (1, 1),
+        groups: int = 1,
+        activation: str | None = None,
+        use_bias: bool = True,
+        bias: str = "tied",
+        kernel_initializer: Any = "glorot_uniform",
+        bias_initializer: Any = "zeros",
+        kernel_regularizer: Any = None,
+        bias_regularizer: Any = None,
+        activity_regularizer: Any = None,
+        kernel_constraint: Any = None,
+        bias_constraint: Any = None,
+        toeplitz_budget_bytes: int | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(activity_regularizer=activity_regularizer, **kwargs)
+        if isinstance(filters, bool) or not isinstance(filters, int) or filters <= 0:
+            raise ValueError(
+                f"Conv2D: filters must be a positive integer (the number of output channels), "
+                f"got filters={filters!r}."
+            )
+        if groups != 1:
+            raise ValueError(
+                f"Conv2D: only groups=1 is supported, got groups={groups!r}. A grouped "
+                "convolution's Toeplitz matrix is block diagonal and tf_jacbp does not build it; "
+                "use keras.layers.Conv2D for grouped convolutions."
+            )
+        if bias not in BIAS_MODES:
+            raise ValueError(
+                f"Conv2D: bias must be 'tied' (one bias per filter, as Keras) or 'untied' (one per "
+                f"output entry, the paper's B_i), got bias={bias!r}."
+            )
+        self.filters = filters
+        self.kernel_size = toeplitz.as_pair(kernel_size, "kernel_size", "Conv2D")
+        self.strides = toeplitz.as_pair(strides, "strides", "Conv2D")
+        self.dilation_rate = toeplitz.as_pair(dilation_rate, "dilation_rate", "Conv2D")
+        if max(self.strides) > 1 and max(self.dilation_rate) > 1:
+            raise ValueError(
+                f"Conv2D: strides > 1 together with dilation_rate > 1 is not supported (as in "
+                f"Keras), got strides={self.strides} and dilation_rate={self.dilation_rate}. Set "
+                "one of them to 1."
+            )
+        self.padding = toeplitz.check_padding(padding, "Conv2D")
+        self.data_format = check_channels_last(data_format, "Conv2D")
+        self.groups = groups
+        self.activation = activations.get(activation)
+        self.use_bias = use_bias
+        self.bias_mode = bias
+        self.toeplitz_budget_bytes = (
+            None
+            if toeplitz_budget_bytes is None
+            else toeplitz.check_budget(toeplitz_budget_bytes, "Conv2D(toeplitz_budget_bytes=...)")
+        )
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
+        self.kernel_constraint = keras.constraints.get(kernel_constraint)
+        self.bias_constraint = keras.constraints.get(bias_constraint)
+
+    def build(self, input_shape: tuple) -> None:
+        owner = f"Conv2D '{self.name}'"
+        height, width, channels = image_shape(input_shape, owner)
+        kernel_shape = (*self.kernel_size, channels, self.filters)
+        self.conv_index = toeplitz.conv_index(
+            kernel_shape,
+            (height, width, channels),
+            self.strides,
+            self.padding,
+            self.dilation_rate,
+            owner,
+        )
+        budget = (
+            toeplitz.get_budget_bytes()
+            if self.toeplitz_budget_bytes is None
+            else self.toeplitz_budget_bytes
+        )
+        self.sparse_toeplitz = self.conv_index.dense_bytes(self.compute_dtype) > budget
+        if self.sparse_toeplitz and self.conv_index.sparse_bytes(self.compute_dtype) > budget:
+            raise toeplitz.budget_error(
+                owner,
+                self.conv_index,
+                self.compute_dtype,
+                budget,
+                "Conv2D(..., toeplitz_budget_bytes=...) or tf_jacbp.toeplitz.set_budget_bytes(...)",
+            )
+        if self.sparse_toeplitz:
+            logger.info(
+                "%s: a dense T(K) would take %d bytes, over the budget of %d; using a sparse T "
+                "of %d bytes (not XLA-compatible).",
+                owner,
+                self.conv_index.dense_bytes(self.compute_dtype),
+                budget,
+                self.conv_index.sparse_bytes(self.compute_dtype),
+            )
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=kernel_shape,
+            initializer=self.kernel_initializer,
+            regularizer=self.kernel_regularizer,
+            constraint=self.kernel_constraint,
+        )
+        self.bias = None
+        if self.use_bias:
+            self.bias = self.add_weight(
+                name="bias",
+                shape=self.conv_index.output_shape
+                if self.bias_mode == "untied"
+                else (self.filters,),
+                initializer=self.bias_initializer,
+                regularizer=self.bias_regularizer,
+                constraint=self.bias_constraint,
+            )
+        self.input_spec = keras.layers.InputSpec(ndim=4, axes={1: height, 2: width, -1: channels})
+
+    def jacobian_parameters(self) -> list[keras.Variable]:
+        return [self.kernel] + ([self.bias] if self.use_bias else [])
+
+    def build_toeplitz(self, kernel: tf.Tensor) -> tf.Tensor | tf.SparseTensor:
+        """``T(K)^T`` ``(N, R)`` dense, or ``T(K)`` ``(R, N)`` sparse over the memory budget."""
+        if self.sparse_toeplitz:
+            return self.conv_index.sparse_matrix(kernel)
+        return self.conv_index.transpose_matrix(kernel)
+
+    def apply_toeplitz(
+        self, x: tf.Tensor, t: tf.Tensor | tf.SparseTensor, bias: tf.Tensor | None = None
+    ) -> tf.Tensor:
+        """``Z = X T(K)^T + b``: ``(batch, H, W, C)`` -> ``(batch, H_out, W_out, F)``.
+
+        ``t`` is ``build_toeplitz(kernel)``.
+        """
+        x = tf.reshape(x, [-1, self.conv_index.shape[1]])
+        if self.sparse_toeplitz:
+            z = tf.transpose(tf.sparse.sparse_dense_matmul(t, x, adjoint_b=True))
+        else:
+            z = tf.matmul(x, t)
+        if bias is not None:
+            # Lemma 3's b = vec(B) (row-major, like z): tied, b_f repeated at every position.
+            positions = self.conv_index.shape[0] // self.filters
+            b = tf.tile(bias, [positions]) if self.bias_mode == "tied" else tf.reshape(bias, [-1])
+            z = tf.nn.bias_add(z, b)  # fused into the matmul by TensorFlow's graph optimizer
+        return tf.reshape(z, [-1, *self.conv_index.output_shape])
+
+    def input_gradient(
+        self, dz: tf.Tensor, x: tf.Tensor, t: tf.Tensor | tf.SparseTensor
+    ) -> tf.Tensor:
+        """``dX = Delta T(K)`` (``(J_x z)^T delta = T(K)^T delta`` per sample), shaped like ``x``.
+
+        ``dz`` ``(batch, H_out, W_out, F)``, ``t = build_toeplitz(kernel)``.
+        """
+        delta = tf.reshape(dz, [-1, self.conv_index.shape[0]])
+        if self.sparse_toeplitz:
+            dx = tf.sparse.sparse_dense_matmul(t, delta, adjoint_a=True, adjoint_b=True)
+            dx = tf.transpose(dx)
+        else:
+            dx = tf.matmul(delta, t, transpose_b=True)
+        return tf.reshape(dx, tf.shape(x))
+
+    def backward_toeplitz(
+        self,
+        dz: tf.Tensor,
+        x: tf.Tensor,
+        t: tf.Tensor | tf.SparseTensor,
+        bias: tf.Tensor | None = None,
+    ) -> tuple[tf.Tensor, list[tf.Tensor]]:
+        """``dX = Delta T(K)``; ``dK`` from the patch matrices; ``db`` the matching sum of
+        ``Delta``.
+
+        ``dz`` ``(batch, H_out, W_out, F)``, ``x`` ``(batch, H, W, C)``,
+        ``t = build_toeplitz(kernel)``.
+        """
+        grads = [self.conv_index.kernel_gradient(x, dz)]
+        if bias is not None:
+            grads.append(tf.reduce_sum(dz, axis=[0, 1, 2] if self.bias_mode == "tied" else 0))
+        return self.input_gradient(dz, x, t), grads
+
+    def forward(self, x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None) -> tf.Tensor:
+        """``Z = X T(K)^T + b``, building ``T(K)`` from ``kernel``."""
+        return self.apply_toeplitz(x, self.build_toeplitz(kernel), bias)
+
+    def reference(
+        self, x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None
+    ) -> tf.Tensor:
+        z = tf.nn.convolution(
+            x,
+            kernel,
+            strides=self.strides,
+            padding=self.padding.upper(),
+            dilations=self.dilation_rate,
+        )
+        if bias is None:
+            return z
+        return tf.nn.bias_add(z, bias) if self.bias_mode == "tied" else z + bias
+
+    def backward(
+        self,
+        dz: tf.Tensor,
+        x: tf.Tensor,
+        z: tf.Tensor | None,
+        kernel: tf.Tensor,
+        bias: tf.Tensor | None = None,
+    ) -> tuple[tf.Tensor, list[tf.Tensor]]:
+        """``(dX, [dK, db])`` of ``backward_toeplitz``, building ``T(K)`` from ``kernel``."""
+        return self.backward_toeplitz(dz, x, self.build_toeplitz(kernel), bias)
+
+    def per_example_backward(
+        self,
+        dz: tf.Tensor,
+        x: tf.Tensor,
+        z: tf.Tensor | None,
+        kernel: tf.Tensor,
+        bias: tf.Tensor | None = None,
+    ) -> tuple[tf.Tensor, list[tf.Tensor]]:
+        """``backward`` without the batch sum: ``dK_i = Vec^{-1}(Vec(X_patch,i^T Delta_i))`` and
+        ``db_i`` per sample (leading batch axis), by one batched product of the patch matrices."""
+        index = self.conv_index
+        batch, positions = tf.shape(x)[0], index.output_shape[0] * index.output_shape[1]
+        patches = tf.reshape(index.patches(x), [-1, positions, batch])  # (M, P, batch)
+        delta = tf.reshape(dz, [batch, positions, self.filters])
+        per_filter = tf.einsum("mpb,bpf->bfm", patches, delta)  # row f: Vec(dK_i[..., f])
+        grads = [unvec_parameter_batch(tf.reshape(per_filter, [batch, -1]), index.kernel_shape)]
+        if bias is not None:
+            grads.append(tf.reduce_sum(dz, axis=[1, 2]) if self.bias_mode == "tied" else dz)
+        return self.input_gradient(dz, x, self.build_toeplitz(kernel)), grads
+
+    def jacobian_ops(self) -> list:
+        """``z = T(K) vec(x) + b``, then ``a = f(z)``."""
+        return [(self, self.read_parameters()), (self.activation, [])]
+
+    def call(self, inputs: tf.Tensor) -> tf.Tensor:
+        z = route(_ToeplitzStep(self), inputs, self.read_parameters())
+        return route(self.activation, z)
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        sizes = [
+            None if n is None else toeplitz.output_size(n, k, s, self.padding, d)
+            for n, k, s, d in zip(
+                input_shape[1:3], self.kernel_size, self.strides, self.dilation_rate, strict=True
+            )
+        ]
+        return (input_shape[0], *sizes, self.filters)
+
+    def toeplitz_matrix(self, input_shape: tuple[int, int, int] | None = None) -> tf.Tensor:
+        """``T(K)`` ``(R, N)`` for the current kernel, dense (``tf_jacbp.toeplitz.conv_matrix``).
+
+        ``input_shape`` ``(H, W, C)`` defaults to the one the layer was built for.
+        """
+        kernel = self.read_parameters()[0]
+        shape = self.conv_index.input_shape if input_shape is None else input_shape
+        return toeplitz.conv_matrix(
+            kernel,
+            shape,
+            self.strides,
+            self.padding,
+            self.dilation_rate,
+            budget_bytes=self.toeplitz_budget_bytes,
+        )
+
+    def input_jacobian(self) -> tf.Tensor:
+        """``J_x z = T(K)`` ``(R, N)``: the Jacobian of the pre-activation ``z`` (Lemma 2).
+
+        The activation's ``D = J_z f(z)`` multiplies it from the left (``self.activation``).
+        """
+        return self.toeplitz_matrix()
+
+    def parameter_jacobian(self, x: Any) -> tf.Tensor:
+        """``J_{Vec(K), Vec(b)} z = [I_F (x) X_patch | J_b]`` for one sample, in theta order.
+
+        ``x``: ``(H, W, C)`` -> ``(R, kh kw C F + |b|)``; ``(batch, H, W, C)`` ->
+        ``(batch, R, ...)``. Row ``(i, j, f)`` (row-major, like ``z``) holds, in the columns of
+        ``Vec(K[..., f])``, the patch that position ``(i, j)`` reads (Lemma 3); bias columns follow:
+        ``I_F`` per position when tied, the ``Vec``-to-row-major permutation when untied.
+        """
+        x = as_float_tensor(x, self.compute_dtype)
+        single = len(x.shape) == 3
+        x = x[None] if single else x
+        positions = self.conv_index.output_shape[0] * self.conv_index.output_shape[1]
+        rows, filters = self.conv_index.shape[0], self.filters
+        patches = tf.reshape(self.conv_index.patches(x), [-1, positions, tf.shape(x)[0]])
+        patches = tf.transpose(patches, [2, 1, 0])  # (batch, P, M): X_patch per sample
+        eye = tf.eye(filters, dtype=x.dtype)
+        kron = eye[None, None, :, :, None] * patches[:, :, None, None, :]  # (batch, P, F, F', M)
+        blocks = [tf.reshape(kron, [tf.shape(x)[0], rows, -1])]
+        if self.use_bias:
+            if self.bias_mode == "tied":
+                jb = tf.reshape(tf.tile(eye[None], [positions, 1, 1]), [rows, filters])
+            else:
+                jb = tf.one_hot(
+                    vec_index(self.conv_index.output_shape).reshape(-1), rows, dtype=x.dtype
+                )
+            blocks.append(tf.broadcast_to(jb, [tf.shape(x)[0], *jb.shape]))
+        jacobian = tf.concat(blocks, axis=-1)
+        return jacobian[0] if single else jacobian
+
+    def jacobian_factors(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
+        """``{"T(K)": (R, N), "[I (x) X_patch | J_b]": (R, |K| + |b|)}`` at one sample ``x``
+        ``(H, W, C)`` (Lemmas 2-3: the input and the parameter Jacobian of ``z``)."""
+        t = tf.cast(self.toeplitz_matrix(), x.dtype)
+        return {"T(K)": t, "[I (x) X_patch | J_b]": self.parameter_jacobian(x)}
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update(
+            {
+                "filters": self.filters,
+                "kernel_size": self.kernel_size,
+                "strides": self.strides,
+                "padding": self.padding,
+                "data_format": self.data_format,
+                "dilation_rate": self.dilation_rate,
+                "groups": self.groups,
+                "activation": activations.serialize(self.activation),
+                "use_bias": self.use_bias,
+                "bias": self.bias_mode,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+                "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+                "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
+                "bias_regularizer": keras.regularizers.serialize(self.bias_regularizer),
+                "kernel_constraint": keras.constraints.serialize(self.kernel_constraint),
+                "bias_constraint": keras.constraints.serialize(self.bias_constraint),
+                "toeplitz_budget_bytes": self.toeplitz_budget_bytes,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Conv2D:
+        config = dict(config)
+        config["activation"] = activations.deserialize(config["activation"])
+        return cls(**config)
+
+
+class _ToeplitzStep:
+    """One call of a ``Conv2D`` on the Jacobian route, for ``route``: ``forward`` builds ``T(K)``
+    once and ``backward`` reuses that tensor (the custom gradient's closure) instead of
+    rebuilding it."""
+
+    def __init__(self, layer: Conv2D):
+        self.layer = layer
+        self.t: tf.Tensor | tf.SparseTensor | None = None
+
+    def forward(self, x: tf.Tensor, kernel: tf.Tensor, *bias: tf.Tensor) -> tf.Tensor:
+        """``Z = X T(K)^T + b``, keeping ``T(K)`` for ``backward``."""
+        self.t = self.layer.build_toeplitz(kernel)
+        return self.layer.apply_toeplitz(x, self.t, *bias)
+
+    def reference(self, x: tf.Tensor, *params: tf.Tensor) -> tf.Tensor:
+        """The layer's reference route (``tf.nn.convolution``)."""
+        return self.layer.reference(x, *params)
+
+    def backward(
+        self, dz: tf.Tensor, x: tf.Tensor, z: tf.Tensor, kernel: tf.Tensor, *bias: tf.Tensor
+    ) -> tuple[tf.Tensor, list[tf.Tensor]]:
+        """``Conv2D.backward_toeplitz`` with the ``T(K)`` that ``forward`` built."""
+        return self.layer.backward_toeplitz(dz, x, self.t, *bias)

@@ -1,0 +1,59 @@
+"""Flatten: ``y = vec(x)``, the row-major flattening of ``tf_jacbp.layout``; ``J_x y = I``.
+
+For a channels_last sample ``x`` of shape ``(H, W, C)`` (or any shape), ``vec(x)`` lists the entries
+in row-major order, which is exactly how ``tf_jacbp.layout`` numbers them. So the Jacobian is the
+identity ``I_N`` (``N`` = entries per sample): flattening changes the shape, not the numbering, and
+``(J_x y)^T delta = delta`` reshaped back to the input's shape. (With channels_first it would be a
+permutation; tf_jacbp is channels_last throughout.)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from tf_jacbp._backend import keras, tf
+from tf_jacbp.layers.base import JacobianLayer, as_float_tensor
+from tf_jacbp.layers.conv import check_channels_last
+
+
+@keras.saving.register_keras_serializable(package="tf_jacbp")
+class Flatten(JacobianLayer):
+    """Flattens each sample row-major, like ``keras.layers.Flatten``; ``J = I``.
+
+    Args:
+        data_format: ``None`` or ``"channels_last"``; ``"channels_first"`` is an error.
+
+    Input ``(batch, d_1, ..., d_k)``, output ``(batch, d_1 ... d_k)``.
+    """
+
+    def __init__(self, data_format: str | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.data_format = check_channels_last(data_format, "Flatten")
+
+    def forward(self, x: tf.Tensor) -> tf.Tensor:
+        """``y = vec(x)`` per sample: ``(batch, ...)`` -> ``(batch, N)``."""
+        return tf.reshape(x, [tf.shape(x)[0], -1])
+
+    def reference(self, x: tf.Tensor) -> tf.Tensor:
+        return tf.reshape(x, [tf.shape(x)[0], -1])
+
+    def backward(self, dy: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, list]:
+        """``(J_x y)^T delta = I delta``, reshaped to ``x``'s shape."""
+        return tf.reshape(dy, tf.shape(x)), []
+
+    def jacobian(self, x: Any) -> tf.Tensor:
+        """``J_x y = I_N`` for one sample ``x`` (any shape, ``N`` entries): ``(N, N)``."""
+        x = as_float_tensor(x, self.compute_dtype)
+        return tf.eye(math.prod(x.shape), dtype=x.dtype)
+
+    def jacobian_factors(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
+        """``{"J = I": I_N}`` at one sample ``x``."""
+        return {"J = I": self.jacobian(x)}
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        rest = input_shape[1:]
+        return (input_shape[0], None if None in rest else math.prod(rest))
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "data_format": self.data_format}

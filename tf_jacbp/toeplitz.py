@@ -1,0 +1,512 @@
+"""The Toeplitz matrix of a 2-D convolution (MATH.md, Lemmas 2 and 3), and its index maps.
+
+A convolution (the cross-correlation deep-learning frameworks compute: the kernel is not flipped)
+is linear in its input. For a channels_last input ``x`` of shape ``(H, W, C)`` and a kernel ``K`` of
+shape ``(kh, kw, C, F)``:
+
+    vec(conv2d(x, K)) = T(K) vec(x),    T(K) of shape (H_out W_out F) x (H W C),
+
+``vec`` being the row-major flattening of ``tf_jacbp.layout``: row ``(i, j, f)`` of ``T`` is an
+output position, column ``(i', j', c)`` an input position. Entry by entry, with strides ``s``,
+dilation ``d`` and the padding ``pad_top``, ``pad_left`` of ``same_padding`` (zero for "valid"):
+
+    T[(i, j, f), (i', j', c)] = K[p, q, c, f]   if i' = i s_h - pad_top + p d_h  (0 <= p < kh)
+                                                and j' = j s_w - pad_left + q d_w (0 <= q < kw),
+                              = 0               otherwise.
+
+Lemma 2's ``3 x 3`` input and ``2 x 2`` kernel give the ``4 x 9`` matrix of MATH.md.
+
+The map from entries of ``T`` to entries of ``Vec(K)`` (``tf_jacbp.layout``: column-major over
+the kernel as stored) depends only on the shapes, so ``ConvIndex`` computes it once in NumPy
+(``conv_index`` caches one per configuration), and ``T`` is rebuilt from the current kernel by
+gathering from ``[Vec(K); 0]``, the appended zero serving every structural zero of ``T``:
+
+* ``ConvIndex.entry_index``: the definition, one ``Vec(K)`` position per entry of ``T``.
+* ``ConvIndex.transpose_matrix``: the same map factored, because ``T`` is block Toeplitz with
+  Toeplitz blocks. The block of ``T^T`` for input row ``i'`` and output row ``i`` is the
+  one-dimensional Toeplitz matrix of kernel row ``p`` (or zero), so ``T^T`` is two gathers of
+  whole rows: kernel rows ``K[p, q, c, :]`` into the blocks, then block rows into ``T^T``. For
+  LeNet-5's first layer (``T`` of ``4704 x 784``) one gather per entry takes about 70 ms on two
+  CPU cores, the two row gathers 2-5 ms: this is what makes a new ``T`` at every step
+  affordable.
+* ``ConvIndex.sparse_matrix``: only the structural nonzeros, for the memory guard.
+* ``ConvIndex.patches``: the patch matrix (im2col), ``J_{Vec(K)} (T(K) vec(x))`` of Lemma 3.
+
+Memory guard: a dense ``T`` takes ``(H_out W_out F) (H W C)`` entries. ``conv_matrix`` and
+``tf_jacbp.layers.Conv2D`` compare that with a budget in bytes: ``DEFAULT_BUDGET_BYTES``, changed
+for the whole process by ``set_budget_bytes`` or per layer by ``Conv2D(toeplitz_budget_bytes=...)``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from tf_jacbp._backend import tf
+from tf_jacbp.layout import unvec_parameter, vec_index, vec_parameter
+
+DEFAULT_BUDGET_BYTES = 256 * 2**20
+"""The default budget, 256 MiB: a larger dense ``T(K)`` is kept sparse instead, and one whose
+sparse form is larger still is an error (``set_budget_bytes``, ``Conv2D(toeplitz_budget_bytes)``)."""
+
+# Bytes per structural nonzero of the sparse representation beyond its value: the (row, column)
+# pair of int64 indices a tf.SparseTensor stores.
+SPARSE_INDEX_BYTES = 16
+
+PADDINGS = ("valid", "same")
+
+_budget_bytes: int | None = None
+
+
+def set_budget_bytes(budget: int | None) -> None:
+    """Set the process-wide Toeplitz memory budget in bytes; ``None`` restores the default.
+
+    Layers read it when they are built; a ``Conv2D(toeplitz_budget_bytes=...)`` overrides it.
+    """
+    global _budget_bytes
+    if budget is not None:
+        check_budget(budget, "set_budget_bytes")
+    _budget_bytes = budget
+
+
+def get_budget_bytes() -> int:
+    """The process-wide Toeplitz memory budget in bytes (``DEFAULT_BUDGET_BYTES`` unless set)."""
+    return DEFAULT_BUDGET_BYTES if _budget_bytes is None else _budget_bytes
+
+
+def check_budget(budget: Any, owner: str) -> int:
+    """``budget`` if it is a positive integer number of bytes, else a ValueError naming it."""
+    if isinstance(budget, bool) or not isinstance(budget, int | np.integer) or budget <= 0:
+        raise ValueError(
+            f"{owner}: the Toeplitz budget must be a positive integer number of bytes, got "
+            f"{budget!r}. For example 256 * 2**20 for 256 MiB."
+        )
+    return int(budget)
+
+
+def as_pair(value: Any, name: str, owner: str) -> tuple[int, int]:
+    """``value`` (an int or a pair of ints, all >= 1) as ``(height, width)``.
+
+    Raises a ValueError naming ``name`` and the value otherwise.
+    """
+    pair = (value, value) if isinstance(value, int | np.integer) else value
+    try:
+        pair = tuple(pair)
+    except TypeError:
+        pair = None
+    if (
+        pair is None
+        or len(pair) != 2
+        or any(isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1 for v in pair)
+    ):
+        raise ValueError(
+            f"{owner}: {name} must be a positive integer or a pair of positive integers "
+            f"(height, width), got {name}={value!r}."
+        )
+    return int(pair[0]), int(pair[1])
+
+
+def check_padding(padding: Any, owner: str) -> str:
+    """``"valid"`` or ``"same"`` (any case), lower-cased; else a ValueError naming ``padding``."""
+    if isinstance(padding, str) and padding.lower() in PADDINGS:
+        return padding.lower()
+    raise ValueError(
+        f"{owner}: padding must be 'valid' or 'same', got padding={padding!r}. ('valid': no "
+        "padding; 'same': TensorFlow's zero padding to ceil(size / stride) outputs.)"
+    )
+
+
+def same_padding(size: int, kernel_size: int, stride: int, dilation: int = 1) -> tuple[int, int]:
+    """TensorFlow's "same" padding of one axis: ``(pad_before, pad_after)``.
+
+    With ``out = ceil(size / stride)``:
+    ``pad_total = max((out - 1) stride + (kernel_size - 1) dilation + 1 - size, 0)``,
+    ``pad_before = pad_total // 2``, and the odd one out goes after (even kernels, strides).
+    """
+    out = -(-size // stride)
+    total = max((out - 1) * stride + (kernel_size - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def output_size(size: int, kernel_size: int, stride: int, padding: str, dilation: int = 1) -> int:
+    """Outputs along one axis: ``ceil(size / stride)`` for "same", else
+    ``(size - (k - 1) dilation - 1) // stride + 1`` (at least one window must fit: see
+    ``axis_taps``)."""
+    if padding == "same":
+        return -(-size // stride)
+    return (size - (kernel_size - 1) * dilation - 1) // stride + 1
+
+
+def axis_taps(
+    size: int, kernel_size: int, stride: int, padding: str, dilation: int = 1
+) -> np.ndarray:
+    """Which input coordinate each kernel tap reads, along one axis: ``(out, kernel_size)`` ints.
+
+    Entry ``[o, t]`` is ``o stride - pad_before + t dilation``, or ``-1`` where that falls in the
+    padding. Raises a ValueError when a "valid" axis is shorter than the dilated kernel.
+    """
+    extent = (kernel_size - 1) * dilation + 1
+    if padding == "valid" and size < extent:
+        raise ValueError(
+            f"A kernel (or pool) of size {kernel_size} with dilation {dilation} spans {extent} "
+            f"inputs, more than the input's {size} along that axis, so a 'valid' convolution has "
+            "no output. Use padding='same', a smaller kernel_size, or a larger input."
+        )
+    before = same_padding(size, kernel_size, stride, dilation)[0] if padding == "same" else 0
+    out = output_size(size, kernel_size, stride, padding, dilation)
+    taps = np.arange(out)[:, None] * stride - before + np.arange(kernel_size)[None, :] * dilation
+    return np.where((taps >= 0) & (taps < size), taps, -1)
+
+
+def _inverse_taps(taps: np.ndarray, size: int) -> np.ndarray:
+    """``(size, out)``: the tap ``t`` with ``taps[o, t] == i`` (input ``i``, output ``o``) or -1."""
+    inverse = np.full((size, taps.shape[0]), -1, dtype=np.int64)
+    outs, ts = np.nonzero(taps >= 0)
+    inverse[taps[outs, ts], outs] = ts
+    return inverse
+
+
+class IndexTensors:
+    """Named integer index maps (NumPy, computed once) handed to TensorFlow as tensors.
+
+    ``maps[name]`` is a constant of the graph being traced, so that traced functions, custom
+    gradients and exported SavedModels hold the map itself (a custom gradient that captures an
+    eager tensor cannot be exported); executing eagerly, it is a tensor created once and cached.
+    """
+
+    def __init__(self, **arrays: np.ndarray):
+        self.arrays = arrays
+        self._eager: dict[str, tf.Tensor] = {}
+
+    def __getitem__(self, name: str) -> tf.Tensor:
+        if not tf.executing_eagerly():
+            return tf.constant(self.arrays[name])
+        if name not in self._eager:
+            self._eager[name] = tf.constant(self.arrays[name])
+        return self._eager[name]
+
+
+class ConvIndex:
+    """The index maps of ``T(K)`` for one configuration, computed once in NumPy.
+
+    Build it with ``conv_index`` (validated and cached), not directly. Shapes: input
+    ``(H, W, C)``, kernel ``(kh, kw, C, F)``, output ``(H_out, W_out, F)``; ``T`` is ``R x N`` with
+    ``R = H_out W_out F`` and ``N = H W C``; ``P = H_out W_out`` output positions; ``M = kh kw C``
+    entries per filter. The NumPy maps are computed on first use and kept.
+    """
+
+    def __init__(
+        self,
+        input_shape: tuple[int, int, int],
+        kernel_shape: tuple[int, int, int, int],
+        strides: tuple[int, int],
+        padding: str,
+        dilation_rate: tuple[int, int],
+    ):
+        self.input_shape = input_shape
+        self.kernel_shape = kernel_shape
+        self.strides = strides
+        self.padding = padding
+        self.dilation_rate = dilation_rate
+        height, width, _ = input_shape
+        kh, kw, _, filters = kernel_shape
+        self.taps_h = axis_taps(height, kh, strides[0], padding, dilation_rate[0])
+        self.taps_w = axis_taps(width, kw, strides[1], padding, dilation_rate[1])
+        self.output_shape = (self.taps_h.shape[0], self.taps_w.shape[0], filters)
+        self.shape = (int(np.prod(self.output_shape)), int(np.prod(input_shape)))
+        # Structural nonzeros: (valid (i, p) pairs) x (valid (j, q) pairs) x C x F.
+        self.nnz = int(
+            (self.taps_h >= 0).sum() * (self.taps_w >= 0).sum() * kernel_shape[2] * filters
+        )
+
+    def dense_bytes(self, dtype: Any) -> int:
+        """Bytes of a dense ``T``: ``R N`` entries of ``dtype``."""
+        return self.shape[0] * self.shape[1] * tf.as_dtype(dtype).size
+
+    def sparse_bytes(self, dtype: Any) -> int:
+        """Bytes of a sparse ``T``: per structural nonzero its value and int64 (row, column)."""
+        return self.nnz * (tf.as_dtype(dtype).size + SPARSE_INDEX_BYTES)
+
+    @functools.cached_property
+    def nonzeros(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(rows, cols, positions)``, each ``(nnz,)``, with
+        ``T[rows[k], cols[k]] = Vec(K)[positions[k]]``.
+
+        Sorted by row, then column (the canonical order of a ``tf.SparseTensor``).
+        """
+        _, width, channels = self.input_shape
+        _, w_out, filters = self.output_shape
+        vec = vec_index(self.kernel_shape)
+        # Axes (i, j, f, p, q, c): rows (i, j, f) row-major, then columns increase with (p, q, c).
+        i, j, f, p, q, c = np.ix_(
+            *(np.arange(n) for n in (*self.output_shape, *self.kernel_shape[:3]))
+        )
+        in_i, in_j = self.taps_h[i, p], self.taps_w[j, q]
+        valid = np.broadcast_to(
+            (in_i >= 0) & (in_j >= 0), (*self.output_shape, *self.kernel_shape[:3])
+        )
+        rows = np.broadcast_to((i * w_out + j) * filters + f, valid.shape)[valid]
+        cols = np.broadcast_to((in_i * width + in_j) * channels + c, valid.shape)[valid]
+        positions = np.broadcast_to(vec[p, q, c, f], valid.shape)[valid]
+        return rows, cols, positions
+
+    @functools.cached_property
+    def entry_index(self) -> np.ndarray:
+        """``(R, N)``: the ``Vec(K)`` position of each entry of ``T``, or ``size(K)`` (the appended
+        zero). The definition, for tests and teaching: training uses ``block_index``."""
+        index = np.full(self.shape, int(np.prod(self.kernel_shape)), dtype=np.int64)
+        rows, cols, positions = self.nonzeros
+        index[rows, cols] = positions
+        return index
+
+    @functools.cached_property
+    def block_index(self) -> tuple[np.ndarray, np.ndarray]:
+        """The two row-gather maps of ``transpose_matrix``.
+
+        * ``kernel_rows`` ``(kh, C, W, W_out)``: for block row ``(p, c, j')`` and output column
+          ``j``, the position of ``K[p, q, c, 0]`` in ``Vec(K)`` (equivalently of ``K[p, q, c, :]``
+          in ``Vec(K)`` reshaped to ``(F, M)``), with ``j' = j s_w - pad_left + q d_w``; or ``M``.
+        * ``block_rows`` ``(H, W, C, H_out)``: for row ``(i', j', c)`` of ``T^T`` and output row
+          ``i``, the block row ``(p, c, j')`` (flattened) with ``i' = i s_h - pad_top + p d_h``; or
+          ``kh C W`` (a zero block row).
+        """
+        height, width, channels = self.input_shape
+        kh, kw = self.kernel_shape[:2]
+        vec = vec_index(self.kernel_shape)[..., 0]  # (kh, kw, C): position within filter 0
+        inv_h = _inverse_taps(self.taps_h, height)  # (H, H_out) -> p
+        inv_w = _inverse_taps(self.taps_w, width)  # (W, W_out) -> q
+        p, c = np.arange(kh)[:, None, None, None], np.arange(channels)[None, :, None, None]
+        q = inv_w[None, None, :, :]
+        kernel_rows = np.where(q >= 0, vec[p, np.maximum(q, 0), c], kh * kw * channels)
+        p = inv_h[:, None, None, :]
+        c, j_in = np.arange(channels)[None, None, :, None], np.arange(width)[None, :, None, None]
+        block_rows = np.where(
+            p >= 0, (np.maximum(p, 0) * channels + c) * width + j_in, kh * channels * width
+        )
+        return kernel_rows, block_rows
+
+    @functools.cached_property
+    def patch_index(self) -> np.ndarray:
+        """``(M, P)``: the input position (row-major ``(i', j', c)``) kernel entry ``m`` reads at
+        output position ``(i, j)``, or ``N`` (the padding, an appended zero). Rows ``m`` in ``Vec``
+        order within a filter (``m = p + kh (q + kw c)``, ``tf_jacbp.layout``)."""
+        height, width, channels = self.input_shape
+        in_i = self.taps_h.T[:, None, None, :, None]  # (kh, 1, 1, H_out, 1)
+        in_j = self.taps_w.T[None, :, None, None, :]  # (1, kw, 1, 1, W_out)
+        c = np.arange(channels)[None, None, :, None, None]
+        index = np.where(
+            (in_i >= 0) & (in_j >= 0),
+            (in_i * width + in_j) * channels + c,
+            height * width * channels,
+        )
+        index = index.reshape(-1, self.output_shape[0] * self.output_shape[1])  # rows (p, q, c)
+        vec = vec_index(self.kernel_shape)[..., 0].reshape(-1)
+        out = np.empty_like(index)
+        out[vec] = index
+        return out
+
+    @functools.cached_property
+    def _tensors(self) -> IndexTensors:
+        kernel_rows, block_rows = self.block_index
+        return IndexTensors(
+            kernel_rows=kernel_rows.reshape(-1).astype(np.int32),
+            block_rows=block_rows.reshape(-1).astype(np.int32),
+            patch_index=self.patch_index.astype(np.int32),
+        )
+
+    @functools.cached_property
+    def _sparse_tensors(self) -> IndexTensors:
+        rows, cols, positions = self.nonzeros
+        return IndexTensors(
+            indices=np.stack([rows, cols], axis=1).astype(np.int64),
+            positions=positions.astype(np.int32),
+        )
+
+    def _kernel_matrix(self, kernel: tf.Tensor) -> tf.Tensor:
+        """``(M + 1, F)``: row ``m`` holds ``Vec(K)[m + M f]`` over ``f``; the last row is zero."""
+        filters = self.kernel_shape[3]
+        rows = tf.transpose(tf.reshape(vec_parameter(kernel), [filters, -1]))
+        return tf.concat([rows, tf.zeros([1, filters], kernel.dtype)], axis=0)
+
+    def transpose_matrix(self, kernel: tf.Tensor) -> tf.Tensor:
+        """``T(K)^T`` ``(N, R)``, dense, built by two row gathers from ``K`` (``block_index``).
+
+        First the one-dimensional Toeplitz blocks ``B[p, c, j'] = (K[p, q(j', j), c, f])_{j, f}``
+        (zero where ``q`` is no tap), ``(kh C W + 1, W_out F)`` with a zero row; then
+        ``T^T[(i', j', c), (i, j, f)] = B[p(i', i), c, j'][(j, f)]``.
+        """
+        _, width, channels = self.input_shape
+        kh = self.kernel_shape[0]
+        _, w_out, filters = self.output_shape
+        t = self._tensors
+        blocks = tf.reshape(
+            tf.gather(self._kernel_matrix(kernel), t["kernel_rows"]),
+            [kh * channels * width, w_out * filters],
+        )
+        blocks = tf.concat([blocks, tf.zeros([1, w_out * filters], kernel.dtype)], axis=0)
+        return tf.reshape(tf.gather(blocks, t["block_rows"]), [self.shape[1], self.shape[0]])
+
+    def matrix(self, kernel: tf.Tensor) -> tf.Tensor:
+        """``T(K)`` ``(R, N)``, dense: the transpose of ``transpose_matrix``."""
+        return tf.transpose(self.transpose_matrix(kernel))
+
+    def sparse_matrix(self, kernel: tf.Tensor) -> tf.SparseTensor:
+        """``T(K)`` ``(R, N)`` as a ``tf.SparseTensor`` of its ``nnz`` structural nonzeros.
+
+        The values are gathered from ``Vec(K)`` (``nonzeros``). Not XLA-compatible.
+        """
+        t = self._sparse_tensors
+        values = tf.gather(vec_parameter(kernel), t["positions"])
+        return tf.SparseTensor(t["indices"], values, self.shape)
+
+    def patches(self, x: tf.Tensor) -> tf.Tensor:
+        """The patch matrices of a batch, transposed: ``(batch, H, W, C)`` -> ``(M, P * batch)``.
+
+        Column ``(i, j, b)`` holds the patch that output position ``(i, j)`` of sample ``b`` reads,
+        its rows in ``Vec`` order within a filter (``patch_index``); padding reads zeros. For one
+        sample this is ``X_patch^T`` with ``J_{Vec(K)} (T(K) vec(x)) = I_F (x) X_patch`` (Lemma 3).
+        """
+        columns = tf.transpose(tf.reshape(x, [-1, self.shape[1]]))  # (N, batch)
+        columns = tf.concat([columns, tf.zeros_like(columns[:1])], axis=0)
+        patches = tf.gather(columns, self._tensors["patch_index"])  # (M, P, batch)
+        return tf.reshape(patches, [tf.shape(patches)[0], -1])
+
+    def kernel_gradient(self, x: tf.Tensor, delta: tf.Tensor) -> tf.Tensor:
+        """``dK = sum_b (J_{Vec(K)} T(K) vec(x_b))^T delta_b``, shaped like ``K``.
+
+        ``x`` ``(batch, H, W, C)``, ``delta`` ``(batch, H_out, W_out, F)``. Per sample the Jacobian
+        is ``I_F (x) X_patch``, so its transpose times ``delta`` is ``Vec(X_patch^T Delta)`` with
+        ``Delta`` ``(P, F)``: one matmul ``(M, P batch) x (P batch, F)`` for the whole batch, whose
+        column ``f`` is ``Vec(dK[..., f])``.
+        """
+        positions = self.output_shape[0] * self.output_shape[1]
+        delta = tf.reshape(delta, [-1, positions, self.kernel_shape[3]])
+        delta = tf.reshape(tf.transpose(delta, [1, 0, 2]), [-1, self.kernel_shape[3]])
+        gradient = tf.matmul(self.patches(x), delta)  # (M, F)
+        return unvec_parameter(tf.reshape(tf.transpose(gradient), [-1]), self.kernel_shape)
+
+
+def validate(
+    kernel_shape: Sequence[int],
+    input_shape: Sequence[int],
+    strides: Any,
+    padding: Any,
+    dilation_rate: Any,
+    owner: str = "conv_matrix",
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, int], str, tuple[int, int]]:
+    """Check and normalize the arguments of ``conv_index``; ValueErrors name argument and fix."""
+    kernel_shape = tuple(kernel_shape)
+    input_shape = tuple(input_shape)
+    if len(kernel_shape) != 4 or any(
+        not isinstance(n, int | np.integer) or n < 1 for n in kernel_shape
+    ):
+        raise ValueError(
+            f"{owner}: kernel must have shape (kh, kw, C_in, C_out) with positive sizes, got "
+            f"kernel shape {kernel_shape}."
+        )
+    if len(input_shape) != 3 or any(
+        not isinstance(n, int | np.integer) or n < 1 for n in input_shape
+    ):
+        raise ValueError(
+            f"{owner}: input_shape must be (H, W, C_in) with known positive sizes (no batch axis), "
+            f"got input_shape={input_shape}."
+        )
+    if input_shape[2] != kernel_shape[2]:
+        raise ValueError(
+            f"{owner}: the kernel reads {kernel_shape[2]} input channels (kernel shape "
+            f"{kernel_shape}) but input_shape={input_shape} has {input_shape[2]}."
+        )
+    strides = as_pair(strides, "strides", owner)
+    dilation_rate = as_pair(dilation_rate, "dilation_rate", owner)
+    padding = check_padding(padding, owner)
+    for axis, name in ((0, "height"), (1, "width")):
+        extent = (kernel_shape[axis] - 1) * dilation_rate[axis] + 1
+        if padding == "valid" and input_shape[axis] < extent:
+            raise ValueError(
+                f"{owner}: kernel_size {kernel_shape[:2]} with dilation_rate {dilation_rate} spans "
+                f"{extent} along the {name}, more than the input's {input_shape[axis]} "
+                f"(input_shape={input_shape}), so padding='valid' has no output. Use "
+                "padding='same', a smaller kernel_size, or a larger input."
+            )
+    return (
+        tuple(int(n) for n in kernel_shape),
+        tuple(int(n) for n in input_shape),
+        strides,
+        padding,
+        dilation_rate,
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_index(input_shape, kernel_shape, strides, padding, dilation_rate) -> ConvIndex:
+    return ConvIndex(input_shape, kernel_shape, strides, padding, dilation_rate)
+
+
+def conv_index(
+    kernel_shape: Sequence[int],
+    input_shape: Sequence[int],
+    strides: Any = (1, 1),
+    padding: str = "valid",
+    dilation_rate: Any = (1, 1),
+    owner: str = "conv_index",
+) -> ConvIndex:
+    """The (cached) ``ConvIndex`` of a configuration, after ``validate`` (errors name ``owner``)."""
+    kernel_shape, input_shape, strides, padding, dilation_rate = validate(
+        kernel_shape, input_shape, strides, padding, dilation_rate, owner
+    )
+    return _cached_index(input_shape, kernel_shape, strides, padding, dilation_rate)
+
+
+def budget_error(owner: str, index: ConvIndex, dtype: Any, budget: int, setting: str) -> ValueError:
+    """The error for a ``T`` over budget: both sizes, the budget and the setting to change."""
+    dense, sparse = index.dense_bytes(dtype), index.sparse_bytes(dtype)
+    return ValueError(
+        f"{owner}: the Toeplitz matrix T(K) of shape {index.shape} ({tf.as_dtype(dtype).name}) "
+        f"takes {dense} bytes ({dense / 2**20:.1f} MiB) dense and {sparse} bytes "
+        f"({sparse / 2**20:.1f} MiB) sparse ({index.nnz} nonzeros), over the budget of {budget} "
+        f"bytes ({budget / 2**20:.1f} MiB). Raise it with {setting}, or use a smaller input."
+    )
+
+
+def conv_matrix(
+    kernel: Any,
+    input_shape: Sequence[int],
+    strides: Any = (1, 1),
+    padding: str = "valid",
+    dilation_rate: Any = (1, 1),
+    budget_bytes: int | None = None,
+) -> tf.Tensor:
+    """The dense Toeplitz matrix ``T(K)`` with ``T(K) @ vec(x) == vec(conv2d(x, K))``.
+
+    Args:
+        kernel: ``K``, ``(kh, kw, C_in, C_out)`` (Keras' kernel layout).
+        input_shape: ``(H, W, C_in)`` of one channels_last input (no batch axis).
+        strides, dilation_rate: an int or ``(height, width)``, all >= 1.
+        padding: ``"valid"`` or ``"same"`` (TensorFlow's rule, ``same_padding``).
+        budget_bytes: refuse a ``T`` larger than this (default ``get_budget_bytes()``).
+
+    Returns:
+        ``T(K)``, ``(H_out W_out C_out, H W C_in)`` in ``kernel``'s dtype; rows are output positions
+        ``(i, j, f)``, columns input positions ``(i', j', c)``, both row-major (module docstring).
+
+    Example (Lemma 2: a ``3 x 3`` input, the ``2 x 2`` kernel ``[[1, 2], [3, 4]]``):
+        >>> conv_matrix(np.array([[1.0, 2.0], [3.0, 4.0]]).reshape(2, 2, 1, 1), (3, 3, 1))[0]
+        <tf.Tensor: shape=(9,), dtype=float64, numpy=array([1., 2., 0., 3., 4., 0., 0., 0., 0.])>
+    """
+    kernel = tf.convert_to_tensor(kernel)
+    index = conv_index(kernel.shape, input_shape, strides, padding, dilation_rate, "conv_matrix")
+    budget = (
+        get_budget_bytes() if budget_bytes is None else check_budget(budget_bytes, "conv_matrix")
+    )
+    if index.dense_bytes(kernel.dtype) > budget:
+        raise budget_error(
+            "conv_matrix",
+            index,
+            kernel.dtype,
+            budget,
+            "conv_matrix(..., budget_bytes=...) or tf_jacbp.toeplitz.set_budget_bytes(...)",
+        )
+    return index.matrix(kernel)
