@@ -1,0 +1,119 @@
+"""Algorithm 1's objects against autodiff: ``parameter_jacobian`` vs ``tape.jacobian`` (pfor),
+``per_example_gradients`` vs ``tf.vectorized_map`` over ``GradientTape`` and vs one batch gradient.
+
+    python -m benchmarks.jacobian [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from benchmarks.timing import interleaved, peak_mib, ratio_row
+from tf_jacbp import jacobian, losses, models
+
+
+def _model(name: str) -> keras.Model:
+    keras.utils.set_random_seed(0)
+    if name == "lenet5":
+        return models.lenet5()
+    return models.lenet_100_300_10()
+
+
+def _inputs(model: keras.Model, batch: int) -> tuple[tf.Tensor, tf.Tensor]:
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(batch, *model.inputs[0].shape[1:])).astype("float32")
+    return tf.constant(x), tf.constant(rng.integers(0, 10, size=batch))
+
+
+def jacobian_rows(name: str, batch: int, repetitions: int) -> list[dict]:
+    model = _model(name)
+    x, _ = _inputs(model, batch)
+    variables = jacobian.parameter_variables(model)
+    ours = tf.function(lambda x: jacobian.parameter_jacobian(model, x))
+
+    @tf.function
+    def pfor(x):
+        with tf.GradientTape() as tape:
+            out = model(x)
+        return tape.jacobian(out, variables)
+
+    times = interleaved({"ours": lambda: ours(x), "pfor": lambda: pfor(x)}, repetitions)
+    row = ratio_row(
+        "parameter_jacobian vs tape.jacobian (pfor)",
+        f"{name}, batch {batch}",
+        times["ours"],
+        times["pfor"],
+        "<= 0.5",
+    )
+    row["peak_mib"] = (peak_mib(lambda: ours(x)), peak_mib(lambda: pfor(x)))
+    return [row]
+
+
+def per_example_rows(name: str, batch: int, repetitions: int) -> list[dict]:
+    model = _model(name)
+    x, y = _inputs(model, batch)
+    loss = losses.SparseCategoricalCrossentropy(from_logits=True)
+    variables = jacobian.parameter_variables(model)
+    ours = tf.function(lambda x, y: jacobian.per_example_gradients(model, x, y, loss=loss))
+
+    @tf.function
+    def vmap(x, y):
+        def one(sample):
+            xi, yi = sample
+            with tf.GradientTape() as tape:
+                value = loss(yi[None], model(xi[None]))
+            return tape.gradient(value, variables)
+
+        return tf.vectorized_map(one, (x, y))
+
+    @tf.function
+    def plain(x, y):
+        with tf.GradientTape() as tape:
+            value = loss(y, model(x))
+        return tape.gradient(value, variables)
+
+    times = interleaved(
+        {"ours": lambda: ours(x, y), "vmap": lambda: vmap(x, y), "plain": lambda: plain(x, y)},
+        repetitions,
+        calls=5,
+    )
+    variant = f"{name}, batch {batch}"
+    return [
+        ratio_row(
+            "per_example_gradients vs vectorized_map",
+            variant,
+            times["ours"],
+            times["vmap"],
+            "<= 0.8",
+        ),
+        ratio_row(
+            "per_example_gradients vs one batch gradient",
+            variant,
+            times["ours"],
+            times["plain"],
+            "<= 2.0",
+        ),
+    ]
+
+
+def run(quick: bool) -> list[dict]:
+    """Rows for the suite table (see ``benchmarks/run.py``)."""
+    repetitions = 5 if quick else 15
+    return [
+        *jacobian_rows("lenet-100-300-10", 32, repetitions),
+        *jacobian_rows("lenet5", 8, repetitions),
+        *per_example_rows("lenet-100-300-10", 128, repetitions),
+        *per_example_rows("lenet5", 128, repetitions),
+    ]
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    from benchmarks.run import print_table
+
+    print_table(run(parser.parse_args().quick))
