@@ -176,3 +176,60 @@ def test_memory_budget_is_checked_before_allocating():
 def test_missing_loss_is_a_clear_error():
     with pytest.raises(ValueError, match="pass loss="):
         jacobian.per_example_gradients(mlp(), np.ones((1, 4)), np.ones((1, 3)))
+
+
+def cnn(conv: dict, pool: type, pool_kwargs: dict) -> keras.Sequential:
+    f64 = {"dtype": "float64"}
+    return keras.Sequential(
+        [
+            keras.Input((6, 5, 2), dtype="float64"),
+            layers.Conv2D(2, **conv, **f64),
+            pool(**pool_kwargs, **f64),
+            layers.Flatten(**f64),
+            layers.Dense(3, activation="relu", **f64),
+            layers.Dense(2, **f64),
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    "conv, pool, pool_kwargs",
+    [
+        ({"kernel_size": 3, "padding": "same", "activation": "relu"}, layers.MaxPooling2D, {}),
+        (
+            {"kernel_size": 2, "strides": 2, "padding": "same", "bias": "untied"},
+            layers.AveragePooling2D,
+            {"pool_size": 2, "padding": "same"},
+        ),
+        (
+            {"kernel_size": (2, 3), "strides": (1, 2), "activation": "tanh"},
+            layers.MaxPooling2D,
+            {"pool_size": (1, 2), "strides": 1, "padding": "same"},
+        ),
+        (
+            {"kernel_size": 2, "dilation_rate": 2, "use_bias": False, "activation": "elu"},
+            layers.AveragePooling2D,
+            {"pool_size": 2, "strides": 1},
+        ),
+    ],
+    ids=["same+max", "stride2+untied+avg-same", "rect-kernel+stride(1,2)+max", "dilated+avg"],
+)
+def test_cnn_parameter_jacobian_and_per_example_gradients(conv, pool, pool_kwargs):
+    model = cnn(conv, pool, pool_kwargs)
+    rng = np.random.default_rng(7)
+    x = tf.constant(rng.normal(size=(3, 6, 5, 2)))
+    assert (
+        tolerances.relative_error(
+            jacobian.parameter_jacobian(model, x), reference_jacobian(model, x)
+        )
+        <= RTOL64
+    )
+    model.compile(loss=losses.SparseCategoricalCrossentropy(from_logits=True, dtype="float64"))
+    y = np.array([1, 0, 1])
+    rows = jacobian.per_example_gradients(model, x, y)
+    with tf.GradientTape() as tape:
+        with tf_jacbp.reference_mode():
+            value = model.compute_loss(x=x, y=y, y_pred=model(x))
+    batch = tape.gradient(value, jacobian.parameter_variables(model))
+    expected = np.concatenate([vec_f(np.asarray(g)[None], 1)[0] for g in batch])
+    assert tolerances.relative_error(tf.reduce_mean(rows, 0), expected) <= RTOL64
