@@ -49,13 +49,13 @@ def machine() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from benchmarks import conv, jacobian, mlp
+    from benchmarks import conv, gradient_check, jacobian, mlp
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the under-two-minutes subset")
     args = parser.parse_args(argv)
     rows = []
-    for module in (mlp, conv, jacobian):
+    for module in (mlp, conv, gradient_check, jacobian):
         rows += module.run(args.quick)
     print(f"# {machine()}; {'--quick' if args.quick else 'full'}")
     print_table(rows)

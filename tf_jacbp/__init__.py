@@ -7,17 +7,31 @@ autodiff, the witness the formulas are compared with.
 
 # _backend comes first: it imports TensorFlow or says which extra to install.
 from tf_jacbp import _backend  # noqa: F401, I001
-from tf_jacbp import activations, datasets, layers, losses, models
+from tf_jacbp import (
+    activations,
+    callbacks,
+    datasets,
+    jacobian,
+    layers,
+    losses,
+    models,
+    tolerances,
+    toeplitz,
+)
 from tf_jacbp.mode import in_reference_mode, reference_mode
 
 __version__ = "0.1.0"
 
 __all__ = [
     "activations",
+    "callbacks",
     "datasets",
+    "jacobian",
     "in_reference_mode",
     "layers",
     "losses",
     "models",
     "reference_mode",
+    "toeplitz",
+    "tolerances",
 ]

@@ -50,7 +50,12 @@ def relative_error(g: object, g_ref: object, dtype: object = "float64") -> float
         raise ValueError(f"Gradient shapes differ: {g.shape} vs reference {g_ref.shape}.")
     if not (np.all(np.isfinite(g)) and np.all(np.isfinite(g_ref))):
         return float("nan")
-    return float(np.linalg.norm(g - g_ref) / max(np.linalg.norm(g_ref), TINY[_name(dtype)]))
+    return relative_error_from_norms(np.linalg.norm(g - g_ref), np.linalg.norm(g_ref), dtype)
+
+
+def relative_error_from_norms(diff_norm: float, ref_norm: float, dtype: object) -> float:
+    """``||g - g_ref|| / max(||g_ref||, tiny(dtype))`` from the two norms (computed elsewhere)."""
+    return float(diff_norm) / max(float(ref_norm), TINY[_name(dtype)])
 
 
 # Central finite differences in float64 with step ``FINITE_DIFFERENCE_DELTA`` have truncation

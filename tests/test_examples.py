@@ -1,0 +1,36 @@
+"""The README's main job: examples/train_mnist.py trains with GradientCheck on and reports."""
+
+import runpy
+import warnings
+from pathlib import Path
+
+import pytest
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_mnist.py"
+
+
+@pytest.mark.parametrize(
+    "args, accuracy",
+    [
+        (["--epochs", "3", "--check-every", "50"], 0.85),
+        (["--model", "lenet5", "--epochs", "1", "--batch-size", "64"], 0.5),
+    ],
+    ids=["lenet-100-300-10", "lenet5"],
+)
+def test_train_mnist_reports_accuracy_and_gradient_check_summary(args, accuracy, capsys):
+    main = runpy.run_path(str(EXAMPLE))["main"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the offline-fallback warning, tested in test_datasets
+        reached = main([*args, "--verbose", "0"])
+    out = capsys.readouterr().out
+    assert reached >= accuracy
+    assert f"test accuracy: {reached:.4f}" in out
+    assert "GradientCheck" in out and "0 mismatches" in out, out
+
+
+def test_no_check_trains_without_the_callback(capsys):
+    main = runpy.run_path(str(EXAMPLE))["main"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        main(["--epochs", "1", "--no-check", "--verbose", "0"])
+    assert "GradientCheck" not in capsys.readouterr().out
