@@ -70,3 +70,43 @@ def test_interrupted_fit_resumes_bit_identically(tmp_path):
     )
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     assert "bit-identical" in result.stdout
+
+
+DETERMINISM = textwrap.dedent(
+    """
+    import keras
+    import numpy as np
+    import tensorflow as tf
+    import tf_jacbp
+
+    tf.config.experimental.enable_op_determinism()
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(512, 28, 28, 1)).astype("float32")
+    y = rng.integers(0, 10, size=512)
+
+
+    def train():
+        keras.utils.set_random_seed(0)
+        model = tf_jacbp.models.lenet5()
+        model.compile(
+            keras.optimizers.Adam(1e-3),
+            tf_jacbp.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        model.fit(x, y, batch_size=64, epochs=2, verbose=0)  # shuffled, from the seed
+        return model.get_weights()
+
+
+    first, second = train(), train()
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
+    print("bit-identical")
+    """
+)
+
+
+def test_lenet5_trainings_with_a_fixed_seed_are_bit_identical():
+    result = subprocess.run(
+        [sys.executable, "-c", DETERMINISM], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert "bit-identical" in result.stdout
