@@ -104,6 +104,31 @@ class _Table1Loss(keras.losses.Loss):
         return {**super().get_config(), "from_logits": self.from_logits}
 
 
+class _SmoothedLoss(_Table1Loss):
+    """A Table 1 loss with Keras' ``label_smoothing`` in ``[0, 1]`` and ``axis=-1`` only."""
+
+    def __init__(
+        self,
+        from_logits: bool,
+        label_smoothing: float,
+        axis: int,
+        reduction: str,
+        name: str,
+        dtype: Any,
+    ):
+        super().__init__(from_logits, reduction, name, dtype)
+        owner = type(self).__name__
+        _check_axis(axis, owner)
+        if not 0 <= label_smoothing <= 1:
+            raise ValueError(
+                f"{owner}: label_smoothing must be in [0, 1], got label_smoothing={label_smoothing}."
+            )
+        self.label_smoothing = float(label_smoothing)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "label_smoothing": self.label_smoothing}
+
+
 def _softmax_cross_entropy(y: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
     """``-sum_i y_i log softmax(z)_i = sum(y) logsumexp(z) - <y, z>``, stable for any ``|z|``."""
     return tf.reduce_sum(y, -1) * tf.reduce_logsumexp(z, -1) - tf.reduce_sum(y * z, -1)
@@ -159,7 +184,7 @@ def _categorical(y: tf.Tensor, out: tf.Tensor, from_logits: bool) -> tf.Tensor:
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
-class CategoricalCrossentropy(_Table1Loss):
+class CategoricalCrossentropy(_SmoothedLoss):
     """Softmax + cross entropy (Table 1, row 2) for one-hot or probability labels.
 
     ``y_true`` and ``y_pred`` are ``(batch, d)``. With ``from_logits=True``, ``y_pred`` is
@@ -175,14 +200,7 @@ class CategoricalCrossentropy(_Table1Loss):
         name: str = "categorical_crossentropy",
         dtype: Any = None,
     ):
-        super().__init__(from_logits, reduction, name, dtype)
-        _check_axis(axis, "CategoricalCrossentropy")
-        if not 0 <= label_smoothing <= 1:
-            raise ValueError(
-                f"CategoricalCrossentropy: label_smoothing must be in [0, 1], "
-                f"got label_smoothing={label_smoothing}."
-            )
-        self.label_smoothing = float(label_smoothing)
+        super().__init__(from_logits, label_smoothing, axis, reduction, name, dtype)
 
     def call(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
         _check_same_shape(
@@ -197,9 +215,6 @@ class CategoricalCrossentropy(_Table1Loss):
             d = tf.cast(tf.shape(y_pred)[-1], y_pred.dtype)
             y_true = y_true * (1 - self.label_smoothing) + self.label_smoothing / d
         return _categorical(y_true, y_pred, self.from_logits)
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "label_smoothing": self.label_smoothing}
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
@@ -287,7 +302,7 @@ def _reference_binary(y: tf.Tensor, out: tf.Tensor, from_logits: bool) -> tf.Ten
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
-class BinaryCrossentropy(_Table1Loss):
+class BinaryCrossentropy(_SmoothedLoss):
     """Sigmoid + binary cross entropy (Table 1, row 1), averaged over the ``d`` outputs.
 
     ``y_true`` in ``[0, 1]`` and ``y_pred`` are ``(batch, d)`` (``y_true`` may be ``(batch,)``
@@ -303,14 +318,7 @@ class BinaryCrossentropy(_Table1Loss):
         name: str = "binary_crossentropy",
         dtype: Any = None,
     ):
-        super().__init__(from_logits, reduction, name, dtype)
-        _check_axis(axis, "BinaryCrossentropy")
-        if not 0 <= label_smoothing <= 1:
-            raise ValueError(
-                f"BinaryCrossentropy: label_smoothing must be in [0, 1], "
-                f"got label_smoothing={label_smoothing}."
-            )
-        self.label_smoothing = float(label_smoothing)
+        super().__init__(from_logits, label_smoothing, axis, reduction, name, dtype)
 
     def call(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
         if y_true.shape.rank == y_pred.shape.rank - 1 and y_pred.shape[-1] == 1:
@@ -336,9 +344,6 @@ class BinaryCrossentropy(_Table1Loss):
             _binary_cross_entropy_grad,
             lambda y, p: _reference_binary(y, p, False),
         )
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "label_smoothing": self.label_smoothing}
 
 
 def _squared_error(y: tf.Tensor, yhat: tf.Tensor) -> tf.Tensor:
