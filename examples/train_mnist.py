@@ -16,12 +16,15 @@ or a directory of IDX files.
 from __future__ import annotations
 
 import argparse
+import os
 
-import numpy as np
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
 
-import tf_jacbp
-from tf_jacbp import callbacks, datasets, losses, models
-from tf_jacbp._backend import keras
+import numpy as np  # noqa: E402
+
+import tf_jacbp  # noqa: E402
+from tf_jacbp import callbacks, datasets, losses, models  # noqa: E402
+from tf_jacbp._backend import keras  # noqa: E402
 
 MODELS = {
     "lenet-100-300-10": models.lenet_100_300_10,
