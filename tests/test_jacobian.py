@@ -51,6 +51,15 @@ def reference_jacobian(model, x):
     return np.concatenate([vec_f(np.asarray(b), 2) for b in blocks], axis=-1)
 
 
+def reference_gradient(model, x, y) -> np.ndarray:
+    """The compiled loss's gradient through the reference route, in theta order (NumPy Vec)."""
+    with tf.GradientTape() as tape:
+        with tf_jacbp.reference_mode():
+            value = model.compute_loss(x=x, y=y, y_pred=model(x))
+    grads = tape.gradient(value, jacobian.parameter_variables(model))
+    return np.concatenate([vec_f(np.asarray(g)[None], 1)[0] for g in grads])
+
+
 def test_flatten_parameters_is_vec_column_major_by_hand():
     model = mlp(5)
     w1, b1, w2, b2 = (v.numpy() for v in model.trainable_variables)
@@ -135,20 +144,10 @@ def test_per_example_gradients_sum_to_the_batch_gradient(name):
     rng = np.random.default_rng(4)
     x, y = rng.normal(size=(5, 4)), rng.normal(size=(5, 3))
     rows = jacobian.per_example_gradients(model, x, y)
-    with tf.GradientTape() as tape:
-        with tf_jacbp.reference_mode():
-            value = model.compute_loss(x=x, y=y, y_pred=model(x))
-    batch = tape.gradient(value, jacobian.parameter_variables(model))
-    expected = np.concatenate([vec_f(np.asarray(g)[None], 1)[0] for g in batch])
+    expected = reference_gradient(model, x, y)
     assert tolerances.relative_error(tf.reduce_mean(rows, 0), expected) <= RTOL64
     for i in range(2):  # each row is a batch-of-one gradient
-        with tf.GradientTape() as tape:
-            with tf_jacbp.reference_mode():
-                value = model.compute_loss(
-                    x=x[i : i + 1], y=y[i : i + 1], y_pred=model(x[i : i + 1])
-                )
-        one = tape.gradient(value, jacobian.parameter_variables(model))
-        one = np.concatenate([vec_f(np.asarray(g)[None], 1)[0] for g in one])
+        one = reference_gradient(model, x[i : i + 1], y[i : i + 1])
         assert tolerances.relative_error(rows[i], one) <= RTOL64
 
 
@@ -227,9 +226,5 @@ def test_cnn_parameter_jacobian_and_per_example_gradients(conv, pool, pool_kwarg
     model.compile(loss=losses.SparseCategoricalCrossentropy(from_logits=True, dtype="float64"))
     y = np.array([1, 0, 1])
     rows = jacobian.per_example_gradients(model, x, y)
-    with tf.GradientTape() as tape:
-        with tf_jacbp.reference_mode():
-            value = model.compute_loss(x=x, y=y, y_pred=model(x))
-    batch = tape.gradient(value, jacobian.parameter_variables(model))
-    expected = np.concatenate([vec_f(np.asarray(g)[None], 1)[0] for g in batch])
+    expected = reference_gradient(model, x, y)
     assert tolerances.relative_error(tf.reduce_mean(rows, 0), expected) <= RTOL64
