@@ -367,12 +367,19 @@ class Conv2D(JacobianLayer):
             budget_bytes=self.toeplitz_budget_bytes,
         )
 
-    def input_jacobian(self) -> tf.Tensor:
-        """``J_x z = T(K)`` ``(R, N)``: the Jacobian of the pre-activation ``z`` (Lemma 2).
+    def input_jacobian(self, x: Any) -> tf.Tensor:
+        """``J_x f(T(K) vec(x) + b) = D T(K)``, like ``Dense.input_jacobian``.
 
-        The activation's ``D = J_z f(z)`` multiplies it from the left (``self.activation``).
+        ``x``: ``(H, W, C)`` -> ``(R, N)``; ``(batch, H, W, C)`` -> ``(batch, R, N)``. Without an
+        activation ``D = I`` and this is ``T(K)`` (Lemma 2).
         """
-        return self.toeplitz_matrix()
+        x = as_float_tensor(x, self.compute_dtype)
+        single = len(x.shape) == 3
+        x = x[None] if single else x
+        z = self.forward(x, *[tf.cast(p, x.dtype) for p in self.read_parameters()])
+        d = self.activation.jacobian(tf.reshape(z, [tf.shape(x)[0], -1]))
+        jacobian = tf.matmul(d, tf.cast(self.toeplitz_matrix(), x.dtype))
+        return jacobian[0] if single else jacobian
 
     def parameter_jacobian(self, x: Any) -> tf.Tensor:
         """``J_{Vec(K), Vec(b)} z = [I_F (x) X_patch | J_b]`` for one sample, in theta order.
