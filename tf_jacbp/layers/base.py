@@ -21,7 +21,7 @@ gradients reach the optimizer).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from tf_jacbp._backend import keras, tf
 from tf_jacbp.layout import vec_parameter_batch
@@ -188,3 +188,43 @@ class JacobianLayer(keras.layers.Layer):
 
     def call(self, inputs: tf.Tensor) -> tf.Tensor:
         return route(self, inputs, self.read_parameters())
+
+
+_WEIGHT_OPTIONS = {
+    "initializer": keras.initializers,
+    "regularizer": keras.regularizers,
+    "constraint": keras.constraints,
+}
+
+
+class _KernelBiasLayer(JacobianLayer):
+    """A ``JacobianLayer`` with a kernel and an optional bias, configured as Keras' layers are:
+    ``kernel_initializer``, ``bias_initializer``, ``kernel_regularizer``, ``bias_regularizer``,
+    ``kernel_constraint``, ``bias_constraint`` (Dense and Conv2D)."""
+
+    def set_weight_options(self, **options: Any) -> None:
+        """Store each ``<kernel|bias>_<initializer|regularizer|constraint>`` via Keras' ``get``."""
+        for name, value in options.items():
+            setattr(self, name, _WEIGHT_OPTIONS[name.split("_", 1)[1]].get(value))
+
+    def add_kernel_and_bias(self, kernel_shape: tuple, bias_shape: tuple | None) -> None:
+        """Create ``self.kernel`` and, unless ``bias_shape`` is None, ``self.bias`` (else None)."""
+        self.kernel, self.bias = self._weight("kernel", kernel_shape), None
+        if bias_shape is not None:
+            self.bias = self._weight("bias", bias_shape)
+
+    def _weight(self, name: str, shape: tuple) -> keras.Variable:
+        options = {kind: getattr(self, f"{name}_{kind}") for kind in _WEIGHT_OPTIONS}
+        return self.add_weight(name=name, shape=shape, **options)
+
+    def jacobian_parameters(self) -> list[keras.Variable]:
+        """``[kernel, bias]`` (theta order), or ``[kernel]`` without a bias."""
+        return [self.kernel] + ([self.bias] if self.bias is not None else [])
+
+    def weight_options_config(self) -> dict[str, Any]:
+        """The six weight options, serialized for ``get_config``."""
+        return {
+            f"{name}_{kind}": module.serialize(getattr(self, f"{name}_{kind}"))
+            for name in ("kernel", "bias")
+            for kind, module in _WEIGHT_OPTIONS.items()
+        }

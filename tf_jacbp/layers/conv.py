@@ -26,7 +26,7 @@ from typing import Any
 
 from tf_jacbp import activations, toeplitz
 from tf_jacbp._backend import keras, tf
-from tf_jacbp.layers.base import JacobianLayer, as_float_tensor, route
+from tf_jacbp.layers.base import _KernelBiasLayer, as_float_tensor, route
 from tf_jacbp.layout import unvec_parameter_batch, vec_index
 
 BIAS_MODES = ("tied", "untied")
@@ -65,7 +65,7 @@ def image_shape(input_shape: tuple, owner: str) -> tuple[int, int, int]:
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
-class Conv2D(JacobianLayer):
+class Conv2D(_KernelBiasLayer):
     """2-D convolution that multiplies by its materialized Toeplitz matrix ``T(K)``.
 
     Arguments as ``keras.layers.Conv2D`` (channels_last, ``groups=1``), plus ``bias`` and
@@ -162,12 +162,14 @@ class Conv2D(JacobianLayer):
             if toeplitz_budget_bytes is None
             else toeplitz.check_budget(toeplitz_budget_bytes, "Conv2D(toeplitz_budget_bytes=...)")
         )
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
-        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
-        self.kernel_constraint = keras.constraints.get(kernel_constraint)
-        self.bias_constraint = keras.constraints.get(bias_constraint)
+        self.set_weight_options(
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer,
+            kernel_constraint=kernel_constraint,
+            bias_constraint=bias_constraint,
+        )
 
     def build(self, input_shape: tuple) -> None:
         owner = f"Conv2D '{self.name}'"
@@ -204,28 +206,9 @@ class Conv2D(JacobianLayer):
                 budget,
                 self.conv_index.sparse_bytes(self.compute_dtype),
             )
-        self.kernel = self.add_weight(
-            name="kernel",
-            shape=kernel_shape,
-            initializer=self.kernel_initializer,
-            regularizer=self.kernel_regularizer,
-            constraint=self.kernel_constraint,
-        )
-        self.bias = None
-        if self.use_bias:
-            self.bias = self.add_weight(
-                name="bias",
-                shape=self.conv_index.output_shape
-                if self.bias_mode == "untied"
-                else (self.filters,),
-                initializer=self.bias_initializer,
-                regularizer=self.bias_regularizer,
-                constraint=self.bias_constraint,
-            )
+        bias_shape = self.conv_index.output_shape if self.bias_mode == "untied" else (self.filters,)
+        self.add_kernel_and_bias(kernel_shape, bias_shape if self.use_bias else None)
         self.input_spec = keras.layers.InputSpec(ndim=4, axes={1: height, 2: width, -1: channels})
-
-    def jacobian_parameters(self) -> list[keras.Variable]:
-        return [self.kernel] + ([self.bias] if self.use_bias else [])
 
     def build_toeplitz(self, kernel: tf.Tensor) -> tf.Tensor | tf.SparseTensor:
         """``T(K)^T`` ``(N, R)`` dense, or ``T(K)`` ``(R, N)`` sparse over the memory budget."""
@@ -430,12 +413,7 @@ class Conv2D(JacobianLayer):
                 "activation": activations.serialize(self.activation),
                 "use_bias": self.use_bias,
                 "bias": self.bias_mode,
-                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
-                "bias_initializer": keras.initializers.serialize(self.bias_initializer),
-                "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
-                "bias_regularizer": keras.regularizers.serialize(self.bias_regularizer),
-                "kernel_constraint": keras.constraints.serialize(self.kernel_constraint),
-                "bias_constraint": keras.constraints.serialize(self.bias_constraint),
+                **self.weight_options_config(),
                 "toeplitz_budget_bytes": self.toeplitz_budget_bytes,
             }
         )

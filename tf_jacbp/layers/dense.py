@@ -15,11 +15,11 @@ from typing import Any
 
 from tf_jacbp import activations
 from tf_jacbp._backend import keras, tf
-from tf_jacbp.layers.base import JacobianLayer, as_float_tensor, route
+from tf_jacbp.layers.base import _KernelBiasLayer, as_float_tensor, route
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
-class Dense(JacobianLayer):
+class Dense(_KernelBiasLayer):
     """Fully connected layer with the paper's Jacobians; arguments as ``keras.layers.Dense``.
 
     Args:
@@ -62,12 +62,14 @@ class Dense(JacobianLayer):
         self.units = units
         self.activation = activations.get(activation)
         self.use_bias = use_bias
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
-        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
-        self.kernel_constraint = keras.constraints.get(kernel_constraint)
-        self.bias_constraint = keras.constraints.get(bias_constraint)
+        self.set_weight_options(
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer,
+            kernel_constraint=kernel_constraint,
+            bias_constraint=bias_constraint,
+        )
 
     def build(self, input_shape: tuple) -> None:
         if len(input_shape) != 2:
@@ -81,26 +83,8 @@ class Dense(JacobianLayer):
                 f"Dense '{self.name}': the last axis of the input shape {tuple(input_shape)} "
                 "must be known; give keras.Input a full shape."
             )
-        self.kernel = self.add_weight(
-            name="kernel",
-            shape=(n, self.units),
-            initializer=self.kernel_initializer,
-            regularizer=self.kernel_regularizer,
-            constraint=self.kernel_constraint,
-        )
-        self.bias = None
-        if self.use_bias:
-            self.bias = self.add_weight(
-                name="bias",
-                shape=(self.units,),
-                initializer=self.bias_initializer,
-                regularizer=self.bias_regularizer,
-                constraint=self.bias_constraint,
-            )
+        self.add_kernel_and_bias((n, self.units), (self.units,) if self.use_bias else None)
         self.input_spec = keras.layers.InputSpec(ndim=2, axes={-1: n})
-
-    def jacobian_parameters(self) -> list[keras.Variable]:
-        return [self.kernel] + ([self.bias] if self.use_bias else [])
 
     def forward(self, a: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None) -> tf.Tensor:
         """``Z = A W + b``: ``(batch, n)`` -> ``(batch, m)``."""
@@ -178,12 +162,7 @@ class Dense(JacobianLayer):
                 "units": self.units,
                 "activation": activations.serialize(self.activation),
                 "use_bias": self.use_bias,
-                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
-                "bias_initializer": keras.initializers.serialize(self.bias_initializer),
-                "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
-                "bias_regularizer": keras.regularizers.serialize(self.bias_regularizer),
-                "kernel_constraint": keras.constraints.serialize(self.kernel_constraint),
-                "bias_constraint": keras.constraints.serialize(self.bias_constraint),
+                **self.weight_options_config(),
             }
         )
         return config
