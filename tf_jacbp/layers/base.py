@@ -40,32 +40,41 @@ class JacobianOp(Protocol):
     ) -> tuple[tf.Tensor, Sequence[tf.Tensor]]: ...
 
 
-def route(op: JacobianOp, x: tf.Tensor, params: Sequence[tf.Tensor] = ()) -> tf.Tensor:
+def route(
+    op: JacobianOp, x: tf.Tensor | Sequence[tf.Tensor], params: Sequence[tf.Tensor] = ()
+) -> tf.Tensor:
     """Apply ``op`` to ``x``: its Jacobian route, or its reference route in ``reference_mode()``.
 
-    ``params`` must be tensors (read from the variables), passed positionally.
+    ``params`` must be tensors (read from the variables), passed positionally. ``x`` is one tensor
+    or, for a layer with several inputs (``Add``), a list; then ``op.forward`` and
+    ``op.reference`` take the list and ``op.backward`` returns one input gradient per input.
     """
     if in_reference_mode():
         return op.reference(x, *params)
+    several = isinstance(x, (list, tuple))
+    xs = list(x) if several else [x]
 
     @tf.custom_gradient
-    def jacobian_route(x, *params):
-        y = op.forward(x, *params)
+    def jacobian_route(*args):
+        inputs, params = list(args[: len(xs)]), args[len(xs) :]
+        y = op.forward(inputs if several else inputs[0], *params)
 
         def grad(dy):
-            dx, dparams = op.backward(dy, x, y, *params)
-            if len(dparams) != len(params):
+            dx, dparams = op.backward(dy, inputs if several else inputs[0], y, *params)
+            dxs = list(dx) if several else [dx]
+            if len(dparams) != len(params) or len(dxs) != len(inputs):
                 raise ValueError(
-                    f"{type(op).__name__}.backward returned {len(dparams)} parameter gradients "
-                    f"for {len(params)} parameters; return one per parameter, in order."
+                    f"{type(op).__name__}.backward returned {len(dxs)} input and "
+                    f"{len(dparams)} parameter gradients for {len(inputs)} inputs and "
+                    f"{len(params)} parameters; return one per tensor, in order."
                 )
-            grads = [tf.cast(dx, x.dtype)]
+            grads = [tf.cast(g, t.dtype) for g, t in zip(dxs, inputs, strict=True)]
             grads += [tf.cast(g, p.dtype) for g, p in zip(dparams, params, strict=True)]
             return grads
 
         return y, grad
 
-    return jacobian_route(x, *params)
+    return jacobian_route(*xs, *params)
 
 
 def as_float_tensor(x: object, default_dtype: str) -> tf.Tensor:
@@ -163,11 +172,14 @@ class JacobianLayer(keras.layers.Layer):
         dx = tf.reshape(dx, tf.concat([[batch, k], tf.shape(x)[1:]], 0))
         return dx, [tf.reshape(vec_parameter_batch(g), [batch, k, -1]) for g in dps]
 
-    def jacobian_ops(self) -> list[tuple[JacobianOp, list[tf.Tensor]]]:
+    def jacobian_ops(self, training: bool = False) -> list[tuple[JacobianOp, list[tf.Tensor]]]:
         """The maps this layer applies in order, each with its parameter tensors.
 
         Algorithm 1 walks these (``tf_jacbp.jacobian``). Default: the layer itself. A layer with
-        a fused activation returns ``[(self, params), (activation, [])]``.
+        a fused activation returns ``[(self, params), (activation, [])]``. ``training`` selects
+        the map of ``call(..., training=training)`` for layers whose map depends on it
+        (``BatchNormalization``, ``Dropout``); they raise where that map has no per-sample
+        Jacobian.
         """
         return [(self, self.read_parameters())]
 

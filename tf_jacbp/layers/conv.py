@@ -317,7 +317,7 @@ class Conv2D(_KernelBiasLayer):
             grads.append(tf.reduce_sum(dz, axis=[1, 2]) if self.bias_mode == "tied" else dz)
         return self.input_gradient(dz, x, self.build_toeplitz(kernel)), grads
 
-    def jacobian_ops(self) -> list:
+    def jacobian_ops(self, training: bool = False) -> list:
         """``z = T(K) vec(x) + b``, then ``a = f(z)``."""
         return [(self, self.read_parameters()), (self.activation, [])]
 

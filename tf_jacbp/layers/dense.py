@@ -115,7 +115,7 @@ class Dense(_KernelBiasLayer):
             blocks.append(m)
         return tf.matmul(m, kernel, transpose_b=True), blocks
 
-    def jacobian_ops(self) -> list:
+    def jacobian_ops(self, training: bool = False) -> list:
         """``z = W^T a + b``, then ``a_out = f(z)``."""
         return [(self, self.read_parameters()), (self.activation, [])]
 
