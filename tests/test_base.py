@@ -51,7 +51,9 @@ def test_backward_with_a_missing_parameter_gradient_is_an_error():
 
     layer = MissingBias(2)
     x = tf.ones((1, 3))
-    with pytest.raises(ValueError, match="returned 1 input and 1 parameter gradients for 1 inputs and 2 parameters"):
+    with pytest.raises(
+        ValueError, match="returned 1 input and 1 parameter gradients for 1 inputs and 2 parameters"
+    ):
         with tf.GradientTape() as tape:
             y = layer(x)
         tape.gradient(y, layer.trainable_variables)

@@ -7,11 +7,13 @@ file runs in well under three minutes on two cores.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import glob
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -78,6 +80,14 @@ class WrongDerivativeTanh(layers.Activation):
 
     def backward(self, dy, z, a):
         return (1 - z * z) * dy, []
+
+
+class SkipDroppingAdd(layers.Add):
+    """Sends ``delta`` back along the first input only: the skip path's term is lost."""
+
+    def backward(self, dy, xs, y):
+        dxs, grads = super().backward(dy, xs, y)
+        return [dxs[0]] + [tf.zeros_like(d) for d in dxs[1:]], grads
 
 
 class InfDense(layers.Dense):
@@ -178,7 +188,8 @@ def assert_caught(model, layer, variable, dtype="float32"):
         fit(model, check, epochs=3, dtype=dtype)
     message = str(info.value)
     assert f"layer '{layer}'" in message, message
-    assert f"variable 'net/{layer}/{variable}'" in message, message
+    # Sequential variables are named net/<layer>/..., functional ones <layer>/...
+    assert re.search(rf"variable '(net/)?{layer}/{variable}'", message), message
     assert any(r.layer == layer and r.variable.endswith(variable) for r in info.value.records)
     # Caught by the check at the start of training: fit stopped before any update.
     for b, v in zip(before, model.trainable_variables, strict=True):
@@ -249,6 +260,29 @@ def test_catches_toeplitz_with_off_by_one_stride():
     # conv_bad's own kernel gradient (from the patches) is right; its input gradient is not.
     assert not any(r.layer == "conv_bad" for r in info.value.records)
     assert "layer 'conv_first', variable 'net/conv_first/kernel'" in str(info.value)
+
+
+def residual(add):
+    """``first -> Add([middle(h), h]) -> last``: a functional model with a skip."""
+    x = keras.Input((N_FEATURES,))
+    h = layers.Dense(4, activation="tanh", name="first")(x)
+    r = add([layers.Dense(4, activation="relu", name="middle")(h), h])
+    return keras.Model(x, layers.Dense(N_CLASSES, name="last")(r), name="net")
+
+
+def test_catches_a_skip_connection_without_its_gradient():
+    err = assert_caught(residual(SkipDroppingAdd(name="bad_add")), "first", "kernel")
+    assert not any(r.layer in ("middle", "last") for r in err.records)
+
+
+def test_residual_model_passes_whole_fit():
+    model = compile_model(residual(layers.Add(name="add")))
+    check = GradientCheck(probe(), every_n_batches=1, verbose=0)
+    fit(model, check, epochs=2)
+    per_variable = collections.Counter(r.variable for r in check.records)
+    assert set(per_variable) == {v.path for v in model.trainable_variables}
+    assert min(per_variable.values()) >= 8  # every one of the 8 steps was checked
+    assert all(r.passed for r in check.records)
 
 
 # --- correct models pass ---------------------------------------------------------------------

@@ -24,6 +24,17 @@ def mlp(*hidden, activation="tanh", last=None, use_bias=True, n_in=4, n_out=3):
     return keras.Sequential(stack)
 
 
+def residual_mlp():
+    """Skips, a three-way sum and a layer called twice (shared weights): a functional graph."""
+    f64 = {"dtype": "float64"}
+    x = keras.Input((4,), dtype="float64")
+    h = layers.Dense(4, activation="tanh", **f64)(x)
+    shared = layers.Dense(4, activation="elu", **f64)
+    r = layers.Add(**f64)([shared(h), x])
+    r = layers.Add(**f64)([shared(r), h, r])
+    return keras.Model(x, layers.Dense(3, **f64)(r))
+
+
 MODELS = {
     "one layer (Sec. 3.1)": lambda: mlp(),
     "two layers (Sec. 3.2)": lambda: mlp(5),
@@ -38,6 +49,7 @@ MODELS = {
             layers.Softmax(dtype="float64"),
         ]
     ),
+    "residual (skips, shared layer)": residual_mlp,
 }
 
 
@@ -228,3 +240,60 @@ def test_cnn_parameter_jacobian_and_per_example_gradients(conv, pool, pool_kwarg
     rows = jacobian.per_example_gradients(model, x, y)
     expected = reference_gradient(model, x, y)
     assert tolerances.relative_error(tf.reduce_mean(rows, 0), expected) <= RTOL64
+
+
+def test_residual_cnn_parameter_jacobian_and_per_example_gradients():
+    f64 = {"dtype": "float64"}
+    x = keras.Input((6, 5, 2), dtype="float64")
+    c = layers.Conv2D(2, 3, padding="same", activation="relu", **f64)(x)
+    c = layers.Add(**f64)([layers.Conv2D(2, 3, padding="same", **f64)(c), x])
+    p = layers.Flatten(**f64)(layers.MaxPooling2D(**f64)(c))
+    model = keras.Model(x, layers.Dense(3, **f64)(p))
+    data = tf.constant(np.random.default_rng(8).normal(size=(3, 6, 5, 2)))
+    ours = jacobian.parameter_jacobian(model, data)
+    assert tolerances.relative_error(ours, reference_jacobian(model, data)) <= RTOL64
+    model.compile(loss=losses.SparseCategoricalCrossentropy(from_logits=True, dtype="float64"))
+    y = np.array([1, 0, 2])
+    rows = jacobian.per_example_gradients(model, data, y)
+    one = reference_gradient(model, data[:1], y[:1])
+    assert tolerances.relative_error(rows[0], one) <= RTOL64
+
+
+def test_layer_jacobians_of_a_skip_multiply_to_the_block_of_step_2():
+    """``z = W2^T (h + x)`` with ``h = f(W1^T x + b1)``: ``J_{W1,b1} z = W2^T I D1 [I (x) x^T | I]``
+    (the skip adds a path to ``J_x z`` but none to the first layer's parameters)."""
+    f64 = {"dtype": "float64"}
+    x = keras.Input((4,), dtype="float64")
+    first, add, second = layers.Dense(4, "tanh", **f64), layers.Add(**f64), layers.Dense(3, **f64)
+    model = keras.Model(x, second(add([first(x), x])))
+    sample = np.random.default_rng(9).normal(size=(4,))
+    f = jacobian.layer_jacobians(model, sample)
+    assert {f"{add.name}: J_x1 = I", f"{add.name}: J_x2 = I"} <= set(f)
+    chain = (
+        f[f"{second.name}: W^T"]
+        @ f[f"{add.name}: J_x1 = I"]
+        @ f[f"{first.name}: D"]
+        @ f[f"{first.name}: [I (x) a^T | I]"]
+    )
+    block = tf.concat(
+        list(jacobian.parameter_jacobian(model, sample[None], blocks=True).values())[:2], -1
+    )
+    assert tolerances.relative_error(chain, block[0]) <= RTOL64
+
+
+def test_a_shared_layer_gets_one_factor_set_per_call():
+    model = residual_mlp()
+    f = jacobian.layer_jacobians(model, np.ones(4))
+    shared = model.layers[2].name
+    assert f"{shared}: W^T" in f and f"{shared} (call 2): W^T" in f
+
+
+def test_models_the_walk_cannot_take_are_named():
+    a, b = keras.Input((4,)), keras.Input((4,))
+    two_inputs = keras.Model([a, b], layers.Add()([a, b]))
+    with pytest.raises(ValueError, match="one input and one output"):
+        jacobian.parameter_jacobian(two_inputs, [np.ones((1, 4))] * 2)
+    x = keras.Input((4,))
+    stock_add = keras.Model(x, keras.layers.Add(name="stock_add")([layers.Dense(4)(x), x]))
+    with pytest.raises(TypeError, match="stock_add"):
+        jacobian.parameter_jacobian(stock_add, np.ones((1, 4)))

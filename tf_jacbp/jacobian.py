@@ -20,6 +20,8 @@ Models: ``keras.Sequential`` or functional chains whose layers are all
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -33,34 +35,64 @@ from tf_jacbp.layout import unvec_parameter, unvec_parameter_batch, vec_paramete
 DEFAULT_MAX_BYTES = 2**30
 
 
-def _layers(model: keras.Model) -> list[JacobianLayer]:
-    """The model's layers in order; they must form a chain of tf_jacbp layers."""
+@dataclasses.dataclass
+class _Node:
+    """One call of a layer in the model's graph: the keys of its input tensors and its output."""
+
+    layer: JacobianLayer
+    inputs: list[Any]
+    output: Any
+
+
+def _check_layer(layer: keras.layers.Layer) -> JacobianLayer:
+    if not isinstance(layer, JacobianLayer):
+        raise TypeError(
+            f"Layer '{layer.name}' ({type(layer).__module__}.{type(layer).__name__}) has no "
+            "explicit Jacobian. Build the model from tf_jacbp.layers only (e.g. "
+            "tf_jacbp.layers.Flatten instead of keras.layers.Flatten/Reshape)."
+        )
+    return layer
+
+
+def _graph(model: keras.Model) -> tuple[list[_Node], Any, Any]:
+    """The model's layer calls in an order that computes every input before its use.
+
+    Returns ``(nodes, input key, output key)``; a key names a tensor of the graph. Sequential
+    models are chains; functional models may branch and merge (skips through ``Add``) and call a
+    layer more than once (shared weights).
+    """
     if not isinstance(model, keras.Model):
         raise TypeError(f"model must be a keras.Model, got {type(model).__name__}.")
-    chain = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
-    for layer in chain:
-        if not isinstance(layer, JacobianLayer):
-            raise TypeError(
-                f"Layer '{layer.name}' ({type(layer).__module__}.{type(layer).__name__}) has no "
-                "explicit Jacobian. Build the model from tf_jacbp.layers only (e.g. "
-                "tf_jacbp.layers.Flatten instead of keras.layers.Flatten/Reshape)."
-            )
-    if not isinstance(model, keras.Sequential):
-        previous = None
-        for layer in chain:
-            nodes = layer._inbound_nodes
-            parents = [p.operation for node in nodes for p in node.parent_nodes]
-            if (
-                len(nodes) != 1
-                or len(parents) != 1
-                or (previous is not None and parents[0] is not previous)
-            ):
-                raise ValueError(
-                    f"Layer '{layer.name}' does not continue a single chain of layers; "
-                    "tf_jacbp.jacobian supports Sequential models and functional chains."
-                )
-            previous = layer
-    return chain
+    if isinstance(model, keras.Sequential):
+        layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+        nodes = [_Node(_check_layer(layer), [i], i + 1) for i, layer in enumerate(layers)]
+        return nodes, 0, len(layers)
+    if not hasattr(model, "_nodes_by_depth"):
+        raise TypeError(
+            f"Model '{model.name}' ({type(model).__name__}) is a subclassed model; "
+            "tf_jacbp.jacobian walks Sequential and functional models."
+        )
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise ValueError(
+            f"Model '{model.name}' has {len(model.inputs)} inputs and {len(model.outputs)} "
+            "outputs; tf_jacbp.jacobian supports models with one input and one output."
+        )
+    nodes = []
+    for depth in sorted(model._nodes_by_depth, reverse=True):
+        for node in model._nodes_by_depth[depth]:
+            if node.operation is None or node.is_input:
+                continue
+            layer = _check_layer(node.operation)
+            if len(node.outputs) != 1:
+                raise ValueError(f"Layer '{layer.name}' has several outputs; not supported.")
+            nodes.append(_Node(layer, [id(t) for t in node.input_tensors], id(node.outputs[0])))
+    return nodes, id(model.inputs[0]), id(model.outputs[0])
+
+
+def _layers(model: keras.Model) -> list[JacobianLayer]:
+    """The model's tf_jacbp layers, each once, in ``model.layers`` order (theta's order)."""
+    _graph(model)  # validates: tf_jacbp layers only, one input and one output
+    return [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
 
 
 def parameter_variables(model: keras.Model) -> list[keras.Variable]:
@@ -97,56 +129,102 @@ def unflatten_parameters(model: keras.Model, theta: Any, assign: bool = False) -
     return values
 
 
-def _forward(model: keras.Model, x: Any) -> tuple[list[tuple], tf.Tensor]:
-    """Run the model op by op; record ``(layer, op, params, input, output)`` for each op."""
-    layers = _layers(model)
-    a = tf.convert_to_tensor(x, dtype=layers[0].compute_dtype if layers else None)
-    records = []
-    for layer in layers:
-        for op, params in layer.jacobian_ops():
+@dataclasses.dataclass
+class _Record:
+    """One map applied in the forward pass: ``y = op(x; params)``, from tensor keys to a key."""
+
+    layer: JacobianLayer
+    op: Any
+    params: list[tf.Tensor]
+    inputs: list[Any]
+    output: Any
+    x: tf.Tensor | list[tf.Tensor]
+    y: tf.Tensor
+    call: int  # how many times the layer was called before (shared layers)
+
+
+def _forward(
+    model: keras.Model, x: Any, training: bool = False
+) -> tuple[list[_Record], tf.Tensor, Any]:
+    """Run the model map by map (a layer's ``jacobian_ops``, e.g. Dense then its activation),
+    recording each map with its input and output. Returns ``(records, z[L], key of z[L])``."""
+    nodes, input_key, output_key = _graph(model)
+    dtype = nodes[0].layer.compute_dtype if nodes else None
+    values = {input_key: tf.convert_to_tensor(x, dtype=dtype)}
+    records, calls = [], collections.Counter()
+    for node in nodes:
+        call, calls[id(node.layer)] = calls[id(node.layer)], calls[id(node.layer)] + 1
+        a = [values[key] for key in node.inputs]
+        keys, a = (node.inputs, a) if len(a) > 1 else (node.inputs, a[0])
+        ops = node.layer.jacobian_ops(training)
+        for j, (op, params) in enumerate(ops):
+            out = node.output if j == len(ops) - 1 else (node.output, j)
             y = op.forward(a, *params)
-            records.append((layer, op, params, a, y))
-            a = y
-    return records, a
+            records.append(_Record(node.layer, op, params, keys, out, a, y, call))
+            keys, a = [out], y
+        values[node.output] = a
+    return records, values[output_key], output_key
 
 
-def _rows(op, m: tf.Tensor, x: tf.Tensor, y: tf.Tensor, params) -> tuple:
+def _rows(op, m: tf.Tensor, x: tf.Tensor | list[tf.Tensor], y: tf.Tensor, params) -> tuple:
     """``(M J_x, [M J_p])`` for one op; parameter-free activations use their ``backward``."""
-    if isinstance(op, JacobianLayer):
+    if hasattr(op, "jacobian_rows"):
         return op.jacobian_rows(m, x, y, *params)
     dx, _ = op.backward(m, x[:, None], y[:, None])  # diag(f'(z)) or softmax's, per row of M
     return dx, []
 
 
-def _walk(records: list[tuple], m: tf.Tensor) -> dict[keras.Variable, tf.Tensor]:
-    """Algorithm 1, step 2, from the output: ``{variable: M J_p}`` in theta order."""
-    blocks = []
-    for layer, op, params, x, y in reversed(records):
-        m, rows = _rows(op, m, x, y, params)
-        if params:
-            blocks = list(zip(layer.jacobian_parameters(), rows, strict=True)) + blocks
-    return blocks
+def _walk(model: keras.Model, records: list[_Record], output_key: Any, m: tf.Tensor) -> list[tuple]:
+    """Algorithm 1, step 2, from the output: ``[(variable, M J_p)]`` in theta order.
+
+    ``M`` starts at the output and moves back through each map (``M <- M J_x``). Where a tensor
+    feeds several maps (a skip connection), the rows arriving from each are added: that is the
+    chain rule for a sum of paths. A layer called several times adds its blocks.
+    """
+    rows_at = {output_key: m}
+    blocks: dict[int, tf.Tensor] = {}
+    for r in reversed(records):
+        m = rows_at.pop(r.output, None)
+        if m is None:  # the output does not depend on this map
+            continue
+        dx, rows = _rows(r.op, m, r.x, r.y, r.params)
+        for key, d in zip(r.inputs, dx if isinstance(r.x, list) else [dx], strict=True):
+            rows_at[key] = rows_at[key] + d if key in rows_at else d
+        for v, g in zip(r.layer.jacobian_parameters() if r.params else [], rows, strict=True):
+            blocks[id(v)] = blocks[id(v)] + g if id(v) in blocks else g
+    shape = tf.shape(m)[:2]  # (batch, k) for every row block
+    return [
+        (v, blocks.get(id(v), tf.zeros(tf.concat([shape, [int(np.prod(v.shape))]], 0), m.dtype)))
+        for v in parameter_variables(model)
+    ]
 
 
 def parameter_jacobian(
-    model: keras.Model, x: Any, blocks: bool = False, max_bytes: int | None = None
+    model: keras.Model,
+    x: Any,
+    blocks: bool = False,
+    max_bytes: int | None = None,
+    training: bool = False,
 ) -> tf.Tensor | dict[str, tf.Tensor]:
     """``J_theta z[L]`` for each sample by the explicit chain of Algorithm 1, step 2.
 
     Args:
-        model: a chain of tf_jacbp layers.
+        model: a Sequential or functional model of tf_jacbp layers (skips through ``Add``).
         x: inputs ``(batch, *input_shape)``.
         blocks: return ``{variable path: (batch, n_out, Vec size)}`` in theta order instead.
         max_bytes: refuse (``ValueError``) if the result or the repeated activations would take
             more; default ``DEFAULT_MAX_BYTES`` (1 GiB).
+        training: the layers' training-mode maps (``Dropout`` draws a mask). The default, False,
+            is the inference map: ``BatchNormalization`` uses its moving statistics (in training
+            mode a sample's output depends on the whole batch, and it raises).
 
     Returns:
         ``(batch, n_out, n_params)``, columns in theta order; ``n_out`` the flattened output size.
     """
-    records, out = _forward(model, x)
+    records, out, output_key = _forward(model, x, training)
     batch, n_out = int(out.shape[0]), int(np.prod(out.shape[1:]))
     n_params = sum(int(np.prod(v.shape)) for v in parameter_variables(model))
-    largest = max(int(np.prod(r[3].shape[1:])) for r in records)
+    largest = max(int(np.prod(r.y.shape[1:])) for r in records)
     needed = batch * n_out * (n_params + 2 * largest) * out.dtype.size
     limit = DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
     if needed > limit:
@@ -158,7 +236,7 @@ def parameter_jacobian(
     # M = I at the output: one row per output unit, for every sample.
     eye = tf.reshape(tf.eye(n_out, dtype=out.dtype), [1, n_out, *out.shape[1:]])
     m = tf.tile(eye, [batch] + [1] * (len(out.shape)))
-    result = {v.path: block for v, block in _walk(records, m)}
+    result = {v.path: block for v, block in _walk(model, records, output_key, m)}
     return result if blocks else tf.concat(list(result.values()), axis=-1)
 
 
@@ -173,7 +251,12 @@ def _loss_function(model: keras.Model, loss: Any):
 
 
 def per_example_gradients(
-    model: keras.Model, x: Any, y: Any, loss: Any = None, flatten: bool = True
+    model: keras.Model,
+    x: Any,
+    y: Any,
+    loss: Any = None,
+    flatten: bool = True,
+    training: bool = False,
 ) -> tf.Tensor | list[tf.Tensor]:
     """One gradient per sample, ``grad_theta l(y_i, yhat_i)``, by Algorithm 1's step 6.
 
@@ -183,24 +266,27 @@ def per_example_gradients(
     per-sample and are left out.
 
     Args:
-        model: a chain of tf_jacbp layers.
+        model: a Sequential or functional model of tf_jacbp layers (skips through ``Add``).
         x, y: a batch of inputs and labels.
         loss: a Keras loss (object, name or per-sample function); default the compiled loss.
         flatten: ``(batch, n_params)`` in theta order; ``False``: one ``(batch, *shape)`` tensor
             per variable of ``parameter_variables(model)``.
+        training: as for ``parameter_jacobian``. Per-example gradients are not defined for a
+            ``BatchNormalization`` layer in training mode (samples are coupled through the batch
+            statistics): it raises, and ``training=False`` uses the moving statistics.
 
     The batch gradient of the compiled loss with ``reduction="sum_over_batch_size"`` is the mean
     of the rows (``"sum"``: their sum).
     """
     per_sample, dtype = _loss_function(model, loss)
-    records, out = _forward(model, x)
+    records, out, output_key = _forward(model, x, training)
     y = tf.cast(tf.convert_to_tensor(y), dtype or out.dtype)
     with tf.GradientTape() as tape:  # only to read delta[L] off the loss (Table 1 for ours)
         tape.watch(out)
         out_cast = tf.cast(out, dtype) if dtype else out
         total = tf.reduce_sum(per_sample(y, out_cast))
     delta = tf.cast(tape.gradient(total, out), out.dtype)
-    rows = [(v, g[:, 0]) for v, g in _walk(records, delta[:, None])]  # one row: delta[L]^T
+    rows = [(v, g[:, 0]) for v, g in _walk(model, records, output_key, delta[:, None])]  # delta^T
     if flatten:
         return tf.concat([g for _, g in rows], axis=-1)
     return [unvec_parameter_batch(g, tuple(v.shape)) for v, g in rows]
@@ -221,12 +307,14 @@ def layer_jacobians(model: keras.Model, x: Any) -> dict[str, tf.Tensor]:
         x = x[None]
     if x.shape[0] != 1:
         raise ValueError(f"layer_jacobians takes one sample, got a batch of {x.shape[0]}.")
-    records, _ = _forward(model, x)
+    records, _, _ = _forward(model, x)
     factors = {}
-    for layer, op, _, a, _ in records:
-        if isinstance(op, (activations.Elementwise, activations.Softmax)):
-            factors[f"{layer.name}: D"] = op.jacobian(tf.reshape(a, [-1]))
+    for r in records:
+        if isinstance(r.op, (activations.Elementwise, activations.Softmax)):
+            named = {"D": r.op.jacobian(tf.reshape(r.x, [-1]))}
         else:
-            for name, matrix in op.jacobian_factors(a[0]).items():
-                factors[f"{layer.name}: {name}"] = matrix
+            named = r.op.jacobian_factors([a[0] for a in r.x] if isinstance(r.x, list) else r.x[0])
+        suffix = f" (call {r.call + 1})" if r.call else ""
+        for name, matrix in named.items():
+            factors[f"{r.layer.name}{suffix}: {name}"] = matrix
     return factors

@@ -16,9 +16,11 @@ from tf_jacbp.layers.base import JacobianLayer, route
 from tf_jacbp.layers.conv import Conv2D
 from tf_jacbp.layers.dense import Dense
 from tf_jacbp.layers.flatten import Flatten
+from tf_jacbp.layers.merge import Add
 from tf_jacbp.layers.pooling import AveragePooling2D, MaxPooling2D
 
 __all__ = [
+    "Add",
     "AveragePooling2D",
     "Conv2D",
     "ELU",
