@@ -163,6 +163,12 @@ def test_per_example_gradients_sum_to_the_batch_gradient(name):
         assert tolerances.relative_error(rows[i], one) <= RTOL64
 
 
+def assert_per_variable_is_flat_reshaped(grads, rows):
+    """``flatten=False``'s tensors, each ``Vec``'d per sample and concatenated, are the rows."""
+    flat = np.concatenate([vec_f(np.asarray(g), 1) for g in grads], axis=-1)
+    assert tolerances.relative_error(flat, rows) <= RTOL64
+
+
 def test_per_example_gradients_per_variable():
     model = mlp(5)
     x, y = np.ones((2, 4)), np.array([0, 1])
@@ -170,6 +176,10 @@ def test_per_example_gradients_per_variable():
         model, x, y, loss=losses.SparseCategoricalCrossentropy(from_logits=True), flatten=False
     )
     assert [tuple(g.shape) for g in grads] == [(2, 4, 5), (2, 5), (2, 5, 3), (2, 3)]
+    rows = jacobian.per_example_gradients(
+        model, x, y, loss=losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+    assert_per_variable_is_flat_reshaped(grads, rows)
 
 
 def test_unsupported_layer_is_named():
@@ -240,6 +250,9 @@ def test_cnn_parameter_jacobian_and_per_example_gradients(conv, pool, pool_kwarg
     rows = jacobian.per_example_gradients(model, x, y)
     expected = reference_gradient(model, x, y)
     assert tolerances.relative_error(tf.reduce_mean(rows, 0), expected) <= RTOL64
+    assert_per_variable_is_flat_reshaped(
+        jacobian.per_example_gradients(model, x, y, flatten=False), rows
+    )
 
 
 def test_residual_cnn_parameter_jacobian_and_per_example_gradients():
@@ -257,6 +270,8 @@ def test_residual_cnn_parameter_jacobian_and_per_example_gradients():
     rows = jacobian.per_example_gradients(model, data, y)
     one = reference_gradient(model, data[:1], y[:1])
     assert tolerances.relative_error(rows[0], one) <= RTOL64
+    per_variable = jacobian.per_example_gradients(model, data, y, flatten=False)
+    assert_per_variable_is_flat_reshaped(per_variable, rows)
 
 
 def test_layer_jacobians_of_a_skip_multiply_to_the_block_of_step_2():

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -29,7 +30,7 @@ import numpy as np
 from tf_jacbp import activations
 from tf_jacbp._backend import keras, tf
 from tf_jacbp.layers.base import JacobianLayer
-from tf_jacbp.layout import unvec_parameter, unvec_parameter_batch, vec_parameter
+from tf_jacbp.layout import unvec_parameter, vec_parameter
 
 # parameter_jacobian refuses to allocate more than this many bytes unless given max_bytes=...
 DEFAULT_MAX_BYTES = 2**30
@@ -174,29 +175,45 @@ def _rows(op, m: tf.Tensor, x: tf.Tensor | list[tf.Tensor], y: tf.Tensor, params
     return dx, []
 
 
-def _walk(model: keras.Model, records: list[_Record], output_key: Any, m: tf.Tensor) -> list[tuple]:
-    """Algorithm 1, step 2, from the output: ``[(variable, M J_p)]`` in theta order.
+def _per_example(op, delta: tf.Tensor, x: tf.Tensor | list[tf.Tensor], y: tf.Tensor, params):
+    """``((J_x)^T delta_i, [(J_p)^T delta_i])`` for each sample ``i``, parameter gradients with a
+    leading batch axis and the parameter's own shape; activations are diagonal per sample."""
+    if hasattr(op, "per_example_backward"):
+        return op.per_example_backward(delta, x, y, *params)
+    return op.backward(delta, x, y)
+
+
+def _walk(
+    model: keras.Model,
+    records: list[_Record],
+    output_key: Any,
+    m: tf.Tensor,
+    step: Callable = _rows,
+    zeros: Callable | None = None,
+) -> list[tuple]:
+    """Algorithm 1 from the output: ``[(variable, M J_p)]`` in theta order (step 2).
 
     ``M`` starts at the output and moves back through each map (``M <- M J_x``). Where a tensor
     feeds several maps (a skip connection), the rows arriving from each are added: that is the
-    chain rule for a sum of paths. A layer called several times adds its blocks.
+    chain rule for a sum of paths. A layer called several times adds its blocks. ``step`` is
+    ``_rows`` (``M``: ``(batch, k, ...)`` rows, blocks in ``Vec`` order) or ``_per_example``
+    (``M``: one ``delta`` per sample, step 6, gradients in each parameter's shape); ``zeros(v)``
+    fills in a variable the output does not depend on.
     """
+    batch_k = tf.shape(m)[:2]
+    zeros = zeros or (lambda v: tf.zeros(tf.concat([batch_k, [int(np.prod(v.shape))]], 0), m.dtype))
     rows_at = {output_key: m}
     blocks: dict[int, tf.Tensor] = {}
     for r in reversed(records):
         m = rows_at.pop(r.output, None)
         if m is None:  # the output does not depend on this map
             continue
-        dx, rows = _rows(r.op, m, r.x, r.y, r.params)
+        dx, rows = step(r.op, m, r.x, r.y, r.params)
         for key, d in zip(r.inputs, dx if isinstance(r.x, list) else [dx], strict=True):
             rows_at[key] = rows_at[key] + d if key in rows_at else d
         for v, g in zip(r.layer.jacobian_parameters() if r.params else [], rows, strict=True):
             blocks[id(v)] = blocks[id(v)] + g if id(v) in blocks else g
-    shape = tf.shape(m)[:2]  # (batch, k) for every row block
-    return [
-        (v, blocks.get(id(v), tf.zeros(tf.concat([shape, [int(np.prod(v.shape))]], 0), m.dtype)))
-        for v in parameter_variables(model)
-    ]
+    return [(v, blocks[id(v)] if id(v) in blocks else zeros(v)) for v in parameter_variables(model)]
 
 
 def parameter_jacobian(
@@ -286,10 +303,19 @@ def per_example_gradients(
         out_cast = tf.cast(out, dtype) if dtype else out
         total = tf.reduce_sum(per_sample(y, out_cast))
     delta = tf.cast(tape.gradient(total, out), out.dtype)
-    rows = [(v, g[:, 0]) for v, g in _walk(model, records, output_key, delta[:, None])]  # delta^T
-    if flatten:
-        return tf.concat([g for _, g in rows], axis=-1)
-    return [unvec_parameter_batch(g, tuple(v.shape)) for v, g in rows]
+    if flatten:  # one row, delta[L]^T, per sample: the blocks come in Vec order
+        rows = _walk(model, records, output_key, delta[:, None])
+        return tf.concat([g[:, 0] for _, g in rows], axis=-1)
+    batch = tf.shape(delta)[:1]
+    grads = _walk(
+        model,
+        records,
+        output_key,
+        delta,
+        step=_per_example,
+        zeros=lambda v: tf.zeros(tf.concat([batch, v.shape], 0), delta.dtype),
+    )
+    return [g for _, g in grads]
 
 
 def layer_jacobians(model: keras.Model, x: Any) -> dict[str, tf.Tensor]:

@@ -104,6 +104,13 @@ class Dense(_KernelBiasLayer):
             grads.append(tf.reduce_sum(dz, axis=0))
         return tf.matmul(dz, kernel, transpose_b=True), grads
 
+    def per_example_backward(self, dz, a, z, kernel, bias=None):
+        """``backward`` per sample: ``dW_i = a_i delta_i^T`` ``(batch, n, m)``, ``db_i = delta_i``."""
+        grads = [a[:, :, None] * dz[:, None, :]]
+        if bias is not None:
+            grads.append(dz)
+        return tf.matmul(dz, kernel, transpose_b=True), grads
+
     def jacobian_rows(self, m, a, z, kernel, bias=None):
         """``M W^T`` and ``M [I (x) a^T | I] = [M (x) a^T | M]`` for ``M`` ``(batch, k, m)``.
 
