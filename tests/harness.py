@@ -14,6 +14,16 @@ For a layer made by ``make_layer(dtype)`` it checks, in this order:
    run under the same policy, and a loss-scaled ``fit`` step applies them;
 5. a ``.keras`` round trip gives identical predictions and gradients.
 
+Layers whose map depends on the ``training`` flag (``BatchNormalization``, ``Dropout``) are run
+with ``training=True`` or ``training=False``: checks 1, 2, 4 and 5 then take every gradient
+through ``model(x, training=...)``, while the ``fit`` steps of checks 3 and 4 are compared with the
+reference route in training mode, the mode ``fit`` runs in. A training call changes the model's
+non-trainable state (moving statistics, seed generator states), so the harness restores that
+state before each route, each ``fit`` model starts from the state the reference route saw, and
+after the ``fit`` step its state must equal the reference route's (the moving statistics update
+as the reference's do). With ``training=True`` the ``.keras`` check first runs one training call,
+so that the saved moving statistics are not their initial values.
+
 The layer sits behind a stock ``InputScale`` layer (``x -> x * s``, ``s`` trainable, initialized
 to one) so that its input gradient reaches a variable, and the loss is
 ``0.5 * ||y - t||^2`` per sample, averaged over the batch.
@@ -62,19 +72,39 @@ def build_model(
     )
 
 
-def model_gradients(model: keras.Model, x, t, reference: bool) -> list[np.ndarray]:
-    """Gradients of the mean loss (plus regularization, as ``fit`` adds it), eagerly."""
+def loss_gradients(
+    model: keras.Model, x, t, reference: bool, training: bool | None = None
+) -> list[tf.Tensor]:
+    """Gradients of the mean loss (plus regularization, as ``fit`` adds it)."""
     with tf.GradientTape() as tape:
         if reference:
             with tf_jacbp.reference_mode():
-                y = model(x)
+                y = model(x, training=training)
         else:
-            y = model(x)
+            y = model(x, training=training)
         loss = tf.reduce_mean(half_squared_error(t, y)) + sum(model.losses)
-    grads = tape.gradient(loss, model.trainable_variables)
+    return tape.gradient(loss, model.trainable_variables)
+
+
+def model_gradients(
+    model: keras.Model, x, t, reference: bool, training: bool | None = None
+) -> list[np.ndarray]:
+    """``loss_gradients``, eagerly, as NumPy arrays; each must exist."""
+    grads = loss_gradients(model, x, t, reference, training)
     for g, v in zip(grads, model.trainable_variables, strict=True):
         assert g is not None, f"no gradient reaches {v.path}"
     return [np.asarray(g) for g in grads]
+
+
+def model_state(model: keras.Model) -> list[np.ndarray]:
+    """The values of the non-trainable variables (moving statistics, seed generator states)."""
+    return [np.asarray(v) for v in model.non_trainable_variables]
+
+
+def set_model_state(model: keras.Model, state: Sequence[np.ndarray]) -> None:
+    """Assign ``model_state`` values back."""
+    for v, value in zip(model.non_trainable_variables, state, strict=True):
+        v.assign(value)
 
 
 def assert_gradients_close(
@@ -102,16 +132,20 @@ def _data(model: keras.Model, input_shape, batch_size: int, dtype: str, seed: in
     return x, tf.constant(t, dtype)
 
 
-def _check_routes_agree(make_layer, input_shape, batch_size, seed, input_fn) -> None:
+def _check_routes_agree(make_layer, input_shape, batch_size, seed, input_fn, training) -> None:
     for dtype in ("float64", "float32"):
         model = build_model(make_layer, input_shape, dtype)
         x, t = _data(model, input_shape, batch_size, dtype, seed, input_fn)
-        grads = model_gradients(model, x, t, reference=False)
-        refs = model_gradients(model, x, t, reference=True)
+        state = model_state(model)
+        grads = model_gradients(model, x, t, reference=False, training=training)
+        set_model_state(model, state)
+        refs = model_gradients(model, x, t, reference=True, training=training)
         assert_gradients_close(grads, refs, model.trainable_variables, dtype, f"{dtype} route")
 
 
-def _check_finite_differences(make_layer, input_shape, batch_size, seed, input_fn) -> None:
+def _check_finite_differences(
+    make_layer, input_shape, batch_size, seed, input_fn, training
+) -> None:
     model = build_model(make_layer, input_shape, "float64")
     x, t = _data(model, input_shape, batch_size, "float64", seed, input_fn)
     values = [tf.identity(v) for v in model.trainable_variables]
@@ -120,7 +154,7 @@ def _check_finite_differences(make_layer, input_shape, batch_size, seed, input_f
 
         def loss_at(value, i=i):
             trainable = values[:i] + [value] + values[i + 1 :]
-            y, _ = model.stateless_call(trainable, fixed, x)
+            y, _ = model.stateless_call(trainable, fixed, x, training=training)
             return tf.reduce_mean(half_squared_error(t, y))
 
         theoretical, numerical = tf.test.compute_gradient(
@@ -141,29 +175,58 @@ def _fit_update(model: keras.Model, x, t, optimizer, **compile_args) -> list[np.
     return [b - np.asarray(v) for b, v in zip(before, model.trainable_variables, strict=True)]
 
 
-def _check_fit_modes(make_layer, input_shape, batch_size, seed, input_fn) -> None:
+def _check_fit_modes(make_layer, input_shape, batch_size, seed, input_fn, training) -> None:
+    training = None if training is None else True  # fit trains
     template = build_model(make_layer, input_shape, "float32")
     x, t = _data(template, input_shape, batch_size, "float32", seed, input_fn)
-    refs = model_gradients(template, x, t, reference=True)
+    state = model_state(template)
+    refs = model_gradients(template, x, t, reference=True, training=training)
+    state_after = model_state(template)
     modes = {
         "eager": {"run_eagerly": True},
         "graph": {"jit_compile": False},
         "jit_compile": {"jit_compile": True},
     }
     for mode, compile_args in modes.items():
+        if training and mode != "eager":
+            # Under XLA the stateless random ops draw other numbers than eagerly (for
+            # keras.layers.Dropout too): compare with the reference route compiled the same way.
+            set_model_state(template, state)
+            compiled = tf.function(
+                lambda x, t: loss_gradients(template, x, t, reference=True, training=True),
+                jit_compile=compile_args["jit_compile"],
+            )
+            refs = [np.asarray(g) for g in compiled(x, t)]
+            state_after = model_state(template)
         model = build_model(make_layer, input_shape, "float32")
         model.set_weights(template.get_weights())
+        set_model_state(model, state)
         update = _fit_update(model, x, t, keras.optimizers.SGD(1.0), **compile_args)
         assert_gradients_close(
             update, refs, model.trainable_variables, "float32", f"model.fit ({mode})"
         )
+        if training:
+            assert_gradients_close(
+                model_state(model),
+                state_after,
+                model.non_trainable_variables,
+                "float32",
+                f"state after model.fit ({mode})",
+            )
 
 
-def _check_mixed_precision(make_layer, input_shape, batch_size, seed, input_fn) -> None:
+def _check_mixed_precision(make_layer, input_shape, batch_size, seed, input_fn, training) -> None:
     model = build_model(make_layer, input_shape, "mixed_float16")
     x, t = _data(model, input_shape, batch_size, "float32", seed, input_fn)
-    grads = model_gradients(model, x, t, reference=False)
-    refs = model_gradients(model, x, t, reference=True)
+    state = model_state(model)
+    grads = model_gradients(model, x, t, reference=False, training=training)
+    set_model_state(model, state)
+    refs = model_gradients(model, x, t, reference=True, training=training)
+    set_model_state(model, state)
+    fit_refs = refs
+    if training is False:  # fit trains
+        fit_refs = model_gradients(model, x, t, reference=True, training=True)
+        set_model_state(model, state)
     for g, v in zip(grads, model.trainable_variables, strict=True):
         assert v.dtype == "float32", f"{v.path} is {v.dtype} under mixed_float16"
         assert g.dtype == np.float32, f"the gradient of {v.path} is {g.dtype}, not float32"
@@ -171,20 +234,26 @@ def _check_mixed_precision(make_layer, input_shape, batch_size, seed, input_fn) 
     optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(1.0), initial_scale=2.0**7)
     update = _fit_update(model, x, t, optimizer)
     assert_gradients_close(
-        update, refs, model.trainable_variables, "float16", "mixed_float16 loss-scaled fit"
+        update, fit_refs, model.trainable_variables, "float16", "mixed_float16 loss-scaled fit"
     )
 
 
-def _check_saving(make_layer, input_shape, batch_size, seed, input_fn, tmp_dir) -> None:
+def _check_saving(make_layer, input_shape, batch_size, seed, input_fn, training, tmp_dir) -> None:
     model = build_model(make_layer, input_shape, "float32")
     x, t = _data(model, input_shape, batch_size, "float32", seed, input_fn)
+    if training:
+        model(x, training=True)
     path = f"{tmp_dir}/model.keras"
     model.save(path)
     loaded = keras.models.load_model(path)
     assert type(loaded.layers[-1]) is type(model.layers[-1])
     np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
+    if training:  # .keras files do not keep seed generator states (Keras' choice): copy them
+        set_model_state(loaded, model_state(model))
     for g, r in zip(
-        model_gradients(loaded, x, t, False), model_gradients(model, x, t, False), strict=True
+        model_gradients(loaded, x, t, False, training),
+        model_gradients(model, x, t, False, training),
+        strict=True,
     ):
         np.testing.assert_array_equal(g, r)
 
@@ -198,6 +267,7 @@ def run_layer_test(
     seed: int = 0,
     input_fn: Callable[[np.random.Generator, tuple], np.ndarray] | None = None,
     finite_differences: bool = True,
+    training: bool | None = None,
 ) -> None:
     """Run every comparison and mode of the module docstring on ``make_layer``.
 
@@ -209,8 +279,12 @@ def run_layer_test(
             keep inputs away from a kink.
         finite_differences: off only for maps that are not differentiable almost everywhere at
             the step size (none in tf_jacbp; kept for user layers).
+        training: ``None`` for layers whose map does not depend on the flag (gradients through
+            ``model(x)``); ``True`` or ``False`` to take the gradients through
+            ``model(x, training=...)``, restoring the non-trainable state between the routes (see
+            the module docstring).
     """
-    args = (make_layer, input_shape, batch_size, seed, input_fn)
+    args = (make_layer, input_shape, batch_size, seed, input_fn, training)
     _check_routes_agree(*args)
     if finite_differences:
         _check_finite_differences(*args)

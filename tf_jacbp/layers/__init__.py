@@ -15,13 +15,16 @@ from tf_jacbp.layers.activation import (
 from tf_jacbp.layers.base import JacobianLayer, route
 from tf_jacbp.layers.conv import Conv2D
 from tf_jacbp.layers.dense import Dense
+from tf_jacbp.layers.dropout import Dropout
 from tf_jacbp.layers.flatten import Flatten
 from tf_jacbp.layers.merge import Add
+from tf_jacbp.layers.normalization import BatchNormalization
 from tf_jacbp.layers.pooling import AveragePooling2D, MaxPooling2D
 
 __all__ = [
     "Add",
     "AveragePooling2D",
+    "BatchNormalization",
     "Conv2D",
     "ELU",
     "Flatten",
@@ -29,6 +32,7 @@ __all__ = [
     "GELU",
     "Activation",
     "Dense",
+    "Dropout",
     "JacobianLayer",
     "LeakyReLU",
     "ReLU",

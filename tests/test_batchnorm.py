@@ -1,0 +1,360 @@
+"""BatchNormalization: every mode of the harness in training and inference mode, Keras' semantics
+(outputs, gradients, moving statistics over several steps, mixed precision), the train-mode batch
+Jacobian and the inference factors against autodiff, Algorithm 1's walk, bad arguments."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from harness import (
+    InputScale,
+    assert_gradients_close,
+    model_gradients,
+    model_state,
+    run_layer_test,
+    set_model_state,
+)
+
+import tf_jacbp
+from tf_jacbp import jacobian, layers, tolerances
+from tf_jacbp.callbacks import GradientCheck
+
+RTOL64 = tolerances.rtol("float64")
+
+
+def initializers(seed=0):
+    """Non-trivial gamma, beta and moving statistics, so that no term of a formula vanishes."""
+    normal, uniform = keras.initializers.RandomNormal, keras.initializers.RandomUniform
+    return {
+        "gamma_initializer": normal(1.0, 0.3, seed=seed),
+        "beta_initializer": normal(0.0, 0.3, seed=seed + 1),
+        "moving_mean_initializer": normal(0.0, 0.5, seed=seed + 2),
+        "moving_variance_initializer": uniform(0.5, 2.0, seed=seed + 3),
+    }
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "inference"])
+@pytest.mark.parametrize("input_shape", [(5,), (3, 4, 2)], ids=["2d", "4d"])
+def test_batchnorm_every_mode(input_shape, training, tmp_path):
+    def make(dtype):
+        return layers.BatchNormalization(dtype=dtype, momentum=0.8, **initializers())
+
+    run_layer_test(make, input_shape, tmp_dir=tmp_path, batch_size=4, training=training)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "inference"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"scale": False, "beta_regularizer": "l2"}, {"center": False, "epsilon": 0.1}],
+    ids=["no scale", "no center"],
+)
+def test_without_gamma_or_beta_both_routes_agree(kwargs, training):
+    """The harness's first check, float64, for the layers with one parameter."""
+    model = keras.Sequential(
+        [
+            keras.Input((2, 3, 2), dtype="float64"),
+            InputScale(dtype="float64"),
+            layers.BatchNormalization(dtype="float64", **initializers(), **kwargs),
+        ]
+    )
+    assert len(model.layers[-1].trainable_variables) == 1
+    rng = np.random.default_rng(11)
+    x, t = tf.constant(rng.normal(size=(3, 2, 3, 2))), tf.constant(rng.normal(size=(3, 2, 3, 2)))
+    state = model_state(model)
+    grads = model_gradients(model, x, t, reference=False, training=training)
+    set_model_state(model, state)
+    refs = model_gradients(model, x, t, reference=True, training=training)
+    assert_gradients_close(grads, refs, model.trainable_variables, "float64", str(kwargs))
+    assert len(model.losses) == ("beta_regularizer" in kwargs)
+
+
+# --- Keras semantics ------------------------------------------------------------------------
+
+
+def twin_models(input_shape, dtype, **kwargs):
+    """Ours and Keras' ``BatchNormalization`` alone in a model, with the same initial weights."""
+    ours = keras.Sequential(
+        [keras.Input(input_shape), layers.BatchNormalization(dtype=dtype, **kwargs)]
+    )
+    stock = keras.Sequential(
+        [keras.Input(input_shape), keras.layers.BatchNormalization(dtype=dtype, **kwargs)]
+    )
+    stock.set_weights(ours.get_weights())
+    return ours, stock
+
+
+def outputs_and_gradients(model, x, w, training):
+    """``y`` and the gradients of ``sum(w * y^2)`` with respect to ``x`` and the variables."""
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = model(x, training=training)
+        loss = tf.reduce_sum(w * tf.square(tf.cast(y, w.dtype)))
+    return [y, *tape.gradient(loss, [x, *model.trainable_variables])]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("input_shape", [(3,), (3, 2, 4)], ids=["2d", "4d"])
+def test_matches_keras_over_training_steps(input_shape, dtype):
+    """Three SGD steps through ``fit``: moving statistics, gamma, beta, outputs and gradients
+    (train and inference mode) all equal Keras' after every step."""
+    rtol = tolerances.rtol(dtype)
+    ours, stock = twin_models(input_shape, dtype, momentum=0.7, **initializers())
+    for model in (ours, stock):
+        model.compile(keras.optimizers.SGD(0.5), "mse")
+    initial_mean = np.asarray(ours.layers[0].moving_mean)
+    rng = np.random.default_rng(0)
+    for step in range(3):
+        x = tf.constant(rng.normal(2.0, 3.0, size=(5, *input_shape)), dtype)
+        t = rng.normal(size=(5, *input_shape)).astype(dtype)
+        ours.train_on_batch(x, t)
+        stock.train_on_batch(x, t)
+        for a, b in zip(ours.weights, stock.weights, strict=True):
+            assert a.path.split("/")[-1] == b.path.split("/")[-1]
+            err = tolerances.relative_error(a, b, dtype)
+            assert err <= rtol, f"step {step}: {a.path} differs from Keras' by {err:.3g}"
+        w = tf.constant(rng.normal(size=x.shape), dtype)
+        for training in (True, False):
+            state = [np.asarray(v) for v in ours.non_trainable_variables]
+            got = outputs_and_gradients(ours, x, w, training)
+            expected = outputs_and_gradients(stock, x, w, training)
+            for g, e in zip(got, expected, strict=True):
+                assert tolerances.relative_error(g, e, dtype) <= rtol
+            for v, s in zip(stock.non_trainable_variables, state, strict=True):
+                v.assign(s)  # undo the extra training call on both models
+            for v, s in zip(ours.non_trainable_variables, state, strict=True):
+                v.assign(s)
+    moved = np.asarray(ours.layers[0].moving_mean) - initial_mean
+    assert np.all(np.abs(moved) > 0.1), "the moving mean must have moved towards 2"
+
+
+def test_moving_statistics_use_the_biased_variance_by_hand():
+    layer = layers.BatchNormalization(momentum=0.75, dtype="float64")
+    x = np.random.default_rng(1).normal(size=(6, 2, 2, 3)) * [1.0, 2.0, 3.0] + [0.5, -1.0, 4.0]
+    layer(x, training=True)
+    mean, var = x.reshape(-1, 3).mean(axis=0), x.reshape(-1, 3).var(axis=0, ddof=0)
+    np.testing.assert_allclose(layer.moving_mean, 0.25 * mean, rtol=1e-13)
+    np.testing.assert_allclose(layer.moving_variance, 0.75 + 0.25 * var, rtol=1e-13)
+    with tf_jacbp.reference_mode():
+        layer(x, training=True)
+    np.testing.assert_allclose(layer.moving_mean, 0.4375 * mean, rtol=1e-13)
+
+
+def test_training_mode_normalizes_with_the_batch_and_inference_with_the_moving_statistics():
+    layer = layers.BatchNormalization(epsilon=0.0, dtype="float64", **initializers())
+    x = np.random.default_rng(2).normal(3.0, 2.0, size=(8, 4))
+    layer.build(x.shape)
+    gamma, beta = np.asarray(layer.gamma), np.asarray(layer.beta)
+    m, v = np.asarray(layer.moving_mean), np.asarray(layer.moving_variance)
+    np.testing.assert_allclose(layer(x), gamma * (x - m) / np.sqrt(v) + beta, rtol=1e-12)
+    y = np.asarray(layer(x, training=True))
+    np.testing.assert_allclose((y - beta) / gamma, (x - x.mean(0)) / x.std(0), rtol=1e-10)
+
+
+def test_frozen_layer_runs_in_inference_mode_like_keras():
+    ours, stock = twin_models((3,), "float64", **initializers())
+    x = tf.constant(np.random.default_rng(3).normal(size=(4, 3)))
+    for model in (ours, stock):
+        model.layers[0].trainable = False
+    state = [np.asarray(v) for v in ours.non_trainable_variables]
+    np.testing.assert_allclose(ours(x, training=True), ours(x, training=False), rtol=0)
+    np.testing.assert_allclose(ours(x, training=True), stock(x, training=True), rtol=1e-14)
+    for v, s in zip(ours.non_trainable_variables, state, strict=True):
+        np.testing.assert_array_equal(v, s)
+    assert ours.layers[0].jacobian_ops(training=True)[0][0] is ours.layers[0]
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_mixed_float16_computes_in_float32_like_keras(training):
+    keras.config.set_dtype_policy("mixed_float16")
+    ours, stock = twin_models((2, 2, 3), None, momentum=0.5, **initializers())
+    x = tf.constant(np.random.default_rng(4).normal(1.0, 2.0, size=(4, 2, 2, 3)), "float32")
+    layer = ours.layers[0]
+    assert layer.gamma.dtype == layer.moving_mean.dtype == "float32"
+    y, y_stock = ours(x, training=training), stock(x, training=training)
+    assert y.dtype == y_stock.dtype == "float16"
+    assert tolerances.relative_error(y, y_stock, "float16") <= 1e-3
+    for a, b in zip(ours.weights, stock.weights, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    w = tf.constant(np.random.default_rng(5).normal(size=x.shape), "float32")
+    got = outputs_and_gradients(ours, x, w, training)
+    expected = outputs_and_gradients(stock, x, w, training)
+    for g, e in zip(got[2:], expected[2:], strict=True):
+        assert g.dtype == "float32"
+        assert tolerances.relative_error(g, e, "float16") <= tolerances.rtol("float16")
+
+
+# --- the Jacobians --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (2, 3, 2, 2)], ids=["2d", "4d"])
+@pytest.mark.parametrize("scale", [True, False])
+def test_batch_jacobian_equals_autodiff_of_the_reference_route(shape, scale):
+    layer = layers.BatchNormalization(scale=scale, dtype="float64", **initializers())
+    x = tf.constant(np.random.default_rng(6).normal(size=shape))
+    layer.build(x.shape)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        with tf_jacbp.reference_mode():
+            y = layer(x, training=True)
+    size = int(np.prod(shape))
+    expected = tf.reshape(tape.jacobian(y, x), [size, size])
+    full = layer.batch_jacobian(x)
+    assert full.shape == (size, size)
+    assert tolerances.relative_error(full, expected) <= RTOL64
+    np.testing.assert_allclose(full, tf.transpose(full), atol=1e-15)  # J is symmetric
+    # Per channel: the blocks of the row-major matrix. J 1 = 0 (a shift of the channel changes
+    # nothing); J xhat = (gamma / s) (eps / (sigma^2 + eps)) xhat, zero only when eps = 0.
+    blocks = np.asarray(layer.batch_jacobian(x, per_channel=True))
+    channels = shape[-1]
+    gamma = np.asarray(layer.gamma) if scale else np.ones(channels)
+    for c in range(channels):
+        np.testing.assert_array_equal(blocks[c], np.asarray(full)[c::channels, c::channels])
+        column = np.asarray(x).reshape(-1, channels)[:, c]
+        np.testing.assert_allclose(blocks[c] @ np.ones_like(column), 0.0, atol=1e-12)
+        variance = column.var()
+        s = np.sqrt(variance + layer.epsilon)
+        xhat = (column - column.mean()) / s
+        expected = gamma[c] / s * layer.epsilon / (variance + layer.epsilon) * xhat
+        np.testing.assert_allclose(blocks[c] @ xhat, expected, rtol=1e-9)
+    # Its transpose times delta is the backward pass of the Jacobian route.
+    delta = tf.constant(np.random.default_rng(7).normal(size=shape))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x, training=True)
+    dx = tape.gradient(y, x, output_gradients=delta)
+    materialized = tf.linalg.matvec(full, tf.reshape(delta, [-1]), transpose_a=True)
+    assert tolerances.relative_error(tf.reshape(dx, [-1]), materialized) <= RTOL64
+
+
+@pytest.mark.parametrize("sample_shape", [(4,), (2, 3, 2)], ids=["features", "image"])
+def test_inference_factors_equal_autodiff(sample_shape):
+    layer = layers.BatchNormalization(dtype="float64", **initializers())
+    layer.build((None, *sample_shape))
+    x = tf.constant(np.random.default_rng(8).normal(size=sample_shape))
+    gamma, beta = tf.identity(layer.gamma), tf.identity(layer.beta)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([x, gamma, beta])
+        y = tf.reshape(layer.reference(x[None], gamma, beta), [-1])
+    factors = layer.jacobian_factors(x)
+    assert list(factors) == ["D", "[diag(xhat) | I]"]
+    size = y.shape[0]
+    d = tf.reshape(tape.jacobian(y, x), [size, size])
+    params = tf.concat([tape.jacobian(y, gamma), tape.jacobian(y, beta)], axis=-1)
+    assert tolerances.relative_error(factors["D"], d) <= RTOL64
+    assert tolerances.relative_error(factors["[diag(xhat) | I]"], params) <= RTOL64
+    if len(sample_shape) == 1:  # literally [diag(xhat) | I]
+        m, v = np.asarray(layer.moving_mean), np.asarray(layer.moving_variance)
+        xhat = (np.asarray(x) - m) / np.sqrt(v + layer.epsilon)
+        expected = np.concatenate([np.diag(xhat), np.eye(4)], axis=1)
+        np.testing.assert_allclose(factors["[diag(xhat) | I]"], expected, rtol=1e-14)
+
+
+def test_algorithm_1_walks_the_inference_map():
+    """``parameter_jacobian``, ``per_example_gradients`` and ``layer_jacobians`` of a model
+    with BatchNormalization (inference: the moving statistics) against autodiff."""
+    model = keras.Sequential(
+        [
+            keras.Input((4,), dtype="float64"),
+            layers.Dense(3, activation="tanh", dtype="float64"),
+            layers.BatchNormalization(dtype="float64", **initializers()),
+            layers.Dense(2, dtype="float64"),
+        ]
+    )
+    x = tf.constant(np.random.default_rng(9).normal(size=(3, 4)))
+    variables = jacobian.parameter_variables(model)
+    assert [v.path.split("/")[-1] for v in variables][2:4] == ["gamma", "beta"]
+    with tf.GradientTape() as tape:
+        with tf_jacbp.reference_mode():
+            out = model(x)
+    blocks = tape.jacobian(out, variables)
+    expected = np.concatenate(
+        [
+            np.asarray(b).transpose(0, 1, *range(b.shape.rank - 1, 1, -1)).reshape(3, 2, -1)
+            for b in blocks
+        ],
+        axis=-1,
+    )
+    assert tolerances.relative_error(jacobian.parameter_jacobian(model, x), expected) <= RTOL64
+
+    y = tf.constant([[0.5, -1.0], [2.0, 0.0], [1.0, 1.0]], "float64")
+    per_example = jacobian.per_example_gradients(model, x, y, loss="mse", flatten=False)
+    with tf.GradientTape() as tape:
+        with tf_jacbp.reference_mode():
+            losses = keras.losses.mean_squared_error(y, model(x))
+    for got, want in zip(per_example, tape.jacobian(losses, variables), strict=True):
+        assert tolerances.relative_error(got, want) <= RTOL64
+
+    with pytest.raises(ValueError, match="depends on the whole batch"):
+        jacobian.parameter_jacobian(model, x, training=True)
+
+    factors = jacobian.layer_jacobians(model, x[0])
+    bn = model.layers[1].name
+    assert factors[f"{bn}: D"].shape == (3, 3)
+    assert factors[f"{bn}: [diag(xhat) | I]"].shape == (3, 6)
+
+
+def test_jacobian_ops_in_training_mode_explain_why_not():
+    layer = layers.BatchNormalization()
+    layer.build((None, 3))
+    with pytest.raises(ValueError, match=r"depends on the whole batch.*training=False"):
+        layer.jacobian_ops(training=True)
+    assert layer.jacobian_ops(training=False)[0][0] is layer
+
+
+def test_gradient_check_passes_while_a_model_with_batchnorm_and_dropout_trains():
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            layers.Dense(8, activation="tanh"),
+            layers.BatchNormalization(),
+            layers.Dropout(0.3, seed=1),
+            layers.Dense(3),
+        ]
+    )
+    model.compile(keras.optimizers.SGD(0.1), keras.losses.MeanSquaredError())
+    rng = np.random.default_rng(10)
+    x, y = rng.normal(size=(32, 6)).astype("float32"), rng.normal(size=(32, 3)).astype("float32")
+    check = GradientCheck((x[:8], y[:8]), every_n_batches=2, verbose=0)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[check])
+    assert len(check.records) >= 3 * len(model.trainable_variables)
+    assert all(r.passed for r in check.records)
+    assert max(r.rel_err for r in check.records) <= tolerances.rtol("float32")
+
+
+# --- configuration and errors ----------------------------------------------------------------
+
+
+def test_get_config_round_trip():
+    layer = layers.BatchNormalization(
+        axis=-1,
+        momentum=0.9,
+        epsilon=0.01,
+        center=False,
+        gamma_regularizer="l2",
+        gamma_constraint="non_neg",
+        name="bn",
+        **initializers(),
+    )
+    config = layer.get_config()
+    clone = layers.BatchNormalization.from_config(config)
+    assert clone.get_config() == config
+    assert config["momentum"] == 0.9 and config["center"] is False
+    clone.build((None, 2))
+    assert clone.beta is None and clone.jacobian_parameters() == [clone.gamma]
+
+
+@pytest.mark.parametrize("axis", [0, -2, 2.0, [1, 2]])
+def test_bad_axis_names_axis_and_the_fix(axis):
+    with pytest.raises(ValueError, match=r"axis=.*axis=-1"):
+        layers.BatchNormalization(axis=axis)
+
+
+def test_axis_that_is_not_last_at_build_is_an_error():
+    keras.Sequential([keras.Input((4,)), layers.BatchNormalization(axis=1)])  # last: fine
+    with pytest.raises(ValueError, match=r"axis=1 for inputs of rank 4.*axis=-1"):
+        keras.Sequential([keras.Input((3, 3, 2)), layers.BatchNormalization(axis=1)])
+
+
+def test_synchronized_is_an_error():
+    with pytest.raises(ValueError, match="synchronized=True"):
+        layers.BatchNormalization(synchronized=True)
