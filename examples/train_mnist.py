@@ -4,6 +4,7 @@ The main job of tf_jacbp:
 
     python examples/train_mnist.py                      # LeNet-100-300-10, GradientCheck on
     python examples/train_mnist.py --model lenet5 --epochs 3
+    python examples/train_mnist.py --model resnet --epochs 5   # skips, BatchNorm, Dropout
     python examples/train_mnist.py --data fashion-mnist --check-every 200
     python examples/train_mnist.py --no-check
 
@@ -30,6 +31,7 @@ MODELS = {
     "lenet-100-300-10": models.lenet_100_300_10,
     "lenet-300-100": models.lenet_300_100,
     "lenet5": models.lenet5,
+    "resnet": models.resnet_mnist,
 }
 
 

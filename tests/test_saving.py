@@ -83,27 +83,34 @@ IMAGE_LAYERS = (
 )
 
 
-def mixed_model(image_layers: bool = True) -> keras.Sequential:
-    """Every available tf_jacbp layer type in one model; image input ``(8, 8, 2)``.
+def mixed_model(image_layers: bool = True) -> keras.Model:
+    """Every available tf_jacbp layer type in one functional model; image input ``(8, 8, 2)``.
 
-    ``image_layers=False`` leaves out Conv2D and pooling (Flatten, Dense and activations only).
+    Two skips (``Add``), batch normalization of images and of features, dropout.
+    ``image_layers=False`` leaves out Conv2D, pooling and the image skip.
     """
     conv2d, max_pool, avg_pool = (
         _layer(*where) if image_layers else None for where in IMAGE_LAYERS
     )
-    flatten = _layer("tf_jacbp.layers.flatten", "Flatten")
-    stack = [keras.Input((8, 8, 2))]
+    x = keras.Input((8, 8, 2))
+    h = x
     if conv2d is not None:
-        stack.append(conv2d(3, 3, padding="same", activation="relu", name="conv_tied"))
+        h = conv2d(3, 3, padding="same", activation="relu", name="conv_tied")(h)
+        h = layers.BatchNormalization(name="bn_image")(h)
+        skip = conv2d(3, 3, padding="same", use_bias=False, name="conv_skip")(h)
+        h = layers.Add(name="add_image")([skip, h])
     if max_pool is not None:
-        stack.append(max_pool(2, name="max_pool"))
+        h = max_pool(2, name="max_pool")(h)
     if conv2d is not None:
-        stack.append(conv2d(4, 2, bias="untied", activation="tanh", name="conv_untied"))
+        h = conv2d(4, 2, bias="untied", activation="tanh", name="conv_untied")(h)
     if avg_pool is not None:
-        stack.append(avg_pool(2, strides=1, padding="same", name="avg_pool"))
-    stack.append(flatten() if flatten is not None else keras.layers.Flatten())
-    stack += [
-        layers.Dense(16, activation="swish"),
+        h = avg_pool(2, strides=1, padding="same", name="avg_pool")(h)
+    h = layers.Flatten()(h)
+    h = layers.Dense(16, activation="swish")(h)
+    h = layers.Add(name="add_features")([layers.Dense(16, name="dense_skip")(h), h])
+    h = layers.BatchNormalization(momentum=0.9, epsilon=1e-2, name="bn_features")(h)
+    h = layers.Dropout(0.25, seed=3)(h)
+    for layer in [
         layers.LeakyReLU(0.2),
         layers.Dense(12, activation="elu"),
         layers.Sigmoid(),
@@ -117,8 +124,9 @@ def mixed_model(image_layers: bool = True) -> keras.Sequential:
         layers.ReLU(negative_slope=0.1, max_value=6.0),
         layers.Dense(5),
         layers.Softmax(),
-    ]
-    return keras.Sequential(stack, name="mixed")
+    ]:
+        h = layer(h)
+    return keras.Model(x, h, name="mixed")
 
 
 def _data(rng: np.random.Generator, model: keras.Model, n: int = 4):

@@ -1,7 +1,7 @@
 """Networks of the paper built from tf_jacbp layers, ready for ``compile`` and ``fit``.
 
-Each returns a ``keras.Sequential`` that outputs logits ``z[L]`` (the paper fuses the last
-activation with the loss, Table 1): compile it with
+Each returns a ``keras.Sequential`` (``resnet_mnist``: a functional ``keras.Model``) that outputs
+logits ``z[L]`` (the paper fuses the last activation with the loss, Table 1): compile it with
 ``tf_jacbp.losses.SparseCategoricalCrossentropy(from_logits=True)``. Pass
 ``output_activation="softmax"`` for probabilities instead (then ``from_logits=False``).
 """
@@ -73,3 +73,41 @@ def lenet5(
         ],
         name="lenet5",
     )
+
+
+def resnet_mnist(
+    input_shape: tuple[int, int, int] = (28, 28, 1),
+    num_classes: int = 10,
+    filters: int = 8,
+    dropout: float = 0.2,
+    momentum: float = 0.9,
+) -> keras.Model:
+    """A small residual CNN of tf_jacbp layers (Toeplitz convolutions, BatchNormalization, Add).
+
+    ``Conv2D(filters, 3x3, same) -> BN -> ReLU -> MaxPooling2D(2)``, then one residual block
+    ``h + BN(Conv(ReLU(BN(Conv(h)))))`` with ``ReLU`` after the sum, ``MaxPooling2D(2) ->
+    Flatten -> Dropout(dropout) -> Dense(num_classes)``. The convolutions before a batch
+    normalization have no bias (its ``beta`` takes that role). ``momentum`` is the batch
+    normalizations' (0.9 rather than Keras' 0.99: a few hundred steps on small data should be
+    enough for the moving statistics to follow the batches'). The skip's Jacobian is ``I``, so
+    ``delta`` reaching the block's input is the sum of the two paths' (``tf_jacbp.layers.Add``).
+
+    Input ``(batch, 28, 28, 1)``, output the logits ``(batch, num_classes)`` (a functional
+    model): compile with ``tf_jacbp.losses.SparseCategoricalCrossentropy(from_logits=True)``.
+    """
+    x = keras.Input(shape=input_shape)
+    h = layers.Conv2D(filters, 3, padding="same", use_bias=False, name="stem_conv")(x)
+    h = layers.ReLU(name="stem_relu")(
+        layers.BatchNormalization(momentum=momentum, name="stem_bn")(h)
+    )
+    h = layers.MaxPooling2D(2, name="stem_pool")(h)
+    r = layers.Conv2D(filters, 3, padding="same", use_bias=False, name="block_conv1")(h)
+    r = layers.ReLU(name="block_relu1")(
+        layers.BatchNormalization(momentum=momentum, name="block_bn1")(r)
+    )
+    r = layers.Conv2D(filters, 3, padding="same", use_bias=False, name="block_conv2")(r)
+    r = layers.BatchNormalization(momentum=momentum, name="block_bn2")(r)
+    h = layers.ReLU(name="block_relu2")(layers.Add(name="block_add")([r, h]))
+    h = layers.Flatten(name="flatten")(layers.MaxPooling2D(2, name="block_pool")(h))
+    h = layers.Dropout(dropout, name="dropout")(h)
+    return keras.Model(x, layers.Dense(num_classes, name="logits")(h), name="resnet_mnist")
