@@ -58,7 +58,11 @@ def per_example_rows(name: str, batch: int, repetitions: int) -> list[dict]:
     x, y = _inputs(model, batch)
     loss = losses.SparseCategoricalCrossentropy(from_logits=True)
     variables = jacobian.parameter_variables(model)
-    ours = tf.function(lambda x, y: jacobian.per_example_gradients(model, x, y, loss=loss))
+    # Per variable, as vectorized_map returns them; "theta" also lays them out in theta order.
+    ours = tf.function(
+        lambda x, y: jacobian.per_example_gradients(model, x, y, loss=loss, flatten=False)
+    )
+    theta = tf.function(lambda x, y: jacobian.per_example_gradients(model, x, y, loss=loss))
 
     @tf.function
     def vmap(x, y):
@@ -71,13 +75,23 @@ def per_example_rows(name: str, batch: int, repetitions: int) -> list[dict]:
         return tf.vectorized_map(one, (x, y))
 
     @tf.function
+    def floor(x, y):  # only writing the result: one (batch, *shape) tensor per variable
+        return [tf.fill([batch, *v.shape], 1.0) for v in variables]
+
+    @tf.function
     def plain(x, y):
         with tf.GradientTape() as tape:
             value = loss(y, model(x))
         return tape.gradient(value, variables)
 
     times = interleaved(
-        {"ours": lambda: ours(x, y), "vmap": lambda: vmap(x, y), "plain": lambda: plain(x, y)},
+        {
+            "ours": lambda: ours(x, y),
+            "theta": lambda: theta(x, y),
+            "vmap": lambda: vmap(x, y),
+            "plain": lambda: plain(x, y),
+            "floor": lambda: floor(x, y),
+        },
         repetitions,
         calls=5,
     )
@@ -96,6 +110,20 @@ def per_example_rows(name: str, batch: int, repetitions: int) -> list[dict]:
             times["ours"],
             times["plain"],
             "<= 2.0",
+        ),
+        ratio_row(
+            "per_example_gradients, theta order (flatten=True), vs vectorized_map",
+            variant,
+            times["theta"],
+            times["vmap"],
+            "",
+        ),
+        ratio_row(
+            "floor: writing the per-example result alone vs one batch gradient",
+            variant,
+            times["floor"],
+            times["plain"],
+            "",
         ),
     ]
 
