@@ -275,6 +275,46 @@ def test_catches_a_skip_connection_without_its_gradient():
     assert not any(r.layer in ("middle", "last") for r in err.records)
 
 
+def test_catches_batchnorm_backward_without_the_variance_term(monkeypatch):
+    """The train-mode backward with ``- xhat mean(delta xhat)`` left out (docs/batchnorm.md)."""
+    from tf_jacbp.layers import normalization
+
+    def backward(self, dy, x, y, *params):
+        axes = normalization._channel_axes(x)
+        gamma, _ = self.layer.split_parameters(params)
+        projected = dy - tf.reduce_mean(dy, axis=axes)  # missing: - xhat mean(delta * xhat)
+        return gamma / self.s * projected, self.layer.parameter_gradients(dy, self.xhat, axes)
+
+    monkeypatch.setattr(normalization._BatchStep, "backward", backward)
+    err = assert_caught(mlp(layers.BatchNormalization(name="middle")), "first", "kernel")
+    assert not any(r.layer in ("middle", "last") for r in err.records)
+
+
+def test_residual_batchnorm_dropout_model_passes_under_xla_with_finite_differences():
+    x = keras.Input((N_FEATURES,))
+    h = layers.Dense(4, activation="tanh", name="first")(x)
+    r = layers.BatchNormalization(name="bn")(layers.Dense(4, name="middle")(h))
+    h = layers.Add()([layers.Dropout(0.3, seed=2)(r), h])
+    model = keras.Model(x, layers.Dense(N_CLASSES, name="last")(h), name="net")
+    compile_model(model, jit_compile=True)
+    check = GradientCheck(probe(), every_n_batches=2, finite_differences=True, verbose=0)
+    fit(model, check)
+    witnesses = collections.Counter(r.witness for r in check.records)
+    assert witnesses["finite_differences"] >= 3 * len(model.trainable_variables), witnesses
+    assert witnesses["reference"] == witnesses["finite_differences"]
+    assert all(r.passed for r in check.records), check.summary()
+
+
+def test_a_zero_gradient_is_measured_against_the_noise_floor_of_the_whole_gradient():
+    """Rounding noise (1e-8) in a gradient that is exactly zero (a bias before a train-mode
+    batch normalization) fails against itself but passes against the scale of the check; a
+    real 1% error in a gradient of norm 1 still fails."""
+    rtol = tolerances.rtol("float32")
+    assert tolerances.relative_error_from_norms(1e-8, 1e-9, "float32") > rtol
+    assert tolerances.relative_error_from_norms(1e-8, 1e-9, "float32", scale=1.0) <= rtol
+    assert tolerances.relative_error_from_norms(1e-2, 1.0, "float32", scale=1.0) > rtol
+
+
 def test_residual_model_passes_whole_fit():
     model = compile_model(residual(layers.Add(name="add")))
     check = GradientCheck(probe(), every_n_batches=1, verbose=0)

@@ -479,7 +479,9 @@ class GradientCheck(keras.callbacks.Callback):
     def _check(self) -> None:
         """Run both routes (and finite differences) on the probe; record, report, react."""
         statistics = self._comparison_fn(*self.probe).numpy()
-        new = [self._compare(i, *row) for i, row in enumerate(statistics)]
+        finite_norms = [row[3] for row in statistics if row[0] and math.isfinite(row[3])]
+        scale = max(finite_norms, default=0.0)
+        new = [self._compare(i, scale, *row) for i, row in enumerate(statistics)]
         if self.finite_differences:
             new += self._finite_difference_records()
         self._last_check_step = self._step
@@ -500,6 +502,7 @@ class GradientCheck(keras.callbacks.Callback):
     def _compare(
         self,
         i: int,
+        scale: float,
         finite: float,
         abs_err: float,
         diff_norm: float,
@@ -509,8 +512,9 @@ class GradientCheck(keras.callbacks.Callback):
     ) -> GradientCheckRecord:
         """A record from one row of ``_statistics``.
 
-        ``rel_err`` is ``tolerances.relative_error`` evaluated on the norms: ``||g - g_ref|| /
-        max(||g_ref||, TINY[dtype])``, NaN unless both gradients are finite.
+        ``rel_err`` is ``tolerances.relative_error_from_norms``: ``||g - g_ref|| /
+        max(||g_ref||, TINY[dtype], NOISE_FLOOR[dtype] * scale)`` with ``scale`` the largest
+        reference norm of this check, NaN unless both gradients are finite.
         """
         dtype = self._tolerance_dtypes[i]
         finite, abs_err, diff_norm, ref_norm, norm, dot = (
@@ -524,7 +528,7 @@ class GradientCheck(keras.callbacks.Callback):
         if not finite:
             abs_err = rel_err = cosine = float("nan")
         else:
-            rel_err = tolerances.relative_error_from_norms(diff_norm, ref_norm, dtype)
+            rel_err = tolerances.relative_error_from_norms(diff_norm, ref_norm, dtype, scale)
             if norm * ref_norm == 0:
                 cosine = 1.0 if norm == ref_norm else 0.0
             else:
@@ -539,6 +543,10 @@ class GradientCheck(keras.callbacks.Callback):
         clone.set_weights(self.model.get_weights())
         grads = self._fd_gradient_fn(x, y, sample_weight)
         eps = tolerances.FINITE_DIFFERENCE_DELTA
+        norms = [float(np.linalg.norm(g)) for g in grads]
+        floor = tolerances.FINITE_DIFFERENCE_FLOOR * max(
+            [n for n in norms if math.isfinite(n)] or [0]
+        )
         records = []
         for i, (variable, g, v) in enumerate(
             zip(clone.trainable_variables, grads, self._fd_directions, strict=True)
@@ -554,7 +562,7 @@ class GradientCheck(keras.callbacks.Callback):
             directional = float(np.vdot(g, v))
             finite = bool(np.all(np.isfinite(g)) and math.isfinite(fd))
             abs_err = abs(fd - directional) if finite else float("nan")
-            scale = max(float(np.linalg.norm(g)), tolerances.TINY["float64"])
+            scale = max(float(np.linalg.norm(g)), tolerances.TINY["float64"], floor)
             rel_err = abs_err / scale
             records.append(
                 self._record(

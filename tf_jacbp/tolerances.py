@@ -4,7 +4,11 @@ Two gradients ``g`` (Jacobian route) and ``g_ref`` (reference route) agree when
 
     relative_error(g, g_ref) = ||g - g_ref|| / max(||g_ref||, tiny) <= rtol(dtype)
 
-and both are finite. The norms are Frobenius norms over the whole variable, so the measure does
+and both are finite. Where several variables are compared at once (``GradientCheck``), ``tiny``
+grows to ``NOISE_FLOOR[dtype] * scale``, ``scale`` the largest reference norm of the check: a
+gradient that is zero in exact arithmetic (a bias followed by a train-mode batch normalization,
+which removes per-channel constants) is rounding noise in both routes, and its error is then
+measured against the noise level of the whole gradient instead of against itself. The norms are Frobenius norms over the whole variable, so the measure does
 not blow up on entries that are zero in exact arithmetic. Both routes compute the same sums in
 different orders, so the tolerances are a few hundred units in the last place of the dtype:
 float64 is the issue's ``<= 1e-12``; float32 and the mixed-precision compute dtypes are set from
@@ -26,6 +30,12 @@ RTOL = {
 # Below this reference norm the relative error divides by ``tiny`` instead (an all-zero gradient
 # compared with an all-zero gradient is agreement; anything else is measured absolutely).
 TINY = {"float64": 1e-30, "float32": 1e-20, "float16": 1e-6, "bfloat16": 1e-6}
+
+
+# Ten machine epsilons of accumulated rounding, relative to the largest gradient, divided by
+# rtol: below NOISE_FLOOR * scale, a norm cannot be told from rounding noise at this tolerance.
+_EPS = {"float64": 2.2e-16, "float32": 1.2e-7, "float16": 9.8e-4, "bfloat16": 7.8e-3}
+NOISE_FLOOR = {name: 10 * _EPS[name] / RTOL[name] for name in RTOL}
 
 
 def _name(dtype: object) -> str:
@@ -53,9 +63,13 @@ def relative_error(g: object, g_ref: object, dtype: object = "float64") -> float
     return relative_error_from_norms(np.linalg.norm(g - g_ref), np.linalg.norm(g_ref), dtype)
 
 
-def relative_error_from_norms(diff_norm: float, ref_norm: float, dtype: object) -> float:
-    """``||g - g_ref|| / max(||g_ref||, tiny(dtype))`` from the two norms (computed elsewhere)."""
-    return float(diff_norm) / max(float(ref_norm), TINY[_name(dtype)])
+def relative_error_from_norms(
+    diff_norm: float, ref_norm: float, dtype: object, scale: float = 0.0
+) -> float:
+    """``||g - g_ref|| / max(||g_ref||, tiny(dtype), NOISE_FLOOR[dtype] * scale)`` from the norms
+    (computed elsewhere); ``scale`` is the largest reference norm compared alongside (0: none)."""
+    name = _name(dtype)
+    return float(diff_norm) / max(float(ref_norm), TINY[name], NOISE_FLOOR[name] * float(scale))
 
 
 # Central finite differences in float64 with step ``FINITE_DIFFERENCE_DELTA`` have truncation
@@ -63,3 +77,6 @@ def relative_error_from_norms(diff_norm: float, ref_norm: float, dtype: object) 
 # for the smooth maps tested; the tolerance leaves room for curvature.
 FINITE_DIFFERENCE_DELTA = 1e-6
 FINITE_DIFFERENCE_RTOL = 1e-6
+# GradientCheck's finite-difference witness divides by max(||g||, this * the largest ||g||): the
+# difference quotient's own rounding, ~1e-10 absolute, must not count against a zero gradient.
+FINITE_DIFFERENCE_FLOOR = 1e-2
