@@ -14,8 +14,12 @@ For a network of tf_jacbp layers (MATH.md, "Algorithm 1, restated"):
   for each sample without forming ``J``: the same walk with ``delta[L]`` (``n_out`` values per
   sample) in place of ``M``.
 
-Models: ``keras.Sequential`` or functional chains whose layers are all
-``tf_jacbp.layers.JacobianLayer``; anything else raises an error that names the layer.
+Models: ``keras.Sequential`` or functional models with one input and one output whose layers are
+all ``tf_jacbp.layers.JacobianLayer``; anything else raises an error that names the layer. A
+functional model may branch and merge (skips through ``tf_jacbp.layers.Add``) and call a layer
+several times: the walk visits its layer calls in reverse topological order and adds the rows
+that reach a tensor from each of its consumers (the chain rule for a sum of paths). Each layer
+contributes its inference map unless ``training=True`` (``jacobian_ops(training)``).
 """
 
 from __future__ import annotations
