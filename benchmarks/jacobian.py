@@ -75,8 +75,11 @@ def per_example_rows(name: str, batch: int, repetitions: int) -> list[dict]:
         return tf.vectorized_map(one, (x, y))
 
     @tf.function
-    def floor(x, y):  # only writing the result: one (batch, *shape) tensor per variable
-        return [tf.fill([batch, *v.shape], 1.0) for v in variables]
+    def floor(x, y):
+        # Only writing the result, one (batch, *shape) tensor per variable, each filled with a
+        # value read from x so that the graph optimizer cannot fold it into a constant.
+        value = tf.reduce_mean(x)
+        return [tf.fill([batch, *v.shape], value) for v in variables]
 
     @tf.function
     def plain(x, y):
