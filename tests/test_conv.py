@@ -45,6 +45,10 @@ from tf_jacbp.layout import vec_parameter, vec_parameter_batch
             },
         ),
         ((6, 4, 2), {"filters": 2, "kernel_size": (3, 1), "strides": 3, "use_bias": False}),
+        # softmax over the filters: the image-shaped route (ThenActivation), not the flat one
+        ((5, 5, 2), {"filters": 3, "kernel_size": 3, "padding": "same", "activation": "softmax"}),
+        # an activation whose D needs z (not only a), on the flat route
+        ((5, 6, 2), {"filters": 2, "kernel_size": 3, "activation": "elu", "bias": "untied"}),
     ],
 )
 def test_conv2d_every_mode(input_shape, kwargs, tmp_path):
@@ -389,3 +393,32 @@ def test_lenet5_trains_to_90_percent_on_the_offline_digits():
     model.fit(x_train, y_train, batch_size=64, epochs=8, verbose=0)
     _, accuracy = model.evaluate(x_test, y_test, batch_size=500, verbose=0)
     assert accuracy >= 0.9, f"test accuracy {accuracy:.3f} < 0.90"
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "gelu", "softmax"])
+@pytest.mark.parametrize("bias", ["tied", "untied"])
+def test_one_route_with_the_activation_equals_two_routes(activation, bias):
+    """``call`` (the Toeplitz step and ``D`` in one custom gradient) gives the same output and
+    gradients as routing the step and the activation separately."""
+    from tf_jacbp.layers.base import route
+    from tf_jacbp.layers.conv import _ToeplitzStep
+
+    layer = _built(
+        (6, 5, 2), filters=3, kernel_size=3, padding="same", activation=activation, bias=bias
+    )
+    x = tf.constant(np.random.default_rng(1).normal(size=(4, 6, 5, 2)))
+    upstream = tf.constant(np.random.default_rng(2).normal(size=(4, 6, 5, 3)))
+
+    def grads(apply):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = apply()
+            loss = tf.reduce_sum(upstream * y)
+        return [y, *tape.gradient(loss, [x, *layer.trainable_variables])]
+
+    def two_routes():
+        z = route(_ToeplitzStep(layer), x, layer.read_parameters())
+        return route(layer.activation, z)
+
+    for ours, theirs in zip(grads(lambda: layer(x)), grads(two_routes), strict=True):
+        assert tolerances.relative_error(ours, theirs) <= tolerances.rtol("float64")

@@ -95,6 +95,28 @@ def test_kernel_gradient_is_the_patch_matrix_product(config):
     assert err <= tolerances.rtol("float64")
 
 
+@settings(derandomize=True, max_examples=20, deadline=None)
+@given(conv_configs(max_size=7))
+def test_tied_bias_gradient_is_the_ones_row_of_the_same_patch_product(config):
+    """``kernel_gradient(tied_bias=True)`` is ``(dK, sum of delta over samples and positions)``,
+    its patch matrix ``patches`` with the rows in ``K``'s storage order and a row of ones."""
+    kernel_shape, input_shape, strides, padding, dilation, seed = config
+    index = toeplitz.conv_index(kernel_shape, input_shape, strides, padding, dilation)
+    rng = np.random.default_rng(seed + 3)
+    x = tf.constant(rng.normal(size=(3, *input_shape)))
+    delta = tf.constant(rng.normal(size=(3, *index.output_shape)))
+    dk, db = index.kernel_gradient(x, delta, tied_bias=True)
+    np.testing.assert_allclose(dk, index.kernel_gradient(x, delta), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(db, tf.reduce_sum(delta, [0, 1, 2]), rtol=1e-12, atol=1e-12)
+    # The stored-order index is patch_index permuted (padding moved to N + 1), then the ones row.
+    n = index.shape[1]
+    stored = index.stored_patch_index
+    vec = np.arange(np.prod(kernel_shape[:3])).reshape(kernel_shape[:3], order="F").reshape(-1)
+    expected = np.where(index.patch_index[vec] == n, n + 1, index.patch_index[vec])
+    np.testing.assert_array_equal(stored[:-1], expected)
+    np.testing.assert_array_equal(stored[-1], n)
+
+
 def test_lemma_2_the_papers_4_by_9_matrix():
     """MATH.md, Lemma 2: a 3 x 3 input, ``K = [[k1, k2], [k3, k4]]``, valid, stride 1."""
     k1, k2, k3, k4 = 2.0, 3.0, 5.0, 7.0

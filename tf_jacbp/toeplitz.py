@@ -31,6 +31,8 @@ gathering from ``[Vec(K); 0]``, the appended zero serving every structural zero 
   affordable.
 * ``ConvIndex.sparse_matrix``: only the structural nonzeros, for the memory guard.
 * ``ConvIndex.patches``: the patch matrix (im2col), ``J_{Vec(K)} (T(K) vec(x))`` of Lemma 3.
+  ``ConvIndex.kernel_gradient`` multiplies by the same matrix gathered with its columns in
+  ``K``'s storage order (``stored_patch_index``), plus the tied bias' row of ones.
 
 Memory guard: a dense ``T`` takes ``(H_out W_out F) (H W C)`` entries. ``conv_matrix`` and
 ``tf_jacbp.layers.Conv2D`` compare that with a budget in bytes: ``DEFAULT_BUDGET_BYTES``, changed
@@ -46,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from tf_jacbp._backend import tf
-from tf_jacbp.layout import unvec_parameter, vec_index, vec_parameter
+from tf_jacbp.layout import vec_index, vec_parameter
 
 DEFAULT_BUDGET_BYTES = 256 * 2**20
 """The default budget, 256 MiB: a larger dense ``T(K)`` is kept sparse instead, and one whose
@@ -266,21 +268,26 @@ class ConvIndex:
     def block_index(self) -> tuple[np.ndarray, np.ndarray]:
         """The two row-gather maps of ``transpose_matrix``.
 
-        * ``kernel_rows`` ``(kh, C, W, W_out)``: for block row ``(p, c, j')`` and output column
-          ``j``, the position of ``K[p, q, c, 0]`` in ``Vec(K)`` (equivalently of ``K[p, q, c, :]``
-          in ``Vec(K)`` reshaped to ``(F, M)``), with ``j' = j s_w - pad_left + q d_w``; or ``M``.
+        * ``kernel_rows`` ``(kh C W + 1, W_out)``: for block row ``(p, c, j')`` and output column
+          ``j``, the row of ``K[p, q, c, :]`` in ``K`` reshaped to ``(kh kw C, F)`` (its storage
+          order: row ``(p kw + q) C + c``), with ``j' = j s_w - pad_left + q d_w``; or ``M`` (an
+          appended zero row) where no tap ``q`` reads ``j'``. The last block row is all ``M``: the
+          zero block.
         * ``block_rows`` ``(H, W, C, H_out)``: for row ``(i', j', c)`` of ``T^T`` and output row
           ``i``, the block row ``(p, c, j')`` (flattened) with ``i' = i s_h - pad_top + p d_h``; or
-          ``kh C W`` (a zero block row).
+          ``kh C W`` (the zero block row).
         """
         height, width, channels = self.input_shape
         kh, kw = self.kernel_shape[:2]
-        vec = vec_index(self.kernel_shape)[..., 0]  # (kh, kw, C): position within filter 0
+        stored = np.arange(kh * kw * channels).reshape(kh, kw, channels)  # row of K[p, q, c, :]
         inv_h = _inverse_taps(self.taps_h, height)  # (H, H_out) -> p
         inv_w = _inverse_taps(self.taps_w, width)  # (W, W_out) -> q
         p, c = np.arange(kh)[:, None, None, None], np.arange(channels)[None, :, None, None]
         q = inv_w[None, None, :, :]
-        kernel_rows = np.where(q >= 0, vec[p, np.maximum(q, 0), c], kh * kw * channels)
+        kernel_rows = np.where(q >= 0, stored[p, np.maximum(q, 0), c], kh * kw * channels)
+        kernel_rows = np.concatenate(
+            [kernel_rows.reshape(-1, kernel_rows.shape[-1]), np.full((1, q.shape[-1]), stored.size)]
+        )
         p = inv_h[:, None, None, :]
         c, j_in = np.arange(channels)[None, None, :, None], np.arange(width)[None, :, None, None]
         block_rows = np.where(
@@ -309,12 +316,27 @@ class ConvIndex:
         return out
 
     @functools.cached_property
+    def stored_patch_index(self) -> np.ndarray:
+        """``(M + 1, P)``: ``patch_index`` with its rows in ``K``'s storage order ``(p, q, c)``
+        (row-major, the rows of ``K`` reshaped to ``(M, F)``) instead of ``Vec`` order, padding
+        reading ``N + 1`` instead of ``N``, and a last row reading ``N``: the constant 1 that the
+        tied bias multiplies (``kernel_gradient``)."""
+        n, positions = self.shape[1], self.patch_index.shape[1]
+        vec = vec_index(self.kernel_shape)[..., 0].reshape(-1)  # storage row -> Vec row
+        rows = self.patch_index[vec]
+        rows = np.where(rows == n, n + 1, rows)
+        return np.concatenate([rows, np.full((1, positions), n)])
+
+    @functools.cached_property
     def _tensors(self) -> IndexTensors:
         kernel_rows, block_rows = self.block_index
+        stored = self.stored_patch_index
         return IndexTensors(
             kernel_rows=kernel_rows.reshape(-1).astype(np.int32),
             block_rows=block_rows.reshape(-1).astype(np.int32),
             patch_index=self.patch_index.astype(np.int32),
+            stored_patch_index=stored[:-1].astype(np.int32),
+            stored_patch_index_and_one=stored.astype(np.int32),
         )
 
     @functools.cached_property
@@ -326,16 +348,17 @@ class ConvIndex:
         )
 
     def _kernel_matrix(self, kernel: tf.Tensor) -> tf.Tensor:
-        """``(M + 1, F)``: row ``m`` holds ``Vec(K)[m + M f]`` over ``f``; the last row is zero."""
+        """``(M + 1, F)``: ``K`` reshaped to ``(kh kw C, F)`` (row ``(p, q, c)`` holds
+        ``K[p, q, c, :]``, no copy) and a zero row appended."""
         filters = self.kernel_shape[3]
-        rows = tf.transpose(tf.reshape(vec_parameter(kernel), [filters, -1]))
+        rows = tf.reshape(kernel, [-1, filters])
         return tf.concat([rows, tf.zeros([1, filters], kernel.dtype)], axis=0)
 
     def transpose_matrix(self, kernel: tf.Tensor) -> tf.Tensor:
         """``T(K)^T`` ``(N, R)``, dense, built by two row gathers from ``K`` (``block_index``).
 
         First the one-dimensional Toeplitz blocks ``B[p, c, j'] = (K[p, q(j', j), c, f])_{j, f}``
-        (zero where ``q`` is no tap), ``(kh C W + 1, W_out F)`` with a zero row; then
+        (zero where ``q`` is no tap), ``(kh C W + 1, W_out F)`` ending with a zero row; then
         ``T^T[(i', j', c), (i, j, f)] = B[p(i', i), c, j'][(j, f)]``.
         """
         _, width, channels = self.input_shape
@@ -344,9 +367,8 @@ class ConvIndex:
         t = self._tensors
         blocks = tf.reshape(
             tf.gather(self._kernel_matrix(kernel), t["kernel_rows"]),
-            [kh * channels * width, w_out * filters],
+            [kh * channels * width + 1, w_out * filters],
         )
-        blocks = tf.concat([blocks, tf.zeros([1, w_out * filters], kernel.dtype)], axis=0)
         return tf.reshape(tf.gather(blocks, t["block_rows"]), [self.shape[1], self.shape[0]])
 
     def matrix(self, kernel: tf.Tensor) -> tf.Tensor:
@@ -374,19 +396,35 @@ class ConvIndex:
         patches = tf.gather(columns, self._tensors["patch_index"])  # (M, P, batch)
         return tf.reshape(patches, [tf.shape(patches)[0], -1])
 
-    def kernel_gradient(self, x: tf.Tensor, delta: tf.Tensor) -> tf.Tensor:
-        """``dK = sum_b (J_{Vec(K)} T(K) vec(x_b))^T delta_b``, shaped like ``K``.
+    def kernel_gradient(
+        self, x: tf.Tensor, delta: tf.Tensor, tied_bias: bool = False
+    ) -> tf.Tensor | tuple[tf.Tensor, tf.Tensor]:
+        """``dK = sum_b (J_{Vec(K)} T(K) vec(x_b))^T delta_b``, shaped like ``K``; with
+        ``tied_bias`` also ``db = sum_b (J_b z_b)^T delta_b``, returned as ``(dK, db)``.
 
         ``x`` ``(batch, H, W, C)``, ``delta`` ``(batch, H_out, W_out, F)``. Per sample the Jacobian
         is ``I_F (x) X_patch``, so its transpose times ``delta`` is ``Vec(X_patch^T Delta)`` with
-        ``Delta`` ``(P, F)``: one matmul ``(M, P batch) x (P batch, F)`` for the whole batch, whose
-        column ``f`` is ``Vec(dK[..., f])``.
+        ``Delta`` ``(P, F)``: one matmul ``(M, P batch) x (P batch, F)`` for the whole batch. The
+        patch matrix is gathered with its columns in ``K``'s storage order (``stored_patch_index``,
+        a fixed permutation of the ``Vec`` order of ``patches``), so that the ``(M, F)`` product is
+        ``dK`` reshaped, with no transposes. The tied bias' Jacobian ``J_b z = I_F`` stacked ``P``
+        times is the patch of the constant 1: with ``tied_bias`` the patch matrix gets that row
+        (``[X_patch | 1]``) and the same product's last row is ``db`` (``Delta`` summed over
+        positions and samples).
         """
-        positions = self.output_shape[0] * self.output_shape[1]
-        delta = tf.reshape(delta, [-1, positions, self.kernel_shape[3]])
-        delta = tf.reshape(tf.transpose(delta, [1, 0, 2]), [-1, self.kernel_shape[3]])
-        gradient = tf.matmul(self.patches(x), delta)  # (M, F)
-        return unvec_parameter(tf.reshape(tf.transpose(gradient), [-1]), self.kernel_shape)
+        positions, filters = self.output_shape[0] * self.output_shape[1], self.kernel_shape[3]
+        columns = tf.transpose(tf.reshape(x, [-1, self.shape[1]]))  # (N, batch)
+        one_and_zero = tf.broadcast_to(tf.constant([[1], [0]], x.dtype), [2, tf.shape(x)[0]])
+        columns = tf.concat([columns, one_and_zero], axis=0)  # rows N (ones) and N + 1 (zeros)
+        index = self._tensors["stored_patch_index_and_one" if tied_bias else "stored_patch_index"]
+        patches = tf.reshape(tf.gather(columns, index), [index.shape[0], -1])  # (M [+ 1], P batch)
+        delta = tf.reshape(delta, [-1, positions, filters])
+        delta = tf.reshape(tf.transpose(delta, [1, 0, 2]), [-1, filters])  # (P batch, F)
+        gradient = tf.matmul(patches, delta)  # (M [+ 1], F): row (p, q, c) is dK[p, q, c, :]
+        if not tied_bias:
+            return tf.reshape(gradient, self.kernel_shape)
+        m = index.shape[0] - 1
+        return tf.reshape(gradient[:m], self.kernel_shape), gradient[m]
 
 
 def validate(
