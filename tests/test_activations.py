@@ -89,3 +89,16 @@ def test_reference_mode_switches_route():
 def test_bad_activation_arguments_name_the_argument(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_plain_relu_backward_reads_d_from_the_output_alone():
+    """``(J_z f)^T delta = [z > 0] delta`` from ``a = max(z, 0)`` only (``z`` unused), equal to
+    the derivative times ``delta``; with arguments, ReLU's backward uses ``z``."""
+    z = tf.constant([[-1.5, 0.0, 0.3, 2.0], [1e-30, -1e-30, 5.0, -0.2]], tf.float64)
+    dy = tf.constant(np.random.default_rng(0).normal(size=(2, 4)))
+    relu = activations.ReLU()
+    dz, _ = relu.backward(dy, None, relu.forward(z))
+    np.testing.assert_array_equal(dz, relu.derivative(z, relu.forward(z)) * dy)
+    leaky = activations.ReLU(negative_slope=0.1)
+    dz, _ = leaky.backward(dy, z, leaky.forward(z))
+    np.testing.assert_allclose(dz, leaky.derivative(z, leaky.forward(z)) * dy)

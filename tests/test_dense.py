@@ -17,6 +17,7 @@ from tf_jacbp import layers, tolerances
         {"activation": "tanh", "use_bias": False},
         {"activation": "softmax"},
         {"activation": "sigmoid", "kernel_regularizer": "l2"},
+        {"activation": "gelu"},  # D needs z, not only a
     ],
 )
 def test_dense_every_mode(kwargs, tmp_path):

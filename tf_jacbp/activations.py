@@ -105,6 +105,14 @@ class ReLU(Elementwise):
             out = tf.minimum(out, tf.cast(self.max_value, z.dtype))
         return out
 
+    def backward(self, dy: tf.Tensor, z: tf.Tensor, a: tf.Tensor) -> tuple[tf.Tensor, list]:
+        """``f'(z) * delta``. The plain ReLU reads its 0/1 diagonal from ``a = max(z, 0)`` alone:
+        ``f'(z) = [z > 0] = sign(a)``, one op (so a layer's forward can fuse ``z`` into its
+        matmul, ``ThenActivation``). A NaN ``z`` gives a NaN gradient."""
+        if self._plain():
+            return tf.sign(a) * dy, []
+        return super().backward(dy, z, a)
+
     def derivative(self, z, a):
         if self._plain():
             return tf.cast(z > 0, z.dtype)  # a cast, not tf.where: the cheaper op on the hot path

@@ -15,6 +15,7 @@ from typing import Any
 
 from tf_jacbp import activations
 from tf_jacbp._backend import keras, tf
+from tf_jacbp.layers.activation import then_activation
 from tf_jacbp.layers.base import _KernelBiasLayer, as_float_tensor, route
 
 
@@ -106,7 +107,7 @@ class Dense(_KernelBiasLayer):
 
     def per_example_backward(self, dz, a, z, kernel, bias=None):
         """``backward`` per sample: ``dW_i = a_i delta_i^T`` ``(batch, n, m)``, ``db_i = delta_i``."""
-        grads = [a[:, :, None] * dz[:, None, :]]
+        grads = [tf.einsum("bi,bj->bij", a, dz)]  # measured faster than a broadcast product
         if bias is not None:
             grads.append(dz)
         return tf.matmul(dz, kernel, transpose_b=True), grads
@@ -127,8 +128,9 @@ class Dense(_KernelBiasLayer):
         return [(self, self.read_parameters()), (self.activation, [])]
 
     def call(self, inputs: tf.Tensor) -> tf.Tensor:
-        z = route(self, inputs, self.read_parameters())
-        return route(self.activation, z)
+        """``f(W^T a + b)`` on one route (``then_activation``): the backward pass applies ``D``,
+        then ``backward``."""
+        return route(then_activation(self, self.activation), inputs, self.read_parameters())
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         return (*input_shape[:-1], self.units)
