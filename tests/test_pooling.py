@@ -15,6 +15,7 @@ POOLS = [
     (MaxPooling2D, (6, 4, 2), {}),
     (MaxPooling2D, (7, 6, 2), {"pool_size": 3, "strides": 2, "padding": "same"}),
     (MaxPooling2D, (5, 7, 1), {"pool_size": (2, 3), "strides": (1, 2)}),
+    (MaxPooling2D, (7, 8, 2), {"pool_size": (2, 3)}),  # tiled, a row and two columns left over
     (AveragePooling2D, (7, 6, 2), {"pool_size": 3, "strides": 2, "padding": "same"}),
     (AveragePooling2D, (5, 7, 3), {"pool_size": (2, 3)}),
     (AveragePooling2D, (5, 5, 1), {"pool_size": 2, "strides": 1, "padding": "same"}),
@@ -134,3 +135,32 @@ def test_pool_larger_than_a_valid_input_and_bad_ranks(cls):
 def test_flatten_channels_first_is_an_error():
     with pytest.raises(ValueError, match="data_format='channels_first'"):
         Flatten(data_format="channels_first")
+
+
+@pytest.mark.parametrize(
+    "input_shape, kwargs",
+    [
+        ((28, 28, 6), {}),
+        ((7, 9, 3), {}),
+        ((9, 8, 2), {"pool_size": (3, 2)}),
+        ((6, 6, 1), {"pool_size": 3}),
+    ],
+)
+@pytest.mark.parametrize("ties", [False, True])
+def test_tiled_max_pooling_backward_equals_the_gather_route(input_shape, kwargs, ties):
+    """Windows that tile the input (``strides == pool_size``, "valid") take the reshape route;
+    it selects exactly what the general route's gathers select, op by op and compiled."""
+    from tf_jacbp.layers.pooling import _Pooling2D
+
+    layer = _built(MaxPooling2D, input_shape, **kwargs)
+    assert layer.tiled
+    rng = np.random.default_rng(2)
+    values = (
+        rng.integers(0, 3, size=(3, *input_shape)) if ties else rng.normal(size=(3, *input_shape))
+    )
+    x = tf.constant(values.astype("float64"))
+    y = layer.forward(x)
+    dy = tf.constant(rng.normal(size=y.shape))
+    general = _Pooling2D.input_gradient(layer, dy, x, y)
+    np.testing.assert_array_equal(layer.input_gradient(dy, x, y), general)
+    np.testing.assert_array_equal(tf.function(layer.backward)(dy, x, y)[0], general)

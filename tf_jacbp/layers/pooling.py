@@ -97,6 +97,8 @@ class _Pooling2D(JacobianLayer):
             input_index=self.input_index.astype(np.int32),
         )
         self.input_spec = keras.layers.InputSpec(ndim=4, axes={1: height, 2: width, -1: channels})
+        # The windows tile the input (no overlap, no padding): its reshape holds them as axes.
+        self.tiled = self.strides == self.pool_size and self.padding == "valid"
         self._compiled_input_gradient = tf.function(self.input_gradient, jit_compile=True)
 
     def windows(self, x: tf.Tensor, fill: float) -> tf.Tensor:
@@ -198,6 +200,37 @@ class MaxPooling2D(_Pooling2D):
 
     def reference(self, x: tf.Tensor) -> tf.Tensor:
         return tf.nn.max_pool2d(x, self.pool_size, self.strides, self.padding.upper())
+
+    def input_gradient(self, dy: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        """``dx = J^T dy``. When the windows tile the input (``strides == pool_size``,
+        ``"valid"``) they are axes of ``x`` reshaped to ``(batch, H_out, p_h, W_out, p_w, C)``:
+        the same selection of each window's first maximum, by reshapes and comparisons instead of
+        the gathers of ``windows`` (rows and columns past the last window get zero)."""
+        if not self.tiled:
+            return super().input_gradient(dy, x, y)
+        (h_out, w_out), (p_h, p_w) = self.output_hw, self.pool_size
+        height, width, channels = self.input_hwc
+        x = tf.reshape(x[:, : h_out * p_h, : w_out * p_w], [-1, h_out, p_h, w_out, p_w, channels])
+        y = tf.reshape(y, [-1, h_out, 1, w_out, 1, channels])
+        taken = tf.zeros_like(y, dtype=tf.bool)
+        rows = []
+        for s in range(p_h):  # slots in row-major order within the window, as ``windows``
+            row = []
+            for t in range(p_w):
+                first = tf.logical_and(
+                    tf.equal(x[:, :, s : s + 1, :, t : t + 1], y), tf.logical_not(taken)
+                )
+                taken = tf.logical_or(taken, first)
+                row.append(first)
+            rows.append(tf.concat(row, axis=4))
+        selected = tf.concat(rows, axis=2)  # J's entries, (batch, H_out, p_h, W_out, p_w, C)
+        dy = tf.reshape(dy, [-1, h_out, 1, w_out, 1, channels])
+        dx = tf.reshape(
+            tf.where(selected, dy, tf.zeros([], dy.dtype)), [-1, h_out * p_h, w_out * p_w, channels]
+        )
+        if (h_out * p_h, w_out * p_w) == (height, width):
+            return dx
+        return tf.pad(dx, [[0, 0], [0, height - h_out * p_h], [0, width - w_out * p_w], [0, 0]])
 
     def weights_per_slot(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
         """1 at the first slot of each window equal to its maximum ``y``, else 0."""
