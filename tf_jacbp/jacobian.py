@@ -159,8 +159,8 @@ def _forward(
     records, calls = [], collections.Counter()
     for node in nodes:
         call, calls[id(node.layer)] = calls[id(node.layer)], calls[id(node.layer)] + 1
-        a = [values[key] for key in node.inputs]
-        keys, a = (node.inputs, a) if len(a) > 1 else (node.inputs, a[0])
+        keys, a = node.inputs, [values[key] for key in node.inputs]
+        a = a if len(a) > 1 else a[0]
         ops = node.layer.jacobian_ops(training)
         for j, (op, params) in enumerate(ops):
             out = node.output if j == len(ops) - 1 else (node.output, j)
@@ -193,7 +193,6 @@ def _walk(
     output_key: Any,
     m: tf.Tensor,
     step: Callable = _rows,
-    zeros: Callable | None = None,
 ) -> list[tuple]:
     """Algorithm 1 from the output: ``[(variable, M J_p)]`` in theta order (step 2).
 
@@ -201,23 +200,18 @@ def _walk(
     feeds several maps (a skip connection), the rows arriving from each are added: that is the
     chain rule for a sum of paths. A layer called several times adds its blocks. ``step`` is
     ``_rows`` (``M``: ``(batch, k, ...)`` rows, blocks in ``Vec`` order) or ``_per_example``
-    (``M``: one ``delta`` per sample, step 6, gradients in each parameter's shape); ``zeros(v)``
-    fills in a variable the output does not depend on.
+    (``M``: one ``delta`` per sample, step 6, gradients in each parameter's shape). Every map of
+    a Sequential or functional model lies on a path to its output, so every map receives rows.
     """
-    batch_k = tf.shape(m)[:2]
-    zeros = zeros or (lambda v: tf.zeros(tf.concat([batch_k, [int(np.prod(v.shape))]], 0), m.dtype))
     rows_at = {output_key: m}
     blocks: dict[int, tf.Tensor] = {}
     for r in reversed(records):
-        m = rows_at.pop(r.output, None)
-        if m is None:  # the output does not depend on this map
-            continue
-        dx, rows = step(r.op, m, r.x, r.y, r.params)
+        dx, rows = step(r.op, rows_at.pop(r.output), r.x, r.y, r.params)
         for key, d in zip(r.inputs, dx if isinstance(r.x, list) else [dx], strict=True):
             rows_at[key] = rows_at[key] + d if key in rows_at else d
         for v, g in zip(r.layer.jacobian_parameters() if r.params else [], rows, strict=True):
             blocks[id(v)] = blocks[id(v)] + g if id(v) in blocks else g
-    return [(v, blocks[id(v)] if id(v) in blocks else zeros(v)) for v in parameter_variables(model)]
+    return [(v, blocks[id(v)]) for v in parameter_variables(model)]
 
 
 def parameter_jacobian(
@@ -310,16 +304,7 @@ def per_example_gradients(
     if flatten:  # one row, delta[L]^T, per sample: the blocks come in Vec order
         rows = _walk(model, records, output_key, delta[:, None])
         return tf.concat([g[:, 0] for _, g in rows], axis=-1)
-    batch = tf.shape(delta)[:1]
-    grads = _walk(
-        model,
-        records,
-        output_key,
-        delta,
-        step=_per_example,
-        zeros=lambda v: tf.zeros(tf.concat([batch, v.shape], 0), delta.dtype),
-    )
-    return [g for _, g in grads]
+    return [g for _, g in _walk(model, records, output_key, delta, step=_per_example)]
 
 
 def layer_jacobians(model: keras.Model, x: Any) -> dict[str, tf.Tensor]:

@@ -94,12 +94,6 @@ class Add(JacobianLayer):
         """``(J_{x_k} y)^T delta = delta`` for each input (summed over broadcast axes)."""
         return [_reduce_to(dy, x.shape[1:], 1) for x in xs], []
 
-    def per_example_backward(
-        self, dy: tf.Tensor, xs: Sequence[tf.Tensor], y: tf.Tensor
-    ) -> tuple[list[tf.Tensor], list]:
-        """No parameters: the same as ``backward``."""
-        return self.backward(dy, xs, y)
-
     def jacobian_rows(
         self, m: tf.Tensor, xs: Sequence[tf.Tensor], y: tf.Tensor
     ) -> tuple[list[tf.Tensor], list]:
