@@ -30,13 +30,7 @@ import numbers
 from typing import Any
 
 from tf_jacbp._backend import keras, tf
-from tf_jacbp.layers.base import JacobianLayer, as_float_tensor, route
-
-_OPTIONS = {
-    "initializer": keras.initializers,
-    "regularizer": keras.regularizers,
-    "constraint": keras.constraints,
-}
+from tf_jacbp.layers.base import _WEIGHT_OPTIONS, JacobianLayer, as_float_tensor, route
 
 
 def _channel_axes(x: tf.Tensor) -> list[int]:
@@ -131,7 +125,7 @@ class BatchNormalization(JacobianLayer):
             "gamma_constraint": gamma_constraint,
         }
         for name, value in options.items():
-            setattr(self, name, _OPTIONS[name.rsplit("_", 1)[1]].get(value))
+            setattr(self, name, _WEIGHT_OPTIONS[name.rsplit("_", 1)[1]].get(value))
         self.gamma = self.beta = self.moving_mean = self.moving_variance = None
 
     def build(self, input_shape: tuple) -> None:
@@ -163,7 +157,7 @@ class BatchNormalization(JacobianLayer):
 
     def _weight(self, name: str, channels: int, trainable: bool) -> keras.Variable:
         options = {
-            k: getattr(self, f"{name}_{k}") for k in _OPTIONS if hasattr(self, f"{name}_{k}")
+            k: getattr(self, f"{name}_{k}") for k in _WEIGHT_OPTIONS if hasattr(self, f"{name}_{k}")
         }
         return self.add_weight(
             name=name, shape=(channels,), trainable=trainable, autocast=False, **options
@@ -308,14 +302,14 @@ class BatchNormalization(JacobianLayer):
         """
         x = as_float_tensor(x, self.statistics_dtype)
         channels = int(x.shape[-1])
-        columns = tf.reshape(x, [-1, channels])  # (N, C): column c is channel c's vector
-        n = tf.cast(tf.shape(columns)[0], x.dtype)
-        centered = columns - tf.reduce_mean(columns, axis=0)
-        s = tf.sqrt(tf.reduce_mean(tf.square(centered), axis=0) + self.epsilon)
-        xhat = tf.transpose(centered / s)  # (C, N)
-        gamma, _ = self.split_parameters([tf.cast(p, x.dtype) for p in self.read_parameters()])
-        factor = (1.0 if gamma is None else gamma) / s
-        eye = tf.eye(tf.shape(columns)[0], dtype=x.dtype)
+        params = [tf.cast(p, x.dtype) for p in self.read_parameters()]
+        step = _BatchStep(self)  # the statistics of a training call: s and xhat per channel
+        step.forward(x, *params)
+        xhat = tf.transpose(tf.reshape(step.xhat, [-1, channels]))  # (C, N): row c, channel c
+        n = tf.cast(tf.shape(xhat)[1], x.dtype)
+        gamma, _ = self.split_parameters(params)
+        factor = (1.0 if gamma is None else gamma) / step.s
+        eye = tf.eye(tf.shape(xhat)[1], dtype=x.dtype)
         blocks = factor[:, None, None] * (eye - 1.0 / n - xhat[:, :, None] * xhat[:, None, :] / n)
         if per_channel:
             return blocks
@@ -345,7 +339,7 @@ class BatchNormalization(JacobianLayer):
             "beta_constraint",
             "gamma_constraint",
         ):
-            config[name] = _OPTIONS[name.rsplit("_", 1)[1]].serialize(getattr(self, name))
+            config[name] = _WEIGHT_OPTIONS[name.rsplit("_", 1)[1]].serialize(getattr(self, name))
         return config
 
 
