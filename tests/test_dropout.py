@@ -99,8 +99,8 @@ def test_rate_zero_is_the_identity_and_rate_one_drops_everything(rate):
 
 
 def test_jacobian_ops_in_training_mode_draw_a_fresh_mask():
-    """The op's forward draws a mask; its backward (also with ``k`` rows per sample, as
-    ``tf_jacbp.jacobian`` passes them) and ``jacobian_factors`` use that same mask."""
+    """The op's forward draws a mask; its backward, its ``jacobian_rows`` (``k`` rows per sample,
+    as ``tf_jacbp.jacobian`` passes them) and ``jacobian_factors`` use that same mask."""
     layer = layers.Dropout(0.5, seed=3, dtype="float64")
     x = tf.constant(np.random.default_rng(5).normal(size=(6, 4)) + 5.0)
     ((op, params),) = layer.jacobian_ops(training=True)
@@ -108,8 +108,10 @@ def test_jacobian_ops_in_training_mode_draw_a_fresh_mask():
     y = op.forward(x)
     diagonal = np.asarray(y) / np.asarray(x)
     rows = tf.constant(np.random.default_rng(6).normal(size=(6, 3, 4)))
-    dx, _ = op.backward(rows, x[:, None], y[:, None])
+    dx, _ = op.jacobian_rows(rows, x, y)
     np.testing.assert_allclose(dx, np.asarray(rows) * diagonal[:, None, :], rtol=1e-15)
+    dx, _ = op.backward(rows[:, 0], x, y)
+    np.testing.assert_allclose(dx, np.asarray(rows[:, 0]) * diagonal, rtol=1e-15)
     np.testing.assert_array_equal(
         op.jacobian_factors(x[0])["diag(k / (1 - r))"], np.diag(diagonal[0])
     )

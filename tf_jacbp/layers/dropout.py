@@ -171,15 +171,13 @@ class _DropoutStep:
         )
 
     def backward(self, dy: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, list]:
-        """``(J_x y)^T delta = delta * k / (1 - r)``.
+        """``(J_x y)^T delta = delta * k / (1 - r)``."""
+        return dy * self.diagonal, []
 
-        ``tf_jacbp.jacobian`` passes parameter-free ops ``k`` rows per sample, ``dy`` of shape
-        ``(batch, k, ...)``; the mask then applies to each row of its sample.
-        """
-        diagonal = self.diagonal
-        if len(dy.shape) == len(diagonal.shape) + 1:
-            diagonal = tf.expand_dims(diagonal, 1)
-        return dy * diagonal, []
+    def jacobian_rows(self, m: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, list]:
+        """``M diag(k / (1 - r))`` for ``M`` ``(batch, k, ...)``: each row times its sample's mask
+        (``tf_jacbp.jacobian``'s Algorithm 1 walk)."""
+        return m * tf.expand_dims(self.diagonal, 1), []
 
     def jacobian_factors(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
         """``{"diag(k / (1 - r))": (n, n)}`` for the first sample of the last ``forward``, shaped
