@@ -7,7 +7,9 @@ Rows, each in graph mode and with XLA (``jit_compile=True``):
 * each of LeNet-5's two conv layers alone, forward and every gradient (input, kernel, bias), in a
   ``tf.function``: ``tf_jacbp.layers.Conv2D`` against ``keras.layers.Conv2D`` with the same kernel;
 * the floor: the Toeplitz products alone (``X T^T`` for both convs, ``Delta T`` for the second;
-  the first conv's input gradient is never needed), timed against the stock train step.
+  the first conv's input gradient is never needed), timed against the stock train step; and all
+  the explicit conv work of the step (``T(K)`` built twice, those products, the patch-product
+  kernel and bias gradients), the part of our step that stock Keras does with its conv kernels.
 
 Candidates are interleaved in every repetition; a ratio is the median of per-repetition ratios
 (``benchmarks.timing``), ``peak_mib`` is TensorFlow's CPU allocator peak during one step, ours then
@@ -69,7 +71,8 @@ def compiled_pair(jit_compile: bool) -> tuple[keras.Model, keras.Model]:
 
 
 def lenet_rows(repetitions: int, steps: int) -> list[dict]:
-    """The train step, and the Toeplitz products alone against the stock step (graph mode)."""
+    """The train step, and the Toeplitz products alone and all the explicit conv work against
+    the stock step (graph mode)."""
     x, y = mnist_batches(steps)
     batches = [(x[i : i + BATCH_SIZE], y[i : i + BATCH_SIZE]) for i in range(0, len(x), BATCH_SIZE)]
     rows = []
@@ -81,6 +84,7 @@ def lenet_rows(repetitions: int, steps: int) -> list[dict]:
         }
         if not jit:
             candidates["products"] = toeplitz_products(steps)
+            candidates["explicit"] = explicit_work(steps)
         times = {k: [t / steps for t in v] for k, v in interleaved(candidates, repetitions).items()}
         variant = f"batch {BATCH_SIZE}, train_on_batch, {'XLA' if jit else 'graph'}"
         row = ratio_row("LeNet-5 train step", variant, times["ours"], times["stock"], TARGET)
@@ -94,6 +98,15 @@ def lenet_rows(repetitions: int, steps: int) -> list[dict]:
                     "LeNet-5 Toeplitz products only",
                     "X T^T twice, Delta T once; vs stock step",
                     times["products"],
+                    times["stock"],
+                    "floor",
+                )
+            )
+            rows.append(
+                ratio_row(
+                    "LeNet-5 explicit conv work only",
+                    "build T twice, products, patch-product dK, db; vs stock step",
+                    times["explicit"],
                     times["stock"],
                     "floor",
                 )
@@ -118,6 +131,35 @@ def toeplitz_products(steps: int):
         return [tf.matmul(x1, t1), tf.matmul(x2, t2), tf.matmul(d2, t2, transpose_b=True)]
 
     return lambda: [[v.numpy() for v in products()] for _ in range(steps)]
+
+
+def explicit_work(steps: int):
+    """``steps`` repetitions of all that the train step computes for its two convs by the
+    formulas: ``T(K)`` built from the kernel, the Toeplitz products, and the kernel and bias
+    gradients by the patch-matrix product (``ConvIndex.kernel_gradient``), LeNet-5's shapes.
+    The rest of the step (pooling, dense layers, loss, optimizer, Keras' loop) comes on top, as
+    it does for stock Keras."""
+    rng = np.random.default_rng(0)
+    operands = []
+    for input_shape, filters, padding in CONVS.values():
+        index = toeplitz.conv_index((5, 5, input_shape[2], filters), input_shape, padding=padding)
+        kernel = tf.constant(rng.normal(size=index.kernel_shape), tf.float32)
+        x = tf.constant(rng.normal(size=(BATCH_SIZE, *input_shape)), tf.float32)
+        delta = tf.constant(rng.normal(size=(BATCH_SIZE, *index.output_shape)), tf.float32)
+        operands.append((index, kernel, x, delta))
+
+    @tf.function
+    def work():
+        out = []
+        for i, (index, kernel, x, delta) in enumerate(operands):
+            t = index.transpose_matrix(kernel)
+            out.append(tf.matmul(tf.reshape(x, [BATCH_SIZE, -1]), t))
+            if i:  # the first conv's input gradient is never needed
+                out.append(tf.matmul(tf.reshape(delta, [BATCH_SIZE, -1]), t, transpose_b=True))
+            out.extend(index.kernel_gradient(x, delta, tied_bias=True))
+        return out
+
+    return lambda: [[v.numpy() for v in work()] for _ in range(steps)]
 
 
 def conv_rows(repetitions: int, calls: int) -> list[dict]:
