@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from benchmarks.timing import interleaved, ratio_row
+from benchmarks.timing import input_pipeline, interleaved, ratio_row
 from benchmarks.twins import stock_twin
 from tf_jacbp import datasets, losses, models
 
@@ -196,24 +196,6 @@ def throughput_rows(
             }
         )
     return rows
-
-
-def input_pipeline(x: np.ndarray, y: np.ndarray, batch: int, seed: int = 0) -> tf.data.Dataset:
-    """``(x, y)`` in batches of ``batch``, the samples reshuffled every epoch (a permutation of
-    the indices, then a gather per batch), with tf.data's autotuner off.
-
-    On this 2-core machine the autotuner's background work took one of the two cores for
-    seconds at a time and halved whole epochs (measured, stock Keras alike; ``fit`` on NumPy
-    arrays builds an autotuned pipeline); with it off and a one-thread private pool the epochs
-    run at the compiled step's speed. Two pipelines with the same ``seed`` give the same orders.
-    """
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    options.threading.private_threadpool_size = 1
-    images, labels = tf.constant(x), tf.constant(y)
-    order = tf.data.Dataset.range(len(x)).shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    data = order.batch(batch).map(lambda i: (tf.gather(images, i), tf.gather(labels, i)))
-    return data.prefetch(1).with_options(options)
 
 
 def step_throughput_row(x: np.ndarray, y: np.ndarray, repetitions: int, batch: int = 4096) -> dict:
