@@ -1,6 +1,7 @@
 """LeNet-5 and its conv layers with tf_jacbp's Toeplitz Conv2D against stock-Keras twins.
 
-Rows, each in graph mode and with XLA (``jit_compile=True``):
+Rows, each in graph mode and with XLA (``jit_compile=True``; the quick run times the layers
+alone in graph mode only):
 
 * the LeNet-5 train step (``tf_jacbp.models.lenet5()`` against ``benchmarks.twins.stock_twin``:
   same initial weights, same MNIST batches of 128, ``train_on_batch`` over the same batches);
@@ -162,12 +163,12 @@ def explicit_work(steps: int):
     return lambda: [[v.numpy() for v in work()] for _ in range(steps)]
 
 
-def conv_rows(repetitions: int, calls: int) -> list[dict]:
+def conv_rows(repetitions: int, calls: int, modes: tuple[bool, ...] = (False, True)) -> list[dict]:
     """One conv layer, forward and gradients with respect to input, kernel and bias."""
     rows = []
     for name, (input_shape, filters, padding) in CONVS.items():
         x = tf.constant(np.random.default_rng(1).random((BATCH_SIZE, *input_shape)), tf.float32)
-        for jit in (False, True):
+        for jit in modes:
             ours = Conv2D(filters, 5, padding=padding, activation="relu")
             stock = keras.layers.Conv2D(filters, 5, padding=padding, activation="relu")
             ours.build(x.shape)
@@ -204,7 +205,7 @@ def _gradient_step(layer: keras.layers.Layer, jit_compile: bool):
 def run(quick: bool) -> list[dict]:
     """Rows for the suite table (see ``benchmarks/run.py``)."""
     if quick:
-        return [*lenet_rows(5, 12), *conv_rows(5, 5)]
+        return [*lenet_rows(5, 12), *conv_rows(5, 5, modes=(False,))]
     return [*lenet_rows(15, 31), *conv_rows(15, 20)]
 
 

@@ -52,10 +52,13 @@ def compiled_pair(jit_compile: bool) -> tuple[keras.Model, keras.Model]:
     return ours, stock
 
 
-def step_rows(x: np.ndarray, y: np.ndarray, repetitions: int, steps: int) -> list[dict]:
+def step_rows(
+    x: np.ndarray, y: np.ndarray, repetitions: int, steps: int, compiled_xla: bool = True
+) -> list[dict]:
     """The train step in ``fit`` (the target), and what bounds it: the compiled step alone
-    (``train_step`` in a ``tf.function``, one batch in memory, no ``fit`` loop) and the step's
-    matmuls alone, all against stock Keras' step in ``fit``, interleaved."""
+    (``train_step`` in a ``tf.function``, one batch in memory, no ``fit`` loop; under XLA only
+    with ``compiled_xla``) and the step's matmuls alone, all against stock Keras' step in
+    ``fit``, interleaved."""
     rows = []
     x, y = x[: steps * BATCH_SIZE], y[: steps * BATCH_SIZE]
     xb, yb = tf.constant(x[:BATCH_SIZE]), tf.constant(y[:BATCH_SIZE])
@@ -66,7 +69,8 @@ def step_rows(x: np.ndarray, y: np.ndarray, repetitions: int, steps: int) -> lis
             name: lambda m=m: m.fit(x, y, batch_size=BATCH_SIZE, epochs=1, verbose=0)
             for name, m in (("ours", ours), ("stock", stock))
         }
-        for name, m in (("ours", ours), ("stock", stock)):
+        compiled = compiled_xla or not jit
+        for name, m in (("ours", ours), ("stock", stock)) if compiled else ():
             step = tf.function(lambda a, b, m=m: m.train_step((a, b)), jit_compile=jit)
             candidates[f"{name} compiled"] = lambda f=step: [f(xb, yb) for _ in range(steps)]
         if not jit:
@@ -82,6 +86,8 @@ def step_rows(x: np.ndarray, y: np.ndarray, repetitions: int, steps: int) -> lis
                 "<= 0.95",
             )
         )
+        if not compiled:
+            continue
         rows.append(
             ratio_row(
                 "LeNet-100-300-10 compiled train step alone",
@@ -144,29 +150,36 @@ PIPELINE_BATCH_SIZE = 4096
 
 
 def throughput_rows(
-    x: np.ndarray, y: np.ndarray, repetitions: int, batch_size: int = BATCH_SIZE
+    x: np.ndarray,
+    y: np.ndarray,
+    repetitions: int,
+    batch_size: int = BATCH_SIZE,
+    large_batch_sizes: tuple[int, ...] = LARGE_BATCH_SIZES,
 ) -> list[dict]:
     """The epoch's achieved GFLOP/s over a matmul peak measured in the same repetition; the
     epoch timed from its start to its end (``_EpochTimer``, without ``fit``'s one-off set-up).
 
-    One row for ``batch_size`` on ``x``, then one per batch size of ``LARGE_BATCH_SIZES`` on the
-    whole batches of the full training set, each ``fit`` on NumPy arrays; then the row the target
-    is for: ``PIPELINE_BATCH_SIZE`` from a ``tf.data`` pipeline batched once and cached in memory,
-    as one feeds a throughput-bound epoch. At batch 128 the step is bound by ``fit``'s per-step
-    host overhead (a few ms, the same for any model), not by its ~65 MFLOP of compute; from
-    NumPy arrays at large batches ``fit`` converts, shuffles and slices the arrays every epoch.
+    One row for ``batch_size`` on ``x``, then one per ``large_batch_sizes`` (none in the quick
+    run) on the whole batches of the full training set, each ``fit`` on NumPy arrays; then the
+    row the target is for: ``PIPELINE_BATCH_SIZE`` from a ``tf.data`` pipeline batched once and
+    cached, the autotuner off (``input_pipeline(shuffle="batches")``), as one feeds a
+    throughput-bound epoch. At batch 128 the step is bound by ``fit``'s per-step host overhead (a
+    few ms, the same for any model), not by its ~65 MFLOP of compute; from NumPy arrays at large
+    batches ``fit`` converts, shuffles and slices the arrays every epoch, in an autotuned
+    pipeline.
     Each row states stock Keras' fraction, timed in the same repetitions on the same data.
     """
     ours, stock = compiled_pair(False)
     (full_x, full_y), _ = fashion_mnist()
     rows = []
-    for batch in (batch_size, *LARGE_BATCH_SIZES, PIPELINE_BATCH_SIZE):
+    batches = (batch_size, *large_batch_sizes, PIPELINE_BATCH_SIZE)
+    for number, batch in enumerate(batches):
         if batch == batch_size:
             xb, yb = x, y
         else:
             n = len(full_x) - len(full_x) % batch
             xb, yb = full_x[:n], full_y[:n]
-        pipeline = len(rows) == 1 + len(LARGE_BATCH_SIZES)
+        pipeline = number == len(batches) - 1
         if pipeline:
             fit_args = {"x": input_pipeline(xb, yb, batch, shuffle="batches"), "shuffle": False}
             variant = f"{len(xb)} images, batch {batch}, cached tf.data, autotuner off"
@@ -277,8 +290,8 @@ def run(quick: bool) -> list[dict]:
     (x, y), _ = fashion_mnist()
     if quick:
         return [
-            *step_rows(x, y, 5, 40),
-            *throughput_rows(x[:12800], y[:12800], 3),
+            *step_rows(x, y, 5, 40, compiled_xla=False),
+            *throughput_rows(x[:12800], y[:12800], 3, large_batch_sizes=()),
             step_throughput_row(x, y, 3),
         ]
     return [
