@@ -1,0 +1,308 @@
+"""docs/errors.md, the bad-input table, is generated from the cases below and each row is a test.
+
+Every case builds the bad input, and the test asserts the error's type and the first line of its
+message exactly as the table shows it (messages are cut at ``WIDTH`` characters there). To
+regenerate the table after changing a message: ``python tests/test_errors_doc.py``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from tf_jacbp import callbacks, datasets, jacobian, layers, losses, toeplitz
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "errors.md"
+WIDTH = 170
+HEADER = """# Bad input
+
+Each row raises an error that names the argument, the value and the fix. The table is generated
+by `python tests/test_errors_doc.py` from the cases in that file, and the test suite checks every
+row: the input raises exactly this error with exactly this first line (cut at {width}
+characters here). `<dir>` stands for a temporary directory.
+
+| input | error (first line) |
+|---|---|
+"""
+
+
+def _dense_units():
+    layers.Dense(0)
+
+
+def _conv_filters():
+    layers.Conv2D(-2, 3)
+
+
+def _kernel_larger_than_input():
+    keras.Sequential([keras.Input((3, 3, 1)), layers.Conv2D(1, 5, name="conv2d")])
+
+
+def _dense_on_images():
+    keras.Sequential([keras.Input((28, 28, 1)), layers.Dense(3, name="dense")])
+
+
+def _conv_on_vectors():
+    keras.Sequential([keras.Input((784,)), layers.Conv2D(2, 3, name="conv2d")])
+
+
+def _unknown_activation():
+    layers.Dense(3, activation="relux")
+
+
+def _unknown_padding():
+    layers.Conv2D(2, 3, padding="full")
+
+
+def _unknown_bias():
+    layers.Conv2D(2, 3, bias="shared")
+
+
+def _groups():
+    layers.Conv2D(2, 3, groups=2)
+
+
+def _channels_first():
+    layers.Conv2D(2, 3, data_format="channels_first")
+
+
+def _strides():
+    layers.Conv2D(2, 3, strides=0)
+
+
+def _pool_strides():
+    layers.MaxPooling2D(2, strides=-1)
+
+
+def _label_out_of_range():
+    loss = losses.SparseCategoricalCrossentropy(from_logits=True)
+    loss(np.array([0, 9]), np.zeros((2, 4), "float32"))
+
+
+def _label_not_integer():
+    loss = losses.SparseCategoricalCrossentropy(from_logits=True)
+    loss(np.array([0.0, 1.5]), np.zeros((2, 4), "float32"))
+
+
+def _label_shape():
+    loss = losses.CategoricalCrossentropy(from_logits=True)
+    loss(np.array([0.0, 1.0]), np.zeros((2, 4), "float32"))
+
+
+def _binary_label():
+    loss = losses.BinaryCrossentropy(from_logits=True)
+    loss(np.array([[2.0], [2.0]]), np.zeros((2, 1), "float32"))
+
+
+def _probe_misfit():
+    model = keras.Sequential([keras.Input((4,)), layers.Dense(3)], name="sequential")
+    check = callbacks.GradientCheck((np.zeros((4, 5), "float32"), np.zeros((4,), "int32")))
+    model.compile(optimizer="sgd", loss="mse")
+    model.fit(
+        np.zeros((4, 4), "float32"), np.zeros((4, 3), "float32"), callbacks=[check], verbose=0
+    )
+
+
+def _probe_empty():
+    callbacks.GradientCheck((np.zeros((0, 4), "float32"), np.zeros((0, 3), "float32")))
+
+
+def _on_mismatch():
+    callbacks.GradientCheck((np.zeros((2, 4)), np.zeros((2, 3))), on_mismatch="ignore")
+
+
+def _add_single():
+    x = keras.Input((3,))
+    layers.Add()(x)
+
+
+def _add_shapes():
+    layers.Add()([keras.Input((3,)), keras.Input((2,))])
+
+
+def _bn_axis():
+    keras.Sequential(
+        [keras.Input((4, 4, 2)), layers.BatchNormalization(axis=1, name="batch_normalization")]
+    )
+
+
+def _bn_synchronized():
+    layers.BatchNormalization(synchronized=True)
+
+
+def _dropout_rate():
+    layers.Dropout(1.5)
+
+
+def _per_example_train_bn():
+    model = keras.Sequential(
+        [
+            keras.Input((3,)),
+            layers.Dense(2),
+            layers.BatchNormalization(name="batch_normalization_2"),
+        ]
+    )
+    jacobian.per_example_gradients(
+        model,
+        np.zeros((2, 3), "float32"),
+        np.zeros((2, 2), "float32"),
+        loss=losses.MeanSquaredError(),
+        training=True,
+    )
+
+
+def _two_inputs():
+    a, b = keras.Input((3,)), keras.Input((3,))
+    model = keras.Model([a, b], layers.Add()([a, b]), name="functional_1")
+    jacobian.parameter_jacobian(model, [np.zeros((1, 3)), np.zeros((1, 3))])
+
+
+def _stock_layer():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="dense")])
+    jacobian.parameter_jacobian(model, np.zeros((1, 3), "float32"))
+
+
+def _jacobian_budget():
+    model = keras.Sequential([keras.Input((4,)), layers.Dense(3)])
+    jacobian.parameter_jacobian(model, np.zeros((2, 4), "float32"), max_bytes=10)
+
+
+def _toeplitz_budget():
+    toeplitz.conv_matrix(np.zeros((3, 3, 1, 1)), (64, 64, 1), budget_bytes=1024 * 1024)
+
+
+def _write_idx(path: Path, magic: int, dims: tuple[int, ...], data: bytes) -> None:
+    path.write_bytes(struct.pack(">I", magic) + struct.pack(f">{len(dims)}I", *dims) + data)
+
+
+def _idx_magic(tmp: Path):
+    _write_idx(tmp / "bad", 0x805, (1, 1, 1, 1, 1), b"\0")
+    datasets.read_idx(tmp / "bad", expected_magic=0x803)
+
+
+def _idx_truncated(tmp: Path):
+    _write_idx(tmp / "trunc", 0x801, (10,), b"\0" * 5)
+    datasets.read_idx(tmp / "trunc")
+
+
+def _idx_counts(tmp: Path):
+    for name, magic, dims in (
+        ("train-images-idx3-ubyte", 0x803, (3, 28, 28)),
+        ("train-labels-idx1-ubyte", 0x801, (4,)),
+        ("t10k-images-idx3-ubyte", 0x803, (1, 28, 28)),
+        ("t10k-labels-idx1-ubyte", 0x801, (1,)),
+    ):
+        size = int(np.prod(dims))
+        with gzip.open(tmp / f"{name}.gz", "wb") as f:
+            f.write(struct.pack(">I", magic) + struct.pack(f">{len(dims)}I", *dims) + b"\0" * size)
+    datasets.load_idx(tmp)
+
+
+# (input, the callable, the error type). Callables taking one argument get a temporary directory.
+CASES: list[tuple[str, Callable, type[Exception]]] = [
+    ("units <= 0", _dense_units, ValueError),
+    ("filters <= 0", _conv_filters, ValueError),
+    ("kernel larger than a valid input", _kernel_larger_than_input, ValueError),
+    ("4-D input into Dense", _dense_on_images, ValueError),
+    ("2-D input into Conv2D", _conv_on_vectors, ValueError),
+    ("unknown activation", _unknown_activation, ValueError),
+    ("unknown padding", _unknown_padding, ValueError),
+    ("unknown bias mode", _unknown_bias, ValueError),
+    ("groups != 1", _groups, ValueError),
+    ("channels_first", _channels_first, ValueError),
+    ("zero or negative strides", _strides, ValueError),
+    ("zero or negative pooling strides", _pool_strides, ValueError),
+    ("label out of range", _label_out_of_range, ValueError),
+    ("label not an integer", _label_not_integer, ValueError),
+    ("label of the wrong shape", _label_shape, ValueError),
+    ("binary label outside [0, 1]", _binary_label, ValueError),
+    ("GradientCheck probe that does not fit the model", _probe_misfit, ValueError),
+    ("GradientCheck probe of zero samples", _probe_empty, ValueError),
+    ("unknown on_mismatch", _on_mismatch, ValueError),
+    ("Add on a single tensor", _add_single, ValueError),
+    ("Add of incompatible shapes", _add_shapes, ValueError),
+    ("BatchNormalization over another axis than the last", _bn_axis, ValueError),
+    ("BatchNormalization synchronized=True", _bn_synchronized, ValueError),
+    ("Dropout rate outside [0, 1]", _dropout_rate, ValueError),
+    (
+        "per-example gradients through train-mode BatchNormalization",
+        _per_example_train_bn,
+        ValueError,
+    ),
+    ("parameter_jacobian of a model with two inputs", _two_inputs, ValueError),
+    ("parameter_jacobian on a model with a stock Keras layer", _stock_layer, TypeError),
+    ("parameter_jacobian over its memory budget", _jacobian_budget, ValueError),
+    ("Toeplitz matrix over the memory budget", _toeplitz_budget, ValueError),
+    ("IDX file with a bad magic number", _idx_magic, ValueError),
+    ("IDX file with truncated data", _idx_truncated, ValueError),
+    ("IDX images and labels of different counts", _idx_counts, ValueError),
+]
+
+
+def first_line(error: BaseException, tmp: Path) -> str:
+    """The message's first line, the temporary directory as ``<dir>``, cut at ``WIDTH``."""
+    line = str(error).strip().splitlines()[0].replace(os.fspath(tmp), "<dir>")
+    return line if len(line) <= WIDTH else line[: WIDTH - 3] + "..."
+
+
+def run_case(fn: Callable, tmp: Path) -> BaseException:
+    """Call the case; return the exception it raised (an AssertionError if none)."""
+    keras.backend.clear_session()
+    try:
+        fn(tmp) if fn.__code__.co_argcount else fn()
+    except Exception as err:  # noqa: BLE001 - the error is what the case produces
+        return err
+    raise AssertionError(f"{fn.__name__} raised no error")
+
+
+def _escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def table(tmp: Path) -> str:
+    """docs/errors.md as the cases produce it today."""
+    rows = []
+    for name, fn, _ in CASES:
+        err = run_case(fn, tmp)
+        rows.append(
+            f"| {_escape(name)} | `{type(err).__name__}: {_escape(first_line(err, tmp))}` |"
+        )
+    return HEADER.format(width=WIDTH) + "\n".join(rows) + "\n"
+
+
+def documented_rows() -> dict[str, str]:
+    """``{input: error cell}`` as docs/errors.md shows them."""
+    rows = {}
+    for line in DOC.read_text().splitlines():
+        if line.startswith("| ") and not line.startswith("| input") and "`" in line:
+            name, cell = line[2:].split(" | `", 1)
+            rows[name.replace("\\|", "|")] = cell.rstrip("` |").replace("\\|", "|")
+    return rows
+
+
+def test_every_case_is_a_row_and_every_row_a_case():
+    assert list(documented_rows()) == [name for name, _, _ in CASES]
+
+
+@pytest.mark.parametrize("name,fn,kind", CASES, ids=[c[0] for c in CASES])
+def test_documented_error(name, fn, kind, tmp_path):
+    err = run_case(fn, tmp_path)
+    assert isinstance(err, kind), f"{name}: expected {kind.__name__}, got {err!r}"
+    assert f"{type(err).__name__}: {first_line(err, tmp_path)}" == documented_rows()[name]
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        DOC.write_text(table(Path(tmp)))
+    print(f"wrote {DOC.relative_to(ROOT)}", file=sys.stderr)
