@@ -12,7 +12,7 @@ from harness import run_layer_test
 import tf_jacbp
 from tf_jacbp import layers
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "custom_layers.md"
 
 
 class WrongKernelGradient(layers.Dense):
@@ -63,7 +63,7 @@ def readme_example() -> str:
     """The custom-layer example of the README (the python block after its marker)."""
     text = README.read_text()
     match = re.search(r"<!-- custom-layer-example -->\s*```python\n(.*?)```", text, re.S)
-    assert match, "README.md lost its custom-layer example"
+    assert match, "docs/custom_layers.md lost its custom-layer example"
     return match.group(1)
 
 
