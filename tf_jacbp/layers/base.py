@@ -153,6 +153,19 @@ class JacobianLayer(keras.layers.Layer):
 
         return tf.vectorized_map(one, (dy, x, y))
 
+    def per_example_squared_norms(
+        self, dy: tf.Tensor, x: tf.Tensor, y: tf.Tensor, *params: tf.Tensor
+    ) -> list[tf.Tensor]:
+        """``[||(J_p F(x_i))^T dy_i||^2 for p in params]``, each ``(batch,)``: the squared norm of
+        each sample's gradient for each parameter.
+
+        This default forms the per-example gradients (``per_example_backward``) and squares them:
+        correct for every layer, and the fallback of layers without a cheaper formula. Layers
+        override it with a formula that never forms them (Dense: ``||a_i||^2 ||delta_i||^2``).
+        """
+        _, grads = self.per_example_backward(dy, x, y, *params)
+        return [squared_norms(g) for g in grads]
+
     def jacobian_rows(
         self, m: tf.Tensor, x: tf.Tensor, y: tf.Tensor, *params: tf.Tensor
     ) -> tuple[tf.Tensor, list[tf.Tensor]]:
@@ -240,3 +253,33 @@ class _KernelBiasLayer(JacobianLayer):
             for name in ("kernel", "bias")
             for kind, module in _WEIGHT_OPTIONS.items()
         }
+
+
+# Issue 16: squared norms of per-example gradients without forming them (Dense, Conv2D use these).
+
+
+def squared_norms(g: tf.Tensor) -> tf.Tensor:
+    """``||g_i||^2`` for each row ``g_i`` of ``g`` ``(batch, ...)``: ``(batch,)``."""
+    return tf.reduce_sum(tf.reshape(tf.square(g), [tf.shape(g)[0], -1]), axis=1)
+
+
+def patch_product_squared_norms(a: tf.Tensor, d: tf.Tensor) -> tf.Tensor:
+    """``||A_i^T D_i||_F^2`` for each sample, ``A`` ``(batch, P, M)``, ``D`` ``(batch, P, F)``.
+
+    ``A_i^T D_i`` (``M x F``) is sample ``i``'s kernel gradient when ``A_i`` holds the ``P``
+    inputs a weight matrix is applied to (a convolution's patches, a sequence's positions) and
+    ``D_i`` their ``delta`` rows. Two exact forms, the cheaper chosen from the static shapes:
+
+    * Gram: ``||A^T D||_F^2 = tr(D^T A A^T D) = <A A^T, D D^T>``, sums over ``P x P`` Gram
+      matrices: about ``P^2 (M + F)`` multiply-adds per sample.
+    * outer: form ``A^T D`` (``M F`` entries, one sample's gradient of this parameter only) and
+      square it: about ``P M F``.
+
+    The Gram form wins when positions are few, ``P (M + F) < M F``.
+    """
+    positions, m, f = a.shape[1], a.shape[2], d.shape[2]
+    if None not in (positions, m, f) and positions * (m + f) < m * f:
+        gram_a = tf.matmul(a, a, transpose_b=True)  # (batch, P, P)
+        gram_d = tf.matmul(d, d, transpose_b=True)
+        return tf.reduce_sum(gram_a * gram_d, axis=[1, 2])
+    return squared_norms(tf.matmul(a, d, transpose_a=True))  # (batch, M, F)

@@ -326,6 +326,40 @@ class Conv2D(_KernelBiasLayer):
             grads.append(tf.reduce_sum(dz, axis=[1, 2]) if self.bias_mode == "tied" else dz)
         return self.input_gradient(dz, x, self.build_toeplitz(kernel)), grads
 
+    def per_example_squared_norms(
+        self,
+        dz: tf.Tensor,
+        x: tf.Tensor,
+        z: tf.Tensor | None,
+        kernel: tf.Tensor,
+        bias: tf.Tensor | None = None,
+    ) -> list[tf.Tensor]:
+        """Squared norms of each sample's ``dK_i = X_patch,i^T Delta_i`` and ``db_i``, ``(batch,)``.
+
+        ``||X_patch,i^T Delta_i||_F^2`` by ``patch_product_squared_norms``: the Gram form
+        ``<X_patch,i X_patch,i^T, Delta_i Delta_i^T>`` (``P x P`` over output positions) when
+        ``P (M + F) < M F``, else the ``M x F`` product of this layer alone (``M = kh kw C``).
+        Tied bias: ``||1^T Delta_i||^2`` (``Delta_i`` summed over positions); untied:
+        ``||Delta_i||^2``.
+        """
+        import numpy as np
+
+        from tf_jacbp.layers.base import patch_product_squared_norms, squared_norms
+
+        index = self.conv_index
+        batch, positions = tf.shape(x)[0], index.output_shape[0] * index.output_shape[1]
+        rows = tf.reshape(x, [batch, index.shape[1]])
+        rows = tf.concat([rows, tf.zeros_like(rows[:, :1])], axis=1)  # column N: the padding
+        # (batch, P, M): the patches of each sample, gathered in that layout (the norm does not
+        # depend on the order of the M entries).
+        patches = tf.gather(rows, np.ascontiguousarray(index.patch_index.T), axis=1)
+        delta = tf.reshape(dz, [batch, positions, self.filters])
+        norms = [patch_product_squared_norms(patches, delta)]
+        if bias is not None:
+            tied = self.bias_mode == "tied"
+            norms.append(squared_norms(tf.reduce_sum(delta, axis=1) if tied else delta))
+        return norms
+
     def jacobian_ops(self, training: bool = False) -> list:
         """``z = T(K) vec(x) + b``, then ``a = f(z)``."""
         return [(self, self.read_parameters()), (self.activation, [])]

@@ -112,6 +112,26 @@ class Dense(_KernelBiasLayer):
             grads.append(dz)
         return tf.matmul(dz, kernel, transpose_b=True), grads
 
+    def per_example_squared_norms(self, dz, a, z, kernel, bias=None):
+        """Squared norms of each sample's ``dW_i = a_i delta_i^T`` and ``db_i = delta_i``,
+        without forming them: ``||a_i delta_i^T||_F^2 = ||a_i||^2 ||delta_i||^2``, ``(batch,)``.
+
+        Inputs of rank above 2 (``(batch, T, n)``, the kernel applied at ``T`` positions):
+        ``dW_i = A_i^T Delta_i`` (``patch_product_squared_norms``: Gram or outer form) and
+        ``db_i = Delta_i^T 1``.
+        """
+        from tf_jacbp.layers.base import patch_product_squared_norms, squared_norms
+
+        if a.shape.rank == 2:
+            delta_squared = tf.reduce_sum(tf.square(dz), axis=1)
+            norms = [tf.reduce_sum(tf.square(a), axis=1) * delta_squared]
+            return norms + ([delta_squared] if bias is not None else [])
+        batch = tf.shape(a)[0]
+        a = tf.reshape(a, [batch, -1, a.shape[-1]])
+        dz = tf.reshape(dz, [batch, -1, dz.shape[-1]])
+        norms = [patch_product_squared_norms(a, dz)]
+        return norms + ([squared_norms(tf.reduce_sum(dz, axis=1))] if bias is not None else [])
+
     def jacobian_rows(self, m, a, z, kernel, bias=None):
         """``M W^T`` and ``M [I (x) a^T | I] = [M (x) a^T | M]`` for ``M`` ``(batch, k, m)``.
 
