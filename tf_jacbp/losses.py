@@ -1,27 +1,55 @@
-"""The losses of Table 1, with the last activation fused in (MATH.md, Eq. 1 and Table 1).
+"""The losses of Table 1, with the last activation fused in (Eq. 1 and Table 1).
 
-Each loss returns one value per sample; Keras' ``reduction`` (default ``"sum_over_batch_size"``)
-then averages them, which divides each row of the gradient by the batch size.
+Shapes. ``y_pred`` has any rank ``r >= 1`` with the classes/outputs on the last axis: ``(batch,
+d)``, ``(batch, T, d)`` for sequences, ``(batch, H, W, d)`` for images. Each loss reduces the last
+axis only and returns one value per *position*, shape ``y_pred.shape[:-1]``; Keras' ``Loss``
+then applies ``sample_weight`` (broadcast against that shape: ``(batch,)``, ``(batch, T)`` or
+``(batch, H, W)``) and the ``reduction`` (``"sum_over_batch_size"`` divides by the number of
+positions, which divides each row of the gradient by it). Labels have the shapes Keras accepts,
+after Keras' own rank matching (``_match_ranks``).
 
-With ``from_logits=True`` the backward pass is Table 1's ``grad_{z[L]} l`` directly:
+With ``from_logits=True`` the backward pass is Table 1's ``grad_{z[L]} l`` at every position:
 
-| loss                            | ``l(y, z)`` per sample                  | ``grad_z l``          |
+| loss                            | ``l(y, z)`` per position                | ``grad_z l``          |
 |---------------------------------|-----------------------------------------|-----------------------|
 | (Sparse)CategoricalCrossentropy | ``-sum_i y_i log softmax(z)_i``          | ``-(y - softmax(z))`` |
 | BinaryCrossentropy              | ``mean_i [-y log s - (1-y) log(1-s)]``  | ``-(y - s) / d``      |
 | SquaredError (``||y - yhat||^2``) | ``sum_i (y_i - yhat_i)^2``             | ``-2 (y - yhat)``     |
 | MeanSquaredError                | ``mean_i (y_i - yhat_i)^2``             | ``-2 (y - yhat) / d`` |
 
-(``s = sigmoid(z)``, ``d`` the number of outputs; the cross-entropy row is exact for labels that
-sum to one, and ``-(sum(y) softmax(z) - y)`` in general.) With ``from_logits=False`` the loss
-sees probabilities ``p`` and its backward pass is ``grad_p l`` (``-y / p`` for cross entropy);
-the model's Softmax/Sigmoid layer then applies its own Jacobian, and the chain gives the same
-``grad_z l``. Probabilities are clipped to ``[eps, 1 - eps]`` as Keras does (``eps =
-keras.config.epsilon()``), and the gradient is zero where the clip is active. Unlike Keras,
-``p`` is not renormalized to sum to one (it does for a softmax output).
+(``s = sigmoid(z)``, ``d`` the size of the last axis, ``i`` runs over it; the cross-entropy row
+is exact for labels that sum to one, and ``-(y - sum(y) softmax(z))`` in general.) The upstream
+gradient of the reduction, ``u`` of shape ``y_pred.shape[:-1]``, scales each position's row:
+``grad_{y_pred} L = u[..., None] * grad_z l``.
+
+With ``from_logits=False`` the loss sees probabilities ``p`` and its backward pass is
+``grad_p l``; the model's Softmax/Sigmoid layer then applies its own Jacobian. The cross
+entropies follow Keras exactly: ``CategoricalCrossentropy`` renormalizes each row,
+``q = p / sum_i p_i``, then clips ``q`` to ``[eps, 1 - eps]`` (``eps = keras.config.epsilon()``);
+``SparseCategoricalCrossentropy`` clips ``p`` first, then renormalizes (Keras takes
+``softmax(log clip(p))``). For a softmax output the renormalization is the identity and its part
+of ``grad_p l`` (a multiple of the all-ones vector) is annihilated by the softmax Jacobian, so the
+chain still gives Table 1's ``grad_z l``. The gradient is zero where the clip is active, as
+autodiff of the clip gives.
+
+Bad labels. Class labels (``SparseCategoricalCrossentropy``: integers in ``[0, C - 1]``; the other
+cross entropies: values in ``[0, 1]``) are checked on every call:
+
+* eagerly: ``ValueError`` naming the first offending value;
+* in a ``tf.function`` (``model.fit`` in graph mode): a ``tf.debugging.Assert`` that is a control
+  dependency of the loss's gradient, so the step stops with ``InvalidArgumentError`` naming the
+  first offending label and ``C`` before the optimizer can apply anything (the trainable weights
+  are left bit-identical);
+* under XLA (``jit_compile=True``), which compiles assertions away, no error can be raised from
+  inside the step. The loss then gives the step an exactly zero gradient with respect to
+  ``y_pred`` (every position, not just the bad one) and a NaN value at the offending positions,
+  so the logged loss of that step and epoch is NaN (``keras.callbacks.TerminateOnNaN`` stops
+  there). A zero gradient leaves the weights bit-identical under plain SGD and on an optimizer's
+  first step; an optimizer with state (momentum, Adam) still moves them by its momentum as it
+  would for any zero-gradient step, but they stay finite.
 
 Inside ``tf_jacbp.reference_mode()`` each loss computes the same value with stock TensorFlow ops
-and autodiff differentiates it.
+and autodiff differentiates it (the label checks are the same on both routes).
 """
 
 from __future__ import annotations
@@ -42,10 +70,12 @@ def _fused(
     gradient: Callable[[tf.Tensor, tf.Tensor], tf.Tensor],
     reference: Callable[[tf.Tensor, tf.Tensor], tf.Tensor],
 ) -> tf.Tensor:
-    """Per-sample loss ``value(y, z)`` ``(batch,)`` whose backward pass is ``gradient(y, z)``.
+    """Per-position loss ``value(y, z)``, shape ``z.shape[:-1]``, whose backward pass is
+    ``gradient(y, z)``, shape ``z.shape``: ``grad_z L = u[..., None] * gradient(y, z)`` for the
+    upstream ``u`` (shape ``z.shape[:-1]``, one scalar per position, from the reduction).
 
-    ``gradient`` returns ``grad_z l`` for each sample, ``(batch, d)``; the upstream vector (one
-    scalar per sample, from the reduction) scales its rows. No gradient flows to ``y``.
+    No gradient flows to ``y``. In ``reference_mode()``: ``reference(y, z)``, differentiated by
+    autodiff.
     """
     if in_reference_mode():
         return reference(y, z)
@@ -53,11 +83,34 @@ def _fused(
     @tf.custom_gradient
     def loss(z):
         def grad(upstream):
-            return tf.cast(upstream[:, None] * gradient(y, z), z.dtype)
+            u = tf.cast(upstream, z.dtype)[..., None]
+            return tf.cast(u * gradient(y, z), z.dtype)
 
         return value(y, z), grad
 
     return loss(z)
+
+
+def _match_ranks(y_true: tf.Tensor, y_pred: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Keras' rank matching of ``y_true`` and ``y_pred`` (``squeeze_or_expand_to_same_rank``).
+
+    When the ranks differ by one and the larger tensor's last axis is 1, that axis is squeezed,
+    except that a rank-1 partner is expanded instead: ``(batch,)`` with ``(batch, 1)`` gives two
+    ``(batch, 1)``; ``(batch, T)`` labels with ``(batch, T, 1)`` predictions give two
+    ``(batch, T)`` (the loss then reduces over ``T``, exactly as stock Keras does).
+    """
+    true_rank, pred_rank = y_true.shape.rank, y_pred.shape.rank
+    if true_rank == pred_rank + 1 and y_true.shape[-1] == 1:
+        if pred_rank == 1:
+            y_pred = y_pred[..., None]
+        else:
+            y_true = tf.squeeze(y_true, -1)
+    elif pred_rank == true_rank + 1 and y_pred.shape[-1] == 1:
+        if true_rank == 1:
+            y_true = y_true[..., None]
+        else:
+            y_pred = tf.squeeze(y_pred, -1)
+    return y_true, y_pred
 
 
 def _check_axis(axis: int, name: str) -> None:
@@ -76,15 +129,80 @@ def _check_same_shape(y: tf.Tensor, p: tf.Tensor, name: str, hint: str) -> None:
             )
 
 
-def _check_range(y: tf.Tensor, low: float, high: float, name: str, what: str) -> None:
-    """Raise in eager mode when labels leave ``[low, high]``; no-op while tracing."""
+class _Guard:
+    """The outcome of a label check: the labels to use and how to finish the loss value.
+
+    ``y`` is the labels, in a ``tf.function`` made to depend on the check's assertion; ``all_ok``
+    is ``None`` when the check ran eagerly (and passed), else a boolean scalar, also made to
+    depend on the assertion; ``ok`` (shape of the loss) marks the positions whose labels are good.
+    """
+
+    def __init__(self, y: tf.Tensor, ok: tf.Tensor | None, all_ok: tf.Tensor | None):
+        self.y, self.ok, self.all_ok = y, ok, all_ok
+
+    def finish(self, loss: tf.Tensor) -> tf.Tensor:
+        """``loss`` if every label is good; else NaN at the bad positions, the loss elsewhere,
+        and an exactly zero gradient everywhere (``tf.where``'s gradient of the branch it did
+        not take is zero). The assertion is a dependency of this ``tf.where`` and of ``y``, so
+        any gradient of the loss waits for it."""
+        if self.all_ok is None:
+            return loss
+        nan = tf.constant(np.nan, loss.dtype)
+        held = tf.where(self.ok, tf.stop_gradient(loss), nan)
+        return tf.where(self.all_ok, loss, held)
+
+
+def _guard_labels(y: tf.Tensor, ok: tf.Tensor, name: str, rule: str) -> _Guard:
+    """Check ``ok`` (good labels, shape of ``y``; reduced over the last axis when it has one more
+    axis than the loss) and report the first offending value of ``y`` and ``rule``.
+
+    Eagerly a failing check raises ``ValueError``. In a graph it becomes a
+    ``tf.debugging.Assert`` that the returned labels and the final ``tf.where`` depend on (an
+    ``InvalidArgumentError`` when the step runs, before any gradient exists). Under XLA the
+    assertion is compiled away and only ``_Guard.finish``'s NaN value and zero gradient remain.
+    """
     if tf.executing_eagerly():
-        values = np.asarray(y)
-        if values.size and (values.min() < low or values.max() > high):
+        good = np.asarray(ok)
+        if not good.all():
+            bad = np.asarray(y)[~good]
             raise ValueError(
-                f"{name}: y_true must be {what}, found values from {values.min()} to "
-                f"{values.max()}."
+                f"{name}: y_true must hold {rule}; found y_true = {bad.flat[0]!r} "
+                f"({bad.size} offending value(s) of {good.size})."
             )
+        return _Guard(y, None, None)
+    flat_ok = tf.reshape(ok, [-1])
+    flat_y = tf.reshape(y, [-1])
+    n = tf.size(flat_ok)
+    first = tf.reduce_min(tf.where(flat_ok, n, tf.range(n)))  # n when every label is good
+    first_bad = tf.gather(tf.concat([flat_y, tf.zeros([1], flat_y.dtype)], 0), first)
+    count = tf.reduce_sum(tf.cast(~flat_ok, tf.int32))
+    all_ok = tf.reduce_all(flat_ok)
+    check = tf.debugging.Assert(
+        all_ok,
+        [
+            f"{name}: y_true must hold {rule}; found y_true =",
+            first_bad,
+            "(offending values:",
+            count,
+            "of",
+            n,
+            "). The step was stopped before any weight changed.",
+        ],
+    )
+    with tf.control_dependencies([check]):
+        y = tf.identity(y)
+        all_ok = tf.identity(all_ok)
+    return _Guard(y, ok, all_ok)
+
+
+def _guard_unit_interval(y: tf.Tensor, name: str, rank: int | None) -> _Guard:
+    """Labels in ``[0, 1]`` (NaN is not); the per-position ``ok`` reduces the last axis when
+    the loss has one axis less than ``y`` (``rank`` is the loss' rank)."""
+    ok = (y >= 0) & (y <= 1)
+    guard = _guard_labels(y, ok, name, "values in [0, 1] (one-hot or probabilities)")
+    if guard.ok is not None and rank is not None and y.shape.rank == rank + 1:
+        guard.ok = tf.reduce_all(guard.ok, -1)
+    return guard
 
 
 class _Table1Loss(keras.losses.Loss):
@@ -93,7 +211,7 @@ class _Table1Loss(keras.losses.Loss):
     def __init__(
         self,
         from_logits: bool = False,
-        reduction: str = "sum_over_batch_size",
+        reduction: str | None = "sum_over_batch_size",
         name: str | None = None,
         dtype: Any = None,
     ):
@@ -112,7 +230,7 @@ class _SmoothedLoss(_Table1Loss):
         from_logits: bool,
         label_smoothing: float,
         axis: int,
-        reduction: str,
+        reduction: str | None,
         name: str,
         dtype: Any,
     ):
@@ -129,6 +247,9 @@ class _SmoothedLoss(_Table1Loss):
         return {**super().get_config(), "label_smoothing": self.label_smoothing}
 
 
+# Softmax + cross entropy on logits (Table 1, row 2).
+
+
 def _softmax_cross_entropy(y: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
     """``-sum_i y_i log softmax(z)_i = sum(y) logsumexp(z) - <y, z>``, stable for any ``|z|``."""
     return tf.reduce_sum(y, -1) * tf.reduce_logsumexp(z, -1) - tf.reduce_sum(y * z, -1)
@@ -139,15 +260,18 @@ def _softmax_cross_entropy_grad(y: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
     return -(y - tf.reduce_sum(y, -1, keepdims=True) * tf.nn.softmax(z, -1))
 
 
+def _reference_softmax_cross_entropy(y: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
+    return -tf.reduce_sum(y * tf.nn.log_softmax(z, axis=-1), axis=-1)
+
+
 def _one_hot_softmax_cross_entropy(y: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
     """Softmax + cross entropy for one-hot rows ``y`` (integer labels): ``logsumexp(z) - z_y``,
     with Table 1's ``grad_z l = -(y - softmax(z))`` as the backward pass.
 
     The sparse loss' Jacobian route, in fewer ops than ``_softmax_cross_entropy``: the forward
     keeps ``e = exp(z - max z)`` and ``s = sum(e)``, so that the backward's ``softmax(z) = e / s``
-    (times the upstream ``u``) is ``e (u / s)``: one division per sample. Both divide by ``n = sum(y)``, which is 1 for a label in range (exactly:
-    ``v / 1 = v``) and 0 for the zero row that ``tf.one_hot`` gives a label out of range, so
-    that such a sample's loss and gradient are NaN, never silently wrong.
+    (times the upstream ``u``, one scalar per position) is ``e (u / s)``: one division per
+    position. ``y``, ``z``: ``(..., C)``; value ``(...)``.
     """
 
     @tf.custom_gradient
@@ -155,68 +279,82 @@ def _one_hot_softmax_cross_entropy(y: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
         m = tf.reduce_max(z, -1, keepdims=True)
         e = tf.exp(z - m)
         s = tf.reduce_sum(e, -1, keepdims=True)
-        n = tf.reduce_sum(y, -1, keepdims=True)
-        value = m + tf.math.log(s) - tf.reduce_sum(y * z, -1, keepdims=True) / n
+        value = m + tf.math.log(s) - tf.reduce_sum(y * z, -1, keepdims=True)
 
         def grad(upstream):
-            u = upstream[:, None]  # (batch, 1): the divisions stay on vectors
-            return tf.cast(e * (u / s) - y * (u / n), z.dtype)
+            u = tf.cast(upstream, z.dtype)[..., None]  # (..., 1): the divisions stay per position
+            return tf.cast(e * (u / s) - y * u, z.dtype)
 
-        return value[:, 0], grad
+        return value[..., 0], grad
 
     return loss(z)
 
 
-def _log_clipped(p: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """``(log clip(p), log(1 - clip(p)), inside)``: Keras' clip to ``[eps, 1 - eps]``."""
+# Cross entropy on probabilities, as Keras computes it.
+
+
+def _clip_mask(p: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """``(clip(p, eps, 1 - eps), inside)``: Keras' clip and where autodiff of it passes (1) or
+    stops (0) the gradient (``p`` outside ``[eps, 1 - eps]``)."""
     eps = keras.config.epsilon()
-    clipped = tf.clip_by_value(p, eps, 1 - eps)
     inside = tf.cast((p >= eps) & (p <= 1 - eps), p.dtype)
-    return tf.math.log(clipped), tf.math.log(1 - clipped), inside
+    return tf.clip_by_value(p, eps, 1 - eps), inside
 
 
-def _cross_entropy(y: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
-    """``-sum_i y_i log p_i`` over the last axis."""
-    return -tf.reduce_sum(y * _log_clipped(p)[0], -1)
+def _probability_cross_entropy(y: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
+    """Keras' categorical cross entropy on probabilities: ``-sum_i y_i log clip(q)_i`` with
+    ``q = p / sum_i p_i`` (rows renormalized to sum to one). ``y``, ``p``: ``(..., d)``."""
+    c, _ = _clip_mask(p / tf.reduce_sum(p, -1, keepdims=True))
+    return -tf.reduce_sum(y * tf.math.log(c), -1)
 
 
-def _cross_entropy_grad(y: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
-    """``grad_p l = -y / p`` (zero where the clip is active)."""
+def _probability_cross_entropy_grad(y: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
+    """``grad_p l = (g - <g, q>) / S`` with ``S = sum_i p_i``, ``q = p / S`` and ``g = grad_q l =
+    -y / q`` (zero where the clip is active): ``J_p q = (I - q 1^T) / S``, transposed. For a
+    softmax output ``S = 1`` and ``<g, q> = -sum(y)``: ``grad_p l = -y / p + sum(y)``, whose
+    constant part the softmax Jacobian ``diag(p) - p p^T`` maps to zero."""
+    s = tf.reduce_sum(p, -1, keepdims=True)
+    q = p / s
+    c, inside = _clip_mask(q)
+    g = -y / c * inside
+    return (g - tf.reduce_sum(g * q, -1, keepdims=True)) / s
+
+
+def _reference_probability_cross_entropy(y: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
     eps = keras.config.epsilon()
-    return -y / tf.clip_by_value(p, eps, 1 - eps) * _log_clipped(p)[2]
+    q = tf.clip_by_value(p / tf.reduce_sum(p, -1, keepdims=True), eps, 1 - eps)
+    return -tf.reduce_sum(y * tf.math.log(q), -1)
 
 
-def _reference_cross_entropy(y: tf.Tensor, out: tf.Tensor, from_logits: bool) -> tf.Tensor:
+def _sparse_probability_cross_entropy(y: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
+    """Keras' sparse cross entropy on probabilities, ``-log softmax(log c)_y = log sum_i c_i -
+    log c_y`` with ``c = clip(p)`` (clipped first, then renormalized). ``y`` one-hot."""
+    c, _ = _clip_mask(p)
+    return tf.math.log(tf.reduce_sum(c, -1)) - tf.reduce_sum(y * tf.math.log(c), -1)
+
+
+def _sparse_probability_cross_entropy_grad(y: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
+    """``grad_p l = (1 / sum_i c_i - y / c)``, zero where the clip is active."""
+    c, inside = _clip_mask(p)
+    return (1 / tf.reduce_sum(c, -1, keepdims=True) - y / c) * inside
+
+
+def _reference_sparse_probability_cross_entropy(y: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
     eps = keras.config.epsilon()
-    if from_logits:
-        return -tf.reduce_sum(y * tf.nn.log_softmax(out, axis=-1), axis=-1)
-    return -tf.reduce_sum(y * tf.math.log(tf.clip_by_value(out, eps, 1 - eps)), axis=-1)
-
-
-def _categorical(y: tf.Tensor, out: tf.Tensor, from_logits: bool) -> tf.Tensor:
-    if from_logits:
-        return _fused(
-            y,
-            out,
-            _softmax_cross_entropy,
-            _softmax_cross_entropy_grad,
-            lambda y, z: _reference_cross_entropy(y, z, True),
-        )
-    return _fused(
-        y,
-        out,
-        _cross_entropy,
-        _cross_entropy_grad,
-        lambda y, p: _reference_cross_entropy(y, p, False),
-    )
+    log_c = tf.math.log(tf.clip_by_value(p, eps, 1 - eps))
+    return -tf.reduce_sum(y * tf.nn.log_softmax(log_c, axis=-1), -1)
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
 class CategoricalCrossentropy(_SmoothedLoss):
     """Softmax + cross entropy (Table 1, row 2) for one-hot or probability labels.
 
-    ``y_true`` and ``y_pred`` are ``(batch, d)``. With ``from_logits=True``, ``y_pred`` is
-    ``z[L]`` and ``grad_z l = -(y - softmax(z))``; otherwise ``y_pred`` holds probabilities.
+    ``y_true`` and ``y_pred`` are ``(batch, ..., d)`` (rank 2, 3 or 4 and beyond); the loss per
+    position is ``-sum_i y_i log softmax(z)_i``, shape ``(batch, ...)``. With
+    ``from_logits=True``, ``y_pred`` is ``z[L]`` and ``grad_z l = -(y - softmax(z))``; otherwise
+    ``y_pred`` holds probabilities, renormalized per row and clipped as Keras does (see the
+    module docstring). ``label_smoothing`` ``a`` replaces ``y`` by ``(1 - a) y + a / d``.
+    Labels outside ``[0, 1]`` stop the step (see "Bad labels" in the module docstring).
     """
 
     def __init__(
@@ -224,42 +362,65 @@ class CategoricalCrossentropy(_SmoothedLoss):
         from_logits: bool = False,
         label_smoothing: float = 0.0,
         axis: int = -1,
-        reduction: str = "sum_over_batch_size",
+        reduction: str | None = "sum_over_batch_size",
         name: str = "categorical_crossentropy",
         dtype: Any = None,
     ):
         super().__init__(from_logits, label_smoothing, axis, reduction, name, dtype)
 
     def call(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+        name = "CategoricalCrossentropy"
+        y_true, y_pred = _match_ranks(y_true, y_pred)
         _check_same_shape(
             y_true,
             y_pred,
-            "CategoricalCrossentropy",
+            name,
             "For integer class labels use SparseCategoricalCrossentropy, or one-hot encode "
             "them with keras.utils.to_categorical.",
         )
-        _check_range(y_true, 0, 1, "CategoricalCrossentropy", "one-hot or probabilities in [0, 1]")
+        guard = _guard_unit_interval(y_true, name, y_pred.shape.rank - 1)
+        y = guard.y
         if self.label_smoothing:
             d = tf.cast(tf.shape(y_pred)[-1], y_pred.dtype)
-            y_true = y_true * (1 - self.label_smoothing) + self.label_smoothing / d
-        return _categorical(y_true, y_pred, self.from_logits)
+            y = y * (1 - self.label_smoothing) + self.label_smoothing / d
+        if self.from_logits:
+            loss = _fused(
+                y,
+                y_pred,
+                _softmax_cross_entropy,
+                _softmax_cross_entropy_grad,
+                _reference_softmax_cross_entropy,
+            )
+        else:
+            loss = _fused(
+                y,
+                y_pred,
+                _probability_cross_entropy,
+                _probability_cross_entropy_grad,
+                _reference_probability_cross_entropy,
+            )
+        return guard.finish(loss)
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
 class SparseCategoricalCrossentropy(_Table1Loss):
     """Softmax + cross entropy (Table 1, row 2) for integer labels.
 
-    ``y_true`` is ``(batch,)`` or ``(batch, 1)`` with integers in ``[0, d)``; ``y_pred`` is
-    ``(batch, d)``. The labels are one-hot encoded and the loss is ``CategoricalCrossentropy``'s
-    (with logits, in fewer ops: ``_one_hot_softmax_cross_entropy``). Labels out of range raise in eager mode; in a compiled function they give a NaN loss, never a
-    silently wrong value (no assertion op: it would be a host-only op on a GPU's training path).
+    ``y_pred`` is ``(batch, ..., C)``; ``y_true`` is ``(batch, ...)`` or ``(batch, ..., 1)``
+    with integers in ``[0, C - 1]`` (any numeric dtype: Keras hands them over as floats). The
+    labels are one-hot encoded, ``y = e_label``, and the loss per position, shape
+    ``(batch, ...)``, is ``CategoricalCrossentropy``'s (with logits in fewer ops:
+    ``_one_hot_softmax_cross_entropy``; on probabilities Keras' sparse form, which clips before it
+    renormalizes). A label out of range or not an integer raises eagerly, stops a graph-mode
+    step before any weight changes, and under XLA gives a zero gradient and a NaN loss (see "Bad
+    labels" in the module docstring).
     """
 
     def __init__(
         self,
         from_logits: bool = False,
         ignore_class: int | None = None,
-        reduction: str = "sum_over_batch_size",
+        reduction: str | None = "sum_over_batch_size",
         axis: int = -1,
         name: str = "sparse_categorical_crossentropy",
         dtype: Any = None,
@@ -273,31 +434,58 @@ class SparseCategoricalCrossentropy(_Table1Loss):
                 "sample_weight=0)."
             )
 
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "ignore_class": None}
+
     def call(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
         name = "SparseCategoricalCrossentropy"
+        y_true, y_pred = _match_ranks(y_true, y_pred)
         if y_true.shape.rank == y_pred.shape.rank and y_true.shape[-1] == 1:
             y_true = tf.squeeze(y_true, -1)
         if y_true.shape.rank is not None and y_true.shape.rank != y_pred.shape.rank - 1:
             raise ValueError(
-                f"{name}: y_true must hold one integer class per sample, shape (batch,) or "
-                f"(batch, 1), but has shape {tuple(y_true.shape)} for y_pred of shape "
-                f"{tuple(y_pred.shape)}. For one-hot labels use CategoricalCrossentropy."
+                f"{name}: y_true must hold one integer class per position, shape "
+                f"{tuple(y_pred.shape[:-1])} or {(*y_pred.shape[:-1], 1)}, but has shape "
+                f"{tuple(y_true.shape)} for y_pred of shape {tuple(y_pred.shape)}. For one-hot "
+                "labels use CategoricalCrossentropy."
+            )
+        if not y_true.shape.is_compatible_with(y_pred.shape[:-1]):
+            raise ValueError(
+                f"{name}: y_true has shape {tuple(y_true.shape)} but y_pred of shape "
+                f"{tuple(y_pred.shape)} needs one class label per position, shape "
+                f"{tuple(y_pred.shape[:-1])}."
             )
         d = y_pred.shape[-1]
-        if tf.executing_eagerly():
-            labels = np.asarray(y_true)
-            if labels.size and not np.all(labels == np.round(labels)):
-                raise ValueError(f"{name}: y_true must be integer class indices, got {labels}.")
-        _check_range(
-            y_true, 0, d - 1, name, f"class indices in [0, {d - 1}] (y_pred has {d} classes)"
+        classes = tf.shape(y_pred)[-1] if d is None else d
+        c = tf.cast(classes, y_true.dtype)
+        if y_true.dtype.is_floating:
+            ok = (y_true >= 0) & (y_true < c) & (tf.math.floor(y_true) == y_true)
+        else:
+            ok = (y_true >= 0) & (y_true < c)
+        rule = (
+            f"integer class indices in [0, {d - 1}] (y_pred has {d} classes)"
+            if d is not None
+            else "integer class indices in [0, C - 1] (C = y_pred.shape[-1])"
         )
-        labels = tf.cast(y_true, tf.int32)
-        y = tf.one_hot(labels, d, dtype=y_pred.dtype)
+        guard = _guard_labels(y_true, ok, name, rule)
+        labels = tf.cast(tf.where(ok, guard.y, tf.zeros_like(guard.y)), tf.int32)
+        y = tf.one_hot(labels, classes, dtype=y_pred.dtype)
         if self.from_logits and not in_reference_mode():
-            return _one_hot_softmax_cross_entropy(y, y_pred)
-        valid = (labels >= 0) & (labels < d)
-        nan_if_invalid = tf.where(valid, tf.zeros_like(y_pred[:, 0]), np.nan)
-        return _categorical(y, y_pred, self.from_logits) + tf.stop_gradient(nan_if_invalid)
+            loss = _one_hot_softmax_cross_entropy(y, y_pred)
+        elif self.from_logits:
+            loss = _reference_softmax_cross_entropy(y, y_pred)
+        else:
+            loss = _fused(
+                y,
+                y_pred,
+                _sparse_probability_cross_entropy,
+                _sparse_probability_cross_entropy_grad,
+                _reference_sparse_probability_cross_entropy,
+            )
+        return guard.finish(loss)
+
+
+# Sigmoid + binary cross entropy (Table 1, row 1).
 
 
 def _sigmoid_cross_entropy(y: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
@@ -311,16 +499,16 @@ def _sigmoid_cross_entropy_grad(y: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
 
 
 def _binary_cross_entropy(y: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
-    log_p, log_1mp, _ = _log_clipped(p)
-    return -tf.reduce_mean(y * log_p + (1 - y) * log_1mp, -1)
+    """``mean_i [-y_i log c_i - (1 - y_i) log(1 - c_i)]``, ``c = clip(p)``."""
+    c, _ = _clip_mask(p)
+    return -tf.reduce_mean(y * tf.math.log(c) + (1 - y) * tf.math.log(1 - c), -1)
 
 
 def _binary_cross_entropy_grad(y: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
-    """``grad_p l = -(y / p - (1 - y) / (1 - p)) / d`` (zero where the clip is active)."""
-    eps = keras.config.epsilon()
-    clipped = tf.clip_by_value(p, eps, 1 - eps)
+    """``grad_p l = -(y / c - (1 - y) / (1 - c)) / d`` (zero where the clip is active)."""
+    c, inside = _clip_mask(p)
     d = tf.cast(tf.shape(p)[-1], p.dtype)
-    return -(y / clipped - (1 - y) / (1 - clipped)) / d * _log_clipped(p)[2]
+    return -(y / c - (1 - y) / (1 - c)) / d * inside
 
 
 def _reference_binary(y: tf.Tensor, out: tf.Tensor, from_logits: bool) -> tf.Tensor:
@@ -333,10 +521,13 @@ def _reference_binary(y: tf.Tensor, out: tf.Tensor, from_logits: bool) -> tf.Ten
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
 class BinaryCrossentropy(_SmoothedLoss):
-    """Sigmoid + binary cross entropy (Table 1, row 1), averaged over the ``d`` outputs.
+    """Sigmoid + binary cross entropy (Table 1, row 1), averaged over the last axis (``d``).
 
-    ``y_true`` in ``[0, 1]`` and ``y_pred`` are ``(batch, d)`` (``y_true`` may be ``(batch,)``
-    when ``d = 1``). With ``from_logits=True``, ``grad_z l = -(y - sigmoid(z)) / d``.
+    ``y_true`` in ``[0, 1]`` and ``y_pred`` are ``(batch, ..., d)``; Keras' rank matching applies
+    (``(batch,)`` labels with ``(batch, 1)`` predictions). The loss per position has shape
+    ``(batch, ...)``. With ``from_logits=True``, ``grad_z l = -(y - sigmoid(z)) / d``.
+    ``label_smoothing`` ``a`` replaces ``y`` by ``(1 - a) y + a / 2``. Labels outside ``[0, 1]``
+    stop the step (see "Bad labels" in the module docstring).
     """
 
     def __init__(
@@ -344,36 +535,40 @@ class BinaryCrossentropy(_SmoothedLoss):
         from_logits: bool = False,
         label_smoothing: float = 0.0,
         axis: int = -1,
-        reduction: str = "sum_over_batch_size",
+        reduction: str | None = "sum_over_batch_size",
         name: str = "binary_crossentropy",
         dtype: Any = None,
     ):
         super().__init__(from_logits, label_smoothing, axis, reduction, name, dtype)
 
     def call(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
-        if y_true.shape.rank == y_pred.shape.rank - 1 and y_pred.shape[-1] == 1:
-            y_true = y_true[..., None]
-        _check_same_shape(
-            y_true, y_pred, "BinaryCrossentropy", "Give one label in [0, 1] per output."
-        )
-        _check_range(y_true, 0, 1, "BinaryCrossentropy", "in [0, 1]")
+        name = "BinaryCrossentropy"
+        y_true, y_pred = _match_ranks(y_true, y_pred)
+        _check_same_shape(y_true, y_pred, name, "Give one label in [0, 1] per output.")
+        guard = _guard_unit_interval(y_true, name, y_pred.shape.rank - 1)
+        y = guard.y
         if self.label_smoothing:
-            y_true = y_true * (1 - self.label_smoothing) + 0.5 * self.label_smoothing
+            y = y * (1 - self.label_smoothing) + 0.5 * self.label_smoothing
         if self.from_logits:
-            return _fused(
-                y_true,
+            loss = _fused(
+                y,
                 y_pred,
                 _sigmoid_cross_entropy,
                 _sigmoid_cross_entropy_grad,
                 lambda y, z: _reference_binary(y, z, True),
             )
-        return _fused(
-            y_true,
-            y_pred,
-            _binary_cross_entropy,
-            _binary_cross_entropy_grad,
-            lambda y, p: _reference_binary(y, p, False),
-        )
+        else:
+            loss = _fused(
+                y,
+                y_pred,
+                _binary_cross_entropy,
+                _binary_cross_entropy_grad,
+                lambda y, p: _reference_binary(y, p, False),
+            )
+        return guard.finish(loss)
+
+
+# Identity + squared error (Table 1, row 3).
 
 
 def _squared_error(y: tf.Tensor, yhat: tf.Tensor) -> tf.Tensor:
@@ -387,16 +582,20 @@ def _squared_error_grad(y: tf.Tensor, yhat: tf.Tensor) -> tf.Tensor:
 
 
 class _Squared(keras.losses.Loss):
-    """Identity + squared error (Table 1, row 3); ``mean`` divides by the ``d`` outputs."""
+    """Identity + squared error (Table 1, row 3) over the last axis; ``mean`` divides by its
+    size ``d``. ``y_true``, ``y_pred``: ``(batch, ..., d)`` after Keras' rank matching; the loss
+    per position has shape ``(batch, ...)``."""
 
     mean = False
 
     def call(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
         name = type(self).__name__
-        if y_true.shape.rank == y_pred.shape.rank - 1 and y_pred.shape[-1] == 1:
-            y_true = y_true[..., None]
+        y_true, y_pred = _match_ranks(y_true, y_pred)
         _check_same_shape(y_true, y_pred, name, "Give one target per output.")
-        scale = 1.0 / y_pred.shape[-1] if self.mean else 1.0
+        if self.mean:
+            scale = 1 / tf.cast(tf.shape(y_pred)[-1], y_pred.dtype)
+        else:
+            scale = tf.constant(1, y_pred.dtype)
         return _fused(
             y_true,
             y_pred,
@@ -408,26 +607,34 @@ class _Squared(keras.losses.Loss):
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
 class SquaredError(_Squared):
-    """The paper's ``l = ||y - yhat||^2`` (a sum over outputs); ``grad_yhat l = -2 (y - yhat)``.
+    """The paper's ``l = ||y - yhat||^2``, a sum (not a mean) over the last axis;
+    ``grad_yhat l = -2 (y - yhat)``.
 
-    ``y_true`` and ``y_pred`` are ``(batch, d)``; the reduction then averages over the batch.
+    ``y_true`` and ``y_pred`` are ``(batch, ..., d)``; the loss per position, ``(batch, ...)``,
+    is ``d`` times ``MeanSquaredError``'s, and the reduction then averages over the positions.
     """
 
     def __init__(
-        self, reduction: str = "sum_over_batch_size", name: str = "squared_error", dtype: Any = None
+        self,
+        reduction: str | None = "sum_over_batch_size",
+        name: str = "squared_error",
+        dtype: Any = None,
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
 class MeanSquaredError(_Squared):
-    """Keras' ``mean_i (y_i - yhat_i)^2``; ``grad_yhat l = -2 (y - yhat) / d``."""
+    """Keras' ``mean_i (y_i - yhat_i)^2`` over the last axis; ``grad_yhat l = -2 (y - yhat) / d``.
+
+    Shapes as ``SquaredError``; values equal ``keras.losses.MeanSquaredError``'s for any rank.
+    """
 
     mean = True
 
     def __init__(
         self,
-        reduction: str = "sum_over_batch_size",
+        reduction: str | None = "sum_over_batch_size",
         name: str = "mean_squared_error",
         dtype: Any = None,
     ):
