@@ -21,11 +21,11 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
 
+import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import tf_jacbp  # noqa: E402
 from tf_jacbp import callbacks, datasets, losses, models  # noqa: E402
-from tf_jacbp._backend import keras  # noqa: E402
 
 MODELS = {
     "lenet-100-300-10": models.lenet_100_300_10,
