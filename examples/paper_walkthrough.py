@@ -1,17 +1,32 @@
-"""Every worked example of the paper, computed with tf_jacbp and printed beside its formula.
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
 
-    python examples/paper_walkthrough.py [--out DIR]
+# %% [markdown]
+# # The paper, worked through
+#
+# Every worked example of the paper, computed with tf_jacbp and printed beside its formula.
+#
+#     python examples/paper_walkthrough.py [--out DIR]      # as a script
+#     jupyter lab examples/paper_walkthrough.ipynb           # as a notebook (the same source)
+#
+# Section 3.1 (one layer, 4 features, 3 classes), 3.2 (two layers), 3.3 (LeNet-100-300-10's
+# three blocks), 3.4 (ReLU's 0/1 diagonal), 3.5 (the 3 x 3 / 2 x 2 Toeplitz matrix and Lemma 3),
+# and Table 1's three rows against autodiff. Each result is checked against ``tf.GradientTape``
+# through the reference route; the pictures of ``tf_jacbp.plot`` are saved in ``--out``.
 
-Section 3.1 (one layer, 4 features, 3 classes), 3.2 (two layers), 3.3 (LeNet-100-300-10's
-three blocks), 3.4 (ReLU's 0/1 diagonal), 3.5 (the 3 x 3 / 2 x 2 Toeplitz matrix and Lemma 3),
-and Table 1's three rows against autodiff. Each result is checked against ``tf.GradientTape``
-through the reference route; the pictures of ``tf_jacbp.plot`` are saved in ``--out``.
-"""
-
+# %%
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import keras
 import numpy as np
@@ -40,6 +55,36 @@ def _dense_net(sizes: list[int], activation: str = "relu") -> keras.Sequential:
     return keras.Sequential(stack)
 
 
+def output_directory() -> str:
+    """``--out DIR`` (default ``walkthrough``); a notebook kernel's own arguments are ignored."""
+    parser = argparse.ArgumentParser(description="The paper's worked examples.")
+    parser.add_argument("--out", default="walkthrough", help="directory for the PNG pictures")
+    directory = parser.parse_known_args()[0].out
+    os.makedirs(directory, exist_ok=True)
+    return directory
+
+
+def show(path: str) -> None:
+    """Show a saved picture inline in a notebook; elsewhere, print where it is."""
+    if "IPython" in sys.modules and sys.modules["IPython"].get_ipython() is not None:
+        from IPython.display import Image, display
+
+        display(Image(filename=path))
+    else:
+        print("picture:", path)
+
+
+OUT = output_directory()
+out: dict = {"pictures": []}
+
+
+# %% [markdown]
+# ## 3.1 One layer
+#
+# For `z = W^T x + b` with 4 features and 3 classes, `J_theta z = [I_3 (x) x^T | I_3]`, a `3 x 15` matrix, and `grad_theta l = (J_theta z)^T delta` with Table 1's `delta = -(y - yhat)`.
+
+
+# %%
 def section_3_1(out: dict) -> None:
     print("== 3.1 One layer: 4 features, 3 classes, softmax + cross entropy")
     model = _dense_net([4, 3])
@@ -59,6 +104,16 @@ def section_3_1(out: dict) -> None:
     out["3.1"] = {"J": j, "gradient": grad, "error": float(np.max(np.abs(grad - reference)))}
 
 
+section_3_1(out)
+
+
+# %% [markdown]
+# ## 3.2 Two layers
+#
+# Algorithm 1's block for the first layer is the chain `W2^T D1 [I (x) x^T | I]`; the factors come from `layer_jacobians`.
+
+
+# %%
 def section_3_2(out: dict) -> None:
     print("\n== 3.2 Two layers: 4 -> 5 (ReLU) -> 3")
     model = _dense_net([4, 5, 3])
@@ -79,6 +134,16 @@ def section_3_2(out: dict) -> None:
     out["3.2"] = {"blocks": shapes, "chain_error": float(np.max(np.abs(chain - j1)))}
 
 
+section_3_2(out)
+
+
+# %% [markdown]
+# ## 3.3 LeNet-100-300-10
+#
+# The three blocks of `J_theta z[3]`, and the picture of `J_theta z[L]` for a small network: one band of columns per `[Vec(W); b]`.
+
+
+# %%
 def section_3_3(out: dict, directory: str) -> None:
     print("\n== 3.3 LeNet-100-300-10 (784 -> 100 -> 300 -> 10)")
     keras.utils.set_random_seed(0)
@@ -105,6 +170,17 @@ def section_3_3(out: dict, directory: str) -> None:
     out["pictures"].append(picture)
 
 
+section_3_3(out, OUT)
+show(out["pictures"][-1])
+
+
+# %% [markdown]
+# ## 3.4 ReLU
+#
+# `J_z f(z) = diag(f'(z))`: for ReLU a diagonal of zeros and ones.
+
+
+# %%
 def section_3_4(out: dict) -> None:
     print("\n== 3.4 ReLU: J_z f(z) = diag(f'(z)), zeros and ones")
     z = np.array([-1.5, 0.7, -0.2, 2.0, 0.1])
@@ -114,6 +190,16 @@ def section_3_4(out: dict) -> None:
     out["3.4"] = {"D": d}
 
 
+section_3_4(out)
+
+
+# %% [markdown]
+# ## 3.5 Convolution as matrix multiplication (Lemmas 2 and 3)
+#
+# `X * K = Toep(K) Vec(X^T)`, and a conv layer is a dense layer with `W = Toep(K)^T`.
+
+
+# %%
 def section_3_5(out: dict, directory: str) -> None:
     print("\n== 3.5 Convolution as matrix multiplication (Lemmas 2 and 3)")
     k = np.array([[1.0, 2.0], [3.0, 4.0]])  # k1 k2 / k3 k4
@@ -141,6 +227,18 @@ def section_3_5(out: dict, directory: str) -> None:
     out["pictures"] += pictures
 
 
+section_3_5(out, OUT)
+for picture in out["pictures"][-2:]:
+    show(picture)
+
+
+# %% [markdown]
+# ## Table 1
+#
+# The last activation fused with its loss: `grad_z l` by the formula and by autodiff.
+
+
+# %%
 def table_1(out: dict) -> None:
     print("\n== Table 1: grad_z l for the last activation fused with its loss (batch of 1)")
     rng = np.random.default_rng(1)
@@ -178,21 +276,8 @@ def table_1(out: dict) -> None:
         out["table1"][name] = error
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="walkthrough", help="directory for the PNG pictures")
-    args = parser.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
-    out: dict = {"pictures": []}
-    section_3_1(out)
-    section_3_2(out)
-    section_3_3(out, args.out)
-    section_3_4(out)
-    section_3_5(out, args.out)
-    table_1(out)
-    print("\npictures:", ", ".join(out["pictures"]))
-    return out
+table_1(out)
 
 
-if __name__ == "__main__":
-    main()
+# %%
+print("\npictures:", ", ".join(out["pictures"]))

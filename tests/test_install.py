@@ -31,3 +31,26 @@ def test_import_without_tensorflow_names_the_extras():
     )
     assert "pip install 'tf_jacbp[cpu]'" in result.stdout, result.stdout + result.stderr
     assert "tf_jacbp[gpu]" in result.stdout
+
+
+def test_the_version_is_defined_once():
+    """setup.cfg reads ``tf_jacbp.__version__``; the installed metadata carries the same."""
+    import importlib.metadata
+    from pathlib import Path
+
+    import tf_jacbp
+
+    setup = (Path(__file__).resolve().parents[1] / "setup.cfg").read_text()
+    assert "version = attr: tf_jacbp.__version__" in setup
+    assert importlib.metadata.version("tf_jacbp") == tf_jacbp.__version__
+
+
+def test_the_package_is_typed_and_licensed():
+    """PEP 561's marker ships in the package; LICENSE matches the metadata's Apache-2.0."""
+    from pathlib import Path
+
+    import tf_jacbp
+
+    assert (Path(tf_jacbp.__file__).parent / "py.typed").exists()
+    license_text = (Path(__file__).resolve().parents[1] / "LICENSE").read_text()
+    assert "Apache License" in license_text and "Version 2.0" in license_text
