@@ -13,8 +13,8 @@ alone in graph mode only):
   kernel and bias gradients), the part of our step that stock Keras does with its conv kernels.
 
 Candidates are interleaved in every repetition; a ratio is the median of per-repetition ratios
-(``benchmarks.timing``), ``peak_mib`` is TensorFlow's CPU allocator peak during one step, ours then
-stock's.
+(``benchmarks.timing``), ``peak_mib`` is how far the process' resident memory rose during one
+step (``benchmarks.timing.peak_bytes``), ours then stock's.
 
     python benchmarks/conv.py [--quick]       # or python -m benchmarks.conv; --quick: < 2 minutes
 """

@@ -1,4 +1,4 @@
-"""Interleaved A/B timing and peak memory, shared by the benchmarks.
+"""Interleaved A/B timing and peak memory (resident, any allocator), shared by the benchmarks.
 
 Each repetition times every candidate once, in turn, so that a slow phase of the machine falls
 on all of them; a ratio is the median over repetitions of ``ours / theirs`` in the same
@@ -9,6 +9,7 @@ without tf.data's autotuner, whose background work on this 2-core machine halved
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from collections.abc import Callable
 
@@ -48,13 +49,76 @@ def ratio_row(
     }
 
 
+def _status_bytes(field: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in bytes; None without it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_high_water_mark() -> bool:
+    """Reset the kernel's peak-RSS counter ``VmHWM`` to the current RSS (Linux >= 4.0: write "5"
+    to ``/proc/self/clear_refs``); False where that is not possible or did not take effect."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    hwm, rss = _status_bytes("VmHWM"), _status_bytes("VmRSS")
+    return hwm is not None and rss is not None and hwm <= rss + 2**20
+
+
+def _sampled_peak(fn: Callable[[], object], interval: float = 0.001) -> int:
+    """The largest ``VmRSS`` read every ``interval`` seconds by a thread while ``fn`` runs
+    (TensorFlow's kernels release the GIL, so the thread keeps sampling during them)."""
+    peak, done = [_status_bytes("VmRSS") or 0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _status_bytes("VmRSS") or 0)
+            time.sleep(interval)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        thread.join()
+    return max(peak[0], _status_bytes("VmRSS") or 0)
+
+
+def peak_bytes(fn: Callable[[], object]) -> float:
+    """How far the process' resident memory rose above its level before ``fn`` while ``fn``
+    ran, in bytes; NaN where the resident memory cannot be read (no ``/proc``).
+
+    Works with any allocator (TensorFlow's CPU memory statistics exist only with its BFC
+    allocator): the kernel's high-water mark ``VmHWM``, reset before ``fn``; where it cannot be
+    reset, the resident memory sampled every millisecond (a peak shorter than that may be
+    missed). Memory that ``fn`` frees but the allocator keeps counts until reused, and memory
+    freed before ``fn`` and reused by it does not count; whatever other rows keep alive (data
+    sets) counts in neither reading, so it is left out.
+    """
+    before = _status_bytes("VmRSS")
+    if before is None:
+        fn()
+        return float("nan")
+    if _reset_high_water_mark():
+        fn()
+        peak = _status_bytes("VmHWM") or 0
+    else:
+        peak = _sampled_peak(fn)
+    return float(max(peak - before, 0))
+
+
 def peak_mib(fn: Callable[[], object]) -> float:
-    """Peak bytes TensorFlow's CPU allocator held while ``fn`` ran, beyond what it held before
-    (tensors that other rows keep alive, such as datasets, do not count), in MiB."""
-    tf.config.experimental.reset_memory_stats("CPU:0")
-    before = tf.config.experimental.get_memory_info("CPU:0")["current"]
-    fn()
-    return (tf.config.experimental.get_memory_info("CPU:0")["peak"] - before) / 2**20
+    """``peak_bytes(fn)`` in MiB: the peak resident memory ``fn`` added to the process."""
+    return peak_bytes(fn) / 2**20
 
 
 def input_pipeline(

@@ -34,15 +34,20 @@ gathering from ``[Vec(K); 0]``, the appended zero serving every structural zero 
   ``ConvIndex.kernel_gradient`` multiplies by the same matrix gathered with its columns in
   ``K``'s storage order (``stored_patch_index``), plus the tied bias' row of ones.
 
-Memory guard: a dense ``T`` takes ``(H_out W_out F) (H W C)`` entries. ``conv_matrix`` and
-``tf_jacbp.layers.Conv2D`` compare that with a budget in bytes: ``DEFAULT_BUDGET_BYTES``, changed
-for the whole process by ``set_budget_bytes`` or per layer by ``Conv2D(toeplitz_budget_bytes=...)``.
+Memory guard: a budget in bytes, ``DEFAULT_BUDGET_BYTES``, changed for the whole process by
+``set_budget_bytes`` or per layer by ``Conv2D(toeplitz_budget_bytes=...)``. ``conv_matrix``
+compares the dense ``T`` it returns (``(H_out W_out F) (H W C)`` entries) with it. A layer
+compares the peak of a whole training step (``ConvIndex.step_bytes``: ``T``, its index maps,
+which a traced graph holds as constants in several copies, one sample's tensors) and, over
+budget, falls back to the sparse ``T`` with a warning, or raises (``use_sparse``).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import warnings
+import weakref
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -57,6 +62,23 @@ sparse form is larger still is an error (``set_budget_bytes``, ``Conv2D(toeplitz
 # Bytes per structural nonzero of the sparse representation beyond its value: the (row, column)
 # pair of int64 indices a tf.SparseTensor stores.
 SPARSE_INDEX_BYTES = 16
+
+GRAPH_CONSTANT_COPIES = 16
+"""How many copies of an index map a compiled training step holds at its peak. The maps enter
+traced graphs as constants (so that exported SavedModels keep them), and TensorFlow copies a
+constant's bytes at each stage: the NumPy array, the graph's node, the function library, the
+optimized graph, the executor's kernel. Measured on TensorFlow 2.21 (``tf.function`` gathering
+with a 40 MB constant: 15 times its size at the peak of its first call)."""
+
+SPARSE_STEP_BYTES_PER_NONZERO = 480
+"""Peak bytes per structural nonzero of a training step on the sparse route, beyond the value
+itself: the int64 ``(row, column)`` pairs and int32 positions as graph constants (20 bytes,
+``GRAPH_CONSTANT_COPIES`` times), the copies ``tf.sparse.sparse_dense_matmul`` and its adjoint
+make, and the NumPy build. Measured on TensorFlow 2.21 with ``Model.train_on_batch``, 330 to 470
+bytes for sizes from 64 x 64 to 384 x 384 (the more often a step reads the maps, the more)."""
+
+STEP_OVERHEAD_BYTES = 4 * 2**20
+"""What tracing a new layer's training step costs whatever its size (measured: 1.5-2.5 MiB)."""
 
 PADDINGS = ("valid", "same")
 
@@ -174,21 +196,34 @@ def _inverse_taps(taps: np.ndarray, size: int) -> np.ndarray:
 class IndexTensors:
     """Named integer index maps (NumPy, computed once) handed to TensorFlow as tensors.
 
-    ``maps[name]`` is a constant of the graph being traced, so that traced functions, custom
-    gradients and exported SavedModels hold the map itself (a custom gradient that captures an
-    eager tensor cannot be exported); executing eagerly, it is a tensor created once and cached.
+    Each map is given as an array or as a function computing it, called on first use (so a
+    layer holds only the maps its route reads). ``maps[name]`` is a constant of the graph being
+    traced (one per graph, however often it is read), so that traced functions, custom gradients
+    and exported SavedModels hold the map itself (a custom gradient that captures an eager tensor
+    cannot be exported); executing eagerly, it is a tensor created once and cached.
     """
 
-    def __init__(self, **arrays: np.ndarray):
-        self.arrays = arrays
+    def __init__(self, **arrays: np.ndarray | Callable[[], np.ndarray]):
+        self._sources = arrays
+        self.arrays: dict[str, np.ndarray] = {}
         self._eager: dict[str, tf.Tensor] = {}
+        self._graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def array(self, name: str) -> np.ndarray:
+        """The NumPy map ``name``, computed on first use."""
+        if name not in self.arrays:
+            source = self._sources[name]
+            self.arrays[name] = source() if callable(source) else source
+        return self.arrays[name]
 
     def __getitem__(self, name: str) -> tf.Tensor:
-        if not tf.executing_eagerly():
-            return tf.constant(self.arrays[name])
-        if name not in self._eager:
-            self._eager[name] = tf.constant(self.arrays[name])
-        return self._eager[name]
+        if tf.executing_eagerly():
+            cache = self._eager
+        else:  # one constant per graph, however often the graph reads the map
+            cache = self._graphs.setdefault(tf.compat.v1.get_default_graph(), {})
+        if name not in cache:
+            cache[name] = tf.constant(self.array(name))
+        return cache[name]
 
 
 class ConvIndex:
@@ -232,16 +267,46 @@ class ConvIndex:
         """Bytes of a sparse ``T``: per structural nonzero its value and int64 (row, column)."""
         return self.nnz * (tf.as_dtype(dtype).size + SPARSE_INDEX_BYTES)
 
-    @functools.cached_property
-    def nonzeros(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(rows, cols, positions)``, each ``(nnz,)``, with
-        ``T[rows[k], cols[k]] = Vec(K)[positions[k]]``.
+    def step_bytes(self, dtype: Any, sparse: bool) -> int:
+        """The peak bytes a training step of one sample (forward and backward pass) adds for this
+        layer with a dense or a sparse ``T``: what the memory guard compares with its budget.
 
-        Sorted by row, then column (the canonical order of a ``tf.SparseTensor``).
+        With ``s`` the bytes of ``dtype``, ``P = H_out W_out`` positions, ``M = kh kw C``:
+
+        * ``T``: dense, ``R N s`` plus its int32 index maps ``kernel_rows`` and ``block_rows``
+          (``(kh C W + 1) W_out + N H_out`` entries); sparse, ``nnz (s +``
+          ``SPARSE_STEP_BYTES_PER_NONZERO)``;
+        * the int32 patch maps of the kernel gradient and of ``patches`` (``(2 M + 1) P``);
+        * every index map ``GRAPH_CONSTANT_COPIES`` times (graph constants) plus its NumPy array;
+        * one sample's ``x``, ``z``, their gradients and patch matrix
+          (``(2 (N + R) + (M + 1) P) s``), and ``STEP_OVERHEAD_BYTES``.
+
+        Each further sample of a batch adds about its share of the last item, as for any layer.
+        Measured with ``Model.train_on_batch`` (``tests/test_memory_guard.py``), the peak growth of
+        the process stays below this.
         """
+        size = tf.as_dtype(dtype).size
+        _, width, channels = self.input_shape
+        kh, kw, _, filters = self.kernel_shape
+        rows, columns = self.shape
+        positions, entries = rows // filters, kh * kw * channels
+        maps = 4 * (2 * entries + 1) * positions
+        if sparse:
+            matrix = self.nnz * (size + SPARSE_STEP_BYTES_PER_NONZERO)
+        else:
+            matrix = rows * columns * size
+            maps += 4 * ((kh * channels * width + 1) * self.output_shape[1])
+            maps += 4 * columns * self.output_shape[0]
+        one_sample = (2 * (columns + rows) + (entries + 1) * positions) * size
+        return matrix + (GRAPH_CONSTANT_COPIES + 1) * maps + one_sample + STEP_OVERHEAD_BYTES
+
+    @functools.cached_property
+    def _sparse_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(indices, positions)``: ``(nnz, 2)`` int64 ``(row, column)`` pairs and ``(nnz,)`` int32
+        ``Vec(K)`` positions, with ``T[indices[k]] = Vec(K)[positions[k]]`` (``nonzeros``)."""
         _, width, channels = self.input_shape
         _, w_out, filters = self.output_shape
-        vec = vec_index(self.kernel_shape)
+        vec = vec_index(self.kernel_shape).astype(np.int32)
         # Axes (i, j, f, p, q, c): rows (i, j, f) row-major, then columns increase with (p, q, c).
         i, j, f, p, q, c = np.ix_(
             *(np.arange(n) for n in (*self.output_shape, *self.kernel_shape[:3]))
@@ -250,10 +315,21 @@ class ConvIndex:
         valid = np.broadcast_to(
             (in_i >= 0) & (in_j >= 0), (*self.output_shape, *self.kernel_shape[:3])
         )
-        rows = np.broadcast_to((i * w_out + j) * filters + f, valid.shape)[valid]
-        cols = np.broadcast_to((in_i * width + in_j) * channels + c, valid.shape)[valid]
+        indices = np.empty((self.nnz, 2), dtype=np.int64)
+        indices[:, 0] = np.broadcast_to((i * w_out + j) * filters + f, valid.shape)[valid]
+        indices[:, 1] = np.broadcast_to((in_i * width + in_j) * channels + c, valid.shape)[valid]
         positions = np.broadcast_to(vec[p, q, c, f], valid.shape)[valid]
-        return rows, cols, positions
+        return indices, positions
+
+    @property
+    def nonzeros(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(rows, cols, positions)``, each ``(nnz,)``, with
+        ``T[rows[k], cols[k]] = Vec(K)[positions[k]]``.
+
+        Sorted by row, then column (the canonical order of a ``tf.SparseTensor``).
+        """
+        indices, positions = self._sparse_arrays
+        return indices[:, 0], indices[:, 1], positions
 
     @functools.cached_property
     def entry_index(self) -> np.ndarray:
@@ -266,7 +342,7 @@ class ConvIndex:
 
     @functools.cached_property
     def block_index(self) -> tuple[np.ndarray, np.ndarray]:
-        """The two row-gather maps of ``transpose_matrix``.
+        """The two row-gather maps of ``transpose_matrix`` (int32).
 
         * ``kernel_rows`` ``(kh C W + 1, W_out)``: for block row ``(p, c, j')`` and output column
           ``j``, the row of ``K[p, q, c, :]`` in ``K`` reshaped to ``(kh kw C, F)`` (its storage
@@ -275,40 +351,39 @@ class ConvIndex:
           zero block.
         * ``block_rows`` ``(H, W, C, H_out)``: for row ``(i', j', c)`` of ``T^T`` and output row
           ``i``, the block row ``(p, c, j')`` (flattened) with ``i' = i s_h - pad_top + p d_h``; or
-          ``kh C W`` (the zero block row).
+          ``kh C W`` (the zero block row). With ``N H_out`` entries it is the largest map of the
+          dense route, so it is built in place, in int32.
         """
         height, width, channels = self.input_shape
         kh, kw = self.kernel_shape[:2]
         stored = np.arange(kh * kw * channels).reshape(kh, kw, channels)  # row of K[p, q, c, :]
-        inv_h = _inverse_taps(self.taps_h, height)  # (H, H_out) -> p
+        inv_h = _inverse_taps(self.taps_h, height).astype(np.int32)  # (H, H_out) -> p
         inv_w = _inverse_taps(self.taps_w, width)  # (W, W_out) -> q
         p, c = np.arange(kh)[:, None, None, None], np.arange(channels)[None, :, None, None]
         q = inv_w[None, None, :, :]
         kernel_rows = np.where(q >= 0, stored[p, np.maximum(q, 0), c], kh * kw * channels)
         kernel_rows = np.concatenate(
             [kernel_rows.reshape(-1, kernel_rows.shape[-1]), np.full((1, q.shape[-1]), stored.size)]
-        )
+        ).astype(np.int32)
         p = inv_h[:, None, None, :]
-        c, j_in = np.arange(channels)[None, None, :, None], np.arange(width)[None, :, None, None]
-        block_rows = np.where(
-            p >= 0, (np.maximum(p, 0) * channels + c) * width + j_in, kh * channels * width
-        )
+        c = np.arange(channels, dtype=np.int32)[None, None, :, None]
+        j_in = np.arange(width, dtype=np.int32)[None, :, None, None]
+        block_rows = (np.maximum(p, 0) * channels + c) * width + j_in
+        block_rows[np.broadcast_to(p < 0, block_rows.shape)] = kh * channels * width
         return kernel_rows, block_rows
 
     @functools.cached_property
     def patch_index(self) -> np.ndarray:
-        """``(M, P)``: the input position (row-major ``(i', j', c)``) kernel entry ``m`` reads at
-        output position ``(i, j)``, or ``N`` (the padding, an appended zero). Rows ``m`` in ``Vec``
-        order within a filter (``m = p + kh (q + kw c)``, ``tf_jacbp.layout``)."""
+        """``(M, P)`` int32: the input position (row-major ``(i', j', c)``) kernel entry ``m``
+        reads at output position ``(i, j)``, or ``N`` (the padding, an appended zero). Rows ``m``
+        in ``Vec`` order within a filter (``m = p + kh (q + kw c)``, ``tf_jacbp.layout``)."""
         height, width, channels = self.input_shape
-        in_i = self.taps_h.T[:, None, None, :, None]  # (kh, 1, 1, H_out, 1)
-        in_j = self.taps_w.T[None, :, None, None, :]  # (1, kw, 1, 1, W_out)
-        c = np.arange(channels)[None, None, :, None, None]
-        index = np.where(
-            (in_i >= 0) & (in_j >= 0),
-            (in_i * width + in_j) * channels + c,
-            height * width * channels,
-        )
+        taps_h, taps_w = self.taps_h.astype(np.int32), self.taps_w.astype(np.int32)
+        in_i = taps_h.T[:, None, None, :, None]  # (kh, 1, 1, H_out, 1)
+        in_j = taps_w.T[None, :, None, None, :]  # (1, kw, 1, 1, W_out)
+        c = np.arange(channels, dtype=np.int32)[None, None, :, None, None]
+        index = (in_i * width + in_j) * channels + c
+        index[np.broadcast_to((in_i < 0) | (in_j < 0), index.shape)] = height * width * channels
         index = index.reshape(-1, self.output_shape[0] * self.output_shape[1])  # rows (p, q, c)
         vec = vec_index(self.kernel_shape)[..., 0].reshape(-1)
         out = np.empty_like(index)
@@ -317,34 +392,29 @@ class ConvIndex:
 
     @functools.cached_property
     def stored_patch_index(self) -> np.ndarray:
-        """``(M + 1, P)``: ``patch_index`` with its rows in ``K``'s storage order ``(p, q, c)``
-        (row-major, the rows of ``K`` reshaped to ``(M, F)``) instead of ``Vec`` order, padding
-        reading ``N + 1`` instead of ``N``, and a last row reading ``N``: the constant 1 that the
-        tied bias multiplies (``kernel_gradient``)."""
+        """``(M + 1, P)`` int32: ``patch_index`` with its rows in ``K``'s storage order
+        ``(p, q, c)`` (row-major, the rows of ``K`` reshaped to ``(M, F)``) instead of ``Vec``
+        order, padding reading ``N + 1`` instead of ``N``, and a last row reading ``N``: the
+        constant 1 that the tied bias multiplies (``kernel_gradient``)."""
         n, positions = self.shape[1], self.patch_index.shape[1]
         vec = vec_index(self.kernel_shape)[..., 0].reshape(-1)  # storage row -> Vec row
         rows = self.patch_index[vec]
-        rows = np.where(rows == n, n + 1, rows)
-        return np.concatenate([rows, np.full((1, positions), n)])
+        rows[rows == n] = n + 1
+        return np.concatenate([rows, np.full((1, positions), n, dtype=rows.dtype)])
 
     @functools.cached_property
     def _tensors(self) -> IndexTensors:
-        kernel_rows, block_rows = self.block_index
-        stored = self.stored_patch_index
         return IndexTensors(
-            kernel_rows=kernel_rows.reshape(-1).astype(np.int32),
-            block_rows=block_rows.reshape(-1).astype(np.int32),
-            patch_index=self.patch_index.astype(np.int32),
-            stored_patch_index=stored[:-1].astype(np.int32),
-            stored_patch_index_and_one=stored.astype(np.int32),
+            kernel_rows=lambda: self.block_index[0].reshape(-1),
+            block_rows=lambda: self.block_index[1].reshape(-1),
+            patch_index=lambda: self.patch_index,
+            stored_patch_index=lambda: self.stored_patch_index,
         )
 
     @functools.cached_property
     def _sparse_tensors(self) -> IndexTensors:
-        rows, cols, positions = self.nonzeros
         return IndexTensors(
-            indices=np.stack([rows, cols], axis=1).astype(np.int64),
-            positions=positions.astype(np.int32),
+            indices=lambda: self._sparse_arrays[0], positions=lambda: self._sparse_arrays[1]
         )
 
     def _kernel_matrix(self, kernel: tf.Tensor) -> tf.Tensor:
@@ -408,23 +478,22 @@ class ConvIndex:
         patch matrix is gathered with its columns in ``K``'s storage order (``stored_patch_index``,
         a fixed permutation of the ``Vec`` order of ``patches``), so that the ``(M, F)`` product is
         ``dK`` reshaped, with no transposes. The tied bias' Jacobian ``J_b z = I_F`` stacked ``P``
-        times is the patch of the constant 1: with ``tied_bias`` the patch matrix gets that row
-        (``[X_patch | 1]``) and the same product's last row is ``db`` (``Delta`` summed over
-        positions and samples).
+        times is the patch of the constant 1: the patch matrix carries that row (``[X_patch | 1]``,
+        one index map for both cases) and the same product's last row is ``db`` (``Delta`` summed
+        over positions and samples), returned with ``tied_bias`` and dropped otherwise.
         """
         positions, filters = self.output_shape[0] * self.output_shape[1], self.kernel_shape[3]
         columns = tf.transpose(tf.reshape(x, [-1, self.shape[1]]))  # (N, batch)
         one_and_zero = tf.broadcast_to(tf.constant([[1], [0]], x.dtype), [2, tf.shape(x)[0]])
         columns = tf.concat([columns, one_and_zero], axis=0)  # rows N (ones) and N + 1 (zeros)
-        index = self._tensors["stored_patch_index_and_one" if tied_bias else "stored_patch_index"]
-        patches = tf.reshape(tf.gather(columns, index), [index.shape[0], -1])  # (M [+ 1], P batch)
+        index = self._tensors["stored_patch_index"]
+        patches = tf.reshape(tf.gather(columns, index), [index.shape[0], -1])  # (M + 1, P batch)
         delta = tf.reshape(delta, [-1, positions, filters])
         delta = tf.reshape(tf.transpose(delta, [1, 0, 2]), [-1, filters])  # (P batch, F)
-        gradient = tf.matmul(patches, delta)  # (M [+ 1], F): row (p, q, c) is dK[p, q, c, :]
-        if not tied_bias:
-            return tf.reshape(gradient, self.kernel_shape)
+        gradient = tf.matmul(patches, delta)  # (M + 1, F): row (p, q, c) is dK[p, q, c, :]
         m = index.shape[0] - 1
-        return tf.reshape(gradient[:m], self.kernel_shape), gradient[m]
+        kernel_gradient = tf.reshape(gradient[:m], self.kernel_shape)
+        return (kernel_gradient, gradient[m]) if tied_bias else kernel_gradient
 
 
 def validate(
@@ -499,14 +568,42 @@ def conv_index(
 
 
 def budget_error(owner: str, index: ConvIndex, dtype: Any, budget: int, setting: str) -> ValueError:
-    """The error for a ``T`` over budget: both sizes, the budget and the setting to change."""
+    """The error for a layer over budget: the sizes of ``T`` and of a training step with it, dense
+    and sparse, the budget and the setting to change."""
     dense, sparse = index.dense_bytes(dtype), index.sparse_bytes(dtype)
+    dense_step, sparse_step = index.step_bytes(dtype, False), index.step_bytes(dtype, True)
     return ValueError(
         f"{owner}: the Toeplitz matrix T(K) of shape {index.shape} ({tf.as_dtype(dtype).name}) "
         f"takes {dense} bytes ({dense / 2**20:.1f} MiB) dense and {sparse} bytes "
-        f"({sparse / 2**20:.1f} MiB) sparse ({index.nnz} nonzeros), over the budget of {budget} "
-        f"bytes ({budget / 2**20:.1f} MiB). Raise it with {setting}, or use a smaller input."
+        f"({sparse / 2**20:.1f} MiB) sparse ({index.nnz} nonzeros); a training step with it, its "
+        f"index maps and one sample needs about {dense_step / 2**20:.1f} MiB dense and "
+        f"{sparse_step / 2**20:.1f} MiB sparse, over the budget of {budget} bytes "
+        f"({budget / 2**20:.1f} MiB). Raise it with {setting}, or use a smaller input."
     )
+
+
+def use_sparse(index: ConvIndex, dtype: Any, budget: int, owner: str, setting: str) -> bool:
+    """The memory guard of a layer that multiplies by ``T(K)``: whether ``T`` must be sparse.
+
+    False when a training step with a dense ``T`` fits ``budget`` (``ConvIndex.step_bytes``);
+    True, with a warning, when only the sparse route fits (``tf.sparse.sparse_dense_matmul``:
+    slower, and not XLA-compatible); a ValueError (``budget_error``, naming ``setting``) when
+    neither does.
+    """
+    if index.step_bytes(dtype, sparse=False) <= budget:
+        return False
+    if index.step_bytes(dtype, sparse=True) > budget:
+        raise budget_error(owner, index, dtype, budget, setting)
+    warnings.warn(
+        f"{owner}: a training step with a dense T(K) of shape {index.shape} needs about "
+        f"{index.step_bytes(dtype, sparse=False) / 2**20:.1f} MiB, over the Toeplitz budget of "
+        f"{budget / 2**20:.1f} MiB; using a sparse T instead (about "
+        f"{index.step_bytes(dtype, sparse=True) / 2**20:.1f} MiB). The sparse product is slower "
+        f"and cannot be compiled with XLA (jit_compile=True is turned off for the model). Raise "
+        f"the budget with {setting} to keep T dense.",
+        stacklevel=3,
+    )
+    return True
 
 
 def conv_matrix(
