@@ -212,7 +212,7 @@ def run(quick: bool) -> list[dict]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the under-two-minutes subset")
-    from benchmarks.run import machine, print_table
+    from benchmarks.table import machine, print_table
 
     rows = run(parser.parse_args().quick)
     print(f"# {machine()}")

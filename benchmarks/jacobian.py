@@ -173,6 +173,6 @@ def run(quick: bool) -> list[dict]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    from benchmarks.run import print_table
+    from benchmarks.table import print_table
 
     print_table(run(parser.parse_args().quick))

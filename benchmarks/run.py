@@ -1,64 +1,41 @@
 """The benchmark suite's one entry point: one table, every figure a ratio measured in this run.
 
-python -m benchmarks            # full (several minutes; full-size Fashion-MNIST rows)
-python -m benchmarks --quick    # under two minutes
+python -m benchmarks                                  # full (several minutes)
+python -m benchmarks --quick                          # under about two minutes
+python -m benchmarks --markdown docs/benchmarks.md    # also write the page (and a .json beside)
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-
-def _cell(value: object) -> str:
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    if isinstance(value, tuple):
-        return "-".join(_cell(v) for v in value)
-    return str(value)
-
-
-COLUMNS = ("benchmark", "variant", "ratio", "spread", "target", "ours_ms", "theirs_ms", "peak_mib")
-
-
-def print_table(rows: list[dict]) -> None:
-    """Print rows as one plain-text table (``ratio`` = ours / stock, median over repetitions)."""
-    cells = [[_cell(row.get(c, "")) for c in COLUMNS] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(COLUMNS)]
-    line = "  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths, strict=True))
-    print(line)
-    print("-" * len(line))
-    for r in cells:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
-
-
-def machine() -> str:
-    """A one-line description of where the table was measured."""
-    gpus = tf.config.list_physical_devices("GPU")
-    return (
-        f"{platform.machine()}, {os.cpu_count()} cores, "
-        f"{'GPU: ' + ', '.join(g.name for g in gpus) if gpus else 'no GPU'}, "
-        f"TensorFlow {tf.__version__}, Keras {keras.__version__}, Python {platform.python_version()}"
-    )
+from benchmarks.table import machine, markdown, print_table, write_json  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
-    from benchmarks import conv, gradient_check, jacobian, mlp
+    from benchmarks import conv, gradient_check, jacobian, mlp, privacy
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the under-two-minutes subset")
+    parser.add_argument(
+        "--markdown", metavar="PATH", help="write the table as Markdown (and PATH's .json)"
+    )
     args = parser.parse_args(argv)
+    mode = "--quick" if args.quick else "full"
     rows = []
-    for module in (mlp, conv, gradient_check, jacobian):
+    for module in (mlp, conv, gradient_check, jacobian, privacy):
         rows += module.run(args.quick)
-    print(f"# {machine()}; {'--quick' if args.quick else 'full'}")
+    print(f"# {machine()}; {mode}")
     print_table(rows)
+    if args.markdown:
+        command = " ".join(["python -m benchmarks", *(argv if argv is not None else sys.argv[1:])])
+        with open(args.markdown, "w") as f:
+            f.write(markdown(rows, mode, command))
+        write_json(rows, os.path.splitext(args.markdown)[0] + ".json", mode)
 
 
 if __name__ == "__main__":
