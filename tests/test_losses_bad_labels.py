@@ -180,27 +180,44 @@ def test_xla_step_gets_a_zero_gradient_and_a_nan_loss(from_logits, reference):
     np.testing.assert_array_equal(g.numpy(), np.zeros((3, 4)))
 
 
-def test_xla_fit_with_sgd_skips_the_bad_step_exactly():
-    """Under XLA no error can be raised inside the step: the bad batch's update is exactly zero
-    (plain SGD: the weights equal a twin trained without that batch), the weights stay finite,
-    and the logged loss is NaN."""
+def test_xla_fit_stops_right_after_the_bad_step():
+    """Under XLA the step with the bad label cannot stop itself: it applies an exactly zero
+    gradient (plain SGD: the weights stay bit-identical), and the next step raises before it
+    runs, naming the value and the class count. The weights equal a twin's trained on the
+    batches before the bad one."""
     x, y = _data(BATCH + 1, 7.0)
     model = _model(_sparse(True), optimizer=keras.optimizers.SGD(0.1), jit_compile=True)
+    with pytest.raises(tf.errors.InvalidArgumentError) as err:
+        model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False)
+    message = str(err.value)
+    assert f"y_pred has {C} classes" in message and "found y_true =] [7]" in message
+    assert "XLA" in message
+    twin = _model(_sparse(True), optimizer=keras.optimizers.SGD(0.1), jit_compile=True)
+    twin.fit(x[:BATCH], y[:BATCH], batch_size=BATCH, epochs=1, verbose=0, shuffle=False)
+    _assert_bit_equal(_weights(twin), _weights(model))
+    # Reported once: with the label fixed, training goes on.
+    y[BATCH + 1] = 0.0
+    history = model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False)
+    assert np.isfinite(history.history["loss"]).all()
+
+
+def test_xla_fit_with_the_bad_label_in_the_last_batch_raises_at_the_next_call():
+    """No step follows the last batch: that fit ends with a NaN loss logged and finite weights,
+    and the next call of the compiled step (here ``evaluate``) raises."""
+    x, y = _data(2 * BATCH + 3, 2.5)
+    model = _model(_sparse(True), jit_compile=True)
     history = model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False)
     assert np.isnan(history.history["loss"][0])
-    twin = _model(_sparse(True), optimizer=keras.optimizers.SGD(0.1), jit_compile=True)
-    keep = np.r_[0:BATCH, 2 * BATCH : 3 * BATCH]
-    twin.fit(x[keep], y[keep], batch_size=BATCH, epochs=1, verbose=0, shuffle=False)
-    _assert_bit_equal(_weights(twin), _weights(model))
+    assert all(np.isfinite(w).all() for w in _weights(model))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"found y_true =\] \[2.5\]"):
+        model.evaluate(x[:BATCH], y[:BATCH], verbose=0)
 
 
-def test_xla_fit_with_adam_keeps_the_weights_finite_and_the_first_step_still():
-    x, y = _data(3, 7.0, n=BATCH)
+def test_xla_fit_with_adam_keeps_the_first_step_still_and_stops():
+    """Adam's first step with a zero gradient moves nothing (its moments are zero)."""
+    x, y = _data(3, -1.0, n=2 * BATCH)
     model = _model(_sparse(True), jit_compile=True)
     before = _weights(model)
-    history = model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
-    assert np.isnan(history.history["loss"][0])
-    _assert_bit_equal(before, _weights(model))  # Adam's first step with g = 0 moves nothing
-    x2, y2 = _data(3, 7.0)
-    model.fit(x2, y2, batch_size=BATCH, epochs=2, verbose=0)
-    assert all(np.isfinite(w).all() for w in _weights(model))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"found y_true =\] \[-1\]"):
+        model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False)
+    _assert_bit_equal(before, _weights(model))

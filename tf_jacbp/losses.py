@@ -58,6 +58,8 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from tensorflow.python.framework.func_graph import FuncGraph
+from tensorflow.python.ops.control_flow_util import GraphOrParentsInXlaContext
 
 from tf_jacbp._backend import keras, tf
 from tf_jacbp.mode import in_reference_mode
@@ -152,15 +154,17 @@ class _Guard:
         return tf.where(self.all_ok, loss, held)
 
 
-def _guard_labels(y: tf.Tensor, ok: tf.Tensor, name: str, rule: str) -> _Guard:
-    """Check ``ok`` (good labels, shape of ``y``; reduced over the last axis when it has one more
-    axis than the loss) and report the first offending value of ``y`` and ``rule``.
+def _guard_labels(y: tf.Tensor, ok: tf.Tensor, loss: keras.losses.Loss, rule: str) -> _Guard:
+    """Check ``ok`` (good labels, shape of ``y``) and report the first offending value of ``y``
+    against ``rule``, in ``loss``'s name.
 
     Eagerly a failing check raises ``ValueError``. In a graph it becomes a
     ``tf.debugging.Assert`` that the returned labels and the final ``tf.where`` depend on (an
     ``InvalidArgumentError`` when the step runs, before any gradient exists). Under XLA the
-    assertion is compiled away and only ``_Guard.finish``'s NaN value and zero gradient remain.
+    assertion is compiled away: ``_Guard.finish``'s NaN value and zero gradient remain, and
+    ``_report_after_xla_step`` raises before the next step.
     """
+    name = type(loss).__name__
     if tf.executing_eagerly():
         good = np.asarray(ok)
         if not good.all():
@@ -186,20 +190,74 @@ def _guard_labels(y: tf.Tensor, ok: tf.Tensor, name: str, rule: str) -> _Guard:
             count,
             "of",
             n,
-            "). The step was stopped before any weight changed.",
+            "). The step stopped before the loss's gradient was computed.",
         ],
     )
     with tf.control_dependencies([check]):
         y = tf.identity(y)
         all_ok = tf.identity(all_ok)
+    _report_after_xla_step(loss, all_ok, first_bad, count, f"{name}: y_true must hold {rule}")
     return _Guard(y, ok, all_ok)
 
 
-def _guard_unit_interval(y: tf.Tensor, name: str, rank: int | None) -> _Guard:
+def _report_after_xla_step(
+    loss: keras.losses.Loss,
+    all_ok: tf.Tensor,
+    first_bad: tf.Tensor,
+    count: tf.Tensor,
+    message: str,
+) -> None:
+    """Under XLA, raise the label error right before the next step of the calling function.
+
+    A step compiled with XLA cannot stop itself (assertions are compiled away). It records
+    ``[1, first offending value, count]`` in a variable of the loss instead, and an assertion is
+    placed in the function that calls the compiled step (in ``fit``, Keras' uncompiled loop
+    around it), ordered before the call through the variable: the next call of the step (the
+    next batch, the next ``fit``, or ``evaluate``'s first batch, whose compiled step reads the
+    same variable) raises ``InvalidArgumentError`` with the recorded value and resets the record.
+    Does nothing outside XLA, when the compiled step is called eagerly (no calling graph), or
+    under a ``tf.distribute`` strategy.
+    """
+    graph = tf.compat.v1.get_default_graph()
+    outer = getattr(graph, "outer_graph", None)
+    if (
+        not GraphOrParentsInXlaContext(graph)
+        or not isinstance(outer, FuncGraph)
+        or tf.distribute.has_strategy()
+    ):
+        return
+    record = getattr(loss, "_bad_label_record", None)
+    if record is None:
+        with tf.init_scope():
+            record = tf.Variable(tf.zeros([3], tf.float64), trainable=False, name="bad_label")
+        loss._bad_label_record = record
+    seen = tf.stack([1.0, tf.cast(first_bad, tf.float64), tf.cast(count, tf.float64)])
+    record.assign(tf.where(all_ok, record, seen))
+    with outer.as_default():
+        previous = record.read_value()
+        with tf.control_dependencies([previous]):
+            reset = record.assign(tf.zeros([3], tf.float64))
+        with tf.control_dependencies([reset]):  # reported once: reset even if it raises
+            check = tf.debugging.Assert(
+                tf.equal(previous[0], 0.0),
+                [
+                    f"{message}; found y_true =",
+                    previous[1],
+                    "(offending values:",
+                    previous[2],
+                    "). The batch came in a step compiled with XLA, which cannot stop itself: that "
+                    "step applied a zero gradient, and this, the next step, stopped before running.",
+                ],
+            )
+        with tf.control_dependencies([check]):
+            record.read_value()  # the next use of ``record``, the compiled step, waits for this
+
+
+def _guard_unit_interval(y: tf.Tensor, loss: keras.losses.Loss, rank: int | None) -> _Guard:
     """Labels in ``[0, 1]`` (NaN is not); the per-position ``ok`` reduces the last axis when
     the loss has one axis less than ``y`` (``rank`` is the loss' rank)."""
     ok = (y >= 0) & (y <= 1)
-    guard = _guard_labels(y, ok, name, "values in [0, 1] (one-hot or probabilities)")
+    guard = _guard_labels(y, ok, loss, "values in [0, 1] (one-hot or probabilities)")
     if guard.ok is not None and rank is not None and y.shape.rank == rank + 1:
         guard.ok = tf.reduce_all(guard.ok, -1)
     return guard
@@ -378,7 +436,7 @@ class CategoricalCrossentropy(_SmoothedLoss):
             "For integer class labels use SparseCategoricalCrossentropy, or one-hot encode "
             "them with keras.utils.to_categorical.",
         )
-        guard = _guard_unit_interval(y_true, name, y_pred.shape.rank - 1)
+        guard = _guard_unit_interval(y_true, self, y_pred.shape.rank - 1)
         y = guard.y
         if self.label_smoothing:
             d = tf.cast(tf.shape(y_pred)[-1], y_pred.dtype)
@@ -467,7 +525,7 @@ class SparseCategoricalCrossentropy(_Table1Loss):
             if d is not None
             else "integer class indices in [0, C - 1] (C = y_pred.shape[-1])"
         )
-        guard = _guard_labels(y_true, ok, name, rule)
+        guard = _guard_labels(y_true, ok, self, rule)
         labels = tf.cast(tf.where(ok, guard.y, tf.zeros_like(guard.y)), tf.int32)
         y = tf.one_hot(labels, classes, dtype=y_pred.dtype)
         if self.from_logits and not in_reference_mode():
@@ -545,7 +603,7 @@ class BinaryCrossentropy(_SmoothedLoss):
         name = "BinaryCrossentropy"
         y_true, y_pred = _match_ranks(y_true, y_pred)
         _check_same_shape(y_true, y_pred, name, "Give one label in [0, 1] per output.")
-        guard = _guard_unit_interval(y_true, name, y_pred.shape.rank - 1)
+        guard = _guard_unit_interval(y_true, self, y_pred.shape.rank - 1)
         y = guard.y
         if self.label_smoothing:
             y = y * (1 - self.label_smoothing) + 0.5 * self.label_smoothing
