@@ -167,6 +167,25 @@ def test_sparse_loss_keeps_every_position(rank, reference):
     np.testing.assert_allclose(value, expected[..., 0], rtol=1e-13)
 
 
+@pytest.mark.parametrize("reference", [False, True])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_probability_rows_are_renormalized_as_keras_does(sparse, reference):
+    """Rows of y_pred that do not sum to one: stock's value and gradient (Keras divides each row
+    by its sum; the sparse loss after clipping), not ``-log p_y`` of the raw row."""
+    rng = np.random.default_rng(3)
+    p = rng.uniform(0.1, 1, size=(4, 3, 5)) * np.array([0.5, 1, 3])[:, None]  # sums 0.7 to 9
+    labels = rng.integers(0, 5, size=(4, 3))
+    y = labels.astype("float64") if sparse else np.eye(5)[labels]
+    kind = "sparse" if sparse else "categorical"
+    ours, stock = _pair(kind, "sum_over_batch_size", False, 0.0)
+    value, grad = _value_and_grad(ours, y, p, None, np.random.default_rng(0), reference)
+    stock_value, stock_grad = _value_and_grad(stock, y, p, None, np.random.default_rng(0))
+    assert tolerances.relative_error(value, stock_value) <= RTOL
+    assert tolerances.relative_error(grad, stock_grad) <= RTOL
+    raw = -np.log(np.take_along_axis(p, labels[..., None], -1)).mean()
+    assert abs(float(value) - raw) > 0.1  # the raw rows would give another loss
+
+
 @pytest.mark.parametrize(
     "make",
     [

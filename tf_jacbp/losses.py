@@ -40,13 +40,20 @@ cross entropies: values in ``[0, 1]``) are checked on every call:
   dependency of the loss's gradient, so the step stops with ``InvalidArgumentError`` naming the
   first offending label and ``C`` before the optimizer can apply anything (the trainable weights
   are left bit-identical);
-* under XLA (``jit_compile=True``), which compiles assertions away, no error can be raised from
-  inside the step. The loss then gives the step an exactly zero gradient with respect to
-  ``y_pred`` (every position, not just the bad one) and a NaN value at the offending positions,
-  so the logged loss of that step and epoch is NaN (``keras.callbacks.TerminateOnNaN`` stops
-  there). A zero gradient leaves the weights bit-identical under plain SGD and on an optimizer's
-  first step; an optimizer with state (momentum, Adam) still moves them by its momentum as it
-  would for any zero-gradient step, but they stay finite.
+* under XLA (``jit_compile=True``), which compiles assertions away (measured: TensorFlow 2.21
+  runs a compiled ``tf.debugging.Assert`` and ``check_numerics`` as no-ops), the step cannot stop
+  itself. It gets an exactly zero gradient with respect to ``y_pred`` (every position, not just
+  the bad one) and a NaN value at the offending positions, so the logged loss says NaN; the
+  label is recorded in a variable of the loss, and the next call of the compiled step (the next
+  batch, or ``evaluate``/``fit`` after a bad last batch) raises ``InvalidArgumentError`` naming
+  it before that step runs (``_report_after_xla_step``). A zero gradient leaves the weights
+  bit-identical under plain SGD and on an optimizer's first step; an optimizer with state
+  (momentum, Adam) moves them once more by its momentum, as for any zero-gradient step, and
+  they stay finite. With the last batch bad and no later call, nothing raises: the NaN in the
+  logs is then the only sign (``keras.callbacks.TerminateOnNaN`` stops on it).
+
+In every case the optimizer's step counter (``optimizer.iterations``) may count the stopped step:
+its increment does not wait for the gradient, in stock Keras either.
 
 Inside ``tf_jacbp.reference_mode()`` each loss computes the same value with stock TensorFlow ops
 and autodiff differentiates it (the label checks are the same on both routes).
