@@ -166,6 +166,35 @@ def test_read_idx_rejects_a_truncated_header(tmp_path):
         datasets.read_idx(path)
 
 
+@pytest.mark.parametrize(
+    "type_byte, dims, data",
+    [
+        (0x08, (2**21, 2**21, 2**22), b""),  # 2**64 bytes: wrapped to 0 in int64, matching b""
+        (0x08, (2**32 - 1,) * 3, b"\x00" * 16),  # wrapped to a different wrong size
+        (0x0E, (2**30, 2**30, 8), b""),  # 2**63 bytes of float64: a negative size in int64
+    ],
+)
+def test_read_idx_rejects_a_header_whose_sizes_overflow(tmp_path, type_byte, dims, data):
+    header = bytes([0, 0, type_byte, len(dims)]) + b"".join(struct.pack(">I", d) for d in dims)
+    path = write(tmp_path / "images", header + data)
+    shape = re.escape(str(dims))
+    expected = rf"{re.escape(path)}: the header declares shape {shape}.*more than an array can hold"
+    with pytest.raises(ValueError, match=expected):
+        datasets.read_idx(path)
+
+
+def test_read_idx_counts_declared_bytes_without_overflow(tmp_path):
+    """A header that fits int64 but not the file: the exact declared size, called truncated."""
+    dims = (2**20, 2**20, 2**20)
+    header = bytes([0, 0, 0x0D, 3]) + b"".join(struct.pack(">I", d) for d in dims)
+    path = write(tmp_path / "images", header + b"\x00" * 8)
+    expected = (
+        rf"{re.escape(path)}: expected {4 * 2**60} data bytes .* found 8; the file is truncated"
+    )
+    with pytest.raises(ValueError, match=expected):
+        datasets.read_idx(path)
+
+
 def test_read_idx_rejects_over_long_data(tmp_path, rng):
     path = write(tmp_path / "images", idx_bytes(random_split(rng, 3)[0]) + b"\x00")
     expected = rf"{re.escape(path)}: expected 2352 data bytes .* found 2353; .*longer than"

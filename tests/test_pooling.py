@@ -89,6 +89,48 @@ def test_max_pooling_ties_go_to_the_first_maximum_like_tensorflow(kwargs, traced
     np.testing.assert_array_equal(dx, expected)
 
 
+@pytest.mark.parametrize("route", ["eager", "traced", "layer"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},  # tiled
+        {"pool_size": 2, "strides": 1},
+        {"pool_size": 3, "strides": 2, "padding": "same"},  # windows reaching into the padding
+        {"pool_size": 2, "padding": "same"},
+    ],
+)
+def test_max_pooling_window_without_a_maximum_sends_its_gradient_where_tensorflow_does(
+    kwargs, route
+):
+    """Windows of all ``-inf`` or NaN (``tf.nn.max_pool2d`` returns the lowest finite value,
+    equal to none of them): the gradient still reaches one input, the first inside the window,
+    exactly as TensorFlow's ``MaxPoolGrad`` sends it (it used to be dropped)."""
+    input_shape = (5, 5, 2)
+    layer = _built(MaxPooling2D, input_shape, **kwargs)
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(3, *input_shape))
+    x[0] = -np.inf  # every window
+    x[1, :3, :3, 0] = -np.inf  # some windows
+    x[2, ::2, :, 1] = np.nan  # rows of NaN: windows of NaN alone with stride 1
+    x[2, 1::2, :, 1] = -np.inf
+    x = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer.reference(x)
+    delta = tf.constant(rng.normal(size=y.shape))
+    expected = tape.gradient(y, x, output_gradients=delta)
+    if route == "layer":  # the Jacobian route as training uses it
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+        dx = tape.gradient(y, x, output_gradients=delta)
+    else:
+        backward = tf.function(layer.backward) if route == "traced" else layer.backward
+        dx, _ = backward(delta, x, y)
+    np.testing.assert_array_equal(dx, expected)
+    assert np.count_nonzero(np.asarray(dx)[0]) == np.count_nonzero(np.asarray(delta)[0])
+
+
 def test_flatten_jacobian_is_the_identity_and_the_order_is_row_major():
     layer = Flatten(dtype="float64")
     x = np.arange(24.0).reshape(1, 2, 3, 4)

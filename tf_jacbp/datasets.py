@@ -14,6 +14,7 @@ This module needs only NumPy; it does not import TensorFlow or Keras.
 import gzip
 import hashlib
 import http.client
+import math
 import os
 import shutil
 import urllib.request
@@ -138,8 +139,14 @@ def read_idx(path: str | os.PathLike[str], expected_magic: int | None = None) ->
         )
     shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=rank, offset=4))
     dtype = _IDX_TYPES[type_code]
-    expected_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected_bytes = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
     found_bytes = len(data) - header_len
+    if expected_bytes > np.iinfo(np.intp).max:
+        raise ValueError(
+            f"{path}: the header declares shape {shape} of {dtype.name}, {expected_bytes} data "
+            f"bytes, more than an array can hold (2**{np.iinfo(np.intp).bits - 1} - 1), and the "
+            f"file has {found_bytes}; the header is corrupt, {_IDX_FIX}."
+        )
     if found_bytes != expected_bytes:
         problem = "truncated" if found_bytes < expected_bytes else "longer than its header says"
         raise ValueError(

@@ -34,6 +34,7 @@ import numpy as np
 
 from tf_jacbp import activations
 from tf_jacbp._backend import keras, tf
+from tf_jacbp.layers.activation import Activation
 from tf_jacbp.layers.base import JacobianLayer
 from tf_jacbp.layout import unvec_parameter, vec_parameter
 
@@ -60,19 +61,11 @@ def _check_layer(layer: keras.layers.Layer) -> JacobianLayer:
     return layer
 
 
-def _graph(model: keras.Model) -> tuple[list[_Node], Any, Any]:
-    """The model's layer calls in an order that computes every input before its use.
-
-    Returns ``(nodes, input key, output key)``; a key names a tensor of the graph. Sequential
-    models are chains; functional models may branch and merge (skips through ``Add``) and call a
-    layer more than once (shared weights).
-    """
-    if not isinstance(model, keras.Model):
-        raise TypeError(f"model must be a keras.Model, got {type(model).__name__}.")
+def _model_graph(model: keras.Model) -> tuple[list[_Node], Any, Any]:
+    """``_graph`` of one model level, nested models still as single nodes."""
     if isinstance(model, keras.Sequential):
         layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
-        nodes = [_Node(_check_layer(layer), [i], i + 1) for i, layer in enumerate(layers)]
-        return nodes, 0, len(layers)
+        return [_Node(layer, [i], i + 1) for i, layer in enumerate(layers)], 0, len(layers)
     if not hasattr(model, "_nodes_by_depth"):
         raise TypeError(
             f"Model '{model.name}' ({type(model).__name__}) is a subclassed model; "
@@ -88,17 +81,72 @@ def _graph(model: keras.Model) -> tuple[list[_Node], Any, Any]:
         for node in model._nodes_by_depth[depth]:
             if node.operation is None or node.is_input:
                 continue
-            layer = _check_layer(node.operation)
             if len(node.outputs) != 1:
-                raise ValueError(f"Layer '{layer.name}' has several outputs; not supported.")
-            nodes.append(_Node(layer, [id(t) for t in node.input_tensors], id(node.outputs[0])))
+                raise ValueError(
+                    f"Layer '{node.operation.name}' has several outputs; not supported."
+                )
+            nodes.append(
+                _Node(node.operation, [id(t) for t in node.input_tensors], id(node.outputs[0]))
+            )
     return nodes, id(model.inputs[0]), id(model.outputs[0])
 
 
+def _graph(model: keras.Model) -> tuple[list[_Node], Any, Any]:
+    """The model's layer calls in an order that computes every input before its use.
+
+    Returns ``(nodes, input key, output key)``; a key names a tensor of the graph. Sequential
+    models are chains; functional models may branch and merge (skips through ``Add``) and call a
+    layer more than once (shared weights). A nested Sequential or functional model (a model used
+    as a layer) is replaced by its own layer calls, its tensors' keys prefixed by the call, as
+    ``GradientCheck`` looks through nested models.
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"model must be a keras.Model, got {type(model).__name__}.")
+    nodes, input_key, output_key = _model_graph(model)
+    if not nodes:
+        raise ValueError(
+            f"Model '{model.name}' has no layers, so it has no parameters and no Jacobian. Add "
+            "tf_jacbp layers to it (e.g. tf_jacbp.layers.Dense) before calling tf_jacbp.jacobian."
+        )
+    flat = []
+    for call, node in enumerate(nodes):
+        if not isinstance(node.layer, keras.Model):
+            flat.append(_Node(_check_layer(node.layer), node.inputs, node.output))
+            continue
+        inner, inner_input, inner_output = _graph(node.layer)
+        if len(node.inputs) != 1:
+            raise ValueError(
+                f"Nested model '{node.layer.name}' is called on {len(node.inputs)} tensors; "
+                "tf_jacbp.jacobian supports nested models with one input and one output."
+            )
+        # The nested model's input and output are the outer call's; its other tensors are new.
+        keys = {inner_input: node.inputs[0], inner_output: node.output}
+        for n in inner:
+            inputs = [keys.get(k, ("nested", call, k)) for k in n.inputs]
+            flat.append(_Node(n.layer, inputs, keys.get(n.output, ("nested", call, n.output))))
+    return flat, input_key, output_key
+
+
+def _flat_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """``model.layers`` with nested models replaced by their layers, depth first."""
+    flat = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            flat += _flat_layers(layer)
+        elif not isinstance(layer, keras.layers.InputLayer):
+            flat.append(layer)
+    return flat
+
+
 def _layers(model: keras.Model) -> list[JacobianLayer]:
-    """The model's tf_jacbp layers, each once, in ``model.layers`` order (theta's order)."""
+    """The model's tf_jacbp layers, each once, in ``model.layers`` order (theta's order), nested
+    models' layers in their place."""
     _graph(model)  # validates: tf_jacbp layers only, one input and one output
-    return [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    layers = []
+    for layer in _flat_layers(model):
+        if all(layer is not seen for seen in layers):
+            layers.append(layer)
+    return layers
 
 
 def parameter_variables(model: keras.Model) -> list[keras.Variable]:
@@ -149,14 +197,86 @@ class _Record:
     call: int  # how many times the layer was called before (shared layers)
 
 
+def _input_shape(model: keras.Model) -> tuple:
+    """The model's input shape, batch axis first; a ValueError if the model has none yet."""
+    try:
+        inputs = model.inputs
+    except AttributeError:
+        inputs = None
+    if not inputs:
+        raise ValueError(
+            f"Model '{model.name}' has no input shape yet, so x cannot be checked against it. "
+            "Start it with keras.Input(shape), or call model.build((None, *shape)) first."
+        )
+    return tuple(inputs[0].shape)
+
+
+def _check_x(model: keras.Model, x: Any, dtype: Any, owner: str) -> tf.Tensor:
+    """``x`` as a tensor of ``dtype``, after checking it against the model's input shape.
+
+    A batch ``(batch, *input_shape)``: the rank and every known size must match (a transposed
+    image has the right number of entries and would otherwise run, silently wrong).
+    """
+    if isinstance(x, tf.SparseTensor | tf.RaggedTensor):
+        raise TypeError(
+            f"{owner}: x must be a dense array or tensor, got a {type(x).__name__}; convert it "
+            "with tf.sparse.to_dense(x) or x.to_tensor()."
+        )
+    try:
+        x = tf.convert_to_tensor(x)
+    except (TypeError, ValueError) as e:
+        raise TypeError(
+            f"{owner}: x must be a numeric array or tensor, got {type(x).__name__}."
+        ) from e
+    if not (x.dtype.is_floating or x.dtype.is_integer or x.dtype.is_bool):
+        raise TypeError(f"{owner}: x must be numeric, got dtype {x.dtype.name}.")
+    expected, got = _input_shape(model), tuple(x.shape)
+    if len(got) != len(expected) or any(
+        e is not None and e != g for e, g in zip(expected[1:], got[1:], strict=True)
+    ):
+        wanted = "(batch, " + ", ".join("?" if e is None else str(e) for e in expected[1:]) + ")"
+        hint = ""
+        if len(got) == len(expected) and sorted(got[1:]) == sorted(
+            e for e in expected[1:] if e is not None
+        ):
+            hint = (
+                " Its axes look permuted: images are channels_last, (batch, height, width, "
+                "channels); transpose x."
+            )
+        elif len(got) == len(expected) - 1:
+            hint = " For one sample, add the batch axis: x[None]."
+        raise ValueError(
+            f"{owner}: x must have shape {wanted} to match the input of model '{model.name}', "
+            f"got x of shape {got}.{hint}"
+        )
+    return tf.cast(x, dtype) if dtype is not None and x.dtype != dtype else x
+
+
+def _check_y(y: Any, batch: int, owner: str) -> tf.Tensor:
+    """``y`` as a tensor with one label (or target) per sample: a ValueError otherwise."""
+    if isinstance(y, tf.SparseTensor | tf.RaggedTensor):
+        raise TypeError(
+            f"{owner}: y must be a dense array or tensor, got a {type(y).__name__}; convert it "
+            "with tf.sparse.to_dense(y) or y.to_tensor()."
+        )
+    y = tf.convert_to_tensor(y)
+    if y.shape.rank == 0 or y.shape[0] != batch:
+        raise ValueError(
+            f"{owner}: y must have one label or target per sample of x (a leading axis of "
+            f"{batch}), got y of shape {tuple(y.shape)} for x with {batch} samples."
+        )
+    return y
+
+
 def _forward(
-    model: keras.Model, x: Any, training: bool = False
+    model: keras.Model, x: Any, training: bool = False, owner: str = "tf_jacbp.jacobian"
 ) -> tuple[list[_Record], tf.Tensor, Any]:
     """Run the model map by map (a layer's ``jacobian_ops``, e.g. Dense then its activation),
-    recording each map with its input and output. Returns ``(records, z[L], key of z[L])``."""
+    recording each map with its input and output. Returns ``(records, z[L], key of z[L])``.
+
+    ``x`` is checked against the model's input shape (``_check_x``; errors name ``owner``)."""
     nodes, input_key, output_key = _graph(model)
-    dtype = nodes[0].layer.compute_dtype if nodes else None
-    values = {input_key: tf.convert_to_tensor(x, dtype=dtype)}
+    values = {input_key: _check_x(model, x, nodes[0].layer.compute_dtype, owner)}
     records, calls = [], collections.Counter()
     for node in nodes:
         call, calls[id(node.layer)] = calls[id(node.layer)], calls[id(node.layer)] + 1
@@ -237,12 +357,12 @@ def parameter_jacobian(
     Returns:
         ``(batch, n_out, n_params)``, columns in theta order; ``n_out`` the flattened output size.
     """
-    records, out, output_key = _forward(model, x, training)
+    limit = _check_max_bytes(max_bytes)
+    records, out, output_key = _forward(model, x, training, "parameter_jacobian")
     batch, n_out = int(out.shape[0]), int(np.prod(out.shape[1:]))
     n_params = sum(int(np.prod(v.shape)) for v in parameter_variables(model))
     largest = max(int(np.prod(r.y.shape[1:])) for r in records)
     needed = batch * n_out * (n_params + 2 * largest) * out.dtype.size
-    limit = DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
     if needed > limit:
         raise ValueError(
             f"parameter_jacobian needs about {needed / 2**20:.1f} MiB ({batch} samples x "
@@ -254,6 +374,25 @@ def parameter_jacobian(
     m = tf.tile(eye, [batch] + [1] * (len(out.shape)))
     result = {v.path: block for v, block in _walk(model, records, output_key, m)}
     return result if blocks else tf.concat(list(result.values()), axis=-1)
+
+
+def _check_max_bytes(max_bytes: Any) -> float:
+    """``max_bytes`` (a positive number of bytes, or None for ``DEFAULT_MAX_BYTES``) checked."""
+    if max_bytes is None:
+        return DEFAULT_MAX_BYTES
+    if isinstance(max_bytes, bool) or not isinstance(
+        max_bytes, int | float | np.integer | np.floating
+    ):
+        raise TypeError(
+            f"parameter_jacobian: max_bytes must be a number of bytes (e.g. 2**30 for 1 GiB) or "
+            f"None for the default, got max_bytes={max_bytes!r} ({type(max_bytes).__name__})."
+        )
+    if not max_bytes > 0:
+        raise ValueError(
+            f"parameter_jacobian: max_bytes must be a positive number of bytes (e.g. 2**30 for "
+            f"1 GiB), got max_bytes={max_bytes!r}."
+        )
+    return max_bytes
 
 
 def _loss_function(model: keras.Model, loss: Any):
@@ -295,8 +434,9 @@ def per_example_gradients(
     of the rows (``"sum"``: their sum).
     """
     per_sample, dtype = _loss_function(model, loss)
-    records, out, output_key = _forward(model, x, training)
-    y = tf.cast(tf.convert_to_tensor(y), dtype or out.dtype)
+    records, out, output_key = _forward(model, x, training, "per_example_gradients")
+    y = _check_y(y, int(out.shape[0]), "per_example_gradients")
+    y = tf.cast(y, dtype or out.dtype)
     with tf.GradientTape() as tape:  # only to read delta[L] off the loss (Table 1 for ours)
         tape.watch(out)
         out_cast = tf.cast(out, dtype) if dtype else out
@@ -308,26 +448,51 @@ def per_example_gradients(
     return [g for _, g in _walk(model, records, output_key, delta, step=_per_example)]
 
 
+def _activation_factor(
+    op: activations.Elementwise | activations.Softmax, z: tf.Tensor
+) -> tf.Tensor:
+    """``D = J_z f(z)`` at one sample ``z`` (any shape, batch axis of 1), ``(d, d)``,
+    ``d = size(z)``, rows and columns in the row-major order of ``z``.
+
+    Elementwise: ``diag(f'(z))``. Softmax acts on the last axis (the channels of an image, at
+    each position ``p``): ``D`` is block diagonal, one block ``diag(s_p) - s_p s_p^T`` per
+    position.
+    """
+    if not isinstance(op, activations.Softmax):
+        return op.jacobian(tf.reshape(z, [-1]))
+    channels = int(z.shape[-1])
+    blocks = op.jacobian(tf.reshape(z, [-1, channels]))  # (P, C, C)
+    positions = int(blocks.shape[0])
+    eye = tf.eye(positions, dtype=blocks.dtype)
+    d = eye[:, None, :, None] * blocks[:, :, None, :]  # (P, C, P', C'): zero unless p = p'
+    return tf.reshape(d, [positions * channels, positions * channels])
+
+
 def layer_jacobians(model: keras.Model, x: Any) -> dict[str, tf.Tensor]:
     """The factors of step 2 for one sample, as named matrices, in model order.
 
     ``x``: one input, ``input_shape`` or ``(1, *input_shape)``. Keys are
     ``"<layer>: <factor>"``: for a Dense layer ``W^T`` and ``[I (x) a^T | I]``, for its
-    activation (or an Activation layer) ``D``, for a Conv2D its Toeplitz matrix and patch matrix,
+    activation (or an Activation layer) ``D`` (block diagonal for a softmax over the channels
+    of an image: one block per position), for a Conv2D its Toeplitz matrix and patch matrix,
     for pooling and flatten their selection/averaging matrices (see each layer's
     ``jacobian_factors``).
     """
-    layers = _layers(model)
-    x = tf.convert_to_tensor(x, dtype=layers[0].compute_dtype if layers else None)
-    if x.shape.rank == len(model.inputs[0].shape) - 1:
+    _graph(model)  # validates the model before x is read against its input shape
+    x = tf.convert_to_tensor(x) if not isinstance(x, tf.SparseTensor | tf.RaggedTensor) else x
+    if isinstance(x, tf.Tensor) and x.shape.rank == len(_input_shape(model)) - 1:
         x = x[None]
-    if x.shape[0] != 1:
-        raise ValueError(f"layer_jacobians takes one sample, got a batch of {x.shape[0]}.")
-    records, _, _ = _forward(model, x)
+    records, _, _ = _forward(model, x, owner="layer_jacobians")
+    if records[0].x.shape[0] != 1:
+        raise ValueError(
+            f"layer_jacobians takes one sample, got a batch of {records[0].x.shape[0]}; pass "
+            "x[0] or x[:1]."
+        )
     factors = {}
     for r in records:
-        if isinstance(r.op, (activations.Elementwise, activations.Softmax)):
-            named = {"D": r.op.jacobian(tf.reshape(r.x, [-1]))}
+        op = r.op.activation if isinstance(r.op, Activation) else r.op
+        if isinstance(op, activations.Elementwise | activations.Softmax):
+            named = {"D": _activation_factor(op, r.x)}
         else:
             named = r.op.jacobian_factors([a[0] for a in r.x] if isinstance(r.x, list) else r.x[0])
         suffix = f" (call {r.call + 1})" if r.call else ""

@@ -164,21 +164,44 @@ def output_size(size: int, kernel_size: int, stride: int, padding: str, dilation
     return (size - (kernel_size - 1) * dilation - 1) // stride + 1
 
 
+def check_window_fits(
+    input_shape: Sequence[int],
+    window: Sequence[int],
+    padding: str,
+    owner: str,
+    name: str = "kernel_size",
+    dilation_rate: Sequence[int] = (1, 1),
+) -> None:
+    """The one check that a "valid" window fits the input: a ValueError naming ``name``, the
+    sizes and the fix when the dilated window ``(k - 1) d + 1`` spans more than the input along
+    the height or the width (then there is no output). ``input_shape`` starts ``(H, W, ...)``;
+    ``window`` is ``(kh, kw)`` (a kernel's or a pool's)."""
+    if padding != "valid":
+        return
+    axis_names = ("height", "width") if len(window) == 2 else ("axis",) * len(window)
+    for axis, axis_name in enumerate(axis_names):
+        extent = (window[axis] - 1) * dilation_rate[axis] + 1
+        if input_shape[axis] < extent:
+            spans = f"{name} {tuple(window)}"
+            if any(d != 1 for d in dilation_rate):
+                spans += f" with dilation_rate {tuple(dilation_rate)}"
+            raise ValueError(
+                f"{owner}: {spans} spans {extent} along the {axis_name}, more than the input's "
+                f"{input_shape[axis]} (input shape {tuple(input_shape)}), so padding='valid' has "
+                f"no output. Use padding='same', a smaller {name}, or a larger input."
+            )
+
+
 def axis_taps(
     size: int, kernel_size: int, stride: int, padding: str, dilation: int = 1
 ) -> np.ndarray:
     """Which input coordinate each kernel tap reads, along one axis: ``(out, kernel_size)`` ints.
 
     Entry ``[o, t]`` is ``o stride - pad_before + t dilation``, or ``-1`` where that falls in the
-    padding. Raises a ValueError when a "valid" axis is shorter than the dilated kernel.
+    padding. Raises a ValueError (``check_window_fits``) when a "valid" axis is shorter than the
+    dilated kernel.
     """
-    extent = (kernel_size - 1) * dilation + 1
-    if padding == "valid" and size < extent:
-        raise ValueError(
-            f"A kernel (or pool) of size {kernel_size} with dilation {dilation} spans {extent} "
-            f"inputs, more than the input's {size} along that axis, so a 'valid' convolution has "
-            "no output. Use padding='same', a smaller kernel_size, or a larger input."
-        )
+    check_window_fits((size,), (kernel_size,), padding, "axis_taps", "kernel_size", (dilation,))
     before = same_padding(size, kernel_size, stride, dilation)[0] if padding == "same" else 0
     out = output_size(size, kernel_size, stride, padding, dilation)
     taps = np.arange(out)[:, None] * stride - before + np.arange(kernel_size)[None, :] * dilation
@@ -529,15 +552,7 @@ def validate(
     strides = as_pair(strides, "strides", owner)
     dilation_rate = as_pair(dilation_rate, "dilation_rate", owner)
     padding = check_padding(padding, owner)
-    for axis, name in ((0, "height"), (1, "width")):
-        extent = (kernel_shape[axis] - 1) * dilation_rate[axis] + 1
-        if padding == "valid" and input_shape[axis] < extent:
-            raise ValueError(
-                f"{owner}: kernel_size {kernel_shape[:2]} with dilation_rate {dilation_rate} spans "
-                f"{extent} along the {name}, more than the input's {input_shape[axis]} "
-                f"(input_shape={input_shape}), so padding='valid' has no output. Use "
-                "padding='same', a smaller kernel_size, or a larger input."
-            )
+    check_window_fits(input_shape, kernel_shape[:2], padding, owner, "kernel_size", dilation_rate)
     return (
         tuple(int(n) for n in kernel_shape),
         tuple(int(n) for n in input_shape),

@@ -7,7 +7,9 @@ they ignore). Channels never mix, so ``J_x y`` is block diagonal over ``c``:
 
 * max: ``J[(o, c), (n, c)] = 1`` if ``n`` is the first position of ``S_o`` (row-major within the
   window) where ``x[., c]`` attains the maximum, else 0: a selection by the arg-max, ties to the
-  first maximum, like TensorFlow's ``MaxPoolGrad``.
+  first maximum, like TensorFlow's ``MaxPoolGrad``. A window with no maximum to select (all its
+  inputs ``-inf`` or NaN: ``tf.nn.max_pool2d`` then returns the lowest finite value, equal to
+  none of them) selects its first position inside the input, as ``MaxPoolGrad`` does.
 * average: ``J[(o, c), (n, c)] = 1 / |S_o|`` for ``n`` in ``S_o``, else 0. ``|S_o|`` counts the
   window's positions inside the input, so "same" windows at the border average over fewer
   values, as ``tf.nn.avg_pool2d`` does.
@@ -70,16 +72,9 @@ class _Pooling2D(JacobianLayer):
     def build(self, input_shape: tuple) -> None:
         owner = f"{type(self).__name__} '{self.name}'"
         height, width, channels = image_shape(input_shape, owner)
-        for size, pool, name in (
-            (height, self.pool_size[0], "height"),
-            (width, self.pool_size[1], "width"),
-        ):
-            if self.padding == "valid" and size < pool:
-                raise ValueError(
-                    f"{owner}: pool_size {self.pool_size} is larger than the input's {name} "
-                    f"{size} (input shape {tuple(input_shape)}), so padding='valid' has no output. "
-                    "Use padding='same' or a smaller pool_size."
-                )
+        toeplitz.check_window_fits(
+            (height, width, channels), self.pool_size, self.padding, owner, "pool_size"
+        )
         taps_h = toeplitz.axis_taps(height, self.pool_size[0], self.strides[0], self.padding)
         taps_w = toeplitz.axis_taps(width, self.pool_size[1], self.strides[1], self.padding)
         self.output_hw = (taps_h.shape[0], taps_w.shape[0])
@@ -90,7 +85,10 @@ class _Pooling2D(JacobianLayer):
             inside, taps_h[:, None, :, None] * width + taps_w[None, :, None, :], height * width
         )
         self.window_index = window.reshape(self.output_hw[0] * self.output_hw[1], -1)
-        self.window_counts = inside.reshape(self.window_index.shape).sum(axis=1)
+        inside = inside.reshape(self.window_index.shape)
+        self.window_counts = inside.sum(axis=1)
+        # (P, S): True at each window's first slot inside the input.
+        self.first_inside = np.arange(inside.shape[1]) == np.argmax(inside, axis=1)[:, None]
         self.input_index = transpose_index(self.window_index, height * width)
         self.index_tensors = toeplitz.IndexTensors(
             window_index=self.window_index.astype(np.int32),
@@ -224,6 +222,9 @@ class MaxPooling2D(_Pooling2D):
                 row.append(first)
             rows.append(tf.concat(row, axis=4))
         selected = tf.concat(rows, axis=2)  # J's entries, (batch, H_out, p_h, W_out, p_w, C)
+        first_slot = np.zeros((1, 1, p_h, 1, p_w, 1), bool)
+        first_slot[..., 0, :, 0, :] = True
+        selected = tf.logical_or(selected, tf.logical_and(tf.logical_not(taken), first_slot))
         dy = tf.reshape(dy, [-1, h_out, 1, w_out, 1, channels])
         dx = tf.reshape(
             tf.where(selected, dy, tf.zeros([], dy.dtype)), [-1, h_out * p_h, w_out * p_w, channels]
@@ -233,8 +234,9 @@ class MaxPooling2D(_Pooling2D):
         return tf.pad(dx, [[0, 0], [0, height - h_out * p_h], [0, width - w_out * p_w], [0, 0]])
 
     def weights_per_slot(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
-        """1 at the first slot of each window equal to its maximum ``y``, else 0."""
-        windows = self.windows(x, -np.inf)  # (batch, P, S, C)
+        """1 at the first slot of each window equal to its maximum ``y`` (the first slot inside
+        the input if none is), else 0. Padding reads NaN, which equals nothing."""
+        windows = self.windows(x, np.nan)  # (batch, P, S, C)
         y = tf.reshape(y, [tf.shape(y)[0], -1, self.input_hwc[2]])
         taken = tf.zeros_like(y, dtype=tf.bool)
         selected = []
@@ -242,7 +244,10 @@ class MaxPooling2D(_Pooling2D):
             first = tf.logical_and(tf.equal(windows[:, :, slot], y), tf.logical_not(taken))
             taken = tf.logical_or(taken, first)
             selected.append(first)
-        return tf.cast(tf.stack(selected, axis=2), x.dtype)
+        fallback = tf.logical_and(
+            tf.logical_not(taken)[:, :, None, :], self.first_inside[None, :, :, None]
+        )
+        return tf.cast(tf.logical_or(tf.stack(selected, axis=2), fallback), x.dtype)
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
