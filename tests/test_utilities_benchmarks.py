@@ -1,0 +1,57 @@
+"""The benchmarks' peak-memory measure works on any machine (issue 13, item 11).
+
+TensorFlow's CPU memory statistics exist only with its BFC allocator; without it,
+``python -m benchmarks --quick`` stopped with ``ValueError: Cannot reset memory stats for device
+'CPU:0'``. ``benchmarks.timing.peak_bytes`` reads the process' resident memory instead: the
+kernel's reset high-water mark, or samples where that cannot be reset.
+"""
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import timing  # noqa: E402
+
+MIB = 2**20
+
+
+def _hold(size: int, seconds: float = 0.05):
+    """Allocate and touch ``size`` bytes, keep them ``seconds``, free them."""
+
+    def fn():
+        block = np.ones(size // 8)
+        time.sleep(seconds)
+        del block
+
+    return fn
+
+
+@pytest.mark.parametrize("reset", [True, False], ids=["high-water mark", "sampled"])
+def test_peak_bytes_sees_memory_allocated_and_freed_inside_the_call(reset, monkeypatch):
+    if not reset:
+        monkeypatch.setattr(timing, "_reset_high_water_mark", lambda: False)
+    elif not timing._reset_high_water_mark():
+        pytest.skip("this kernel does not let a process reset its VmHWM")
+    peak = timing.peak_bytes(_hold(96 * MIB))
+    assert 90 * MIB <= peak <= 110 * MIB
+    assert timing.peak_bytes(lambda: None) < 8 * MIB  # a later call starts from its own level
+
+
+def test_peak_mib_of_a_tensorflow_step_without_the_bfc_allocator():
+    """The test process runs TensorFlow's default CPU allocator, whose statistics cannot be
+    reset: the old allocator-based measure raised here."""
+    with pytest.raises(ValueError, match="Cannot reset memory stats"):
+        tf.config.experimental.reset_memory_stats("CPU:0")
+
+    def step():
+        x = tf.random.normal([1024, 4096])  # 16 MiB, then its 64 MiB product
+        return float(tf.reduce_sum(tf.matmul(x, x, transpose_a=True)))
+
+    step()
+    assert 40 <= timing.peak_mib(step) <= 160
