@@ -539,7 +539,7 @@ def _has_norm_formula(op: Any) -> bool:
     return method is not None and method is not JacobianLayer.per_example_squared_norms
 
 
-def _norm_step(shared: set[int]) -> Callable:
+def _norm_step(shared: set[int], seen: list | None = None) -> Callable:
     """A ``_walk`` step giving ``(delta_x, [||g_i(p)||^2 (batch,)])`` for each map.
 
     Maps with a norm formula give ``delta_x`` from their batch ``backward`` (its parameter sums
@@ -547,10 +547,13 @@ def _norm_step(shared: set[int]) -> Callable:
     ``per_example_squared_norms``; maps without one square their per-example rows
     (``per_example_backward``, the fallback). The maps of a layer called more than once (ids in
     ``shared``) return their per-example rows: ``_walk`` adds the calls' rows, and the norm of
-    the sum is taken afterwards (a sum of norms would be wrong).
+    the sum is taken afterwards (a sum of norms would be wrong). With a list ``seen``, each map
+    with parameters appends ``(op, delta, x, y, params)``, the ``delta`` rows it received.
     """
 
     def step(op, delta, x, y, params):
+        if params and seen is not None:
+            seen.append((op, delta, x, y, params))
         if params and id(op) not in shared and _has_norm_formula(op):
             dx, _ = op.backward(delta, x, y, *params)
             return dx, op.per_example_squared_norms(delta, x, y, *params)
@@ -567,13 +570,27 @@ def _squared_norms(g: tf.Tensor) -> tf.Tensor:
 
 
 def _squared_gradient_norms(
-    model: keras.Model, records: list[_Record], output_key: Any, delta: tf.Tensor
+    model: keras.Model,
+    records: list[_Record],
+    output_key: Any,
+    delta: tf.Tensor,
+    deltas: list | None = None,
 ) -> list[tuple[keras.Variable, tf.Tensor]]:
-    """``[(variable, ||g_i(variable)||^2 (batch,))]`` in theta order, from ``delta[L]``."""
+    """``[(variable, ||g_i(variable)||^2 (batch,))]`` in theta order, from ``delta[L]``.
+
+    With a list ``deltas``, appends ``(layer, op, delta, x, y, params)`` for each map with
+    parameters, last map first: the ``delta`` rows that reached it (``tf_jacbp.privacy`` reuses
+    them for the clipped sum).
+    """
     calls = collections.Counter(id(r.layer) for r in records if r.params)
     shared = [r for r in records if r.params and calls[id(r.layer)] > 1]
     shared_variables = {id(v) for r in shared for v in r.layer.jacobian_parameters()}
-    rows = _walk(model, records, output_key, delta, step=_norm_step({id(r.op) for r in shared}))
+    seen: list = []
+    step = _norm_step({id(r.op) for r in shared}, seen)
+    rows = _walk(model, records, output_key, delta, step=step)
+    if deltas is not None:
+        layers = [r.layer for r in reversed(records) if r.params]
+        deltas.extend((layer, *entry) for layer, entry in zip(layers, seen, strict=True))
     return [(v, _squared_norms(g) if id(v) in shared_variables else g) for v, g in rows]
 
 

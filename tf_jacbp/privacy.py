@@ -14,9 +14,11 @@ The clipped sum takes two passes over one forward pass, and never forms a per-sa
 
 1. the norms ``||g_i||`` from the layers' factors (``tf_jacbp.jacobian.per_example_gradient_norms``:
    ``||a_i||^2 ||delta_i||^2`` for a Dense kernel, Gram or patch products for a convolution);
-2. one batch backward pass (Algorithm 1 with the layers' batch ``backward``) from ``delta[L]``
-   rows scaled by ``c_i``: the gradient of ``sum_i c_i l_i`` with the ``c_i`` held constant,
-   which is ``sum_i c_i g_i``.
+2. one batch backward pass from ``delta[L]`` rows scaled by ``c_i``: the gradient of
+   ``sum_i c_i l_i`` with the ``c_i`` held constant, which is ``sum_i c_i g_i``. Each map acts on
+   each sample alone and its backward is linear in ``delta``, so the rows reaching every map are
+   pass 1's rows scaled by ``c_i``: the second pass is each layer's parameter product
+   (``A^T (c * Delta)`` for a Dense kernel) on the rows pass 1 already computed.
 
 What the privacy guarantee assumes. ``compute_epsilon`` and ``EpsilonLogger`` account for the
 Poisson-subsampled Gaussian mechanism: every step includes each of the ``N`` training samples
@@ -61,11 +63,6 @@ def _check_positive(name: str, value: Any, allow_zero: bool = False) -> float:
 
 
 # Gradients: the two-pass clipped sum.
-
-
-def _batch_step(op, m, x, y, params):
-    """A ``jacobian._walk`` step that sums over the batch: each map's own ``backward``."""
-    return op.backward(m, x, y, *params)
 
 
 def _check_model(model: keras.Model) -> list[keras.Variable]:
@@ -145,19 +142,28 @@ def clipped_gradients(
     loss = _check_loss(loss if loss is not None else getattr(model, "loss", None))
     trainable = _check_model(model)
     records, output_key, out, values, delta = jacobian._output_delta(model, x, y, loss, training)
-    # Pass 1: ||g_i||^2 over the trainable variables, from the layers' norm formulas.
+    # Pass 1: ||g_i||^2 over the trainable variables, from the layers' norm formulas; the walk
+    # keeps the delta rows that reach each map.
     trainable_ids = {id(v) for v in trainable}
+    deltas: list = []
     squared = [
         s
-        for v, s in jacobian._squared_gradient_norms(model, records, output_key, delta)
+        for v, s in jacobian._squared_gradient_norms(model, records, output_key, delta, deltas)
         if id(v) in trainable_ids
     ]
     norms = tf.sqrt(tf.add_n(squared))
     factors = tf.minimum(tf.ones_like(norms), l2_norm_clip / tf.maximum(norms, 1e-300))
     factors = tf.stop_gradient(factors)
-    # Pass 2: one batch backward pass of sum_i c_i l_i (delta rows scaled by c_i).
-    scaled = delta * tf.reshape(factors, [-1] + [1] * (delta.shape.rank - 1))
-    sums = {id(v): g for v, g in jacobian._walk(model, records, output_key, scaled, _batch_step)}
+    # Pass 2: the batch backward pass of sum_i c_i l_i. Every map acts on each sample alone and
+    # backward is linear in delta, so scaling delta[L]'s row i by c_i scales row i of the delta
+    # reaching every map by c_i: each map's parameter gradient is its batch backward applied to
+    # the rows pass 1 saw, scaled (the input-gradient chain need not run again).
+    sums: dict[int, tf.Tensor] = {}
+    for layer, op, rows, a, out_rows, params in deltas:
+        scaled = rows * tf.reshape(factors, [-1] + [1] * (rows.shape.rank - 1))
+        _, grads = op.backward(scaled, a, out_rows, *params)
+        for v, g in zip(layer.jacobian_parameters(), grads, strict=True):
+            sums[id(v)] = sums[id(v)] + g if id(v) in sums else g
     if expected_batch_size is None:
         divisor = tf.cast(tf.shape(delta)[0], delta.dtype)
     else:
@@ -245,8 +251,9 @@ class DPModel(keras.Model):
         penalties = [(v, v.regularizer) for v in variables if v.regularizer is not None]
         if penalties:  # data-independent: added after the noise, at no privacy cost
             with tf.GradientTape() as tape:
-                penalty = tf.add_n([tf.cast(r(v), loss.dtype) for v, r in penalties])
-            extra = tape.gradient(penalty, [v for v, _ in penalties])
+                terms = [r(v) for v, r in penalties]  # each in its variable's dtype
+            extra = tape.gradient(terms, [v for v, _ in penalties])
+            penalty = tf.add_n([tf.cast(t, loss.dtype) for t in terms])
             by_id = {id(v): g for (v, _), g in zip(penalties, extra, strict=True)}
             gradients = [
                 g + tf.cast(by_id.get(id(v), 0), g.dtype)

@@ -1,0 +1,129 @@
+"""Per-example gradient norms and DP-SGD (issue 16) against the computations they replace.
+
+Rows, LeNet-100-300-10 and LeNet-5 at batch 128, every candidate a compiled ``tf.function``:
+
+* ``per_example_gradient_norms`` vs one plain batch gradient (``tape.gradient`` of the mean loss);
+* ``per_example_gradient_norms`` vs the norms of the materialized ``per_example_gradients``;
+* a ``DPModel`` train step (norms, clip factors, one scaled batch backward pass, noise, update)
+  vs the same model's ordinary train step (Keras' ``train_step``, same optimizer).
+
+    python -m benchmarks.privacy [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from benchmarks.timing import interleaved, ratio_row
+from tf_jacbp import jacobian, losses, models, privacy
+
+BATCH = 128
+
+
+def _model(name: str) -> keras.Model:
+    keras.utils.set_random_seed(0)
+    return models.lenet5() if name == "lenet5" else models.lenet_100_300_10()
+
+
+def _inputs(model: keras.Model, batch: int) -> tuple[tf.Tensor, tf.Tensor]:
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(batch, *model.inputs[0].shape[1:])).astype("float32")
+    return tf.constant(x), tf.constant(rng.integers(0, 10, size=batch))
+
+
+def norm_rows(name: str, repetitions: int) -> list[dict]:
+    model = _model(name)
+    x, y = _inputs(model, BATCH)
+    loss = losses.SparseCategoricalCrossentropy(from_logits=True)
+    variables = jacobian.parameter_variables(model)
+    norms = tf.function(
+        lambda x, y: jacobian.per_example_gradient_norms(model, x, y, loss=loss), autograph=False
+    )
+
+    @tf.function(autograph=False)
+    def materialized(x, y):
+        grads = jacobian.per_example_gradients(model, x, y, loss=loss, flatten=False)
+        squares = [tf.reduce_sum(tf.reshape(tf.square(g), [BATCH, -1]), 1) for g in grads]
+        return tf.sqrt(tf.add_n(squares))
+
+    @tf.function
+    def plain(x, y):
+        with tf.GradientTape() as tape:
+            value = loss(y, model(x))
+        return tape.gradient(value, variables)
+
+    times = interleaved(
+        {
+            "norms": lambda: norms(x, y),
+            "materialized": lambda: materialized(x, y),
+            "plain": lambda: plain(x, y),
+        },
+        repetitions,
+        calls=5,
+    )
+    variant = f"{name}, batch {BATCH}"
+    return [
+        ratio_row(
+            "per_example_gradient_norms vs one batch gradient",
+            variant,
+            times["norms"],
+            times["plain"],
+            "<= 1.5",
+        ),
+        ratio_row(
+            "per_example_gradient_norms vs norms of per_example_gradients",
+            variant,
+            times["norms"],
+            times["materialized"],
+            "<= 0.35",
+        ),
+    ]
+
+
+def _compiled_step(model: keras.Model, x: tf.Tensor, y: tf.Tensor):
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01),
+        loss=losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    model.optimizer.build(model.trainable_variables)
+    return tf.function(lambda: model.train_step((x, y)))
+
+
+def train_step_rows(name: str, repetitions: int) -> list[dict]:
+    plain_model = _model(name)
+    x, y = _inputs(plain_model, BATCH)
+    dp_model = privacy.make_private(_model(name), l2_norm_clip=1.0, noise_multiplier=1.1, seed=0)
+    plain = _compiled_step(plain_model, x, y)
+    private = _compiled_step(dp_model, x, y)
+    times = interleaved({"dp": private, "plain": plain}, repetitions, calls=5)
+    return [
+        ratio_row(
+            "DP-SGD train step vs the ordinary train step",
+            f"{name}, batch {BATCH}; clip 1.0, noise 1.1",
+            times["dp"],
+            times["plain"],
+            "<= 2.0",
+        )
+    ]
+
+
+def run(quick: bool) -> list[dict]:
+    """Rows for the suite table (see ``benchmarks/run.py``)."""
+    repetitions = 5 if quick else 15
+    rows = []
+    for name in ("lenet-100-300-10", "lenet5"):
+        rows += norm_rows(name, repetitions)
+        rows += train_step_rows(name, repetitions)
+    return rows
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    from benchmarks.table import print_table
+
+    print_table(run(parser.parse_args().quick))
