@@ -336,25 +336,43 @@ class Conv2D(_KernelBiasLayer):
     ) -> list[tf.Tensor]:
         """Squared norms of each sample's ``dK_i = X_patch,i^T Delta_i`` and ``db_i``, ``(batch,)``.
 
-        ``||X_patch,i^T Delta_i||_F^2`` by ``patch_product_squared_norms``: the Gram form
+        ``X_patch,i`` (``P x M``, ``M = kh kw C``) is read as ``kh kw`` shifted (strided,
+        dilated) views of the padded input, one per kernel tap. ``||X_patch,i^T Delta_i||_F^2``
+        then takes the cheaper exact form (``patch_product_squared_norms``): the Gram form
         ``<X_patch,i X_patch,i^T, Delta_i Delta_i^T>`` (``P x P`` over output positions) when
-        ``P (M + F) < M F``, else the ``M x F`` product of this layer alone (``M = kh kw C``).
-        Tied bias: ``||1^T Delta_i||^2`` (``Delta_i`` summed over positions); untied:
+        ``P (M + F) < M F``, else the ``M x F`` products of this layer alone, one per tap and
+        sample. Tied bias: ``||1^T Delta_i||^2`` (``Delta_i`` summed over positions); untied:
         ``||Delta_i||^2``.
         """
-        import numpy as np
-
         from tf_jacbp.layers.base import patch_product_squared_norms, squared_norms
 
-        index = self.conv_index
-        batch, positions = tf.shape(x)[0], index.output_shape[0] * index.output_shape[1]
-        rows = tf.reshape(x, [batch, index.shape[1]])
-        rows = tf.concat([rows, tf.zeros_like(rows[:, :1])], axis=1)  # column N: the padding
-        # (batch, P, M): the patches of each sample, gathered in that layout (the norm does not
-        # depend on the order of the M entries).
-        patches = tf.gather(rows, np.ascontiguousarray(index.patch_index.T), axis=1)
+        height, width, channels = self.conv_index.input_shape
+        out_h, out_w = self.conv_index.output_shape[:2]
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.strides, self.dilation_rate
+        if self.padding == "same":
+            pad_h = toeplitz.same_padding(height, kh, sh, dh)
+            pad_w = toeplitz.same_padding(width, kw, sw, dw)
+            x = tf.pad(x, [[0, 0], list(pad_h), list(pad_w), [0, 0]])
+        views = [
+            x[
+                :,
+                p * dh : p * dh + (out_h - 1) * sh + 1 : sh,
+                q * dw : q * dw + (out_w - 1) * sw + 1 : sw,
+            ]
+            for p in range(kh)
+            for q in range(kw)
+        ]
+        batch, taps, positions = tf.shape(x)[0], kh * kw, out_h * out_w
+        views = tf.reshape(tf.stack(views, axis=1), [batch, taps, positions, channels])
         delta = tf.reshape(dz, [batch, positions, self.filters])
-        norms = [patch_product_squared_norms(patches, delta)]
+        m, f = taps * channels, self.filters
+        if positions * (m + f) < m * f:  # Gram form, on X_patch,i (P x M)
+            patches = tf.reshape(tf.transpose(views, [0, 2, 1, 3]), [batch, positions, m])
+            norms = [patch_product_squared_norms(patches, delta)]
+        elif channels == 1:  # outer form: (taps x P) (P x F) per sample
+            norms = [squared_norms(tf.matmul(views[..., 0], delta))]
+        else:  # outer form: (C x P) (P x F) per tap and sample
+            norms = [squared_norms(tf.matmul(views, delta[:, None], transpose_a=True))]
         if bias is not None:
             tied = self.bias_mode == "tied"
             norms.append(squared_norms(tf.reduce_sum(delta, axis=1) if tied else delta))
