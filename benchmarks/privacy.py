@@ -35,7 +35,7 @@ def _inputs(model: keras.Model, batch: int) -> tuple[tf.Tensor, tf.Tensor]:
     return tf.constant(x), tf.constant(rng.integers(0, 10, size=batch))
 
 
-def norm_rows(name: str, repetitions: int) -> list[dict]:
+def norm_rows(name: str, repetitions: int, calls: int = 5) -> list[dict]:
     model = _model(name)
     x, y = _inputs(model, BATCH)
     loss = losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -63,7 +63,7 @@ def norm_rows(name: str, repetitions: int) -> list[dict]:
             "plain": lambda: plain(x, y),
         },
         repetitions,
-        calls=5,
+        calls=calls,
     )
     variant = f"{name}, batch {BATCH}"
     return [
@@ -93,13 +93,13 @@ def _compiled_step(model: keras.Model, x: tf.Tensor, y: tf.Tensor):
     return tf.function(lambda: model.train_step((x, y)))
 
 
-def train_step_rows(name: str, repetitions: int) -> list[dict]:
+def train_step_rows(name: str, repetitions: int, calls: int = 5) -> list[dict]:
     plain_model = _model(name)
     x, y = _inputs(plain_model, BATCH)
     dp_model = privacy.make_private(_model(name), l2_norm_clip=1.0, noise_multiplier=1.1, seed=0)
     plain = _compiled_step(plain_model, x, y)
     private = _compiled_step(dp_model, x, y)
-    times = interleaved({"dp": private, "plain": plain}, repetitions, calls=5)
+    times = interleaved({"dp": private, "plain": plain}, repetitions, calls=calls)
     return [
         ratio_row(
             "DP-SGD train step vs the ordinary train step",
@@ -113,11 +113,11 @@ def train_step_rows(name: str, repetitions: int) -> list[dict]:
 
 def run(quick: bool) -> list[dict]:
     """Rows for the suite table (see ``benchmarks/run.py``)."""
-    repetitions = 5 if quick else 15
+    repetitions, calls = (3, 3) if quick else (15, 5)
     rows = []
     for name in ("lenet-100-300-10", "lenet5"):
-        rows += norm_rows(name, repetitions)
-        rows += train_step_rows(name, repetitions)
+        rows += norm_rows(name, repetitions, calls)
+        rows += train_step_rows(name, repetitions, calls)
     return rows
 
 
