@@ -170,24 +170,26 @@ def check_window_fits(
     padding: str,
     owner: str,
     name: str = "kernel_size",
-    dilation_rate: Sequence[int] = (1, 1),
+    dilation_rate: Sequence[int] | None = None,
 ) -> None:
     """The one check that a "valid" window fits the input: a ValueError naming ``name``, the
     sizes and the fix when the dilated window ``(k - 1) d + 1`` spans more than the input along
     the height or the width (then there is no output). ``input_shape`` starts ``(H, W, ...)``;
-    ``window`` is ``(kh, kw)`` (a kernel's or a pool's)."""
+    ``window`` is ``(kh, kw)`` (a kernel's or a pool's), ``dilation_rate`` a kernel's (None for a
+    pool: 1)."""
     if padding != "valid":
         return
+    dilation = (1,) * len(window) if dilation_rate is None else tuple(dilation_rate)
     axis_names = ("height", "width") if len(window) == 2 else ("axis",) * len(window)
     for axis, axis_name in enumerate(axis_names):
-        extent = (window[axis] - 1) * dilation_rate[axis] + 1
+        extent = (window[axis] - 1) * dilation[axis] + 1
         if input_shape[axis] < extent:
             spans = f"{name} {tuple(window)}"
-            if any(d != 1 for d in dilation_rate):
-                spans += f" with dilation_rate {tuple(dilation_rate)}"
+            if dilation_rate is not None:
+                spans += f" with dilation_rate {dilation}"
             raise ValueError(
                 f"{owner}: {spans} spans {extent} along the {axis_name}, more than the input's "
-                f"{input_shape[axis]} (input shape {tuple(input_shape)}), so padding='valid' has "
+                f"{input_shape[axis]} (input_shape={tuple(input_shape)}), so padding='valid' has "
                 f"no output. Use padding='same', a smaller {name}, or a larger input."
             )
 
@@ -582,18 +584,25 @@ def conv_index(
     return _cached_index(input_shape, kernel_shape, strides, padding, dilation_rate)
 
 
-def budget_error(owner: str, index: ConvIndex, dtype: Any, budget: int, setting: str) -> ValueError:
-    """The error for a layer over budget: the sizes of ``T`` and of a training step with it, dense
-    and sparse, the budget and the setting to change."""
+def budget_error(
+    owner: str, index: ConvIndex, dtype: Any, budget: int, setting: str, step: bool = True
+) -> ValueError:
+    """The error for a ``T`` over budget: its sizes dense and sparse, with ``step`` (a layer's
+    guard) those of a training step with it, the budget and the setting to change."""
     dense, sparse = index.dense_bytes(dtype), index.sparse_bytes(dtype)
-    dense_step, sparse_step = index.step_bytes(dtype, False), index.step_bytes(dtype, True)
+    needs = ""
+    if step:
+        dense_step, sparse_step = index.step_bytes(dtype, False), index.step_bytes(dtype, True)
+        needs = (
+            f"; a training step with it, its index maps and one sample needs about "
+            f"{dense_step / 2**20:.1f} MiB dense and {sparse_step / 2**20:.1f} MiB sparse"
+        )
     return ValueError(
         f"{owner}: the Toeplitz matrix T(K) of shape {index.shape} ({tf.as_dtype(dtype).name}) "
         f"takes {dense} bytes ({dense / 2**20:.1f} MiB) dense and {sparse} bytes "
-        f"({sparse / 2**20:.1f} MiB) sparse ({index.nnz} nonzeros); a training step with it, its "
-        f"index maps and one sample needs about {dense_step / 2**20:.1f} MiB dense and "
-        f"{sparse_step / 2**20:.1f} MiB sparse, over the budget of {budget} bytes "
-        f"({budget / 2**20:.1f} MiB). Raise it with {setting}, or use a smaller input."
+        f"({sparse / 2**20:.1f} MiB) sparse ({index.nnz} nonzeros){needs}, over the budget of "
+        f"{budget} bytes ({budget / 2**20:.1f} MiB). Raise it with {setting}, or use a smaller "
+        "input."
     )
 
 
@@ -658,5 +667,6 @@ def conv_matrix(
             kernel.dtype,
             budget,
             "conv_matrix(..., budget_bytes=...) or tf_jacbp.toeplitz.set_budget_bytes(...)",
+            step=False,
         )
     return index.matrix(kernel)
