@@ -221,3 +221,28 @@ def test_xla_fit_with_adam_keeps_the_first_step_still_and_stops():
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"found y_true =\] \[-1\]"):
         model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False)
     _assert_bit_equal(before, _weights(model))
+
+
+@pytest.mark.parametrize(
+    "loss, bad_row",
+    [
+        (losses.CategoricalCrossentropy(from_logits=True, reduction=None), [np.nan, 1, 0, 0]),
+        (losses.CategoricalCrossentropy(reduction=None), [0, 3, 0, 0]),
+        (losses.BinaryCrossentropy(from_logits=True, reduction=None), [0, 1, -2, 1]),
+    ],
+    ids=["one-hot NaN", "one-hot 3", "binary -2"],
+)
+def test_xla_step_on_a_bad_one_hot_label_gets_a_zero_gradient(loss, bad_row):
+    @tf.function(jit_compile=True)
+    def value_and_grad(y, z):
+        with tf.GradientTape() as tape:
+            tape.watch(z)
+            value = loss(y, z)
+        return value, tape.gradient(value, z)
+
+    y = np.eye(4, dtype="float32")[[0, 2, 3]]
+    y[1] = bad_row
+    z = tf.constant(np.random.default_rng(0).uniform(0.1, 1, size=(3, 4)), "float32")
+    value, g = value_and_grad(tf.constant(y), z)
+    assert np.isnan(value.numpy()[1]) and np.isfinite(value.numpy()[[0, 2]]).all()
+    np.testing.assert_array_equal(g.numpy(), np.zeros((3, 4)))

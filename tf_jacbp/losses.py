@@ -265,8 +265,10 @@ def _guard_unit_interval(y: tf.Tensor, loss: keras.losses.Loss, rank: int | None
     the loss has one axis less than ``y`` (``rank`` is the loss' rank)."""
     ok = (y >= 0) & (y <= 1)
     guard = _guard_labels(y, ok, loss, "values in [0, 1] (one-hot or probabilities)")
-    if guard.ok is not None and rank is not None and y.shape.rank == rank + 1:
-        guard.ok = tf.reduce_all(guard.ok, -1)
+    if guard.ok is not None:
+        guard.y = tf.where(ok, guard.y, tf.zeros_like(y))  # a NaN label must not reach 0 * grad
+        if rank is not None and y.shape.rank == rank + 1:
+            guard.ok = tf.reduce_all(guard.ok, -1)
     return guard
 
 
