@@ -45,9 +45,9 @@ from tf_jacbp.layout import vec_parameter, vec_parameter_batch
             },
         ),
         ((6, 4, 2), {"filters": 2, "kernel_size": (3, 1), "strides": 3, "use_bias": False}),
-        # softmax over the filters: the image-shaped route (ThenActivation), not the flat one
+        # softmax over the filters (the last axis of the image-shaped z)
         ((5, 5, 2), {"filters": 3, "kernel_size": 3, "padding": "same", "activation": "softmax"}),
-        # an activation whose D needs z (not only a), on the flat route
+        # an activation whose D needs z (not only a)
         ((5, 6, 2), {"filters": 2, "kernel_size": 3, "activation": "elu", "bias": "untied"}),
     ],
 )
@@ -398,10 +398,9 @@ def test_lenet5_trains_to_90_percent_on_the_offline_digits():
 @pytest.mark.parametrize("activation", [None, "relu", "gelu", "softmax"])
 @pytest.mark.parametrize("bias", ["tied", "untied"])
 def test_one_route_with_the_activation_equals_two_routes(activation, bias):
-    """``call`` (the Toeplitz step and ``D`` in one custom gradient) gives the same output and
-    gradients as routing the step and the activation separately."""
+    """``call`` (the layer and ``D`` in one custom gradient) gives the same output and gradients
+    as routing the layer and the activation separately."""
     from tf_jacbp.layers.base import route
-    from tf_jacbp.layers.conv import _ToeplitzStep
 
     layer = _built(
         (6, 5, 2), filters=3, kernel_size=3, padding="same", activation=activation, bias=bias
@@ -417,7 +416,7 @@ def test_one_route_with_the_activation_equals_two_routes(activation, bias):
         return [y, *tape.gradient(loss, [x, *layer.trainable_variables])]
 
     def two_routes():
-        z = route(_ToeplitzStep(layer), x, layer.read_parameters())
+        z = route(layer, x, layer.read_parameters())
         return route(layer.activation, z)
 
     for ours, theirs in zip(grads(lambda: layer(x)), grads(two_routes), strict=True):

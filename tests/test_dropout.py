@@ -1,5 +1,5 @@
 """Dropout: every mode of the harness in training and inference mode, the same masks as
-``keras.layers.Dropout`` and as the reference route, the 0/scale diagonal Jacobian, the fresh-mask
+``keras.layers.Dropout`` and ``stateless_dropout``, the 0/scale diagonal Jacobian, the fresh-mask
 op of ``jacobian_ops(training=True)``, bad arguments."""
 
 import keras
@@ -57,17 +57,22 @@ def test_same_masks_as_keras_dropout_eager_graph_and_xla():
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32", "float16"])
-def test_jacobian_route_and_reference_route_draw_the_same_mask(dtype):
-    """``stateless_uniform(noise_shape, seed) >= rate`` is ``stateless_dropout``'s mask."""
-    model = keras.Sequential([keras.Input((4, 3), dtype=dtype), layers.Dropout(0.5, dtype=dtype)])
+def test_the_diagonal_is_stock_stateless_dropouts_mask(dtype):
+    """``stateless_uniform(noise_shape, seed) >= rate`` is ``stateless_dropout``'s mask, and both
+    routes of a training call apply the one diagonal drawn for it."""
+    layer = layers.Dropout(0.5, noise_shape=(None, 1, 3), dtype=dtype)
     x = tf.constant(np.random.default_rng(1).normal(size=(16, 4, 3)) + 3.0, dtype)
+    seed = tf.constant([3, 7], tf.int32)
+    stock = tf.nn.experimental.stateless_dropout(x, 0.5, seed, noise_shape=[16, 1, 3])
+    np.testing.assert_array_equal(x * layer.diagonal(x, seed), stock)
+    assert 0 < np.mean(np.asarray(stock) == 0) < 1
+    model = keras.Sequential([keras.Input((4, 3), dtype=dtype), layer])
     state = model_state(model)
     y = model(x, training=True)
     set_model_state(model, state)
     with tf_jacbp.reference_mode():
         y_ref = model(x, training=True)
     np.testing.assert_array_equal(y, y_ref)
-    assert 0 < np.mean(np.asarray(y) == 0) < 1
 
 
 def test_backward_is_the_0_or_scale_diagonal_of_the_forward_mask():
@@ -112,9 +117,10 @@ def test_jacobian_ops_in_training_mode_draw_a_fresh_mask():
     np.testing.assert_allclose(dx, np.asarray(rows) * diagonal[:, None, :], rtol=1e-15)
     dx, _ = op.backward(rows[:, 0], x, y)
     np.testing.assert_allclose(dx, np.asarray(rows[:, 0]) * diagonal, rtol=1e-15)
-    np.testing.assert_array_equal(
-        op.jacobian_factors(x[0])["diag(k / (1 - r))"], np.diag(diagonal[0])
-    )
+    # one sample: the mask a batch of one draws from the op's seed (layer_jacobians' forward)
+    first = np.asarray(op.forward(x[:1])) / np.asarray(x[:1])
+    np.testing.assert_array_equal(op.jacobian_factors(x[0])["diag(k / (1 - r))"], np.diag(first[0]))
+    np.testing.assert_array_equal(op.forward(x), y)  # the same mask every time
     ((other, _),) = layer.jacobian_ops(training=True)
     assert not np.array_equal(np.asarray(other.forward(x)) == 0, diagonal == 0)
     assert layer.jacobian_ops(training=False) == [(layer, [])]

@@ -15,10 +15,11 @@ from tf_jacbp import (
     layers,
     losses,
     models,
+    route,
     tolerances,
     toeplitz,
 )
-from tf_jacbp.mode import in_reference_mode, reference_mode
+from tf_jacbp.route import in_reference_mode, reference_mode
 
 __version__ = "0.1.0"
 
@@ -32,6 +33,7 @@ __all__ = [
     "losses",
     "models",
     "reference_mode",
+    "route",
     "toeplitz",
     "tolerances",
 ]

@@ -1,4 +1,4 @@
-"""Activation functions and their Jacobians (MATH.md, "Activations").
+"""Activation functions and their Jacobians (docs/math.md, "Activations").
 
 An elementwise activation ``a = f(z)`` has the diagonal Jacobian
 ``J_z f(z) = diag(f'(z_1), ..., f'(z_d))``, so its Jacobian-transpose product is the elementwise
@@ -13,6 +13,7 @@ stock TensorFlow function (the forward is not what is under test), ``backward`` 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 from tf_jacbp._backend import tf
@@ -64,12 +65,37 @@ class Linear(Elementwise):
         return tf.ones_like(z)
 
 
-class ReLU(Elementwise):
-    """``f(z) = max(z, 0)`` (Keras' ``max_value``, ``negative_slope``, ``threshold`` supported).
+def _check_number(value: Any, name: str, owner: str, allow_none: bool = False) -> float | None:
+    """``value`` as a float, finite and ``>= 0`` (or None if ``allow_none``); a ValueError naming
+    ``name`` otherwise (Keras' ReLU raises for None and negative values, not for the rest)."""
+    if value is None and allow_none:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        what = "a finite number >= 0" + (" or None" if allow_none else "")
+        raise ValueError(f"{owner}: {name} must be {what}, got {name}={value!r}.")
+    return float(value)
 
-    ``f'(z)`` is ``0`` above ``max_value``, ``1`` on ``[threshold, max_value)``, ``negative_slope``
-    below ``threshold``: a 0/1 diagonal for the plain ReLU (paper, Section 3.4). At a kink the
-    derivative from the right's neighbour is taken as TensorFlow does (``f'(0) = 0``).
+
+class ReLU(Elementwise):
+    """Keras' ReLU, with threshold ``t``, ``negative_slope`` ``s`` and ``max_value`` ``M``:
+
+        f(z) = min(z, M)      if z > t        (no ``min`` without ``M``)
+        f(z) = 0              if z == t
+        f(z) = s (z - t)      if z < t
+
+    (``z == t`` gives 0, as ``keras.activations.relu``: its ``z > t``.) ``f'(z)`` is ``[t < z <= M]``
+    above, ``s`` below the threshold: a 0/1 diagonal for the plain ReLU (paper, Section 3.4). At
+    the kinks ``f'`` is what autodiff gives for Keras' own ops: ``f'(t) = 0`` (but ``s`` for the
+    leaky case ``t = 0``, no ``M``, ``tf.nn.leaky_relu``), ``f'(M) = 1`` (but ``0`` for ``M = 6,
+    t = 0``, ``tf.nn.relu6``).
+
+    Args (validated as Keras does, and also for non-numbers): ``max_value`` None or >= 0,
+    ``negative_slope`` >= 0, ``threshold`` >= 0, all finite.
     """
 
     name = "relu"
@@ -77,15 +103,9 @@ class ReLU(Elementwise):
     def __init__(
         self, max_value: float | None = None, negative_slope: float = 0.0, threshold: float = 0.0
     ):
-        if max_value is not None and max_value < 0:
-            raise ValueError(f"ReLU: max_value must be >= 0 or None, got max_value={max_value}.")
-        if negative_slope < 0:
-            raise ValueError(
-                f"ReLU: negative_slope must be >= 0, got negative_slope={negative_slope}."
-            )
-        self.max_value = max_value
-        self.negative_slope = negative_slope
-        self.threshold = threshold
+        self.max_value = _check_number(max_value, "max_value", "ReLU", allow_none=True)
+        self.negative_slope = _check_number(negative_slope, "negative_slope", "ReLU")
+        self.threshold = _check_number(threshold, "threshold", "ReLU")
 
     def get_config(self):
         return {
@@ -97,18 +117,33 @@ class ReLU(Elementwise):
     def _plain(self) -> bool:
         return self.max_value is None and self.negative_slope == 0 and self.threshold == 0
 
+    def _leaky(self) -> bool:
+        """Keras' ``tf.nn.leaky_relu`` case: a slope, no threshold, no maximum."""
+        return self.max_value is None and self.negative_slope != 0 and self.threshold == 0
+
+    def _relu6(self) -> bool:
+        """Keras' ``tf.nn.relu6`` case: ``M = 6``, no threshold."""
+        return self.max_value == 6 and self.threshold == 0
+
     def reference(self, z):
+        """Keras' composition of stock ops (``keras.activations.relu``), exact in float64."""
         if self._plain():
             return tf.nn.relu(z)
-        out = tf.where(z >= self.threshold, z, self.negative_slope * (z - self.threshold))
-        if self.max_value is not None:
-            out = tf.minimum(out, tf.cast(self.max_value, z.dtype))
-        return out
+        s, t = self.negative_slope, tf.cast(self.threshold, z.dtype)
+        if self._leaky():  # not tf.nn.leaky_relu: its slope is a float32 attribute
+            return tf.where(z > 0, z, s * z)
+        if self._relu6():
+            a = tf.nn.relu6(z)
+        else:
+            a = tf.where(z > t, z, tf.zeros_like(z))
+            if self.max_value is not None:
+                a = tf.minimum(a, tf.cast(self.max_value, z.dtype))
+        return a - s * tf.nn.relu(t - z) if s != 0 else a
 
     def backward(self, dy: tf.Tensor, z: tf.Tensor, a: tf.Tensor) -> tuple[tf.Tensor, list]:
         """``f'(z) * delta``. The plain ReLU reads its 0/1 diagonal from ``a = max(z, 0)`` alone:
         ``f'(z) = [z > 0] = sign(a)``, one op (so a layer's forward can fuse ``z`` into its
-        matmul, ``ThenActivation``). A NaN ``z`` gives a NaN gradient."""
+        matmul, ``tf_jacbp.route``). A NaN ``z`` gives a NaN gradient."""
         if self._plain():
             return tf.sign(a) * dy, []
         return super().backward(dy, z, a)
@@ -117,10 +152,16 @@ class ReLU(Elementwise):
         if self._plain():
             return tf.cast(z > 0, z.dtype)  # a cast, not tf.where: the cheaper op on the hot path
         one, zero = tf.ones_like(z), tf.zeros_like(z)
-        d = tf.where(z >= self.threshold, one, self.negative_slope * one)
-        if self.max_value is not None:
-            d = tf.where(z >= self.max_value, zero, d)
-        return d
+        below = self.negative_slope * one
+        if self._leaky():
+            return tf.where(z > 0, one, below)
+        if self._relu6():
+            above = tf.where(z < 6, one, zero)
+        elif self.max_value is not None:
+            above = tf.where(z <= self.max_value, one, zero)
+        else:
+            above = one
+        return tf.where(z > self.threshold, above, tf.where(z < self.threshold, below, zero))
 
 
 class Sigmoid(Elementwise):
@@ -153,11 +194,7 @@ class LeakyReLU(Elementwise):
     name = "leaky_relu"
 
     def __init__(self, negative_slope: float = 0.2):
-        if negative_slope < 0:
-            raise ValueError(
-                f"LeakyReLU: negative_slope must be >= 0, got negative_slope={negative_slope}."
-            )
-        self.negative_slope = negative_slope
+        self.negative_slope = _check_number(negative_slope, "negative_slope", "LeakyReLU")
 
     def get_config(self):
         return {"negative_slope": self.negative_slope}

@@ -10,52 +10,7 @@ from typing import Any
 
 from tf_jacbp import activations
 from tf_jacbp._backend import keras, tf
-from tf_jacbp.layers.base import JacobianLayer, JacobianOp, as_float_tensor
-
-
-class ThenActivation:
-    """``a = f(op(x; params))`` as one Jacobian route: a layer's map ``z = op(x)`` (Dense's
-    ``W^T x + b``, Conv2D's ``T(K) vec(x) + b``), then its activation ``f``.
-
-    ``backward`` is the chain rule of Algorithm 1 for the pair: ``delta_z = D^T delta_a`` with
-    ``D = J_z f(z)`` (``activation.backward``), then ``op.backward(delta_z, x, z, *params)``: the
-    same formulas as routing ``op`` and ``f`` separately, in one custom gradient. TensorFlow can
-    then fuse the forward's matmul, bias and activation into one kernel, which it cannot do
-    across two custom gradients. ``activation.backward`` receives ``z`` and ``a``; a ReLU reads
-    ``D`` from ``a`` alone, so ``z`` has no other consumer and the fusion applies.
-
-    Use ``then_activation``, which returns ``op`` itself for the identity.
-    """
-
-    def __init__(self, op: JacobianOp, activation: activations.Elementwise | activations.Softmax):
-        self.op = op
-        self.activation = activation
-        self.z: tf.Tensor | None = None
-
-    def forward(self, x: tf.Tensor, *params: tf.Tensor) -> tf.Tensor:
-        """``a = f(z)``, ``z = op.forward(x, *params)`` (kept for ``backward``)."""
-        self.z = self.op.forward(x, *params)
-        return self.activation.forward(self.z)
-
-    def reference(self, x: tf.Tensor, *params: tf.Tensor) -> tf.Tensor:
-        return self.activation.reference(self.op.reference(x, *params))
-
-    def backward(
-        self, da: tf.Tensor, x: tf.Tensor, a: tf.Tensor, *params: tf.Tensor
-    ) -> tuple[tf.Tensor, list[tf.Tensor]]:
-        """``op.backward(D^T delta_a, x, z, *params)``."""
-        dz, _ = self.activation.backward(da, self.z, a)
-        return self.op.backward(dz, x, self.z, *params)
-
-
-def then_activation(
-    op: JacobianOp, activation: activations.Elementwise | activations.Softmax
-) -> JacobianOp:
-    """``op`` followed by ``activation`` on one route (``ThenActivation``); ``op`` itself when the
-    activation is the identity (``linear``: ``D = I``, nothing to apply)."""
-    if type(activation) is activations.Linear:
-        return op
-    return ThenActivation(op, activation)
+from tf_jacbp.layers.base import JacobianLayer, as_float_tensor
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
@@ -73,12 +28,15 @@ class Activation(JacobianLayer):
         self.activation = activations.get(activation)
 
     def forward(self, z: tf.Tensor) -> tf.Tensor:
+        """``a = f(z)``, any shape."""
         return self.activation.forward(z)
 
     def reference(self, z: tf.Tensor) -> tf.Tensor:
         return self.activation.reference(z)
 
-    def backward(self, dy, z, a):
+    def backward(self, dy: tf.Tensor, z: tf.Tensor, a: tf.Tensor) -> tuple[tf.Tensor, list]:
+        """``(J_z f)^T delta``: ``f'(z) * delta`` (elementwise), ``s * (delta - <s, delta>)``
+        (softmax)."""
         return self.activation.backward(dy, z, a)
 
     def jacobian(self, z: Any) -> tf.Tensor:

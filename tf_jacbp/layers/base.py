@@ -10,71 +10,22 @@ A tf_jacbp layer is a map ``y = F(x; p_1, ..., p_k)`` that provides
 (d) materialized Jacobians for inspection (``input_jacobian``, ``parameter_jacobian``: see each
     layer).
 
-``route`` wires (a) and (c) into a ``tf.custom_gradient`` (the Jacobian route, what training
-applies) or, inside ``tf_jacbp.reference_mode()``, calls (b). Following KERAS_NOTES.md, weights are
-read into tensors before the custom-gradient call, the call is positional, and every returned
-gradient is cast to the dtype of the tensor it belongs to (under ``mixed_float16`` the cast from the
-float32 variable to the float16 compute dtype is then differentiated by TensorFlow, so float32
-gradients reach the optimizer).
+``call`` hands (a)-(c) to ``tf_jacbp.route.route``: (c) is the backward pass training applies,
+(b) what ``tf_jacbp.reference_mode()`` runs instead. What (c) needs from the forward pass (``x``,
+``y``, the parameters, and ``z`` when an activation is fused) reaches it through the custom
+gradient's closure; a layer keeps no per-call state.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
+from tf_jacbp import activations
 from tf_jacbp._backend import keras, tf
 from tf_jacbp.layout import vec_parameter_batch
-from tf_jacbp.mode import in_reference_mode
+from tf_jacbp.route import JacobianOp, route
 
-
-class JacobianOp(Protocol):
-    """Anything with a forward pass, a reference route and a Jacobian-transpose backward pass."""
-
-    def forward(self, x: tf.Tensor, *params: tf.Tensor) -> tf.Tensor: ...
-
-    def reference(self, x: tf.Tensor, *params: tf.Tensor) -> tf.Tensor: ...
-
-    def backward(
-        self, dy: tf.Tensor, x: tf.Tensor, y: tf.Tensor, *params: tf.Tensor
-    ) -> tuple[tf.Tensor, Sequence[tf.Tensor]]: ...
-
-
-def route(
-    op: JacobianOp, x: tf.Tensor | Sequence[tf.Tensor], params: Sequence[tf.Tensor] = ()
-) -> tf.Tensor:
-    """Apply ``op`` to ``x``: its Jacobian route, or its reference route in ``reference_mode()``.
-
-    ``params`` must be tensors (read from the variables), passed positionally. ``x`` is one tensor
-    or, for a layer with several inputs (``Add``), a list; then ``op.forward`` and
-    ``op.reference`` take the list and ``op.backward`` returns one input gradient per input.
-    """
-    if in_reference_mode():
-        return op.reference(x, *params)
-    several = isinstance(x, (list, tuple))
-    xs = list(x) if several else [x]
-
-    @tf.custom_gradient
-    def jacobian_route(*args):
-        inputs, params = list(args[: len(xs)]), args[len(xs) :]
-        y = op.forward(inputs if several else inputs[0], *params)
-
-        def grad(dy):
-            dx, dparams = op.backward(dy, inputs if several else inputs[0], y, *params)
-            dxs = list(dx) if several else [dx]
-            if len(dparams) != len(params) or len(dxs) != len(inputs):
-                raise ValueError(
-                    f"{type(op).__name__}.backward returned {len(dxs)} input and "
-                    f"{len(dparams)} parameter gradients for {len(inputs)} inputs and "
-                    f"{len(params)} parameters; return one per tensor, in order."
-                )
-            grads = [tf.cast(g, t.dtype) for g, t in zip(dxs, inputs, strict=True)]
-            grads += [tf.cast(g, p.dtype) for g, p in zip(dparams, params, strict=True)]
-            return grads
-
-        return y, grad
-
-    return jacobian_route(*xs, *params)
+__all__ = ["JacobianLayer", "JacobianOp", "as_float_tensor", "route"]
 
 
 def as_float_tensor(x: object, default_dtype: str) -> tf.Tensor:
@@ -212,6 +163,7 @@ class JacobianLayer(keras.layers.Layer):
         ]
 
     def call(self, inputs: tf.Tensor) -> tf.Tensor:
+        """``y = F(inputs; params)`` by ``route``: its backward pass is ``backward``."""
         return route(self, inputs, self.read_parameters())
 
 
@@ -245,6 +197,13 @@ class _KernelBiasLayer(JacobianLayer):
     def jacobian_parameters(self) -> list[keras.Variable]:
         """``[kernel, bias]`` (theta order), or ``[kernel]`` without a bias."""
         return [self.kernel] + ([self.bias] if self.bias is not None else [])
+
+    def call(self, inputs: tf.Tensor) -> tf.Tensor:
+        """``a = f(z)``, ``z = forward(inputs, kernel, bias)``, on one route: the backward pass
+        applies ``D = J_z f(z)`` (``self.activation.backward``), then ``backward``. TensorFlow can
+        then fuse the forward's product, bias and activation into one kernel."""
+        activation = None if type(self.activation) is activations.Linear else self.activation
+        return route(self, inputs, self.read_parameters(), activation=activation)
 
     def weight_options_config(self) -> dict[str, Any]:
         """The six weight options, serialized for ``get_config``."""

@@ -26,8 +26,7 @@ from typing import Any
 
 from tf_jacbp import activations, toeplitz
 from tf_jacbp._backend import keras, tf
-from tf_jacbp.layers.activation import ThenActivation
-from tf_jacbp.layers.base import _KernelBiasLayer, as_float_tensor, route
+from tf_jacbp.layers.base import _KernelBiasLayer, as_float_tensor
 from tf_jacbp.layout import unvec_parameter_batch, vec_index
 
 BIAS_MODES = ("tied", "untied")
@@ -218,14 +217,9 @@ class Conv2D(_KernelBiasLayer):
         return self.conv_index.transpose_matrix(kernel)
 
     def apply_toeplitz(
-        self,
-        x: tf.Tensor,
-        t: tf.Tensor | tf.SparseTensor,
-        bias: tf.Tensor | None = None,
-        flat: bool = False,
+        self, x: tf.Tensor, t: tf.Tensor | tf.SparseTensor, bias: tf.Tensor | None = None
     ) -> tf.Tensor:
-        """``Z = X T(K)^T + b``: ``(batch, H, W, C)`` -> ``(batch, H_out, W_out, F)``, or the
-        same rows unreshaped, ``(batch, R)``, with ``flat``.
+        """``Z = X T(K)^T + b``: ``(batch, H, W, C)`` -> ``(batch, H_out, W_out, F)``.
 
         ``t`` is ``build_toeplitz(kernel)``.
         """
@@ -239,7 +233,7 @@ class Conv2D(_KernelBiasLayer):
             positions = self.conv_index.shape[0] // self.filters
             b = tf.tile(bias, [positions]) if self.bias_mode == "tied" else tf.reshape(bias, [-1])
             z = tf.nn.bias_add(z, b)  # fused into the matmul by TensorFlow's graph optimizer
-        return z if flat else tf.reshape(z, [-1, *self.conv_index.output_shape])
+        return tf.reshape(z, [-1, *self.conv_index.output_shape])
 
     def input_gradient(
         self, dz: tf.Tensor, x: tf.Tensor, t: tf.Tensor | tf.SparseTensor
@@ -303,7 +297,12 @@ class Conv2D(_KernelBiasLayer):
         kernel: tf.Tensor,
         bias: tf.Tensor | None = None,
     ) -> tuple[tf.Tensor, list[tf.Tensor]]:
-        """``(dX, [dK, db])`` of ``backward_toeplitz``, building ``T(K)`` from ``kernel``."""
+        """``(dX, [dK, db])``: ``backward_toeplitz`` with ``T(K)`` built from ``kernel``.
+
+        Training applies this method (``call`` routes the layer with ``route``). Built twice in
+        a compiled step (here and in ``forward``), ``T(K)`` is one computation: TensorFlow's
+        graph optimizer merges the identical gathers.
+        """
         return self.backward_toeplitz(dz, x, self.build_toeplitz(kernel), bias)
 
     def per_example_backward(
@@ -381,17 +380,6 @@ class Conv2D(_KernelBiasLayer):
     def jacobian_ops(self, training: bool = False) -> list:
         """``z = T(K) vec(x) + b``, then ``a = f(z)``."""
         return [(self, self.read_parameters()), (self.activation, [])]
-
-    def call(self, inputs: tf.Tensor) -> tf.Tensor:
-        """``f(T(K) vec(x) + b)`` on one route: the backward pass applies ``D``, then
-        ``backward_toeplitz`` (``_ToeplitzStep``; ``ThenActivation`` for a softmax)."""
-        if type(self.activation) is activations.Linear:  # D = I: nothing to apply
-            step = _ToeplitzStep(self)
-        elif isinstance(self.activation, activations.Elementwise):  # on the (batch, R) rows
-            step = _ToeplitzStep(self, self.activation)
-        else:  # softmax over the channels needs the image-shaped z
-            step = ThenActivation(_ToeplitzStep(self), self.activation)
-        return route(step, inputs, self.read_parameters())
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         sizes = [
@@ -492,46 +480,3 @@ class Conv2D(_KernelBiasLayer):
         config = dict(config)
         config["activation"] = activations.deserialize(config["activation"])
         return cls(**config)
-
-
-class _ToeplitzStep:
-    """One call of a ``Conv2D`` on the Jacobian route, for ``route``: ``forward`` builds ``T(K)``
-    once and ``backward`` reuses that tensor (the custom gradient's closure) instead of
-    rebuilding it.
-
-    With an elementwise ``activation`` the step is ``a = f(T(K) vec(x) + b)``, ``f`` applied to
-    the ``(batch, R)`` rows of the product before they are reshaped to images (so TensorFlow can
-    fuse matmul, bias and activation), and ``backward`` first applies ``D = diag(f'(z))`` (as
-    ``tf_jacbp.layers.activation.ThenActivation`` does).
-    """
-
-    def __init__(self, layer: Conv2D, activation: activations.Elementwise | None = None):
-        self.layer = layer
-        self.activation = activation
-        self.t: tf.Tensor | tf.SparseTensor | None = None
-        self.z: tf.Tensor | None = None
-
-    def forward(self, x: tf.Tensor, kernel: tf.Tensor, *bias: tf.Tensor) -> tf.Tensor:
-        """``Z = X T(K)^T + b`` (then ``f(Z)``), keeping ``T(K)`` for ``backward``."""
-        self.t = self.layer.build_toeplitz(kernel)
-        if self.activation is None:
-            return self.layer.apply_toeplitz(x, self.t, *bias)
-        self.z = self.layer.apply_toeplitz(x, self.t, *bias, flat=True)
-        a = self.activation.forward(self.z)
-        return tf.reshape(a, [-1, *self.layer.conv_index.output_shape])
-
-    def reference(self, x: tf.Tensor, *params: tf.Tensor) -> tf.Tensor:
-        """The layer's reference route (``tf.nn.convolution``, then the activation's)."""
-        z = self.layer.reference(x, *params)
-        return z if self.activation is None else self.activation.reference(z)
-
-    def backward(
-        self, dy: tf.Tensor, x: tf.Tensor, y: tf.Tensor, kernel: tf.Tensor, *bias: tf.Tensor
-    ) -> tuple[tf.Tensor, list[tf.Tensor]]:
-        """``Conv2D.backward_toeplitz`` with the ``T(K)`` that ``forward`` built, after
-        ``delta_z = D delta_a`` when the step includes the activation."""
-        if self.activation is not None:
-            rows = self.layer.conv_index.shape[0]
-            flat = [tf.reshape(dy, [-1, rows]), self.z, tf.reshape(y, [-1, rows])]
-            dy = tf.reshape(self.activation.backward(*flat)[0], tf.shape(y))
-        return self.layer.backward_toeplitz(dy, x, self.t, *bias)

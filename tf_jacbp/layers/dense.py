@@ -15,8 +15,7 @@ from typing import Any
 
 from tf_jacbp import activations
 from tf_jacbp._backend import keras, tf
-from tf_jacbp.layers.activation import then_activation
-from tf_jacbp.layers.base import _KernelBiasLayer, as_float_tensor, route
+from tf_jacbp.layers.base import _KernelBiasLayer, as_float_tensor
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
@@ -146,11 +145,6 @@ class Dense(_KernelBiasLayer):
     def jacobian_ops(self, training: bool = False) -> list:
         """``z = W^T a + b``, then ``a_out = f(z)``."""
         return [(self, self.read_parameters()), (self.activation, [])]
-
-    def call(self, inputs: tf.Tensor) -> tf.Tensor:
-        """``f(W^T a + b)`` on one route (``then_activation``): the backward pass applies ``D``,
-        then ``backward``."""
-        return route(then_activation(self, self.activation), inputs, self.read_parameters())
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         return (*input_shape[:-1], self.units)

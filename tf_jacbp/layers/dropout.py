@@ -5,19 +5,20 @@ drawn over ``noise_shape`` and broadcast to ``x``): ``y = x * k / (1 - r)``, so
 
     J_x y = diag(k / (1 - r)),    (J_x y)^T delta = delta * k / (1 - r),
 
-a diagonal of zeros and ``1 / (1 - r)``. The Jacobian route keeps the mask its forward pass drew
-and the backward pass multiplies by the same one. Given the mask the map is elementwise, so
-per-sample Jacobians exist; each training call draws a new mask. Inference: ``y = x``, ``J = I``.
+a diagonal of zeros and ``1 / (1 - r)``. Each training call draws a new mask, outside the custom
+gradient, and hands the diagonal ``d = k / (1 - r)`` to the layer's ``forward``, ``reference`` and
+``backward`` as a constant (not differentiated): ``y = x * d``, ``dx = delta * d``. Given the mask
+the map is elementwise, so per-sample Jacobians exist. Inference: no diagonal, ``y = x``,
+``J = I``.
 
 The mask is drawn as Keras draws it: a seed from the layer's ``keras.random.SeedGenerator``
 (advanced once per training call; works in graph mode and under ``jit_compile=True``), then
-``tf.random.stateless_uniform(noise_shape, seed) >= r``. The reference route is
-``tf.nn.experimental.stateless_dropout`` with that seed, which samples the same uniforms (the
-tests check the masks agree), so both routes and ``keras.layers.Dropout`` with the same seed
-state drop the same entries. Compiled with XLA, the stateless random ops give other numbers
-than TensorFlow's own kernels for the same seed (measured on CPU, even with an explicit
-``alg``), so an XLA-compiled call draws another mask than an eager one, exactly as
-``keras.layers.Dropout`` does; two routes compiled alike draw the same mask.
+``tf.random.stateless_uniform(noise_shape, seed) >= r``, the uniforms that
+``tf.nn.experimental.stateless_dropout`` samples (the tests check the masks agree), so the layer and
+``keras.layers.Dropout`` with the same seed state drop the same entries. Compiled with XLA, the
+stateless random ops give other numbers than TensorFlow's own kernels for the same seed (measured
+on CPU, even with an explicit ``alg``), so an XLA-compiled call draws another mask than an eager
+one, exactly as ``keras.layers.Dropout`` does.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import numbers
 from typing import Any
 
 from tf_jacbp._backend import keras, tf
-from tf_jacbp.layers.base import JacobianLayer, as_float_tensor, route
+from tf_jacbp.layers.base import JacobianLayer, as_float_tensor
+from tf_jacbp.route import route
 
 
 def _check_noise_shape(noise_shape: Any) -> tuple | None:
@@ -67,8 +69,8 @@ class Dropout(JacobianLayer):
     output the same shape.
 
     ``jacobian_ops(training=True)`` returns a fresh-mask op: making it draws a new seed (advancing
-    the seed generator), its ``forward`` draws the mask from that seed, and its ``backward`` and
-    ``jacobian_factors`` use that mask.
+    the seed generator); its ``forward``, ``backward``, ``jacobian_rows`` and ``jacobian_factors``
+    all use the mask of that seed.
     """
 
     def __init__(
@@ -103,34 +105,59 @@ class Dropout(JacobianLayer):
             [tf.shape(x)[i] if d is None else d for i, d in enumerate(self.noise_shape)]
         )
 
-    # (a)-(c) of the inference map, the identity.
+    def diagonal(self, x: tf.Tensor, seed: tf.Tensor | None) -> tf.Tensor:
+        """``d = k / (1 - r)``, shaped like ``noise_shape``: ``k = stateless_uniform(noise_shape,
+        seed) >= r``; zeros for ``rate = 1`` (``seed`` None)."""
+        shape = self.mask_shape(x)
+        if seed is None:
+            return tf.zeros(shape, x.dtype)
+        keep = tf.random.stateless_uniform(shape, seed=seed, dtype=x.dtype) >= self.rate
+        return tf.cast(keep, x.dtype) * tf.constant(1 / (1 - self.rate), x.dtype)
 
-    def forward(self, x: tf.Tensor) -> tf.Tensor:
-        """Inference: ``y = x``."""
-        return tf.identity(x)
+    # (a)-(c): training passes the diagonal d, inference nothing (the identity).
 
-    def reference(self, x: tf.Tensor) -> tf.Tensor:
-        return tf.identity(x)
+    def forward(self, x: tf.Tensor, diagonal: tf.Tensor | None = None) -> tf.Tensor:
+        """Training: ``y = x * d``; inference: ``y = x``."""
+        return tf.identity(x) if diagonal is None else x * diagonal
 
-    def backward(self, dy: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, list]:
-        """Inference: ``(J_x y)^T delta = I delta``."""
-        return dy, []
+    def reference(self, x: tf.Tensor, diagonal: tf.Tensor | None = None) -> tf.Tensor:
+        return tf.identity(x) if diagonal is None else tf.multiply(x, diagonal)
 
-    def jacobian_factors(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
-        """Inference, one sample ``x`` (``n`` entries): ``{"J = I": I_n}``."""
+    def backward(
+        self, dy: tf.Tensor, x: tf.Tensor, y: tf.Tensor, diagonal: tf.Tensor | None = None
+    ) -> tuple[tf.Tensor, list]:
+        """``(J_x y)^T delta = diag(d) delta = delta * d`` (training); ``I delta`` (inference)."""
+        return (dy if diagonal is None else dy * diagonal), []
+
+    def jacobian_rows(
+        self, m: tf.Tensor, x: tf.Tensor, y: tf.Tensor, diagonal: tf.Tensor | None = None
+    ) -> tuple[tf.Tensor, list]:
+        """``M diag(d)`` for ``M`` ``(batch, k, ...)``: each row times its sample's diagonal."""
+        return (m if diagonal is None else m * tf.expand_dims(diagonal, 1)), []
+
+    def jacobian_factors(
+        self, x: tf.Tensor, diagonal: tf.Tensor | None = None
+    ) -> dict[str, tf.Tensor]:
+        """One sample ``x`` (``n`` entries): ``{"J = I": I_n}`` (inference), or
+        ``{"diag(k / (1 - r))": (n, n)}`` for the diagonal of a batch of one ``(1, ...)``."""
         x = as_float_tensor(x, self.compute_dtype)
-        return {"J = I": tf.eye(math.prod(x.shape), dtype=x.dtype)}
+        if diagonal is None:
+            return {"J = I": tf.eye(math.prod(x.shape), dtype=x.dtype)}
+        d = tf.broadcast_to(tf.cast(diagonal[0], x.dtype), tf.shape(x))
+        return {"diag(k / (1 - r))": tf.linalg.diag(tf.reshape(d, [-1]))}
 
     def jacobian_ops(self, training: bool = False) -> list:
-        """Inference: the identity (the layer). Training: a ``_DropoutStep`` with a fresh seed,
-        whose mask is drawn by its ``forward``."""
+        """Inference: the identity (the layer). Training: ``_FreshMask``, the training map with a
+        seed drawn now (advancing the seed generator, as a training call does)."""
         if training and 0 < self.rate:
-            return [(_DropoutStep(self), [])]
+            return [(_FreshMask(self, self.draw_seed() if self.rate < 1 else None), [])]
         return [(self, [])]
 
     def call(self, inputs: tf.Tensor, training: bool | None = None) -> tf.Tensor:
+        """Training: a mask drawn now, its diagonal passed to ``route`` as a constant."""
         if training and self.rate > 0:
-            return route(_DropoutStep(self), inputs)
+            seed = self.draw_seed() if self.rate < 1 else None
+            return route(self, inputs, constants=[self.diagonal(inputs, seed)])
         return route(self, inputs)
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
@@ -142,45 +169,28 @@ class Dropout(JacobianLayer):
         return config
 
 
-class _DropoutStep:
-    """One training call of a ``Dropout`` layer, for ``route``: the seed is drawn when the step is
-    made (outside the custom gradient), ``forward`` draws the mask from it and keeps
-    ``k / (1 - r)``, ``backward`` multiplies by that same diagonal. ``rate=1`` drops everything
-    (no seed is drawn, as in Keras)."""
+class _FreshMask:
+    """A ``Dropout`` layer's training map with the mask of one ``seed``, for Algorithm 1's walk
+    (``tf_jacbp.jacobian``): every method draws the diagonal from ``seed`` and the input's shape
+    (the same tensor each time: the draw is stateless) and hands it to the layer's method."""
 
-    def __init__(self, layer: Dropout):
+    def __init__(self, layer: Dropout, seed: tf.Tensor | None):
         self.layer = layer
-        self.seed = layer.draw_seed() if layer.rate < 1 else None
-        self.diagonal: tf.Tensor | None = None
+        self.seed = seed
 
     def forward(self, x: tf.Tensor) -> tf.Tensor:
-        """``y = x * k / (1 - r)``, keeping ``k / (1 - r)`` (shaped like ``noise_shape``)."""
-        rate, shape = self.layer.rate, self.layer.mask_shape(x)
-        if self.seed is None:
-            self.diagonal = tf.zeros(shape, x.dtype)
-        else:
-            keep = tf.random.stateless_uniform(shape, seed=self.seed, dtype=x.dtype) >= rate
-            self.diagonal = tf.cast(keep, x.dtype) * tf.constant(1 / (1 - rate), x.dtype)
-        return x * self.diagonal
+        return self.layer.forward(x, self.layer.diagonal(x, self.seed))
 
     def reference(self, x: tf.Tensor) -> tf.Tensor:
-        if self.seed is None:
-            return x * tf.zeros([], x.dtype)
-        return tf.nn.experimental.stateless_dropout(
-            x, self.layer.rate, self.seed, noise_shape=self.layer.mask_shape(x)
-        )
+        return self.layer.reference(x, self.layer.diagonal(x, self.seed))
 
     def backward(self, dy: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, list]:
-        """``(J_x y)^T delta = delta * k / (1 - r)``."""
-        return dy * self.diagonal, []
+        return self.layer.backward(dy, x, y, self.layer.diagonal(x, self.seed))
 
     def jacobian_rows(self, m: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, list]:
-        """``M diag(k / (1 - r))`` for ``M`` ``(batch, k, ...)``: each row times its sample's mask
-        (``tf_jacbp.jacobian``'s Algorithm 1 walk)."""
-        return m * tf.expand_dims(self.diagonal, 1), []
+        return self.layer.jacobian_rows(m, x, y, self.layer.diagonal(x, self.seed))
 
     def jacobian_factors(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
-        """``{"diag(k / (1 - r))": (n, n)}`` for the first sample of the last ``forward``, shaped
-        like one sample ``x``."""
-        diagonal = tf.broadcast_to(self.diagonal[0], tf.shape(x))
-        return {"diag(k / (1 - r))": tf.linalg.diag(tf.reshape(diagonal, [-1]))}
+        """At one sample ``x``: the diagonal a batch of one draws from ``seed``."""
+        x = as_float_tensor(x, self.layer.compute_dtype)
+        return self.layer.jacobian_factors(x, self.layer.diagonal(x[None], self.seed))

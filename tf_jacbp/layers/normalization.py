@@ -13,7 +13,9 @@ vector of ones:
   so ``dx = J^T delta = (gamma / s) (delta - mean(delta) 1 - xhat mean(delta * xhat))``, and
   ``J_gamma y = xhat``, ``J_beta y = 1`` give ``dgamma = xhat^T delta``, ``dbeta = 1^T delta``.
   Channels never mix. Sample ``i``'s output depends on every sample through ``mu`` and
-  ``sigma^2``, so there is no per-sample Jacobian: ``jacobian_ops(training=True)`` raises.
+  ``sigma^2``, so there is no per-sample Jacobian: ``jacobian_ops(training=True)`` raises. This
+  is the map of ``batch_forward``, ``batch_reference`` and ``batch_backward``, which ``call``
+  routes in training.
 * Inference: ``y = gamma (x - m) / sqrt(v + eps) + beta`` with the moving mean ``m`` and variance
   ``v``: a diagonal ``J_x y = diag(gamma / sqrt(v + eps))`` per entry, and per sample
   ``J_{gamma,beta} y = [diag(xhat) | I]``. This is the map of the layer's own ``forward``,
@@ -30,7 +32,8 @@ import numbers
 from typing import Any
 
 from tf_jacbp._backend import keras, tf
-from tf_jacbp.layers.base import _WEIGHT_OPTIONS, JacobianLayer, as_float_tensor, route
+from tf_jacbp.layers.base import _WEIGHT_OPTIONS, JacobianLayer, as_float_tensor
+from tf_jacbp.route import Map, route
 
 
 def _channel_axes(x: tf.Tensor) -> list[int]:
@@ -209,21 +212,83 @@ class BatchNormalization(JacobianLayer):
 
     # (a)-(c) of the inference map, y = gamma (x - m) / sqrt(v + eps) + beta.
 
+    def moving_normalized(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """``(xhat, 1 / sqrt(v + eps))`` with ``xhat = (x - m) / sqrt(v + eps)``, the moving
+        statistics read now (they are not trainable, so reading them inside the custom gradient
+        is allowed)."""
+        mean, variance = self.moving_statistics(x.dtype)
+        inverse = 1.0 / tf.sqrt(variance + self.epsilon)
+        return (x - mean) * inverse, inverse
+
     def forward(self, x: tf.Tensor, *params: tf.Tensor) -> tf.Tensor:
         """Inference: ``y = gamma (x - m) / sqrt(v + eps) + beta``, any shape ``(batch, ..., C)``."""
-        return _MovingStep(self, x.dtype).forward(x, *params)
+        return self.affine(self.moving_normalized(x)[0], *params)
 
     def reference(self, x: tf.Tensor, *params: tf.Tensor) -> tf.Tensor:
-        return _MovingStep(self, x.dtype).reference(x, *params)
+        mean, variance = self.moving_statistics(x.dtype)
+        gamma, beta = self.split_parameters(params)
+        return tf.nn.batch_normalization(x, mean, variance, beta, gamma, self.epsilon)
 
     def backward(self, dy, x, y, *params):
-        """Inference: ``dx = gamma / sqrt(v + eps) * delta``; ``dgamma``, ``dbeta`` batch sums."""
-        return _MovingStep(self, x.dtype).backward(dy, x, y, *params)
+        """Inference: ``dx = gamma / sqrt(v + eps) * delta``; ``dgamma = sum xhat * delta``,
+        ``dbeta = sum delta`` over the batch and positions."""
+        return self._moving_gradients(dy, x, params, _channel_axes(x))
 
     def per_example_backward(self, dy, x, y, *params):
         """Inference, per sample: ``dgamma_i = sum xhat_i * delta_i``, ``dbeta_i = sum delta_i``
         over the spatial positions, shape ``(batch, C)``."""
-        return _MovingStep(self, x.dtype).per_example_backward(dy, x, y, *params)
+        return self._moving_gradients(dy, x, params, _sample_axes(x))
+
+    def _moving_gradients(self, dy, x, params, axes):
+        gamma, _ = self.split_parameters(params)
+        xhat, inverse = self.moving_normalized(x)
+        diagonal = inverse if gamma is None else gamma * inverse
+        return diagonal * dy, self.parameter_gradients(dy, xhat, axes)
+
+    # (a)-(c) of the training map, y = gamma (x - mu) / s + beta with the batch's mu and s.
+
+    def batch_statistics(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """``(mu, sigma^2)`` of each channel over the batch (and positions), ``sigma^2`` biased
+        (divided by ``N``)."""
+        axes = _channel_axes(x)
+        mean = tf.reduce_mean(x, axis=axes)
+        return mean, tf.reduce_mean(tf.square(x - mean), axis=axes)
+
+    def batch_normalized(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """``(xhat, s)``: ``xhat = (x - mu) / s``, ``s = sqrt(sigma^2 + eps)`` per channel."""
+        mean, variance = self.batch_statistics(x)
+        s = tf.sqrt(variance + self.epsilon)
+        return (x - mean) / s, s
+
+    def batch_forward(self, x: tf.Tensor, *params: tf.Tensor) -> tf.Tensor:
+        """Training: ``y = gamma (x - mu) / s + beta`` with the batch statistics of each channel."""
+        return self.affine(self.batch_normalized(x)[0], *params)
+
+    def batch_reference(self, x: tf.Tensor, *params: tf.Tensor) -> tf.Tensor:
+        """Training, in stock ops: ``tf.nn.moments``, then ``tf.nn.batch_normalization``."""
+        mean, variance = tf.nn.moments(x, axes=_channel_axes(x))
+        gamma, beta = self.split_parameters(params)
+        return tf.nn.batch_normalization(x, mean, variance, beta, gamma, self.epsilon)
+
+    def batch_backward(
+        self, dy: tf.Tensor, x: tf.Tensor, y: tf.Tensor, *params: tf.Tensor
+    ) -> tuple[tf.Tensor, list[tf.Tensor]]:
+        """Training: ``J^T delta`` of the module docstring per channel,
+        ``dx = (gamma / s) (delta - mean(delta) - xhat mean(delta * xhat))``;
+        ``dgamma = sum(delta * xhat)``, ``dbeta = sum(delta)``.
+
+        The batch statistics are computed from ``x`` again (in a compiled step TensorFlow's graph
+        optimizer merges them with the forward's). This is the backward pass ``fit`` applies to a
+        trainable layer in training mode.
+        """
+        axes = _channel_axes(x)
+        gamma, _ = self.split_parameters(params)
+        xhat, s = self.batch_normalized(x)
+        dgamma = tf.reduce_sum(dy * xhat, axis=axes)
+        n = tf.cast(tf.size(dy) // tf.shape(dy)[-1], dy.dtype)
+        projected = dy - tf.reduce_mean(dy, axis=axes) - xhat * (dgamma / n)
+        factor = 1.0 / s if gamma is None else gamma / s
+        return factor * projected, self.parameter_gradients(dy, xhat, axes)
 
     def jacobian_ops(self, training: bool = False) -> list:
         """Inference (``training=False``): the layer itself. Training: a ValueError, unless the
@@ -240,14 +305,17 @@ class BatchNormalization(JacobianLayer):
         return [(self, self.read_parameters())]
 
     def call(self, inputs: tf.Tensor, training: bool | None = None) -> tf.Tensor:
+        """Training (``training`` and ``trainable``): the training map, its backward pass
+        ``batch_backward``, then the moving statistics updated. Otherwise the inference map, its
+        backward pass ``backward``."""
         x = tf.cast(inputs, self.statistics_dtype)
         params = self.read_parameters()
         if training and self.trainable:
-            step = _BatchStep(self)
-            y = route(step, x, params)
-            self.update_moving_statistics(step.mean, step.variance)
+            training_map = Map(self.batch_forward, self.batch_reference, self.batch_backward)
+            y = route(training_map, x, params)
+            self.update_moving_statistics(*self.batch_statistics(x))
         else:
-            y = route(_MovingStep(self, x.dtype), x, params)
+            y = route(self, x, params)
         return tf.cast(y, self.compute_dtype)
 
     def update_moving_statistics(self, mean: tf.Tensor, variance: tf.Tensor) -> None:
@@ -303,12 +371,11 @@ class BatchNormalization(JacobianLayer):
         x = as_float_tensor(x, self.statistics_dtype)
         channels = int(x.shape[-1])
         params = [tf.cast(p, x.dtype) for p in self.read_parameters()]
-        step = _BatchStep(self)  # the statistics of a training call: s and xhat per channel
-        step.forward(x, *params)
-        xhat = tf.transpose(tf.reshape(step.xhat, [-1, channels]))  # (C, N): row c, channel c
+        xhat, s = self.batch_normalized(x)  # the statistics of a training call, per channel
+        xhat = tf.transpose(tf.reshape(xhat, [-1, channels]))  # (C, N): row c, channel c
         n = tf.cast(tf.shape(xhat)[1], x.dtype)
         gamma, _ = self.split_parameters(params)
-        factor = (1.0 if gamma is None else gamma) / step.s
+        factor = (1.0 if gamma is None else gamma) / s
         eye = tf.eye(tf.shape(xhat)[1], dtype=x.dtype)
         blocks = factor[:, None, None] * (eye - 1.0 / n - xhat[:, :, None] * xhat[:, None, :] / n)
         if per_channel:
@@ -341,83 +408,3 @@ class BatchNormalization(JacobianLayer):
         ):
             config[name] = _WEIGHT_OPTIONS[name.rsplit("_", 1)[1]].serialize(getattr(self, name))
         return config
-
-
-class _BatchStep:
-    """One training call of a ``BatchNormalization`` on the Jacobian route, for ``route``.
-
-    ``forward`` computes ``mu``, ``sigma^2``, ``s`` and ``xhat`` per channel and keeps them;
-    ``backward`` applies ``J^T`` with them; ``call`` reads ``mean``/``variance`` afterwards to
-    update the moving statistics. ``reference`` is ``tf.nn.moments`` and
-    ``tf.nn.batch_normalization``, differentiated by autodiff; it keeps its moments for the update.
-    """
-
-    def __init__(self, layer: BatchNormalization):
-        self.layer = layer
-        self.mean = self.variance = self.s = self.xhat = None
-
-    def forward(self, x: tf.Tensor, *params: tf.Tensor) -> tf.Tensor:
-        """``y = gamma (x - mu) / s + beta`` with the batch statistics of each channel."""
-        axes = _channel_axes(x)
-        self.mean = tf.reduce_mean(x, axis=axes)
-        centered = x - self.mean
-        self.variance = tf.reduce_mean(tf.square(centered), axis=axes)  # biased: divides by N
-        self.s = tf.sqrt(self.variance + self.layer.epsilon)
-        self.xhat = centered / self.s
-        return self.layer.affine(self.xhat, *params)
-
-    def reference(self, x: tf.Tensor, *params: tf.Tensor) -> tf.Tensor:
-        self.mean, self.variance = tf.nn.moments(x, axes=_channel_axes(x))
-        gamma, beta = self.layer.split_parameters(params)
-        return tf.nn.batch_normalization(
-            x, self.mean, self.variance, beta, gamma, self.layer.epsilon
-        )
-
-    def backward(
-        self, dy: tf.Tensor, x: tf.Tensor, y: tf.Tensor, *params: tf.Tensor
-    ) -> tuple[tf.Tensor, list[tf.Tensor]]:
-        """``dx = (gamma / s) (delta - mean(delta) - xhat mean(delta * xhat))`` per channel;
-        ``dgamma = sum(delta * xhat)``, ``dbeta = sum(delta)``."""
-        axes = _channel_axes(x)
-        gamma, _ = self.layer.split_parameters(params)
-        dgamma = tf.reduce_sum(dy * self.xhat, axis=axes)
-        n = tf.cast(tf.size(dy) // tf.shape(dy)[-1], dy.dtype)
-        projected = dy - tf.reduce_mean(dy, axis=axes) - self.xhat * (dgamma / n)
-        factor = 1.0 / self.s if gamma is None else gamma / self.s
-        return factor * projected, self.layer.parameter_gradients(dy, self.xhat, axes)
-
-
-class _MovingStep:
-    """The inference map ``y = gamma (x - m) / sqrt(v + eps) + beta`` with ``m``, ``v`` read from
-    the moving statistics when the step is made (outside the custom gradient, KERAS_NOTES.md).
-    The layer's ``forward``/``reference``/``backward``/``per_example_backward`` use one each."""
-
-    def __init__(self, layer: BatchNormalization, dtype: Any):
-        self.layer = layer
-        self.mean, self.variance = layer.moving_statistics(dtype)
-        self.inverse = 1.0 / tf.sqrt(self.variance + layer.epsilon)
-
-    def forward(self, x: tf.Tensor, *params: tf.Tensor) -> tf.Tensor:
-        """``y = gamma xhat + beta``, ``xhat = (x - m) / sqrt(v + eps)``."""
-        return self.layer.affine((x - self.mean) * self.inverse, *params)
-
-    def reference(self, x: tf.Tensor, *params: tf.Tensor) -> tf.Tensor:
-        gamma, beta = self.layer.split_parameters(params)
-        return tf.nn.batch_normalization(
-            x, self.mean, self.variance, beta, gamma, self.layer.epsilon
-        )
-
-    def _gradients(self, dy, x, params, axes):
-        gamma, _ = self.layer.split_parameters(params)
-        diagonal = self.inverse if gamma is None else gamma * self.inverse
-        xhat = (x - self.mean) * self.inverse
-        return diagonal * dy, self.layer.parameter_gradients(dy, xhat, axes)
-
-    def backward(self, dy, x, y, *params):
-        """``dx = diag(gamma / sqrt(v + eps)) delta``; ``dgamma``, ``dbeta`` summed over the batch
-        and positions."""
-        return self._gradients(dy, x, params, _channel_axes(x))
-
-    def per_example_backward(self, dy, x, y, *params):
-        """``backward`` with ``dgamma``, ``dbeta`` summed over positions only: ``(batch, C)``."""
-        return self._gradients(dy, x, params, _sample_axes(x))
