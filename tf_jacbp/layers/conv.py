@@ -188,24 +188,15 @@ class Conv2D(_KernelBiasLayer):
             if self.toeplitz_budget_bytes is None
             else self.toeplitz_budget_bytes
         )
-        self.sparse_toeplitz = self.conv_index.dense_bytes(self.compute_dtype) > budget
-        if self.sparse_toeplitz and self.conv_index.sparse_bytes(self.compute_dtype) > budget:
-            raise toeplitz.budget_error(
-                owner,
-                self.conv_index,
-                self.compute_dtype,
-                budget,
-                "Conv2D(..., toeplitz_budget_bytes=...) or tf_jacbp.toeplitz.set_budget_bytes(...)",
-            )
-        if self.sparse_toeplitz:
-            logger.info(
-                "%s: a dense T(K) would take %d bytes, over the budget of %d; using a sparse T "
-                "of %d bytes (not XLA-compatible).",
-                owner,
-                self.conv_index.dense_bytes(self.compute_dtype),
-                budget,
-                self.conv_index.sparse_bytes(self.compute_dtype),
-            )
+        self.sparse_toeplitz = toeplitz.use_sparse(
+            self.conv_index,
+            self.compute_dtype,
+            budget,
+            owner,
+            "Conv2D(..., toeplitz_budget_bytes=...) or tf_jacbp.toeplitz.set_budget_bytes(...)",
+        )
+        if self.sparse_toeplitz:  # tf.sparse.sparse_dense_matmul has no XLA kernel
+            self.supports_jit = False
         bias_shape = self.conv_index.output_shape if self.bias_mode == "untied" else (self.filters,)
         self.add_kernel_and_bias(kernel_shape, bias_shape if self.use_bias else None)
         self.input_spec = keras.layers.InputSpec(ndim=4, axes={1: height, 2: width, -1: channels})
