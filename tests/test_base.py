@@ -1,5 +1,6 @@
-"""The base class: a planted bug is caught, so the comparisons cannot pass vacuously."""
+"""The base class: a planted bug is caught, so the comparisons cannot pass vacuously; the route."""
 
+import contextlib
 import re
 from pathlib import Path
 
@@ -83,3 +84,42 @@ def test_reference_mode_is_reentrant_and_restores():
             assert tf_jacbp.in_reference_mode()
         assert tf_jacbp.in_reference_mode()
     assert not tf_jacbp.in_reference_mode()
+
+
+def test_route_is_one_function_under_its_old_import_paths():
+    from tf_jacbp import mode, route
+    from tf_jacbp.layers import base
+
+    assert layers.route is base.route is route.route
+    assert mode.reference_mode is route.reference_mode is tf_jacbp.reference_mode
+
+
+def test_route_passes_constants_without_differentiating_them():
+    """``route(op, x, params, constants)``: the constants reach all three methods after the
+    parameters, and only ``x`` and the parameters get gradients (``op.backward``'s)."""
+    seen = []
+
+    class Shift:
+        def forward(self, x, w, c):
+            seen.append(c)
+            return x * w + c
+
+        def reference(self, x, w, c):
+            return tf.add(tf.multiply(x, w), c)
+
+        def backward(self, dy, x, y, w, c):
+            return 3 * dy * w, [tf.reduce_sum(dy * x, axis=0)]  # dx deliberately 3x
+
+    x, w, c = tf.constant([[1.0, 2.0]]), tf.constant([0.5, -1.0]), tf.constant([10.0, 20.0])
+    grads = {}
+    for mode in ("jacobian", "reference"):
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch([x, w, c])
+            with tf_jacbp.reference_mode() if mode == "reference" else contextlib.nullcontext():
+                y = layers.route(Shift(), x, [w], constants=[c])
+        np.testing.assert_array_equal(y, [[10.5, 18.0]])
+        grads[mode] = tape.gradient(y, [x, w, c])
+    assert seen and seen[0] is c
+    np.testing.assert_array_equal(grads["jacobian"][0], 3 * grads["reference"][0])
+    np.testing.assert_array_equal(grads["jacobian"][1], grads["reference"][1])
+    assert grads["jacobian"][2] is None  # a constant: no gradient on the Jacobian route

@@ -64,7 +64,7 @@ def _built(input_shape, seed=0, **kwargs):
 
 
 def test_lemma_2_toeplitz_matrix_of_the_layer():
-    """The paper's 3 x 3 input and 2 x 2 kernel: ``toeplitz_matrix()`` is MATH.md's 4 x 9."""
+    """The paper's 3 x 3 input and 2 x 2 kernel: ``toeplitz_matrix()`` is docs/math.md's 4 x 9."""
     layer = Conv2D(1, 2, use_bias=False, dtype="float64")
     layer.build((None, 3, 3, 1))
     k1, k2, k3, k4 = 2.0, 3.0, 5.0, 7.0

@@ -134,8 +134,9 @@ def route(
             dx, dparams = op.backward(dz, given, z, *values, *constants)
             dxs = list(dx) if several else [dx]
             if len(dparams) != len(values) or len(dxs) != len(inputs):
+                name = getattr(op.backward, "__qualname__", f"{type(op).__name__}.backward")
                 raise ValueError(
-                    f"{type(op).__name__}.backward returned {len(dxs)} input and "
+                    f"{name} returned {len(dxs)} input and "
                     f"{len(dparams)} parameter gradients for {len(inputs)} inputs and "
                     f"{len(values)} parameters; return one per tensor, in order."
                 )

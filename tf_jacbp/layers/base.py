@@ -10,6 +10,10 @@ A tf_jacbp layer is a map ``y = F(x; p_1, ..., p_k)`` that provides
 (d) materialized Jacobians for inspection (``input_jacobian``, ``parameter_jacobian``: see each
     layer).
 
+A map that also depends on values it does not differentiate (Dropout's mask in training) takes
+them after the parameters, ``forward(x, *params, *constants)`` and so on, and ``call`` passes them
+to ``route`` as ``constants``; ``backward`` still returns one gradient per parameter.
+
 ``call`` hands (a)-(c) to ``tf_jacbp.route.route``: (c) is the backward pass training applies,
 (b) what ``tf_jacbp.reference_mode()`` runs instead. What (c) needs from the forward pass (``x``,
 ``y``, the parameters, and ``z`` when an activation is fused) reaches it through the custom

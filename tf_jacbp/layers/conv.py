@@ -1,4 +1,4 @@
-"""Conv2D as a Toeplitz matrix: ``z = T(K) vec(x) + b``, ``a = f(z)`` (MATH.md, Lemmas 2-3).
+"""Conv2D as a Toeplitz matrix: ``z = T(K) vec(x) + b``, ``a = f(z)`` (docs/math.md, Lemmas 2-3).
 
 By Lemma 3 a convolution is a dense layer whose weight ``W = T(K)^T`` is sparse and weight-shared,
 so the Dense formulas apply. For one sample, with ``x = vec(X)`` (``N = H W C``), ``z = vec(Z)``

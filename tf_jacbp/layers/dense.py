@@ -1,11 +1,11 @@
-"""Dense layer: ``z = W^T a + b``, ``a_out = f(z)`` (MATH.md, "One layer").
+"""Dense layer: ``z = W^T a + b``, ``a_out = f(z)`` (docs/math.md, "One layer").
 
 Batches are rows, so the forward pass is ``Z = A W + b`` for ``A`` of shape ``(batch, n)``.
 Jacobians for one sample ``a`` (``n``), kernel ``W`` (``n x m``), upstream ``delta`` (``m``):
 
 * ``J_a z = W^T`` (``m x n``), so ``(J_a z)^T delta = W delta``.
-* ``J_{W,b} z = [I_m (x) a^T | I_m]`` (``m x (n m + m)``, columns in ``Vec`` order, MATH.md), so
-  ``(J_{W,b} z)^T delta = [Vec(a delta^T); delta]``: the outer product ``a delta^T`` is the kernel
+* ``J_{W,b} z = [I_m (x) a^T | I_m]`` (``m x (n m + m)``, columns in ``Vec`` order, docs/math.md),
+  so ``(J_{W,b} z)^T delta = [Vec(a delta^T); delta]``: the outer product ``a delta^T`` is the kernel
   gradient. Summed over a batch: ``dW = A^T Delta``, ``db = sum_rows Delta``.
 """
 
