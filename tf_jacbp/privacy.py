@@ -168,16 +168,25 @@ def clipped_gradients(
         divisor = tf.cast(tf.shape(delta)[0], delta.dtype)
     else:
         divisor = tf.constant(_check_positive("expected_batch_size", expected_batch_size))
-    gradients = []
-    for v in trainable:
-        g = sums[id(v)]
-        if noise_multiplier > 0:
-            std = noise_multiplier * l2_norm_clip
-            if seed is None:
-                g = g + tf.random.normal(tuple(v.shape), stddev=std, dtype=g.dtype)
-            else:
-                g = g + keras.random.normal(tuple(v.shape), stddev=std, dtype=g.dtype, seed=seed)
-        gradients.append(tf.cast(g / tf.cast(divisor, g.dtype), v.dtype))
+    sums = [sums[id(v)] for v in trainable]
+    if noise_multiplier > 0:  # one draw for all entries: one state update of the generator
+        sizes = [int(np.prod(v.shape)) for v in trainable]
+        std = noise_multiplier * l2_norm_clip
+        wide = any(g.dtype == tf.float64 for g in sums)
+        dtype = tf.float64 if wide else tf.float32  # at least float32, cast to each gradient's
+        if seed is None:
+            noise = tf.random.normal([sum(sizes)], stddev=std, dtype=dtype)
+        else:
+            noise = keras.random.normal([sum(sizes)], stddev=std, dtype=dtype, seed=seed)
+        pieces = tf.split(noise, sizes)
+        sums = [
+            g + tf.cast(tf.reshape(n, v.shape), g.dtype)
+            for g, n, v in zip(sums, pieces, trainable, strict=True)
+        ]
+    gradients = [
+        tf.cast(g / tf.cast(divisor, g.dtype), v.dtype)
+        for g, v in zip(sums, trainable, strict=True)
+    ]
     info = {"loss": values, "norms": norms, "clip_factors": factors, "y_pred": out}
     return gradients, info
 
