@@ -8,6 +8,7 @@ without tf.data's autotuner, whose background work on this 2-core machine halved
 
 from __future__ import annotations
 
+import ctypes
 import statistics
 import threading
 import time
@@ -93,6 +94,16 @@ def _sampled_peak(fn: Callable[[], object], interval: float = 0.001) -> int:
     return max(peak[0], _status_bytes("VmRSS") or 0)
 
 
+def _release_free_memory() -> None:
+    """Return the memory the C allocator holds free to the system (glibc's ``malloc_trim``), so
+    that what ``fn`` allocates next shows in the resident memory instead of reusing pages that
+    already count; nothing where the C library has no ``malloc_trim``."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):
+        pass
+
+
 def peak_bytes(fn: Callable[[], object]) -> float:
     """How far the process' resident memory rose above its level before ``fn`` while ``fn``
     ran, in bytes; NaN where the resident memory cannot be read (no ``/proc``).
@@ -100,10 +111,12 @@ def peak_bytes(fn: Callable[[], object]) -> float:
     Works with any allocator (TensorFlow's CPU memory statistics exist only with its BFC
     allocator): the kernel's high-water mark ``VmHWM``, reset before ``fn``; where it cannot be
     reset, the resident memory sampled every millisecond (a peak shorter than that may be
-    missed). Memory that ``fn`` frees but the allocator keeps counts until reused, and memory
-    freed before ``fn`` and reused by it does not count; whatever other rows keep alive (data
-    sets) counts in neither reading, so it is left out.
+    missed). Memory the C allocator holds free is returned to the system first
+    (``malloc_trim``), so that what ``fn`` allocates counts even where it would have reused freed
+    pages; whatever other rows keep alive (data sets) counts in neither reading, so it is left
+    out.
     """
+    _release_free_memory()
     before = _status_bytes("VmRSS")
     if before is None:
         fn()

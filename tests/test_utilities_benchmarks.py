@@ -43,6 +43,22 @@ def test_peak_bytes_sees_memory_allocated_and_freed_inside_the_call(reset, monke
     assert timing.peak_bytes(lambda: None) < 8 * MIB  # a later call starts from its own level
 
 
+def test_peak_bytes_counts_memory_the_call_takes_from_freed_heap_pages():
+    """Freed memory the C allocator keeps (here 40 MiB of 1 MiB blocks below a live one) would
+    be reused without raising the resident memory: it is returned to the system first."""
+    big = np.ones(4 * MIB // 8)  # once freed, glibc serves blocks below 4 MiB from its heap
+    del big
+    blocks = [np.ones(MIB // 8) for _ in range(41)]
+    pinned = blocks.pop()
+    del blocks
+
+    def fn():
+        return len([np.ones(MIB // 8) for _ in range(40)])
+
+    assert timing.peak_bytes(fn) >= 36 * MIB
+    del pinned
+
+
 def test_peak_mib_of_a_tensorflow_step_without_the_bfc_allocator():
     """The test process runs TensorFlow's default CPU allocator, whose statistics cannot be
     reset: the old allocator-based measure raised here."""
