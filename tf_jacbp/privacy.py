@@ -240,6 +240,11 @@ class DPModel(keras.Model):
 
     def train_step(self, data: Any) -> dict[str, Any]:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            raise ValueError(
+                "DPModel: a LossScaleOptimizer (mixed precision) would unscale gradients that "
+                "DP-SGD never scaled. Train a DPModel with a plain optimizer."
+            )
         if sample_weight is not None:
             raise ValueError(
                 "DPModel: sample_weight is not supported: a weighted per-sample loss changes what "
@@ -256,7 +261,10 @@ class DPModel(keras.Model):
             seed=self.noise_seed,
         )
         variables = self.trainable_variables
-        loss = tf.reduce_mean(info["loss"])
+        batch = tf.shape(info["loss"])[0]  # 0 happens under Poisson sampling
+        loss = tf.math.divide_no_nan(
+            tf.reduce_sum(info["loss"]), tf.cast(batch, info["loss"].dtype)
+        )
         penalties = [(v, v.regularizer) for v in variables if v.regularizer is not None]
         if penalties:  # data-independent: added after the noise, at no privacy cost
             with tf.GradientTape() as tape:
@@ -272,7 +280,7 @@ class DPModel(keras.Model):
         self.optimizer.apply_gradients(zip(gradients, variables, strict=True))
         tracker = getattr(self, "_loss_tracker", None)
         if tracker is not None:  # what Keras' own train_step reports as "loss"
-            tracker.update_state(loss, sample_weight=tf.shape(info["loss"])[0])
+            tracker.update_state(loss, sample_weight=batch)
         return self.compute_metrics(x, y, info["y_pred"], sample_weight=None)
 
     def get_config(self) -> dict[str, Any]:
@@ -334,7 +342,9 @@ def poisson_batches(
     ``u_j < q``: batch sizes vary, ``q N`` on average (possibly 0). ``steps_per_epoch`` (default
     ``round(1 / q)``, one pass in expectation) steps make an epoch; every epoch draws anew. Train a
     ``DPModel(expected_batch_size=q * N)`` on it: that is the sampling ``compute_epsilon``
-    accounts for.
+    accounts for. An empty batch (probability ``(1 - q)^N``, about ``exp(-q N)``) is a step of
+    noise alone; tf_jacbp's losses do not accept empty batches yet, so keep ``q N`` large
+    (``exp(-50)`` at ``q N = 50``).
     """
     q = _check_positive("sampling_rate", sampling_rate)
     if q > 1:
