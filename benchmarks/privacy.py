@@ -90,7 +90,7 @@ def _compiled_step(model: keras.Model, x: tf.Tensor, y: tf.Tensor):
         loss=losses.SparseCategoricalCrossentropy(from_logits=True),
     )
     model.optimizer.build(model.trainable_variables)
-    return tf.function(lambda: model.train_step((x, y)))
+    return tf.function(lambda: model.train_step((x, y)), autograph=False)  # as fit traces it
 
 
 def train_step_rows(name: str, repetitions: int, calls: int = 5) -> list[dict]:

@@ -106,6 +106,7 @@ def _check_loss(loss: Any) -> Any:
     return loss
 
 
+@tf.autograph.experimental.do_not_convert  # traced as plain Python: loops over the layers
 def clipped_gradients(
     model: keras.Model,
     x: Any,
@@ -238,6 +239,7 @@ class DPModel(keras.Model):
         self.seed = seed
         self.noise_seed = keras.random.SeedGenerator(seed, name="dp_noise_seed")
 
+    @tf.autograph.experimental.do_not_convert  # Python loops over the layers, as Keras' own
     def train_step(self, data: Any) -> dict[str, Any]:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
