@@ -1,0 +1,126 @@
+"""What ``GradientCheck`` records and raises: one ``GradientCheckRecord`` per comparison, the
+mismatch error, the two warnings, and the names of witnesses, criteria and log keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+ON_MISMATCH = ("raise", "warn", "log")
+"""The values of ``GradientCheck(on_mismatch=...)``."""
+
+REFERENCE = "reference"
+"""``GradientCheckRecord.witness`` of a comparison with the reference route (autodiff)."""
+
+FINITE_DIFFERENCES = "finite_differences"
+"""``GradientCheckRecord.witness`` of a comparison with a directional finite difference."""
+
+ROUNDING_FLOOR = "rounding_floor"
+"""``GradientCheckRecord.criterion``: ``rel_err <= tolerances.FLOOR_RATIO * floor``."""
+
+FIXED_RTOL = "rtol"
+"""``GradientCheckRecord.criterion``: ``rel_err <= rtol``, a fixed tolerance (given, or per
+dtype when no float64 twin could be built)."""
+
+LOG_KEYS = (
+    "grad_check_max_rel_err",
+    "grad_check_mismatches",
+    "grad_check_independent_variables",
+    "grad_check_float64_max_rel_err",
+    "grad_check_fd_max_rel_err",
+)
+"""The keys ``GradientCheck`` adds to the epoch ``logs``: the second and third are ints; the
+fourth only when a float64 twin runs, the last only with finite differences."""
+
+
+class GradientMismatchError(RuntimeError):
+    """Raised by ``GradientCheck(on_mismatch="raise")``; ``records`` holds the failed comparisons."""
+
+    def __init__(self, message: str, records: Sequence[GradientCheckRecord]):
+        super().__init__(message)
+        self.records = list(records)
+
+
+class GradientMismatchWarning(UserWarning):
+    """Issued by ``GradientCheck(on_mismatch="warn")`` for each check with a failed comparison."""
+
+
+class GradientCheckCoverageWarning(UserWarning):
+    """Issued by ``GradientCheck`` at the start of ``fit`` for what it cannot check: variables
+    whose gradient the same code computes on both routes (stock Keras layers, layers with their
+    own ``tf.custom_gradient``), or a model without a float64 twin (then a fixed tolerance)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GradientCheckRecord:
+    """One comparison of one variable's gradient at one check.
+
+    Attributes:
+        step: training batches completed (counted over every ``fit`` of this callback) when the
+            check ran; 0 is before the first update.
+        epoch: the Keras epoch index (0-based) during or at the end of which the check ran.
+        witness: ``"reference"`` (autodiff through the reference route) or
+            ``"finite_differences"``.
+        variable: the variable's ``path``, e.g. ``"sequential/dense/kernel"``.
+        layer: the name of the innermost layer (searched through nested models) owning it.
+        index: its position in ``model.trainable_variables``.
+        abs_err: ``max_i |g_i - g_ref_i|`` (reference) or ``|fd - g . v|`` (finite differences);
+            NaN if a value is not finite.
+        rel_err: ``||g - g_ref|| / max(||g_ref||, tiny)`` in the training dtype (reference) or
+            ``|fd - g . v| / max(||g||, tiny)`` (finite differences); NaN if not finite.
+        cosine: ``<g, g_ref> / (||g|| ||g_ref||)`` (1 when both are zero, 0 when one is);
+            ``None`` for finite differences. Reported, not a pass criterion.
+        rtol: the bound applied to ``rel_err``: ``FLOOR_RATIO * floor`` under the
+            ``"rounding_floor"`` criterion, else the fixed tolerance.
+        atol: the absolute tolerance applied to ``abs_err``, or ``None``.
+        tolerance_dtype: the least precise dtype the gradient passed through (e.g.
+            ``"float16"`` under ``mixed_float16``): whose rounding ``floor`` measures.
+        gradient_dtype: the dtype the gradients were compared in (the variable's, e.g.
+            ``"float32"`` under ``mixed_float16``; ``"float64"`` for finite differences).
+        passed: every criterion below holds (both sides finite, ``rel_err <= rtol``,
+            ``abs_err <= atol`` if set, ``float64_rel_err <= float64_rtol`` if measured).
+        criterion: ``"rounding_floor"`` or ``"rtol"`` (fixed; finite differences too).
+        floor: the reference route's own rounding error in the training dtype,
+            ``max(||g_ref - g64|| / max(||g_ref||, tiny), FLOOR_MIN_ULPS * eps(dtype))`` with
+            ``g64`` the float64 twin's reference gradient; ``None`` without a twin.
+        ratio: ``rel_err / floor``: how many rounding floors apart the two routes are.
+        float64_rel_err: the float64 twin's Jacobian route against its reference route,
+            ``||h - h_ref|| / max(||h_ref||, tiny)`` (the formula witness); ``None`` without
+            a twin (e.g. the model trains in float64: then ``rel_err`` is that comparison).
+        float64_rtol: the bound on ``float64_rel_err`` (``tolerances.rtol("float64")``).
+        independent: the witness computes this gradient with other code than training: True
+            for variables of tf_jacbp layers (their Jacobian formulas against autodiff) and for
+            finite differences; False for stock layers (autodiff against itself).
+        cause: for a non-finite value, where it comes from: ``"probe"`` (the probe batch),
+            ``"loss"`` (the loss value on the probe), ``"reference"`` (the reference route's
+            gradient is non-finite too: data, weights or loss) or ``"backward"`` (the reference
+            route is finite, the Jacobian route is not: a layer's backward pass); else ``None``.
+        recheck_passed: ``None`` unless this comparison failed with finite values; then the
+            check was repeated on a perturbed probe: ``True`` if it passed there (a rounding
+            flip of a ReLU kink or a max-pooling argmax: the record passes, its numbers are the
+            first probe's), ``False`` if it failed again (a mismatch).
+    """
+
+    step: int
+    epoch: int
+    witness: str
+    variable: str
+    layer: str
+    index: int
+    abs_err: float
+    rel_err: float
+    cosine: float | None
+    rtol: float
+    atol: float | None
+    tolerance_dtype: str
+    gradient_dtype: str
+    passed: bool
+    criterion: str = FIXED_RTOL
+    floor: float | None = None
+    ratio: float | None = None
+    float64_rel_err: float | None = None
+    float64_rtol: float | None = None
+    independent: bool = True
+    cause: str | None = None
+    recheck_passed: bool | None = None

@@ -1,0 +1,174 @@
+"""The two routes as compiled gradient functions, and what is known about each variable.
+
+``gradient_function`` traces ``(x, y, sample_weight) -> (L, dL/dtheta)`` of the compiled
+training loss once; traced inside ``tf_jacbp.reference_mode()`` it is the reference route, else
+the Jacobian route. ``statistics`` reduces two routes' gradients to the norms the criterion needs
+(in float64, inside the same graph), ``floor_statistics`` the distances to the float64 twin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from tf_jacbp import tolerances
+from tf_jacbp._backend import keras, tf
+from tf_jacbp.layers.base import JacobianLayer
+
+
+def layers_of(layer: keras.layers.Layer) -> Iterator[keras.layers.Layer]:
+    """Every layer of a model, depth first, looking through nested models (``.layers``)."""
+    for sub in getattr(layer, "layers", []):
+        yield sub
+        yield from layers_of(sub)
+
+
+def owners(layers: Sequence[keras.layers.Layer]) -> dict[int, keras.layers.Layer]:
+    """``id(variable) -> innermost layer owning it`` (inner layers come after their model)."""
+    owners = {}
+    for layer in layers:
+        for v in layer.trainable_variables:
+            owners[id(v)] = layer
+    return owners
+
+
+def independent(owner: keras.layers.Layer | None, variable: Any) -> bool:
+    """The reference route computes ``variable``'s gradient with other code than training: its
+    owner is a tf_jacbp layer whose Jacobian formulas differentiate it."""
+    if not isinstance(owner, JacobianLayer):
+        return False
+    try:
+        params = owner.jacobian_parameters()
+    except (AttributeError, NotImplementedError):
+        return True
+    return any(p is variable for p in params) if params else True
+
+
+def loss_dtype(loss: Any) -> str:
+    """The dtype a compiled loss computes in: a Loss's own, else Keras' ``floatx()``."""
+    return getattr(loss, "dtype", None) or keras.config.floatx()
+
+
+def least_precise(dtypes: Sequence[Any]) -> str:
+    """The dtype with the largest tolerance (float64 < float32 < float16 < bfloat16)."""
+    names = [keras.backend.standardize_dtype(d) for d in dtypes]
+    return max((n for n in names if n in tolerances.RTOL), key=tolerances.rtol)
+
+
+def state_variables(model: keras.Model) -> list:
+    """Variables a forward pass may change: batch-norm statistics, seed states, loss metrics."""
+    seen, state = set(), []
+    for v in [*model.non_trainable_variables, *model.metrics_variables]:
+        if id(v) not in seen:
+            seen.add(id(v))
+            state.append(v)
+    return state
+
+
+def restoring(state: Sequence, fn: Callable) -> Callable:
+    """``fn``, with the values of ``state`` read before and assigned back after it."""
+
+    def run(*args):
+        saved = [tf.identity(v.value) for v in state]
+        out = fn(*args)
+        for v, value in zip(state, saved, strict=True):
+            v.assign(value)
+        return out
+
+    return run
+
+
+# --- the witnesses -----------------------------------------------------------------------------
+
+
+COLUMNS = {
+    name: i
+    for i, name in enumerate(
+        ("finite", "ref_finite", "max_abs", "diff_norm", "ref_norm", "norm", "dot")
+    )
+}
+
+
+def statistics(grads: Sequence[tf.Tensor], refs: Sequence[tf.Tensor]) -> tf.Tensor:
+    """Per variable, in float64: ``[finite(g), finite(g_ref), max |g - g_ref|, ||g - g_ref||,
+    ||g_ref||, ||g||, <g, g_ref>]``, a ``(num_variables, 7)`` tensor (columns ``COLUMNS``)."""
+    rows = []
+    for g, ref in zip(grads, refs, strict=True):
+        g = tf.reshape(tf.cast(g, tf.float64), [-1])
+        ref = tf.reshape(tf.cast(ref, tf.float64), [-1])
+        diff = g - ref
+        rows.append(
+            tf.stack(
+                [
+                    tf.cast(tf.reduce_all(tf.math.is_finite(g)), tf.float64),
+                    tf.cast(tf.reduce_all(tf.math.is_finite(ref)), tf.float64),
+                    tf.reduce_max(tf.abs(tf.concat([diff, tf.zeros([1], tf.float64)], 0))),
+                    tf.norm(diff),
+                    tf.norm(ref),
+                    tf.norm(g),
+                    tf.reduce_sum(g * ref),
+                ]
+            )
+        )
+    return tf.stack(rows)
+
+
+def floor_statistics(
+    grads: Sequence[tf.Tensor], refs: Sequence[tf.Tensor], refs64: Sequence[tf.Tensor]
+) -> tf.Tensor:
+    """Per variable, in float64: ``[||g_ref - h64||, ||g - h64||]``, ``(num_variables, 2)``: the
+    reference route's rounding error in the training dtype, and the Jacobian route's."""
+    rows = []
+    for g, ref, ref64 in zip(grads, refs, refs64, strict=True):
+        ref64 = tf.reshape(tf.cast(ref64, tf.float64), [-1])
+        rows.append(
+            tf.stack(
+                [
+                    tf.norm(tf.reshape(tf.cast(ref, tf.float64), [-1]) - ref64),
+                    tf.norm(tf.reshape(tf.cast(g, tf.float64), [-1]) - ref64),
+                ]
+            )
+        )
+    return tf.stack(rows)
+
+
+def largest(norms: np.ndarray, finite: np.ndarray | None = None) -> float:
+    """The largest finite norm (0 if none): the scale of the whole gradient."""
+    ok = np.isfinite(norms) if finite is None else (finite.astype(bool) & np.isfinite(norms))
+    return float(np.max(norms[ok], initial=0.0))
+
+
+def training_loss(model: keras.Model, x, y, sample_weight) -> tf.Tensor:
+    """``model.compute_loss`` on ``model(x, training=True)``: what ``train_step`` differentiates."""
+    y_pred = model(x, training=True)
+    return model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+
+
+def gradient_function(
+    model: keras.Model, variables: Sequence, state: Sequence, jit_compile: bool
+) -> tf.types.experimental.PolymorphicFunction:
+    """A ``tf.function`` ``(x, y, sample_weight) -> (L, [dL/dv for v in variables])``.
+
+    The route is fixed when it is first traced (inside ``reference_mode()`` or not).
+    """
+
+    def gradients(x, y, sample_weight):
+        with tf.GradientTape() as tape:
+            loss = training_loss(model, x, y, sample_weight)
+        grads = tape.gradient(
+            loss, list(variables), unconnected_gradients=tf.UnconnectedGradients.ZERO
+        )
+        return loss, grads
+
+    return tf.function(restoring(state, gradients), jit_compile=jit_compile)
+
+
+def loss_function(
+    model: keras.Model, state: Sequence, jit_compile: bool
+) -> tf.types.experimental.PolymorphicFunction:
+    """A ``tf.function`` ``(x, y, sample_weight) -> L(theta)`` at the current weights (compiled
+    as the gradient functions are, so that dropout draws the same masks)."""
+    fn = restoring(state, lambda x, y, sw: training_loss(model, x, y, sw))
+    return tf.function(fn, jit_compile=jit_compile)

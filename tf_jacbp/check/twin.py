@@ -1,0 +1,149 @@
+"""The float64 twin of a model: the formula witness and the rounding floor's reference.
+
+Every layer is rebuilt in float64 by ``get_config``/``from_config``; dropout layers become
+``ReplayedDropout``, which draws the model's own mask (in the model's dtype, from the same seed
+state) and applies it in float64; the compiled loss is computed in float64. ``synchronize()``
+copies the model's weights (trainable ones, batch-norm statistics, seed states) into the twin.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from tf_jacbp._backend import keras, tf
+from tf_jacbp.check.routes import gradient_function, layers_of, state_variables
+from tf_jacbp.layers.dropout import Dropout as JacobianDropout
+
+
+class _Float64Loss(keras.losses.Loss):
+    """``fn(y_true, y_pred)`` per sample, reduced as the original loss, computed in float64."""
+
+    def __init__(self, fn: Callable, reduction: str, name: str):
+        super().__init__(name=name, reduction=reduction, dtype="float64")
+        self.fn = fn
+
+    def call(self, y_true, y_pred):
+        return self.fn(y_true, y_pred)
+
+
+def _float64_loss(loss: Any) -> Any:
+    """The compiled loss ``loss`` (one leaf of ``model.loss``) computing in float64."""
+    if loss is None:
+        return None
+    if isinstance(loss, str):
+        loss = keras.losses.get(loss)
+    if isinstance(loss, keras.losses.Loss):
+        return _Float64Loss(loss.call, loss.reduction, loss.name)
+    if callable(loss):
+        return _Float64Loss(loss, "sum_over_batch_size", getattr(loss, "__name__", "loss"))
+    raise ValueError(
+        f"the loss {loss!r} cannot be computed in float64; compile with a keras.losses.Loss "
+        "(e.g. from tf_jacbp.losses), a loss name or a function"
+    )
+
+
+@contextlib.contextmanager
+def _floatx(dtype: str) -> Iterator[None]:
+    """Temporarily set Keras' ``floatx`` (read by ``compile`` for the loss's own dtype)."""
+    previous = keras.config.floatx()
+    keras.config.set_floatx(dtype)
+    try:
+        yield
+    finally:
+        keras.config.set_floatx(previous)
+
+
+_DROPOUTS = (keras.layers.Dropout, JacobianDropout)
+
+
+class _ReplayedDropout(keras.layers.Layer):
+    """A dropout layer of the float64 twin: ``y = x * k / (1 - r)`` in float64, with the keep
+    mask ``k`` that the model's own layer draws. ``source`` is a copy of that layer in the
+    model's dtype policy, whose seed state is copied from the model's at every check: it is run
+    on ones of its compute dtype, and its nonzero outputs are the kept entries."""
+
+    def __init__(self, source: keras.layers.Layer, rate: float, **kwargs: Any):
+        super().__init__(dtype="float64", **kwargs)
+        self.source = source
+        self.rate = float(rate)
+
+    def build(self, input_shape: tuple) -> None:
+        if not self.source.built:
+            self.source.build(input_shape)
+
+    def call(self, inputs: tf.Tensor, training: bool | None = None) -> tf.Tensor:
+        if not training or self.rate == 0:
+            return inputs
+        if self.rate >= 1:
+            return inputs * tf.zeros([], inputs.dtype)
+        ones = tf.ones(tf.shape(inputs), self.source.compute_dtype)
+        kept = tf.cast(tf.not_equal(self.source(ones, training=True), 0), inputs.dtype)
+        return inputs * kept * tf.constant(1 / (1 - self.rate), inputs.dtype)
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        return tuple(input_shape)
+
+
+class Float64Twin:
+    """The float64 twin of a model: every layer rebuilt in float64 (dropout replayed, see
+    ``_ReplayedDropout``), the compiled loss in float64, and its two gradient routes.
+
+    ``synchronize()`` copies every weight of the model (trainable ones, batch-norm statistics,
+    seed states) into the twin; call it inside the compiled check, before the twin's routes.
+    ``unreplayed_noise`` lists layers with random state other than dropout (their noise differs
+    in the twin, so only the twin's own two routes are comparable).
+    """
+
+    def __init__(self, model: keras.Model, variables: Sequence, jit_compile: bool):
+        layers = list(layers_of(model))
+        self.unreplayed_noise = [
+            layer.name
+            for layer in layers
+            if getattr(layer, "seed_generator", None) is not None
+            and not isinstance(layer, _DROPOUTS)
+        ]
+
+        def clone_layer(layer):
+            config = layer.get_config()
+            if isinstance(layer, _DROPOUTS) and layer.rate > 0:
+                source = type(layer).from_config(config)
+                return _ReplayedDropout(source, layer.rate, name=layer.name)
+            return type(layer).from_config({**config, "dtype": "float64"})
+
+        try:
+            clone = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
+        except Exception as err:
+            raise ValueError(
+                f"could not clone model '{model.name}' in float64 ({type(err).__name__}: "
+                f"{err}); the float64 twin needs a Sequential or Functional model whose layers "
+                "round-trip through get_config/from_config"
+            ) from err
+        ours = [*model.trainable_variables, *model.non_trainable_variables]
+        theirs = [*clone.trainable_variables, *clone.non_trainable_variables]
+        if [(tuple(v.shape), v.path.rsplit("/", 1)[-1]) for v in ours] != [
+            (tuple(v.shape), v.path.rsplit("/", 1)[-1]) for v in theirs
+        ]:
+            raise ValueError(
+                f"the float64 clone of model '{model.name}' has other variables than the model; "
+                "its layers must round-trip through get_config/from_config"
+            )
+        loss_weights = model.get_compile_config().get("loss_weights")
+        with _floatx("float64"):
+            clone.compile(
+                loss=keras.tree.map_structure(_float64_loss, model.loss),
+                loss_weights=loss_weights,
+            )
+        by_id = {id(v): i for i, v in enumerate(ours)}
+        self.model = clone
+        self.pairs = list(zip(ours, theirs, strict=True))
+        self.variables = [theirs[by_id[id(v)]] for v in variables]
+        self.state = state_variables(clone)
+        self.jacobian_fn = gradient_function(clone, self.variables, self.state, jit_compile)
+        self.reference_fn = gradient_function(clone, self.variables, self.state, jit_compile)
+
+    def synchronize(self) -> None:
+        """Copy the model's weights into the twin (cast to the twin's dtypes)."""
+        for source, target in self.pairs:
+            target.assign(tf.cast(source.value, target.dtype))

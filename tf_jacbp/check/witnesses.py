@@ -1,0 +1,322 @@
+"""The witnesses of one model, built once and reused by every check.
+
+``Witnesses(model, ...)`` traces the Jacobian and reference routes of the model and, unless the
+model trains in float64 throughout, of its float64 twin; ``run(probe)`` (one ``tf.function``)
+returns their statistics, and ``records`` turns them into one ``GradientCheckRecord`` per
+variable by the criterion of ``tf_jacbp.tolerances`` (float64 formulas at ``rtol("float64")``,
+the training dtype within ``FLOOR_RATIO`` rounding floors). ``finite_difference_records`` adds
+the directional finite differences on the twin.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+
+from tf_jacbp import tolerances
+from tf_jacbp._backend import keras, tf
+from tf_jacbp.check.probe import is_finite
+from tf_jacbp.check.records import (
+    FINITE_DIFFERENCES,
+    FIXED_RTOL,
+    REFERENCE,
+    ROUNDING_FLOOR,
+    GradientCheckRecord,
+)
+from tf_jacbp.check.routes import (
+    COLUMNS,
+    floor_statistics,
+    gradient_function,
+    independent,
+    largest,
+    layers_of,
+    least_precise,
+    loss_dtype,
+    loss_function,
+    owners,
+    state_variables,
+    statistics,
+)
+from tf_jacbp.check.twin import Float64Twin
+from tf_jacbp.mode import reference_mode
+
+FD_SEED = 0
+"""Seed of the finite differences' random directions (drawn once per model)."""
+
+
+class Witnesses:
+    """The compiled routes of ``model`` (and of its float64 twin) and the criterion on them.
+
+    Attributes: ``variables``, and per variable ``layer_names``, ``independent`` (a tf_jacbp
+    layer's formula differentiates it) and ``tolerance_dtypes``; ``twin`` (``None`` when the
+    model trains in float64 throughout, or could not be cloned: ``no_twin`` says why);
+    ``replays_noise`` (False if a random layer other than dropout makes the twin's noise differ).
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        variables: list,
+        finite_differences: bool,
+        rtol: float | None,
+        atol: float | None,
+    ):
+        """Map variables to layers and tolerances; trace nothing yet (``run`` traces once)."""
+        layers = list(layers_of(model))
+        owner = owners(layers)
+        loss_dtypes = [loss_dtype(loss) for loss in keras.tree.flatten(model.loss)]
+        self.variables = variables
+        self.finite_differences = finite_differences
+        self.rtol, self.atol = rtol, atol
+        self.layer_names = [owner[id(v)].name if id(v) in owner else model.name for v in variables]
+        self.independent = [independent(owner.get(id(v)), v) for v in variables]
+        self.tolerance_dtypes = [
+            least_precise([owner[id(v)].compute_dtype if id(v) in owner else v.dtype, *loss_dtypes])
+            for v in variables
+        ]
+        state = state_variables(model)
+        jit = model.jit_compile is True
+        self.jacobian_fn = gradient_function(model, variables, state, jit)
+        self.reference_fn = gradient_function(model, variables, state, jit)
+        dtypes = {keras.backend.standardize_dtype(v.dtype) for v in variables}
+        dtypes |= {keras.backend.standardize_dtype(layer.compute_dtype) for layer in layers}
+        self.all_float64 = dtypes | set(loss_dtypes) == {"float64"}
+        self.twin, self.no_twin, self.replays_noise = None, None, True
+        if not self.all_float64 or self.finite_differences:
+            try:
+                self.twin = Float64Twin(model, variables, jit)
+            except ValueError as err:
+                if self.finite_differences:
+                    raise ValueError(
+                        f"GradientCheck(finite_differences=True) needs a float64 twin: {err}. "
+                        "Use finite_differences=False otherwise."
+                    ) from err
+                self.no_twin = str(err)
+        if self.twin is not None:
+            self.replays_noise = not self.twin.unreplayed_noise
+        if self.finite_differences:
+            self.fd_loss_fn = loss_function(self.twin.model, self.twin.state, jit)
+            rng = np.random.default_rng(FD_SEED)
+            self.fd_directions = []
+            for v in variables:
+                d = rng.normal(size=tuple(v.shape))
+                self.fd_directions.append(d / np.linalg.norm(d))
+        self.run = tf.function(self._comparison)
+
+    def _comparison(self, x, y, sample_weight) -> dict[str, Any]:
+        """All routes' gradients reduced to statistics (traced once, as one graph).
+
+        Each route function is traced on its first call here: the Jacobian ones outside
+        ``reference_mode()``, the reference ones inside it.
+        """
+        loss, grads = self.jacobian_fn(x, y, sample_weight)
+        with reference_mode():
+            loss_ref, refs = self.reference_fn(x, y, sample_weight)
+        out = {"losses": [loss, loss_ref], "train": statistics(grads, refs)}
+        twin = self.twin
+        if twin is not None:
+            twin.synchronize()
+            loss64, h = twin.jacobian_fn(x, y, sample_weight)
+            with reference_mode():
+                loss64_ref, h_ref = twin.reference_fn(x, y, sample_weight)
+            out["losses"] += [loss64, loss64_ref]
+            out["float64"] = statistics(h, h_ref)
+            out["floor"] = floor_statistics(grads, refs, h_ref)
+            if self.finite_differences:
+                out["h"] = h
+        return out
+
+    def records(self, out: dict[str, Any], probe: tuple) -> list[GradientCheckRecord]:
+        """One record per variable from ``_comparison``'s statistics."""
+        train = out["train"].numpy()
+        float64 = out["float64"].numpy() if "float64" in out else None
+        floor = out["floor"].numpy() if "floor" in out else None
+        losses = [float(v) for v in out["losses"]]
+        col = COLUMNS
+        scale = largest(train[:, col["ref_norm"]], train[:, col["ref_finite"]])
+        scale64 = None if float64 is None else largest(float64[:, col["ref_norm"]])
+        probe_finite = is_finite(probe)
+        losses_finite = all(math.isfinite(v) for v in losses)
+        records = []
+        for i, row in enumerate(train):
+            dtype = self.tolerance_dtypes[i]
+            finite = bool(row[col["finite"]] and row[col["ref_finite"]])
+            abs_err, rel_err, cosine = float("nan"), float("nan"), float("nan")
+            if finite:
+                abs_err = float(row[col["max_abs"]])
+                rel_err = tolerances.relative_error_from_norms(
+                    row[col["diff_norm"]], row[col["ref_norm"]], dtype, scale
+                )
+                norm, ref_norm = float(row[col["norm"]]), float(row[col["ref_norm"]])
+                if norm * ref_norm == 0:
+                    cosine = 1.0 if norm == ref_norm else 0.0
+                else:
+                    cosine = float(row[col["dot"]]) / (norm * ref_norm)
+            fields: dict[str, Any] = {"criterion": FIXED_RTOL, "rtol": self.fixed_rtol(dtype)}
+            ok = finite
+            if float64 is not None and not self.all_float64:
+                f64 = float64[i]
+                finite64 = bool(f64[col["finite"]] and f64[col["ref_finite"]])
+                fields["float64_rtol"] = tolerances.rtol("float64")
+                fields["float64_rel_err"] = float("nan")
+                if finite64:
+                    fields["float64_rel_err"] = tolerances.relative_error_from_norms(
+                        f64[col["diff_norm"]], f64[col["ref_norm"]], "float64", scale64
+                    )
+                ok = ok and finite64 and fields["float64_rel_err"] <= fields["float64_rtol"]
+                if finite and finite64:
+                    denominator = tolerances.relative_error_from_norms(
+                        1.0, row[col["ref_norm"]], dtype, scale
+                    )
+                    fields["floor"] = max(
+                        float(floor[i, 0]) * denominator,
+                        tolerances.FLOOR_MIN_ULPS * tolerances.EPS[dtype],
+                    )
+                    fields["ratio"] = rel_err / fields["floor"]
+                    if self.rtol is None and self.replays_noise:
+                        fields["criterion"] = ROUNDING_FLOOR
+                        fields["rtol"] = tolerances.FLOOR_RATIO * fields["floor"]
+                if not finite64 and finite:
+                    finite = False  # reported through ``cause``
+            ok = ok and rel_err <= fields["rtol"] and (self.atol is None or abs_err <= self.atol)
+            cause = None
+            if not finite:
+                row64 = None if float64 is None else float64[i]
+                cause = cause_of(probe_finite, losses_finite, row, row64)
+            records.append(
+                self._record(
+                    i,
+                    REFERENCE,
+                    abs_err,
+                    rel_err,
+                    cosine,
+                    dtype,
+                    keras.backend.standardize_dtype(self.variables[i].dtype),
+                    bool(ok),
+                    cause=cause,
+                    **fields,
+                )
+            )
+        return records
+
+    def fixed_rtol(self, dtype: str) -> float:
+        """The given ``rtol``, else the per-dtype one (``tolerances.rtol``)."""
+        return self.rtol if self.rtol is not None else tolerances.rtol(dtype)
+
+    def finite_difference_records(
+        self, grads: list[np.ndarray], probe: tuple
+    ) -> list[GradientCheckRecord]:
+        """``fd = (L(theta + eps v) - L(theta - eps v)) / 2 eps`` per variable, vs ``h . v``."""
+        x, y, sample_weight = probe
+        eps = tolerances.FINITE_DIFFERENCE_DELTA
+        norms = [float(np.linalg.norm(g)) for g in grads]
+        floor = tolerances.FINITE_DIFFERENCE_FLOOR * max(
+            [n for n in norms if math.isfinite(n)] or [0]
+        )
+        records = []
+        for i, (variable, g, v) in enumerate(
+            zip(self.twin.variables, grads, self.fd_directions, strict=True)
+        ):
+            theta = variable.numpy()
+            variable.assign(theta + eps * v)
+            plus = float(self.fd_loss_fn(x, y, sample_weight))
+            variable.assign(theta - eps * v)
+            minus = float(self.fd_loss_fn(x, y, sample_weight))
+            variable.assign(theta)
+            g = np.asarray(g, dtype=np.float64)
+            fd = (plus - minus) / (2 * eps)
+            directional = float(np.vdot(g, v))
+            finite = bool(np.all(np.isfinite(g)) and math.isfinite(fd))
+            abs_err = abs(fd - directional) if finite else float("nan")
+            scale = max(float(np.linalg.norm(g)), tolerances.TINY["float64"], floor)
+            rel_err = abs_err / scale
+            rtol = tolerances.FINITE_DIFFERENCE_RTOL
+            passed = finite and rel_err <= rtol
+            cause = None
+            if not finite:
+                cause = "loss" if not math.isfinite(fd) else "backward"
+            records.append(
+                self._record(
+                    i,
+                    FINITE_DIFFERENCES,
+                    abs_err,
+                    rel_err,
+                    None,
+                    "float64",
+                    "float64",
+                    passed,
+                    rtol=rtol,
+                    atol=None,
+                    independent=True,
+                    cause=cause,
+                )
+            )
+        return records
+
+    def _record(
+        self,
+        i: int,
+        witness: str,
+        abs_err: float,
+        rel_err: float,
+        cosine: float | None,
+        tolerance_dtype: str,
+        gradient_dtype: str,
+        passed: bool,
+        **fields: Any,
+    ) -> GradientCheckRecord:
+        fields.setdefault("atol", self.atol)
+        fields.setdefault("independent", self.independent[i])
+        return GradientCheckRecord(
+            step=0,
+            epoch=0,
+            witness=witness,
+            variable=self.variables[i].path,
+            layer=self.layer_names[i],
+            index=i,
+            abs_err=abs_err,
+            rel_err=rel_err,
+            cosine=cosine,
+            tolerance_dtype=tolerance_dtype,
+            gradient_dtype=gradient_dtype,
+            passed=bool(passed),
+            **fields,
+        )
+
+    def tracing_counts(self) -> dict[str, int]:
+        """How often each compiled function was traced."""
+        counts = {
+            "jacobian": self.jacobian_fn.experimental_get_tracing_count(),
+            "reference": self.reference_fn.experimental_get_tracing_count(),
+            "comparison": self.run.experimental_get_tracing_count(),
+        }
+        if self.twin is not None:
+            counts["float64_jacobian"] = self.twin.jacobian_fn.experimental_get_tracing_count()
+            counts["float64_reference"] = self.twin.reference_fn.experimental_get_tracing_count()
+        if self.finite_differences:
+            counts["finite_differences_loss"] = self.fd_loss_fn.experimental_get_tracing_count()
+        return counts
+
+
+def rechecked(first: GradientCheckRecord, again: GradientCheckRecord) -> GradientCheckRecord:
+    """``first`` with the verdict of the re-check on the perturbed probe, if it needed one."""
+    if first.passed or first.cause is not None:
+        return first
+    return dataclasses.replace(first, passed=again.passed, recheck_passed=again.passed)
+
+
+def cause_of(
+    probe_finite: bool, losses_finite: bool, row: np.ndarray, row64: np.ndarray | None
+) -> str:
+    """Where a non-finite gradient comes from (``GradientCheckRecord.cause``)."""
+    col = COLUMNS
+    if not probe_finite:
+        return "probe"
+    if not losses_finite:
+        return "loss"
+    if not row[col["ref_finite"]] or (row64 is not None and not row64[col["ref_finite"]]):
+        return "reference"
+    return "backward"
