@@ -460,8 +460,8 @@ class EpsilonLogger(keras.callbacks.Callback):
         noise_multiplier: default the ``DPModel``'s.
         accountant, rdp_conversion: as for ``compute_epsilon``.
 
-    Steps are the training batches run so far (counted across ``fit`` calls). ``epsilon`` reaches
-    ``History`` and the progress bar; list this callback before a TensorBoard callback for it to
+    Steps are the updates the optimizer applied while this callback was attached (counted across
+    ``fit`` calls). ``epsilon`` reaches ``History`` and the progress bar; list this callback before a TensorBoard callback for it to
     log the value too. ``history`` keeps ``(epoch, steps, epsilon)``.
     """
 
@@ -487,10 +487,14 @@ class EpsilonLogger(keras.callbacks.Callback):
                 f"of {RDP_CONVERSIONS}, got {accountant!r} and {rdp_conversion!r}."
             )
 
-    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        self.steps += 1
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self._fit_start = int(self.model.optimizer.iterations)
+        self._steps_before = self.steps
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        # The optimizer's own count of updates: batch callbacks come once per several steps
+        # under steps_per_execution, and their indices may run past the last step.
+        self.steps = self._steps_before + int(self.model.optimizer.iterations) - self._fit_start
         sigma = self.noise_multiplier
         if sigma is None:
             sigma = getattr(self.model, "noise_multiplier", None)
