@@ -461,8 +461,9 @@ class EpsilonLogger(keras.callbacks.Callback):
         accountant, rdp_conversion: as for ``compute_epsilon``.
 
     Steps are the updates the optimizer applied while this callback was attached (counted across
-    ``fit`` calls). ``epsilon`` reaches ``History`` and the progress bar; list this callback before a TensorBoard callback for it to
-    log the value too. ``history`` keeps ``(epoch, steps, epsilon)``.
+    ``fit`` calls). ``epsilon`` reaches ``History`` and the progress bar; list this callback
+    before a TensorBoard callback for it to log the value too. ``history`` keeps ``(epoch,
+    steps, epsilon)``.
     """
 
     def __init__(
