@@ -1,7 +1,6 @@
 """Conv2D: every mode of the harness, Lemmas 2-3, the Jacobian accessors, the memory guard, bad
 input, and LeNet-5 on the offline MNIST digits."""
 
-import logging
 import warnings
 
 import keras
@@ -265,20 +264,20 @@ def _outputs_and_gradients(layer, x, delta, compiled):
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_memory_guard_sparse_path_gives_the_same_outputs_and_gradients(compiled, caplog):
-    """A budget below the dense ``T`` switches to a ``tf.SparseTensor``; nothing else changes."""
+def test_memory_guard_sparse_path_gives_the_same_outputs_and_gradients(compiled):
+    """A budget below a dense training step switches to a ``tf.SparseTensor``, with a warning;
+    nothing else changes."""
     input_shape, kwargs = (
-        (7, 6, 2),
+        (32, 32, 2),
         {"filters": 3, "kernel_size": 3, "padding": "same", "activation": "relu", "bias": "untied"},
     )
     dense = _built(input_shape, **kwargs)
     index = dense.conv_index
-    budget = index.dense_bytes("float64") - 1
-    assert index.sparse_bytes("float64") <= budget
-    with caplog.at_level(logging.INFO, logger="tf_jacbp.layers.conv"):
+    budget = index.step_bytes("float64", sparse=True)
+    assert index.step_bytes("float64", sparse=False) > budget
+    with pytest.warns(UserWarning, match="sparse T"):
         sparse = _built(input_shape, toeplitz_budget_bytes=budget, **kwargs)
     assert not dense.sparse_toeplitz and sparse.sparse_toeplitz
-    assert "sparse" in caplog.text
     rng = np.random.default_rng(4)
     x = tf.constant(rng.normal(size=(3, *input_shape)))
     delta = tf.constant(rng.normal(size=(3, *index.output_shape)))
@@ -304,11 +303,12 @@ def test_memory_guard_error_states_the_size_and_the_setting():
 
 
 def test_memory_guard_reads_the_process_wide_budget_at_build():
-    index = toeplitz.conv_index((3, 3, 2, 3), (7, 6, 2), padding="same")
+    index = toeplitz.conv_index((3, 3, 2, 3), (32, 32, 2), padding="same")
     try:
-        toeplitz.set_budget_bytes(index.dense_bytes("float32") - 1)
+        toeplitz.set_budget_bytes(index.step_bytes("float32", sparse=True))
         layer = Conv2D(3, 3, padding="same")
-        layer.build((None, 7, 6, 2))
+        with pytest.warns(UserWarning, match="sparse T"):
+            layer.build((None, 32, 32, 2))
         assert layer.sparse_toeplitz
     finally:
         toeplitz.set_budget_bytes(None)

@@ -41,6 +41,22 @@ def as_float_tensor(x: object, default_dtype: str) -> tf.Tensor:
     return x if x.dtype.is_floating else tf.cast(x, default_dtype)
 
 
+def standardize_input(x: object, dtype: str, name: str) -> object:
+    """One input of a tf_jacbp layer: integer and bool tensors or arrays cast to ``dtype`` (stock
+    Keras layers compute with them the same way); a ``SparseTensor`` or ``RaggedTensor`` is an
+    error that names the conversion (the Jacobian formulas are dense)."""
+    if isinstance(x, tf.SparseTensor | tf.RaggedTensor):
+        raise TypeError(
+            f"Layer '{name}' got a {type(x).__name__} input; tf_jacbp layers take dense tensors "
+            "(their Jacobians are dense formulas). Convert it first: tf.sparse.to_dense(x) for "
+            "a SparseTensor, x.to_tensor() for a RaggedTensor (in the model or the input pipeline)."
+        )
+    if isinstance(x, keras.KerasTensor) or x is None:
+        return x
+    x = tf.convert_to_tensor(x)
+    return tf.cast(x, dtype) if x.dtype.is_integer or x.dtype.is_bool else x
+
+
 class JacobianLayer(keras.layers.Layer):
     """Base class of tf_jacbp layers: (a) forward, (b) reference, (c) backward, (d) Jacobians.
 
@@ -165,6 +181,13 @@ class JacobianLayer(keras.layers.Layer):
         return [
             tf.cast(tf.convert_to_tensor(v), self.compute_dtype) for v in self.jacobian_parameters()
         ]
+
+    def __call__(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        """Keras' ``__call__`` after ``standardize_input`` on every input tensor."""
+        inputs = keras.tree.map_structure(
+            lambda x: standardize_input(x, self.compute_dtype, self.name), inputs
+        )
+        return super().__call__(inputs, *args, **kwargs)
 
     def call(self, inputs: tf.Tensor) -> tf.Tensor:
         """``y = F(inputs; params)`` by ``route``: its backward pass is ``backward``."""

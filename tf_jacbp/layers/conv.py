@@ -21,7 +21,6 @@ Batches are rows: ``Z = X T(K)^T + b`` for ``X`` of shape ``(batch, N)``; ``dX =
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from tf_jacbp import activations, toeplitz
@@ -30,8 +29,6 @@ from tf_jacbp.layers.base import _KernelBiasLayer, as_float_tensor
 from tf_jacbp.layout import unvec_parameter_batch, vec_index
 
 BIAS_MODES = ("tied", "untied")
-
-logger = logging.getLogger(__name__)
 
 
 def check_channels_last(data_format: Any, owner: str) -> str:
