@@ -69,7 +69,7 @@ from tensorflow.python.framework.func_graph import FuncGraph
 from tensorflow.python.ops.control_flow_util import GraphOrParentsInXlaContext
 
 from tf_jacbp._backend import keras, tf
-from tf_jacbp.mode import in_reference_mode
+from tf_jacbp.route import Map, in_reference_mode, route
 
 
 def _fused(
@@ -83,21 +83,15 @@ def _fused(
     ``gradient(y, z)``, shape ``z.shape``: ``grad_z L = u[..., None] * gradient(y, z)`` for the
     upstream ``u`` (shape ``z.shape[:-1]``, one scalar per position, from the reduction).
 
-    No gradient flows to ``y``. In ``reference_mode()``: ``reference(y, z)``, differentiated by
-    autodiff.
+    One ``route`` like every layer's: ``y`` is a constant (no gradient flows to it), and in
+    ``reference_mode()`` ``reference(y, z)`` is differentiated by autodiff.
     """
-    if in_reference_mode():
-        return reference(y, z)
 
-    @tf.custom_gradient
-    def loss(z):
-        def grad(upstream):
-            u = tf.cast(upstream, z.dtype)[..., None]
-            return tf.cast(u * gradient(y, z), z.dtype)
+    def backward(u: tf.Tensor, z: tf.Tensor, loss: tf.Tensor, y: tf.Tensor) -> tuple:
+        return tf.cast(u, z.dtype)[..., None] * gradient(y, z), []
 
-        return value(y, z), grad
-
-    return loss(z)
+    table1 = Map(lambda z, y: value(y, z), lambda z, y: reference(y, z), backward)
+    return route(table1, z, constants=[y])
 
 
 def _match_ranks(y_true: tf.Tensor, y_pred: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -338,7 +332,9 @@ def _one_hot_softmax_cross_entropy(y: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
     The sparse loss' Jacobian route, in fewer ops than ``_softmax_cross_entropy``: the forward
     keeps ``e = exp(z - max z)`` and ``s = sum(e)``, so that the backward's ``softmax(z) = e / s``
     (times the upstream ``u``, one scalar per position) is ``e (u / s)``: one division per
-    position. ``y``, ``z``: ``(..., C)``; value ``(...)``.
+    position. ``y``, ``z``: ``(..., C)``; value ``(...)``. It is the one custom gradient not made
+    by ``route``, whose backward receives only the inputs and the output: sharing ``e`` and ``s``
+    between forward and backward is what saves the ops (the MLP step's parity with stock Keras).
     """
 
     @tf.custom_gradient
