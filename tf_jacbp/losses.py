@@ -227,11 +227,7 @@ def _report_after_xla_step(
         or tf.distribute.has_strategy()
     ):
         return
-    record = getattr(loss, "_bad_label_record", None)
-    if record is None:
-        with tf.init_scope():
-            record = tf.Variable(tf.zeros([3], tf.float64), trainable=False, name="bad_label")
-        loss._bad_label_record = record
+    record = loss._bad_label_record
     seen = tf.stack([1.0, tf.cast(first_bad, tf.float64), tf.cast(count, tf.float64)])
     record.assign(tf.where(all_ok, record, seen))
     with outer.as_default():
@@ -278,6 +274,12 @@ class _Table1Loss(keras.losses.Loss):
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.from_logits = bool(from_logits)
+        # A bad label seen under XLA (``_report_after_xla_step``). Made here, not when first
+        # needed: a variable created while a tf.function traces makes it trace twice.
+        with tf.init_scope():
+            self._bad_label_record = tf.Variable(
+                tf.zeros([3], tf.float64), trainable=False, name="bad_label"
+            )
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "from_logits": self.from_logits}
