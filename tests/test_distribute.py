@@ -15,7 +15,7 @@ reducing the whole batch at once: the same sums in another order, which is the d
 near 1e-6 (measured), far below the tolerance; a wrong global batch (the controls below) gives a
 relative error of order one.
 
-XLA is not combined with distribution (KERAS_NOTES.md): ``jit_compile`` stays at Keras' default,
+XLA is not combined with distribution (docs/scale.md): ``jit_compile`` stays at Keras' default,
 which is off on CPU and under a strategy.
 """
 

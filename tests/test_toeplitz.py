@@ -118,7 +118,7 @@ def test_tied_bias_gradient_is_the_ones_row_of_the_same_patch_product(config):
 
 
 def test_lemma_2_the_papers_4_by_9_matrix():
-    """MATH.md, Lemma 2: a 3 x 3 input, ``K = [[k1, k2], [k3, k4]]``, valid, stride 1."""
+    """docs/math.md, Lemma 2: a 3 x 3 input, ``K = [[k1, k2], [k3, k4]]``, valid, stride 1."""
     k1, k2, k3, k4 = 2.0, 3.0, 5.0, 7.0
     kernel = np.array([[k1, k2], [k3, k4]]).reshape(2, 2, 1, 1)
     expected = np.array(

@@ -1,6 +1,6 @@
 """Algorithm 1 in full: theta, ``J_theta z[L]``, per-example gradients, the factors of step 2.
 
-For a network of tf_jacbp layers (MATH.md, "Algorithm 1, restated"):
+For a network of tf_jacbp layers (docs/math.md, "Algorithm 1, restated"):
 
 * ``theta = [Vec(W[1]); b[1]; ...; Vec(W[L]); b[L]]`` (``flatten_parameters``; the layout is
   ``tf_jacbp.layout``'s).

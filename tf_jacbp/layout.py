@@ -1,4 +1,4 @@
-"""Orderings and layouts, defined once (MATH.md, "Notation") and imported everywhere.
+"""Orderings and layouts, defined once (docs/math.md, "Layouts chosen by the code") and imported everywhere.
 
 * ``Vec(W)`` stacks the columns of a matrix, first column on top: column-major (Fortran) order.
   For a Dense kernel ``W`` of shape ``(n, m)``, entry ``W[i, j]`` sits at ``j * n + i``.

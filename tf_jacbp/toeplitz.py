@@ -1,4 +1,4 @@
-"""The Toeplitz matrix of a 2-D convolution (MATH.md, Lemmas 2 and 3), and its index maps.
+"""The Toeplitz matrix of a 2-D convolution (docs/math.md, Lemmas 2 and 3), and its index maps.
 
 A convolution (the cross-correlation deep-learning frameworks compute: the kernel is not flipped)
 is linear in its input. For a channels_last input ``x`` of shape ``(H, W, C)`` and a kernel ``K`` of
@@ -14,7 +14,7 @@ dilation ``d`` and the padding ``pad_top``, ``pad_left`` of ``same_padding`` (ze
                                                 and j' = j s_w - pad_left + q d_w (0 <= q < kw),
                               = 0               otherwise.
 
-Lemma 2's ``3 x 3`` input and ``2 x 2`` kernel give the ``4 x 9`` matrix of MATH.md.
+Lemma 2's ``3 x 3`` input and ``2 x 2`` kernel give the ``4 x 9`` matrix of docs/math.md.
 
 The map from entries of ``T`` to entries of ``Vec(K)`` (``tf_jacbp.layout``: column-major over
 the kernel as stored) depends only on the shapes, so ``ConvIndex`` computes it once in NumPy
