@@ -17,8 +17,9 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from tf_jacbp import callbacks, datasets, jacobian, layers, losses, toeplitz
+from tf_jacbp import callbacks, datasets, jacobian, layers, losses, privacy, toeplitz
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "errors.md"
@@ -207,6 +208,55 @@ def _idx_counts(tmp: Path):
     datasets.load_idx(tmp)
 
 
+def _sparse_input():
+    layer = layers.Dense(2, name="dense")
+    layer(tf.sparse.from_dense(np.eye(3, dtype="float32")))
+
+
+def _relu_threshold():
+    layers.ReLU(threshold=None)
+
+
+def _unwritable_log_dir(tmp: Path):
+    (tmp / "a_file").write_text("not a directory")
+    callbacks.GradientCheck((np.zeros((2, 4)), np.zeros((2, 3))), log_dir=tmp / "a_file" / "logs")
+
+
+def _unbatched_probe():
+    probe = tf.data.Dataset.from_tensor_slices((np.zeros((4, 3)), np.zeros((4,))))
+    callbacks.GradientCheck(probe)
+
+
+def _empty_model():
+    jacobian.parameter_jacobian(keras.Sequential(name="empty"), np.zeros((1, 3)))
+
+
+def _max_bytes_not_a_number():
+    model = keras.Sequential([keras.Input((4,)), layers.Dense(3)])
+    jacobian.parameter_jacobian(model, np.zeros((2, 4), "float32"), max_bytes="1GB")
+
+
+def _transposed_image():
+    model = keras.Sequential([keras.Input((28, 14, 1)), layers.Flatten(), layers.Dense(2)])
+    jacobian.parameter_jacobian(model, np.zeros((1, 14, 28, 1), "float32"))
+
+
+def _y_wrong_length():
+    model = keras.Sequential([keras.Input((4,)), layers.Dense(3)])
+    loss = losses.SparseCategoricalCrossentropy(from_logits=True)
+    jacobian.per_example_gradients(model, np.zeros((3, 4), "float32"), np.zeros(2, "int32"), loss)
+
+
+def _idx_overflow(tmp: Path):
+    _write_idx(tmp / "huge", 0x803, (2**21, 2**21, 2**22), b"")
+    datasets.read_idx(tmp / "huge")
+
+
+def _private_stock_model():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="dense")])
+    privacy.make_private(model, l2_norm_clip=1.0, noise_multiplier=1.1)
+
+
 # (input, the callable, the error type). Callables taking one argument get a temporary directory.
 CASES: list[tuple[str, Callable, type[Exception]]] = [
     ("units <= 0", _dense_units, ValueError),
@@ -245,6 +295,16 @@ CASES: list[tuple[str, Callable, type[Exception]]] = [
     ("IDX file with a bad magic number", _idx_magic, ValueError),
     ("IDX file with truncated data", _idx_truncated, ValueError),
     ("IDX images and labels of different counts", _idx_counts, ValueError),
+    ("IDX header whose sizes overflow", _idx_overflow, ValueError),
+    ("SparseTensor input to a layer", _sparse_input, TypeError),
+    ("ReLU threshold=None", _relu_threshold, ValueError),
+    ("GradientCheck log_dir that cannot be written", _unwritable_log_dir, ValueError),
+    ("GradientCheck probe: an unbatched tf.data.Dataset", _unbatched_probe, ValueError),
+    ("parameter_jacobian of an empty model", _empty_model, ValueError),
+    ("parameter_jacobian max_bytes not a number", _max_bytes_not_a_number, TypeError),
+    ("parameter_jacobian on a transposed image", _transposed_image, ValueError),
+    ("per_example_gradients with y of the wrong length", _y_wrong_length, ValueError),
+    ("make_private on a model with stock Keras layers", _private_stock_model, TypeError),
 ]
 
 

@@ -49,7 +49,9 @@ def test_signed_values_use_a_diverging_map_symmetric_about_zero():
 
 def test_band_labels_do_not_overlap():
     """LeNet-100-300-10's bias bands are a few columns of 111,810; their labels still part."""
-    fig = plot.plot_parameter_jacobian(models.lenet_100_300_10(), np.ones((1, 784)), signed=False)
+    fig = plot.plot_parameter_jacobian(
+        models.lenet_100_300_10(), np.ones((1, 28, 28)), signed=False
+    )
     renderer = FigureCanvasAgg(fig).get_renderer()
     FigureCanvasAgg(fig).draw()
     # The text's own box (an Annotation's extent also covers its leader line).
