@@ -42,7 +42,8 @@ def machine() -> str:
     return (
         f"{platform.machine()}, {os.cpu_count()} cores, "
         f"{'GPU: ' + ', '.join(g.name for g in gpus) if gpus else 'no GPU'}, "
-        f"TensorFlow {tf.__version__}, Keras {keras.__version__}, Python {platform.python_version()}"
+        f"TensorFlow {tf.__version__}, Keras {keras.__version__}, "
+        f"Python {platform.python_version()}"
     )
 
 

@@ -2,6 +2,11 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -81,7 +86,9 @@ out: dict = {"pictures": []}
 # %% [markdown]
 # ## 3.1 One layer
 #
-# For `z = W^T x + b` with 4 features and 3 classes, `J_theta z = [I_3 (x) x^T | I_3]`, a `3 x 15` matrix, and `grad_theta l = (J_theta z)^T delta` with Table 1's `delta = -(y - yhat)`.
+# For `z = W^T x + b` with 4 features and 3 classes, `J_theta z = [I_3 (x) x^T | I_3]`, a
+# `3 x 15` matrix, and `grad_theta l = (J_theta z)^T delta` with Table 1's
+# `delta = -(y - yhat)`.
 
 
 # %%
@@ -110,7 +117,8 @@ section_3_1(out)
 # %% [markdown]
 # ## 3.2 Two layers
 #
-# Algorithm 1's block for the first layer is the chain `W2^T D1 [I (x) x^T | I]`; the factors come from `layer_jacobians`.
+# Algorithm 1's block for the first layer is the chain `W2^T D1 [I (x) x^T | I]`; the factors
+# come from `layer_jacobians`.
 
 
 # %%
@@ -140,7 +148,8 @@ section_3_2(out)
 # %% [markdown]
 # ## 3.3 LeNet-100-300-10
 #
-# The three blocks of `J_theta z[3]`, and the picture of `J_theta z[L]` for a small network: one band of columns per `[Vec(W); b]`.
+# The three blocks of `J_theta z[3]`, and the picture of `J_theta z[L]` for a small network:
+# one band of columns per `[Vec(W); b]`.
 
 
 # %%

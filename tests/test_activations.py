@@ -60,7 +60,8 @@ def test_softmax_jacobian_is_diag_minus_outer_product():
 
 
 def test_reference_mode_switches_route():
-    """Inside ``reference_mode`` the custom gradient is not used: a planted bug shows only outside."""
+    """Inside ``reference_mode`` the custom gradient is not used: a planted bug shows only
+    outside."""
 
     class Doubled(activations.Tanh):
         def backward(self, dy, z, a):

@@ -48,7 +48,8 @@ class Elementwise:
         return self.derivative(z, a) * dy, []
 
     def jacobian(self, z: tf.Tensor) -> tf.Tensor:
-        """``J_z f(z) = diag(f'(z))``: ``(d,)`` -> ``(d, d)``, or ``(batch, d)`` -> ``(batch, d, d)``."""
+        """``J_z f(z) = diag(f'(z))``: ``(d,)`` -> ``(d, d)``, or ``(batch, d)`` ->
+        ``(batch, d, d)``."""
         z = tf.convert_to_tensor(z)
         return tf.linalg.diag(self.derivative(z, self.forward(z)))
 
@@ -88,7 +89,8 @@ class ReLU(Elementwise):
         f(z) = 0              if z == t
         f(z) = s (z - t)      if z < t
 
-    (``z == t`` gives 0, as ``keras.activations.relu``: its ``z > t``.) ``f'(z)`` is ``[t < z <= M]``
+    (``z == t`` gives 0, as ``keras.activations.relu``: its ``z > t``.)
+    ``f'(z)`` is ``[t < z <= M]``
     above, ``s`` below the threshold: a 0/1 diagonal for the plain ReLU (paper, Section 3.4). At
     the kinks ``f'`` is what autodiff gives for Keras' own ops: ``f'(t) = 0`` (but ``s`` for the
     leaky case ``t = 0``, no ``M``, ``tf.nn.leaky_relu``), ``f'(M) = 1`` (but ``0`` for ``M = 6,

@@ -1,4 +1,5 @@
-"""Orderings and layouts, defined once (docs/math.md, "Layouts chosen by the code") and imported everywhere.
+"""Orderings and layouts, defined once (docs/math.md, "Layouts chosen by the code") and
+imported everywhere.
 
 * ``Vec(W)`` stacks the columns of a matrix, first column on top: column-major (Fortran) order.
   For a Dense kernel ``W`` of shape ``(n, m)``, entry ``W[i, j]`` sits at ``j * n + i``.
@@ -22,7 +23,8 @@ from tf_jacbp._backend import tf
 
 
 def vec_parameter(p: tf.Tensor) -> tf.Tensor:
-    """``Vec(p)``: column-major flattening of a parameter of any rank (shape ``p.shape`` -> ``(size,)``).
+    """``Vec(p)``: column-major flattening of a parameter of any rank (``p.shape`` ->
+    ``(size,)``).
 
     A rank-1 parameter (a bias) is returned as it is.
     """

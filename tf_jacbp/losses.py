@@ -10,12 +10,12 @@ after Keras' own rank matching (``_match_ranks``).
 
 With ``from_logits=True`` the backward pass is Table 1's ``grad_{z[L]} l`` at every position:
 
-| loss                            | ``l(y, z)`` per position                | ``grad_z l``          |
-|---------------------------------|-----------------------------------------|-----------------------|
-| (Sparse)CategoricalCrossentropy | ``-sum_i y_i log softmax(z)_i``          | ``-(y - softmax(z))`` |
-| BinaryCrossentropy              | ``mean_i [-y log s - (1-y) log(1-s)]``  | ``-(y - s) / d``      |
-| SquaredError (``||y - yhat||^2``) | ``sum_i (y_i - yhat_i)^2``             | ``-2 (y - yhat)``     |
-| MeanSquaredError                | ``mean_i (y_i - yhat_i)^2``             | ``-2 (y - yhat) / d`` |
+| loss                            | ``l(y, z)`` per position              | ``grad_z l``          |
+|---------------------------------|---------------------------------------|-----------------------|
+| (Sparse)CategoricalCrossentropy | ``-sum_i y_i log softmax(z)_i``       | ``-(y - softmax(z))`` |
+| BinaryCrossentropy              | ``mean_i [-y log s - (1-y) log(1-s)]`` | ``-(y - s) / d``     |
+| SquaredError (paper's sum)      | ``sum_i (y_i - yhat_i)^2``            | ``-2 (y - yhat)``     |
+| MeanSquaredError                | ``mean_i (y_i - yhat_i)^2``           | ``-2 (y - yhat) / d`` |
 
 (``s = sigmoid(z)``, ``d`` the size of the last axis, ``i`` runs over it; the cross-entropy row
 is exact for labels that sum to one, and ``-(y - sum(y) softmax(z))`` in general.) The upstream
@@ -243,7 +243,8 @@ def _report_after_xla_step(
                     "(offending values:",
                     previous[2],
                     "). The batch came in a step compiled with XLA, which cannot stop itself: that "
-                    "step applied a zero gradient, and this, the next step, stopped before running.",
+                    "step applied a zero gradient, and this, the next step, stopped before "
+                    "running.",
                 ],
             )
         with tf.control_dependencies([check]):
@@ -302,7 +303,8 @@ class _SmoothedLoss(_Table1Loss):
         _check_axis(axis, owner)
         if not 0 <= label_smoothing <= 1:
             raise ValueError(
-                f"{owner}: label_smoothing must be in [0, 1], got label_smoothing={label_smoothing}."
+                f"{owner}: label_smoothing must be in [0, 1], "
+                f"got label_smoothing={label_smoothing}."
             )
         self.label_smoothing = float(label_smoothing)
 

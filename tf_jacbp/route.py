@@ -26,7 +26,8 @@ float16 while a float32 weight needs a float32 gradient).
 When the switch is read: ``route`` reads it when it runs, that is when a ``tf.function`` is traced.
 A function traced inside ``reference_mode()`` keeps the reference route when called outside it,
 and the other way round; trace one function per route (``GradientCheck`` does). Keras' own compiled
-functions are the exception made for users: ``fit``, ``evaluate``, ``predict`` and the ``*_on_batch``
+functions are the exception made for users: ``fit``, ``evaluate``, ``predict`` and the
+``*_on_batch``
 methods cache ``model.train_function`` (``test_function``, ``predict_function``), and tf_jacbp
 wraps ``keras.Model.make_train_function`` (and the test and predict ones) so that a function made
 in the other mode is made again. ``with reference_mode(): model.fit(...)`` after a normal ``fit``
@@ -103,7 +104,8 @@ def route(
     constants: Sequence[Any] = (),
     activation: JacobianOp | None = None,
 ) -> tf.Tensor:
-    """``a = f(F(x; params))`` by the Jacobian route, or the reference route in ``reference_mode()``.
+    """``a = f(F(x; params))`` by the Jacobian route, or the reference route in
+    ``reference_mode()``.
 
     Args:
         op: the map ``F`` (module docstring): ``forward``, ``reference``, ``backward``.

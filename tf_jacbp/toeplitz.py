@@ -57,7 +57,8 @@ from tf_jacbp.layout import vec_index, vec_parameter
 
 DEFAULT_BUDGET_BYTES = 256 * 2**20
 """The default budget, 256 MiB: a larger dense ``T(K)`` is kept sparse instead, and one whose
-sparse form is larger still is an error (``set_budget_bytes``, ``Conv2D(toeplitz_budget_bytes)``)."""
+sparse form is larger still is an error (``set_budget_bytes``,
+``Conv2D(toeplitz_budget_bytes)``)."""
 
 # Bytes per structural nonzero of the sparse representation beyond its value: the (row, column)
 # pair of int64 indices a tf.SparseTensor stores.

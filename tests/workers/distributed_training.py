@@ -13,7 +13,8 @@ order, so a single-device run of ``train`` (the test runs it in its own process)
 global batches and must end with the same weights, up to rounding.
 
 ``--runs`` lists ``LOOP:PIPELINE`` pairs, each trained from the same initial weights. ``LOOP`` is
-``fit`` (``model.fit``, with ``GradientCheck`` when ``--gradient-check`` is given) or ``custom`` (``train_custom_loop``). The result ``--out`` holds, per run, the
+``fit`` (``model.fit``, with ``GradientCheck`` when ``--gradient-check`` is given) or
+``custom`` (``train_custom_loop``). The result ``--out`` holds, per run, the
 final weights (``<run>/w0``, ...), the devices holding the replicas of the first kernel
 (``<run>/devices``), for custom loops the loss of every step (``<run>/losses``), the replica
 count, and the GradientCheck records as JSON.

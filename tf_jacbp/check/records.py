@@ -35,7 +35,8 @@ fourth only when a float64 twin runs, the last only with finite differences."""
 
 
 class GradientMismatchError(RuntimeError):
-    """Raised by ``GradientCheck(on_mismatch="raise")``; ``records`` holds the failed comparisons."""
+    """Raised by ``GradientCheck(on_mismatch="raise")``; ``records`` holds the failed
+    comparisons."""
 
     def __init__(self, message: str, records: Sequence[GradientCheckRecord]):
         super().__init__(message)

@@ -146,8 +146,9 @@ def mismatch_message(failed: Sequence[GradientCheckRecord], total: int) -> str:
 
 
 def summary(records: Sequence[GradientCheckRecord]) -> str:
-    """``GradientCheck.summary()``: a plain-text report of ``records``: coverage, the worst variable by name, then per variable and
-    witness the checks, failures, worst ``rel_err``, its bound and the float64 comparison."""
+    """``GradientCheck.summary()``: a plain-text report of ``records``: coverage, the worst
+    variable by name, then per variable and witness the checks, failures, worst ``rel_err``, its
+    bound and the float64 comparison."""
     if not records:
         return "GradientCheck: no check has run yet."
     steps = sorted({r.step for r in records})
@@ -204,7 +205,8 @@ def summary(records: Sequence[GradientCheckRecord]) -> str:
 
 
 def plot(records: Sequence[GradientCheckRecord], path: str | os.PathLike[str]) -> None:
-    """``GradientCheck.plot(path)``: save a PNG of ``rel_err`` per layer (worst of its variables) against the step.
+    """``GradientCheck.plot(path)``: save a PNG of ``rel_err`` per layer (worst of its variables)
+    against the step.
 
     Log scale; dashed lines are the fixed tolerances, dotted grey the derived bounds
     (``FLOOR_RATIO * floor``, worst over the layer's variables per check); non-finite errors

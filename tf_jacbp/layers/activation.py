@@ -103,7 +103,8 @@ class Tanh(_FixedActivation):
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
 class LeakyReLU(_FixedActivation):
-    """``z`` or ``negative_slope * z`` (Keras' layer default slope 0.3); ``J = diag(1 or slope)``."""
+    """``z`` or ``negative_slope * z`` (Keras' layer default slope 0.3);
+    ``J = diag(1 or slope)``."""
 
     def __init__(self, negative_slope: float = 0.3, **kwargs: Any):
         super().__init__(activations.LeakyReLU(negative_slope), **kwargs)

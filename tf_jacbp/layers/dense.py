@@ -5,7 +5,8 @@ Jacobians for one sample ``a`` (``n``), kernel ``W`` (``n x m``), upstream ``del
 
 * ``J_a z = W^T`` (``m x n``), so ``(J_a z)^T delta = W delta``.
 * ``J_{W,b} z = [I_m (x) a^T | I_m]`` (``m x (n m + m)``, columns in ``Vec`` order, docs/math.md),
-  so ``(J_{W,b} z)^T delta = [Vec(a delta^T); delta]``: the outer product ``a delta^T`` is the kernel
+  so ``(J_{W,b} z)^T delta = [Vec(a delta^T); delta]``: the outer product ``a delta^T`` is the
+  kernel
   gradient. Summed over a batch: ``dW = A^T Delta``, ``db = sum_rows Delta``.
 """
 
@@ -105,7 +106,8 @@ class Dense(_KernelBiasLayer):
         return tf.matmul(dz, kernel, transpose_b=True), grads
 
     def per_example_backward(self, dz, a, z, kernel, bias=None):
-        """``backward`` per sample: ``dW_i = a_i delta_i^T`` ``(batch, n, m)``, ``db_i = delta_i``."""
+        """``backward`` per sample: ``dW_i = a_i delta_i^T`` ``(batch, n, m)``,
+        ``db_i = delta_i``."""
         grads = [tf.einsum("bi,bj->bij", a, dz)]  # measured faster than a broadcast product
         if bias is not None:
             grads.append(dz)
@@ -167,7 +169,8 @@ class Dense(_KernelBiasLayer):
         return tf.concat([kron, eye], axis=-1)
 
     def input_jacobian(self, a: Any) -> tf.Tensor:
-        """``J_a f(W^T a + b) = D W^T`` with ``D = J_z f(z)``: ``(batch, n)`` -> ``(batch, m, n)``."""
+        """``J_a f(W^T a + b) = D W^T`` with ``D = J_z f(z)``: ``(batch, n)`` ->
+        ``(batch, m, n)``."""
         a = as_float_tensor(a, self.compute_dtype)
         params = [tf.cast(p, a.dtype) for p in self.read_parameters()]
         d = self.activation.jacobian(self.forward(a, *params))

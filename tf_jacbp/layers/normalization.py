@@ -176,7 +176,8 @@ class BatchNormalization(JacobianLayer):
         return [v for v in (self.gamma, self.beta) if v is not None]
 
     def read_parameters(self) -> list[tf.Tensor]:
-        """``gamma``, ``beta`` as tensors of ``statistics_dtype`` (float32 under mixed precision)."""
+        """``gamma``, ``beta`` as tensors of ``statistics_dtype`` (float32 under mixed
+        precision)."""
         return [
             tf.cast(tf.convert_to_tensor(v), self.statistics_dtype)
             for v in self.jacobian_parameters()
@@ -221,7 +222,8 @@ class BatchNormalization(JacobianLayer):
         return (x - mean) * inverse, inverse
 
     def forward(self, x: tf.Tensor, *params: tf.Tensor) -> tf.Tensor:
-        """Inference: ``y = gamma (x - m) / sqrt(v + eps) + beta``, any shape ``(batch, ..., C)``."""
+        """Inference: ``y = gamma (x - m) / sqrt(v + eps) + beta``, any shape
+        ``(batch, ..., C)``."""
         return self.affine(self.moving_normalized(x)[0], *params)
 
     def reference(self, x: tf.Tensor, *params: tf.Tensor) -> tf.Tensor:
