@@ -308,8 +308,8 @@ class ConvIndex:
           (``(2 (N + R) + (M + 1) P) s``), and ``STEP_OVERHEAD_BYTES``.
 
         Each further sample of a batch adds about its share of the last item, as for any layer.
-        Measured with ``Model.train_on_batch`` (``tests/test_memory_guard.py``), the peak growth of
-        the process stays below this.
+        Measured with ``Model.train_on_batch`` (``tests/system/test_memory_guard.py``), the peak
+        growth of the process stays below this.
         """
         size = tf.as_dtype(dtype).size
         _, width, channels = self.input_shape

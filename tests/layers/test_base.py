@@ -8,12 +8,12 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from harness import run_layer_test
 
 import tf_jacbp
 from tf_jacbp import layers
+from tf_jacbp.testing import check_layer as run_layer_test
 
-README = Path(__file__).resolve().parents[1] / "docs" / "custom_layers.md"
+README = Path(__file__).resolve().parents[2] / "docs" / "custom_layers.md"
 
 
 class WrongKernelGradient(layers.Dense):

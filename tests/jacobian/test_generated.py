@@ -3,7 +3,7 @@ normalization and dropout in training or inference mode) with a random Table 1 l
 against the reference route with tf.GradientTape in float64 (<= 1e-12 relative).
 
 The "ci" hypothesis profile (tests/conftest.py) draws MODELS_PER_RUN models with a fixed seed;
-``pytest --hypothesis-profile=long tests/test_generated.py`` draws many more.
+``pytest --hypothesis-profile=long tests/jacobian/test_generated.py`` draws many more.
 """
 
 import keras

@@ -24,13 +24,13 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from harness import model_gradients
 
 import tf_jacbp
 from tf_jacbp import layers, losses, tolerances
 from tf_jacbp.layers.base import JacobianLayer
+from tf_jacbp.testing import model_gradients
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GRADIENT_WORKER = Path(__file__).parent / "workers" / "saved_model_gradients.py"
 WORKER_TIMEOUT_S = 180
 BACKWARD_SCALE = 3.0

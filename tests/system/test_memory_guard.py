@@ -2,7 +2,7 @@
 
 ``Conv2D`` compares ``ConvIndex.step_bytes`` (``T(K)``, its index maps as graph constants, one
 sample) with its budget. These tests build a layer whose estimate sits just under the budget and
-measure, in a fresh process (``tests/workers/memory_guard_step.py``), how far its first two
+measure, in a fresh process (``tests/system/workers/memory_guard_step.py``), how far its first two
 training steps raise the resident memory: the guard must bound it on both routes. The sparse
 fallback warns, and tells Keras the layer cannot be compiled with XLA.
 """

@@ -1,6 +1,7 @@
 """Measure how far one Conv2D's compiled training step raises the process' resident memory.
 
-Run by ``tests/test_memory_guard.py`` in a fresh process (``python memory_guard_step.py CONFIG``,
+Run by ``tests/system/test_memory_guard.py`` in a fresh process
+(``python memory_guard_step.py CONFIG``,
 ``CONFIG`` a JSON object: ``input_shape``, ``filters``, ``kernel_size``, ``padding``, ``budget``,
 ``sparse``: the route expected).
 It first runs the same route (dense or sparse ``T``) on a tiny input, so that TensorFlow's kernels
@@ -17,7 +18,7 @@ import sys
 import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

@@ -12,7 +12,7 @@ from nbclient import NotebookClient
 
 from tf_jacbp import plot, tolerances
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "paper_walkthrough.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "paper_walkthrough.py"
 NOTEBOOK = EXAMPLE.with_suffix(".ipynb")
 
 

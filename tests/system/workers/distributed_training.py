@@ -1,6 +1,6 @@
 """Train LeNet-100-300-10 (tf_jacbp layers) under a tf.distribute strategy; save the final weights.
 
-Run by ``tests/test_distribute.py`` in a fresh process, because the strategy has to be set up
+Run by ``tests/system/test_distribute.py`` in a fresh process, because the strategy has to be set up
 before TensorFlow initializes its devices:
 
 * ``--strategy mirrored``: ``MirroredStrategy`` over two logical CPU devices of this process;

@@ -2,7 +2,7 @@
 
 Every case builds the bad input, and the test asserts the error's type and the first line of its
 message exactly as the table shows it (messages are cut at ``WIDTH`` characters there). To
-regenerate the table after changing a message: ``python tests/test_errors_doc.py``.
+regenerate the table after changing a message: ``python tests/system/test_errors_doc.py``.
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ import tensorflow as tf
 
 from tf_jacbp import callbacks, datasets, jacobian, layers, losses, privacy, toeplitz
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "errors.md"
 WIDTH = 170
 HEADER = """# Bad input
 
 Each row raises an error that names the argument, the value and the fix. The table is generated
-by `python tests/test_errors_doc.py` from the cases in that file, and the test suite checks every
-row: the input raises exactly this error with exactly this first line (cut at {width}
+by `python tests/system/test_errors_doc.py` from the cases in that file, and the test suite
+checks every row: the input raises exactly this error with exactly this first line (cut at {width}
 characters here). `<dir>` stands for a temporary directory.
 
 | input | error (first line) |

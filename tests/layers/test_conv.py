@@ -7,13 +7,13 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from harness import run_layer_test
 
 import tf_jacbp
 from tf_jacbp import toeplitz, tolerances
 from tf_jacbp.layers.conv import Conv2D
 from tf_jacbp.layers.dense import Dense
 from tf_jacbp.layout import vec_parameter, vec_parameter_batch
+from tf_jacbp.testing import check_layer as run_layer_test
 
 
 @pytest.mark.parametrize(

@@ -192,7 +192,7 @@ def update(build, cls, variable):
     """One SGD step (rate 1) of ``fit`` from seed 0: the update of ``variable``.
 
     Eagerly, to save the tracing: ``fit`` calls the layers' ``call`` in every mode, and
-    ``tests/test_modes.py`` and the harness check compiled ``fit`` steps."""
+    ``tests/test_route.py`` and the harness check compiled ``fit`` steps."""
     keras.utils.set_random_seed(0)
     model = build(cls)
     model.compile(keras.optimizers.SGD(1.0), "mse", run_eagerly=True)

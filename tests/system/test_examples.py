@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_mnist.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "train_mnist.py"
 
 
 @pytest.mark.parametrize(

@@ -4,12 +4,12 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from harness import run_layer_test
 from hypothesis import given
 from hypothesis import strategies as st
 
 import tf_jacbp
 from tf_jacbp import activations, layers, tolerances
+from tf_jacbp.testing import check_layer as run_layer_test
 
 LAYERS = {
     "ReLU": layers.ReLU,

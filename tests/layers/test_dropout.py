@@ -6,10 +6,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from harness import model_state, run_layer_test, set_model_state
 
 import tf_jacbp
 from tf_jacbp import jacobian, layers, tolerances
+from tf_jacbp.testing import check_layer as run_layer_test
+from tf_jacbp.testing import model_state, set_model_state
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """Data-parallel training: LeNet-100-300-10 ends where a single-device run on the same batches does.
 
-The distributed runs happen in fresh processes (``tests/workers/distributed_training.py``): a
+The distributed runs happen in fresh processes (``tests/system/workers/distributed_training.py``): a
 ``MirroredStrategy`` over two logical CPU devices must be configured before TensorFlow initializes
 its devices, and ``MultiWorkerMirroredStrategy`` needs one process per worker. The single-device
 reference runs here, with the same initial weights, data order, global batch and SGD steps.
@@ -39,7 +39,7 @@ import tf_jacbp
 from tf_jacbp import tolerances
 
 WORKER = Path(__file__).parent / "workers" / "distributed_training.py"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 N_SAMPLES = 256
 BATCH_SIZE = 64  # the global batch: 32 per replica with two replicas

@@ -5,11 +5,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from harness import run_layer_test
 
 from tf_jacbp import tolerances
 from tf_jacbp.layers.flatten import Flatten
 from tf_jacbp.layers.pooling import AveragePooling2D, MaxPooling2D, transpose_index
+from tf_jacbp.testing import check_layer as run_layer_test
 
 POOLS = [
     (MaxPooling2D, (6, 4, 2), {}),

@@ -4,10 +4,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from harness import run_layer_test
 
 import tf_jacbp
 from tf_jacbp import layers
+from tf_jacbp.testing import check_layer as run_layer_test
 
 
 def residual_block(dtype: str, n: int = 4) -> keras.Model:

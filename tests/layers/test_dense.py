@@ -4,9 +4,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from harness import run_layer_test
 
 from tf_jacbp import layers, tolerances
+from tf_jacbp.testing import check_layer as run_layer_test
 
 
 @pytest.mark.parametrize(

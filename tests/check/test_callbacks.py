@@ -789,7 +789,7 @@ MIRRORED_SCRIPT = textwrap.dedent(
 
 
 def test_mirrored_strategy_over_two_logical_cpus():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
         [sys.executable, "-c", MIRRORED_SCRIPT],

@@ -6,18 +6,18 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from harness import (
-    InputScale,
-    assert_gradients_close,
-    model_gradients,
-    model_state,
-    run_layer_test,
-    set_model_state,
-)
 
 import tf_jacbp
 from tf_jacbp import jacobian, layers, tolerances
 from tf_jacbp.callbacks import GradientCheck
+from tf_jacbp.testing import (
+    InputScale,
+    assert_gradients_close,
+    model_gradients,
+    model_state,
+    set_model_state,
+)
+from tf_jacbp.testing import check_layer as run_layer_test
 
 RTOL64 = tolerances.rtol("float64")
 

@@ -40,7 +40,7 @@ def test_the_version_is_defined_once():
 
     import tf_jacbp
 
-    setup = (Path(__file__).resolve().parents[1] / "setup.cfg").read_text()
+    setup = (Path(__file__).resolve().parents[2] / "setup.cfg").read_text()
     assert "version = attr: tf_jacbp.__version__" in setup
     assert importlib.metadata.version("tf_jacbp") == tf_jacbp.__version__
 
@@ -52,5 +52,5 @@ def test_the_package_is_typed_and_licensed():
     import tf_jacbp
 
     assert (Path(tf_jacbp.__file__).parent / "py.typed").exists()
-    license_text = (Path(__file__).resolve().parents[1] / "LICENSE").read_text()
+    license_text = (Path(__file__).resolve().parents[2] / "LICENSE").read_text()
     assert "Apache License" in license_text and "Version 2.0" in license_text

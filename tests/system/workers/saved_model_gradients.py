@@ -1,6 +1,6 @@
 """Reload exported SavedModels in a fresh process and differentiate their ``serve`` function.
 
-Run by ``tests/test_saving.py``. A fresh process matters: in the process that traced a
+Run by ``tests/system/test_saving.py``. A fresh process matters: in the process that traced a
 ``tf.custom_gradient``, TensorFlow's gradient registry still holds the Python backward function,
 and a reloaded graph would find it there even if the SavedModel had not stored it. Here the only
 source of a gradient is the SavedModel itself (without stored custom gradients, asking for one is a
