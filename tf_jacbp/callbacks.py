@@ -5,32 +5,6 @@ route) with autodiff's (the reference route), in float64 on a float64 twin of th
 the training dtype against the reference route's own rounding floor; see its docstring.
 """
 
-from tf_jacbp.check import (
-    DEFAULT_EVERY_N_BATCHES,
-    FINITE_DIFFERENCES,
-    FIXED_RTOL,
-    LOG_KEYS,
-    ON_MISMATCH,
-    REFERENCE,
-    ROUNDING_FLOOR,
-    GradientCheck,
-    GradientCheckCoverageWarning,
-    GradientCheckRecord,
-    GradientMismatchError,
-    GradientMismatchWarning,
-)
-
-__all__ = [
-    "DEFAULT_EVERY_N_BATCHES",
-    "FINITE_DIFFERENCES",
-    "FIXED_RTOL",
-    "LOG_KEYS",
-    "ON_MISMATCH",
-    "REFERENCE",
-    "ROUNDING_FLOOR",
-    "GradientCheck",
-    "GradientCheckCoverageWarning",
-    "GradientCheckRecord",
-    "GradientMismatchError",
-    "GradientMismatchWarning",
-]
+# Every public name of tf_jacbp.check, listed once there.
+from tf_jacbp.check import *  # noqa: F403
+from tf_jacbp.check import __all__  # noqa: F401
