@@ -1,0 +1,474 @@
+"""Conv2DTranspose as a Toeplitz matrix read the other way: ``y = T(K)^T vec(x) + b``, ``a = f(y)``.
+
+A transposed convolution is the map a convolution's input gradient applies, so it multiplies by
+the transpose of that convolution's Toeplitz matrix (docs/math.md, Lemmas 2-3; the derivation is
+docs/conv_transpose.md). For an input ``x`` of shape ``(H, W, C)`` and a kernel ``K`` of Keras'
+shape ``(kh, kw, F, C)``, let ``T(K)`` be the Toeplitz matrix (``tf_jacbp.toeplitz``) of the
+convolution with the same kernel, strides, padding and dilation that maps an image of the
+OUTPUT's shape ``(H_out, W_out, F)`` to one of the INPUT's shape ``(H, W, C)``: ``K`` read as a
+convolution kernel ``(kh, kw, C_in = F, C_out = C)``, exactly as it is stored. Then, with
+``N = H W C`` (input entries), ``R = H_out W_out F`` (output entries), ``T(K)`` is ``N x R`` and,
+for one sample:
+
+* forward: ``y = T(K)^T x + b`` (``b``: one bias per filter, repeated at every position);
+* ``J_x y = T(K)^T``, so ``(J_x y)^T delta = T(K) delta``: the same matrix, read the other way;
+* ``y_k = x^T T(K) e_k`` is the convolution of ``e_k`` (an image of the output's shape) paired
+  with ``x``, so ``(J_{Vec(K)} y)^T delta`` is the convolution's kernel gradient with the roles of
+  input and upstream gradient swapped: ``ConvIndex.kernel_gradient(delta, x)``;
+* ``(J_b y)^T delta`` is ``delta`` summed over the output positions.
+
+Batches are rows: ``Y = X T(K) + b``, ``dX = Delta T(K)^T``, ``dK`` summed over the batch in the
+convolution's one patch-matrix product. The output size along each axis is Keras' (its
+``compute_conv_transpose_output_shape``, ``transpose_output_size`` here), and the convolution from
+that size back to the input's size must exist (``output_padding`` checked at build).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tf_jacbp import activations, toeplitz
+from tf_jacbp._backend import keras, tf
+from tf_jacbp.geometry import as_pair, check_channels_last, check_padding, image_shape
+from tf_jacbp.layers.base import (
+    _KernelBiasLayer,
+    as_float_tensor,
+    patch_product_squared_norms,
+    squared_norms,
+)
+from tf_jacbp.layout import unvec_parameter_batch
+
+_OWNER = "Conv2DTranspose"
+
+
+def transpose_output_size(
+    size: int,
+    kernel_size: int,
+    stride: int,
+    padding: str,
+    output_padding: int | None = None,
+    dilation: int = 1,
+) -> int:
+    """Keras' output size of a transposed convolution along one axis.
+
+    With the dilated kernel ``k' = (k - 1) d + 1`` and input size ``n``:
+
+    * ``"valid"``: ``(n - 1) s + k' + p``, ``p = output_padding`` or, if None,
+      ``max(k', s) - k'`` (then ``n s + max(k' - s, 0)``);
+    * ``"same"``: ``n s`` if ``output_padding`` is None, else ``(n - 1) s + (k' mod 2) + p``.
+    """
+    extent = (kernel_size - 1) * dilation + 1
+    if padding == "valid":
+        extra = max(extent, stride) - extent if output_padding is None else output_padding
+        return (size - 1) * stride + extent + extra
+    if output_padding is None:
+        return size * stride
+    return (size - 1) * stride + extent % 2 + output_padding
+
+
+def check_output_padding(
+    output_padding: Any, strides: tuple[int, int], owner: str
+) -> tuple[int, int] | None:
+    """``None`` or ``(p_h, p_w)``, each an integer with ``0 <= p < stride`` (Keras' rule); else a
+    ValueError naming ``output_padding``."""
+    if output_padding is None:
+        return None
+    pair = (output_padding,) * 2 if isinstance(output_padding, int) else output_padding
+    try:
+        pair = tuple(pair)
+    except TypeError:
+        pair = ()
+    if len(pair) != 2 or any(isinstance(p, bool) or not isinstance(p, int) for p in pair):
+        raise ValueError(
+            f"{owner}: output_padding must be None, a non-negative integer or a pair of them "
+            f"(height, width), got output_padding={output_padding!r}."
+        )
+    if any(p < 0 or p >= s for p, s in zip(pair, strides, strict=True)):
+        raise ValueError(
+            f"{owner}: each output_padding must satisfy 0 <= output_padding < strides (as in "
+            f"Keras), got output_padding={output_padding!r} with strides={strides}. Use a "
+            "smaller output_padding or None (the size Keras infers)."
+        )
+    return int(pair[0]), int(pair[1])
+
+
+@keras.saving.register_keras_serializable(package="tf_jacbp")
+class Conv2DTranspose(_KernelBiasLayer):
+    """2-D transposed convolution that multiplies by the transpose of a materialized ``T(K)``.
+
+    Arguments as ``keras.layers.Conv2DTranspose`` (channels_last), plus ``toeplitz_budget_bytes``.
+
+    Args:
+        filters: ``F``, the number of output channels (a positive integer).
+        kernel_size: ``(kh, kw)`` or one int for both.
+        strides: ``(s_h, s_w)`` or one int, >= 1.
+        padding: ``"valid"`` or ``"same"``.
+        output_padding: ``None`` (Keras infers the output size) or ``(p_h, p_w)`` / one int with
+            ``0 <= p < stride``: the output size is then ``transpose_output_size``'s. A value for
+            which no convolution maps the output's size back to the input's (``"same"`` with an
+            even kernel and ``output_padding=0``; stock Keras fails there too, when called) is a
+            ValueError at build.
+        data_format: ``None`` or ``"channels_last"``; ``"channels_first"`` is an error.
+        dilation_rate: ``(d_h, d_w)`` or one int, >= 1. As in Keras, ``strides > 1`` together with
+            ``dilation_rate > 1`` is an error.
+        activation: a name from ``tf_jacbp.activations`` or ``None``; its Jacobian ``D`` follows.
+        use_bias: whether ``y`` has a bias (one per filter, shape ``(F,)``).
+        kernel_initializer, bias_initializer, kernel_regularizer, bias_regularizer,
+        activity_regularizer, kernel_constraint, bias_constraint: as in Keras.
+        toeplitz_budget_bytes: the memory budget for ``T(K)``, as for ``Conv2D``: over budget a
+            ``tf.SparseTensor`` (with a warning; not XLA-compatible), or a ValueError when even
+            that does not fit.
+
+    Input ``(batch, H, W, C)`` with ``H, W, C`` known (fixed at build); output
+    ``(batch, H_out, W_out, F)``. The kernel has Keras' shape ``(kh, kw, F, C)``, so weights copy
+    to and from ``keras.layers.Conv2DTranspose``.
+
+    Example (the transpose of Lemma 2's ``4 x 9`` matrix: a ``2 x 2`` input to ``3 x 3``):
+        >>> layer = tf_jacbp.layers.Conv2DTranspose(1, 2, use_bias=False)
+        >>> layer.build((None, 2, 2, 1))
+        >>> layer.toeplitz_matrix().shape
+        TensorShape([9, 4])
+    """
+
+    def __init__(
+        self,
+        filters: int,
+        kernel_size: int | tuple[int, int],
+        strides: int | tuple[int, int] = (1, 1),
+        padding: str = "valid",
+        output_padding: int | tuple[int, int] | None = None,
+        data_format: str | None = None,
+        dilation_rate: int | tuple[int, int] = (1, 1),
+        activation: str | None = None,
+        use_bias: bool = True,
+        kernel_initializer: Any = "glorot_uniform",
+        bias_initializer: Any = "zeros",
+        kernel_regularizer: Any = None,
+        bias_regularizer: Any = None,
+        activity_regularizer: Any = None,
+        kernel_constraint: Any = None,
+        bias_constraint: Any = None,
+        toeplitz_budget_bytes: int | None = None,
+        **kwargs: Any,
+    ):
+        if "groups" in kwargs:
+            raise ValueError(
+                f"{_OWNER}: groups is not supported, got groups={kwargs['groups']!r}. Neither "
+                "keras.layers.Conv2DTranspose nor tf_jacbp builds grouped transposed "
+                "convolutions; remove the argument (or split the channels and concatenate)."
+            )
+        super().__init__(activity_regularizer=activity_regularizer, **kwargs)
+        if isinstance(filters, bool) or not isinstance(filters, int) or filters <= 0:
+            raise ValueError(
+                f"{_OWNER}: filters must be a positive integer (the number of output channels), "
+                f"got filters={filters!r}."
+            )
+        self.filters = filters
+        self.kernel_size = as_pair(kernel_size, "kernel_size", _OWNER)
+        self.strides = as_pair(strides, "strides", _OWNER)
+        self.dilation_rate = as_pair(dilation_rate, "dilation_rate", _OWNER)
+        if max(self.strides) > 1 and max(self.dilation_rate) > 1:
+            raise ValueError(
+                f"{_OWNER}: strides > 1 together with dilation_rate > 1 is not supported (as in "
+                f"Keras), got strides={self.strides} and dilation_rate={self.dilation_rate}. Set "
+                "one of them to 1."
+            )
+        self.padding = check_padding(padding, _OWNER)
+        self.output_padding = check_output_padding(output_padding, self.strides, _OWNER)
+        self.data_format = check_channels_last(data_format, _OWNER)
+        self.activation = activations.get(activation)
+        self.use_bias = use_bias
+        self.toeplitz_budget_bytes = (
+            None
+            if toeplitz_budget_bytes is None
+            else toeplitz.check_budget(
+                toeplitz_budget_bytes, f"{_OWNER}(toeplitz_budget_bytes=...)"
+            )
+        )
+        self.set_weight_options(
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer,
+            kernel_constraint=kernel_constraint,
+            bias_constraint=bias_constraint,
+        )
+
+    def _output_sizes(self, sizes: tuple) -> list[int | None]:
+        paddings = self.output_padding or (None, None)
+        return [
+            None if n is None else transpose_output_size(n, k, s, self.padding, p, d)
+            for n, k, s, p, d in zip(
+                sizes, self.kernel_size, self.strides, paddings, self.dilation_rate, strict=True
+            )
+        ]
+
+    def build(self, input_shape: tuple) -> None:
+        owner = f"{_OWNER} '{self.name}'"
+        height, width, channels = image_shape(input_shape, owner)
+        out_h, out_w = self._output_sizes((height, width))
+        kernel_shape = (*self.kernel_size, self.filters, channels)
+        # The convolution read the other way: from the output's shape to the input's.
+        self.conv_index = toeplitz.conv_index(
+            kernel_shape,
+            (out_h, out_w, self.filters),
+            self.strides,
+            self.padding,
+            self.dilation_rate,
+            owner,
+        )
+        if self.conv_index.output_shape != (height, width, channels):
+            raise ValueError(
+                f"{owner}: with output_padding={self.output_padding}, the output would be "
+                f"{out_h} x {out_w}, but a convolution (kernel_size={self.kernel_size}, "
+                f"strides={self.strides}, padding={self.padding!r}, dilation_rate="
+                f"{self.dilation_rate}) of that size gives {self.conv_index.output_shape[:2]}, "
+                f"not the input's {(height, width)}, so there is no transposed convolution. Use "
+                "output_padding=None or another output_padding (with padding='same' and an even "
+                "kernel, output_padding >= 1)."
+            )
+        budget = (
+            toeplitz.get_budget_bytes()
+            if self.toeplitz_budget_bytes is None
+            else self.toeplitz_budget_bytes
+        )
+        self.sparse_toeplitz = toeplitz.use_sparse(
+            self.conv_index,
+            self.compute_dtype,
+            budget,
+            owner,
+            f"{_OWNER}(..., toeplitz_budget_bytes=...) or tf_jacbp.toeplitz.set_budget_bytes(...)",
+        )
+        if self.sparse_toeplitz:  # tf.sparse.sparse_dense_matmul has no XLA kernel
+            self.supports_jit = False
+        self.add_kernel_and_bias(kernel_shape, (self.filters,) if self.use_bias else None)
+        self.input_spec = keras.layers.InputSpec(ndim=4, axes={1: height, 2: width, -1: channels})
+
+    @property
+    def output_image_shape(self) -> tuple[int, int, int]:
+        """``(H_out, W_out, F)``: one output's shape, the input shape of ``T``'s convolution."""
+        return self.conv_index.input_shape
+
+    def build_toeplitz(self, kernel: tf.Tensor) -> tf.Tensor | tf.SparseTensor:
+        """``T(K)^T`` ``(R, N)`` dense, or ``T(K)`` ``(N, R)`` sparse over the memory budget."""
+        if self.sparse_toeplitz:
+            return self.conv_index.sparse_matrix(kernel)
+        return self.conv_index.transpose_matrix(kernel)
+
+    def apply_toeplitz(
+        self, x: tf.Tensor, t: tf.Tensor | tf.SparseTensor, bias: tf.Tensor | None = None
+    ) -> tf.Tensor:
+        """``Y = X T(K) + b``: ``(batch, H, W, C)`` -> ``(batch, H_out, W_out, F)``.
+
+        ``t = build_toeplitz(kernel)``; per sample this is ``y = T(K)^T x + b``.
+        """
+        x = tf.reshape(x, [-1, self.conv_index.shape[0]])
+        if self.sparse_toeplitz:  # (T^T X^T)^T
+            y = tf.transpose(tf.sparse.sparse_dense_matmul(t, x, adjoint_a=True, adjoint_b=True))
+        else:
+            y = tf.matmul(x, t, transpose_b=True)
+        if bias is not None:
+            positions = self.conv_index.shape[1] // self.filters
+            y = tf.nn.bias_add(y, tf.tile(bias, [positions]))  # b_f at every position
+        return tf.reshape(y, [-1, *self.output_image_shape])
+
+    def input_gradient(self, dy: tf.Tensor, t: tf.Tensor | tf.SparseTensor) -> tf.Tensor:
+        """``dX = Delta T(K)^T`` (per sample ``(J_x y)^T delta = T(K) delta``), like ``x``.
+
+        ``dy`` ``(batch, H_out, W_out, F)``, ``t = build_toeplitz(kernel)``.
+        """
+        delta = tf.reshape(dy, [-1, self.conv_index.shape[1]])
+        if self.sparse_toeplitz:  # (T Delta^T)^T
+            dx = tf.transpose(tf.sparse.sparse_dense_matmul(t, delta, adjoint_b=True))
+        else:
+            dx = tf.matmul(delta, t)
+        return tf.reshape(dx, [-1, *self.conv_index.output_shape])
+
+    def forward(self, x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None) -> tf.Tensor:
+        """``Y = X T(K) + b``, building ``T(K)`` from ``kernel``."""
+        return self.apply_toeplitz(x, self.build_toeplitz(kernel), bias)
+
+    def reference(
+        self, x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None
+    ) -> tf.Tensor:
+        """``tf.nn.conv2d_transpose`` (stock ops). TensorFlow's CPU kernel has no dilation, so a
+        dilated ``K`` is first spread out with zeros (``K'[p d_h, q d_w] = K[p, q]``, the kernel
+        ``(k - 1) d + 1`` wide that dilation means), then used undilated."""
+        d_h, d_w = self.dilation_rate
+        if d_h > 1 or d_w > 1:
+            kh, kw, filters, channels = kernel.shape
+            spread = tf.pad(
+                tf.reshape(kernel, [kh, 1, kw, 1, filters, channels]),
+                [[0, 0], [0, d_h - 1], [0, 0], [0, d_w - 1], [0, 0], [0, 0]],
+            )
+            spread = tf.reshape(spread, [kh * d_h, kw * d_w, filters, channels])
+            kernel = spread[: (kh - 1) * d_h + 1, : (kw - 1) * d_w + 1]
+        y = tf.nn.conv2d_transpose(
+            x,
+            kernel,
+            tf.stack([tf.shape(x)[0], *self.output_image_shape]),
+            strides=self.strides,
+            padding=self.padding.upper(),
+        )
+        return y if bias is None else tf.nn.bias_add(y, bias)
+
+    def backward(
+        self,
+        dy: tf.Tensor,
+        x: tf.Tensor,
+        y: tf.Tensor | None,
+        kernel: tf.Tensor,
+        bias: tf.Tensor | None = None,
+    ) -> tuple[tf.Tensor, list[tf.Tensor]]:
+        """``(dX, [dK, db])``: ``dX = Delta T(K)^T``; ``dK`` the convolution's kernel gradient
+        with ``dy`` as its input and ``x`` as its upstream gradient; ``db`` ``dy`` summed over
+        samples and positions.
+
+        ``dy`` ``(batch, H_out, W_out, F)``, ``x`` ``(batch, H, W, C)``.
+        """
+        grads = [self.conv_index.kernel_gradient(dy, x)]
+        if bias is not None:
+            grads.append(tf.reduce_sum(dy, axis=[0, 1, 2]))
+        return self.input_gradient(dy, self.build_toeplitz(kernel)), grads
+
+    def _patches(self, dy: tf.Tensor) -> tf.Tensor:
+        """``(batch, P, M)``: per sample the patch matrix of ``dy`` under ``T``'s convolution,
+        ``P = H W`` (that convolution's output positions), ``M = kh kw F`` (columns in ``Vec``
+        order within one of its filters ``c``, ``ConvIndex.patches``)."""
+        positions = self.conv_index.output_shape[0] * self.conv_index.output_shape[1]
+        patches = tf.reshape(self.conv_index.patches(dy), [-1, positions, tf.shape(dy)[0]])
+        return tf.transpose(patches, [2, 1, 0])
+
+    def per_example_backward(
+        self,
+        dy: tf.Tensor,
+        x: tf.Tensor,
+        y: tf.Tensor | None,
+        kernel: tf.Tensor,
+        bias: tf.Tensor | None = None,
+    ) -> tuple[tf.Tensor, list[tf.Tensor]]:
+        """``backward`` without the batch sum: ``Vec(dK_i[..., c]) = DY_patch,i^T x_i[..., c]``
+        (``DY_patch,i`` ``(P, M)``, ``_patches``) and ``db_i`` per sample (leading batch axis)."""
+        batch = tf.shape(x)[0]
+        channels = self.conv_index.output_shape[2]
+        delta = tf.reshape(x, [batch, -1, channels])  # (batch, P, C): T's upstream gradient
+        per_filter = tf.einsum("bpm,bpc->bcm", self._patches(dy), delta)  # row c: Vec(dK_i[..c])
+        grads = [
+            unvec_parameter_batch(tf.reshape(per_filter, [batch, -1]), self.conv_index.kernel_shape)
+        ]
+        if bias is not None:
+            grads.append(tf.reduce_sum(dy, axis=[1, 2]))
+        return self.input_gradient(dy, self.build_toeplitz(kernel)), grads
+
+    def per_example_squared_norms(
+        self,
+        dy: tf.Tensor,
+        x: tf.Tensor,
+        y: tf.Tensor | None,
+        kernel: tf.Tensor,
+        bias: tf.Tensor | None = None,
+    ) -> list[tf.Tensor]:
+        """``[||dK_i||^2, ||db_i||^2]`` per sample, ``(batch,)`` each, without forming ``dK_i``.
+
+        ``dK_i`` is ``DY_patch,i^T X_i`` (``M x C``, ``X_i`` the ``P x C`` matrix of ``x_i``), so
+        ``patch_product_squared_norms`` takes its cheaper exact form (Gram or outer); the bias'
+        is ``||sum over positions of dy_i||^2``.
+        """
+        batch = tf.shape(x)[0]
+        delta = tf.reshape(x, [batch, -1, self.conv_index.output_shape[2]])
+        norms = [patch_product_squared_norms(self._patches(dy), delta)]
+        if bias is not None:
+            norms.append(squared_norms(tf.reduce_sum(dy, axis=[1, 2])))
+        return norms
+
+    def jacobian_ops(self, training: bool = False) -> list:
+        """``y = T(K)^T vec(x) + b``, then ``a = f(y)``."""
+        return [(self, self.read_parameters()), (self.activation, [])]
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        """``(batch, H_out, W_out, F)``, sizes by ``transpose_output_size`` (None stays None)."""
+        return (input_shape[0], *self._output_sizes(tuple(input_shape[1:3])), self.filters)
+
+    def toeplitz_matrix(self) -> tf.Tensor:
+        """``T(K)^T`` ``(R, N)`` for the current kernel, dense: the matrix the forward pass
+        multiplies by, the transpose of the convolution's ``T(K)``
+        (``tf_jacbp.toeplitz.conv_matrix``, under the layer's memory budget)."""
+        kernel = self.read_parameters()[0]
+        t = toeplitz.conv_matrix(
+            kernel,
+            self.output_image_shape,
+            self.strides,
+            self.padding,
+            self.dilation_rate,
+            budget_bytes=self.toeplitz_budget_bytes,
+        )
+        return tf.transpose(t)
+
+    def input_jacobian(self, x: Any) -> tf.Tensor:
+        """``J_x f(T(K)^T vec(x) + b) = D T(K)^T``.
+
+        ``x``: ``(H, W, C)`` -> ``(R, N)``; ``(batch, H, W, C)`` -> ``(batch, R, N)``. Without an
+        activation ``D = I`` and this is ``toeplitz_matrix()``.
+        """
+        x = as_float_tensor(x, self.compute_dtype)
+        single = len(x.shape) == 3
+        x = x[None] if single else x
+        y = self.forward(x, *[tf.cast(p, x.dtype) for p in self.read_parameters()])
+        d = self.activation.jacobian(tf.reshape(y, [tf.shape(x)[0], -1]))
+        jacobian = tf.matmul(d, tf.cast(self.toeplitz_matrix(), x.dtype))
+        return jacobian[0] if single else jacobian
+
+    def parameter_jacobian(self, x: Any) -> tf.Tensor:
+        """``J_{Vec(K), b} y`` for one sample, ``(R, kh kw F C + F)`` columns in theta order.
+
+        ``y_k = x^T T(K) e_k``, ``e_k`` the ``k``-th output entry as an image ``(H_out, W_out,
+        F)``: row ``k`` is the convolution's kernel gradient for input ``e_k`` and upstream ``x``,
+        ``Vec(dK)[m + M c] = sum_pos E_patch,k[pos, m] x[pos, c]`` (``M = kh kw F``, ``E_patch,k``
+        the ``P x M`` patch matrix of ``e_k``). Tied bias: ``J_b y`` is ``I_F`` at every position.
+        ``x``: ``(H, W, C)`` or ``(batch, H, W, C)`` (then ``(batch, R, ...)``).
+        """
+        x = as_float_tensor(x, self.compute_dtype)
+        single = len(x.shape) == 3
+        x = x[None] if single else x
+        rows, channels = self.conv_index.shape[1], self.conv_index.output_shape[2]
+        basis = tf.reshape(tf.eye(rows, dtype=x.dtype), [rows, *self.output_image_shape])
+        patches = self._patches(basis)  # (R, P, M): E_patch,k
+        values = tf.reshape(x, [tf.shape(x)[0], -1, channels])  # (batch, P, C)
+        kernel_block = tf.einsum("kpm,bpc->bkcm", patches, values)  # columns m + M c: Vec(K)
+        blocks = [tf.reshape(kernel_block, [tf.shape(x)[0], rows, -1])]
+        if self.use_bias:
+            jb = tf.tile(tf.eye(self.filters, dtype=x.dtype), [rows // self.filters, 1])
+            blocks.append(tf.broadcast_to(jb, [tf.shape(x)[0], rows, self.filters]))
+        jacobian = tf.concat(blocks, axis=-1)
+        return jacobian[0] if single else jacobian
+
+    def jacobian_factors(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
+        """``{"T(K)^T": (R, N), "J_{Vec(K), b} y": (R, |K| + |b|)}`` at one sample ``x``
+        ``(H, W, C)``: the input and the parameter Jacobian of ``y``."""
+        t = tf.cast(self.toeplitz_matrix(), x.dtype)
+        return {"T(K)^T": t, "J_{Vec(K), b} y": self.parameter_jacobian(x)}
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update(
+            {
+                "filters": self.filters,
+                "kernel_size": self.kernel_size,
+                "strides": self.strides,
+                "padding": self.padding,
+                "output_padding": self.output_padding,
+                "data_format": self.data_format,
+                "dilation_rate": self.dilation_rate,
+                "activation": activations.serialize(self.activation),
+                "use_bias": self.use_bias,
+                **self.weight_options_config(),
+                "toeplitz_budget_bytes": self.toeplitz_budget_bytes,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Conv2DTranspose:
+        config = dict(config)
+        config["activation"] = activations.deserialize(config["activation"])
+        return cls(**config)
