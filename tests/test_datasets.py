@@ -2,10 +2,12 @@
 
 import gzip
 import hashlib
+import inspect
 import os
 import re
 import struct
 import sys
+import urllib.request
 import warnings
 
 import numpy as np
@@ -77,21 +79,42 @@ def small_mnist(rng):
 
 @pytest.fixture(autouse=True)
 def cache_dir(tmp_path, monkeypatch):
-    """Point Keras' cache at a temp dir; every download fails unless a test says otherwise."""
+    """Point Keras' cache at a temp dir and MNIST's origin at a file that does not exist."""
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
-
-    def no_network(url, destination):
-        raise OSError("network disabled in tests")
-
-    monkeypatch.setattr(datasets, "download_file", no_network)
+    monkeypatch.setattr(datasets, "MNIST_ORIGIN", (tmp_path / "offline" / "mnist.npz").as_uri())
     return tmp_path / "keras_home" / "datasets"
 
 
 def forbid_download(monkeypatch):
-    def fail(url, destination):
+    def fail(*args, **kwargs):
         pytest.fail("load_mnist downloaded although it should not have")
 
-    monkeypatch.setattr(datasets, "download_file", fail)
+    monkeypatch.setattr(urllib.request, "urlopen", fail)
+
+
+def serve(monkeypatch, tmp_path, payload: bytes, expected_sha256: str | None = None) -> str:
+    """Serve ``payload`` at a ``file://`` MNIST origin; expect ``expected_sha256`` (default:
+    the payload's own hash)."""
+    path = tmp_path / "served" / "mnist.npz"
+    os.makedirs(path.parent, exist_ok=True)
+    path.write_bytes(payload)
+    monkeypatch.setattr(datasets, "MNIST_ORIGIN", path.as_uri())
+    digest = expected_sha256 or hashlib.sha256(payload).hexdigest()
+    monkeypatch.setattr(datasets, "MNIST_SHA256", digest)
+    return str(path)
+
+
+def npz_bytes(tmp_path, train, test) -> bytes:
+    with open(write_npz(tmp_path / "payload.npz", train, test), "rb") as f:
+        return f.read()
+
+
+def cache(cache_dir, monkeypatch, data: bytes) -> str:
+    """Put ``data`` in Keras' cache as mnist.npz and make its hash the expected one."""
+    os.makedirs(cache_dir, exist_ok=True)
+    path = write(cache_dir / "mnist.npz", data)
+    monkeypatch.setattr(datasets, "MNIST_SHA256", hashlib.sha256(data).hexdigest())
+    return path
 
 
 # ---------------------------------------------------------------- read_idx / load_idx
@@ -301,10 +324,9 @@ def test_load_mnist_rejects_an_explicit_npz_with_missing_arrays(tmp_path, rng):
 # ---------------------------------------------------------------- load_mnist: Keras' cache
 
 
-def test_load_mnist_reads_the_keras_home_cache(cache_dir, small_mnist, monkeypatch):
+def test_load_mnist_reads_the_keras_home_cache(cache_dir, tmp_path, small_mnist, monkeypatch):
     forbid_download(monkeypatch)
-    os.makedirs(cache_dir)
-    write_npz(cache_dir / "mnist.npz", *small_mnist)
+    cache(cache_dir, monkeypatch, npz_bytes(tmp_path, *small_mnist))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert_dataset_equal(datasets.load_mnist(), *small_mnist)
@@ -314,37 +336,62 @@ def test_load_mnist_defaults_to_the_home_keras_cache(tmp_path, small_mnist, monk
     forbid_download(monkeypatch)
     monkeypatch.delenv("KERAS_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    os.makedirs(tmp_path / "home" / ".keras" / "datasets")
-    write_npz(tmp_path / "home" / ".keras" / "datasets" / "mnist.npz", *small_mnist)
+    cache(tmp_path / "home" / ".keras" / "datasets", monkeypatch, npz_bytes(tmp_path, *small_mnist))
     assert_dataset_equal(datasets.load_mnist(), *small_mnist)
 
 
-@pytest.mark.parametrize(
-    "corrupt",
-    [
-        pytest.param(lambda data: b"this is not an npz file", id="garbage"),
-        pytest.param(lambda data: data[: len(data) // 2], id="truncated"),
-        pytest.param(lambda data: b"", id="empty"),
-        pytest.param(lambda data: data[:1000] + bytes(1000) + data[2000:], id="zeroed-bytes"),
-    ],
-)
-def test_a_corrupt_cache_file_raises_naming_it(cache_dir, small_mnist, monkeypatch, corrupt):
-    forbid_download(monkeypatch)
+CORRUPTIONS = [
+    pytest.param(lambda data: b"this is not an npz file", id="garbage"),
+    pytest.param(lambda data: data[: len(data) // 2], id="truncated"),
+    pytest.param(lambda data: b"", id="empty"),
+    pytest.param(lambda data: data[:1000] + bytes(1000) + data[2000:], id="zeroed-bytes"),
+]
+
+
+@pytest.mark.parametrize("corrupt", CORRUPTIONS)
+def test_a_corrupt_cache_file_is_detected_by_its_hash_and_removed_offline(
+    cache_dir, tmp_path, small_mnist, monkeypatch, corrupt
+):
+    good = npz_bytes(tmp_path, *small_mnist)
+    monkeypatch.setattr(datasets, "MNIST_SHA256", hashlib.sha256(good).hexdigest())
     os.makedirs(cache_dir)
-    path = write_npz(cache_dir / "mnist.npz", *small_mnist)
+    write(cache_dir / "mnist.npz", corrupt(good))
+    with pytest.warns(UserWarning, match=r"URL fetch failure.*offline fallback"):
+        (x_train, _), (x_test, _) = datasets.load_mnist()
+    assert (len(x_train), len(x_test)) == (4000, 1000)
+    assert os.listdir(cache_dir) == []  # the file that failed the hash check is gone
+
+
+@pytest.mark.parametrize("corrupt", CORRUPTIONS)
+def test_a_corrupt_cache_file_is_downloaded_again(
+    cache_dir, tmp_path, small_mnist, monkeypatch, corrupt
+):
+    good = npz_bytes(tmp_path, *small_mnist)
+    serve(monkeypatch, tmp_path, good)
+    os.makedirs(cache_dir)
+    path = write(cache_dir / "mnist.npz", corrupt(good))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_dataset_equal(datasets.load_mnist(), *small_mnist)
     with open(path, "rb") as f:
-        data = f.read()
-    write(path, corrupt(data))
+        assert f.read() == good
+
+
+@pytest.mark.parametrize("corrupt", CORRUPTIONS)
+def test_an_unreadable_cache_file_with_the_expected_hash_raises_naming_it(
+    cache_dir, tmp_path, small_mnist, monkeypatch, corrupt
+):
+    forbid_download(monkeypatch)
+    path = cache(cache_dir, monkeypatch, corrupt(npz_bytes(tmp_path, *small_mnist)))
     with pytest.raises(ValueError, match=rf"{re.escape(path)}: .*corrupt.*delete it"):
         datasets.load_mnist()
-    assert os.path.exists(path)  # the library reports the bad file, it does not delete it
+    assert os.path.exists(path)  # a file that passes the hash check is reported, not deleted
 
 
-def test_a_cache_file_of_the_wrong_layout_raises_naming_it(cache_dir, rng, monkeypatch):
+def test_a_cache_file_of_the_wrong_layout_raises_naming_it(cache_dir, tmp_path, rng, monkeypatch):
     forbid_download(monkeypatch)
-    os.makedirs(cache_dir)
     x, y = random_split(rng, 4)
-    path = write_npz(cache_dir / "mnist.npz", (x, y), (x[:, :14], y))
+    path = cache(cache_dir, monkeypatch, npz_bytes(tmp_path, (x, y), (x[:, :14], y)))
     with pytest.raises(ValueError, match=rf"{re.escape(path)}: .*x_test is uint8 \(4, 14, 28\).*"):
         datasets.load_mnist()
 
@@ -352,78 +399,86 @@ def test_a_cache_file_of_the_wrong_layout_raises_naming_it(cache_dir, rng, monke
 # ---------------------------------------------------------------- load_mnist: download
 
 
-def fake_download(payload: bytes, calls: list):
-    def download(url, destination):
-        calls.append((url, destination))
-        with open(destination, "xb") as f:
-            f.write(payload)
-
-    return download
-
-
-def test_a_verified_download_is_moved_into_the_cache(cache_dir, tmp_path, small_mnist, monkeypatch):
-    with open(write_npz(tmp_path / "served.npz", *small_mnist), "rb") as f:
-        payload = f.read()
-    monkeypatch.setattr(datasets, "MNIST_SHA256", hashlib.sha256(payload).hexdigest())
-    calls = []
-    monkeypatch.setattr(datasets, "download_file", fake_download(payload, calls))
+def test_a_verified_download_enters_the_cache(cache_dir, tmp_path, small_mnist, monkeypatch):
+    payload = npz_bytes(tmp_path, *small_mnist)
+    serve(monkeypatch, tmp_path, payload)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert_dataset_equal(datasets.load_mnist(), *small_mnist)
-    [(url, destination)] = calls
-    assert url == datasets.MNIST_ORIGIN
-    assert os.path.dirname(destination) == str(cache_dir)  # same filesystem: os.replace is atomic
-    assert os.path.basename(destination) != "mnist.npz"
     assert os.listdir(cache_dir) == ["mnist.npz"]
+    assert (cache_dir / "mnist.npz").read_bytes() == payload
     forbid_download(monkeypatch)  # now cached: a second call does not download again
     assert_dataset_equal(datasets.load_mnist(), *small_mnist)
 
 
-def test_the_download_defaults_to_keras_origin_and_hash():
-    assert datasets.MNIST_ORIGIN.endswith("/tf-keras-datasets/mnist.npz")
-    assert datasets.MNIST_SHA256 == (
-        "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"
-    )
+def test_the_download_uses_keras_origin_and_hash(monkeypatch):
+    from keras.src.datasets import mnist
+
+    monkeypatch.undo()  # the module's own MNIST_ORIGIN, not the fixture's offline one
+    source = inspect.getsource(mnist.load_data)
+    [folder] = re.findall(r'origin_folder = \(\s*"([^"]+)"', source)
+    assert 'origin=f"{origin_folder}mnist.npz"' in source
+    assert datasets.MNIST_ORIGIN == folder + "mnist.npz"
+    [sha256] = re.findall(r'file_hash=\(.*?\s*"([0-9a-f]{64})"', source, flags=re.DOTALL)
+    assert datasets.MNIST_SHA256 == sha256
 
 
-def test_a_download_that_fails_midway_leaves_nothing(cache_dir, monkeypatch):
-    def broken(url, destination):
-        with open(destination, "xb") as f:
-            f.write(b"PK\x03\x04 first bytes of the archive")
-        raise ConnectionResetError("connection reset by peer")
+class FailingResponse:
+    """What ``urlopen`` returns for a download that breaks after its first bytes."""
 
-    monkeypatch.setattr(datasets, "download_file", broken)
+    def __init__(self, error: BaseException):
+        self.error, self.sent = error, False
+
+    def info(self):
+        return {}
+
+    def read(self, size=-1):
+        if not self.sent:
+            self.sent = True
+            return b"PK\x03\x04 first bytes of the archive"
+        raise self.error
+
+    def close(self):
+        pass
+
+
+def test_a_download_that_fails_midway_leaves_nothing(cache_dir, tmp_path, monkeypatch):
+    serve(monkeypatch, tmp_path, b"unused", expected_sha256="0" * 64)
+    reset = ConnectionResetError("connection reset by peer")
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *args: FailingResponse(reset))
     with pytest.warns(UserWarning, match="connection reset by peer"):
         (x_train, _), _ = datasets.load_mnist()
     assert x_train.shape == (4000, 28, 28)  # fell back
     assert os.listdir(cache_dir) == []
 
 
-def test_an_interrupted_download_leaves_nothing_and_propagates(cache_dir, monkeypatch):
-    def interrupted(url, destination):
-        with open(destination, "xb") as f:
-            f.write(b"PK\x03\x04")
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(datasets, "download_file", interrupted)
+def test_an_interrupted_download_leaves_nothing_and_propagates(cache_dir, tmp_path, monkeypatch):
+    serve(monkeypatch, tmp_path, b"unused", expected_sha256="0" * 64)
+    interrupt = KeyboardInterrupt()
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *args: FailingResponse(interrupt))
     with pytest.raises(KeyboardInterrupt):
         datasets.load_mnist()
     assert os.listdir(cache_dir) == []
 
 
-def test_a_download_with_the_wrong_hash_is_discarded_and_falls_back(
+def test_a_download_with_the_wrong_hash_is_removed_and_falls_back(
     cache_dir, tmp_path, small_mnist, monkeypatch
 ):
-    # A complete, loadable npz that is not Keras' file: it must not enter the cache.
-    with open(write_npz(tmp_path / "impostor.npz", *small_mnist), "rb") as f:
-        payload = f.read()
-    monkeypatch.setattr(datasets, "download_file", fake_download(payload, []))
-    digest = hashlib.sha256(payload).hexdigest()
-    expected = rf"SHA-256 {digest}, expected {datasets.MNIST_SHA256}.*offline fallback"
+    # A complete, loadable npz that is not Keras' file: it must not stay in the cache.
+    serve(monkeypatch, tmp_path, npz_bytes(tmp_path, *small_mnist), expected_sha256="0" * 64)
+    expected = r"discarded: .*hash does not match .*0{64}.*offline fallback"
     with pytest.warns(UserWarning, match=expected):
         (x_train, _), (x_test, _) = datasets.load_mnist()
     assert (len(x_train), len(x_test)) == (4000, 1000)
     assert os.listdir(cache_dir) == []
+
+
+def test_an_explicit_path_is_read_before_the_cache(cache_dir, tmp_path, small_mnist, monkeypatch):
+    forbid_download(monkeypatch)
+    other = random_split(np.random.default_rng(1), 3), random_split(np.random.default_rng(2), 2)
+    cache(cache_dir, monkeypatch, npz_bytes(tmp_path, *other))
+    path = write_npz(tmp_path / "mine.npz", *small_mnist)
+    assert_dataset_equal(datasets.load_mnist(path), *small_mnist)
 
 
 # ---------------------------------------------------------------- load_mnist: offline fallback
