@@ -1,0 +1,228 @@
+"""Smooth elementwise activations ``a = f(z)`` with ``J_z f(z) = diag(f'(z))`` (docs/math.md).
+
+Each class gives ``reference(z)`` (the stock TensorFlow ops Keras' ``keras.activations.<name>``
+runs, so ``forward`` is not what is under test) and ``derivative(z, a) = f'(z)`` (the formula,
+given ``z`` and ``a = f(z)``). ``backward`` is then ``f'(z) * delta``, ``jacobian`` the
+materialized ``diag(f'(z))``. Where TensorFlow's own gradient kernel decides a kink or an
+underflow (ELU and SELU at the points where ``e^z - 1`` rounds to zero), ``f'`` is what that
+kernel gives, so that float64 gradients equal autodiff's of ``keras.activations``.
+The piecewise linear ones (ReLU and the hard functions) are in ``piecewise.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from tf_jacbp._backend import tf
+
+
+class Elementwise:
+    """An elementwise activation ``a = f(z)`` with ``J_z f(z) = diag(f'(z))``.
+
+    Subclasses set ``name`` and implement ``reference(z)`` (stock TensorFlow) and
+    ``derivative(z, a)`` (``f'(z)``, given ``z`` and ``a = f(z)``). Calling the object applies
+    ``f`` (``forward``), as a ``keras.activations`` function does.
+    """
+
+    name = ""
+
+    def get_config(self) -> dict[str, Any]:
+        """Arguments that rebuild this activation with ``get(config)``."""
+        return {}
+
+    def reference(self, z: tf.Tensor) -> tf.Tensor:
+        """``f(z)`` in stock TensorFlow ops (autodiff differentiates this route)."""
+        raise NotImplementedError
+
+    def derivative(self, z: tf.Tensor, a: tf.Tensor) -> tf.Tensor:
+        """``f'(z)``, same shape as ``z``."""
+        raise NotImplementedError
+
+    def forward(self, z: tf.Tensor) -> tf.Tensor:
+        """``a = f(z)``, any shape."""
+        return self.reference(z)
+
+    def __call__(self, z: Any) -> tf.Tensor:
+        """``f(z)``, like the ``keras.activations`` function (``forward``)."""
+        return self.forward(tf.convert_to_tensor(z))
+
+    def backward(self, dy: tf.Tensor, z: tf.Tensor, a: tf.Tensor) -> tuple[tf.Tensor, list]:
+        """``(J_z f)^T delta = diag(f'(z)) delta = f'(z) * delta``."""
+        return self.derivative(z, a) * dy, []
+
+    def jacobian(self, z: tf.Tensor) -> tf.Tensor:
+        """``J_z f(z) = diag(f'(z))``: ``(d,)`` -> ``(d, d)``, or ``(batch, d)`` ->
+        ``(batch, d, d)``."""
+        z = tf.convert_to_tensor(z)
+        return tf.linalg.diag(self.derivative(z, self.forward(z)))
+
+
+class Linear(Elementwise):
+    """``f(z) = z``, ``f'(z) = 1``."""
+
+    name = "linear"
+
+    def reference(self, z):
+        return tf.identity(z)
+
+    def derivative(self, z, a):
+        return tf.ones_like(z)
+
+
+class Sigmoid(Elementwise):
+    """``f(z) = 1 / (1 + e^{-z})``, ``f'(z) = a (1 - a)``."""
+
+    name = "sigmoid"
+
+    def reference(self, z):
+        return tf.math.sigmoid(z)
+
+    def derivative(self, z, a):
+        return a * (1 - a)
+
+
+class Tanh(Elementwise):
+    """``f(z) = tanh(z)``, ``f'(z) = 1 - a^2``."""
+
+    name = "tanh"
+
+    def reference(self, z):
+        return tf.math.tanh(z)
+
+    def derivative(self, z, a):
+        return 1 - a * a
+
+
+class ELU(Elementwise):
+    """``f(z) = z`` for ``z > 0``, else ``alpha (e^z - 1)``; ``f'`` is ``1`` or ``a + alpha``."""
+
+    name = "elu"
+
+    def __init__(self, alpha: float = 1.0):
+        self.alpha = alpha
+
+    def get_config(self):
+        return {"alpha": self.alpha}
+
+    def reference(self, z):
+        if self.alpha == 1.0:
+            return tf.nn.elu(z)
+        return tf.where(z > 0, z, self.alpha * tf.math.expm1(z))
+
+    def derivative(self, z, a):
+        return tf.where(z > 0, tf.ones_like(z), a + self.alpha)
+
+
+# SELU's constants as TensorFlow's kernel writes them (Klambauer et al., 2017).
+SELU_ALPHA = 1.6732632423543772848170429916717
+SELU_SCALE = 1.0507009873554804934193349852946
+
+
+class SELU(Elementwise):
+    """``f(z) = scale z`` for ``z > 0``, else ``scale alpha (e^z - 1)`` (``tf.nn.selu``);
+    ``f'(z) = scale alpha e^z = a + scale alpha`` where ``a < 0``, else ``scale``.
+
+    The condition is on ``a``, as in TensorFlow's gradient kernel: at ``z = 0``, and at tiny
+    negative ``z`` where ``e^z - 1`` rounds to 0, ``f'`` is ``scale``.
+    """
+
+    name = "selu"
+
+    def reference(self, z):
+        return tf.nn.selu(z)
+
+    def derivative(self, z, a):
+        return tf.where(a < 0, a + SELU_SCALE * SELU_ALPHA, SELU_SCALE * tf.ones_like(z))
+
+
+class Softplus(Elementwise):
+    """``f(z) = log(1 + e^z)``, ``f'(z) = sigmoid(z)``."""
+
+    name = "softplus"
+
+    def reference(self, z):
+        return tf.math.softplus(z)
+
+    def derivative(self, z, a):
+        return tf.math.sigmoid(z)
+
+
+class Softsign(Elementwise):
+    """``f(z) = z / (1 + |z|)``, ``f'(z) = 1 / (1 + |z|)^2``."""
+
+    name = "softsign"
+
+    def reference(self, z):
+        return tf.nn.softsign(z)
+
+    def derivative(self, z, a):
+        return 1 / tf.square(1 + tf.abs(z))
+
+
+class Exponential(Elementwise):
+    """``f(z) = e^z``, ``f'(z) = e^z = a``."""
+
+    name = "exponential"
+
+    def reference(self, z):
+        return tf.exp(z)
+
+    def derivative(self, z, a):
+        return a
+
+
+class GELU(Elementwise):
+    """``f(z) = z Phi(z)``; ``f'(z) = Phi(z) + z phi(z)`` (exact), or the tanh approximation's."""
+
+    name = "gelu"
+
+    def __init__(self, approximate: bool = False):
+        self.approximate = bool(approximate)
+
+    def get_config(self):
+        return {"approximate": self.approximate}
+
+    def reference(self, z):
+        # Not tf.nn.gelu: it rounds its constants through float32, off by 1e-9 in float64.
+        if self.approximate:
+            c = math.sqrt(2 / math.pi)
+            return 0.5 * z * (1 + tf.math.tanh(c * (z + 0.044715 * z**3)))
+        return 0.5 * z * tf.math.erfc(-z / math.sqrt(2))
+
+    def derivative(self, z, a):
+        if self.approximate:
+            c = math.sqrt(2 / math.pi)
+            t = tf.math.tanh(c * (z + 0.044715 * z**3))
+            return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * c * (1 + 3 * 0.044715 * z * z)
+        cdf = 0.5 * (1 + tf.math.erf(z / math.sqrt(2)))
+        pdf = tf.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+        return cdf + z * pdf
+
+
+class Swish(Elementwise):
+    """``f(z) = z sigmoid(z)`` (also called SiLU); ``f'(z) = s (1 + z (1 - s))`` with
+    ``s = sigmoid(z)``."""
+
+    name = "swish"
+
+    def reference(self, z):
+        return tf.nn.silu(z)
+
+    def derivative(self, z, a):
+        s = tf.math.sigmoid(z)
+        return s * (1 + z * (1 - s))
+
+
+class Mish(Elementwise):
+    """``f(z) = z tanh(softplus(z))``; with ``t = tanh(softplus(z))``,
+    ``f'(z) = t + z (1 - t^2) sigmoid(z)`` (``softplus' = sigmoid``, ``tanh' = 1 - tanh^2``)."""
+
+    name = "mish"
+
+    def reference(self, z):
+        return z * tf.math.tanh(tf.math.softplus(z))
+
+    def derivative(self, z, a):
+        t = tf.math.tanh(tf.math.softplus(z))
+        return t + z * (1 - t * t) * tf.math.sigmoid(z)

@@ -1,0 +1,71 @@
+"""Keras' (and TensorFlow's) own activation functions, mapped to tf_jacbp's by name.
+
+``keras.layers.Dense(3, activation=keras.activations.relu)`` is how many Keras users write an
+activation. ``tf_jacbp.activations.get`` accepts the same callables and returns the tf_jacbp
+activation with the same definition (and the same default arguments: ``keras.ops.gelu`` is the
+tanh approximation, ``keras.activations.gelu`` the exact one). The table holds names and
+arguments only, so it imports no activation class.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+from tf_jacbp._backend import keras, tf
+
+# (module, attribute) -> (tf_jacbp name, keyword arguments). Attributes a version lacks are skipped.
+_TABLE: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
+for _name in (
+    "linear relu relu6 leaky_relu elu selu softplus softsign silu swish gelu tanh sigmoid "
+    "exponential hard_sigmoid hard_silu hard_swish mish softmax"
+).split():
+    _TABLE["keras.activations", _name] = (_name, {})
+for _name in (
+    "relu relu6 leaky_relu elu selu softplus softsign silu swish tanh sigmoid hard_sigmoid "
+    "hard_silu hard_swish softmax"
+).split():
+    _TABLE["keras.ops", _name] = (_name, {})
+_TABLE["keras.ops", "gelu"] = ("gelu", {"approximate": True})  # keras.ops.gelu's default
+_TABLE["keras.ops", "exp"] = ("exponential", {})
+for _name in "relu relu6 leaky_relu elu selu softplus softsign silu swish gelu softmax".split():
+    _TABLE["tf.nn", _name] = (_name, {})
+for _module in ("tf.nn", "tf.math", "tf"):
+    _TABLE[_module, "tanh"] = ("tanh", {})
+    _TABLE[_module, "sigmoid"] = ("sigmoid", {})
+_TABLE["tf.math", "softplus"] = ("softplus", {})
+_TABLE["tf.math", "exp"] = ("exponential", {})
+_TABLE["tf", "exp"] = ("exponential", {})
+_TABLE["tf", "identity"] = ("linear", {})
+
+_MODULES = {"keras.activations": keras.activations, "keras.ops": keras.ops, "tf.nn": tf.nn}
+_MODULES.update({"tf.math": tf.math, "tf": tf})
+
+
+def _present() -> list[tuple[str, Callable, str, dict[str, Any]]]:
+    """``[("module.attribute", function, tf_jacbp name, kwargs)]`` for the functions that exist."""
+    rows = []
+    for (module, attribute), (name, kwargs) in _TABLE.items():
+        function = getattr(_MODULES[module], attribute, None)
+        if function is not None:
+            rows.append((f"{module}.{attribute}", function, name, kwargs))
+    return rows
+
+
+@functools.cache
+def _by_function() -> dict[Callable, tuple[str, dict[str, Any]]]:
+    return {function: (name, kwargs) for _, function, name, kwargs in _present()}
+
+
+def lookup(function: Callable) -> tuple[str, dict[str, Any]] | None:
+    """``(name, kwargs)`` of the tf_jacbp activation equal to ``function``, or None."""
+    try:
+        return _by_function().get(function)
+    except TypeError:  # an unhashable callable
+        return None
+
+
+def supported() -> list[str]:
+    """The qualified names of the functions ``lookup`` knows, e.g. ``keras.activations.relu``."""
+    return sorted(qualified for qualified, *_ in _present())

@@ -1,0 +1,186 @@
+"""Piecewise linear activations: the ReLU family and the hard sigmoid / hard SiLU.
+
+``J_z f(z) = diag(f'(z))`` as for every elementwise activation (``elementwise.Elementwise``).
+These functions have kinks, and at a kink ``f'`` is a choice: each class takes the value that
+TensorFlow's autodiff gives for the ops Keras composes (``keras.activations.<name>``), so that
+float64 gradients equal stock Keras' exactly, ties included. Each docstring states the choice.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+from tf_jacbp._backend import tf
+from tf_jacbp.activations.elementwise import Elementwise
+
+
+def _check_number(value: Any, name: str, owner: str, allow_none: bool = False) -> float | None:
+    """``value`` as a float, finite and ``>= 0`` (or None if ``allow_none``); a ValueError naming
+    ``name`` otherwise (Keras' ReLU raises for None and negative values, not for the rest)."""
+    if value is None and allow_none:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        what = "a finite number >= 0" + (" or None" if allow_none else "")
+        raise ValueError(f"{owner}: {name} must be {what}, got {name}={value!r}.")
+    return float(value)
+
+
+class ReLU(Elementwise):
+    """Keras' ReLU, with threshold ``t``, ``negative_slope`` ``s`` and ``max_value`` ``M``:
+
+        f(z) = min(z, M)      if z > t        (no ``min`` without ``M``)
+        f(z) = 0              if z == t
+        f(z) = s (z - t)      if z < t
+
+    (``z == t`` gives 0, as ``keras.activations.relu``: its ``z > t``.)
+    ``f'(z)`` is ``[t < z <= M]``
+    above, ``s`` below the threshold: a 0/1 diagonal for the plain ReLU (paper, Section 3.4). At
+    the kinks ``f'`` is what autodiff gives for Keras' own ops: ``f'(t) = 0`` (but ``s`` for the
+    leaky case ``t = 0``, no ``M``, ``tf.nn.leaky_relu``), ``f'(M) = 1`` (but ``0`` for ``M = 6,
+    t = 0``, ``tf.nn.relu6``).
+
+    Args (validated as Keras does, and also for non-numbers): ``max_value`` None or >= 0,
+    ``negative_slope`` >= 0, ``threshold`` >= 0, all finite.
+    """
+
+    name = "relu"
+
+    def __init__(
+        self, max_value: float | None = None, negative_slope: float = 0.0, threshold: float = 0.0
+    ):
+        self.max_value = _check_number(max_value, "max_value", "ReLU", allow_none=True)
+        self.negative_slope = _check_number(negative_slope, "negative_slope", "ReLU")
+        self.threshold = _check_number(threshold, "threshold", "ReLU")
+
+    def get_config(self):
+        return {
+            "max_value": self.max_value,
+            "negative_slope": self.negative_slope,
+            "threshold": self.threshold,
+        }
+
+    def _plain(self) -> bool:
+        return self.max_value is None and self.negative_slope == 0 and self.threshold == 0
+
+    def _leaky(self) -> bool:
+        """Keras' ``tf.nn.leaky_relu`` case: a slope, no threshold, no maximum."""
+        return self.max_value is None and self.negative_slope != 0 and self.threshold == 0
+
+    def _relu6(self) -> bool:
+        """Keras' ``tf.nn.relu6`` case: ``M = 6``, no threshold."""
+        return self.max_value == 6 and self.threshold == 0
+
+    def reference(self, z):
+        """Keras' composition of stock ops (``keras.activations.relu``), exact in float64."""
+        if self._plain():
+            return tf.nn.relu(z)
+        s, t = self.negative_slope, tf.cast(self.threshold, z.dtype)
+        if self._leaky():  # not tf.nn.leaky_relu: its slope is a float32 attribute
+            return tf.where(z > 0, z, s * z)
+        if self._relu6():
+            a = tf.nn.relu6(z)
+        else:
+            a = tf.where(z > t, z, tf.zeros_like(z))
+            if self.max_value is not None:
+                a = tf.minimum(a, tf.cast(self.max_value, z.dtype))
+        return a - s * tf.nn.relu(t - z) if s != 0 else a
+
+    def backward(self, dy: tf.Tensor, z: tf.Tensor, a: tf.Tensor) -> tuple[tf.Tensor, list]:
+        """``f'(z) * delta``. The plain ReLU reads its 0/1 diagonal from ``a = max(z, 0)`` alone:
+        ``f'(z) = [z > 0] = sign(a)``, one op (so a layer's forward can fuse ``z`` into its
+        matmul, ``tf_jacbp.route``). A NaN ``z`` gives a NaN gradient."""
+        if self._plain():
+            return tf.sign(a) * dy, []
+        return super().backward(dy, z, a)
+
+    def derivative(self, z, a):
+        if self._plain():
+            return tf.cast(z > 0, z.dtype)  # a cast, not tf.where: the cheaper op on the hot path
+        one, zero = tf.ones_like(z), tf.zeros_like(z)
+        below = self.negative_slope * one
+        if self._leaky():
+            return tf.where(z > 0, one, below)
+        if self._relu6():
+            above = tf.where(z < 6, one, zero)
+        elif self.max_value is not None:
+            above = tf.where(z <= self.max_value, one, zero)
+        else:
+            above = one
+        return tf.where(z > self.threshold, above, tf.where(z < self.threshold, below, zero))
+
+
+class LeakyReLU(Elementwise):
+    """``f(z) = z`` for ``z > 0``, else ``negative_slope * z``; ``f'`` is ``1`` or the slope."""
+
+    name = "leaky_relu"
+
+    def __init__(self, negative_slope: float = 0.2):
+        self.negative_slope = _check_number(negative_slope, "negative_slope", "LeakyReLU")
+
+    def get_config(self):
+        return {"negative_slope": self.negative_slope}
+
+    def reference(self, z):
+        # Not tf.nn.leaky_relu: its slope is a float32 attribute, off by 1e-8 in float64.
+        return tf.where(z > 0, z, self.negative_slope * z)
+
+    def derivative(self, z, a):
+        return tf.where(z > 0, tf.ones_like(z), self.negative_slope * tf.ones_like(z))
+
+
+class ReLU6(ReLU):
+    """``f(z) = min(max(z, 0), 6)`` (``tf.nn.relu6``); ``f'(z) = [0 < z < 6]``: 0 at both kinks,
+    as TensorFlow's ``Relu6Grad``. The same map as ``ReLU(max_value=6)``."""
+
+    name = "relu6"
+
+    def __init__(self):
+        super().__init__(max_value=6.0)
+
+    def get_config(self):
+        return {}
+
+
+class HardSigmoid(Elementwise):
+    """``f(z) = relu6(z + 3) / 6`` (Keras 3's definition: 0 for ``z <= -3``, 1 for ``z >= 3``,
+    ``z / 6 + 1/2`` between); ``f'(z) = [0 < u < 6] / 6`` with ``u = z + 3`` rounded as
+    TensorFlow rounds it.
+
+    At the kinks ``z = -3`` and ``z = 3`` the derivative is 0 (``Relu6Grad`` of ``u``); because the
+    condition is on the rounded ``u``, the float64 number just below 3 (where ``u`` rounds to 6)
+    has derivative 0 too, as autodiff gives.
+    """
+
+    name = "hard_sigmoid"
+
+    def reference(self, z):
+        return tf.nn.relu6(z + 3) / 6
+
+    def derivative(self, z, a):
+        u = z + 3
+        inside = tf.logical_and(u > 0, u < 6)
+        return tf.where(inside, tf.fill(tf.shape(z), tf.constant(1 / 6, z.dtype)), tf.zeros_like(z))
+
+
+class HardSilu(Elementwise):
+    """``f(z) = z hard_sigmoid(z)`` (also called hard swish); the product rule gives
+    ``f'(z) = hard_sigmoid(z) + z hard_sigmoid'(z)``, that is ``(2 z + 3) / 6`` on ``(-3, 3)``,
+    0 below and 1 above, with ``hard_sigmoid'`` as ``HardSigmoid`` chooses it at the kinks
+    (so ``f'(-3) = 0``, ``f'(3) = 1``)."""
+
+    name = "hard_silu"
+
+    def reference(self, z):
+        return z * HardSigmoid().reference(z)
+
+    def derivative(self, z, a):
+        sigmoid = HardSigmoid()
+        h = sigmoid.reference(z)
+        return h + z * sigmoid.derivative(z, h)
