@@ -66,6 +66,11 @@ def lookup(function: Callable) -> tuple[str, dict[str, Any]] | None:
         return None
 
 
-def supported() -> list[str]:
-    """The qualified names of the functions ``lookup`` knows, e.g. ``keras.activations.relu``."""
-    return sorted(qualified for qualified, *_ in _present())
+def supported() -> str:
+    """The functions ``lookup`` knows, by module: ``"keras.activations.{elu, gelu, ...};
+    keras.ops.{...}; ..."``."""
+    by_module: dict[str, list[str]] = {}
+    for qualified, *_ in _present():
+        module, attribute = qualified.rsplit(".", 1)
+        by_module.setdefault(module, []).append(attribute)
+    return "; ".join(f"{m}.{{{', '.join(sorted(names))}}}" for m, names in by_module.items())

@@ -2,15 +2,22 @@
 
 Elementwise ones have ``J_z f = diag(f'(z))``; ``Softmax`` has ``diag(s) - s s^T``. Any input
 shape; the Jacobian accessors take ``(d,)`` or ``(batch, d)``.
+
+As Keras' activation layers, they have no weights and are built when constructed
+(``layer.built``), pass a Keras mask through unchanged (``supports_masking``), and expose their
+arguments as attributes (``ReLU(...).max_value``, ``LeakyReLU(...).negative_slope``,
+``ELU(...).alpha``, ``Softmax(...).axis``); setting one replaces the activation.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from tf_jacbp import activations
 from tf_jacbp._backend import keras, tf
 from tf_jacbp.layers.base import JacobianLayer, as_float_tensor
+from tf_jacbp.route import Map, route
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
@@ -18,14 +25,23 @@ class Activation(JacobianLayer):
     """Applies an activation with an explicit Jacobian, like ``keras.layers.Activation``.
 
     Args:
-        activation: a name from ``tf_jacbp.activations`` (``"relu"``, ``"sigmoid"``, ``"tanh"``,
-            ``"leaky_relu"``, ``"elu"``, ``"softplus"``, ``"gelu"``, ``"swish"``, ``"softmax"``,
-            ``"linear"``).
+        activation: a name from ``tf_jacbp.activations`` (``"relu"``, ``"relu6"``,
+            ``"sigmoid"``, ``"tanh"``, ``"leaky_relu"``, ``"elu"``, ``"selu"``, ``"softplus"``,
+            ``"softsign"``, ``"exponential"``, ``"gelu"``, ``"swish"``/``"silu"``, ``"mish"``,
+            ``"hard_sigmoid"``, ``"hard_silu"``/``"hard_swish"``, ``"softmax"``, ``"linear"``),
+            Keras' function for one of them (``keras.activations.relu``, ``keras.ops.gelu``,
+            ``tf.nn.relu``, ...), or a ``tf_jacbp.activations`` object.
+
+    Example:
+        >>> layer = tf_jacbp.layers.Activation(keras.activations.hard_silu)
+        >>> layer.jacobian(np.array([-4.0, 0.0, 1.0]))  # diag(f'(z)), f'(z) = (2 z + 3) / 6
     """
 
     def __init__(self, activation: Any, **kwargs: Any):
         super().__init__(**kwargs)
         self.activation = activations.get(activation)
+        self.supports_masking = True
+        self._build_at_init()  # no weights: built now, as Keras' activation layers are
 
     def forward(self, z: tf.Tensor) -> tf.Tensor:
         """``a = f(z)``, any shape."""
@@ -61,7 +77,13 @@ class Activation(JacobianLayer):
 
 
 class _FixedActivation(Activation):
-    """An ``Activation`` whose function is fixed by the class; its arguments are its config."""
+    """An ``Activation`` whose function is fixed by the class; its arguments are its config and
+    its attributes (reading ``layer.alpha`` reads the activation's; setting it makes a new
+    activation with the new value, checked as the constructor checks it)."""
+
+    def _replace(self, **changes: Any) -> None:
+        """Make ``self.activation`` anew with ``changes`` applied to its arguments."""
+        self.activation = type(self.activation)(**{**self.activation.get_config(), **changes})
 
     def get_config(self) -> dict[str, Any]:
         return {**JacobianLayer.get_config(self), **self.activation.get_config()}
@@ -83,6 +105,33 @@ class ReLU(_FixedActivation):
         **kwargs: Any,
     ):
         super().__init__(activations.ReLU(max_value, negative_slope, threshold), **kwargs)
+
+    @property
+    def max_value(self) -> float | None:
+        """``M``, or None (no maximum)."""
+        return self.activation.max_value
+
+    @max_value.setter
+    def max_value(self, value: float | None) -> None:
+        self._replace(max_value=value)
+
+    @property
+    def negative_slope(self) -> float:
+        """``s``, the slope below the threshold."""
+        return self.activation.negative_slope
+
+    @negative_slope.setter
+    def negative_slope(self, value: float) -> None:
+        self._replace(negative_slope=value)
+
+    @property
+    def threshold(self) -> float:
+        """``t``, the threshold."""
+        return self.activation.threshold
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        self._replace(threshold=value)
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
@@ -107,7 +156,22 @@ class LeakyReLU(_FixedActivation):
     ``J = diag(1 or slope)``."""
 
     def __init__(self, negative_slope: float = 0.3, **kwargs: Any):
+        if "alpha" in kwargs:  # Keras 2's name, which Keras 3 still accepts with a warning
+            negative_slope = kwargs.pop("alpha")
+            warnings.warn(
+                "LeakyReLU: argument `alpha` is deprecated. Use `negative_slope` instead.",
+                stacklevel=2,
+            )
         super().__init__(activations.LeakyReLU(negative_slope), **kwargs)
+
+    @property
+    def negative_slope(self) -> float:
+        """The slope for ``z <= 0``."""
+        return self.activation.negative_slope
+
+    @negative_slope.setter
+    def negative_slope(self, value: float) -> None:
+        self._replace(negative_slope=value)
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
@@ -116,6 +180,15 @@ class ELU(_FixedActivation):
 
     def __init__(self, alpha: float = 1.0, **kwargs: Any):
         super().__init__(activations.ELU(alpha), **kwargs)
+
+    @property
+    def alpha(self) -> float:
+        """``alpha`` in ``alpha (e^z - 1)``."""
+        return self.activation.alpha
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        self._replace(alpha=value)
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
@@ -133,6 +206,15 @@ class GELU(_FixedActivation):
     def __init__(self, approximate: bool = False, **kwargs: Any):
         super().__init__(activations.GELU(approximate), **kwargs)
 
+    @property
+    def approximate(self) -> bool:
+        """Whether the tanh approximation is used."""
+        return self.activation.approximate
+
+    @approximate.setter
+    def approximate(self, value: bool) -> None:
+        self._replace(approximate=value)
+
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
 class Swish(_FixedActivation):
@@ -148,6 +230,11 @@ class Softmax(_FixedActivation):
 
     Args:
         axis: only ``-1`` (the last axis) is supported.
+
+    ``call(inputs, mask=None)``: as Keras' ``Softmax``, a mask broadcastable to ``inputs`` (True
+    or > 0.5: keep) sets the logits it drops to a large negative number and their outputs to 0,
+    so each row is the softmax of the entries kept. The Jacobian is then ``diag(s) - s s^T`` with
+    ``s`` zero on the dropped entries: the softmax's over the kept entries, zero elsewhere.
     """
 
     def __init__(self, axis: int = -1, **kwargs: Any):
@@ -157,3 +244,51 @@ class Softmax(_FixedActivation):
                 "last (e.g. with keras.layers.Permute) or use axis=-1."
             )
         super().__init__(activations.Softmax(), **kwargs)
+
+    @property
+    def axis(self) -> int:
+        """The softmax axis: always ``-1``."""
+        return -1
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "axis": self.axis}
+
+    def call(self, inputs: tf.Tensor, mask: tf.Tensor | None = None) -> tf.Tensor:
+        """``softmax(inputs)``, or with ``mask`` the masked softmax (class docstring)."""
+        if mask is None:
+            return super().call(inputs)
+        mask = _broadcastable_mask(mask, inputs, self.name)
+        return route(Map(_masked_forward, _masked_forward, _masked_backward), inputs, [], [mask])
+
+
+def _broadcastable_mask(mask: Any, inputs: tf.Tensor, name: str) -> tf.Tensor:
+    """``mask`` as a bool tensor, checked as Keras' Softmax checks it (each axis, aligned from the
+    right, is 1 or the input's; no more axes than the input)."""
+    mask = tf.convert_to_tensor(mask)
+    fits = len(mask.shape) <= len(inputs.shape) and all(
+        m is None or i is None or m in (1, i)
+        for m, i in zip(mask.shape[::-1], inputs.shape[::-1], strict=False)
+    )
+    if not fits:
+        raise ValueError(
+            f"Softmax '{name}': the mask must be broadcastable to the inputs (each axis, aligned "
+            f"from the right, 1 or the input's), got inputs.shape={tuple(inputs.shape)} and "
+            f"mask.shape={tuple(mask.shape)}. Give a mask of shape {tuple(inputs.shape)} or one "
+            "with 1 on the axes to broadcast."
+        )
+    return mask if mask.dtype == tf.bool else mask > tf.cast(0.5, mask.dtype)
+
+
+def _masked_forward(z: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
+    """Keras' masked softmax in stock ops: dropped logits set to ``-1e9`` (``-3e4`` in
+    float16), dropped outputs to 0."""
+    large_negative = -3e4 if z.dtype == tf.float16 else -1e9
+    s = tf.nn.softmax(tf.where(mask, z, tf.cast(large_negative, z.dtype)), axis=-1)
+    return tf.where(mask, s, tf.zeros_like(s))
+
+
+def _masked_backward(
+    dy: tf.Tensor, z: tf.Tensor, s: tf.Tensor, mask: tf.Tensor
+) -> tuple[tf.Tensor, list]:
+    """``(diag(s) - s s^T) delta = s * (delta - <s, delta>)``; ``s`` is 0 on dropped entries."""
+    return activations.Softmax().backward(dy, z, s)
