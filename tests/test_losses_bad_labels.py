@@ -6,9 +6,8 @@ label outside ``[0, 1]``, inside ``fit``:
 * in graph mode stops the step with an error naming the offending value and the class count,
   before the optimizer applies anything: the weights (and Adam's moments) are bit-identical to
   what they were before the step;
-* under XLA, where assertions are compiled away, gives the step an exactly zero gradient and a NaN
-  loss: under plain SGD the weights are bit-identical to training without that step, under any
-  optimizer they stay finite, and the logged loss says NaN.
+* under XLA, where assertions are compiled away, the step applies nothing (its gradient is zero
+  and the optimizer's update is skipped) and fit stops right after it with the same error.
 """
 
 import keras
@@ -180,47 +179,76 @@ def test_xla_step_gets_a_zero_gradient_and_a_nan_loss(from_logits, reference):
     np.testing.assert_array_equal(g.numpy(), np.zeros((3, 4)))
 
 
-def test_xla_fit_stops_right_after_the_bad_step():
-    """Under XLA the step with the bad label cannot stop itself: it applies an exactly zero
-    gradient (plain SGD: the weights stay bit-identical), and the next step raises before it
-    runs, naming the value and the class count. The weights equal a twin's trained on the
-    batches before the bad one."""
+def _twin_trained_on(x, y, optimizer):
+    twin = _model(_sparse(True), optimizer=optimizer, jit_compile=True)
+    twin.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False)
+    return twin
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [lambda: keras.optimizers.SGD(0.1), lambda: keras.optimizers.SGD(0.1, momentum=0.9), "adam"],
+    ids=["sgd", "momentum", "adam"],
+)
+def test_xla_fit_applies_nothing_and_stops_right_after_the_bad_step(optimizer):
+    """Under XLA the step with the bad label cannot stop itself: it applies nothing (weights,
+    momentum or Adam's moments, step counter: bit-identical to a twin trained on the batches
+    before it), and fit raises right after it, naming the value and the class count."""
+    make = optimizer if callable(optimizer) else (lambda: optimizer)
     x, y = _data(BATCH + 1, 7.0)
-    model = _model(_sparse(True), optimizer=keras.optimizers.SGD(0.1), jit_compile=True)
+    model = _model(_sparse(True), optimizer=make(), jit_compile=True)
     with pytest.raises(tf.errors.InvalidArgumentError) as err:
         model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False)
     message = str(err.value)
-    assert f"y_pred has {C} classes" in message and "found y_true =] [7]" in message
+    assert f"y_pred has {C} classes" in message and "found y_true = 7 " in message
     assert "XLA" in message
-    twin = _model(_sparse(True), optimizer=keras.optimizers.SGD(0.1), jit_compile=True)
-    twin.fit(x[:BATCH], y[:BATCH], batch_size=BATCH, epochs=1, verbose=0, shuffle=False)
+    twin = _twin_trained_on(x[:BATCH], y[:BATCH], make())
     _assert_bit_equal(_weights(twin), _weights(model))
+    _assert_bit_equal(_optimizer_state(twin), _optimizer_state(model))
+    assert int(model.optimizer.iterations) == 1
     # Reported once: with the label fixed, training goes on.
     y[BATCH + 1] = 0.0
     history = model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False)
     assert np.isfinite(history.history["loss"]).all()
 
 
-def test_xla_fit_with_the_bad_label_in_the_last_batch_raises_at_the_next_call():
-    """No step follows the last batch: that fit ends with a NaN loss logged and finite weights,
-    and the next call of the compiled step (here ``evaluate``) raises."""
+def test_xla_fit_with_the_bad_label_in_the_last_batch_stops_after_it():
+    """The last batch is reported too: fit raises right after it, having applied nothing."""
     x, y = _data(2 * BATCH + 3, 2.5)
     model = _model(_sparse(True), jit_compile=True)
-    history = model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False)
-    assert np.isnan(history.history["loss"][0])
-    assert all(np.isfinite(w).all() for w in _weights(model))
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r"found y_true =\] \[2.5\]"):
-        model.evaluate(x[:BATCH], y[:BATCH], verbose=0)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"found y_true = 2\.5 "):
+        model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False)
+    twin = _twin_trained_on(x[: 2 * BATCH], y[: 2 * BATCH], "adam")
+    _assert_bit_equal(_weights(twin), _weights(model))
+    _assert_bit_equal(_optimizer_state(twin), _optimizer_state(model))
 
 
-def test_xla_fit_with_adam_keeps_the_first_step_still_and_stops():
-    """Adam's first step with a zero gradient moves nothing (its moments are zero)."""
-    x, y = _data(3, -1.0, n=2 * BATCH)
+def test_xla_evaluate_and_train_on_batch_stop_on_a_bad_label():
+    x, y = _data(3, -1.0, n=BATCH)
     model = _model(_sparse(True), jit_compile=True)
     before = _weights(model)
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r"found y_true =\] \[-1\]"):
-        model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"found y_true = -1 "):
+        model.evaluate(x, y, verbose=0)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"found y_true = -1 "):
+        model.train_on_batch(x, y)
     _assert_bit_equal(before, _weights(model))
+    # Nothing is left over: a good batch runs.
+    y[3] = 0.0
+    assert np.isfinite(model.train_on_batch(x, y))
+
+
+def test_mixed_precision_xla_fit_applies_nothing_on_a_bad_label():
+    """Under a loss-scaled optimizer the inner optimizer's update is skipped the same way."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        x, y = _data(BATCH + 2, 9.0)
+        model = _model(_sparse(True), jit_compile=True)
+        with pytest.raises(tf.errors.InvalidArgumentError, match=r"found y_true = 9 "):
+            model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False)
+        twin = _twin_trained_on(x[:BATCH], y[:BATCH], "adam")
+        _assert_bit_equal(_weights(twin), _weights(model))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
 
 
 @pytest.mark.parametrize(

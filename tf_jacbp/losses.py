@@ -43,16 +43,15 @@ cross entropies: values in ``[0, 1]``) are checked on every call:
 * under XLA (``jit_compile=True``), which compiles assertions away (measured: TensorFlow 2.21
   runs a compiled ``tf.debugging.Assert`` and ``check_numerics`` as no-ops), the step cannot stop
   itself. It gets an exactly zero gradient with respect to ``y_pred`` (every position, not just
-  the bad one) and a NaN value at the offending positions, so the logged loss says NaN; the
-  label is recorded in a variable of the loss, and the next call of the compiled step (the next
-  batch, or ``evaluate``/``fit`` after a bad last batch) raises ``InvalidArgumentError`` naming
-  it before that step runs (``_report_after_xla_step``). A zero gradient leaves the weights
-  bit-identical under plain SGD and on an optimizer's first step; an optimizer with state
-  (momentum, Adam) moves them once more by its momentum, as for any zero-gradient step, and
-  they stay finite. With the last batch bad and no later call, nothing raises: the NaN in the
-  logs is then the only sign (``keras.callbacks.TerminateOnNaN`` stops on it).
+  the bad one) and a NaN value at the offending positions, and the label is recorded in a
+  variable of the loss (``_report_after_xla_step``). The optimizer's ``apply`` in that step is
+  conditional on the record (tf_jacbp wraps ``keras.optimizers.Optimizer.apply``): the step
+  applies nothing, so weights, optimizer slots (momentum, Adam's moments) and step counter stay
+  bit-identical. Right after the step, ``fit``, ``evaluate`` and the ``*_on_batch`` methods raise
+  ``InvalidArgumentError`` naming the label and ``C`` (the last batch included). A compiled step
+  called from a loop of one's own raises at its next call instead.
 
-In every case the optimizer's step counter (``optimizer.iterations``) may count the stopped step:
+In graph mode the optimizer's step counter (``optimizer.iterations``) may count the stopped step:
 its increment does not wait for the gradient, in stock Keras either.
 
 Inside ``tf_jacbp.reference_mode()`` each loss computes the same value with stock TensorFlow ops
@@ -61,6 +60,8 @@ and autodiff differentiates it (the label checks are the same on both routes).
 
 from __future__ import annotations
 
+import functools
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -69,7 +70,7 @@ from tensorflow.python.framework.func_graph import FuncGraph
 from tensorflow.python.ops.control_flow_util import GraphOrParentsInXlaContext
 
 from tf_jacbp._backend import keras, tf
-from tf_jacbp.route import Map, in_reference_mode, route
+from tf_jacbp.route import Map, after_each_step, in_reference_mode, route
 
 
 def _fused(
@@ -201,6 +202,12 @@ def _guard_labels(y: tf.Tensor, ok: tf.Tensor, loss: keras.losses.Loss, rule: st
     return _Guard(y, ok, all_ok)
 
 
+# Under XLA (``_report_after_xla_step``): the label records each traced step graph writes, and
+# the losses whose records a compiled step may have written.
+_records_of_graph: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_armed_losses: weakref.WeakSet = weakref.WeakSet()
+
+
 def _report_after_xla_step(
     loss: keras.losses.Loss,
     all_ok: tf.Tensor,
@@ -208,28 +215,33 @@ def _report_after_xla_step(
     count: tf.Tensor,
     message: str,
 ) -> None:
-    """Under XLA, raise the label error right before the next step of the calling function.
+    """Under XLA, record a bad label so that nothing is updated and the loop stops after the step.
 
     A step compiled with XLA cannot stop itself (assertions are compiled away). It records
-    ``[1, first offending value, count]`` in a variable of the loss instead, and an assertion is
-    placed in the function that calls the compiled step (in ``fit``, Keras' uncompiled loop
-    around it), ordered before the call through the variable: the next call of the step (the
-    next batch, the next ``fit``, or ``evaluate``'s first batch, whose compiled step reads the
-    same variable) raises ``InvalidArgumentError`` with the recorded value and resets the record.
-    Does nothing outside XLA, when the compiled step is called eagerly (no calling graph), or
-    under a ``tf.distribute`` strategy.
+    ``[1, first offending value, count]`` in a variable of the loss instead, and then:
+
+    * the optimizer's ``apply`` traced in the same step applies nothing when a record is set
+      (``_no_update_after_bad_labels``): weights, optimizer slots and step counter unchanged;
+    * right after the step returns to Python, ``fit``/``evaluate``/``*_on_batch`` raise
+      ``InvalidArgumentError`` with the recorded value (``_raise_recorded_bad_labels``, run by
+      ``tf_jacbp.route.after_each_step``) and reset the record;
+    * for compiled steps called from a function of one's own, an assertion is placed in the
+      calling function, ordered before the call through the variable: its next call raises.
+
+    Does nothing outside XLA or under a ``tf.distribute`` strategy.
     """
     graph = tf.compat.v1.get_default_graph()
-    outer = getattr(graph, "outer_graph", None)
-    if (
-        not GraphOrParentsInXlaContext(graph)
-        or not isinstance(outer, FuncGraph)
-        or tf.distribute.has_strategy()
-    ):
+    if not GraphOrParentsInXlaContext(graph) or tf.distribute.has_strategy():
         return
     record = loss._bad_label_record
     seen = tf.stack([1.0, tf.cast(first_bad, tf.float64), tf.cast(count, tf.float64)])
     record.assign(tf.where(all_ok, record, seen))
+    _records_of_graph.setdefault(graph, []).append(record)
+    _armed_losses.add(loss)
+    loss._bad_label_message = message
+    outer = getattr(graph, "outer_graph", None)
+    if not isinstance(outer, FuncGraph):
+        return
     with outer.as_default():
         previous = record.read_value()
         with tf.control_dependencies([previous]):
@@ -243,12 +255,61 @@ def _report_after_xla_step(
                     "(offending values:",
                     previous[2],
                     "). The batch came in a step compiled with XLA, which cannot stop itself: that "
-                    "step applied a zero gradient, and this, the next step, stopped before "
-                    "running.",
+                    "step applied no update, and this, the next step, stopped before running.",
                 ],
             )
         with tf.control_dependencies([check]):
             record.read_value()  # the next use of ``record``, the compiled step, waits for this
+
+
+def _raise_recorded_bad_labels() -> None:
+    """Raise ``InvalidArgumentError`` for a bad label a compiled step recorded (and reset it)."""
+    for loss in list(_armed_losses):
+        record = loss._bad_label_record
+        flag, value, count = record.numpy()
+        if flag:
+            record.assign(tf.zeros([3], tf.float64))
+            raise tf.errors.InvalidArgumentError(
+                None,
+                None,
+                f"{loss._bad_label_message}; found y_true = {value:g} ({count:g} offending "
+                "value(s)). The batch came in a step compiled with XLA, which cannot stop itself: "
+                "that step applied no update (weights and optimizer state unchanged), and the "
+                "loop stopped right after it.",
+            )
+
+
+def _no_update_after_bad_labels(apply: Callable) -> Callable:
+    """Keras' ``Optimizer.apply`` made conditional, in a step compiled with XLA whose loss
+    recorded bad labels, on no label being bad (``_report_after_xla_step``)."""
+
+    @functools.wraps(apply)
+    def apply_unless_a_label_was_bad(self, grads, trainable_variables=None):
+        records, graph = None, tf.compat.v1.get_default_graph()
+        while records is None and graph is not None:  # ``apply`` may run in a branch's graph
+            records, graph = _records_of_graph.get(graph), getattr(graph, "outer_graph", None)
+        if not records or len(grads) == 0 or (trainable_variables is None and not self.built):
+            return apply(self, grads, trainable_variables)
+        if not self.built:  # create the slots outside the condition, as ``apply`` would
+            with keras.name_scope(self.name, caller=self):
+                self.build(list(trainable_variables))
+            self.built = True
+        good = tf.reduce_all(tf.stack([tf.equal(r[0], 0.0) for r in records]))
+        tf.cond(good, lambda: apply(self, grads, trainable_variables), lambda: None)
+
+    apply_unless_a_label_was_bad.tf_jacbp_wrapped = apply
+    return apply_unless_a_label_was_bad
+
+
+def _stop_keras_on_bad_labels_under_xla() -> None:
+    """Wrap ``keras.optimizers.Optimizer.apply`` once and check after every Keras step."""
+    apply = keras.optimizers.Optimizer.apply
+    if not hasattr(apply, "tf_jacbp_wrapped"):
+        keras.optimizers.Optimizer.apply = _no_update_after_bad_labels(apply)
+    after_each_step(_raise_recorded_bad_labels)
+
+
+_stop_keras_on_bad_labels_under_xla()
 
 
 def _guard_unit_interval(y: tf.Tensor, loss: keras.losses.Loss, rank: int | None) -> _Guard:

@@ -155,9 +155,36 @@ def route(
 _made_in: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+# Checks run in Python after every call of a step function Keras made (``after_each_step``).
+_after_step: list[Callable[[], None]] = []
+
+
+def after_each_step(check: Callable[[], None]) -> None:
+    """Run ``check()`` after every call of ``model.train_function`` and ``model.test_function``
+    (``fit``, ``evaluate``, ``*_on_batch``): it may raise to stop the loop right after a step.
+    The losses use it to report a bad label seen in a step compiled with XLA, which cannot stop
+    itself (``tf_jacbp.losses``)."""
+    if check not in _after_step:
+        _after_step.append(check)
+
+
+def _checked(function: Callable) -> Callable:
+    """``function`` followed by every check of ``after_each_step``."""
+
+    @functools.wraps(function)
+    def step_then_check(*args, **kwargs):
+        result = function(*args, **kwargs)
+        for check in _after_step:
+            check()
+        return result
+
+    return step_then_check
+
+
 def _remade_on_switch(make: Callable, attribute: str) -> Callable:
     """``make`` (e.g. ``keras.Model.make_train_function``) forced to make a new function when the
-    cached ``model.<attribute>`` was made in the other mode."""
+    cached ``model.<attribute>`` was made in the other mode; a new train or test function is
+    followed by the checks of ``after_each_step``."""
 
     @functools.wraps(make)
     def make_for_this_mode(self, force: bool = False):
@@ -168,6 +195,10 @@ def _remade_on_switch(make: Callable, attribute: str) -> Callable:
         result = make(self, force)
         made = getattr(self, attribute, None)
         if made is not None and made is not cached:
+            if attribute != "predict_function":
+                made = _checked(made)
+                setattr(self, attribute, made)
+                result = made if result is not None else None
             _made_in[made] = mode
         return result
 
