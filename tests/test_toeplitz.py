@@ -6,7 +6,7 @@ import tensorflow as tf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tf_jacbp import toeplitz, tolerances
+from tf_jacbp import geometry, toeplitz, tolerances
 from tf_jacbp.layout import vec_parameter
 
 
@@ -17,7 +17,7 @@ def conv_configs(draw, max_size=9):
     kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
     strides = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
     dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
-    padding = draw(st.sampled_from(toeplitz.PADDINGS))
+    padding = draw(st.sampled_from(geometry.PADDINGS))
     lows = (
         [1, 1]
         if padding == "same"
@@ -130,29 +130,6 @@ def test_lemma_2_the_papers_4_by_9_matrix():
         ]
     )
     np.testing.assert_array_equal(toeplitz.conv_matrix(kernel, (3, 3, 1)), expected)
-
-
-@pytest.mark.parametrize(
-    "size, kernel, stride, dilation, expected",
-    [
-        (5, 3, 1, 1, (1, 1)),
-        (4, 2, 1, 1, (0, 1)),  # even kernel: the extra zero goes after
-        (6, 4, 2, 1, (1, 1)),
-        (5, 4, 2, 1, (1, 2)),
-        (7, 3, 3, 1, (1, 1)),
-        (5, 3, 1, 2, (2, 2)),
-        (8, 1, 3, 1, (0, 0)),
-    ],
-)
-def test_same_padding_is_tensorflows_rule(size, kernel, stride, dilation, expected):
-    assert toeplitz.same_padding(size, kernel, stride, dilation) == expected
-    k = tf.ones((kernel, 1, 1, 1), tf.float64)
-    x = tf.reshape(tf.range(1, size + 1, dtype=tf.float64), [1, size, 1, 1])
-    y = tf.nn.conv2d(x, k, (stride, 1), "SAME", dilations=(dilation, 1))
-    before, _ = expected
-    first_window = [i for i in range(-before, -before + (kernel - 1) * dilation + 1, dilation)]
-    assert y[0, 0, 0, 0] == sum(i + 1 for i in first_window if 0 <= i < size)
-    assert toeplitz.output_size(size, kernel, stride, "same", dilation) == y.shape[1]
 
 
 @pytest.mark.parametrize(

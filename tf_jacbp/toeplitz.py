@@ -8,13 +8,15 @@ shape ``(kh, kw, C, F)``:
 
 ``vec`` being the row-major flattening of ``tf_jacbp.layout``: row ``(i, j, f)`` of ``T`` is an
 output position, column ``(i', j', c)`` an input position. Entry by entry, with strides ``s``,
-dilation ``d`` and the padding ``pad_top``, ``pad_left`` of ``same_padding`` (zero for "valid"):
+dilation ``d`` and the padding ``pad_top``, ``pad_left`` of ``tf_jacbp.geometry.padding_before``:
 
     T[(i, j, f), (i', j', c)] = K[p, q, c, f]   if i' = i s_h - pad_top + p d_h  (0 <= p < kh)
                                                 and j' = j s_w - pad_left + q d_w (0 <= q < kw),
                               = 0               otherwise.
 
 Lemma 2's ``3 x 3`` input and ``2 x 2`` kernel give the ``4 x 9`` matrix of docs/math.md.
+The window arithmetic (taps, paddings, output sizes, argument checks) is
+``tf_jacbp.geometry``'s, shared with the pooling layers; this module builds ``T`` from it.
 
 The map from entries of ``T`` to entries of ``Vec(K)`` (``tf_jacbp.layout``: column-major over
 the kernel as stored) depends only on the shapes, so ``ConvIndex`` computes it once in NumPy
@@ -53,6 +55,16 @@ from typing import Any
 import numpy as np
 
 from tf_jacbp._backend import tf
+from tf_jacbp.geometry import (  # noqa: F401 (PADDINGS, as_pair, ... stay importable from here)
+    PADDINGS,
+    PADDINGS_1D,
+    as_pair,
+    axis_taps,
+    check_padding,
+    check_window_fits,
+    output_size,
+    same_padding,
+)
 from tf_jacbp.layout import vec_index, vec_parameter
 
 DEFAULT_BUDGET_BYTES = 256 * 2**20
@@ -81,8 +93,6 @@ bytes for sizes from 64 x 64 to 384 x 384 (the more often a step reads the maps,
 STEP_OVERHEAD_BYTES = 4 * 2**20
 """What tracing a new layer's training step costs whatever its size (measured: 1.5-2.5 MiB)."""
 
-PADDINGS = ("valid", "same")
-
 _budget_bytes: int | None = None
 
 
@@ -110,105 +120,6 @@ def check_budget(budget: Any, owner: str) -> int:
             f"{budget!r}. For example 256 * 2**20 for 256 MiB."
         )
     return int(budget)
-
-
-def as_pair(value: Any, name: str, owner: str) -> tuple[int, int]:
-    """``value`` (an int or a pair of ints, all >= 1) as ``(height, width)``.
-
-    Raises a ValueError naming ``name`` and the value otherwise.
-    """
-    pair = (value, value) if isinstance(value, int | np.integer) else value
-    try:
-        pair = tuple(pair)
-    except TypeError:
-        pair = None
-    if (
-        pair is None
-        or len(pair) != 2
-        or any(isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1 for v in pair)
-    ):
-        raise ValueError(
-            f"{owner}: {name} must be a positive integer or a pair of positive integers "
-            f"(height, width), got {name}={value!r}."
-        )
-    return int(pair[0]), int(pair[1])
-
-
-def check_padding(padding: Any, owner: str) -> str:
-    """``"valid"`` or ``"same"`` (any case), lower-cased; else a ValueError naming ``padding``."""
-    if isinstance(padding, str) and padding.lower() in PADDINGS:
-        return padding.lower()
-    raise ValueError(
-        f"{owner}: padding must be 'valid' or 'same', got padding={padding!r}. ('valid': no "
-        "padding; 'same': TensorFlow's zero padding to ceil(size / stride) outputs.)"
-    )
-
-
-def same_padding(size: int, kernel_size: int, stride: int, dilation: int = 1) -> tuple[int, int]:
-    """TensorFlow's "same" padding of one axis: ``(pad_before, pad_after)``.
-
-    With ``out = ceil(size / stride)``:
-    ``pad_total = max((out - 1) stride + (kernel_size - 1) dilation + 1 - size, 0)``,
-    ``pad_before = pad_total // 2``, and the odd one out goes after (even kernels, strides).
-    """
-    out = -(-size // stride)
-    total = max((out - 1) * stride + (kernel_size - 1) * dilation + 1 - size, 0)
-    return total // 2, total - total // 2
-
-
-def output_size(size: int, kernel_size: int, stride: int, padding: str, dilation: int = 1) -> int:
-    """Outputs along one axis: ``ceil(size / stride)`` for "same", else
-    ``(size - (k - 1) dilation - 1) // stride + 1`` (at least one window must fit: see
-    ``axis_taps``)."""
-    if padding == "same":
-        return -(-size // stride)
-    return (size - (kernel_size - 1) * dilation - 1) // stride + 1
-
-
-def check_window_fits(
-    input_shape: Sequence[int],
-    window: Sequence[int],
-    padding: str,
-    owner: str,
-    name: str = "kernel_size",
-    dilation_rate: Sequence[int] | None = None,
-) -> None:
-    """The one check that a "valid" window fits the input: a ValueError naming ``name``, the
-    sizes and the fix when the dilated window ``(k - 1) d + 1`` spans more than the input along
-    the height or the width (then there is no output). ``input_shape`` starts ``(H, W, ...)``;
-    ``window`` is ``(kh, kw)`` (a kernel's or a pool's), ``dilation_rate`` a kernel's (None for a
-    pool: 1)."""
-    if padding != "valid":
-        return
-    dilation = (1,) * len(window) if dilation_rate is None else tuple(dilation_rate)
-    axis_names = ("height", "width") if len(window) == 2 else ("axis",) * len(window)
-    for axis, axis_name in enumerate(axis_names):
-        extent = (window[axis] - 1) * dilation[axis] + 1
-        if input_shape[axis] < extent:
-            spans = f"{name} {tuple(window)}"
-            if dilation_rate is not None:
-                spans += f" with dilation_rate {dilation}"
-            raise ValueError(
-                f"{owner}: {spans} spans {extent} along the {axis_name}, more than the input's "
-                f"{input_shape[axis]} (input_shape={tuple(input_shape)}), so padding='valid' has "
-                f"no output. Use padding='same', a smaller {name}, or a larger input."
-            )
-
-
-def axis_taps(
-    size: int, kernel_size: int, stride: int, padding: str, dilation: int = 1
-) -> np.ndarray:
-    """Which input coordinate each kernel tap reads, along one axis: ``(out, kernel_size)`` ints.
-
-    Entry ``[o, t]`` is ``o stride - pad_before + t dilation``, or ``-1`` where that falls in the
-    padding. Raises a ValueError (``check_window_fits``) when a "valid" axis is shorter than the
-    dilated kernel.
-    """
-    check_window_fits((size,), (kernel_size,), padding, "axis_taps", "kernel_size", (dilation,))
-    before = same_padding(size, kernel_size, stride, dilation)[0] if padding == "same" else 0
-    out = output_size(size, kernel_size, stride, padding, dilation)
-    taps = np.arange(out)[:, None] * stride - before + np.arange(kernel_size)[None, :] * dilation
-    return np.where((taps >= 0) & (taps < size), taps, -1)
 
 
 def _inverse_taps(taps: np.ndarray, size: int) -> np.ndarray:
@@ -554,7 +465,7 @@ def validate(
         )
     strides = as_pair(strides, "strides", owner)
     dilation_rate = as_pair(dilation_rate, "dilation_rate", owner)
-    padding = check_padding(padding, owner)
+    padding = check_padding(padding, owner, PADDINGS_1D)
     check_window_fits(input_shape, kernel_shape[:2], padding, owner, "kernel_size", dilation_rate)
     return (
         tuple(int(n) for n in kernel_shape),
@@ -645,7 +556,8 @@ def conv_matrix(
         kernel: ``K``, ``(kh, kw, C_in, C_out)`` (Keras' kernel layout).
         input_shape: ``(H, W, C_in)`` of one channels_last input (no batch axis).
         strides, dilation_rate: an int or ``(height, width)``, all >= 1.
-        padding: ``"valid"`` or ``"same"`` (TensorFlow's rule, ``same_padding``).
+        padding: ``"valid"``, ``"same"`` (TensorFlow's rule) or ``"causal"`` (``(k - 1) d`` zeros
+            before, along each axis), as in ``tf_jacbp.geometry``.
         budget_bytes: refuse a ``T`` larger than this (default ``get_budget_bytes()``).
 
     Returns:

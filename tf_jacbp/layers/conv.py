@@ -23,42 +23,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from tf_jacbp import activations, toeplitz
+from tf_jacbp import activations, geometry, toeplitz
 from tf_jacbp._backend import keras, tf
+from tf_jacbp.geometry import check_channels_last, image_shape
 from tf_jacbp.layers.base import _KernelBiasLayer, as_float_tensor
 from tf_jacbp.layout import unvec_parameter_batch, vec_index
 
 BIAS_MODES = ("tied", "untied")
-
-
-def check_channels_last(data_format: Any, owner: str) -> str:
-    """``"channels_last"`` for ``data_format`` None (Keras' global setting) or "channels_last"."""
-    resolved = keras.config.image_data_format() if data_format is None else data_format
-    if resolved != "channels_last":
-        raise ValueError(
-            f"{owner}: only data_format='channels_last' (batch, height, width, channels) is "
-            f"supported, got data_format={data_format!r} (resolved to {resolved!r}); tf_jacbp's "
-            "vec and Toeplitz layouts are defined for channels_last. Transpose the input with "
-            "keras.layers.Permute((2, 3, 1)) and use channels_last."
-        )
-    return resolved
-
-
-def image_shape(input_shape: tuple, owner: str) -> tuple[int, int, int]:
-    """``(H, W, C)`` of a ``(batch, H, W, C)`` input shape, all known; a ValueError otherwise."""
-    if len(input_shape) != 4:
-        raise ValueError(
-            f"{owner} expects inputs of shape (batch, height, width, channels), got input shape "
-            f"{tuple(input_shape)} (rank {len(input_shape)}). Add a channel axis to images, e.g. "
-            "x[..., None] or keras.layers.Reshape((28, 28, 1))."
-        )
-    if any(n is None for n in input_shape[1:]):
-        raise ValueError(
-            f"{owner} needs a known height, width and channel count, got input shape "
-            f"{tuple(input_shape)}; the Toeplitz matrix and index maps are built for fixed sizes. "
-            "Give keras.Input a full shape, e.g. keras.Input((28, 28, 1))."
-        )
-    return tuple(int(n) for n in input_shape[1:])
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
@@ -139,16 +110,16 @@ class Conv2D(_KernelBiasLayer):
                 f"output entry, the paper's B_i), got bias={bias!r}."
             )
         self.filters = filters
-        self.kernel_size = toeplitz.as_pair(kernel_size, "kernel_size", "Conv2D")
-        self.strides = toeplitz.as_pair(strides, "strides", "Conv2D")
-        self.dilation_rate = toeplitz.as_pair(dilation_rate, "dilation_rate", "Conv2D")
+        self.kernel_size = geometry.as_pair(kernel_size, "kernel_size", "Conv2D")
+        self.strides = geometry.as_pair(strides, "strides", "Conv2D")
+        self.dilation_rate = geometry.as_pair(dilation_rate, "dilation_rate", "Conv2D")
         if max(self.strides) > 1 and max(self.dilation_rate) > 1:
             raise ValueError(
                 f"Conv2D: strides > 1 together with dilation_rate > 1 is not supported (as in "
                 f"Keras), got strides={self.strides} and dilation_rate={self.dilation_rate}. Set "
                 "one of them to 1."
             )
-        self.padding = toeplitz.check_padding(padding, "Conv2D")
+        self.padding = geometry.check_padding(padding, "Conv2D")
         self.data_format = check_channels_last(data_format, "Conv2D")
         self.groups = groups
         self.activation = activations.get(activation)
@@ -337,8 +308,8 @@ class Conv2D(_KernelBiasLayer):
         out_h, out_w = self.conv_index.output_shape[:2]
         (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.strides, self.dilation_rate
         if self.padding == "same":
-            pad_h = toeplitz.same_padding(height, kh, sh, dh)
-            pad_w = toeplitz.same_padding(width, kw, sw, dw)
+            pad_h = geometry.same_padding(height, kh, sh, dh)
+            pad_w = geometry.same_padding(width, kw, sw, dw)
             x = tf.pad(x, [[0, 0], list(pad_h), list(pad_w), [0, 0]])
         views = [
             x[
@@ -371,7 +342,7 @@ class Conv2D(_KernelBiasLayer):
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         sizes = [
-            None if n is None else toeplitz.output_size(n, k, s, self.padding, d)
+            None if n is None else geometry.output_size(n, k, s, self.padding, d)
             for n, k, s, d in zip(
                 input_shape[1:3], self.kernel_size, self.strides, self.dilation_rate, strict=True
             )
