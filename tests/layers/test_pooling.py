@@ -8,7 +8,8 @@ import tensorflow as tf
 
 from tf_jacbp import tolerances
 from tf_jacbp.layers.flatten import Flatten
-from tf_jacbp.layers.pooling import AveragePooling2D, MaxPooling2D, transpose_index
+from tf_jacbp.layers.pool_windows import transpose_index, window_maps
+from tf_jacbp.layers.pooling import AveragePooling2D, MaxPooling2D, _Pooling
 from tf_jacbp.testing import check_layer as run_layer_test
 
 POOLS = [
@@ -192,10 +193,8 @@ def test_flatten_channels_first_is_an_error():
 def test_tiled_max_pooling_backward_equals_the_gather_route(input_shape, kwargs, ties):
     """Windows that tile the input (``strides == pool_size``, "valid") take the reshape route;
     it selects exactly what the general route's gathers select, op by op and compiled."""
-    from tf_jacbp.layers.pooling import _Pooling2D
-
     layer = _built(MaxPooling2D, input_shape, **kwargs)
-    assert layer.tiled
+    assert window_maps(*input_shape[:2], layer.pool_size, layer.strides, "valid").tiled
     rng = np.random.default_rng(2)
     values = (
         rng.integers(0, 3, size=(3, *input_shape)) if ties else rng.normal(size=(3, *input_shape))
@@ -203,6 +202,6 @@ def test_tiled_max_pooling_backward_equals_the_gather_route(input_shape, kwargs,
     x = tf.constant(values.astype("float64"))
     y = layer.forward(x)
     dy = tf.constant(rng.normal(size=y.shape))
-    general = _Pooling2D.input_gradient(layer, dy, x, y)
+    general = _Pooling.input_gradient(layer, dy, x, y)
     np.testing.assert_array_equal(layer.input_gradient(dy, x, y), general)
     np.testing.assert_array_equal(tf.function(layer.backward)(dy, x, y)[0], general)

@@ -2,7 +2,7 @@
 
 For one sample ``x`` of shape ``(H, W, C)`` and output ``y`` of shape ``(H_out, W_out, C)``, each
 output ``y[o, c]`` (``o`` an output position) reads the window ``S_o`` of input positions (the
-taps of ``tf_jacbp.toeplitz.axis_taps``; "same" windows may stick out into the padding, which
+taps of ``tf_jacbp.geometry.axis_taps``; "same" windows may stick out into the padding, which
 they ignore). Channels never mix, so ``J_x y`` is block diagonal over ``c``:
 
 * max: ``J[(o, c), (n, c)] = 1`` if ``n`` is the first position of ``S_o`` (row-major within the
@@ -15,9 +15,16 @@ they ignore). Channels never mix, so ``J_x y`` is block diagonal over ``c``:
   values, as ``tf.nn.avg_pool2d`` does.
 
 ``(J_x y)^T delta`` sends each ``delta[o, c]`` back to the window's selected (max) or every
-(average) position and sums where windows overlap. Both backward passes are gathers with index
-maps computed once in NumPy at build: ``window_index`` (output -> its window's inputs) and its
-transpose ``input_index`` (input -> the window slots that read it), static shapes, XLA-friendly.
+(average) position and sums where windows overlap. Both backward passes are gathers with the
+index maps of ``tf_jacbp.layers.pool_windows``: ``window_index`` (output -> its window's inputs)
+and its transpose ``input_index`` (input -> the window slots that read it), computed in NumPy
+once per image size (``window_maps``, cached: an input of unknown height or width,
+``keras.Input((None, None, C))``, gets the maps of each size it meets), static shapes,
+XLA-friendly. A graph traced for an unknown size computes the same
+``window_index`` with TensorFlow ops (``DynamicWindowMaps``) and sums with a segment sum.
+
+The 1-D layers pool a sequence ``(T, C)`` as the image ``(1, T, C)`` with windows ``(1, p)``:
+the same matrices, rows and columns in the same row-major order.
 """
 
 from __future__ import annotations
@@ -26,101 +33,78 @@ from typing import Any
 
 import numpy as np
 
-from tf_jacbp import toeplitz
 from tf_jacbp._backend import keras, tf
+from tf_jacbp.geometry import (
+    as_tuple,
+    check_channels_last,
+    check_padding,
+    check_window_fits,
+    output_size,
+    spatial_shape,
+)
 from tf_jacbp.layers.base import JacobianLayer, as_float_tensor
-from tf_jacbp.layers.conv import check_channels_last, image_shape
+from tf_jacbp.layers.pool_windows import DynamicWindowMaps, WindowMaps, window_maps
 
 
-def transpose_index(index: np.ndarray, size: int) -> np.ndarray:
-    """The transpose of a gather, as a gather: ``(O, S)`` indices in ``[0, size]`` -> ``(size, m)``.
+class _Pooling(JacobianLayer):
+    """Arguments, validation, window maps and Jacobian assembly shared by the pooling layers.
 
-    ``index[o, s]`` is an input position or ``size`` (no input). Row ``n`` of the result lists the
-    flat slots ``o S + s`` with ``index[o, s] == n``, padded with ``O S`` (an appended zero), so
-    that ``dx[n] = sum_k v[result[n, k]]`` computes ``dx = J^T v`` for ``v`` of shape ``(O S,)``.
+    The maps work on ``(batch, H, W, C)``; the 1-D layers override ``as_image``/``from_image``.
     """
-    slots = np.flatnonzero(index.reshape(-1) < size)
-    targets = index.reshape(-1)[slots]
-    counts = np.bincount(targets, minlength=size)
-    result = np.full((size, max(int(counts.max()), 1)), index.size, dtype=np.int64)
-    order = np.argsort(targets, kind="stable")
-    rank = np.arange(len(order)) - np.repeat(np.cumsum(counts) - counts, counts)
-    result[targets[order], rank] = slots[order]
-    return result
 
-
-class _Pooling2D(JacobianLayer):
-    """Shared arguments, validation, window geometry and Jacobian assembly of 2-D pooling."""
+    rank = 2
 
     def __init__(
         self,
-        pool_size: int | tuple[int, int] = (2, 2),
-        strides: int | tuple[int, int] | None = None,
+        pool_size: Any = (2, 2),
+        strides: Any = None,
         padding: str = "valid",
         data_format: str | None = None,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
         owner = type(self).__name__
-        self.pool_size = toeplitz.as_pair(pool_size, "pool_size", owner)
+        self.pool_size = self.as_window(pool_size, "pool_size", owner)
         self.strides = (
-            self.pool_size if strides is None else toeplitz.as_pair(strides, "strides", owner)
+            self.pool_size if strides is None else self.as_window(strides, "strides", owner)
         )
-        self.padding = toeplitz.check_padding(padding, owner)
+        self.padding = check_padding(padding, owner)
         self.data_format = check_channels_last(data_format, owner)
+
+    def as_window(self, value: Any, name: str, owner: str) -> tuple[int, ...]:
+        """``value`` (an int or ``rank`` ints, >= 1) as one int per spatial axis."""
+        return as_tuple(value, self.rank, name, owner)
+
+    @property
+    def window_2d(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """``(pool_size, strides)`` of the windows on the ``(H, W, C)`` image."""
+        return self.pool_size, self.strides
+
+    def as_image(self, x: tf.Tensor) -> tf.Tensor:
+        """The input as ``(batch, H, W, C)``."""
+        return x
+
+    def from_image(self, v: tf.Tensor) -> tf.Tensor:
+        """An image-shaped ``(batch, H, W, C)`` tensor in the layer's own shape."""
+        return v
 
     def build(self, input_shape: tuple) -> None:
         owner = f"{type(self).__name__} '{self.name}'"
-        height, width, channels = image_shape(input_shape, owner)
-        toeplitz.check_window_fits(
-            (height, width, channels), self.pool_size, self.padding, owner, "pool_size"
-        )
-        taps_h = toeplitz.axis_taps(height, self.pool_size[0], self.strides[0], self.padding)
-        taps_w = toeplitz.axis_taps(width, self.pool_size[1], self.strides[1], self.padding)
-        self.output_hw = (taps_h.shape[0], taps_w.shape[0])
-        self.input_hwc = (height, width, channels)
-        inside = (taps_h[:, None, :, None] >= 0) & (taps_w[None, :, None, :] >= 0)
-        # window_index[o, s]: input position (row-major (i, j)) of slot s of window o, or H W.
-        window = np.where(
-            inside, taps_h[:, None, :, None] * width + taps_w[None, :, None, :], height * width
-        )
-        self.window_index = window.reshape(self.output_hw[0] * self.output_hw[1], -1)
-        inside = inside.reshape(self.window_index.shape)
-        self.window_counts = inside.sum(axis=1)
-        # (P, S): True at each window's first slot inside the input.
-        self.first_inside = np.arange(inside.shape[1]) == np.argmax(inside, axis=1)[:, None]
-        self.input_index = transpose_index(self.window_index, height * width)
-        self.index_tensors = toeplitz.IndexTensors(
-            window_index=self.window_index.astype(np.int32),
-            input_index=self.input_index.astype(np.int32),
-        )
-        self.input_spec = keras.layers.InputSpec(ndim=4, axes={1: height, 2: width, -1: channels})
-        # The windows tile the input (no overlap, no padding): its reshape holds them as axes.
-        self.tiled = self.strides == self.pool_size and self.padding == "valid"
+        sizes = spatial_shape(input_shape, self.rank, owner, allow_unknown=True)
+        if None not in sizes:
+            check_window_fits(sizes, self.pool_size, self.padding, owner, "pool_size")
+        axes = {axis + 1: n for axis, n in enumerate(sizes) if n is not None}
+        self.input_spec = keras.layers.InputSpec(ndim=self.rank + 2, axes=axes)
         self._compiled_input_gradient = tf.function(self.input_gradient, jit_compile=True)
 
-    def windows(self, x: tf.Tensor, fill: float) -> tf.Tensor:
-        """Every window's inputs: ``(batch, H, W, C)`` -> ``(batch, P, S, C)``; padding reads
-        ``fill``."""
-        height, width, channels = self.input_hwc
-        flat = tf.reshape(x, [-1, height * width, channels])
-        flat = tf.concat(
-            [flat, tf.fill([tf.shape(flat)[0], 1, channels], tf.cast(fill, x.dtype))], 1
-        )
-        return tf.gather(flat, self.index_tensors["window_index"], axis=1)
+    def maps(self, x: tf.Tensor) -> WindowMaps | DynamicWindowMaps:
+        """The window maps of ``x``'s image size (``(batch, H, W, C)``)."""
+        height, width = x.shape[1], x.shape[2]
+        if height is None or width is None:
+            return DynamicWindowMaps(x, *self.window_2d, self.padding)
+        return window_maps(height, width, *self.window_2d, self.padding)
 
-    def windows_transpose(self, v: tf.Tensor) -> tf.Tensor:
-        """``(batch, P, S, C)`` slot values -> ``(batch, H, W, C)``, summed per input position.
-
-        The transpose of ``windows``, computed as a gather with ``input_index``.
-        """
-        height, width, channels = self.input_hwc
-        v = tf.reshape(v, [tf.shape(v)[0], -1, channels])
-        v = tf.concat([v, tf.zeros_like(v[:, :1])], axis=1)
-        gathered = tf.gather(v, self.index_tensors["input_index"], axis=1)  # (batch, H W, m, C)
-        return tf.reshape(tf.reduce_sum(gathered, axis=2), [-1, height, width, channels])
-
-    def weights_per_slot(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+    def weights_per_slot(self, maps, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
         """``(batch, P, S, C)``: the entry ``J[(o, c), (window slot s, c)]`` for each sample."""
         raise NotImplementedError
 
@@ -129,40 +113,42 @@ class _Pooling2D(JacobianLayer):
 
         ``dy`` ``(batch, H_out, W_out, C)``, ``x`` ``(batch, H, W, C)``, ``y = forward(x)``.
         """
-        dy = tf.reshape(dy, [-1, self.window_index.shape[0], 1, self.input_hwc[2]])
-        return self.windows_transpose(self.weights_per_slot(x, y) * dy)
+        maps = self.maps(x)
+        dy = tf.reshape(dy, [tf.shape(dy)[0], -1, 1, x.shape[-1]])
+        return maps.transpose(self.weights_per_slot(maps, x, y) * dy, x)
 
     def backward(self, dy: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, list]:
         """``(J^T dy, [])``. Traced into a graph (``model.fit``), ``input_gradient`` runs compiled
         with XLA, which fuses its gathers, comparisons and products into a few loops (op by op
         it is about 3x slower on CPU); executing eagerly it runs op by op, since compiling for
         each new call site would cost more than it saves."""
-        if tf.executing_eagerly():
-            return self.input_gradient(dy, x, y), []
-        return self._compiled_input_gradient(dy, x, y), []
+        args = (self.as_image(dy), self.as_image(x), self.as_image(y))
+        gradient = self.input_gradient if tf.executing_eagerly() else self._compiled_input_gradient
+        return self.from_image(gradient(*args)), []
 
     def jacobian(self, x: Any) -> tf.Tensor:
-        """``J_x y`` for one sample ``x`` ``(H, W, C)``: ``(H_out W_out C, H W C)``, rows and
-        columns row-major (``tf_jacbp.layout``)."""
-        x = as_float_tensor(x, self.compute_dtype)[None]
-        height, width, channels = self.input_hwc
-        weights = self.weights_per_slot(x, self.forward(x))[0]  # (P, S, C)
-        one_hot = tf.one_hot(self.window_index, height * width + 1, dtype=x.dtype)[..., :-1]
-        per_channel = tf.einsum("psc,psn->pcn", weights, one_hot)  # (P, C, H W)
+        """``J_x y`` for one sample ``x`` (``(H, W, C)``, or ``(T, C)`` for the 1-D layers):
+        ``(H_out W_out C, H W C)``, rows and columns row-major (``tf_jacbp.layout``)."""
+        x = self.as_image(as_float_tensor(x, self.compute_dtype)[None])
+        _, height, width, channels = x.shape
+        maps = self.maps(x)
+        weights = self.weights_per_slot(maps, x, self.as_image(self.forward(self.from_image(x))))
+        one_hot = tf.one_hot(maps.window_index, height * width + 1, dtype=x.dtype)[..., :-1]
+        per_channel = tf.einsum("psc,psn->pcn", weights[0], one_hot)  # (P, C, H W)
         eye = tf.eye(channels, dtype=x.dtype)
         blocks = per_channel[:, :, :, None] * eye[None, :, None, :]  # (P, C, H W, C)
         return tf.reshape(blocks, [-1, height * width * channels])
 
     def jacobian_factors(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
-        """``{self.factor_name: J_x y}`` at one sample ``x`` ``(H, W, C)``."""
+        """``{self.factor_name: J_x y}`` at one sample ``x``."""
         return {self.factor_name: self.jacobian(x)}
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         sizes = [
-            None if n is None else toeplitz.output_size(n, k, s, self.padding)
-            for n, k, s in zip(input_shape[1:3], self.pool_size, self.strides, strict=True)
+            None if n is None else output_size(n, k, s, self.padding)
+            for n, k, s in zip(input_shape[1:-1], self.pool_size, self.strides, strict=True)
         ]
-        return (input_shape[0], *sizes, input_shape[3])
+        return (input_shape[0], *sizes, input_shape[-1])
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
@@ -177,37 +163,53 @@ class _Pooling2D(JacobianLayer):
         return config
 
 
-@keras.saving.register_keras_serializable(package="tf_jacbp")
-class MaxPooling2D(_Pooling2D):
-    """Max pooling with ``J`` the selection of each window's (first) arg-max.
+class _Pooling1D(_Pooling):
+    """A sequence ``(batch, T, C)`` pooled as the image ``(batch, 1, T, C)``, windows ``(1, p)``."""
 
-    Args (as ``keras.layers.MaxPooling2D``):
-        pool_size: ``(p_h, p_w)`` or one int, >= 1.
-        strides: ``(s_h, s_w)``, one int, or ``None`` for ``pool_size``.
-        padding: ``"valid"`` or ``"same"`` (padding never wins the max).
-        data_format: ``None`` or ``"channels_last"``.
+    rank = 1
 
-    Input ``(batch, H, W, C)`` with ``H, W, C`` known; output ``(batch, H_out, W_out, C)``.
-    """
+    def __init__(self, pool_size: Any = 2, strides: Any = None, padding: str = "valid", **kwargs):
+        super().__init__(pool_size, strides, padding, **kwargs)
+
+    @property
+    def window_2d(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        return (1, self.pool_size[0]), (1, self.strides[0])
+
+    def as_image(self, x: tf.Tensor) -> tf.Tensor:
+        return x[:, None]
+
+    def from_image(self, v: tf.Tensor) -> tf.Tensor:
+        return v[:, 0]
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "pool_size": self.pool_size[0], "strides": self.strides[0]}
+
+
+class _MaxSelection:
+    """The arg-max selection of max pooling (mixed into ``_Pooling``)."""
 
     factor_name = "J (selection by the arg-max)"
 
     def forward(self, x: tf.Tensor) -> tf.Tensor:
         """``y[o, c] = max_{n in S_o} x[n, c]``."""
-        return tf.nn.max_pool2d(x, self.pool_size, self.strides, self.padding.upper())
+        pool_size, strides = self.window_2d
+        y = tf.nn.max_pool2d(self.as_image(x), pool_size, strides, self.padding.upper())
+        return self.from_image(y)
 
     def reference(self, x: tf.Tensor) -> tf.Tensor:
-        return tf.nn.max_pool2d(x, self.pool_size, self.strides, self.padding.upper())
+        return tf.nn.max_pool(x, self.pool_size, self.strides, self.padding.upper())
 
     def input_gradient(self, dy: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
         """``dx = J^T dy``. When the windows tile the input (``strides == pool_size``,
-        ``"valid"``) they are axes of ``x`` reshaped to ``(batch, H_out, p_h, W_out, p_w, C)``:
-        the same selection of each window's first maximum, by reshapes and comparisons instead of
-        the gathers of ``windows`` (rows and columns past the last window get zero)."""
-        if not self.tiled:
+        ``"valid"``, the size known) they are axes of ``x`` reshaped to
+        ``(batch, H_out, p_h, W_out, p_w, C)``: the same selection of each window's first
+        maximum, by reshapes and comparisons instead of the gathers of ``windows`` (rows and
+        columns past the last window get zero)."""
+        maps = self.maps(x)
+        if not maps.tiled:
             return super().input_gradient(dy, x, y)
-        (h_out, w_out), (p_h, p_w) = self.output_hw, self.pool_size
-        height, width, channels = self.input_hwc
+        (h_out, w_out), (p_h, p_w) = maps.output_hw, self.window_2d[0]
+        (height, width), channels = maps.input_hw, x.shape[-1]
         x = tf.reshape(x[:, : h_out * p_h, : w_out * p_w], [-1, h_out, p_h, w_out, p_w, channels])
         y = tf.reshape(y, [-1, h_out, 1, w_out, 1, channels])
         taken = tf.zeros_like(y, dtype=tf.bool)
@@ -233,11 +235,11 @@ class MaxPooling2D(_Pooling2D):
             return dx
         return tf.pad(dx, [[0, 0], [0, height - h_out * p_h], [0, width - w_out * p_w], [0, 0]])
 
-    def weights_per_slot(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+    def weights_per_slot(self, maps, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
         """1 at the first slot of each window equal to its maximum ``y`` (the first slot inside
         the input if none is), else 0. Padding reads NaN, which equals nothing."""
-        windows = self.windows(x, np.nan)  # (batch, P, S, C)
-        y = tf.reshape(y, [tf.shape(y)[0], -1, self.input_hwc[2]])
+        windows = maps.windows(x, np.nan)  # (batch, P, S, C)
+        y = tf.reshape(y, [tf.shape(y)[0], -1, x.shape[-1]])
         taken = tf.zeros_like(y, dtype=tf.bool)
         selected = []
         for slot in range(windows.shape[2]):
@@ -245,13 +247,47 @@ class MaxPooling2D(_Pooling2D):
             taken = tf.logical_or(taken, first)
             selected.append(first)
         fallback = tf.logical_and(
-            tf.logical_not(taken)[:, :, None, :], self.first_inside[None, :, :, None]
+            tf.logical_not(taken)[:, :, None, :], maps.first_inside()[None, :, :, None]
         )
         return tf.cast(tf.logical_or(tf.stack(selected, axis=2), fallback), x.dtype)
 
 
+class _Averaging:
+    """The averaging matrix of average pooling (mixed into ``_Pooling``)."""
+
+    factor_name = "J (averaging)"
+
+    def forward(self, x: tf.Tensor) -> tf.Tensor:
+        """``y[o, c] = (1 / |S_o|) sum_{n in S_o} x[n, c]``."""
+        pool_size, strides = self.window_2d
+        y = tf.nn.avg_pool2d(self.as_image(x), pool_size, strides, self.padding.upper())
+        return self.from_image(y)
+
+    def reference(self, x: tf.Tensor) -> tf.Tensor:
+        return tf.nn.avg_pool(x, self.pool_size, self.strides, self.padding.upper())
+
+    def weights_per_slot(self, maps, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        """``1 / |S_o|`` at every slot inside the input, 0 at slots in the padding."""
+        return tf.cast(maps.averaging(), x.dtype)[None, :, :, None]
+
+
 @keras.saving.register_keras_serializable(package="tf_jacbp")
-class AveragePooling2D(_Pooling2D):
+class MaxPooling2D(_MaxSelection, _Pooling):
+    """Max pooling with ``J`` the selection of each window's (first) arg-max.
+
+    Args (as ``keras.layers.MaxPooling2D``):
+        pool_size: ``(p_h, p_w)`` or one int, >= 1.
+        strides: ``(s_h, s_w)``, one int, or ``None`` for ``pool_size``.
+        padding: ``"valid"`` or ``"same"`` (padding never wins the max).
+        data_format: ``None`` or ``"channels_last"``.
+
+    Input ``(batch, H, W, C)`` with ``C`` known (``H``, ``W`` may be None: maps per size met);
+    output ``(batch, H_out, W_out, C)``.
+    """
+
+
+@keras.saving.register_keras_serializable(package="tf_jacbp")
+class AveragePooling2D(_Averaging, _Pooling):
     """Average pooling with ``J`` the averaging matrix (``1 / |S_o|`` over each window).
 
     Args (as ``keras.layers.AveragePooling2D``):
@@ -260,20 +296,34 @@ class AveragePooling2D(_Pooling2D):
         padding: ``"valid"`` or ``"same"`` ("same" divides by the inputs inside each window).
         data_format: ``None`` or ``"channels_last"``.
 
-    Input ``(batch, H, W, C)`` with ``H, W, C`` known; output ``(batch, H_out, W_out, C)``.
+    Input ``(batch, H, W, C)`` with ``C`` known (``H``, ``W`` may be None: maps per size met);
+    output ``(batch, H_out, W_out, C)``.
     """
 
-    factor_name = "J (averaging)"
 
-    def forward(self, x: tf.Tensor) -> tf.Tensor:
-        """``y[o, c] = (1 / |S_o|) sum_{n in S_o} x[n, c]``."""
-        return tf.nn.avg_pool2d(x, self.pool_size, self.strides, self.padding.upper())
+@keras.saving.register_keras_serializable(package="tf_jacbp")
+class MaxPooling1D(_MaxSelection, _Pooling1D):
+    """1-D max pooling: ``MaxPooling2D``'s selection on the image ``(1, T, C)``.
 
-    def reference(self, x: tf.Tensor) -> tf.Tensor:
-        return tf.nn.avg_pool2d(x, self.pool_size, self.strides, self.padding.upper())
+    Args (as ``keras.layers.MaxPooling1D``):
+        pool_size: ``p``, a positive int (or a 1-tuple).
+        strides: a positive int (or a 1-tuple), or ``None`` for ``pool_size``.
+        padding: ``"valid"`` or ``"same"`` (padding never wins the max).
+        data_format: ``None`` or ``"channels_last"``.
 
-    def weights_per_slot(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
-        """``1 / |S_o|`` at every slot inside the input, 0 at slots in the padding."""
-        inside = self.window_index < self.input_hwc[0] * self.input_hwc[1]
-        weights = inside / self.window_counts[:, None]  # (P, S)
-        return tf.constant(weights[None, :, :, None], dtype=x.dtype)
+    Input ``(batch, T, C)`` with ``C`` known (``T`` may be None); output ``(batch, T_out, C)``.
+    """
+
+
+@keras.saving.register_keras_serializable(package="tf_jacbp")
+class AveragePooling1D(_Averaging, _Pooling1D):
+    """1-D average pooling: ``AveragePooling2D``'s matrix on the image ``(1, T, C)``.
+
+    Args (as ``keras.layers.AveragePooling1D``):
+        pool_size: ``p``, a positive int (or a 1-tuple).
+        strides: a positive int (or a 1-tuple), or ``None`` for ``pool_size``.
+        padding: ``"valid"`` or ``"same"`` ("same" divides by the inputs inside each window).
+        data_format: ``None`` or ``"channels_last"``.
+
+    Input ``(batch, T, C)`` with ``C`` known (``T`` may be None); output ``(batch, T_out, C)``.
+    """

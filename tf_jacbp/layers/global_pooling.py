@@ -1,0 +1,216 @@
+"""Global average and max pooling: one output per channel, ``J`` a row of averaging or selection.
+
+For one sample ``x`` of shape ``(*spatial, C)`` (``(H, W, C)`` or ``(T, C)``) with ``N`` spatial
+positions, ``x`` read row-major as ``(n, c)`` (``tf_jacbp.layout``), the output ``y`` has shape
+``(C,)`` (``keepdims=True``: ``(1, 1, C)`` or ``(1, C)``, the same numbering). Channels never mix:
+
+* average: ``y[c] = (1 / N) sum_n x[n, c]``, so ``J_x y = (1 / N) 1_N^T (x) I_C``
+  (``C x N C``), and ``(J_x y)^T delta = 1_N (x) delta / N``: every position gets ``delta / N``.
+  With a ``mask`` ``m`` ``(T,)`` of 0/1 (``GlobalAveragePooling1D``, a masked sequence), the
+  average runs over the kept steps, ``y[c] = sum_t m_t x[t, c] / sum_t m_t``, and
+  ``J_x y = (m^T / |m|) (x) I_C`` with ``|m| = sum_t m_t``: masked steps get no gradient.
+* max: ``y[c] = max_n x[n, c]`` and ``J[c, (n, c)] = 1 / k_c`` for the ``k_c`` positions ``n``
+  where ``x[n, c] = y[c]``, else 0: ties share the gradient equally, which is the gradient
+  TensorFlow gives ``tf.reduce_max`` and so the stock Keras layer (unlike windowed max pooling,
+  whose ``MaxPoolGrad`` picks the first maximum). A channel that is ``-inf`` everywhere ties at
+  every position; one containing NaN has ``y[c] = NaN``, equal to nothing, and a NaN gradient,
+  both as in stock.
+
+The backward passes are broadcasts of ``delta`` (times the 0/1 indicator for max): no index maps,
+so any spatial size works, known or not.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tf_jacbp._backend import keras, tf
+from tf_jacbp.geometry import check_channels_last
+from tf_jacbp.layers.base import JacobianLayer, as_float_tensor, route
+
+
+class _GlobalPooling(JacobianLayer):
+    """``keepdims``, ``data_format``, shapes and the materialized Jacobian of global pooling."""
+
+    rank = 2
+
+    def __init__(self, data_format: str | None = None, keepdims: bool = False, **kwargs: Any):
+        super().__init__(**kwargs)
+        owner = type(self).__name__
+        self.data_format = check_channels_last(data_format, owner)
+        if not isinstance(keepdims, bool):
+            raise ValueError(f"{owner}: keepdims must be True or False, got keepdims={keepdims!r}.")
+        self.keepdims = keepdims
+        self.input_spec = keras.layers.InputSpec(ndim=self.rank + 2)
+        self.built = True  # stateless: built at construction, as Keras builds it
+
+    @property
+    def axes(self) -> list[int]:
+        """The spatial axes of a batch, ``[1, ..., rank]``."""
+        return list(range(1, self.rank + 1))
+
+    def kept(self, dy: tf.Tensor) -> tf.Tensor:
+        """``dy`` ``(batch, C)`` or ``(batch, 1, ..., C)`` as ``(batch, 1, ..., 1, C)``."""
+        return dy if self.keepdims else tf.reshape(dy, [-1] + [1] * self.rank + [dy.shape[-1]])
+
+    def entries(self, x: tf.Tensor, y: tf.Tensor, *mask: tf.Tensor) -> tf.Tensor:
+        """``J``'s entries ``J[c, (n, c)]`` per sample, broadcastable to ``x``'s shape."""
+        raise NotImplementedError
+
+    def backward(self, dy: tf.Tensor, x: tf.Tensor, y: tf.Tensor, *mask) -> tuple[tf.Tensor, list]:
+        """``(J^T dy, [])``: ``dy[c]`` times ``J[c, (n, c)]`` at every position ``n``."""
+        dx = self.entries(x, self.kept(y), *mask) * self.kept(dy)
+        return tf.broadcast_to(dx, tf.shape(x)), []
+
+    def jacobian(self, x: Any, *mask: Any) -> tf.Tensor:
+        """``J_x y`` for one sample ``x`` ``(*spatial, C)``: ``(C, N C)``, columns row-major.
+        ``mask`` (``GlobalAveragePooling1D``): ``(T,)`` of 0/1."""
+        x = as_float_tensor(x, self.compute_dtype)[None]
+        mask = [tf.cast(m, x.dtype)[None] for m in mask]
+        weights = self.entries(x, self.kept(self.forward(x, *mask)), *mask)  # (1, ..., C)
+        weights = tf.reshape(tf.broadcast_to(weights, tf.shape(x)), [-1, x.shape[-1]])  # (N, C)
+        eye = tf.eye(x.shape[-1], dtype=x.dtype)
+        return tf.reshape(tf.transpose(weights)[:, :, None] * eye[:, None, :], [x.shape[-1], -1])
+
+    def jacobian_factors(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
+        """``{self.factor_name: J_x y}`` at one sample ``x``."""
+        return {self.factor_name: self.jacobian(x)}
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        if self.keepdims:
+            return (input_shape[0], *[1] * self.rank, input_shape[-1])
+        return (input_shape[0], input_shape[-1])
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "data_format": self.data_format, "keepdims": self.keepdims}
+
+
+class _GlobalAverage(_GlobalPooling):
+    factor_name = "J = (1/N) 1^T (x) I (averaging)"
+
+    def forward(self, x: tf.Tensor) -> tf.Tensor:
+        """``y[c] = (1 / N) sum_n x[n, c]``."""
+        return tf.reduce_mean(x, axis=self.axes, keepdims=self.keepdims)
+
+    def reference(self, x: tf.Tensor) -> tf.Tensor:
+        return tf.math.reduce_mean(x, axis=self.axes, keepdims=self.keepdims)
+
+    def entries(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        """``1 / N`` everywhere."""
+        count = tf.reduce_prod(tf.shape(x)[1:-1])
+        return tf.ones_like(y) / tf.cast(count, x.dtype)
+
+
+class _GlobalMax(_GlobalPooling):
+    factor_name = "J (the tied maxima, shared equally)"
+
+    def forward(self, x: tf.Tensor) -> tf.Tensor:
+        """``y[c] = max_n x[n, c]``."""
+        return tf.reduce_max(x, axis=self.axes, keepdims=self.keepdims)
+
+    def reference(self, x: tf.Tensor) -> tf.Tensor:
+        return tf.math.reduce_max(x, axis=self.axes, keepdims=self.keepdims)
+
+    def entries(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        """``[x[n, c] = y[c]] / k_c``, ``k_c`` the number of positions attaining ``y[c]``."""
+        attained = tf.cast(tf.equal(x, y), x.dtype)
+        return attained / tf.reduce_sum(attained, axis=self.axes, keepdims=True)
+
+
+@keras.saving.register_keras_serializable(package="tf_jacbp")
+class GlobalAveragePooling2D(_GlobalAverage):
+    """The mean over the height and width per channel, like ``keras.layers.GlobalAveragePooling2D``;
+    ``J = (1/N) 1_N^T (x) I_C`` with ``N = H W``.
+
+    Args:
+        data_format: ``None`` or ``"channels_last"``.
+        keepdims: ``False``: output ``(batch, C)``; ``True``: ``(batch, 1, 1, C)``.
+
+    Input ``(batch, H, W, C)``, any ``H``, ``W``.
+    """
+
+
+@keras.saving.register_keras_serializable(package="tf_jacbp")
+class GlobalMaxPooling2D(_GlobalMax):
+    """The maximum over the height and width per channel, like ``keras.layers.GlobalMaxPooling2D``;
+    ``J`` shares each channel's gradient among its tied maxima.
+
+    Args:
+        data_format: ``None`` or ``"channels_last"``.
+        keepdims: ``False``: output ``(batch, C)``; ``True``: ``(batch, 1, 1, C)``.
+
+    Input ``(batch, H, W, C)``, any ``H``, ``W``.
+    """
+
+
+@keras.saving.register_keras_serializable(package="tf_jacbp")
+class GlobalMaxPooling1D(_GlobalMax):
+    """The maximum over the steps per channel, like ``keras.layers.GlobalMaxPooling1D``;
+    ``J`` shares each channel's gradient among its tied maxima.
+
+    Args:
+        data_format: ``None`` or ``"channels_last"``.
+        keepdims: ``False``: output ``(batch, C)``; ``True``: ``(batch, 1, C)``.
+
+    Input ``(batch, T, C)``, any ``T``.
+    """
+
+    rank = 1
+
+
+@keras.saving.register_keras_serializable(package="tf_jacbp")
+class GlobalAveragePooling1D(_GlobalAverage):
+    """The mean over the (unmasked) steps per channel, like
+    ``keras.layers.GlobalAveragePooling1D``; ``J = (m^T / |m|) (x) I_C``, ``m = 1_T`` without a
+    mask.
+
+    Args:
+        data_format: ``None`` or ``"channels_last"``.
+        keepdims: ``False``: output ``(batch, C)``; ``True``: ``(batch, 1, C)``.
+
+    Call arguments: ``inputs`` ``(batch, T, C)``, any ``T``; ``mask`` ``(batch, T)`` (bool or
+    0/1), from a masking layer or given: masked steps are left out of the mean, and a sample with
+    every step masked gives NaN, as stock. The output carries no mask.
+    """
+
+    rank = 1
+
+    def __init__(self, data_format: str | None = None, keepdims: bool = False, **kwargs: Any):
+        super().__init__(data_format, keepdims, **kwargs)
+        self.supports_masking = True
+
+    def call(self, inputs: tf.Tensor, mask: tf.Tensor | None = None) -> tf.Tensor:
+        """``y = forward(inputs)`` or, with a mask, ``forward(inputs, m)`` (``m`` a constant of
+        the route: not differentiated)."""
+        if mask is None:
+            return route(self, inputs)
+        return route(self, inputs, constants=[tf.cast(mask, self.compute_dtype)])
+
+    def compute_mask(self, inputs: tf.Tensor, mask: tf.Tensor | None = None) -> None:
+        return None
+
+    def forward(self, x: tf.Tensor, *mask: tf.Tensor) -> tf.Tensor:
+        """``y[c] = sum_t m_t x[t, c] / sum_t m_t`` (``m = 1`` without a mask)."""
+        if not mask:
+            return super().forward(x)
+        kept = tf.cast(mask[0], x.dtype)[:, :, None]
+        total = tf.reduce_sum(tf.where(kept > 0, x, tf.zeros_like(x)), 1, keepdims=self.keepdims)
+        return total / tf.reduce_sum(kept, axis=1, keepdims=self.keepdims)
+
+    def reference(self, x: tf.Tensor, *mask: tf.Tensor) -> tf.Tensor:
+        if not mask:
+            return super().reference(x)
+        kept = tf.cast(mask[0], tf.bool)[:, :, None]
+        total = tf.math.reduce_sum(
+            tf.where(kept, x, tf.zeros_like(x)), axis=1, keepdims=self.keepdims
+        )
+        count = tf.math.reduce_sum(tf.cast(kept, x.dtype), axis=1, keepdims=self.keepdims)
+        return total / count
+
+    def entries(self, x: tf.Tensor, y: tf.Tensor, *mask: tf.Tensor) -> tf.Tensor:
+        """``m_t / |m|`` (``1 / T`` without a mask); 0 where ``m_t = 0``, even when ``|m| = 0``
+        (the stock layer's gradient there)."""
+        if not mask:
+            return super().entries(x, y)
+        kept = tf.cast(mask[0], x.dtype)[:, :, None]
+        return tf.math.divide_no_nan(kept, tf.reduce_sum(kept, axis=1, keepdims=True))

@@ -1,0 +1,278 @@
+"""UpSampling2D, ZeroPadding2D and Reshape: maps that move entries, with 0/1 Jacobians.
+
+Each sample ``x`` is read row-major (``tf_jacbp.layout``), ``x`` ``(H, W, C)`` as ``vec(x)`` of
+``H W C`` entries, and each map is linear, ``vec(y) = J vec(x)`` with ``J`` a 0/1 matrix:
+
+* ``UpSampling2D(size=(s_h, s_w))``, nearest: ``y[i, j, c] = x[i // s_h, j // s_w, c]``, so
+
+      J = E_h (x) E_w (x) I_C,    E_h = I_H (x) 1_{s_h}  (H s_h x H),  E_w = I_W (x) 1_{s_w},
+
+  of shape ``(H s_h W s_w C) x (H W C)``: each input is copied into an ``s_h x s_w`` block.
+  ``J^T delta`` sums each block of ``delta``: a summation matrix.
+* ``ZeroPadding2D(padding=((t, b), (l, r)))``: ``y`` is ``x`` framed by zeros,
+
+      J = P_h (x) P_w (x) I_C, P_h = [0_{t x H}; I_H; 0_{b x H}], P_w = [0_{l x W}; I_W; 0_{r x W}]
+
+  of shape ``((H + t + b) (W + l + r) C) x (H W C)``: a selection. ``J^T delta`` crops
+  ``delta`` back to the input's rows and columns.
+* ``Reshape(target_shape)``: ``vec(y) = vec(x)`` (a reshape keeps the row-major numbering), so
+  ``J = I_N`` and ``J^T delta`` is ``delta`` in ``x``'s shape, like ``Flatten``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from tf_jacbp._backend import keras, tf
+from tf_jacbp.geometry import as_pair, check_channels_last
+from tf_jacbp.layers.base import JacobianLayer, as_float_tensor
+
+
+class _Reshaping(JacobianLayer):
+    """The materialized Jacobian of a map ``vec(y) = J vec(x)`` with ``J`` from ``matrix``."""
+
+    factor_name = "J"
+
+    def matrix(self, sample_shape: tuple) -> np.ndarray:
+        """``J`` for a sample of shape ``sample_shape``: ``(N_out, N_in)``."""
+        raise NotImplementedError
+
+    def jacobian(self, x: Any) -> tf.Tensor:
+        """``J_x y`` for one sample ``x``: ``(N_out, N_in)``, rows and columns row-major."""
+        x = as_float_tensor(x, self.compute_dtype)
+        return tf.constant(self.matrix(tuple(x.shape)), dtype=x.dtype)
+
+    def jacobian_factors(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
+        """``{self.factor_name: J_x y}`` at one sample ``x``."""
+        return {self.factor_name: self.jacobian(x)}
+
+
+@keras.saving.register_keras_serializable(package="tf_jacbp")
+class UpSampling2D(_Reshaping):
+    """Nearest-neighbour upsampling by whole factors, like ``keras.layers.UpSampling2D``;
+    ``J = (I_H (x) 1_{s_h}) (x) (I_W (x) 1_{s_w}) (x) I_C``.
+
+    Args:
+        size: ``(s_h, s_w)`` or one int, >= 1.
+        data_format: ``None`` or ``"channels_last"``.
+        interpolation: ``"nearest"``. Keras' other modes (``"bilinear"``, ...) are an error:
+            TensorFlow's resize computes them in float32 whatever the input's dtype.
+
+    Input ``(batch, H, W, C)`` (``H``, ``W`` may be unknown); output
+    ``(batch, H s_h, W s_w, C)``.
+    """
+
+    factor_name = "J = E_h (x) E_w (x) I (copies)"
+
+    def __init__(
+        self,
+        size: Any = (2, 2),
+        data_format: str | None = None,
+        interpolation: str = "nearest",
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        self.size = as_pair(size, "size", "UpSampling2D")
+        self.data_format = check_channels_last(data_format, "UpSampling2D")
+        if not isinstance(interpolation, str) or interpolation.lower() != "nearest":
+            raise ValueError(
+                f"UpSampling2D: only interpolation='nearest' is supported, got "
+                f"interpolation={interpolation!r}. (Keras' other modes go through "
+                "tf.image.resize, which computes in float32 whatever the input's dtype; their "
+                "Jacobians are not implemented here.)"
+            )
+        self.interpolation = "nearest"
+        self.input_spec = keras.layers.InputSpec(ndim=4)
+
+    def forward(self, x: tf.Tensor) -> tf.Tensor:
+        """Each ``x[i, j, c]`` broadcast to an ``s_h x s_w`` block of ``y``."""
+        (s_h, s_w), shape = self.size, tf.shape(x)
+        blocks = tf.broadcast_to(
+            x[:, :, None, :, None, :],
+            [shape[0], shape[1], s_h, shape[2], s_w, shape[3]],
+        )
+        return tf.reshape(blocks, [shape[0], shape[1] * s_h, shape[2] * s_w, shape[3]])
+
+    def reference(self, x: tf.Tensor) -> tf.Tensor:
+        return tf.repeat(tf.repeat(x, self.size[0], axis=1), self.size[1], axis=2)
+
+    def backward(self, dy: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, list]:
+        """``J^T dy``: ``dx[i, j, c]`` is the sum of ``dy``'s block ``(i, j)`` of channel ``c``."""
+        shape = tf.shape(x)
+        blocks = tf.reshape(dy, [shape[0], shape[1], self.size[0], shape[2], self.size[1], -1])
+        return tf.reduce_sum(blocks, axis=[2, 4]), []
+
+    def matrix(self, sample_shape: tuple) -> np.ndarray:
+        height, width, channels = sample_shape
+        copies_h = np.kron(np.eye(height), np.ones((self.size[0], 1)))
+        copies_w = np.kron(np.eye(width), np.ones((self.size[1], 1)))
+        return np.kron(np.kron(copies_h, copies_w), np.eye(channels))
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        batch, height, width, channels = input_shape
+        scaled = [
+            None if n is None else n * s for n, s in zip((height, width), self.size, strict=True)
+        ]
+        return (batch, *scaled, channels)
+
+    def get_config(self) -> dict[str, Any]:
+        config = {"size": self.size, "data_format": self.data_format}
+        return {**super().get_config(), **config, "interpolation": self.interpolation}
+
+
+def _as_padding(padding: Any) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Keras' three forms of ``ZeroPadding2D(padding)`` as ``((top, bottom), (left, right))``."""
+
+    def amount(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+            raise ValueError(
+                "ZeroPadding2D: padding must be a non-negative int, a pair of them (height, "
+                "width), or a pair of pairs ((top, bottom), (left, right)); got "
+                f"padding={padding!r}."
+            )
+        return int(value)
+
+    if isinstance(padding, int | np.integer) and not isinstance(padding, bool):
+        return ((amount(padding),) * 2,) * 2
+    if not isinstance(padding, tuple | list) or len(padding) != 2:
+        amount(None)
+    pairs = []
+    for side in padding:
+        if isinstance(side, tuple | list):
+            if len(side) != 2:
+                amount(None)
+            pairs.append((amount(side[0]), amount(side[1])))
+        else:
+            pairs.append((amount(side),) * 2)
+    return tuple(pairs)
+
+
+@keras.saving.register_keras_serializable(package="tf_jacbp")
+class ZeroPadding2D(_Reshaping):
+    """Zero rows and columns around each image, like ``keras.layers.ZeroPadding2D``;
+    ``J = P_h (x) P_w (x) I_C``, a selection.
+
+    Args:
+        padding: an int (all four sides), ``(h, w)`` (``h`` rows above and below, ``w`` columns
+            left and right), or ``((top, bottom), (left, right))``; non-negative ints.
+        data_format: ``None`` or ``"channels_last"``.
+
+    Input ``(batch, H, W, C)`` (``H``, ``W`` may be unknown); output
+    ``(batch, H + top + bottom, W + left + right, C)``.
+    """
+
+    factor_name = "J = P_h (x) P_w (x) I (selection)"
+
+    def __init__(self, padding: Any = (1, 1), data_format: str | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.padding = _as_padding(padding)
+        self.data_format = check_channels_last(data_format, "ZeroPadding2D")
+        self.input_spec = keras.layers.InputSpec(ndim=4)
+
+    def forward(self, x: tf.Tensor) -> tf.Tensor:
+        """``x`` framed by zeros."""
+        return tf.pad(x, [[0, 0], *self.padding, [0, 0]])
+
+    def reference(self, x: tf.Tensor) -> tf.Tensor:
+        return tf.pad(x, [[0, 0], *self.padding, [0, 0]], mode="CONSTANT")
+
+    def backward(self, dy: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, list]:
+        """``J^T dy``: ``dy`` cropped to the input's rows and columns."""
+        (top, _), (left, _) = self.padding
+        shape = tf.shape(x)
+        return tf.slice(dy, [0, top, left, 0], shape), []
+
+    def matrix(self, sample_shape: tuple) -> np.ndarray:
+        height, width, channels = sample_shape
+        (top, bottom), (left, right) = self.padding
+        rows = np.eye(top + height + bottom)[:, top : top + height]
+        columns = np.eye(left + width + right)[:, left : left + width]
+        return np.kron(np.kron(rows, columns), np.eye(channels))
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        batch, height, width, channels = input_shape
+        sizes = [
+            None if n is None else n + sum(p)
+            for n, p in zip((height, width), self.padding, strict=True)
+        ]
+        return (batch, *sizes, channels)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "padding": self.padding, "data_format": self.data_format}
+
+
+@keras.saving.register_keras_serializable(package="tf_jacbp")
+class Reshape(_Reshaping):
+    """Each sample reshaped row-major, like ``keras.layers.Reshape``; ``J = I``.
+
+    Args:
+        target_shape: the shape of each output sample (no batch axis): positive ints and at
+            most one ``-1``, which takes what the input's size leaves.
+
+    Input ``(batch, ...)`` with as many entries per sample as ``target_shape``.
+    """
+
+    factor_name = "J = I"
+
+    def __init__(self, target_shape: Any, **kwargs: Any):
+        super().__init__(**kwargs)
+        try:
+            target_shape = tuple(target_shape)
+        except TypeError:
+            target_shape = None
+        if (
+            target_shape is None
+            or sum(n == -1 for n in target_shape) > 1
+            or any(
+                isinstance(n, bool) or not isinstance(n, int | np.integer) or (n < 1 and n != -1)
+                for n in target_shape
+            )
+        ):
+            raise ValueError(
+                "Reshape: target_shape must be a tuple of positive ints with at most one -1 (the "
+                "size the input leaves), without the batch axis; got "
+                f"target_shape={target_shape!r}."
+            )
+        self.target_shape = tuple(int(n) for n in target_shape)
+        self.built = True  # stateless: built at construction, as Keras builds it
+
+    def resolved_shape(self, sample_shape: tuple) -> tuple:
+        """``target_shape`` with ``-1`` resolved for a sample of ``sample_shape`` (``None`` when
+        unknown); a ValueError when the sizes do not match."""
+        if None in sample_shape:
+            return tuple(None if n == -1 else n for n in self.target_shape)
+        size, known = math.prod(sample_shape), math.prod(n for n in self.target_shape if n != -1)
+        if (-1 in self.target_shape and size % known) or (
+            -1 not in self.target_shape and size != known
+        ):
+            raise ValueError(
+                f"Reshape '{self.name}': cannot reshape samples of shape {tuple(sample_shape)} "
+                f"({size} entries) to target_shape={self.target_shape}; the number of entries "
+                "must be unchanged."
+            )
+        return tuple(size // known if n == -1 else n for n in self.target_shape)
+
+    def forward(self, x: tf.Tensor) -> tf.Tensor:
+        """``vec(y) = vec(x)`` in ``target_shape``."""
+        return tf.reshape(x, [tf.shape(x)[0], *self.target_shape])
+
+    def reference(self, x: tf.Tensor) -> tf.Tensor:
+        resolved = self.resolved_shape(tuple(x.shape[1:]))
+        return tf.reshape(x, [tf.shape(x)[0], *(-1 if n is None else n for n in resolved)])
+
+    def backward(self, dy: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, list]:
+        """``J^T dy = dy`` in ``x``'s shape."""
+        return tf.reshape(dy, tf.shape(x)), []
+
+    def matrix(self, sample_shape: tuple) -> np.ndarray:
+        self.resolved_shape(sample_shape)
+        return np.eye(math.prod(sample_shape))
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        return (input_shape[0], *self.resolved_shape(tuple(input_shape[1:])))
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "target_shape": self.target_shape}
