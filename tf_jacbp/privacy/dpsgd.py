@@ -1,74 +1,25 @@
-"""Differentially private SGD (DP-SGD, Abadi et al. 2016) for models of tf_jacbp layers.
+"""DP-SGD's training: the clipped, noisy gradient, a model that trains on it, Poisson batches.
 
-Each training step of a ``DPModel`` computes, for a batch of ``B`` samples,
-
-    g_tilde = (1 / B') [ sum_i c_i g_i + N(0, (sigma C)^2 I) ],   c_i = min(1, C / ||g_i||),
-
-where ``g_i = grad_theta l(y_i, yhat_i)`` is sample ``i``'s gradient of its own loss term (the
-loss's per-sample value, before the batch reduction), ``C`` is ``l2_norm_clip``, ``sigma`` is
-``noise_multiplier`` and ``B'`` is the batch size: the actual one by default, or
-``expected_batch_size`` when batches are Poisson-sampled (``poisson_batches``; dividing by the
-actual size would leak it). The optimizer then applies ``g_tilde`` as it would any gradient.
-
-The clipped sum takes two passes over one forward pass, and never forms a per-sample gradient:
-
-1. the norms ``||g_i||`` from the layers' factors (``tf_jacbp.jacobian.per_example_gradient_norms``:
-   ``||a_i||^2 ||delta_i||^2`` for a Dense kernel, Gram or patch products for a convolution);
-2. one batch backward pass from ``delta[L]`` rows scaled by ``c_i``: the gradient of
-   ``sum_i c_i l_i`` with the ``c_i`` held constant, which is ``sum_i c_i g_i``. Each map acts on
-   each sample alone and its backward is linear in ``delta``, so the rows reaching every map are
-   pass 1's rows scaled by ``c_i``: the second pass is each layer's parameter product
-   (``A^T (c * Delta)`` for a Dense kernel) on the rows pass 1 already computed.
-
-What the privacy guarantee assumes. ``compute_epsilon`` and ``EpsilonLogger`` account for the
-Poisson-subsampled Gaussian mechanism: every step includes each of the ``N`` training samples
-independently with probability ``q`` (the sampling rate), and the noise is Gaussian with standard
-deviation ``sigma C`` on a sum of gradients each clipped to norm ``C``, under add/remove-one
-adjacency. ``poisson_batches`` implements that sampling. Training on shuffled fixed-size batches
-(``model.fit(x, y, batch_size=B)``) is the common practice, also of TensorFlow Privacy's
-tutorials, and its epsilon computed with ``q = B / N`` is then what Poisson sampling would give,
-not a proven guarantee for shuffling. The noise comes from TensorFlow's pseudo-random generator,
-not a cryptographically secure one; floating point effects on the Gaussian mechanism are not
-accounted for (as in TensorFlow Privacy and Opacus' default mode).
-
-Only what the per-sample gradient covers is private: weight regularizers (their gradient does not
-depend on the data) are added after the noise; activity regularizers, ``sample_weight`` and
-losses without per-sample values raise an error, as does a model with trainable variables that
-no tf_jacbp layer accounts for. Nothing falls back to non-private training.
+``clipped_gradients`` computes DP-SGD's gradient in two passes over one forward pass (see
+``tf_jacbp.privacy``'s docstring); ``DPModel`` (or ``make_private``) trains on it with ``fit``;
+``poisson_batches`` samples the batches the accountant assumes.
 """
 
 from __future__ import annotations
 
-import logging
-import math
 from typing import Any
 
 import numpy as np
 
-from tf_jacbp import jacobian
 from tf_jacbp._backend import keras, tf
-
-ACCOUNTANTS = ("rdp", "pld")
-RDP_CONVERSIONS = ("improved", "classic")
-
-
-def _check_positive(name: str, value: Any, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-        raise TypeError(f"{name} must be a number, got {value!r}.")
-    value = float(value)
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be finite and {bound}, got {name}={value!r}.")
-    return value
-
-
-# Gradients: the two-pass clipped sum.
+from tf_jacbp.jacobian import output_delta, parameter_variables, squared_gradient_norms
+from tf_jacbp.privacy.arguments import check_positive, check_sampling_rate
 
 
 def _check_model(model: keras.Model) -> list[keras.Variable]:
     """The model's trainable variables, after checking the per-sample formulas cover all of them
     and no layer adds a data-dependent regularization term."""
-    covered = {id(v) for v in jacobian.parameter_variables(model)}  # raises for stock layers
+    covered = {id(v) for v in parameter_variables(model)}  # raises for stock layers
     missing = [v.path for v in model.trainable_variables if id(v) not in covered]
     if missing:
         raise ValueError(
@@ -138,18 +89,18 @@ def clipped_gradients(
         shapes; regularizers not included), and ``info`` with ``"loss"`` (per sample, ``(B,)``),
         ``"norms"`` (``||g_i||``, ``(B,)``), ``"clip_factors"`` (``c_i``), ``"y_pred"``.
     """
-    l2_norm_clip = _check_positive("l2_norm_clip", l2_norm_clip)
-    noise_multiplier = _check_positive("noise_multiplier", noise_multiplier, allow_zero=True)
+    l2_norm_clip = check_positive("l2_norm_clip", l2_norm_clip)
+    noise_multiplier = check_positive("noise_multiplier", noise_multiplier, allow_zero=True)
     loss = _check_loss(loss if loss is not None else getattr(model, "loss", None))
     trainable = _check_model(model)
-    records, output_key, out, values, delta = jacobian._output_delta(model, x, y, loss, training)
+    records, output_key, out, values, delta = output_delta(model, x, y, loss, training)
     # Pass 1: ||g_i||^2 over the trainable variables, from the layers' norm formulas; the walk
     # keeps the delta rows that reach each map.
     trainable_ids = {id(v) for v in trainable}
     deltas: list = []
     squared = [
         s
-        for v, s in jacobian._squared_gradient_norms(model, records, output_key, delta, deltas)
+        for v, s in squared_gradient_norms(model, records, output_key, delta, deltas)
         if id(v) in trainable_ids
     ]
     norms = tf.sqrt(tf.add_n(squared))
@@ -168,7 +119,7 @@ def clipped_gradients(
     if expected_batch_size is None:
         divisor = tf.cast(tf.shape(delta)[0], delta.dtype)
     else:
-        divisor = tf.constant(_check_positive("expected_batch_size", expected_batch_size))
+        divisor = tf.constant(check_positive("expected_batch_size", expected_batch_size))
     sums = [sums[id(v)] for v in trainable]
     if noise_multiplier > 0:  # one draw for all entries: one state update of the generator
         sizes = [int(np.prod(v.shape)) for v in trainable]
@@ -190,9 +141,6 @@ def clipped_gradients(
     ]
     info = {"loss": values, "norms": norms, "clip_factors": factors, "y_pred": out}
     return gradients, info
-
-
-# Keras: a model whose train_step is DP-SGD's.
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
@@ -229,12 +177,12 @@ class DPModel(keras.Model):
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
-        self.l2_norm_clip = _check_positive("l2_norm_clip", l2_norm_clip)
-        self.noise_multiplier = _check_positive("noise_multiplier", noise_multiplier, True)
+        self.l2_norm_clip = check_positive("l2_norm_clip", l2_norm_clip)
+        self.noise_multiplier = check_positive("noise_multiplier", noise_multiplier, True)
         self.expected_batch_size = (
             None
             if expected_batch_size is None
-            else _check_positive("expected_batch_size", expected_batch_size)
+            else check_positive("expected_batch_size", expected_batch_size)
         )
         self.seed = seed
         self.noise_seed = keras.random.SeedGenerator(seed, name="dp_noise_seed")
@@ -316,7 +264,7 @@ def make_private(
             "make_private needs a built keras.Model (give a Sequential model a keras.Input, or "
             f"build it); got {type(model).__name__}."
         )
-    jacobian.parameter_variables(model)  # tf_jacbp layers only, one input and one output
+    parameter_variables(model)  # tf_jacbp layers only, one input and one output
     return DPModel(
         model.inputs[0],
         model.outputs[0],
@@ -326,9 +274,6 @@ def make_private(
         expected_batch_size=expected_batch_size,
         seed=seed,
     )
-
-
-# Data: Poisson sampling, what the accountant assumes.
 
 
 def poisson_batches(
@@ -348,9 +293,7 @@ def poisson_batches(
     noise alone; tf_jacbp's losses do not accept empty batches yet, so keep ``q N`` large
     (``exp(-50)`` at ``q N = 50``).
     """
-    q = _check_positive("sampling_rate", sampling_rate)
-    if q > 1:
-        raise ValueError(f"sampling_rate must be in (0, 1], got sampling_rate={q}.")
+    q = check_sampling_rate(sampling_rate)
     if len(x) != len(y):
         raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}.")
     steps = int(round(1 / q)) if steps_per_epoch is None else int(steps_per_epoch)
@@ -365,148 +308,3 @@ def poisson_batches(
 
     keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).take(steps)
     return keys.map(draw).prefetch(1)
-
-
-# Accounting.
-
-
-def compute_epsilon(
-    noise_multiplier: float,
-    sampling_rate: float,
-    steps: int,
-    delta: float,
-    accountant: str = "rdp",
-    rdp_conversion: str = "improved",
-) -> float:
-    """epsilon of ``steps`` compositions of the Poisson-subsampled Gaussian mechanism.
-
-    Each step samples each record with probability ``q = sampling_rate`` and adds Gaussian noise
-    of standard deviation ``noise_multiplier`` times the sensitivity (``l2_norm_clip``); the
-    guarantee is ``(epsilon, delta)``-DP under add/remove-one adjacency. Uses the
-    ``dp-accounting`` package (``pip install 'tf_jacbp[privacy]'``).
-
-    Args:
-        accountant: ``"rdp"`` (Renyi DP over dp-accounting's default orders) or ``"pld"``
-            (privacy loss distributions: tighter, slower).
-        rdp_conversion: from RDP to ``(epsilon, delta)``: ``"improved"`` (dp-accounting's,
-            Balle et al. 2020 Prop. 12: smaller epsilon, still valid) or ``"classic"``
-            (``min_alpha rdp(alpha) + log(1/delta) / (alpha - 1)``, Mironov 2017 Prop. 3: the
-            conversion TensorFlow Privacy's tutorials print; MNIST's ``q = 256/60000``,
-            ``sigma = 1.12``, 60 epochs, ``delta = 1e-5``: 2.92 classic, 2.52 improved).
-
-    Returns:
-        epsilon (``inf`` when ``noise_multiplier`` is 0, 0 for no steps).
-    """
-    sigma = _check_positive("noise_multiplier", noise_multiplier, allow_zero=True)
-    q = _check_positive("sampling_rate", sampling_rate)
-    if q > 1:
-        raise ValueError(f"sampling_rate must be in (0, 1], got sampling_rate={q}.")
-    if isinstance(steps, bool) or int(steps) != steps or steps < 0:
-        raise ValueError(f"steps must be a non-negative integer, got steps={steps!r}.")
-    delta = _check_positive("delta", delta)
-    if delta >= 1:
-        raise ValueError(f"delta must be in (0, 1), got delta={delta}.")
-    if accountant not in ACCOUNTANTS:
-        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}.")
-    if rdp_conversion not in RDP_CONVERSIONS:
-        raise ValueError(
-            f"rdp_conversion must be one of {RDP_CONVERSIONS}, got {rdp_conversion!r}."
-        )
-    if steps == 0:
-        return 0.0
-    if sigma == 0:
-        return math.inf
-    try:
-        import dp_accounting
-    except ImportError as error:
-        raise ImportError(
-            "compute_epsilon needs the dp-accounting package: pip install 'tf_jacbp[privacy]' "
-            "(or pip install dp-accounting)."
-        ) from error
-    event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
-    # dp-accounting warns (absl) for each low RDP order whose series does not converge at large
-    # q and excludes that order, which only loosens the bound; keep those warnings out of fit.
-    absl_logger = logging.getLogger("absl")
-    level = absl_logger.level
-    absl_logger.setLevel(max(level, logging.ERROR))
-    try:
-        return _epsilon(dp_accounting, event, int(steps), delta, accountant, rdp_conversion)
-    finally:
-        absl_logger.setLevel(level)
-
-
-def _epsilon(dp_accounting, event, steps, delta, accountant, rdp_conversion) -> float:
-    if accountant == "pld":
-        pld = dp_accounting.pld.PLDAccountant()
-        pld.compose(event, steps)
-        return float(pld.get_epsilon(delta))
-    rdp = dp_accounting.rdp.RdpAccountant()
-    rdp.compose(event, steps)
-    if rdp_conversion == "improved":
-        return float(rdp.get_epsilon(delta))
-    # The classic conversion needs the RDP curve itself; dp-accounting keeps it in _orders/_rdp.
-    orders, curve = np.asarray(rdp._orders, dtype=float), np.asarray(rdp._rdp, dtype=float)
-    return float(np.min(curve + math.log(1 / delta) / (orders - 1)))
-
-
-class EpsilonLogger(keras.callbacks.Callback):
-    """Adds ``epsilon`` (spent so far) to the logs at the end of each epoch of a DP fit.
-
-    Args:
-        sampling_rate: ``q``, the probability that a step includes a sample: ``B / N`` for
-            batches of ``B`` out of ``N`` training samples (see the module docstring for what
-            the number then means), or the rate given to ``poisson_batches``.
-        delta: the ``delta`` of ``(epsilon, delta)``, e.g. ``1e-5`` or below ``1 / N``.
-        noise_multiplier: default the ``DPModel``'s.
-        accountant, rdp_conversion: as for ``compute_epsilon``.
-
-    Steps are the updates the optimizer applied while this callback was attached (counted across
-    ``fit`` calls). ``epsilon`` reaches ``History`` and the progress bar; list this callback
-    before a TensorBoard callback for it to log the value too. ``history`` keeps ``(epoch,
-    steps, epsilon)``.
-    """
-
-    def __init__(
-        self,
-        sampling_rate: float,
-        delta: float,
-        noise_multiplier: float | None = None,
-        accountant: str = "rdp",
-        rdp_conversion: str = "improved",
-    ):
-        super().__init__()
-        self.sampling_rate = _check_positive("sampling_rate", sampling_rate)
-        self.delta = _check_positive("delta", delta)
-        self.noise_multiplier = noise_multiplier
-        self.accountant = accountant
-        self.rdp_conversion = rdp_conversion
-        self.steps = 0
-        self.history: list[tuple[int, int, float]] = []
-        if accountant not in ACCOUNTANTS or rdp_conversion not in RDP_CONVERSIONS:
-            raise ValueError(
-                f"EpsilonLogger: accountant must be one of {ACCOUNTANTS} and rdp_conversion one "
-                f"of {RDP_CONVERSIONS}, got {accountant!r} and {rdp_conversion!r}."
-            )
-
-    def on_train_begin(self, logs: dict | None = None) -> None:
-        self._fit_start = int(self.model.optimizer.iterations)
-        self._steps_before = self.steps
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        # The optimizer's own count of updates: batch callbacks come once per several steps
-        # under steps_per_execution, and their indices may run past the last step.
-        self.steps = self._steps_before + int(self.model.optimizer.iterations) - self._fit_start
-        sigma = self.noise_multiplier
-        if sigma is None:
-            sigma = getattr(self.model, "noise_multiplier", None)
-        if sigma is None:
-            raise ValueError(
-                "EpsilonLogger: the model is not a DPModel; pass noise_multiplier=... (and train "
-                "with DP-SGD: a model trained without it has no privacy guarantee)."
-            )
-        epsilon = compute_epsilon(
-            sigma, self.sampling_rate, self.steps, self.delta, self.accountant, self.rdp_conversion
-        )
-        self.history.append((epoch, self.steps, epsilon))
-        if logs is not None:
-            logs["epsilon"] = epsilon

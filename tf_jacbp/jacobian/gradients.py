@@ -1,0 +1,128 @@
+"""``J_theta z[L]`` (Algorithm 1, step 2) and per-example gradients (step 6), by ``walk``.
+
+* Step 2: the block of ``J_theta z[L]`` that belongs to layer ``l``'s parameters is
+  ``W[L]^T D[L-1] W[L-1]^T ... W[l+1]^T D[l] [I (x) a[l-1]^T | I]``. ``parameter_jacobian``
+  evaluates this chain from the left: ``M = I`` (``n_out x n_out``) at the output, then for each
+  layer, last to first, the block is ``M [I (x) a^T | I]`` and ``M`` becomes ``M W^T`` and
+  ``M D``. No autodiff is involved.
+* Step 6: ``grad_theta l = (J_theta z[L])^T delta[L]``. ``per_example_gradients`` computes it
+  for each sample without forming ``J``: the same walk with ``delta[L]`` in place of ``M``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from tf_jacbp._backend import keras, tf
+from tf_jacbp.jacobian.graph import parameter_variables
+from tf_jacbp.jacobian.inputs import check_y, loss_function
+from tf_jacbp.jacobian.walk import forward, per_example_rows, walk
+
+DEFAULT_MAX_BYTES = 2**30
+"""``parameter_jacobian`` refuses to allocate more than this many bytes unless given
+``max_bytes=...``."""
+
+
+def parameter_jacobian(
+    model: keras.Model,
+    x: Any,
+    blocks: bool = False,
+    max_bytes: int | None = None,
+    training: bool = False,
+) -> tf.Tensor | dict[str, tf.Tensor]:
+    """``J_theta z[L]`` for each sample by the explicit chain of Algorithm 1, step 2.
+
+    Args:
+        model: a Sequential or functional model of tf_jacbp layers (skips through ``Add``).
+        x: inputs ``(batch, *input_shape)``.
+        blocks: return ``{variable path: (batch, n_out, Vec size)}`` in theta order instead.
+        max_bytes: refuse (``ValueError``) if the result or the repeated activations would take
+            more; default ``DEFAULT_MAX_BYTES`` (1 GiB).
+        training: the layers' training-mode maps (``Dropout`` draws a mask). The default, False,
+            is the inference map: ``BatchNormalization`` uses its moving statistics (in training
+            mode a sample's output depends on the whole batch, and it raises).
+
+    Returns:
+        ``(batch, n_out, n_params)``, columns in theta order; ``n_out`` the flattened output size.
+    """
+    limit = _check_max_bytes(max_bytes)
+    records, out, output_key = forward(model, x, training, "parameter_jacobian")
+    batch, n_out = int(out.shape[0]), int(np.prod(out.shape[1:]))
+    n_params = sum(int(np.prod(v.shape)) for v in parameter_variables(model))
+    largest = max(int(np.prod(r.y.shape[1:])) for r in records)
+    needed = batch * n_out * (n_params + 2 * largest) * out.dtype.size
+    if needed > limit:
+        raise ValueError(
+            f"parameter_jacobian needs about {needed / 2**20:.1f} MiB ({batch} samples x "
+            f"{n_out} outputs x {n_params} parameters, {out.dtype.name}), more than "
+            f"max_bytes={limit}. Pass fewer samples or a larger max_bytes."
+        )
+    # M = I at the output: one row per output unit, for every sample.
+    eye = tf.reshape(tf.eye(n_out, dtype=out.dtype), [1, n_out, *out.shape[1:]])
+    m = tf.tile(eye, [batch] + [1] * (len(out.shape)))
+    result = {v.path: block for v, block in walk(model, records, output_key, m)}
+    return result if blocks else tf.concat(list(result.values()), axis=-1)
+
+
+def _check_max_bytes(max_bytes: Any) -> float:
+    """``max_bytes`` (a positive number of bytes, or None for ``DEFAULT_MAX_BYTES``) checked."""
+    if max_bytes is None:
+        return DEFAULT_MAX_BYTES
+    if isinstance(max_bytes, bool) or not isinstance(
+        max_bytes, int | float | np.integer | np.floating
+    ):
+        raise TypeError(
+            f"parameter_jacobian: max_bytes must be a number of bytes (e.g. 2**30 for 1 GiB) or "
+            f"None for the default, got max_bytes={max_bytes!r} ({type(max_bytes).__name__})."
+        )
+    if not max_bytes > 0:
+        raise ValueError(
+            f"parameter_jacobian: max_bytes must be a positive number of bytes (e.g. 2**30 for "
+            f"1 GiB), got max_bytes={max_bytes!r}."
+        )
+    return max_bytes
+
+
+def per_example_gradients(
+    model: keras.Model,
+    x: Any,
+    y: Any,
+    loss: Any = None,
+    flatten: bool = True,
+    training: bool = False,
+) -> tf.Tensor | list[tf.Tensor]:
+    """One gradient per sample, ``grad_theta l(y_i, yhat_i)``, by Algorithm 1's step 6.
+
+    ``delta[L]`` for each sample is the loss's gradient with respect to the output (Table 1 for
+    the tf_jacbp losses); the layers' ``per_example_backward`` then exploit the structure (outer
+    products, patch products) instead of forming ``J_theta z[L]``. Regularization terms are not
+    per-sample and are left out.
+
+    Args:
+        model: a Sequential or functional model of tf_jacbp layers (skips through ``Add``).
+        x, y: a batch of inputs and labels.
+        loss: a Keras loss (object, name or per-sample function); default the compiled loss.
+        flatten: ``(batch, n_params)`` in theta order; ``False``: one ``(batch, *shape)`` tensor
+            per variable of ``parameter_variables(model)``.
+        training: as for ``parameter_jacobian``. Per-example gradients are not defined for a
+            ``BatchNormalization`` layer in training mode (samples are coupled through the batch
+            statistics): it raises, and ``training=False`` uses the moving statistics.
+
+    The batch gradient of the compiled loss with ``reduction="sum_over_batch_size"`` is the mean
+    of the rows (``"sum"``: their sum).
+    """
+    per_sample, dtype = loss_function(model, loss)
+    records, out, output_key = forward(model, x, training, "per_example_gradients")
+    y = check_y(y, int(out.shape[0]), "per_example_gradients")
+    y = tf.cast(y, dtype or out.dtype)
+    with tf.GradientTape() as tape:  # only to read delta[L] off the loss (Table 1 for ours)
+        tape.watch(out)
+        out_cast = tf.cast(out, dtype) if dtype else out
+        total = tf.reduce_sum(per_sample(y, out_cast))
+    delta = tf.cast(tape.gradient(total, out), out.dtype)
+    if flatten:  # one row, delta[L]^T, per sample: the blocks come in Vec order
+        rows = walk(model, records, output_key, delta[:, None])
+        return tf.concat([g[:, 0] for _, g in rows], axis=-1)
+    return [g for _, g in walk(model, records, output_key, delta, step=per_example_rows)]

@@ -1,0 +1,102 @@
+"""What ``tf_jacbp.jacobian``'s functions check of their arguments: ``x``, ``y`` and the loss.
+
+``check_x`` compares a batch ``(batch, *input_shape)`` with the model's input shape (a transposed
+image has the right number of entries and would otherwise run, silently wrong); ``check_y`` wants
+one label or target per sample; ``loss_function`` resolves the loss to its per-sample values.
+Each error names the function the user called (``owner``) and the fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from tf_jacbp._backend import keras, tf
+
+
+def input_shape(model: keras.Model) -> tuple:
+    """The model's input shape, batch axis first; a ValueError if the model has none yet."""
+    try:
+        inputs = model.inputs
+    except AttributeError:
+        inputs = None
+    if not inputs:
+        raise ValueError(
+            f"Model '{model.name}' has no input shape yet, so x cannot be checked against it. "
+            "Start it with keras.Input(shape), or call model.build((None, *shape)) first."
+        )
+    return tuple(inputs[0].shape)
+
+
+def check_x(model: keras.Model, x: Any, dtype: Any, owner: str) -> tf.Tensor:
+    """``x`` as a tensor of ``dtype``, after checking it against the model's input shape.
+
+    A batch ``(batch, *input_shape)``: the rank and every known size must match (a transposed
+    image has the right number of entries and would otherwise run, silently wrong).
+    """
+    if isinstance(x, tf.SparseTensor | tf.RaggedTensor):
+        raise TypeError(
+            f"{owner}: x must be a dense array or tensor, got a {type(x).__name__}; convert it "
+            "with tf.sparse.to_dense(x) or x.to_tensor()."
+        )
+    try:
+        x = tf.convert_to_tensor(x)
+    except (TypeError, ValueError) as e:
+        raise TypeError(
+            f"{owner}: x must be a numeric array or tensor, got {type(x).__name__}."
+        ) from e
+    if not (x.dtype.is_floating or x.dtype.is_integer or x.dtype.is_bool):
+        raise TypeError(f"{owner}: x must be numeric, got dtype {x.dtype.name}.")
+    expected, got = input_shape(model), tuple(x.shape)
+    if len(got) != len(expected) or any(
+        e is not None and e != g for e, g in zip(expected[1:], got[1:], strict=True)
+    ):
+        wanted = "(batch, " + ", ".join("?" if e is None else str(e) for e in expected[1:]) + ")"
+        hint = ""
+        if len(got) == len(expected) and sorted(got[1:]) == sorted(
+            e for e in expected[1:] if e is not None
+        ):
+            hint = (
+                " Its axes look permuted: images are channels_last, (batch, height, width, "
+                "channels); transpose x."
+            )
+        elif len(got) == len(expected) - 1:
+            hint = " For one sample, add the batch axis: x[None]."
+        raise ValueError(
+            f"{owner}: x must have shape {wanted} to match the input of model '{model.name}', "
+            f"got x of shape {got}.{hint}"
+        )
+    return tf.cast(x, dtype) if dtype is not None and x.dtype != dtype else x
+
+
+def check_y(y: Any, batch: int, owner: str) -> tf.Tensor:
+    """``y`` as a tensor with one label (or target) per sample: a ValueError otherwise."""
+    if isinstance(y, tf.SparseTensor | tf.RaggedTensor):
+        raise TypeError(
+            f"{owner}: y must be a dense array or tensor, got a {type(y).__name__}; convert it "
+            "with tf.sparse.to_dense(y) or y.to_tensor()."
+        )
+    y = tf.convert_to_tensor(y)
+    if y.shape.rank == 0 or y.shape[0] != batch:
+        raise ValueError(
+            f"{owner}: y must have one label or target per sample of x (a leading axis of "
+            f"{batch}), got y of shape {tuple(y.shape)} for x with {batch} samples."
+        )
+    return y
+
+
+def loss_function(model: keras.Model, loss: Any) -> tuple[Callable, Any]:
+    """``(per_sample, dtype)``: the loss as a function ``l(y, yhat)`` of per-sample values.
+
+    ``loss`` (a Keras loss object, name or function; ``None``: the model's compiled loss) is
+    resolved with ``keras.losses.get``; for a ``keras.losses.Loss`` it is its ``call`` (values
+    before the batch reduction, ``(batch, ...)``) and the loss's dtype, else the function and
+    ``None``. A ValueError if there is no loss.
+    """
+    loss = loss if loss is not None else getattr(model, "loss", None)
+    if loss is None:
+        raise ValueError("per_example_gradients needs a loss: compile the model or pass loss=...")
+    loss = keras.losses.get(loss)
+    if isinstance(loss, keras.losses.Loss):
+        return loss.call, loss.dtype
+    return loss, None

@@ -1,0 +1,198 @@
+"""Per-example gradient norms from the layers' norm formulas, without forming the gradients.
+
+``output_delta`` runs the forward pass and reads ``delta[L]_i = grad_{z[L]_i} l_i`` off the loss;
+``squared_gradient_norms`` walks back from it (``tf_jacbp.jacobian.walk``) asking each map for the
+squared norms ``||g_i(p)||^2`` of its parameters' per-example gradients, and can hand over the
+``delta`` rows that reached each map (``tf_jacbp.privacy``'s clipped sum reuses them);
+``per_example_gradient_norms`` is the user-facing function.
+"""
+
+from __future__ import annotations
+
+import collections
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from tf_jacbp._backend import keras, tf
+from tf_jacbp.jacobian.inputs import loss_function
+from tf_jacbp.jacobian.walk import Record, forward, per_example_rows, walk
+from tf_jacbp.layers.base import JacobianLayer
+
+
+def output_delta(
+    model: keras.Model, x: Any, y: Any, loss: Any, training: bool
+) -> tuple[list[Record], Any, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """The forward records and, per sample, the loss ``l_i`` and ``delta[L]_i = grad_{z[L]_i} l_i``.
+
+    The start of every per-example computation: ``squared_gradient_norms`` walks back from the
+    ``delta[L]`` returned here. ``l_i`` is the loss's per-sample value (``Loss.call``, before any
+    reduction), summed over any axes past the batch axis, as ``per_example_gradients`` defines it.
+
+    Args:
+        model: a Sequential or functional model of tf_jacbp layers.
+        x, y: a batch of inputs ``(batch, *input_shape)`` and labels or targets.
+        loss: a Keras loss (object, name or per-sample function); ``None``: the compiled loss.
+        training: the layers' training-mode maps (as for ``per_example_gradients``).
+
+    Returns:
+        ``(records, output_key, z[L], l, delta[L])``: the ``walk`` records of the forward pass,
+        the key of the output tensor, the output ``(batch, *output_shape)``, ``l`` ``(batch,)``
+        and ``delta[L]`` ``(batch, *output_shape)`` in the output's dtype.
+    """
+    per_sample, dtype = loss_function(model, loss)
+    records, out, output_key = forward(model, x, training)
+    y = tf.cast(tf.convert_to_tensor(y), dtype or out.dtype)
+    with tf.GradientTape() as tape:  # only to read delta[L] off the loss (Table 1 for ours)
+        tape.watch(out)
+        out_cast = tf.cast(out, dtype) if dtype else out
+        values = per_sample(y, out_cast)
+        if values.shape.rank == 0:
+            raise ValueError(
+                f"The loss {loss!r} returned one value for the whole batch; per-example gradients "
+                "need one value per sample. Pass a keras.losses.Loss (its call gives per-sample "
+                "values) or a function returning shape (batch,)."
+            )
+        if values.shape.rank > 1:
+            values = tf.reduce_sum(values, axis=list(range(1, values.shape.rank)))
+        total = tf.reduce_sum(values)
+    delta = tf.cast(tape.gradient(total, out), out.dtype)
+    return records, output_key, out, values, delta
+
+
+def _has_norm_formula(op: Any) -> bool:
+    """Whether ``op`` overrides ``JacobianLayer.per_example_squared_norms`` with its own formula."""
+    method = getattr(type(op), "per_example_squared_norms", None)
+    return method is not None and method is not JacobianLayer.per_example_squared_norms
+
+
+def _norm_step(shared: set[int], seen: list | None = None) -> Callable:
+    """A ``walk`` step giving ``(delta_x, [||g_i(p)||^2 (batch,)])`` for each map.
+
+    Maps with a norm formula give ``delta_x`` from their batch ``backward`` (its parameter sums
+    go unused, and a compiled graph prunes them) and the squared norms from
+    ``per_example_squared_norms``; maps without one square their per-example rows
+    (``per_example_backward``, the fallback). The maps of a layer called more than once (ids in
+    ``shared``) return their per-example rows: ``walk`` adds the calls' rows, and the norm of
+    the sum is taken afterwards (a sum of norms would be wrong). With a list ``seen``, each map
+    with parameters appends ``(op, delta, x, y, params)``, the ``delta`` rows it received.
+    """
+
+    def step(op, delta, x, y, params):
+        if params and seen is not None:
+            seen.append((op, delta, x, y, params))
+        if params and id(op) not in shared and _has_norm_formula(op):
+            dx, _ = op.backward(delta, x, y, *params)
+            return dx, op.per_example_squared_norms(delta, x, y, *params)
+        dx, rows = per_example_rows(op, delta, x, y, params)
+        if id(op) in shared:
+            return dx, rows
+        return dx, [_squared_norms(g) for g in rows]
+
+    return step
+
+
+def _squared_norms(g: tf.Tensor) -> tf.Tensor:
+    return tf.reduce_sum(tf.reshape(tf.square(g), [tf.shape(g)[0], -1]), axis=1)
+
+
+def squared_gradient_norms(
+    model: keras.Model,
+    records: list[Record],
+    output_key: Any,
+    delta: tf.Tensor,
+    deltas: list | None = None,
+) -> list[tuple[keras.Variable, tf.Tensor]]:
+    """``[(variable, ||g_i(variable)||^2 (batch,))]`` in theta order, from ``delta[L]``.
+
+    The walk of Algorithm 1, step 6, with each map giving the squared norms of its parameters'
+    per-example gradients (``per_example_squared_norms``, or its ``per_example_backward`` rows
+    squared and summed) instead of the gradients; a layer called more than once gives rows,
+    added over its calls before the norm is taken.
+
+    Args:
+        model: the model ``records`` come from.
+        records, output_key, delta: as ``output_delta`` returns them; ``delta`` is
+            ``(batch, *output_shape)``.
+        deltas: if a list, ``(layer, op, delta, x, y, params)`` is appended for each map with
+            parameters, last map first: the ``delta`` rows ``(batch, *map_output_shape)`` that
+            reached it (``tf_jacbp.privacy`` reuses them for the clipped sum).
+
+    Returns:
+        One ``(variable, squared norms (batch,))`` pair per variable of
+        ``parameter_variables(model)``, in that order.
+    """
+    calls = collections.Counter(id(r.layer) for r in records if r.params)
+    shared = [r for r in records if r.params and calls[id(r.layer)] > 1]
+    shared_variables = {id(v) for r in shared for v in r.layer.jacobian_parameters()}
+    seen: list = []
+    step = _norm_step({id(r.op) for r in shared}, seen)
+    rows = walk(model, records, output_key, delta, step=step)
+    if deltas is not None:
+        layers = [r.layer for r in reversed(records) if r.params]
+        deltas.extend((layer, *entry) for layer, entry in zip(layers, seen, strict=True))
+    return [(v, _squared_norms(g) if id(v) in shared_variables else g) for v, g in rows]
+
+
+def _norms(
+    model: keras.Model, x: Any, y: Any, loss: Any, per_variable: bool, training: bool
+) -> tf.Tensor:
+    records, output_key, _, _, delta = output_delta(model, x, y, loss, training)
+    squared = tf.stack([s for _, s in squared_gradient_norms(model, records, output_key, delta)], 1)
+    return tf.sqrt(squared if per_variable else tf.reduce_sum(squared, axis=1))
+
+
+_COMPILED_NORMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def per_example_gradient_norms(
+    model: keras.Model,
+    x: Any,
+    y: Any,
+    loss: Any = None,
+    per_variable: bool = False,
+    training: bool = False,
+) -> tf.Tensor:
+    """``||grad_theta l(y_i, yhat_i)||_2`` for each sample, without forming the gradients.
+
+    Sample ``i``'s gradient is the one ``per_example_gradients`` returns: the gradient of its own
+    loss term ``l_i = loss(y_i, yhat_i)`` (the loss's per-sample value before the batch
+    reduction, so not divided by the batch size; regularization terms are left out). The same
+    walk as ``per_example_gradients`` (``delta`` moves back through each map's ``backward``) asks
+    each layer for the squared norms of its parameters' per-example gradients from its factors,
+    ``per_example_squared_norms``:
+
+    * Dense: ``||a_i delta_i^T||_F^2 = ||a_i||^2 ||delta_i||^2`` and ``||delta_i||^2``;
+    * Conv2D: ``||X_patch,i^T Delta_i||_F^2`` as ``<X_patch,i X_patch,i^T, Delta_i Delta_i^T>``
+      or through the ``M x F`` product, whichever the shapes make cheaper;
+    * a layer without its own formula (BatchNormalization, whose per-sample rows have ``C``
+      entries, or a user's layer): its ``per_example_backward`` rows, squared and summed.
+
+    A layer called several times (shared weights) gives per-example rows, added over its calls
+    before the norm is taken. Called eagerly, the computation runs as a ``tf.function`` cached
+    per model and arguments; inside a ``tf.function`` it is traced into the caller's graph.
+
+    Args:
+        model: a Sequential or functional model of tf_jacbp layers (skips through ``Add``).
+        x, y: a batch of inputs and labels.
+        loss: a Keras loss (object, name or per-sample function); default the compiled loss.
+        per_variable: return the norm of each variable's block, ``(batch, n_vars)`` in the order
+            of ``parameter_variables(model)``, instead of the whole gradient's ``(batch,)``.
+        training: as for ``per_example_gradients`` (BatchNormalization raises in training mode).
+
+    Returns:
+        ``(batch,)``, or ``(batch, n_vars)`` with ``per_variable=True``; the whole norm is the
+        square root of the sum of the squared per-variable norms.
+    """
+    if not tf.executing_eagerly():
+        return _norms(model, x, y, loss, per_variable, training)
+    key = (loss if loss is None or isinstance(loss, str) else id(loss), per_variable, training)
+    functions = _COMPILED_NORMS.setdefault(model, {})
+    if key not in functions:
+        ref = weakref.ref(model)  # the cache must not keep the model alive
+        functions[key] = tf.function(
+            lambda x, y: _norms(ref(), x, y, loss, per_variable, training),
+            reduce_retracing=True,
+            autograph=False,  # plain Python control flow over the layers, traced once
+        )
+    return functions[key](x, y)

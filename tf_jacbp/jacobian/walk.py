@@ -1,0 +1,107 @@
+"""Algorithm 1's two passes over a model: ``forward`` records each map, ``walk`` goes back.
+
+``forward`` runs the model map by map (a layer's ``jacobian_ops``: e.g. Dense, then its
+activation) and keeps a ``Record`` of each: ``y = op(x; params)``. ``walk`` starts from rows ``M``
+at the output and moves them back through each map, ``M <- M J_x``, collecting each parameter's
+block ``M J_p``. With ``step=jacobian_rows`` the rows are ``M = I`` (step 2, ``J_theta z[L]``);
+with ``step=per_example_rows`` they are ``delta[L]`` per sample (step 6, per-example gradients);
+``tf_jacbp.jacobian.norms`` passes a step that returns squared norms instead of gradients.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from tf_jacbp._backend import keras, tf
+from tf_jacbp.jacobian.graph import graph, parameter_variables
+from tf_jacbp.jacobian.inputs import check_x
+from tf_jacbp.layers.base import JacobianLayer
+
+
+@dataclasses.dataclass
+class Record:
+    """One map applied in the forward pass: ``y = op(x; params)``, from tensor keys to a key."""
+
+    layer: JacobianLayer
+    op: Any
+    params: list[tf.Tensor]
+    inputs: list[Any]
+    output: Any
+    x: tf.Tensor | list[tf.Tensor]
+    y: tf.Tensor
+    call: int  # how many times the layer was called before (shared layers)
+
+
+def forward(
+    model: keras.Model, x: Any, training: bool = False, owner: str = "tf_jacbp.jacobian"
+) -> tuple[list[Record], tf.Tensor, Any]:
+    """Run the model map by map (a layer's ``jacobian_ops``, e.g. Dense then its activation),
+    recording each map with its input and output. Returns ``(records, z[L], key of z[L])``.
+
+    ``x`` is checked against the model's input shape (``check_x``; errors name ``owner``)."""
+    nodes, input_key, output_key = graph(model)
+    values = {input_key: check_x(model, x, nodes[0].layer.compute_dtype, owner)}
+    records, calls = [], collections.Counter()
+    for node in nodes:
+        call, calls[id(node.layer)] = calls[id(node.layer)], calls[id(node.layer)] + 1
+        keys, a = node.inputs, [values[key] for key in node.inputs]
+        a = a if len(a) > 1 else a[0]
+        ops = node.layer.jacobian_ops(training)
+        for j, (op, params) in enumerate(ops):
+            out = node.output if j == len(ops) - 1 else (node.output, j)
+            y = op.forward(a, *params)
+            records.append(Record(node.layer, op, params, keys, out, a, y, call))
+            keys, a = [out], y
+        values[node.output] = a
+    return records, values[output_key], output_key
+
+
+def jacobian_rows(
+    op: Any, m: tf.Tensor, x: tf.Tensor | list[tf.Tensor], y: tf.Tensor, params: list[tf.Tensor]
+) -> tuple:
+    """``(M J_x, [M J_p])`` for one op; parameter-free activations use their ``backward``."""
+    if hasattr(op, "jacobian_rows"):
+        return op.jacobian_rows(m, x, y, *params)
+    dx, _ = op.backward(m, x[:, None], y[:, None])  # diag(f'(z)) or softmax's, per row of M
+    return dx, []
+
+
+def per_example_rows(
+    op: Any, delta: tf.Tensor, x: tf.Tensor | list[tf.Tensor], y: tf.Tensor, params: list[tf.Tensor]
+) -> tuple:
+    """``((J_x)^T delta_i, [(J_p)^T delta_i])`` for each sample ``i``, parameter gradients with a
+    leading batch axis and the parameter's own shape; activations are diagonal per sample."""
+    if hasattr(op, "per_example_backward"):
+        return op.per_example_backward(delta, x, y, *params)
+    return op.backward(delta, x, y)
+
+
+def walk(
+    model: keras.Model,
+    records: list[Record],
+    output_key: Any,
+    m: tf.Tensor,
+    step: Callable = jacobian_rows,
+) -> list[tuple]:
+    """Algorithm 1 from the output: ``[(variable, M J_p)]`` in theta order (step 2).
+
+    ``M`` starts at the output and moves back through each map (``M <- M J_x``). Where a tensor
+    feeds several maps (a skip connection), the rows arriving from each are added: that is the
+    chain rule for a sum of paths. A layer called several times adds its blocks. ``step`` is
+    ``jacobian_rows`` (``M``: ``(batch, k, ...)`` rows, blocks in ``Vec`` order) or
+    ``per_example_rows`` (``M``: one ``delta`` per sample, step 6, gradients in each parameter's
+    shape). Every map of a Sequential or functional model lies on a path to its output, so every
+    map receives rows.
+    """
+    rows_at = {output_key: m}
+    blocks: dict[int, tf.Tensor] = {}
+    for r in reversed(records):
+        dx, rows = step(r.op, rows_at.pop(r.output), r.x, r.y, r.params)
+        for key, d in zip(r.inputs, dx if isinstance(r.x, list) else [dx], strict=True):
+            rows_at[key] = rows_at[key] + d if key in rows_at else d
+        for v, g in zip(r.layer.jacobian_parameters() if r.params else [], rows, strict=True):
+            blocks[id(v)] = blocks[id(v)] + g if id(v) in blocks else g
+    return [(v, blocks[id(v)]) for v in parameter_variables(model)]

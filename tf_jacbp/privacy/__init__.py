@@ -1,0 +1,61 @@
+"""Differentially private SGD (DP-SGD, Abadi et al. 2016) for models of tf_jacbp layers.
+
+Each training step of a ``DPModel`` computes, for a batch of ``B`` samples,
+
+    g_tilde = (1 / B') [ sum_i c_i g_i + N(0, (sigma C)^2 I) ],   c_i = min(1, C / ||g_i||),
+
+where ``g_i = grad_theta l(y_i, yhat_i)`` is sample ``i``'s gradient of its own loss term (the
+loss's per-sample value, before the batch reduction), ``C`` is ``l2_norm_clip``, ``sigma`` is
+``noise_multiplier`` and ``B'`` is the batch size: the actual one by default, or
+``expected_batch_size`` when batches are Poisson-sampled (``poisson_batches``; dividing by the
+actual size would leak it). The optimizer then applies ``g_tilde`` as it would any gradient.
+
+The clipped sum takes two passes over one forward pass, and never forms a per-sample gradient:
+
+1. the norms ``||g_i||`` from the layers' factors (``tf_jacbp.jacobian.per_example_gradient_norms``:
+   ``||a_i||^2 ||delta_i||^2`` for a Dense kernel, Gram or patch products for a convolution);
+2. one batch backward pass from ``delta[L]`` rows scaled by ``c_i``: the gradient of
+   ``sum_i c_i l_i`` with the ``c_i`` held constant, which is ``sum_i c_i g_i``. Each map acts on
+   each sample alone and its backward is linear in ``delta``, so the rows reaching every map are
+   pass 1's rows scaled by ``c_i``: the second pass is each layer's parameter product
+   (``A^T (c * Delta)`` for a Dense kernel) on the rows pass 1 already computed.
+
+What the privacy guarantee assumes. ``compute_epsilon`` and ``EpsilonLogger`` account for the
+Poisson-subsampled Gaussian mechanism: every step includes each of the ``N`` training samples
+independently with probability ``q`` (the sampling rate), and the noise is Gaussian with standard
+deviation ``sigma C`` on a sum of gradients each clipped to norm ``C``, under add/remove-one
+adjacency. ``poisson_batches`` implements that sampling. Training on shuffled fixed-size batches
+(``model.fit(x, y, batch_size=B)``) is the common practice, also of TensorFlow Privacy's
+tutorials, and its epsilon computed with ``q = B / N`` is then what Poisson sampling would give,
+not a proven guarantee for shuffling. The noise comes from TensorFlow's pseudo-random generator,
+not a cryptographically secure one; floating point effects on the Gaussian mechanism are not
+accounted for (as in TensorFlow Privacy and Opacus' default mode).
+
+Only what the per-sample gradient covers is private: weight regularizers (their gradient does not
+depend on the data) are added after the noise; activity regularizers, ``sample_weight`` and
+losses without per-sample values raise an error, as does a model with trainable variables that
+no tf_jacbp layer accounts for. Nothing falls back to non-private training.
+
+The package's modules: ``dpsgd`` (``clipped_gradients``, ``DPModel``, ``make_private``,
+``poisson_batches``) and ``accounting`` (``compute_epsilon``, ``EpsilonLogger``); every public
+name is importable from ``tf_jacbp.privacy``.
+"""
+
+from tf_jacbp.privacy.accounting import (
+    ACCOUNTANTS,
+    RDP_CONVERSIONS,
+    EpsilonLogger,
+    compute_epsilon,
+)
+from tf_jacbp.privacy.dpsgd import DPModel, clipped_gradients, make_private, poisson_batches
+
+__all__ = [
+    "ACCOUNTANTS",
+    "DPModel",
+    "EpsilonLogger",
+    "RDP_CONVERSIONS",
+    "clipped_gradients",
+    "compute_epsilon",
+    "make_private",
+    "poisson_batches",
+]
