@@ -25,11 +25,11 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
 
+import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import tf_jacbp  # noqa: E402
 from tf_jacbp import datasets, layers, losses, privacy  # noqa: E402
-from tf_jacbp._backend import keras  # noqa: E402
 
 
 def load(data: str) -> tuple:
