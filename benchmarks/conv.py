@@ -21,7 +21,6 @@ step (``benchmarks.timing.peak_bytes``), ours then stock's.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import warnings
@@ -33,9 +32,10 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from benchmarks.table import run_alone  # noqa: E402
 from benchmarks.timing import interleaved, peak_mib, ratio_row  # noqa: E402
-from benchmarks.twins import stock_twin  # noqa: E402
-from tf_jacbp import datasets, losses, models, toeplitz  # noqa: E402
+from benchmarks.workloads import compiled_pair  # noqa: E402
+from tf_jacbp import datasets, models, toeplitz  # noqa: E402
 from tf_jacbp.layers.conv import Conv2D  # noqa: E402
 
 BATCH_SIZE = 128
@@ -58,19 +58,6 @@ def mnist_batches(steps: int) -> tuple[np.ndarray, np.ndarray]:
     return (x[:n, :, :, None] / np.float32(255)), y[:n].astype(np.int64)
 
 
-def compiled_pair(jit_compile: bool) -> tuple[keras.Model, keras.Model]:
-    """LeNet-5 of tf_jacbp layers and its stock twin, same initial weights, both compiled."""
-    keras.utils.set_random_seed(0)
-    ours = models.lenet5()
-    stock = stock_twin(ours)
-    for model, loss in (
-        (ours, losses.SparseCategoricalCrossentropy(from_logits=True)),
-        (stock, keras.losses.SparseCategoricalCrossentropy(from_logits=True)),
-    ):
-        model.compile(keras.optimizers.Adam(1e-3), loss, jit_compile=jit_compile)
-    return ours, stock
-
-
 def lenet_rows(repetitions: int, steps: int) -> list[dict]:
     """The train step, and the Toeplitz products alone and all the explicit conv work against
     the stock step (graph mode)."""
@@ -78,7 +65,7 @@ def lenet_rows(repetitions: int, steps: int) -> list[dict]:
     batches = [(x[i : i + BATCH_SIZE], y[i : i + BATCH_SIZE]) for i in range(0, len(x), BATCH_SIZE)]
     rows = []
     for jit in (False, True):
-        ours, stock = compiled_pair(jit)
+        ours, stock = compiled_pair(models.lenet5, jit)
         candidates = {
             name: lambda m=m: [m.train_on_batch(*batch) for batch in batches]
             for name, m in (("ours", ours), ("stock", stock))
@@ -210,10 +197,4 @@ def run(quick: bool) -> list[dict]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the under-two-minutes subset")
-    from benchmarks.table import machine, print_table
-
-    rows = run(parser.parse_args().quick)
-    print(f"# {machine()}")
-    print_table(rows)
+    run_alone(run, __doc__)

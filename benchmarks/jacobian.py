@@ -6,32 +6,17 @@
 
 from __future__ import annotations
 
-import argparse
-
-import keras
-import numpy as np
 import tensorflow as tf
 
+from benchmarks.table import run_alone
 from benchmarks.timing import interleaved, peak_mib, ratio_row
-from tf_jacbp import jacobian, losses, models
-
-
-def _model(name: str) -> keras.Model:
-    keras.utils.set_random_seed(0)
-    if name == "lenet5":
-        return models.lenet5()
-    return models.lenet_100_300_10()
-
-
-def _inputs(model: keras.Model, batch: int) -> tuple[tf.Tensor, tf.Tensor]:
-    rng = np.random.default_rng(0)
-    x = rng.uniform(size=(batch, *model.inputs[0].shape[1:])).astype("float32")
-    return tf.constant(x), tf.constant(rng.integers(0, 10, size=batch))
+from benchmarks.workloads import batch_gradient, lenet, random_batch
+from tf_jacbp import jacobian, losses
 
 
 def jacobian_rows(name: str, batch: int, repetitions: int) -> list[dict]:
-    model = _model(name)
-    x, _ = _inputs(model, batch)
+    model = lenet(name)
+    x, _ = random_batch(model, batch)
     variables = jacobian.parameter_variables(model)
     ours = tf.function(lambda x: jacobian.parameter_jacobian(model, x))
     blocks = tf.function(lambda x: jacobian.parameter_jacobian(model, x, blocks=True))
@@ -82,8 +67,8 @@ def jacobian_rows(name: str, batch: int, repetitions: int) -> list[dict]:
 
 
 def per_example_rows(name: str, batch: int, repetitions: int) -> list[dict]:
-    model = _model(name)
-    x, y = _inputs(model, batch)
+    model = lenet(name)
+    x, y = random_batch(model, batch)
     loss = losses.SparseCategoricalCrossentropy(from_logits=True)
     variables = jacobian.parameter_variables(model)
     # Per variable, as vectorized_map returns them; "theta" also lays them out in theta order.
@@ -102,18 +87,14 @@ def per_example_rows(name: str, batch: int, repetitions: int) -> list[dict]:
 
         return tf.vectorized_map(one, (x, y))
 
+    plain = batch_gradient(model, loss)
+
     @tf.function
     def floor(x, y):
         # Only writing the result, one (batch, *shape) tensor per variable, each filled with a
         # value read from x so that the graph optimizer cannot fold it into a constant.
         value = tf.reduce_mean(x)
         return [tf.fill([batch, *v.shape], value) for v in variables]
-
-    @tf.function
-    def plain(x, y):
-        with tf.GradientTape() as tape:
-            value = loss(y, model(x))
-        return tape.gradient(value, variables)
 
     times = interleaved(
         {
@@ -171,8 +152,4 @@ def run(quick: bool) -> list[dict]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    from benchmarks.table import print_table
-
-    print_table(run(parser.parse_args().quick))
+    run_alone(run, __doc__)

@@ -12,7 +12,6 @@ accuracies).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -20,9 +19,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from benchmarks.table import run_alone
 from benchmarks.timing import input_pipeline, interleaved, ratio_row
-from benchmarks.twins import stock_twin
-from tf_jacbp import datasets, losses, models
+from benchmarks.workloads import compiled_pair
+from tf_jacbp import datasets, models
 
 BATCH_SIZE = 128
 
@@ -30,26 +30,6 @@ BATCH_SIZE = 128
 def fashion_mnist() -> tuple:
     (x_train, y_train), (x_test, y_test) = datasets.load_fashion_mnist()
     return (x_train / np.float32(255), y_train), (x_test / np.float32(255), y_test)
-
-
-def compiled_pair(jit_compile: bool) -> tuple[keras.Model, keras.Model]:
-    """The tf_jacbp model and its stock twin, same initial weights, same optimizer settings."""
-    keras.utils.set_random_seed(0)
-    ours = models.lenet_100_300_10()
-    stock = stock_twin(ours)
-    ours.compile(
-        keras.optimizers.Adam(1e-3),
-        losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-        jit_compile=jit_compile,
-    )
-    stock.compile(
-        keras.optimizers.Adam(1e-3),
-        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-        jit_compile=jit_compile,
-    )
-    return ours, stock
 
 
 def step_rows(
@@ -64,7 +44,7 @@ def step_rows(
     xb, yb = tf.constant(x[:BATCH_SIZE]), tf.constant(y[:BATCH_SIZE])
     for jit in (False, True):
         mode = "XLA" if jit else "graph"
-        ours, stock = compiled_pair(jit)
+        ours, stock = compiled_pair(models.lenet_100_300_10, jit, metrics=["accuracy"])
         candidates = {
             name: lambda m=m: m.fit(x, y, batch_size=BATCH_SIZE, epochs=1, verbose=0)
             for name, m in (("ours", ours), ("stock", stock))
@@ -170,7 +150,7 @@ def throughput_rows(
     pipeline.
     Each row states stock Keras' fraction, timed in the same repetitions on the same data.
     """
-    ours, stock = compiled_pair(False)
+    ours, stock = compiled_pair(models.lenet_100_300_10, False, metrics=["accuracy"])
     (full_x, full_y), _ = fashion_mnist()
     rows = []
     batches = (batch_size, *large_batch_sizes, PIPELINE_BATCH_SIZE)
@@ -220,7 +200,7 @@ def step_throughput_row(x: np.ndarray, y: np.ndarray, repetitions: int, batch: i
     memory (no input pipeline, no ``fit`` loop), GFLOP/s over the matmul peak of the same
     repetition; stock Keras' fraction alongside. With ``throughput_rows`` it separates the
     step's compute from what an epoch of ``fit`` adds."""
-    ours, stock = compiled_pair(False)
+    ours, stock = compiled_pair(models.lenet_100_300_10, False, metrics=["accuracy"])
     xb, yb = tf.constant(x[:batch]), tf.constant(y[:batch])
     steps = {
         name: (lambda m=m: m.train_on_batch(xb, yb))
@@ -251,7 +231,13 @@ def full_training_rows(epochs: int = 5) -> list[dict]:
     each from its own ``input_pipeline`` with the same seed (the same sample orders); the
     epoch-time ratio leaves out the first epoch (it traces), then both test accuracies."""
     (x, y), (x_test, y_test) = fashion_mnist()
-    models_ = dict(zip(("ours", "stock"), compiled_pair(False), strict=True))
+    models_ = dict(
+        zip(
+            ("ours", "stock"),
+            compiled_pair(models.lenet_100_300_10, False, metrics=["accuracy"]),
+            strict=True,
+        )
+    )
     data = {name: input_pipeline(x, y, BATCH_SIZE) for name in models_}
     seconds, accuracy = {name: [] for name in models_}, {}
     for epoch in range(epochs):
@@ -307,8 +293,4 @@ def run(quick: bool) -> list[dict]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    from benchmarks.table import print_table
-
-    print_table(run(parser.parse_args().quick))
+    run_alone(run, __doc__)

@@ -12,34 +12,21 @@ Rows, LeNet-100-300-10 and LeNet-5 at batch 128, every candidate a compiled ``tf
 
 from __future__ import annotations
 
-import argparse
-
 import keras
-import numpy as np
 import tensorflow as tf
 
+from benchmarks.table import run_alone
 from benchmarks.timing import interleaved, ratio_row
-from tf_jacbp import jacobian, losses, models, privacy
+from benchmarks.workloads import batch_gradient, lenet, random_batch
+from tf_jacbp import jacobian, losses, privacy
 
 BATCH = 128
 
 
-def _model(name: str) -> keras.Model:
-    keras.utils.set_random_seed(0)
-    return models.lenet5() if name == "lenet5" else models.lenet_100_300_10()
-
-
-def _inputs(model: keras.Model, batch: int) -> tuple[tf.Tensor, tf.Tensor]:
-    rng = np.random.default_rng(0)
-    x = rng.uniform(size=(batch, *model.inputs[0].shape[1:])).astype("float32")
-    return tf.constant(x), tf.constant(rng.integers(0, 10, size=batch))
-
-
 def norm_rows(name: str, repetitions: int, calls: int = 5) -> list[dict]:
-    model = _model(name)
-    x, y = _inputs(model, BATCH)
+    model = lenet(name)
+    x, y = random_batch(model, BATCH)
     loss = losses.SparseCategoricalCrossentropy(from_logits=True)
-    variables = jacobian.parameter_variables(model)
     norms = tf.function(
         lambda x, y: jacobian.per_example_gradient_norms(model, x, y, loss=loss), autograph=False
     )
@@ -50,11 +37,7 @@ def norm_rows(name: str, repetitions: int, calls: int = 5) -> list[dict]:
         squares = [tf.reduce_sum(tf.reshape(tf.square(g), [BATCH, -1]), 1) for g in grads]
         return tf.sqrt(tf.add_n(squares))
 
-    @tf.function
-    def plain(x, y):
-        with tf.GradientTape() as tape:
-            value = loss(y, model(x))
-        return tape.gradient(value, variables)
+    plain = batch_gradient(model, loss)
 
     times = interleaved(
         {
@@ -94,9 +77,9 @@ def _compiled_step(model: keras.Model, x: tf.Tensor, y: tf.Tensor):
 
 
 def train_step_rows(name: str, repetitions: int, calls: int = 5) -> list[dict]:
-    plain_model = _model(name)
-    x, y = _inputs(plain_model, BATCH)
-    dp_model = privacy.make_private(_model(name), l2_norm_clip=1.0, noise_multiplier=1.1, seed=0)
+    plain_model = lenet(name)
+    x, y = random_batch(plain_model, BATCH)
+    dp_model = privacy.make_private(lenet(name), l2_norm_clip=1.0, noise_multiplier=1.1, seed=0)
     plain = _compiled_step(plain_model, x, y)
     private = _compiled_step(dp_model, x, y)
     times = interleaved({"dp": private, "plain": plain}, repetitions, calls=calls)
@@ -122,8 +105,4 @@ def run(quick: bool) -> list[dict]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    from benchmarks.table import print_table
-
-    print_table(run(parser.parse_args().quick))
+    run_alone(run, __doc__)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
 import platform
+from collections.abc import Callable
 
 import keras
 import tensorflow as tf
@@ -91,3 +93,14 @@ def write_json(rows: list[dict], path: str, mode: str) -> None:
     }
     with open(path, "w") as f:
         json.dump(document, f, indent=1, default=str)
+
+
+def run_alone(run: Callable[[bool], list[dict]], doc: str) -> None:
+    """A benchmark module run as a script (``python -m benchmarks.X [--quick]``): its rows as
+    one table under the machine line. ``run`` is the module's ``run(quick)``, ``doc`` its
+    docstring, whose first line describes the command."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the under-two-minutes subset")
+    rows = run(parser.parse_args().quick)
+    print(f"# {machine()}")
+    print_table(rows)

@@ -62,7 +62,7 @@ def _status_bytes(field: str) -> int | None:
     return None
 
 
-def _reset_high_water_mark() -> bool:
+def reset_high_water_mark() -> bool:
     """Reset the kernel's peak-RSS counter ``VmHWM`` to the current RSS (Linux >= 4.0: write "5"
     to ``/proc/self/clear_refs``); False where that is not possible or did not take effect."""
     try:
@@ -121,7 +121,7 @@ def peak_bytes(fn: Callable[[], object]) -> float:
     if before is None:
         fn()
         return float("nan")
-    if _reset_high_water_mark():
+    if reset_high_water_mark():
         fn()
         peak = _status_bytes("VmHWM") or 0
     else:
