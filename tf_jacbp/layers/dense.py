@@ -102,7 +102,8 @@ class Dense(_KernelBiasLayer):
                 f"got units={units!r}."
             )
         self.units = units
-        self.activation = activations.get(activation)
+        self.supports_masking = True  # as Keras' Dense: a mask passes through unchanged
+        self.activation = activation
         self.use_bias = use_bias
         self.set_weight_options(
             kernel_initializer=kernel_initializer,
