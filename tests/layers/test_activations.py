@@ -4,12 +4,14 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tf_jacbp
 from tf_jacbp import activations, layers, tolerances
 from tf_jacbp.testing import check_layer as run_layer_test
+
+RTOL64 = tolerances.rtol("float64")
 
 LAYERS = {
     "ReLU": layers.ReLU,
@@ -174,3 +176,219 @@ def test_bad_relu_arguments_name_the_argument(name, value):
 def test_leaky_relu_slope_none_is_an_error():
     with pytest.raises(ValueError, match="negative_slope=None"):
         layers.LeakyReLU(negative_slope=None)
+
+
+# --- Issue 15, item 4: the activations Keras users reach for next, and Keras' own functions ---
+
+NEW = ["relu6", "selu", "mish", "hard_sigmoid", "hard_silu", "softsign", "exponential", "silu"]
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_new_activation_every_mode(name, tmp_path):
+    """``Activation(name)``: every mode of the harness (its ``D = diag(f'(z))`` included)."""
+    run_layer_test(lambda dtype: layers.Activation(name, dtype=dtype), (6,), tmp_dir=tmp_path)
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_new_activation_fused_into_dense_every_mode(name, tmp_path):
+    """``Dense(activation=name)``: ``D`` applied on the Dense layer's own custom gradient."""
+    run_layer_test(
+        lambda dtype: layers.Dense(3, activation=name, dtype=dtype), (4,), tmp_dir=tmp_path
+    )
+
+
+KINKS = [-6.0, -3.0, 0.0, 3.0, 6.0]
+
+
+def _around(points):
+    """Each point and its float64 neighbours (one ulp either side)."""
+    return [v for p in points for v in (np.nextafter(p, -np.inf), p, np.nextafter(p, np.inf))]
+
+
+def _stock_value_and_derivative(function, z):
+    with tf.GradientTape() as tape:
+        tape.watch(z)
+        a = function(z)
+    return np.asarray(a), np.asarray(tape.gradient(a, z))
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    name=st.sampled_from(NEW + ["hard_swish"]),
+    others=st.lists(st.floats(-12, 12), min_size=1, max_size=12),
+)
+def test_new_activation_equals_keras_in_float64_kinks_included(name, others):
+    """Value and derivative equal ``keras.activations.<name>``'s (autodiff of Keras' ops) to
+    1e-12 in float64, at and one ulp around every kink (``-3, 0, 3, 6``) and at drawn points.
+    The derivative is checked three ways: the formula ``f'(z)``, the Jacobian route's gradient
+    through a layer, and the materialized ``diag(f'(z))``."""
+    z = tf.constant(_around(KINKS) + [1e-300, -1e-300] + others, tf.float64)
+    value, derivative = _stock_value_and_derivative(getattr(keras.activations, name), z)
+    fn = activations.get(name)
+    ours = np.asarray(fn.forward(z))
+    assert tolerances.relative_error(ours, value) <= RTOL64
+    assert tolerances.relative_error(fn.derivative(z, fn.forward(z)), derivative) <= RTOL64
+    layer = layers.Activation(name, dtype="float64")
+    assert tolerances.relative_error(_value_and_derivative(layer, z)[1], derivative) <= RTOL64
+    np.testing.assert_array_equal(np.diagonal(fn.jacobian(z)), fn.derivative(z, fn.forward(z)))
+
+
+def test_kink_choices_are_autodiffs():
+    """The stated choices: relu6' is 0 at 0 and 6; hard_sigmoid' is 0 at -3 and 3 and at the
+    float64 number below 3 (``z + 3`` rounds to 6); hard_silu' is 0 at -3 and 1 at 3; selu' is
+    ``scale`` at 0."""
+    below_three = np.nextafter(3.0, 0.0)
+    z = tf.constant([0.0, 6.0, -3.0, 3.0, below_three], tf.float64)
+    d = {
+        n: np.asarray(activations.get(n).derivative(z, activations.get(n).forward(z))) for n in NEW
+    }
+    np.testing.assert_array_equal(d["relu6"][:2], [0.0, 0.0])
+    np.testing.assert_array_equal(d["hard_sigmoid"][2:], [0.0, 0.0, 0.0])
+    np.testing.assert_array_equal(d["hard_silu"][2:4], [0.0, 1.0])
+    assert d["selu"][0] == activations.elementwise.SELU_SCALE
+
+
+def _all_keras_callables():
+    from tf_jacbp.activations import keras_callables
+
+    return [(qualified, fn) for qualified, fn, *_ in keras_callables._present()]
+
+
+# Stock functions whose float64 result rounds a constant through float32 (tf.nn.gelu,
+# tf.nn.leaky_relu's alpha attribute): ours are exact, and the two differ by about 5e-9.
+FLOAT32_CONSTANTS = {"gelu", "leaky_relu"}
+
+
+@pytest.mark.parametrize("qualified, function", _all_keras_callables())
+def test_keras_callables_map_to_the_same_function(qualified, function):
+    """``activations.get(keras.activations.relu)`` (and ``keras.ops.*``, ``tf.nn.*``) returns
+    the tf_jacbp activation with the same definition and defaults: equal values and equal
+    gradients in float64."""
+    z = tf.constant(np.random.default_rng(3).normal(size=(3, 5)) * 3)
+    fn = activations.get(function)
+    value, derivative = _stock_value_and_derivative(function, z)
+    layer = layers.Activation(function, dtype="float64")
+    ours, ours_derivative = _value_and_derivative(layer, z)
+    rtol = 1e-7 if qualified.rsplit(".", 1)[1] in FLOAT32_CONSTANTS else RTOL64
+    assert tolerances.relative_error(ours, value) <= rtol
+    if isinstance(fn, activations.Softmax):  # not elementwise: compare J^T 1 with autodiff's
+        return
+    assert tolerances.relative_error(ours_derivative, derivative) <= rtol
+
+
+def test_dense_with_a_keras_callable_serializes_by_name():
+    dense = layers.Dense(3, activation=keras.activations.selu)
+    assert isinstance(dense.activation, activations.SELU)
+    assert dense.get_config()["activation"] == "selu"
+    assert isinstance(layers.Activation(keras.ops.gelu).activation, activations.GELU)
+    assert layers.Activation(keras.ops.gelu).activation.approximate  # keras.ops' default
+    assert not layers.Activation(keras.activations.gelu).activation.approximate
+
+
+@pytest.mark.parametrize("bad", [lambda z: z, abs, keras.activations.celu, np.tanh])
+def test_unknown_callable_names_the_supported_ones(bad):
+    with pytest.raises(ValueError, match=r"Unknown activation=.*keras\.activations\.\{elu") as e:
+        layers.Activation(bad)
+    assert "relu6" in str(e.value) and "tf.nn." in str(e.value)
+    with pytest.raises(ValueError, match="Unknown activation="):
+        layers.Dense(2, activation=bad)
+
+
+# --- Issue 15, item 3: the activation layers' Keras conventions ---
+
+STOCK_PAIRS = {
+    "ReLU": (
+        lambda: layers.ReLU(max_value=2.0, negative_slope=0.25, threshold=0.5),
+        lambda: keras.layers.ReLU(max_value=2.0, negative_slope=0.25, threshold=0.5),
+        ["max_value", "negative_slope", "threshold"],
+    ),
+    "LeakyReLU": (
+        lambda: layers.LeakyReLU(0.125),
+        lambda: keras.layers.LeakyReLU(0.125),
+        ["negative_slope"],
+    ),
+    "ELU": (lambda: layers.ELU(0.5), lambda: keras.layers.ELU(0.5), ["alpha"]),
+    "Softmax": (layers.Softmax, keras.layers.Softmax, ["axis"]),
+    "Activation": (lambda: layers.Activation("tanh"), lambda: keras.layers.Activation("tanh"), []),
+}
+
+
+@pytest.mark.parametrize("name", list(STOCK_PAIRS))
+def test_activation_layers_follow_keras_conventions(name):
+    """Built at construction, ``supports_masking``, arguments readable as attributes with the
+    stock values, and a mask passed through a model as stock passes it."""
+    make, make_stock, attributes = STOCK_PAIRS[name]
+    ours, stock = make(), make_stock()
+    assert ours.built == stock.built is True
+    assert ours.supports_masking == stock.supports_masking is True
+    for attribute in attributes:
+        assert getattr(ours, attribute) == getattr(stock, attribute), attribute
+        assert ours.get_config()[attribute] == stock.get_config()[attribute], attribute
+    # Masking drops the time step of zeros; the (batch, 3) mask reaches the layer (Softmax: as its
+    # mask argument, broadcast from the right as Keras' Softmax broadcasts it) and passes on.
+    inputs = keras.Input((3, 3))
+    masked = keras.layers.Masking()(inputs)
+    mask = tf.constant([[True, False, True]])
+    x = tf.constant([[[1.0, 2.0, -0.5], [0.0, 0.0, 0.0], [-1.0, 0.5, 3.0]]])
+    got = keras.Model(inputs, make()(masked))(x)
+    want = keras.Model(inputs, make_stock()(masked))(x)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_array_equal(got._keras_mask, mask)
+    np.testing.assert_array_equal(want._keras_mask, mask)
+
+
+def test_setting_an_argument_replaces_the_activation_and_is_checked():
+    layer = layers.ReLU()
+    layer.max_value = 1.0
+    np.testing.assert_array_equal(layer(tf.constant([-1.0, 0.5, 3.0])), [0.0, 0.5, 1.0])
+    assert layer.get_config()["max_value"] == 1.0
+    with pytest.raises(ValueError, match="threshold=-1"):
+        layer.threshold = -1
+    elu = layers.ELU()
+    elu.alpha = 0.5
+    assert elu.activation.alpha == 0.5
+
+
+def test_leaky_relu_accepts_keras_2_alpha_with_a_warning():
+    with pytest.warns(UserWarning, match="alpha"):
+        layer = layers.LeakyReLU(alpha=0.1)
+    assert layer.negative_slope == 0.1
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    shape=st.sampled_from([(2, 5), (2, 3, 4)]),
+    mask_shape=st.sampled_from(["full", "last", "rows"]),
+    seed=st.integers(0, 2**16),
+)
+def test_softmax_mask_equals_keras_softmax_in_float64(shape, mask_shape, seed):
+    """``Softmax()(z, mask=m)``: values and input gradients equal ``keras.layers.Softmax``'s, with
+    full, broadcast and whole-row masks; dropped entries are 0 and get 0 gradient."""
+    rng = np.random.default_rng(seed)
+    z = tf.constant(rng.normal(size=shape) * 2)
+    m_shape = {"full": shape, "last": (shape[-1],), "rows": (*shape[:-1], 1)}[mask_shape]
+    mask = tf.constant(rng.random(m_shape) > 0.4)
+    dy = tf.constant(rng.normal(size=shape))
+
+    def run(layer, reference=False):
+        with tf.GradientTape() as tape:
+            tape.watch(z)
+            if reference:
+                with tf_jacbp.reference_mode():
+                    a = layer(z, mask=mask)
+            else:
+                a = layer(z, mask=mask)
+        return np.asarray(a), np.asarray(tape.gradient(a, z, output_gradients=dy))
+
+    value, grad = run(keras.layers.Softmax(dtype="float64"))
+    for reference in (False, True):
+        ours, ours_grad = run(layers.Softmax(dtype="float64"), reference)
+        assert tolerances.relative_error(ours, value) <= RTOL64
+        assert tolerances.relative_error(ours_grad, grad) <= RTOL64
+    dropped = ~np.broadcast_to(np.asarray(mask), shape)
+    assert np.all(ours[dropped] == 0) and np.all(ours_grad[dropped] == 0)
+
+
+def test_softmax_mask_that_does_not_broadcast_names_the_shapes():
+    with pytest.raises(ValueError, match=r"mask must be broadcastable.*mask.shape=\(2, 3\)"):
+        layers.Softmax()(tf.zeros((2, 4)), mask=tf.ones((2, 3), tf.bool))
