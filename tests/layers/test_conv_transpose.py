@@ -203,7 +203,7 @@ def test_parameter_jacobian_equals_autodiff_and_its_transpose_is_the_backward(us
     assert jacobian.shape == (2, rows, sum(p.shape.num_elements() for p in params))
     assert tolerances.relative_error(jacobian, expected) <= RTOL
     assert tolerances.relative_error(layer.parameter_jacobian(x[0]), jacobian[0]) <= RTOL
-    delta = tf.constant(rng.normal(size=(1, *layer.output_image_shape)))
+    delta = tf.constant(rng.normal(size=layer.compute_output_shape((1, *input_shape))))
     _, grads = layer.backward(delta, x[:1], None, *params)
     fast = tf.concat([vec_parameter(g) for g in grads], axis=0)
     materialized = tf.linalg.matvec(jacobian[0], tf.reshape(delta, [-1]), transpose_a=True)
@@ -245,7 +245,7 @@ def test_per_example_backward_and_squared_norms(input_shape, kwargs):
     params = layer.read_parameters()
     rng = np.random.default_rng(5)
     x = tf.constant(rng.normal(size=(4, *input_shape)))
-    dy = tf.constant(rng.normal(size=(4, *layer.output_image_shape)))
+    dy = tf.constant(rng.normal(size=layer.compute_output_shape((4, *input_shape))))
     dx, per_sample = layer.per_example_backward(dy, x, None, *params)
     dx_sum, summed = layer.backward(dy, x, None, *params)
     assert tolerances.relative_error(dx, dx_sum) <= RTOL
@@ -276,7 +276,7 @@ def test_memory_guard_sparse_path_gives_the_same_outputs_and_gradients(compiled)
     assert not dense.sparse_toeplitz and sparse.sparse_toeplitz and not sparse.supports_jit
     rng = np.random.default_rng(4)
     x = tf.constant(rng.normal(size=(3, *input_shape)))
-    upstream = tf.constant(rng.normal(size=(3, *dense.output_image_shape)))
+    upstream = tf.constant(rng.normal(size=dense.compute_output_shape((3, *input_shape))))
 
     def step(layer):
         def run(x):
@@ -322,6 +322,7 @@ def test_memory_guard_error_states_the_size_and_the_setting():
         ({"output_padding": (0, 0, 0)}, r"output_padding=\(0, 0, 0\)"),
         ({"data_format": "channels_first"}, "data_format='channels_first'"),
         ({"groups": 2}, "groups=2"),
+        ({"lora_rank": 4}, "lora_rank=4"),
         ({"toeplitz_budget_bytes": 0}, "toeplitz_budget_bytes"),
     ],
 )
@@ -348,8 +349,41 @@ def test_output_padding_without_a_transposed_convolution_is_an_error_naming_it()
 def test_bad_input_shapes_are_errors():
     with pytest.raises(ValueError, match=r"\(batch, height, width, channels\)"):
         keras.Sequential([keras.Input((784,)), Conv2DTranspose(2, 3)])
-    with pytest.raises(ValueError, match="known height, width"):
-        keras.Sequential([keras.Input((None, None, 3)), Conv2DTranspose(2, 3)])
+    with pytest.raises(ValueError, match="known channel count"):
+        keras.Sequential([keras.Input((None, None, None)), Conv2DTranspose(2, 3)])
+
+
+def test_inputs_of_varying_size_get_one_t_per_size():
+    """Built for ``(None, None, C)``, the layer builds ``T(K)`` for each size it is called with
+    and agrees with the stock layer on each; a function traced for an unknown size is refused
+    with the remedies."""
+    model = keras.Sequential(
+        [
+            keras.Input((None, None, 2), dtype="float64"),
+            Conv2DTranspose(3, 3, strides=2, dtype="float64"),
+        ]
+    )
+    layer = model.layers[0]
+    assert layer.conv_index is None and model.output_shape == (None, None, None, 3)
+    stock = keras.layers.Conv2DTranspose(3, 3, strides=2, dtype="float64")
+    stock.build((None, None, None, 2))
+    stock.set_weights(layer.get_weights())
+    rng = np.random.default_rng(8)
+    for size in ((2, 3), (4, 2), (2, 3)):
+        x = tf.constant(rng.normal(size=(2, *size, 2)))
+        upstream = tf.constant(rng.normal(size=stock.compute_output_shape(x.shape)))
+        got = _values_and_gradients(layer, x, upstream, layer.trainable_variables)
+        want = _values_and_gradients(stock, x, upstream, stock.trainable_variables)
+        for g, w in zip(got, want, strict=True):
+            assert tolerances.relative_error(g, w) <= RTOL
+    assert sorted(layer._indices) == [(2, 3), (4, 2)]
+    with pytest.raises(ValueError, match="known when the step is traced"):
+        tf.function(layer, input_signature=[tf.TensorSpec((None, None, None, 2), "float64")])(
+            tf.zeros((1, 2, 2, 2), "float64")
+        )
+    with pytest.raises(ValueError, match="varying size"):
+        layer.toeplitz_matrix()
+    assert layer.toeplitz_matrix((4, 2, 2)).shape == (9 * 5 * 3, 4 * 2 * 2)
 
 
 def test_output_shape_and_weights_copy_from_keras():

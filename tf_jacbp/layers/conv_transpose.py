@@ -20,7 +20,8 @@ for one sample:
 Batches are rows: ``Y = X T(K) + b``, ``dX = Delta T(K)^T``, ``dK`` summed over the batch in the
 convolution's one patch-matrix product. The output size along each axis is Keras' (its
 ``compute_conv_transpose_output_shape``, ``transpose_output_size`` here), and the convolution from
-that size back to the input's size must exist (``output_padding`` checked at build).
+that size back to the input's size must exist (``output_padding`` checked at build). ``T(K)``
+depends on the input's size: one ``ConvIndex`` per size seen, as for ``Conv2D``.
 """
 
 from __future__ import annotations
@@ -29,13 +30,14 @@ from typing import Any
 
 from tf_jacbp import activations, toeplitz
 from tf_jacbp._backend import keras, tf
-from tf_jacbp.geometry import as_pair, check_channels_last, check_padding, image_shape
+from tf_jacbp.geometry import as_pair, check_channels_last, check_padding, spatial_shape
 from tf_jacbp.layers.base import (
     _KernelBiasLayer,
     as_float_tensor,
     patch_product_squared_norms,
     squared_norms,
 )
+from tf_jacbp.layers.dense import refuse_unsupported
 from tf_jacbp.layout import unvec_parameter_batch
 
 _OWNER = "Conv2DTranspose"
@@ -119,9 +121,10 @@ class Conv2DTranspose(_KernelBiasLayer):
             ``tf.SparseTensor`` (with a warning; not XLA-compatible), or a ValueError when even
             that does not fit.
 
-    Input ``(batch, H, W, C)`` with ``H, W, C`` known (fixed at build); output
-    ``(batch, H_out, W_out, F)``. The kernel has Keras' shape ``(kh, kw, F, C)``, so weights copy
-    to and from ``keras.layers.Conv2DTranspose``.
+    Input ``(batch, H, W, C)`` with ``C`` known; output ``(batch, H_out, W_out, F)``. Built for
+    ``keras.Input((None, None, C))``, the layer builds ``T(K)`` for each size it is called with
+    (``toeplitz_index``, each under the memory guard) and keeps them. The kernel has Keras' shape
+    ``(kh, kw, F, C)``, so weights copy to and from ``keras.layers.Conv2DTranspose``.
 
     Example (the transpose of Lemma 2's ``4 x 9`` matrix: a ``2 x 2`` input to ``3 x 3``):
         >>> layer = tf_jacbp.layers.Conv2DTranspose(1, 2, use_bias=False)
@@ -157,6 +160,7 @@ class Conv2DTranspose(_KernelBiasLayer):
                 "keras.layers.Conv2DTranspose nor tf_jacbp builds grouped transposed "
                 "convolutions; remove the argument (or split the channels and concatenate)."
             )
+        refuse_unsupported(_OWNER, kwargs)
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
         if isinstance(filters, bool) or not isinstance(filters, int) or filters <= 0:
             raise ValueError(
@@ -178,6 +182,8 @@ class Conv2DTranspose(_KernelBiasLayer):
         self.data_format = check_channels_last(data_format, _OWNER)
         self.activation = activations.get(activation)
         self.use_bias = use_bias
+        self.conv_index: toeplitz.ConvIndex | None = None
+        self.sparse_toeplitz = False
         self.toeplitz_budget_bytes = (
             None
             if toeplitz_budget_bytes is None
@@ -194,7 +200,8 @@ class Conv2DTranspose(_KernelBiasLayer):
             bias_constraint=bias_constraint,
         )
 
-    def _output_sizes(self, sizes: tuple) -> list[int | None]:
+    def _output_sizes(self, sizes: tuple) -> list[Any]:
+        """``[H_out, W_out]`` for ``sizes = (H, W)`` (ints, None, or scalar tensors)."""
         paddings = self.output_padding or (None, None)
         return [
             None if n is None else transpose_output_size(n, k, s, self.padding, p, d)
@@ -205,88 +212,132 @@ class Conv2DTranspose(_KernelBiasLayer):
 
     def build(self, input_shape: tuple) -> None:
         owner = f"{_OWNER} '{self.name}'"
-        height, width, channels = image_shape(input_shape, owner)
-        out_h, out_w = self._output_sizes((height, width))
-        kernel_shape = (*self.kernel_size, self.filters, channels)
-        # The convolution read the other way: from the output's shape to the input's.
-        self.conv_index = toeplitz.conv_index(
-            kernel_shape,
-            (out_h, out_w, self.filters),
-            self.strides,
-            self.padding,
-            self.dilation_rate,
-            owner,
-        )
-        if self.conv_index.output_shape != (height, width, channels):
-            raise ValueError(
-                f"{owner}: with output_padding={self.output_padding}, the output would be "
-                f"{out_h} x {out_w}, but a convolution (kernel_size={self.kernel_size}, "
-                f"strides={self.strides}, padding={self.padding!r}, dilation_rate="
-                f"{self.dilation_rate}) of that size gives {self.conv_index.output_shape[:2]}, "
-                f"not the input's {(height, width)}, so there is no transposed convolution. Use "
-                "output_padding=None or another output_padding (with padding='same' and an even "
-                "kernel, output_padding >= 1)."
-            )
-        budget = (
+        height, width, channels = spatial_shape(input_shape, 2, owner, allow_unknown=True)
+        self._channels = channels
+        self._budget = (
             toeplitz.get_budget_bytes()
             if self.toeplitz_budget_bytes is None
             else self.toeplitz_budget_bytes
         )
-        self.sparse_toeplitz = toeplitz.use_sparse(
-            self.conv_index,
-            self.compute_dtype,
-            budget,
-            owner,
-            f"{_OWNER}(..., toeplitz_budget_bytes=...) or tf_jacbp.toeplitz.set_budget_bytes(...)",
-        )
-        if self.sparse_toeplitz:  # tf.sparse.sparse_dense_matmul has no XLA kernel
-            self.supports_jit = False
+        self._indices: dict[tuple[int, int], tuple[toeplitz.ConvIndex, bool]] = {}
+        if None not in (height, width):  # the usual case: one size, its T(K) guarded now
+            self.conv_index, self.sparse_toeplitz = self.toeplitz_index(input_shape)
+        kernel_shape = (*self.kernel_size, self.filters, channels)
         self.add_kernel_and_bias(kernel_shape, (self.filters,) if self.use_bias else None)
-        self.input_spec = keras.layers.InputSpec(ndim=4, axes={1: height, 2: width, -1: channels})
+        axes = {i + 1: n for i, n in enumerate((height, width)) if n is not None}
+        self.input_spec = keras.layers.InputSpec(ndim=4, axes={**axes, -1: channels})
 
-    @property
-    def output_image_shape(self) -> tuple[int, int, int]:
-        """``(H_out, W_out, F)``: one output's shape, the input shape of ``T``'s convolution."""
-        return self.conv_index.input_shape
+    def toeplitz_index(self, input_shape: tuple) -> tuple[toeplitz.ConvIndex, bool]:
+        """``(ConvIndex, sparse)`` for inputs of static shape ``(batch, H, W, C)``: the index maps
+        of ``T(K)``, the convolution from the output's shape ``(H_out, W_out, F)`` to ``(H, W, C)``
+        (its ``input_shape`` is the output's, its ``output_shape`` the input's), and whether the
+        memory guard keeps ``T`` sparse (``tf_jacbp.toeplitz.use_sparse``). Built on first use
+        for each size and kept.
 
-    def build_toeplitz(self, kernel: tf.Tensor) -> tf.Tensor | tf.SparseTensor:
-        """``T(K)^T`` ``(R, N)`` dense, or ``T(K)`` ``(N, R)`` sparse over the memory budget."""
-        if self.sparse_toeplitz:
-            return self.conv_index.sparse_matrix(kernel)
-        return self.conv_index.transpose_matrix(kernel)
+        Raises a ValueError when ``H`` or ``W`` is unknown (a traced function of unknown size),
+        or when no convolution maps the output's size back to ``(H, W)`` (``output_padding``).
+        """
+        owner = f"{_OWNER} '{self.name}'"
+        spatial = tuple(input_shape[1:3])
+        if any(n is None for n in spatial):
+            raise ValueError(
+                f"{owner}: the Toeplitz route builds T(K) for one spatial size, so it needs the "
+                f"size of each batch known when the step is traced, got input shape "
+                f"{tuple(input_shape)}. Keras' fit relaxes its compiled step to unknown sizes once "
+                "it has seen a second size: call model.make_train_function(force=True) (and "
+                "make_test_function, make_predict_function) before using a new size, fit with "
+                "run_eagerly=True, or call the model in your own tf.function (a new size traces "
+                "again)."
+            )
+        spatial = tuple(int(n) for n in spatial)
+        if spatial not in self._indices:
+            out_h, out_w = self._output_sizes(spatial)
+            # The convolution read the other way: from the output's shape to the input's.
+            index = toeplitz.conv_index(
+                (*self.kernel_size, self.filters, self._channels),
+                (out_h, out_w, self.filters),
+                self.strides,
+                self.padding,
+                self.dilation_rate,
+                owner,
+            )
+            if index.output_shape[:2] != spatial:
+                raise ValueError(
+                    f"{owner}: with output_padding={self.output_padding}, the output would be "
+                    f"{out_h} x {out_w}, but a convolution (kernel_size={self.kernel_size}, "
+                    f"strides={self.strides}, padding={self.padding!r}, dilation_rate="
+                    f"{self.dilation_rate}) of that size gives {index.output_shape[:2]}, not the "
+                    f"input's {spatial}, so there is no transposed convolution. Use "
+                    "output_padding=None or another output_padding (with padding='same' and an "
+                    "even kernel, output_padding >= 1)."
+                )
+            sparse = toeplitz.use_sparse(
+                index,
+                self.compute_dtype,
+                self._budget,
+                owner,
+                f"{_OWNER}(..., toeplitz_budget_bytes=...) or "
+                "tf_jacbp.toeplitz.set_budget_bytes(...)",
+            )
+            if sparse:  # tf.sparse.sparse_dense_matmul has no XLA kernel
+                self.supports_jit = False
+            self._indices[spatial] = (index, sparse)
+        return self._indices[spatial]
+
+    def _index_or_built(self, input_shape: tuple | None) -> tuple[toeplitz.ConvIndex, bool]:
+        if input_shape is not None:
+            return self.toeplitz_index(tuple(input_shape))
+        if self.conv_index is None:
+            raise ValueError(
+                f"{_OWNER} '{self.name}' was built for inputs of varying size; give the input's "
+                "shape (batch, H, W, C) to choose the size of T(K)."
+            )
+        return self.conv_index, self.sparse_toeplitz
+
+    def build_toeplitz(
+        self, kernel: tf.Tensor, input_shape: tuple | None = None
+    ) -> tf.Tensor | tf.SparseTensor:
+        """``T(K)^T`` ``(R, N)`` dense, or ``T(K)`` ``(N, R)`` sparse over the memory budget, for
+        inputs of shape ``input_shape`` (``toeplitz_index``; default: the size built for)."""
+        index, sparse = self._index_or_built(input_shape)
+        return index.sparse_matrix(kernel) if sparse else index.transpose_matrix(kernel)
 
     def apply_toeplitz(
         self, x: tf.Tensor, t: tf.Tensor | tf.SparseTensor, bias: tf.Tensor | None = None
     ) -> tf.Tensor:
         """``Y = X T(K) + b``: ``(batch, H, W, C)`` -> ``(batch, H_out, W_out, F)``.
 
-        ``t = build_toeplitz(kernel)``; per sample this is ``y = T(K)^T x + b``.
+        ``t = build_toeplitz(kernel, x.shape)``; per sample this is ``y = T(K)^T x + b``.
         """
-        x = tf.reshape(x, [-1, self.conv_index.shape[0]])
-        if self.sparse_toeplitz:  # (T^T X^T)^T
+        index, _ = self.toeplitz_index(x.shape)
+        x = tf.reshape(x, [-1, index.shape[0]])
+        if isinstance(t, tf.SparseTensor):  # (T^T X^T)^T
             y = tf.transpose(tf.sparse.sparse_dense_matmul(t, x, adjoint_a=True, adjoint_b=True))
         else:
             y = tf.matmul(x, t, transpose_b=True)
         if bias is not None:
-            positions = self.conv_index.shape[1] // self.filters
+            positions = index.shape[1] // self.filters
             y = tf.nn.bias_add(y, tf.tile(bias, [positions]))  # b_f at every position
-        return tf.reshape(y, [-1, *self.output_image_shape])
+        return tf.reshape(y, [-1, *index.input_shape])
 
-    def input_gradient(self, dy: tf.Tensor, t: tf.Tensor | tf.SparseTensor) -> tf.Tensor:
+    def input_gradient(
+        self, dy: tf.Tensor, x: tf.Tensor, t: tf.Tensor | tf.SparseTensor
+    ) -> tf.Tensor:
         """``dX = Delta T(K)^T`` (per sample ``(J_x y)^T delta = T(K) delta``), like ``x``.
 
-        ``dy`` ``(batch, H_out, W_out, F)``, ``t = build_toeplitz(kernel)``.
+        ``dy`` ``(batch, H_out, W_out, F)``, ``t = build_toeplitz(kernel, x.shape)``.
         """
-        delta = tf.reshape(dy, [-1, self.conv_index.shape[1]])
-        if self.sparse_toeplitz:  # (T Delta^T)^T
+        index, _ = self.toeplitz_index(x.shape)
+        delta = tf.reshape(dy, [-1, index.shape[1]])
+        if isinstance(t, tf.SparseTensor):  # (T Delta^T)^T
             dx = tf.transpose(tf.sparse.sparse_dense_matmul(t, delta, adjoint_b=True))
         else:
             dx = tf.matmul(delta, t)
-        return tf.reshape(dx, [-1, *self.conv_index.output_shape])
+        return tf.reshape(dx, [-1, *index.output_shape])
 
     def forward(self, x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None) -> tf.Tensor:
-        """``Y = X T(K) + b``, building ``T(K)`` from ``kernel``."""
-        return self.apply_toeplitz(x, self.build_toeplitz(kernel), bias)
+        """``Y = X T(K) + b``, building ``T(K)`` for ``x``'s size from ``kernel``."""
+        return self.apply_toeplitz(x, self.build_toeplitz(kernel, x.shape), bias)
 
     def reference(
         self, x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None
@@ -294,9 +345,8 @@ class Conv2DTranspose(_KernelBiasLayer):
         """``tf.nn.conv2d_transpose`` (stock ops). TensorFlow's CPU kernel has no dilation, so a
         dilated ``K`` is first spread out with zeros (``K'[p d_h, q d_w] = K[p, q]``, the kernel
         ``(k - 1) d + 1`` wide that dilation means), then used undilated."""
-        d_h, d_w = self.dilation_rate
+        (d_h, d_w), (kh, kw, filters, channels) = self.dilation_rate, kernel.shape
         if d_h > 1 or d_w > 1:
-            kh, kw, filters, channels = kernel.shape
             spread = tf.pad(
                 tf.reshape(kernel, [kh, 1, kw, 1, filters, channels]),
                 [[0, 0], [0, d_h - 1], [0, 0], [0, d_w - 1], [0, 0], [0, 0]],
@@ -306,7 +356,7 @@ class Conv2DTranspose(_KernelBiasLayer):
         y = tf.nn.conv2d_transpose(
             x,
             kernel,
-            tf.stack([tf.shape(x)[0], *self.output_image_shape]),
+            tf.stack([tf.shape(x)[0], *self._output_sizes(tf.unstack(tf.shape(x)[1:3])), filters]),
             strides=self.strides,
             padding=self.padding.upper(),
         )
@@ -326,17 +376,18 @@ class Conv2DTranspose(_KernelBiasLayer):
 
         ``dy`` ``(batch, H_out, W_out, F)``, ``x`` ``(batch, H, W, C)``.
         """
-        grads = [self.conv_index.kernel_gradient(dy, x)]
+        index, _ = self.toeplitz_index(x.shape)
+        grads = [index.kernel_gradient(dy, x)]
         if bias is not None:
             grads.append(tf.reduce_sum(dy, axis=[0, 1, 2]))
-        return self.input_gradient(dy, self.build_toeplitz(kernel)), grads
+        return self.input_gradient(dy, x, self.build_toeplitz(kernel, x.shape)), grads
 
-    def _patches(self, dy: tf.Tensor) -> tf.Tensor:
-        """``(batch, P, M)``: per sample the patch matrix of ``dy`` under ``T``'s convolution,
-        ``P = H W`` (that convolution's output positions), ``M = kh kw F`` (columns in ``Vec``
-        order within one of its filters ``c``, ``ConvIndex.patches``)."""
-        positions = self.conv_index.output_shape[0] * self.conv_index.output_shape[1]
-        patches = tf.reshape(self.conv_index.patches(dy), [-1, positions, tf.shape(dy)[0]])
+    def _patches(self, index: toeplitz.ConvIndex, dy: tf.Tensor) -> tf.Tensor:
+        """``(batch, P, M)``: per sample the patch matrix of ``dy`` under ``T``'s convolution
+        (``index``), ``P = H W`` (that convolution's output positions), ``M = kh kw F`` (columns
+        in ``Vec`` order within one of its filters ``c``, ``ConvIndex.patches``)."""
+        positions = index.output_shape[0] * index.output_shape[1]
+        patches = tf.reshape(index.patches(dy), [-1, positions, tf.shape(dy)[0]])
         return tf.transpose(patches, [2, 1, 0])
 
     def per_example_backward(
@@ -349,16 +400,14 @@ class Conv2DTranspose(_KernelBiasLayer):
     ) -> tuple[tf.Tensor, list[tf.Tensor]]:
         """``backward`` without the batch sum: ``Vec(dK_i[..., c]) = DY_patch,i^T x_i[..., c]``
         (``DY_patch,i`` ``(P, M)``, ``_patches``) and ``db_i`` per sample (leading batch axis)."""
+        index, _ = self.toeplitz_index(x.shape)
         batch = tf.shape(x)[0]
-        channels = self.conv_index.output_shape[2]
-        delta = tf.reshape(x, [batch, -1, channels])  # (batch, P, C): T's upstream gradient
-        per_filter = tf.einsum("bpm,bpc->bcm", self._patches(dy), delta)  # row c: Vec(dK_i[..c])
-        grads = [
-            unvec_parameter_batch(tf.reshape(per_filter, [batch, -1]), self.conv_index.kernel_shape)
-        ]
+        delta = tf.reshape(x, [batch, -1, self._channels])  # (batch, P, C): T's upstream gradient
+        per_filter = tf.einsum("bpm,bpc->bcm", self._patches(index, dy), delta)  # c: Vec(dK_i[.c])
+        grads = [unvec_parameter_batch(tf.reshape(per_filter, [batch, -1]), index.kernel_shape)]
         if bias is not None:
             grads.append(tf.reduce_sum(dy, axis=[1, 2]))
-        return self.input_gradient(dy, self.build_toeplitz(kernel)), grads
+        return self.input_gradient(dy, x, self.build_toeplitz(kernel, x.shape)), grads
 
     def per_example_squared_norms(
         self,
@@ -374,9 +423,9 @@ class Conv2DTranspose(_KernelBiasLayer):
         ``patch_product_squared_norms`` takes its cheaper exact form (Gram or outer); the bias'
         is ``||sum over positions of dy_i||^2``.
         """
-        batch = tf.shape(x)[0]
-        delta = tf.reshape(x, [batch, -1, self.conv_index.output_shape[2]])
-        norms = [patch_product_squared_norms(self._patches(dy), delta)]
+        index, _ = self.toeplitz_index(x.shape)
+        delta = tf.reshape(x, [tf.shape(x)[0], -1, self._channels])
+        norms = [patch_product_squared_norms(self._patches(index, dy), delta)]
         if bias is not None:
             norms.append(squared_norms(tf.reduce_sum(dy, axis=[1, 2])))
         return norms
@@ -389,14 +438,17 @@ class Conv2DTranspose(_KernelBiasLayer):
         """``(batch, H_out, W_out, F)``, sizes by ``transpose_output_size`` (None stays None)."""
         return (input_shape[0], *self._output_sizes(tuple(input_shape[1:3])), self.filters)
 
-    def toeplitz_matrix(self) -> tf.Tensor:
+    def toeplitz_matrix(self, input_shape: tuple[int, int, int] | None = None) -> tf.Tensor:
         """``T(K)^T`` ``(R, N)`` for the current kernel, dense: the matrix the forward pass
         multiplies by, the transpose of the convolution's ``T(K)``
-        (``tf_jacbp.toeplitz.conv_matrix``, under the layer's memory budget)."""
-        kernel = self.read_parameters()[0]
+        (``tf_jacbp.toeplitz.conv_matrix``, under the layer's memory budget).
+
+        ``input_shape`` ``(H, W, C)`` defaults to the one the layer was built for.
+        """
+        index, _ = self._index_or_built(None if input_shape is None else (None, *input_shape))
         t = toeplitz.conv_matrix(
-            kernel,
-            self.output_image_shape,
+            self.read_parameters()[0],
+            index.input_shape,
             self.strides,
             self.padding,
             self.dilation_rate,
@@ -415,7 +467,7 @@ class Conv2DTranspose(_KernelBiasLayer):
         x = x[None] if single else x
         y = self.forward(x, *[tf.cast(p, x.dtype) for p in self.read_parameters()])
         d = self.activation.jacobian(tf.reshape(y, [tf.shape(x)[0], -1]))
-        jacobian = tf.matmul(d, tf.cast(self.toeplitz_matrix(), x.dtype))
+        jacobian = tf.matmul(d, tf.cast(self.toeplitz_matrix(tuple(x.shape[1:])), x.dtype))
         return jacobian[0] if single else jacobian
 
     def parameter_jacobian(self, x: Any) -> tf.Tensor:
@@ -430,10 +482,11 @@ class Conv2DTranspose(_KernelBiasLayer):
         x = as_float_tensor(x, self.compute_dtype)
         single = len(x.shape) == 3
         x = x[None] if single else x
-        rows, channels = self.conv_index.shape[1], self.conv_index.output_shape[2]
-        basis = tf.reshape(tf.eye(rows, dtype=x.dtype), [rows, *self.output_image_shape])
-        patches = self._patches(basis)  # (R, P, M): E_patch,k
-        values = tf.reshape(x, [tf.shape(x)[0], -1, channels])  # (batch, P, C)
+        index, _ = self.toeplitz_index(x.shape)
+        rows = index.shape[1]
+        basis = tf.reshape(tf.eye(rows, dtype=x.dtype), [rows, *index.input_shape])
+        patches = self._patches(index, basis)  # (R, P, M): E_patch,k
+        values = tf.reshape(x, [tf.shape(x)[0], -1, self._channels])  # (batch, P, C)
         kernel_block = tf.einsum("kpm,bpc->bkcm", patches, values)  # columns m + M c: Vec(K)
         blocks = [tf.reshape(kernel_block, [tf.shape(x)[0], rows, -1])]
         if self.use_bias:
@@ -445,7 +498,7 @@ class Conv2DTranspose(_KernelBiasLayer):
     def jacobian_factors(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
         """``{"T(K)^T": (R, N), "J_{Vec(K), b} y": (R, |K| + |b|)}`` at one sample ``x``
         ``(H, W, C)``: the input and the parameter Jacobian of ``y``."""
-        t = tf.cast(self.toeplitz_matrix(), x.dtype)
+        t = tf.cast(self.toeplitz_matrix(tuple(x.shape)), x.dtype)
         return {"T(K)^T": t, "J_{Vec(K), b} y": self.parameter_jacobian(x)}
 
     def get_config(self) -> dict[str, Any]:
