@@ -1,12 +1,16 @@
-"""Add: the residual sum, whose Jacobian with respect to each input is the identity."""
+"""Merge layers: Add (the residual sum, J = I), Multiply (J = diag of the other inputs) and
+Concatenate (J selects), each against the stock Keras layer, autodiff and the harness."""
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import tf_jacbp
-from tf_jacbp import layers
+from tf_jacbp import layers, tolerances
+from tf_jacbp.layers.merge import Concatenate, Multiply
 from tf_jacbp.testing import check_layer as run_layer_test
 
 
@@ -76,3 +80,225 @@ def test_backward_sums_delta_over_broadcast_axes():
 def test_bad_inputs_are_clear_errors(inputs, match):
     with pytest.raises(ValueError, match=match):
         layers.Add()(inputs())
+
+
+# --- Multiply and Concatenate ------------------------------------------------------------------
+
+RTOL64 = tolerances.rtol("float64")
+
+
+def gated_block(dtype: str, n: int = 4) -> keras.Model:
+    """``x -> Multiply([Dense(sigmoid)(x), x, Dense(1)(x)])``: a gate, and a broadcast input."""
+    x = keras.Input((n,), dtype="float64" if dtype == "float64" else "float32")
+    gate = layers.Dense(n, activation="sigmoid", dtype=dtype)(x)
+    scale = layers.Dense(1, dtype=dtype)(x)
+    return keras.Model(x, Multiply(dtype=dtype)([gate, x, scale]))
+
+
+def concat_block(dtype: str, axis: int = -1) -> keras.Model:
+    """``x (3, 2) -> Dense(Concatenate(axis)([Dense(tanh)(x), x]))``."""
+    x = keras.Input((3, 2), dtype="float64" if dtype == "float64" else "float32")
+    h = layers.Dense(2, activation="tanh", dtype=dtype)(x)
+    y = Concatenate(axis=axis, dtype=dtype)([h, x])
+    return keras.Model(x, layers.Dense(2, dtype=dtype)(y))
+
+
+def test_gated_block_passes_the_harness(tmp_path):
+    run_layer_test(gated_block, (4,), tmp_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_concat_block_passes_the_harness(axis, tmp_path):
+    run_layer_test(lambda dtype: concat_block(dtype, axis), (3, 2), tmp_dir=str(tmp_path))
+
+
+def _stock_twin_results(ours, stock, xs, seed):
+    """Outputs and input gradients of a random projection, for our layer and the stock one."""
+    probe = None
+    results = []
+    for layer in (ours, stock):
+        xs_t = [tf.constant(x) for x in xs]
+        with tf.GradientTape() as tape:
+            tape.watch(xs_t)
+            y = layer(xs_t)
+            if probe is None:
+                probe = tf.constant(np.random.default_rng(seed).normal(size=y.shape))
+            loss = tf.reduce_sum(y * probe)
+        results.append([y, *tape.gradient(loss, xs_t)])
+    return results
+
+
+@settings(max_examples=10, deadline=None)
+@given(data=st.data(), shape=st.lists(st.integers(1, 3), min_size=1, max_size=3))
+def test_multiply_matches_keras_in_float64_including_broadcasting(data, shape):
+    n = data.draw(st.integers(1, 3), label="inputs")
+    shapes = [
+        [1 if data.draw(st.booleans(), label="broadcast") and k else d for d in shape]
+        for k in range(n)
+    ]
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16), label="seed"))
+    xs = [rng.normal(size=(2, *s)) for s in shapes]
+    ours, stock = _stock_twin_results(
+        Multiply(dtype="float64"), keras.layers.Multiply(dtype="float64"), xs, 0
+    )
+    for got, expected in zip(ours, stock, strict=True):
+        assert tolerances.relative_error(got, expected) <= RTOL64
+
+
+@settings(max_examples=10, deadline=None)
+@given(data=st.data(), shape=st.lists(st.integers(1, 3), min_size=1, max_size=3))
+def test_concatenate_matches_keras_in_float64(data, shape):
+    rank = len(shape) + 1
+    axis = data.draw(st.sampled_from([a for a in range(-rank, rank) if a % rank]), label="axis")
+    n = data.draw(st.integers(1, 3), label="inputs")
+    shapes = []
+    for _ in range(n):
+        s = list(shape)
+        s[axis % rank - 1] = data.draw(st.integers(1, 3), label="size along axis")
+        shapes.append(s)
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16), label="seed"))
+    xs = [rng.normal(size=(2, *s)) for s in shapes]
+    ours, stock = _stock_twin_results(
+        Concatenate(axis, dtype="float64"), keras.layers.Concatenate(axis, dtype="float64"), xs, 0
+    )
+    for got, expected in zip(ours, stock, strict=True):
+        np.testing.assert_array_equal(got, expected)  # a selection: exact
+
+
+@pytest.mark.parametrize(
+    "layer, shapes",
+    [
+        (lambda: Multiply(dtype="float64"), [(2, 3), (1, 3), (2, 1)]),
+        (lambda: Concatenate(dtype="float64"), [(2, 3), (2, 1)]),
+        (lambda: Concatenate(axis=1, dtype="float64"), [(2, 3), (1, 3), (3, 3)]),
+    ],
+    ids=["multiply", "concatenate last axis", "concatenate axis 1"],
+)
+def test_jacobians_equal_autodiff_and_their_transposes_are_the_backward(layer, shapes):
+    layer = layer()
+    rng = np.random.default_rng(4)
+    xs = [tf.constant(rng.normal(size=s)) for s in shapes]
+    jacobians = layer.jacobian(xs)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(xs)
+        with tf_jacbp.reference_mode():
+            y = layer([x[None] for x in xs])[0]
+    n = int(np.prod(y.shape))
+    delta = tf.constant(rng.normal(size=(1, *y.shape)))
+    dxs, params = layer.backward(delta, [x[None] for x in xs], y[None])
+    assert params == []
+    for k, x in enumerate(xs):
+        expected = tf.reshape(tape.jacobian(y, x), [n, -1])
+        assert tolerances.relative_error(jacobians[k], expected) <= RTOL64
+        materialized = tf.linalg.matvec(jacobians[k], tf.reshape(delta, [-1]), transpose_a=True)
+        assert tolerances.relative_error(tf.reshape(dxs[k], [-1]), materialized) <= RTOL64
+    assert len(layer.jacobian_factors(xs)) == len(xs)
+
+
+def test_concatenate_jacobian_of_flat_inputs_is_a_block_of_the_identity():
+    xs = [np.ones(2), np.ones(3)]
+    j1, j2 = Concatenate(dtype="float64").jacobian(xs)
+    np.testing.assert_array_equal(np.concatenate([j1, j2], axis=1), np.eye(5))
+    np.testing.assert_array_equal(j2, np.eye(5)[:, 2:])
+
+
+def test_multiply_gradient_with_zero_inputs_is_the_product_of_the_others():
+    """No division by ``x_k``: a zero input still gets ``delta * prod_{j != k} x_j``."""
+    xs = [tf.constant([[0.0, 2.0]], "float64"), tf.constant([[3.0, 0.0]], "float64")]
+    with tf.GradientTape() as tape:
+        tape.watch(xs)
+        y = tf.reduce_sum(Multiply(dtype="float64")(xs))
+    g1, g2 = tape.gradient(y, xs)
+    np.testing.assert_array_equal(g1, [[3.0, 0.0]])
+    np.testing.assert_array_equal(g2, [[0.0, 2.0]])
+
+
+def _masked(values):
+    return keras.layers.Masking()(tf.constant(values))
+
+
+X1 = [[[0.0, 0], [1, 2], [0, 0], [3, 4]]]
+X2 = [[[0.0, 0], [0, 0], [1, 2], [3, 4]]]
+
+
+@pytest.mark.parametrize("both", [False, True], ids=["one mask", "two masks"])
+def test_multiply_with_masks_matches_keras_and_its_gradient_the_reference(both):
+    inputs = [_masked(X1), _masked(X2) if both else tf.constant(X2)]
+    ours, stock = Multiply()(inputs), keras.layers.Multiply()(inputs)
+    np.testing.assert_array_equal(ours, stock)
+    if both:
+        np.testing.assert_array_equal(ours._keras_mask, stock._keras_mask)
+    else:
+        assert getattr(ours, "_keras_mask", None) is None
+    masks = [inputs[0]._keras_mask, inputs[1]._keras_mask if both else None]
+    layer = Multiply()
+    grads = []
+    for reference in (False, True):
+        xs = [tf.constant(x) + 0.5 for x in (X1, X2)]  # nonzero everywhere
+        with tf.GradientTape() as tape:
+            tape.watch(xs)
+            if reference:
+                with tf_jacbp.reference_mode():
+                    y = layer(xs, mask=masks)
+            else:
+                y = layer(xs, mask=masks)
+            loss = tf.reduce_sum(y * tf.constant([[[1.0, 2], [3, 4], [5, 6], [7, 8]]]))
+        grads.append(tape.gradient(loss, xs))
+    for g, r in zip(*grads, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-6)
+    assert np.all(np.asarray(grads[0][0])[0, 0] == 0)  # x1's masked entry gets no gradient
+
+
+def test_concatenate_masks_match_keras():
+    x1, x2 = _masked(X1), tf.constant(X2)
+    for axis in (1, 2):
+        ours, stock = (
+            Concatenate(axis=axis)([x1, x2]),
+            keras.layers.Concatenate(axis=axis)([x1, x2]),
+        )
+        np.testing.assert_array_equal(ours, stock)
+        np.testing.assert_array_equal(ours._keras_mask, stock._keras_mask)
+    assert Concatenate().compute_mask([x1, x2], [None, None]) is None
+
+
+@pytest.mark.parametrize(
+    "make, inputs, match",
+    [
+        (Multiply, lambda: keras.Input((3,)), "list of tensors"),
+        (Multiply, lambda: [keras.Input((3,)), keras.Input((1, 3))], "different ranks"),
+        (Multiply, lambda: [keras.Input((3,)), keras.Input((2,))], "cannot be multiplied"),
+        (Concatenate, lambda: keras.Input((3,)), "list of tensors"),
+        (Concatenate, lambda: [keras.Input((3, 2)), keras.Input((2, 3))], "matching shapes"),
+        (Concatenate, lambda: [keras.Input((3,)), keras.Input((1, 3))], "matching shapes"),
+        (lambda: Concatenate(axis=0), lambda: [keras.Input((3,))] * 2, "axis=0 is the batch"),
+        (lambda: Concatenate(axis=2), lambda: [keras.Input((3,))] * 2, "out of range"),
+        (lambda: Concatenate(axis=-3), lambda: [keras.Input((3,))] * 2, "out of range"),
+        (lambda: Concatenate(axis=1.0), lambda: [keras.Input((3,))] * 2, "axis=1.0"),
+    ],
+    ids=[
+        "multiply single tensor",
+        "multiply ranks",
+        "multiply shapes",
+        "concatenate single tensor",
+        "concatenate shapes",
+        "concatenate ranks",
+        "batch axis",
+        "axis too large",
+        "axis too small",
+        "axis not an integer",
+    ],
+)
+def test_bad_multiply_and_concatenate_inputs_are_clear_errors(make, inputs, match):
+    with pytest.raises(ValueError, match=match):
+        make()(inputs())
+
+
+@pytest.mark.parametrize("make", [Multiply, Concatenate])
+def test_bad_masks_get_keras_messages(make):
+    x = [keras.Input((4, 5)), keras.Input((4, 5))]
+    with pytest.raises(ValueError, match="`mask` should be a list."):
+        make().compute_mask(x, np.ones((2, 4), bool))
+    with pytest.raises(ValueError, match="`inputs` should be a list."):
+        make().compute_mask(x[0], [None, None])
+    with pytest.raises(ValueError, match=" should have the same length."):
+        make().compute_mask(x, [None])
