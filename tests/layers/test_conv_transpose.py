@@ -231,6 +231,50 @@ def test_input_jacobian_is_d_times_t_transpose_and_equals_autodiff(activation):
     np.testing.assert_array_equal(factors["J_{Vec(K), b} y"], layer.parameter_jacobian(x[0]))
 
 
+def test_algorithm_1_through_a_conv_autoencoder():
+    """``tf_jacbp.jacobian``'s explicit chain over Conv2D (down) and Conv2DTranspose (up) equals
+    autodiff of the reference route: ``J_theta z[L]`` for an image output, per-example gradients,
+    and the named factors (``T(K)`` down, ``T(K)^T`` up)."""
+    from tf_jacbp import jacobian
+    from tf_jacbp.testing import half_squared_error
+
+    model = keras.Sequential(
+        [
+            keras.Input((5, 4, 1), dtype="float64"),
+            Conv2D(2, 3, strides=2, padding="same", activation="tanh", dtype="float64"),
+            Conv2DTranspose(
+                1, 3, strides=2, padding="same", output_padding=(0, 1), dtype="float64"
+            ),
+        ]
+    )
+    assert model.output_shape == (None, 5, 4, 1)
+    rng = np.random.default_rng(6)
+    x = tf.constant(rng.normal(size=(2, 5, 4, 1)))
+    variables = jacobian.parameter_variables(model)
+    with tf.GradientTape() as tape:
+        with tf_jacbp.reference_mode():
+            z = tf.reshape(model(x), [2, -1])
+    expected = tf.concat(
+        [
+            tf.reshape(vec_parameter_batch(tf.reshape(j, [-1, *v.shape])), [2, z.shape[1], -1])
+            for j, v in zip(tape.jacobian(z, variables), variables, strict=True)
+        ],
+        axis=-1,
+    )
+    got = jacobian.parameter_jacobian(model, x)
+    assert tolerances.relative_error(tf.reshape(got, expected.shape), expected) <= RTOL
+    t = tf.constant(rng.normal(size=(2, 5, 4, 1)))
+    per_example = jacobian.per_example_gradients(model, x, t, loss=half_squared_error)
+    for i in range(2):
+        with tf.GradientTape() as tape:
+            with tf_jacbp.reference_mode():
+                loss = tf.reduce_sum(half_squared_error(t[i : i + 1], model(x[i : i + 1])))
+        flat = tf.concat([vec_parameter(g) for g in tape.gradient(loss, variables)], axis=0)
+        assert tolerances.relative_error(per_example[i], flat) <= RTOL
+    names = [name.split(": ", 1)[1] for name in jacobian.layer_jacobians(model, x[:1])]
+    assert names.count("T(K)") == 1 and names.count("T(K)^T") == 1
+
+
 @pytest.mark.parametrize(
     "input_shape, kwargs",
     [  # the Gram form (few positions) and the outer form (many) of patch_product_squared_norms
