@@ -196,6 +196,10 @@ def test_algorithm_1_walks_layer_norm(input_shape):
         assert tolerances.relative_error(got, want) <= RTOL64
 
     layer = model.layers[0]
+    factors = jacobian.layer_jacobians(model, x[0])
+    size = int(np.prod(input_shape))
+    assert factors[f"{layer.name}: J_x y"].shape == (size, size)
+    assert factors[f"{layer.name}: [diag(xhat) | I]"].shape == (size, 2 * input_shape[-1])
     dy = tf.constant(np.random.default_rng(11).normal(size=(3, *input_shape)))
     params = layer.read_parameters()
     norms = layer.per_example_squared_norms(dy, x, None, *params)
