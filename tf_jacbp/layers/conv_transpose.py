@@ -353,10 +353,14 @@ class Conv2DTranspose(_KernelBiasLayer):
             )
             spread = tf.reshape(spread, [kh * d_h, kw * d_w, filters, channels])
             kernel = spread[: (kh - 1) * d_h + 1, : (kw - 1) * d_w + 1]
+        # Static sizes where known (XLA needs a constant output shape), as Keras does.
+        batch, *spatial = (
+            n if n is not None else tf.shape(x)[i] for i, n in enumerate(x.shape[:3])
+        )
         y = tf.nn.conv2d_transpose(
             x,
             kernel,
-            tf.stack([tf.shape(x)[0], *self._output_sizes(tf.unstack(tf.shape(x)[1:3])), filters]),
+            tf.stack([batch, *self._output_sizes(spatial), filters]),
             strides=self.strides,
             padding=self.padding.upper(),
         )
