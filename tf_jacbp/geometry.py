@@ -167,6 +167,17 @@ def padding_before(
     return 0
 
 
+def padding_amounts(
+    size: int, kernel_size: int, stride: int, padding: str, dilation: int = 1
+) -> tuple[int, int]:
+    """``(pad_before, pad_after)`` of one axis: the zeros to add so that a "valid" convolution
+    of the padded axis reads what ``axis_taps`` reads. "valid": ``(0, 0)``; "same":
+    ``same_padding``; "causal": ``((kernel_size - 1) dilation, 0)``."""
+    if padding == "same":
+        return same_padding(size, kernel_size, stride, dilation)
+    return padding_before(size, kernel_size, stride, padding, dilation), 0
+
+
 def output_size(size: int, kernel_size: int, stride: int, padding: str, dilation: int = 1) -> int:
     """Outputs along one axis: ``ceil(size / stride)`` for "same" and "causal", else
     ``(size - (k - 1) dilation - 1) // stride + 1`` (at least one window must fit: see

@@ -331,6 +331,8 @@ def test_memory_guard_reads_the_process_wide_budget_at_build():
         ({"kernel_size": 0}, "kernel_size=0"),
         ({"strides": 2, "dilation_rate": 2}, "dilation_rate"),
         ({"toeplitz_budget_bytes": 0}, "toeplitz_budget_bytes"),
+        ({"padding": "causal"}, "got padding='causal'"),
+        ({"lora_rank": 4}, "lora_rank=4"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, match):
@@ -348,9 +350,88 @@ def test_two_dimensional_input_is_an_error():
         keras.Sequential([keras.Input((784,)), Conv2D(2, 3)])
 
 
-def test_unknown_spatial_size_is_an_error():
-    with pytest.raises(ValueError, match="known height, width"):
-        keras.Sequential([keras.Input((None, None, 3)), Conv2D(2, 3)])
+def _variable_size_model():
+    """``Input((None, None, 1))`` -> two Conv2D: the Toeplitz matrices depend on the size."""
+    return keras.Sequential(
+        [
+            keras.Input((None, None, 1), dtype="float64"),
+            Conv2D(2, 3, padding="same", activation="tanh", dtype="float64"),
+            Conv2D(1, (2, 3), strides=(2, 1), dtype="float64"),
+        ]
+    )
+
+
+def _reference_gradients(model, x, y):
+    with tf.GradientTape() as tape:
+        with tf_jacbp.reference_mode():
+            loss = tf.reduce_mean(tf.square(model(x) - y))
+    return tape.gradient(loss, model.trainable_variables)
+
+
+def test_variable_image_size_fits_two_sizes_with_the_reference_gradients():
+    """A model on ``keras.Input((None, None, 1))`` builds ``T(K)`` per size: ``fit`` on 6 x 7 and
+    then on 9 x 5 images applies, at each size, the reference route's gradient (one SGD step with
+    learning rate 1: the update is the gradient). Keras relaxes its compiled step to unknown
+    sizes on the second size, which the layer refuses with the fix; after the fix it traces the
+    new size."""
+    model = _variable_size_model()
+    model.compile(
+        optimizer=keras.optimizers.SGD(1.0), loss=keras.losses.MeanSquaredError(dtype="float64")
+    )
+    rng = np.random.default_rng(0)
+    for step, (height, width) in enumerate([(6, 7), (9, 5)]):
+        # fit's data adapter hands float64 arrays over as float32: draw float32 values
+        x = rng.normal(size=(4, height, width, 1)).astype("float32").astype("float64")
+        y = rng.normal(size=model.compute_output_shape(x.shape)).astype("float32")
+        if step:
+            with pytest.raises(ValueError, match=r"make_train_function\(force=True\)"):
+                model.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False)
+            model.make_train_function(force=True)
+        expected = _reference_gradients(model, x, y)
+        before = [v.numpy() for v in model.trainable_variables]
+        model.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False)
+        for b, v, g in zip(before, model.trainable_variables, expected, strict=True):
+            assert tolerances.relative_error(b - v.numpy(), g) <= tolerances.rtol("float64")
+    conv = model.layers[0]
+    assert conv.conv_index is None and sorted(conv._indices) == [(6, 7), (9, 5)]
+
+
+def test_variable_size_traces_again_in_a_tf_function_and_refuses_unknown_sizes():
+    model = _variable_size_model()
+    variables = model.trainable_variables
+    rng = np.random.default_rng(1)
+
+    def gradients(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.square(model(x)))
+        return tape.gradient(loss, variables)
+
+    compiled = tf.function(gradients)
+    for size in [(5, 5), (8, 6), (5, 5)]:
+        x = tf.constant(rng.normal(size=(2, *size, 1)))
+        with tf.GradientTape() as tape:
+            with tf_jacbp.reference_mode():
+                loss = tf.reduce_sum(tf.square(model(x)))
+        expected = tape.gradient(loss, variables)
+        for got, want in zip(compiled(x), expected, strict=True):
+            assert tolerances.relative_error(got, want) <= tolerances.rtol("float64")
+    assert compiled.experimental_get_tracing_count() == 2
+    unknown = tf.function(gradients, input_signature=[tf.TensorSpec((None, None, None, 1))])
+    with pytest.raises(ValueError, match=r"static|known when the step is traced"):
+        unknown.get_concrete_function()
+
+
+def test_variable_size_checks_each_size_when_it_is_seen():
+    layer = Conv2D(2, 5, dtype="float64")
+    layer.build((None, None, None, 1))
+    assert layer(np.zeros((1, 6, 5, 1))).shape == (1, 2, 1, 2)
+    with pytest.raises(ValueError, match=r"kernel_size \(5, 5\).*along the width.*'same'"):
+        layer(np.zeros((1, 6, 4, 1)))
+    with pytest.raises(ValueError, match="bias='untied'.*bias='tied'"):
+        keras.Sequential([keras.Input((None, None, 3)), Conv2D(2, 3, bias="untied")])
+    with pytest.raises(ValueError, match="input's shape"):
+        layer.toeplitz_matrix()
+    assert layer.toeplitz_matrix((6, 5, 1)).shape == (4, 30)
 
 
 def test_changed_channel_count_after_build_is_an_error():

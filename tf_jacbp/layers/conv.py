@@ -17,6 +17,12 @@ so the Dense formulas apply. For one sample, with ``x = vec(X)`` (``N = H W C``)
 
 Batches are rows: ``Z = X T(K)^T + b`` for ``X`` of shape ``(batch, N)``; ``dX = Delta T(K)``;
 ``dK`` sums the per-sample products in one matmul (``ConvIndex.kernel_gradient``).
+
+``T(K)`` depends on the input's spatial size. A layer built for ``keras.Input((None, None, C))``
+builds one ``ConvIndex`` per size it is called with (each under the memory guard) and keeps them;
+a traced function traces again for a new size. The formulas above are written once, for images,
+in ``ToeplitzConv``: ``Conv1D`` (``tf_jacbp.layers.conv1d``) applies them to a sequence read as an
+image of height 1.
 """
 
 from __future__ import annotations
@@ -25,61 +31,42 @@ from typing import Any
 
 from tf_jacbp import activations, geometry, toeplitz
 from tf_jacbp._backend import keras, tf
-from tf_jacbp.geometry import check_channels_last, image_shape
-from tf_jacbp.layers.base import _KernelBiasLayer, as_float_tensor
+from tf_jacbp.geometry import check_channels_last
+from tf_jacbp.layers.base import (
+    _KernelBiasLayer,
+    as_float_tensor,
+    patch_product_squared_norms,
+    squared_norms,
+)
+from tf_jacbp.layers.dense import refuse_unsupported
 from tf_jacbp.layout import unvec_parameter_batch, vec_index
 
 BIAS_MODES = ("tied", "untied")
 
 
-@keras.saving.register_keras_serializable(package="tf_jacbp")
-class Conv2D(_KernelBiasLayer):
-    """2-D convolution that multiplies by its materialized Toeplitz matrix ``T(K)``.
+class ToeplitzConv(_KernelBiasLayer):
+    """The convolution formulas of this module for ``rank`` spatial axes (1 or 2), on images.
 
-    Arguments as ``keras.layers.Conv2D`` (channels_last, ``groups=1``), plus ``bias`` and
-    ``toeplitz_budget_bytes``.
-
-    Args:
-        filters: ``F``, the number of output channels (a positive integer).
-        kernel_size: ``(kh, kw)`` or one int for both.
-        strides: ``(s_h, s_w)`` or one int, >= 1.
-        padding: ``"valid"`` or ``"same"`` (TensorFlow's rule, ``tf_jacbp.toeplitz.same_padding``).
-        data_format: ``None`` or ``"channels_last"``; ``"channels_first"`` is an error.
-        dilation_rate: ``(d_h, d_w)`` or one int, >= 1. As in Keras, ``strides > 1`` together with
-            ``dilation_rate > 1`` is an error (the reference route cannot differentiate it on CPU).
-        groups: must be 1.
-        activation: a name from ``tf_jacbp.activations`` or ``None``; its Jacobian ``D`` follows.
-        use_bias: whether ``z`` has a bias.
-        bias: ``"tied"`` (Keras': shape ``(F,)``, one per filter) or ``"untied"`` (the paper's
-            ``B_i`` of Lemma 3: shape ``(H_out, W_out, F)``, one per output entry).
-        kernel_initializer, bias_initializer, kernel_regularizer, bias_regularizer,
-        activity_regularizer, kernel_constraint, bias_constraint: as in Keras.
-        toeplitz_budget_bytes: the memory budget for ``T(K)`` (default: the process-wide
-            ``tf_jacbp.toeplitz.get_budget_bytes()`` when the layer is built). A dense ``T`` over
-            budget is replaced by a ``tf.SparseTensor`` (``tf.sparse.sparse_dense_matmul``; not
-            XLA-compatible, so not usable under ``jit_compile=True``); a sparse one over budget is
-            a ValueError at build time, which states the sizes and this setting.
-
-    Input ``(batch, H, W, C)`` with ``H, W, C`` known (they are fixed at build); output
-    ``(batch, H_out, W_out, F)``. The kernel ``K`` has Keras' shape ``(kh, kw, C, F)``.
-
-    Example:
-        >>> layer = tf_jacbp.layers.Conv2D(1, 2, use_bias=False)
-        >>> layer.build((None, 3, 3, 1))
-        >>> layer.toeplitz_matrix().shape  # Lemma 2's 4 x 9 matrix
-        TensorShape([4, 9])
+    Subclasses set ``rank`` and the paddings they accept. Every Toeplitz method works on the image
+    view ``(batch, H, W, C)`` of the input (a sequence ``(batch, T, C)`` is the image
+    ``(batch, 1, T, C)``) and on the kernel ``(kh, kw, C, F)`` (a 1-D kernel ``(k, C, F)`` is
+    ``(1, k, C, F)``); ``Vec`` of either is the same vector, and so are the row-major ``vec`` of
+    inputs and outputs, so ``T(K)``, its index maps and every Jacobian are shared unchanged.
     """
+
+    rank = 2
+    paddings = geometry.PADDINGS
 
     def __init__(
         self,
         filters: int,
-        kernel_size: int | tuple[int, int],
-        strides: int | tuple[int, int] = (1, 1),
+        kernel_size: int | tuple[int, ...],
+        strides: int | tuple[int, ...] = 1,
         padding: str = "valid",
         data_format: str | None = None,
-        dilation_rate: int | tuple[int, int] = (1, 1),
+        dilation_rate: int | tuple[int, ...] = 1,
         groups: int = 1,
-        activation: str | None = None,
+        activation: Any = None,
         use_bias: bool = True,
         bias: str = "tied",
         kernel_initializer: Any = "glorot_uniform",
@@ -92,35 +79,37 @@ class Conv2D(_KernelBiasLayer):
         toeplitz_budget_bytes: int | None = None,
         **kwargs: Any,
     ):
+        owner = type(self).__name__
+        refuse_unsupported(owner, kwargs)
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
         if isinstance(filters, bool) or not isinstance(filters, int) or filters <= 0:
             raise ValueError(
-                f"Conv2D: filters must be a positive integer (the number of output channels), "
+                f"{owner}: filters must be a positive integer (the number of output channels), "
                 f"got filters={filters!r}."
             )
         if groups != 1:
             raise ValueError(
-                f"Conv2D: only groups=1 is supported, got groups={groups!r}. A grouped "
+                f"{owner}: only groups=1 is supported, got groups={groups!r}. A grouped "
                 "convolution's Toeplitz matrix is block diagonal and tf_jacbp does not build it; "
-                "use keras.layers.Conv2D for grouped convolutions."
+                f"use keras.layers.{owner} for grouped convolutions."
             )
         if bias not in BIAS_MODES:
             raise ValueError(
-                f"Conv2D: bias must be 'tied' (one bias per filter, as Keras) or 'untied' (one per "
-                f"output entry, the paper's B_i), got bias={bias!r}."
+                f"{owner}: bias must be 'tied' (one bias per filter, as Keras) or 'untied' (one "
+                f"per output entry, the paper's B_i), got bias={bias!r}."
             )
         self.filters = filters
-        self.kernel_size = geometry.as_pair(kernel_size, "kernel_size", "Conv2D")
-        self.strides = geometry.as_pair(strides, "strides", "Conv2D")
-        self.dilation_rate = geometry.as_pair(dilation_rate, "dilation_rate", "Conv2D")
+        self.kernel_size = geometry.as_tuple(kernel_size, self.rank, "kernel_size", owner)
+        self.strides = geometry.as_tuple(strides, self.rank, "strides", owner)
+        self.dilation_rate = geometry.as_tuple(dilation_rate, self.rank, "dilation_rate", owner)
         if max(self.strides) > 1 and max(self.dilation_rate) > 1:
             raise ValueError(
-                f"Conv2D: strides > 1 together with dilation_rate > 1 is not supported (as in "
+                f"{owner}: strides > 1 together with dilation_rate > 1 is not supported (as in "
                 f"Keras), got strides={self.strides} and dilation_rate={self.dilation_rate}. Set "
                 "one of them to 1."
             )
-        self.padding = geometry.check_padding(padding, "Conv2D")
-        self.data_format = check_channels_last(data_format, "Conv2D")
+        self.padding = geometry.check_padding(padding, owner, self.paddings)
+        self.data_format = check_channels_last(data_format, owner)
         self.groups = groups
         self.activation = activations.get(activation)
         self.use_bias = use_bias
@@ -128,7 +117,7 @@ class Conv2D(_KernelBiasLayer):
         self.toeplitz_budget_bytes = (
             None
             if toeplitz_budget_bytes is None
-            else toeplitz.check_budget(toeplitz_budget_bytes, "Conv2D(toeplitz_budget_bytes=...)")
+            else toeplitz.check_budget(toeplitz_budget_bytes, f"{owner}(toeplitz_budget_bytes=...)")
         )
         self.set_weight_options(
             kernel_initializer=kernel_initializer,
@@ -138,71 +127,143 @@ class Conv2D(_KernelBiasLayer):
             kernel_constraint=kernel_constraint,
             bias_constraint=bias_constraint,
         )
+        self.conv_index: toeplitz.ConvIndex | None = None
+        self.sparse_toeplitz = False
+
+    def _image_geometry(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+        """``(kernel_size, strides, dilation_rate)`` of the image view, each ``(height, width)``."""
+        lead = (1,) * (2 - self.rank)
+        return lead + self.kernel_size, lead + self.strides, lead + self.dilation_rate
 
     def build(self, input_shape: tuple) -> None:
-        owner = f"Conv2D '{self.name}'"
-        height, width, channels = image_shape(input_shape, owner)
-        kernel_shape = (*self.kernel_size, channels, self.filters)
-        self.conv_index = toeplitz.conv_index(
-            kernel_shape,
-            (height, width, channels),
-            self.strides,
-            self.padding,
-            self.dilation_rate,
-            owner,
-        )
-        budget = (
+        owner = f"{type(self).__name__} '{self.name}'"
+        *spatial, channels = geometry.spatial_shape(input_shape, self.rank, owner, True)
+        if None in spatial and self.use_bias and self.bias_mode == "untied":
+            raise ValueError(
+                f"{owner}: bias='untied' has one bias per output entry, so it needs the input's "
+                f"spatial size, got input shape {tuple(input_shape)}. Give keras.Input the full "
+                "shape, or use bias='tied' (one bias per filter) for inputs of varying size."
+            )
+        self._channels = channels
+        self._budget = (
             toeplitz.get_budget_bytes()
             if self.toeplitz_budget_bytes is None
             else self.toeplitz_budget_bytes
         )
-        self.sparse_toeplitz = toeplitz.use_sparse(
-            self.conv_index,
-            self.compute_dtype,
-            budget,
-            owner,
-            "Conv2D(..., toeplitz_budget_bytes=...) or tf_jacbp.toeplitz.set_budget_bytes(...)",
+        self._indices: dict[tuple[int, ...], tuple[toeplitz.ConvIndex, bool]] = {}
+        bias_shape = (self.filters,)
+        if None not in spatial:  # the usual case: one size, its T(K) guarded now
+            self.conv_index, self.sparse_toeplitz = self.toeplitz_index((None, *spatial, channels))
+            if self.bias_mode == "untied":
+                bias_shape = self.conv_index.output_shape[2 - self.rank :]
+        self.add_kernel_and_bias(
+            (*self.kernel_size, channels, self.filters), bias_shape if self.use_bias else None
         )
-        if self.sparse_toeplitz:  # tf.sparse.sparse_dense_matmul has no XLA kernel
-            self.supports_jit = False
-        bias_shape = self.conv_index.output_shape if self.bias_mode == "untied" else (self.filters,)
-        self.add_kernel_and_bias(kernel_shape, bias_shape if self.use_bias else None)
-        self.input_spec = keras.layers.InputSpec(ndim=4, axes={1: height, 2: width, -1: channels})
+        axes = {i + 1: n for i, n in enumerate(spatial) if n is not None}
+        self.input_spec = keras.layers.InputSpec(ndim=self.rank + 2, axes={**axes, -1: channels})
 
-    def build_toeplitz(self, kernel: tf.Tensor) -> tf.Tensor | tf.SparseTensor:
-        """``T(K)^T`` ``(N, R)`` dense, or ``T(K)`` ``(R, N)`` sparse over the memory budget."""
-        if self.sparse_toeplitz:
-            return self.conv_index.sparse_matrix(kernel)
-        return self.conv_index.transpose_matrix(kernel)
+    def toeplitz_index(self, input_shape: tuple) -> tuple[toeplitz.ConvIndex, bool]:
+        """``(ConvIndex, sparse)`` for inputs of static shape ``(batch, *spatial, C)`` (the layer's
+        own rank, or the image view): the index maps of ``T(K)`` for that size and whether the
+        memory guard keeps ``T`` sparse (``tf_jacbp.toeplitz.use_sparse``). Built on first use
+        for each size and kept.
+
+        Raises a ValueError when a spatial size is not known statically (a traced function with
+        an unknown height or width): ``T(K)`` is built for one size.
+        """
+        owner = f"{type(self).__name__} '{self.name}'"
+        spatial = tuple(input_shape[1:-1])[-self.rank :]
+        if any(n is None for n in spatial):
+            raise ValueError(
+                f"{owner}: the Toeplitz route builds T(K) for one spatial size, so it needs the "
+                f"size of each batch known when the step is traced, got input shape "
+                f"{tuple(input_shape)}. Keras' fit relaxes its compiled step to unknown sizes once "
+                "it has seen a second size: call model.make_train_function(force=True) (and "
+                "make_test_function, make_predict_function) before using a new size, fit with "
+                "run_eagerly=True, or call the model in your own tf.function (a new size traces "
+                "again)."
+            )
+        spatial = tuple(int(n) for n in spatial)
+        if spatial not in self._indices:
+            channels, setting = self._channels, type(self).__name__
+            geometry.check_window_fits(
+                (*spatial, channels),
+                self.kernel_size,
+                self.padding,
+                owner,
+                "kernel_size",
+                self.dilation_rate,
+            )
+            kernel_size, strides, dilation = self._image_geometry()
+            index = toeplitz.conv_index(
+                (*kernel_size, channels, self.filters),
+                ((1,) * (2 - self.rank) + spatial) + (channels,),
+                strides,
+                self.padding,
+                dilation,
+                owner,
+            )
+            sparse = toeplitz.use_sparse(
+                index,
+                self.compute_dtype,
+                self._budget,
+                owner,
+                f"{setting}(..., toeplitz_budget_bytes=...) or "
+                "tf_jacbp.toeplitz.set_budget_bytes(...)",
+            )
+            if sparse:  # tf.sparse.sparse_dense_matmul has no XLA kernel
+                self.supports_jit = False
+            self._indices[spatial] = (index, sparse)
+        return self._indices[spatial]
+
+    def build_toeplitz(
+        self, kernel: tf.Tensor, input_shape: tuple | None = None
+    ) -> tf.Tensor | tf.SparseTensor:
+        """``T(K)^T`` ``(N, R)`` dense, or ``T(K)`` ``(R, N)`` sparse over the memory budget, for
+        inputs of shape ``input_shape`` (``toeplitz_index``; default: the size built for)."""
+        index, sparse = self._index_or_built(input_shape)
+        return index.sparse_matrix(kernel) if sparse else index.transpose_matrix(kernel)
+
+    def _index_or_built(self, input_shape: tuple | None) -> tuple[toeplitz.ConvIndex, bool]:
+        if input_shape is not None:
+            return self.toeplitz_index(tuple(input_shape))
+        if self.conv_index is None:
+            raise ValueError(
+                f"{type(self).__name__} '{self.name}' was built for inputs of varying size; give "
+                "the input's shape (or the input) to choose the size of T(K)."
+            )
+        return self.conv_index, self.sparse_toeplitz
 
     def apply_toeplitz(
         self, x: tf.Tensor, t: tf.Tensor | tf.SparseTensor, bias: tf.Tensor | None = None
     ) -> tf.Tensor:
         """``Z = X T(K)^T + b``: ``(batch, H, W, C)`` -> ``(batch, H_out, W_out, F)``.
 
-        ``t`` is ``build_toeplitz(kernel)``.
+        ``t`` is ``build_toeplitz(kernel, x.shape)``.
         """
-        x = tf.reshape(x, [-1, self.conv_index.shape[1]])
-        if self.sparse_toeplitz:
+        index, _ = self.toeplitz_index(x.shape)
+        x = tf.reshape(x, [-1, index.shape[1]])
+        if isinstance(t, tf.SparseTensor):
             z = tf.transpose(tf.sparse.sparse_dense_matmul(t, x, adjoint_b=True))
         else:
             z = tf.matmul(x, t)
         if bias is not None:
             # Lemma 3's b = vec(B) (row-major, like z): tied, b_f repeated at every position.
-            positions = self.conv_index.shape[0] // self.filters
+            positions = index.shape[0] // self.filters
             b = tf.tile(bias, [positions]) if self.bias_mode == "tied" else tf.reshape(bias, [-1])
             z = tf.nn.bias_add(z, b)  # fused into the matmul by TensorFlow's graph optimizer
-        return tf.reshape(z, [-1, *self.conv_index.output_shape])
+        return tf.reshape(z, [-1, *index.output_shape])
 
     def input_gradient(
         self, dz: tf.Tensor, x: tf.Tensor, t: tf.Tensor | tf.SparseTensor
     ) -> tf.Tensor:
         """``dX = Delta T(K)`` (``(J_x z)^T delta = T(K)^T delta`` per sample), shaped like ``x``.
 
-        ``dz`` ``(batch, H_out, W_out, F)``, ``t = build_toeplitz(kernel)``.
+        ``dz`` ``(batch, H_out, W_out, F)``, ``t = build_toeplitz(kernel, x.shape)``.
         """
-        delta = tf.reshape(dz, [-1, self.conv_index.shape[0]])
-        if self.sparse_toeplitz:
+        index, _ = self.toeplitz_index(x.shape)
+        delta = tf.reshape(dz, [-1, index.shape[0]])
+        if isinstance(t, tf.SparseTensor):
             dx = tf.sparse.sparse_dense_matmul(t, delta, adjoint_a=True, adjoint_b=True)
             dx = tf.transpose(dx)
         else:
@@ -220,33 +281,20 @@ class Conv2D(_KernelBiasLayer):
         ``Delta`` (tied: in the same product, the patch matrix's row of ones).
 
         ``dz`` ``(batch, H_out, W_out, F)``, ``x`` ``(batch, H, W, C)``,
-        ``t = build_toeplitz(kernel)``.
+        ``t = build_toeplitz(kernel, x.shape)``.
         """
+        index, _ = self.toeplitz_index(x.shape)
         if bias is not None and self.bias_mode == "tied":
-            grads = list(self.conv_index.kernel_gradient(x, dz, tied_bias=True))
+            grads = list(index.kernel_gradient(x, dz, tied_bias=True))
         else:
-            grads = [self.conv_index.kernel_gradient(x, dz)]
+            grads = [index.kernel_gradient(x, dz)]
             if bias is not None:  # untied: J_{Vec(B)} z is a permutation, db is Delta summed
                 grads.append(tf.reduce_sum(dz, axis=0))
         return self.input_gradient(dz, x, t), grads
 
     def forward(self, x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None) -> tf.Tensor:
-        """``Z = X T(K)^T + b``, building ``T(K)`` from ``kernel``."""
-        return self.apply_toeplitz(x, self.build_toeplitz(kernel), bias)
-
-    def reference(
-        self, x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None
-    ) -> tf.Tensor:
-        z = tf.nn.convolution(
-            x,
-            kernel,
-            strides=self.strides,
-            padding=self.padding.upper(),
-            dilations=self.dilation_rate,
-        )
-        if bias is None:
-            return z
-        return tf.nn.bias_add(z, bias) if self.bias_mode == "tied" else z + bias
+        """``Z = X T(K)^T + b``, building ``T(K)`` for ``x``'s size from ``kernel``."""
+        return self.apply_toeplitz(x, self.build_toeplitz(kernel, x.shape), bias)
 
     def backward(
         self,
@@ -262,7 +310,7 @@ class Conv2D(_KernelBiasLayer):
         a compiled step (here and in ``forward``), ``T(K)`` is one computation: TensorFlow's
         graph optimizer merges the identical gathers.
         """
-        return self.backward_toeplitz(dz, x, self.build_toeplitz(kernel), bias)
+        return self.backward_toeplitz(dz, x, self.build_toeplitz(kernel, x.shape), bias)
 
     def per_example_backward(
         self,
@@ -274,7 +322,7 @@ class Conv2D(_KernelBiasLayer):
     ) -> tuple[tf.Tensor, list[tf.Tensor]]:
         """``backward`` without the batch sum: ``dK_i = Vec^{-1}(Vec(X_patch,i^T Delta_i))`` and
         ``db_i`` per sample (leading batch axis), by one batched product of the patch matrices."""
-        index = self.conv_index
+        index, _ = self.toeplitz_index(x.shape)
         batch, positions = tf.shape(x)[0], index.output_shape[0] * index.output_shape[1]
         patches = tf.reshape(index.patches(x), [-1, positions, batch])  # (M, P, batch)
         delta = tf.reshape(dz, [batch, positions, self.filters])
@@ -282,7 +330,7 @@ class Conv2D(_KernelBiasLayer):
         grads = [unvec_parameter_batch(tf.reshape(per_filter, [batch, -1]), index.kernel_shape)]
         if bias is not None:
             grads.append(tf.reduce_sum(dz, axis=[1, 2]) if self.bias_mode == "tied" else dz)
-        return self.input_gradient(dz, x, self.build_toeplitz(kernel)), grads
+        return self.input_gradient(dz, x, self.build_toeplitz(kernel, x.shape)), grads
 
     def per_example_squared_norms(
         self,
@@ -302,15 +350,13 @@ class Conv2D(_KernelBiasLayer):
         sample. Tied bias: ``||1^T Delta_i||^2`` (``Delta_i`` summed over positions); untied:
         ``||Delta_i||^2``.
         """
-        from tf_jacbp.layers.base import patch_product_squared_norms, squared_norms
-
-        height, width, channels = self.conv_index.input_shape
-        out_h, out_w = self.conv_index.output_shape[:2]
-        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.strides, self.dilation_rate
-        if self.padding == "same":
-            pad_h = geometry.same_padding(height, kh, sh, dh)
-            pad_w = geometry.same_padding(width, kw, sw, dw)
-            x = tf.pad(x, [[0, 0], list(pad_h), list(pad_w), [0, 0]])
+        index, _ = self.toeplitz_index(x.shape)
+        height, width, channels = index.input_shape
+        out_h, out_w = index.output_shape[:2]
+        (kh, kw), (sh, sw), (dh, dw) = self._image_geometry()
+        pad_h = geometry.padding_amounts(height, kh, sh, self.padding, dh)
+        pad_w = geometry.padding_amounts(width, kw, sw, self.padding, dw)
+        x = tf.pad(x, [[0, 0], list(pad_h), list(pad_w), [0, 0]])
         views = [
             x[
                 :,
@@ -344,55 +390,67 @@ class Conv2D(_KernelBiasLayer):
         sizes = [
             None if n is None else geometry.output_size(n, k, s, self.padding, d)
             for n, k, s, d in zip(
-                input_shape[1:3], self.kernel_size, self.strides, self.dilation_rate, strict=True
+                input_shape[1:-1], self.kernel_size, self.strides, self.dilation_rate, strict=True
             )
         ]
         return (input_shape[0], *sizes, self.filters)
 
-    def toeplitz_matrix(self, input_shape: tuple[int, int, int] | None = None) -> tf.Tensor:
+    def toeplitz_matrix(self, input_shape: tuple | None = None) -> tf.Tensor:
         """``T(K)`` ``(R, N)`` for the current kernel, dense (``tf_jacbp.toeplitz.conv_matrix``).
 
-        ``input_shape`` ``(H, W, C)`` defaults to the one the layer was built for.
+        ``input_shape`` ``(H, W, C)`` defaults to the one the layer was built for (required
+        when it was built for inputs of varying size).
         """
         kernel = self.read_parameters()[0]
-        shape = self.conv_index.input_shape if input_shape is None else input_shape
+        if input_shape is None:
+            shape = self._index_or_built(None)[0].input_shape
+        else:
+            shape = (1,) * (2 - self.rank) + tuple(input_shape)
+        kernel_size, strides, dilation = self._image_geometry()
         return toeplitz.conv_matrix(
-            kernel,
+            tf.reshape(kernel, [*kernel_size, *kernel.shape[-2:]]),
             shape,
-            self.strides,
+            strides,
             self.padding,
-            self.dilation_rate,
+            dilation,
             budget_bytes=self.toeplitz_budget_bytes,
         )
+
+    def _sample_batch(self, x: Any) -> tuple[tf.Tensor, bool]:
+        """``x`` as a batch of images ``(batch, H, W, C)`` and whether it was one sample."""
+        x = as_float_tensor(x, self.compute_dtype)
+        single = len(x.shape) == self.rank + 1
+        x = x[None] if single else x
+        return (x[:, None] if self.rank == 1 else x), single
 
     def input_jacobian(self, x: Any) -> tf.Tensor:
         """``J_x f(T(K) vec(x) + b) = D T(K)``, like ``Dense.input_jacobian``.
 
-        ``x``: ``(H, W, C)`` -> ``(R, N)``; ``(batch, H, W, C)`` -> ``(batch, R, N)``. Without an
-        activation ``D = I`` and this is ``T(K)`` (Lemma 2).
+        ``x``: one sample ``(*spatial, C)`` -> ``(R, N)``; a batch -> ``(batch, R, N)``. Without
+        an activation ``D = I`` and this is ``T(K)`` (Lemma 2).
         """
-        x = as_float_tensor(x, self.compute_dtype)
-        single = len(x.shape) == 3
-        x = x[None] if single else x
-        z = self.forward(x, *[tf.cast(p, x.dtype) for p in self.read_parameters()])
+        x, single = self._sample_batch(x)
+        index, _ = self.toeplitz_index(x.shape)
+        params = [tf.cast(p, x.dtype) for p in self.read_parameters()]
+        z = ToeplitzConv.forward(self, x, *params)  # Vec and vec are those of the image view
         d = self.activation.jacobian(tf.reshape(z, [tf.shape(x)[0], -1]))
-        jacobian = tf.matmul(d, tf.cast(self.toeplitz_matrix(), x.dtype))
+        t = self.toeplitz_matrix(index.input_shape[2 - self.rank :])
+        jacobian = tf.matmul(d, tf.cast(t, x.dtype))
         return jacobian[0] if single else jacobian
 
     def parameter_jacobian(self, x: Any) -> tf.Tensor:
         """``J_{Vec(K), Vec(b)} z = [I_F (x) X_patch | J_b]`` for one sample, in theta order.
 
-        ``x``: ``(H, W, C)`` -> ``(R, kh kw C F + |b|)``; ``(batch, H, W, C)`` ->
-        ``(batch, R, ...)``. Row ``(i, j, f)`` (row-major, like ``z``) holds, in the columns of
-        ``Vec(K[..., f])``, the patch that position ``(i, j)`` reads (Lemma 3); bias columns follow:
-        ``I_F`` per position when tied, the ``Vec``-to-row-major permutation when untied.
+        ``x``: one sample ``(*spatial, C)`` -> ``(R, |K| + |b|)``; a batch -> ``(batch, R, ...)``.
+        Row ``(i, j, f)`` (row-major, like ``z``) holds, in the columns of ``Vec(K[..., f])``,
+        the patch that position ``(i, j)`` reads (Lemma 3); bias columns follow: ``I_F`` per
+        position when tied, the ``Vec``-to-row-major permutation when untied.
         """
-        x = as_float_tensor(x, self.compute_dtype)
-        single = len(x.shape) == 3
-        x = x[None] if single else x
-        positions = self.conv_index.output_shape[0] * self.conv_index.output_shape[1]
-        rows, filters = self.conv_index.shape[0], self.filters
-        patches = tf.reshape(self.conv_index.patches(x), [-1, positions, tf.shape(x)[0]])
+        x, single = self._sample_batch(x)
+        index, _ = self.toeplitz_index(x.shape)
+        positions = index.output_shape[0] * index.output_shape[1]
+        rows, filters = index.shape[0], self.filters
+        patches = tf.reshape(index.patches(x), [-1, positions, tf.shape(x)[0]])
         patches = tf.transpose(patches, [2, 1, 0])  # (batch, P, M): X_patch per sample
         eye = tf.eye(filters, dtype=x.dtype)
         kron = eye[None, None, :, :, None] * patches[:, :, None, None, :]  # (batch, P, F, F', M)
@@ -401,17 +459,15 @@ class Conv2D(_KernelBiasLayer):
             if self.bias_mode == "tied":
                 jb = tf.reshape(tf.tile(eye[None], [positions, 1, 1]), [rows, filters])
             else:
-                jb = tf.one_hot(
-                    vec_index(self.conv_index.output_shape).reshape(-1), rows, dtype=x.dtype
-                )
+                jb = tf.one_hot(vec_index(index.output_shape).reshape(-1), rows, dtype=x.dtype)
             blocks.append(tf.broadcast_to(jb, [tf.shape(x)[0], *jb.shape]))
         jacobian = tf.concat(blocks, axis=-1)
         return jacobian[0] if single else jacobian
 
     def jacobian_factors(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
         """``{"T(K)": (R, N), "[I (x) X_patch | J_b]": (R, |K| + |b|)}`` at one sample ``x``
-        ``(H, W, C)`` (Lemmas 2-3: the input and the parameter Jacobian of ``z``)."""
-        t = tf.cast(self.toeplitz_matrix(), x.dtype)
+        ``(*spatial, C)`` (Lemmas 2-3: the input and the parameter Jacobian of ``z``)."""
+        t = tf.cast(self.toeplitz_matrix(tuple(x.shape)), x.dtype)
         return {"T(K)": t, "[I (x) X_patch | J_b]": self.parameter_jacobian(x)}
 
     def get_config(self) -> dict[str, Any]:
@@ -435,7 +491,71 @@ class Conv2D(_KernelBiasLayer):
         return config
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> Conv2D:
+    def from_config(cls, config: dict[str, Any]) -> ToeplitzConv:
         config = dict(config)
         config["activation"] = activations.deserialize(config["activation"])
         return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package="tf_jacbp")
+class Conv2D(ToeplitzConv):
+    """2-D convolution that multiplies by its materialized Toeplitz matrix ``T(K)``.
+
+    Arguments as ``keras.layers.Conv2D`` (channels_last, ``groups=1``), plus ``bias`` and
+    ``toeplitz_budget_bytes``.
+
+    Args:
+        filters: ``F``, the number of output channels (a positive integer).
+        kernel_size: ``(kh, kw)`` or one int for both.
+        strides: ``(s_h, s_w)`` or one int, >= 1.
+        padding: ``"valid"`` or ``"same"`` (TensorFlow's rule, ``tf_jacbp.geometry.same_padding``).
+        data_format: ``None`` or ``"channels_last"``; ``"channels_first"`` is an error.
+        dilation_rate: ``(d_h, d_w)`` or one int, >= 1. As in Keras, ``strides > 1`` together with
+            ``dilation_rate > 1`` is an error (the reference route cannot differentiate it on CPU).
+        groups: must be 1.
+        activation: a name from ``tf_jacbp.activations`` or ``None``; its Jacobian ``D`` follows.
+        use_bias: whether ``z`` has a bias.
+        bias: ``"tied"`` (Keras': shape ``(F,)``, one per filter) or ``"untied"`` (the paper's
+            ``B_i`` of Lemma 3: shape ``(H_out, W_out, F)``, one per output entry).
+        kernel_initializer, bias_initializer, kernel_regularizer, bias_regularizer,
+        activity_regularizer, kernel_constraint, bias_constraint: as in Keras.
+        toeplitz_budget_bytes: the memory budget for ``T(K)`` (default: the process-wide
+            ``tf_jacbp.toeplitz.get_budget_bytes()`` when the layer is built). A dense ``T`` over
+            budget is replaced by a ``tf.SparseTensor`` (``tf.sparse.sparse_dense_matmul``; not
+            XLA-compatible, so not usable under ``jit_compile=True``); a sparse one over budget is
+            a ValueError, which states the sizes and this setting.
+
+    Keras' ``lora_rank``, ``lora_alpha`` and ``quantization_config`` are refused with a
+    ValueError naming them.
+
+    Input ``(batch, H, W, C)``, output ``(batch, H_out, W_out, F)``; the kernel ``K`` has Keras'
+    shape ``(kh, kw, C, F)``. ``C`` must be known. With ``H, W`` known (``keras.Input((28, 28,
+    1))``) ``T(K)`` is built and guarded at build; with ``keras.Input((None, None, C))`` it is
+    built for each size the layer is called with (``toeplitz_index``), which must be static in a
+    traced function (``model.fit`` on a second size: ``model.make_train_function(force=True)``
+    first, since Keras relaxes its compiled step to unknown sizes). ``bias="untied"`` needs a
+    known size.
+
+    Example:
+        >>> layer = tf_jacbp.layers.Conv2D(1, 2, use_bias=False)
+        >>> layer.build((None, 3, 3, 1))
+        >>> layer.toeplitz_matrix().shape  # Lemma 2's 4 x 9 matrix
+        TensorShape([4, 9])
+    """
+
+    rank = 2
+    paddings = geometry.PADDINGS
+
+    def reference(
+        self, x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None
+    ) -> tf.Tensor:
+        z = tf.nn.convolution(
+            x,
+            kernel,
+            strides=self.strides,
+            padding=self.padding.upper(),
+            dilations=self.dilation_rate,
+        )
+        if bias is None:
+            return z
+        return tf.nn.bias_add(z, bias) if self.bias_mode == "tied" else z + bias

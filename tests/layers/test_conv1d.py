@@ -1,0 +1,246 @@
+"""Conv1D: every mode of the harness, agreement with keras.layers.Conv1D (hypothesis-drawn
+strides, paddings including causal, dilations), the 1-D Toeplitz matrix of Lemma 2, the Jacobian
+accessors against autodiff, sequences of varying length, and bad arguments."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tf_jacbp
+from tf_jacbp import tolerances
+from tf_jacbp.layers.conv1d import Conv1D
+from tf_jacbp.layout import vec_parameter, vec_parameter_batch
+from tf_jacbp.testing import check_layer
+
+RTOL64 = tolerances.rtol("float64")
+
+
+@pytest.mark.parametrize(
+    "input_shape, kwargs",
+    [
+        ((7, 2), {"filters": 3, "kernel_size": 3, "padding": "same", "activation": "relu"}),
+        ((8, 2), {"filters": 2, "kernel_size": 3, "padding": "causal", "dilation_rate": 2}),
+        ((9, 1), {"filters": 2, "kernel_size": 2, "strides": 2, "bias": "untied"}),
+        ((6, 3), {"filters": 2, "kernel_size": 4, "use_bias": False, "activation": "tanh"}),
+    ],
+)
+def test_conv1d_every_mode(input_shape, kwargs, tmp_path):
+    check_layer(lambda dtype: Conv1D(dtype=dtype, **kwargs), input_shape, tmp_dir=tmp_path)
+
+
+@st.composite
+def conv1d_configs(draw):
+    """Keras Conv1D arguments and a sequence they fit: kernel 1-4, strides 1-3 or dilation 1-3
+    (Keras refuses both above 1), every padding, 1-3 channels in and out, with or without
+    bias."""
+    kernel = draw(st.integers(1, 4))
+    strides, dilation = draw(st.integers(1, 3)), 1
+    if strides == 1:
+        dilation = draw(st.integers(1, 3))
+    padding = draw(st.sampled_from(["valid", "same", "causal"]))
+    low = (kernel - 1) * dilation + 1 if padding == "valid" else 1
+    length = draw(st.integers(low, low + 7))
+    kwargs = {
+        "filters": draw(st.integers(1, 3)),
+        "kernel_size": kernel,
+        "strides": strides,
+        "padding": padding,
+        "dilation_rate": dilation,
+        "use_bias": draw(st.booleans()),
+        "activation": draw(st.sampled_from([None, "tanh"])),
+    }
+    return kwargs, (length, draw(st.integers(1, 3))), draw(st.integers(0, 2**16))
+
+
+def _values_and_gradients(layer, x, delta):
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x)
+        loss = tf.reduce_sum(delta * y)
+    return [y, *tape.gradient(loss, [x, *layer.trainable_variables])]
+
+
+@settings(derandomize=True, max_examples=15, deadline=None)
+@given(conv1d_configs())
+def test_agrees_with_keras_conv1d(config):
+    """Outputs and gradients (input, kernel, bias) equal the stock ``keras.layers.Conv1D`` with
+    the same weights, in float64, to 1e-12."""
+    kwargs, input_shape, seed = config
+    ours, stock = Conv1D(dtype="float64", **kwargs), keras.layers.Conv1D(dtype="float64", **kwargs)
+    for layer in (ours, stock):
+        layer.build((None, *input_shape))
+    rng = np.random.default_rng(seed)
+    weights = [rng.normal(size=w.shape) for w in stock.weights]
+    ours.set_weights(weights)
+    stock.set_weights(weights)
+    x = tf.constant(rng.normal(size=(3, *input_shape)))
+    assert ours.compute_output_shape(x.shape) == stock.compute_output_shape(x.shape)
+    delta = tf.constant(rng.normal(size=stock.compute_output_shape(x.shape)))
+    got, want = _values_and_gradients(ours, x, delta), _values_and_gradients(stock, x, delta)
+    for name, a, b in zip(["y", "dx", "dK", "db"], got, want, strict=False):
+        assert a.shape == b.shape, name
+        assert tolerances.relative_error(a, b) <= RTOL64, (name, kwargs, input_shape)
+
+
+def _built(input_shape, seed=0, **kwargs):
+    layer = Conv1D(dtype="float64", **kwargs)
+    layer.build((None, *input_shape))
+    rng = np.random.default_rng(seed)
+    layer.set_weights([rng.normal(size=w.shape) for w in layer.weights])
+    return layer
+
+
+def test_lemma_2_in_one_dimension():
+    """A sequence of 4 and the kernel ``[k1, k2]``: ``T(K)`` is the 3 x 4 banded Toeplitz
+    matrix; causal padding adds the column of the zero before the sequence (dropped), so its
+    first row reads ``k2`` alone."""
+    layer = Conv1D(1, 2, use_bias=False, dtype="float64")
+    layer.build((None, 4, 1))
+    k1, k2 = 2.0, 3.0
+    layer.kernel.assign(np.array([k1, k2]).reshape(2, 1, 1))
+    expected = [[k1, k2, 0, 0], [0, k1, k2, 0], [0, 0, k1, k2]]
+    np.testing.assert_array_equal(layer.toeplitz_matrix(), expected)
+    np.testing.assert_array_equal(layer.input_jacobian(np.ones((4, 1))), expected)
+    causal = Conv1D(1, 2, padding="causal", use_bias=False, dtype="float64")
+    causal.build((None, 4, 1))
+    causal.kernel.assign(layer.kernel)
+    expected = [[k2, 0, 0, 0], [k1, k2, 0, 0], [0, k1, k2, 0], [0, 0, k1, k2]]
+    np.testing.assert_array_equal(causal.toeplitz_matrix(), expected)
+
+
+@pytest.mark.parametrize("bias", ["tied", "untied"])
+def test_parameter_jacobian_equals_autodiff_and_its_transpose_is_the_backward(bias):
+    input_shape = (7, 2)
+    layer = _built(input_shape, filters=3, kernel_size=3, strides=2, padding="same", bias=bias)
+    kernel, b = layer.read_parameters()
+    rng = np.random.default_rng(2)
+    x = tf.constant(rng.normal(size=(2, *input_shape)))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([kernel, b])
+        z = tf.reshape(layer.reference(x, kernel, b), [2, -1])
+    rows = z.shape[1]
+
+    def vec_per_row(jacobian, p):  # (2, R, *p.shape) -> (2, R, |p|), columns in Vec order
+        return tf.reshape(vec_parameter_batch(tf.reshape(jacobian, [-1, *p.shape])), [2, rows, -1])
+
+    expected = tf.concat(
+        [vec_per_row(tape.jacobian(z, kernel), kernel), vec_per_row(tape.jacobian(z, b), b)], -1
+    )
+    jacobian = layer.parameter_jacobian(x)
+    assert tolerances.relative_error(jacobian, expected) <= RTOL64
+    assert tolerances.relative_error(layer.parameter_jacobian(x[0]), jacobian[0]) <= RTOL64
+    delta = tf.constant(rng.normal(size=(1, 4, 3)))
+    _, (dk, db) = layer.backward(delta, x[:1], None, kernel, b)
+    fast = tf.concat([vec_parameter(dk), vec_parameter(db)], axis=0)
+    materialized = tf.linalg.matvec(jacobian[0], tf.reshape(delta, [-1]), transpose_a=True)
+    assert tolerances.relative_error(materialized, fast) <= RTOL64
+    factors = layer.jacobian_factors(x[0])
+    assert factors["T(K)"].shape == (rows, 14)
+    np.testing.assert_array_equal(factors["[I (x) X_patch | J_b]"], jacobian[0])
+
+
+@pytest.mark.parametrize("padding", ["causal", "valid"])
+def test_input_jacobian_is_d_times_t_and_equals_autodiff(padding):
+    layer = _built((6, 2), filters=2, kernel_size=3, padding=padding, activation="tanh")
+    x = tf.constant(np.random.default_rng(3).normal(size=(1, 6, 2)))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        with tf_jacbp.reference_mode():
+            a = tf.reshape(layer(x), [-1])
+    expected = tf.reshape(tape.jacobian(a, x), [a.shape[0], -1])
+    assert tolerances.relative_error(layer.input_jacobian(x[0]), expected) <= RTOL64
+
+
+@pytest.mark.parametrize("bias", ["tied", "untied"])
+def test_per_example_rows_and_norms(bias):
+    """Per-example gradients sum to the batch gradient, the first equals a batch of one's, and
+    their squared norms equal ``per_example_squared_norms``."""
+    layer = _built((8, 2), filters=3, kernel_size=3, padding="causal", dilation_rate=2, bias=bias)
+    params = layer.read_parameters()
+    rng = np.random.default_rng(5)
+    x = tf.constant(rng.normal(size=(4, 8, 2)))
+    dz = tf.constant(rng.normal(size=(4, 8, 3)))
+    dx, per_sample = layer.per_example_backward(dz, x, None, *params)
+    dx_sum, summed = layer.backward(dz, x, None, *params)
+    assert tolerances.relative_error(dx, dx_sum) <= RTOL64
+    _, first = layer.backward(dz[:1], x[:1], None, *params)
+    norms = layer.per_example_squared_norms(dz, x, None, *params)
+    for g, total, one, norm in zip(per_sample, summed, first, norms, strict=True):
+        assert g.shape == (4, *total.shape)
+        assert tolerances.relative_error(tf.reduce_sum(g, axis=0), total) <= RTOL64
+        assert tolerances.relative_error(g[0], one) <= RTOL64
+        expected = tf.reduce_sum(tf.reshape(tf.square(g), [4, -1]), axis=1)
+        assert tolerances.relative_error(norm, expected) <= RTOL64
+
+
+def test_sequences_of_varying_length():
+    """On ``keras.Input((None, C))`` ``T(K)`` is built per length: a compiled gradient step
+    traces each length once and equals the reference route at each."""
+    model = keras.Sequential(
+        [
+            keras.Input((None, 2), dtype="float64"),
+            Conv1D(3, 3, padding="causal", activation="tanh", dtype="float64"),
+            Conv1D(1, 2, strides=2, dtype="float64"),
+        ]
+    )
+    variables = model.trainable_variables
+
+    def gradients(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.square(model(x)))
+        return tape.gradient(loss, variables)
+
+    compiled = tf.function(gradients)
+    rng = np.random.default_rng(4)
+    for length in (5, 11, 5):
+        x = tf.constant(rng.normal(size=(2, length, 2)))
+        with tf_jacbp.reference_mode():
+            expected = gradients(x)
+        for got, want in zip(compiled(x), expected, strict=True):
+            assert tolerances.relative_error(got, want) <= RTOL64
+    assert compiled.experimental_get_tracing_count() == 2
+    assert sorted(model.layers[0]._indices) == [(5,), (11,)]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"data_format": "channels_first"}, "data_format='channels_first'"),
+        ({"groups": 2}, "groups=2"),
+        ({"lora_rank": 2}, "lora_rank=2"),
+        ({"quantization_config": "int8"}, "quantization_config='int8'"),
+        ({"padding": "full"}, r"'valid' or 'same' or 'causal', got padding='full'"),
+        ({"kernel_size": (2, 2)}, r"kernel_size=\(2, 2\)"),
+        ({"strides": 0}, "strides=0"),
+        ({"dilation_rate": -1}, "dilation_rate=-1"),
+        ({"strides": 2, "dilation_rate": 2}, "dilation_rate"),
+        ({"filters": 0}, "filters=0"),
+        ({"bias": "shared"}, "bias='shared'"),
+        ({"toeplitz_budget_bytes": -1}, "toeplitz_budget_bytes"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Conv1D(**{"filters": 2, "kernel_size": 3, **kwargs})
+
+
+def test_bad_inputs_name_the_shape_and_the_fix():
+    with pytest.raises(ValueError, match=r"kernel_size \(5,\).*spans 5 along the length.*'same'"):
+        keras.Sequential([keras.Input((4, 1)), Conv1D(2, 5)])
+    with pytest.raises(ValueError, match=r"\(batch, length, channels\).*\(None, 4, 4, 1\)"):
+        keras.Sequential([keras.Input((4, 4, 1)), Conv1D(2, 3)])
+    with pytest.raises(ValueError, match="known channel count"):
+        keras.Sequential([keras.Input((5, None)), Conv1D(2, 3)])
+
+
+def test_get_config_round_trip_and_keras_config():
+    layer = Conv1D(4, 3, strides=2, padding="causal", activation="relu", toeplitz_budget_bytes=999)
+    clone = Conv1D.from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()
+    stock = keras.layers.Conv1D(4, 3, strides=2, padding="causal").get_config()
+    ours = layer.get_config()
+    for key in ("filters", "kernel_size", "strides", "padding", "dilation_rate", "groups"):
+        assert ours[key] == stock[key], key

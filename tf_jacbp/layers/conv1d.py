@@ -1,0 +1,133 @@
+"""Conv1D as a Toeplitz matrix: ``z = T(K) vec(x) + b``, ``a = f(z)`` (docs/math.md, Lemma 2).
+
+A sequence ``X`` of shape ``(T, C)`` convolved with a kernel ``K`` of shape ``(k, C, F)`` is
+Lemma 2's one-dimensional case: ``vec(X * K) = T(K) vec(X)`` with ``T(K)`` of shape
+``(T_out F) x (T C)``,
+
+    T[(t, f), (t', c)] = K[q, c, f]   if t' = t s - pad_before + q d  (0 <= q < k), else 0,
+
+``pad_before`` being 0 ("valid"), TensorFlow's "same" rule, or ``(k - 1) d`` ("causal", so that
+output ``t`` reads no input after ``t s``; ``tf_jacbp.geometry``). This is the matrix of a 2-D
+convolution of the image ``X`` of height 1 with the kernel ``K`` of height 1: ``vec`` of
+``(T, C)`` and of ``(1, T, C)`` are the same vector, as are ``Vec`` of ``(k, C, F)`` and of
+``(1, k, C, F)``. So ``Conv1D`` is ``tf_jacbp.layers.conv``'s layer (``ToeplitzConv``) applied to
+that image: the same ``T(K)`` built by the same index maps, the same patch matrix
+``J_{Vec(K)} z = I_F (x) X_patch`` (``X_patch`` of shape ``T_out x k C``), the same backward
+pass ``dX = Delta T(K)``, ``dK = Vec^{-1}(Vec(X_patch^T Delta))``, ``db = sum_t Delta[t]``.
+"""
+
+from __future__ import annotations
+
+from tf_jacbp import geometry
+from tf_jacbp._backend import keras, tf
+from tf_jacbp.layers.conv import ToeplitzConv
+
+
+def _image(t: tf.Tensor | None) -> tf.Tensor | None:
+    """``(batch, T, C)`` -> ``(batch, 1, T, C)``: a sequence as an image of height 1."""
+    return None if t is None else t[:, None]
+
+
+@keras.saving.register_keras_serializable(package="tf_jacbp")
+class Conv1D(ToeplitzConv):
+    """1-D convolution that multiplies by its materialized Toeplitz matrix ``T(K)``.
+
+    Arguments as ``keras.layers.Conv1D`` (channels_last, ``groups=1``), plus ``bias`` and
+    ``toeplitz_budget_bytes``.
+
+    Args:
+        filters: ``F``, the number of output channels (a positive integer).
+        kernel_size: ``k``, an int or a tuple of one int.
+        strides: ``s``, an int or a tuple of one int, >= 1.
+        padding: ``"valid"``, ``"same"`` (TensorFlow's rule) or ``"causal"`` (``(k - 1) d`` zeros
+            before the sequence: output ``t`` depends on inputs up to ``t s`` only).
+        data_format: ``None`` or ``"channels_last"``; ``"channels_first"`` is an error.
+        dilation_rate: ``d``, an int or a tuple of one int, >= 1; as in Keras, not together with
+            ``strides > 1``.
+        groups: must be 1.
+        activation: a name from ``tf_jacbp.activations`` or ``None``; its Jacobian ``D`` follows.
+        use_bias: whether ``z`` has a bias.
+        bias: ``"tied"`` (Keras': shape ``(F,)``) or ``"untied"`` (one per output entry, shape
+            ``(T_out, F)``, the paper's ``B_i``).
+        kernel_initializer, bias_initializer, kernel_regularizer, bias_regularizer,
+        activity_regularizer, kernel_constraint, bias_constraint: as in Keras.
+        toeplitz_budget_bytes: the memory budget for ``T(K)``, as for ``Conv2D``.
+
+    Keras' ``lora_rank``, ``lora_alpha`` and ``quantization_config`` are refused with a
+    ValueError naming them.
+
+    Input ``(batch, T, C)`` with ``C`` known; output ``(batch, T_out, F)``; the kernel ``K`` has
+    Keras' shape ``(k, C, F)``. A sequence length of None (``keras.Input((None, C))``) builds
+    ``T(K)`` for each length the layer is called with, as ``Conv2D`` does for image sizes.
+
+    Example:
+        >>> layer = tf_jacbp.layers.Conv1D(1, 2, use_bias=False)
+        >>> layer.build((None, 4, 1))
+        >>> layer.toeplitz_matrix().shape  # 3 outputs, 4 inputs
+        TensorShape([3, 4])
+    """
+
+    rank = 1
+    paddings = geometry.PADDINGS_1D
+
+    def forward(self, x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None) -> tf.Tensor:
+        """``Z = X T(K)^T + b``: ``(batch, T, C)`` -> ``(batch, T_out, F)``."""
+        params = [kernel] if bias is None else [kernel, bias]
+        return super().forward(_image(x), *params)[:, 0]
+
+    def reference(
+        self, x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None
+    ) -> tf.Tensor:
+        padding = self.padding.upper()
+        if self.padding == "causal":  # Keras' causal padding: zeros before, then "valid"
+            left = (self.kernel_size[0] - 1) * self.dilation_rate[0]
+            x, padding = tf.pad(x, [[0, 0], [left, 0], [0, 0]]), "VALID"
+        z = tf.nn.convolution(
+            x, kernel, strides=self.strides, padding=padding, dilations=self.dilation_rate
+        )
+        if bias is None:
+            return z
+        return tf.nn.bias_add(z, bias) if self.bias_mode == "tied" else z + bias
+
+    def backward(
+        self,
+        dz: tf.Tensor,
+        x: tf.Tensor,
+        z: tf.Tensor | None,
+        kernel: tf.Tensor,
+        bias: tf.Tensor | None = None,
+    ) -> tuple[tf.Tensor, list[tf.Tensor]]:
+        """``(dX, [dK, db])`` of the image view, shaped like ``x``, ``kernel`` and ``bias``."""
+        params = [kernel] if bias is None else [kernel, bias]
+        dx, grads = super().backward(_image(dz), _image(x), _image(z), *params)
+        return dx[:, 0], [tf.reshape(g, tf.shape(p)) for g, p in zip(grads, params, strict=True)]
+
+    def per_example_backward(
+        self,
+        dz: tf.Tensor,
+        x: tf.Tensor,
+        z: tf.Tensor | None,
+        kernel: tf.Tensor,
+        bias: tf.Tensor | None = None,
+    ) -> tuple[tf.Tensor, list[tf.Tensor]]:
+        """``backward`` without the batch sum: ``dK_i``, ``db_i`` with a leading batch axis."""
+        params = [kernel] if bias is None else [kernel, bias]
+        dx, grads = super().per_example_backward(_image(dz), _image(x), _image(z), *params)
+        batch = tf.shape(x)[:1]
+        return dx[:, 0], [
+            tf.reshape(g, tf.concat([batch, tf.shape(p)], 0))
+            for g, p in zip(grads, params, strict=True)
+        ]
+
+    def per_example_squared_norms(
+        self,
+        dz: tf.Tensor,
+        x: tf.Tensor,
+        z: tf.Tensor | None,
+        kernel: tf.Tensor,
+        bias: tf.Tensor | None = None,
+    ) -> list[tf.Tensor]:
+        """``||dK_i||^2`` and ``||db_i||^2`` per sample, ``(batch,)`` each, by ``Conv2D``'s
+        formula on the image view (``patch_product_squared_norms``)."""
+        params = [kernel] if bias is None else [kernel, bias]
+        return super().per_example_squared_norms(_image(dz), _image(x), _image(z), *params)
