@@ -113,13 +113,17 @@ class Conv2DTranspose(_KernelBiasLayer):
         data_format: ``None`` or ``"channels_last"``; ``"channels_first"`` is an error.
         dilation_rate: ``(d_h, d_w)`` or one int, >= 1. As in Keras, ``strides > 1`` together with
             ``dilation_rate > 1`` is an error.
-        activation: a name from ``tf_jacbp.activations`` or ``None``; its Jacobian ``D`` follows.
+        activation: a name, Keras' own function for it (``keras.activations.relu``) or ``None``
+            (``tf_jacbp.activations.get``); its Jacobian ``D`` follows.
         use_bias: whether ``y`` has a bias (one per filter, shape ``(F,)``).
         kernel_initializer, bias_initializer, kernel_regularizer, bias_regularizer,
         activity_regularizer, kernel_constraint, bias_constraint: as in Keras.
         toeplitz_budget_bytes: the memory budget for ``T(K)``, as for ``Conv2D``: over budget a
             ``tf.SparseTensor`` (with a warning; not XLA-compatible), or a ValueError when even
             that does not fit.
+
+    ``groups`` (not a Keras argument here either) and Keras' LoRA and quantization arguments are
+    ValueErrors naming them.
 
     Input ``(batch, H, W, C)`` with ``C`` known; output ``(batch, H_out, W_out, F)``. Built for
     ``keras.Input((None, None, C))``, the layer builds ``T(K)`` for each size it is called with
@@ -142,7 +146,7 @@ class Conv2DTranspose(_KernelBiasLayer):
         output_padding: int | tuple[int, int] | None = None,
         data_format: str | None = None,
         dilation_rate: int | tuple[int, int] = (1, 1),
-        activation: str | None = None,
+        activation: Any = None,
         use_bias: bool = True,
         kernel_initializer: Any = "glorot_uniform",
         bias_initializer: Any = "zeros",
