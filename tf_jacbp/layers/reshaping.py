@@ -220,15 +220,15 @@ class Reshape(_Reshaping):
     def __init__(self, target_shape: Any, **kwargs: Any):
         super().__init__(**kwargs)
         try:
-            target_shape = tuple(target_shape)
+            shape = tuple(target_shape)
         except TypeError:
-            target_shape = None
+            shape = None
         if (
-            target_shape is None
-            or sum(n == -1 for n in target_shape) > 1
+            shape is None
+            or sum(n == -1 for n in shape) > 1
             or any(
                 isinstance(n, bool) or not isinstance(n, int | np.integer) or (n < 1 and n != -1)
-                for n in target_shape
+                for n in shape
             )
         ):
             raise ValueError(
@@ -236,7 +236,7 @@ class Reshape(_Reshaping):
                 "size the input leaves), without the batch axis; got "
                 f"target_shape={target_shape!r}."
             )
-        self.target_shape = tuple(int(n) for n in target_shape)
+        self.target_shape = tuple(int(n) for n in shape)
         self.built = True  # stateless: built at construction, as Keras builds it
 
     def resolved_shape(self, sample_shape: tuple) -> tuple:

@@ -1,0 +1,186 @@
+"""UpSampling2D, ZeroPadding2D and Reshape: every mode of the harness, values and gradients equal
+to the stock Keras layers (hypothesis), the Kronecker-product Jacobians of the module docstring,
+inputs of unknown size, bad input."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tf_jacbp import tolerances
+from tf_jacbp.layers.reshaping import Reshape, UpSampling2D, ZeroPadding2D
+from tf_jacbp.testing import check_layer as run_layer_test
+
+RTOL64 = tolerances.rtol("float64")
+
+
+@pytest.mark.parametrize(
+    "cls, input_shape, kwargs",
+    [
+        (UpSampling2D, (3, 2, 2), {"size": (2, 3)}),
+        (ZeroPadding2D, (3, 2, 2), {"padding": ((1, 0), (2, 1))}),
+        (Reshape, (3, 2, 2), {"target_shape": (-1, 4)}),
+    ],
+)
+def test_reshaping_every_mode(cls, input_shape, kwargs, tmp_path):
+    run_layer_test(lambda dtype: cls(dtype=dtype, **kwargs), input_shape, tmp_dir=tmp_path)
+
+
+def _gradient(layer, x, delta, traced=False):
+    def run(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+        return y, tape.gradient(y, x, output_gradients=delta)
+
+    return tf.function(run)(x) if traced else run(x)
+
+
+def _assert_equal_to_stock(ours, stock, x, traced=False):
+    delta = tf.constant(np.random.default_rng(0).normal(size=stock(x).shape))
+    y, dx = _gradient(ours, x, delta, traced)
+    y_ref, dx_ref = _gradient(stock, x, delta)
+    assert y.shape == y_ref.shape
+    assert tolerances.relative_error(y, y_ref) <= RTOL64
+    assert tolerances.relative_error(dx, dx_ref) <= RTOL64
+
+
+def _padding():
+    amount = st.integers(0, 3)
+    return st.one_of(
+        amount,
+        st.tuples(amount, amount),
+        st.tuples(st.tuples(amount, amount), st.tuples(amount, amount)),
+    )
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    kind=st.sampled_from(["UpSampling2D", "ZeroPadding2D", "Reshape"]),
+    size=st.one_of(st.integers(1, 3), st.tuples(st.integers(1, 3), st.integers(1, 3))),
+    padding=_padding(),
+    shape=st.tuples(st.integers(1, 4), st.integers(1, 4), st.integers(1, 3)),
+    unknown=st.sampled_from([None, 0, 1, 2]),
+    traced=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_reshaping_equals_the_stock_layer(kind, size, padding, shape, unknown, traced, seed):
+    """Values and input gradients equal Keras' layer of the same name in float64, eagerly and
+    traced; ``Reshape``'s ``target_shape`` is the input's shape permuted, with one axis -1."""
+    if kind == "Reshape":
+        target = list(np.random.default_rng(seed).permutation(shape))
+        if unknown is not None:
+            target[unknown] = -1
+        kwargs = {"target_shape": tuple(int(n) for n in target)}
+    else:
+        kwargs = {"size": size} if kind == "UpSampling2D" else {"padding": padding}
+    ours = globals()[kind](dtype="float64", **kwargs)
+    stock = getattr(keras.layers, kind)(dtype="float64", **kwargs)
+    x = tf.constant(np.random.default_rng(seed).normal(size=(2, *shape)))
+    _assert_equal_to_stock(ours, stock, x, traced)
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        UpSampling2D((2, 3), dtype="float64"),
+        ZeroPadding2D(((1, 2), (0, 1)), dtype="float64"),
+        Reshape((2, -1), dtype="float64"),
+    ],
+)
+def test_jacobian_equals_autodiff_and_its_transpose_is_the_backward(layer):
+    rng = np.random.default_rng(1)
+    x = tf.constant(rng.normal(size=(1, 3, 2, 2)))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer.reference(x)
+    flat = tf.reshape(y, [-1])
+    jacobian = layer.jacobian(x[0])
+    assert tolerances.relative_error(jacobian, tf.reshape(tape.jacobian(y, x), [-1, 12])) == 0
+    delta = tf.constant(rng.normal(size=y.shape))
+    dx, params = layer.backward(delta, x, layer.forward(x))
+    assert params == []
+    expected = tf.linalg.matvec(jacobian, tf.reshape(delta, [-1]), transpose_a=True)
+    assert tolerances.relative_error(tf.reshape(dx, [-1]), expected) <= RTOL64
+    np.testing.assert_array_equal(tf.linalg.matvec(jacobian, tf.reshape(x, [-1])), flat)
+
+
+def test_upsampling_and_padding_jacobians_are_the_documented_kronecker_products():
+    """``J = (I_H (x) 1_{s_h}) (x) (I_W (x) 1_{s_w}) (x) I_C`` and ``J = P_h (x) P_w (x) I_C``,
+    written out entry by entry here."""
+    height, width, channels = 2, 3, 2
+    up = UpSampling2D((3, 2), dtype="float64").jacobian(np.zeros((height, width, channels)))
+    expected = np.zeros((height * 3 * width * 2 * channels, height * width * channels))
+    for i in range(height * 3):
+        for j in range(width * 2):
+            for c in range(channels):
+                row = (i * width * 2 + j) * channels + c
+                expected[row, ((i // 3) * width + j // 2) * channels + c] = 1
+    np.testing.assert_array_equal(up, expected)
+    pad = ZeroPadding2D(((1, 0), (2, 1)), dtype="float64").jacobian(np.zeros((2, 3, 1)))
+    expected = np.zeros((3 * 6, 6))
+    for i in range(2):
+        for j in range(3):
+            expected[(i + 1) * 6 + j + 2, i * 3 + j] = 1
+    np.testing.assert_array_equal(pad, expected)
+
+
+@pytest.mark.parametrize(
+    "layer, input_shape",
+    [
+        (UpSampling2D((2, 3), dtype="float64"), (None, None, 2)),
+        (ZeroPadding2D(((1, 2), (3, 0)), dtype="float64"), (None, 4, 2)),
+        (Reshape((-1, 2), dtype="float64"), (None, 4)),
+    ],
+)
+def test_inputs_of_unknown_size(layer, input_shape):
+    """In a graph traced for unknown sizes (and under XLA) the backward equals the stock one."""
+    stock = getattr(keras.layers, type(layer).__name__).from_config(layer.get_config())
+    model = keras.Sequential([keras.Input(input_shape, dtype="float64"), layer])
+    assert model.output_shape[1:] == stock.compute_output_shape((None, *input_shape))[1:]
+
+    def gradient(x, delta):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = model(x)
+        return tape.gradient(y, x, output_gradients=delta)
+
+    spec = [tf.TensorSpec((None, *input_shape), tf.float64), tf.TensorSpec(None, tf.float64)]
+    rng = np.random.default_rng(2)
+    for size, jit in ((3, False), (5, True)):
+        x = tf.constant(rng.normal(size=[2] + [size if n is None else n for n in input_shape]))
+        delta = tf.constant(rng.normal(size=stock(x).shape))
+        compiled = tf.function(gradient, input_signature=spec, jit_compile=jit)
+        expected = _gradient(stock, x, delta)[1]  # sums of blocks: in another order
+        assert tolerances.relative_error(compiled(x, delta), expected) <= RTOL64
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: UpSampling2D(interpolation="bilinear"), "interpolation='bilinear'"),
+        (lambda: UpSampling2D(size=0), "size=0"),
+        (lambda: UpSampling2D(size=(2, 2, 2)), r"size=\(2, 2, 2\)"),
+        (lambda: UpSampling2D(data_format="channels_first"), "data_format='channels_first'"),
+        (lambda: ZeroPadding2D(padding=-1), "padding=-1"),
+        (lambda: ZeroPadding2D(padding=(1, 2, 3)), r"padding=\(1, 2, 3\)"),
+        (lambda: ZeroPadding2D(padding=((1, 2), (3,))), r"padding=\(\(1, 2\), \(3,\)\)"),
+        (lambda: ZeroPadding2D(padding=1.5), "padding=1.5"),
+        (lambda: ZeroPadding2D(data_format="channels_first"), "data_format='channels_first'"),
+        (lambda: Reshape((-1, -1)), r"target_shape=\(-1, -1\)"),
+        (lambda: Reshape((0, 3)), r"target_shape=\(0, 3\)"),
+        (lambda: Reshape(5), "target_shape=5"),
+    ],
+)
+def test_bad_arguments_name_the_argument(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_reshape_to_another_number_of_entries_is_an_error():
+    with pytest.raises(ValueError, match=r"target_shape=\(5, -1\).*number of entries"):
+        keras.Sequential([keras.Input((3, 4)), Reshape((5, -1))])
+    with pytest.raises(ValueError, match=r"target_shape=\(5, 2\).*number of entries"):
+        keras.Sequential([keras.Input((3, 4)), Reshape((5, 2))])
