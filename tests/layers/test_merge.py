@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tf_jacbp
-from tf_jacbp import layers, tolerances
+from tf_jacbp import jacobian, layers, tolerances
 from tf_jacbp.layers.merge import Concatenate, Multiply
 from tf_jacbp.testing import check_layer as run_layer_test
 
@@ -302,3 +302,28 @@ def test_bad_masks_get_keras_messages(make):
         make().compute_mask(x[0], [None, None])
     with pytest.raises(ValueError, match=" should have the same length."):
         make().compute_mask(x, [None])
+
+
+@pytest.mark.parametrize(
+    "make, shape",
+    [(gated_block, (4,)), (concat_block, (3, 2)), (lambda d: concat_block(d, 1), (3, 2))],
+    ids=["multiply", "concatenate last axis", "concatenate axis 1"],
+)
+def test_parameter_jacobian_through_the_merge_equals_autodiff(make, shape):
+    """Algorithm 1's rows pass the merge by its ``jacobian_rows`` (``M diag(...)``, ``M``'s
+    columns split): the chain equals ``tape.jacobian`` of the reference route."""
+    model = make("float64")
+    rng = np.random.default_rng(6)
+    model.set_weights([rng.normal(size=w.shape) for w in model.get_weights()])
+    x = tf.constant(rng.normal(size=(2, *shape)))
+    variables = jacobian.parameter_variables(model)
+    with tf.GradientTape() as tape:
+        with tf_jacbp.reference_mode():
+            out = tf.reshape(model(x), [2, -1])
+    blocks = []
+    for b in tape.jacobian(out, variables):
+        b = np.asarray(b)
+        trailing = list(range(b.ndim - 1, 1, -1))  # Vec: the first index runs fastest
+        blocks.append(np.transpose(b, [0, 1, *trailing]).reshape(*b.shape[:2], -1))
+    got = jacobian.parameter_jacobian(model, x)
+    assert tolerances.relative_error(got, np.concatenate(blocks, axis=-1)) <= RTOL64

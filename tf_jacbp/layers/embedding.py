@@ -65,6 +65,9 @@ class Embedding(JacobianLayer):
         TensorShape([3, 5])
     """
 
+    # The ids are integers: tf_jacbp.jacobian keeps them so (float16 holds integers only to 2048).
+    takes_integer_ids = True
+
     def __init__(
         self,
         input_dim: int,
