@@ -151,6 +151,34 @@ def test_y_of_the_wrong_length_is_refused(y_shape):
         jacobian.per_example_gradients(model, x, np.zeros(y_shape), loss="mse")
 
 
+@pytest.mark.parametrize(
+    "call, owner",
+    [
+        (jacobian.per_example_gradients, "per_example_gradients"),
+        (jacobian.per_example_gradient_norms, "per_example_gradient_norms"),
+    ],
+    ids=["gradients", "norms"],
+)
+def test_y_of_the_wrong_length_is_refused_by_every_per_example_function(call, owner):
+    """The norms read ``delta[L]`` through the same checks as the gradients; a y with one sample
+    too many used to reach the loss, which broadcast or failed deep inside."""
+    x = np.ones((4, 4, 6, 1))
+    with pytest.raises(ValueError, match=rf"{owner}: y must have one label .*4 samples"):
+        call(_image_model(), x, np.zeros((5, 3)), loss="mse")
+
+
+def test_a_loss_with_one_value_per_batch_is_refused_by_per_example_gradients():
+    """A loss that reduces over the batch has no per-sample terms; per_example_gradients used to
+    return rows of the batch mean's gradient, silently wrong."""
+    x = np.random.default_rng(5).normal(size=(4, 4, 6, 1))
+
+    def batch_mean(y, y_pred):
+        return tf.reduce_mean(tf.square(y - y_pred))
+
+    with pytest.raises(ValueError, match="one value for the whole batch"):
+        jacobian.per_example_gradients(_image_model(), x, np.zeros((4, 3)), loss=batch_mean)
+
+
 def test_sparse_x_is_refused_with_the_fix():
     model = keras.Sequential([keras.Input((3,)), layers.Dense(2)])
     x = tf.sparse.from_dense(tf.constant([[1.0, 0.0, 2.0]]))

@@ -34,7 +34,8 @@ from tf_jacbp.jacobian.gradients import (
     per_example_gradients,
 )
 from tf_jacbp.jacobian.graph import flatten_parameters, parameter_variables, unflatten_parameters
-from tf_jacbp.jacobian.norms import output_delta, per_example_gradient_norms, squared_gradient_norms
+from tf_jacbp.jacobian.norms import per_example_gradient_norms, squared_gradient_norms
+from tf_jacbp.jacobian.walk import output_delta
 
 __all__ = [
     "DEFAULT_MAX_BYTES",

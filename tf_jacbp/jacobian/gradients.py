@@ -17,8 +17,7 @@ import numpy as np
 
 from tf_jacbp._backend import keras, tf
 from tf_jacbp.jacobian.graph import parameter_variables
-from tf_jacbp.jacobian.inputs import check_y, loss_function
-from tf_jacbp.jacobian.walk import forward, per_example_rows, walk
+from tf_jacbp.jacobian.walk import forward, output_delta, per_example_rows, walk
 
 DEFAULT_MAX_BYTES = 2**30
 """``parameter_jacobian`` refuses to allocate more than this many bytes unless given
@@ -113,15 +112,9 @@ def per_example_gradients(
     The batch gradient of the compiled loss with ``reduction="sum_over_batch_size"`` is the mean
     of the rows (``"sum"``: their sum).
     """
-    per_sample, dtype = loss_function(model, loss)
-    records, out, output_key = forward(model, x, training, "per_example_gradients")
-    y = check_y(y, int(out.shape[0]), "per_example_gradients")
-    y = tf.cast(y, dtype or out.dtype)
-    with tf.GradientTape() as tape:  # only to read delta[L] off the loss (Table 1 for ours)
-        tape.watch(out)
-        out_cast = tf.cast(out, dtype) if dtype else out
-        total = tf.reduce_sum(per_sample(y, out_cast))
-    delta = tf.cast(tape.gradient(total, out), out.dtype)
+    records, output_key, _, _, delta = output_delta(
+        model, x, y, loss, training, "per_example_gradients"
+    )
     if flatten:  # one row, delta[L]^T, per sample: the blocks come in Vec order
         rows = walk(model, records, output_key, delta[:, None])
         return tf.concat([g[:, 0] for _, g in rows], axis=-1)

@@ -1,10 +1,10 @@
 """Per-example gradient norms from the layers' norm formulas, without forming the gradients.
 
-``output_delta`` runs the forward pass and reads ``delta[L]_i = grad_{z[L]_i} l_i`` off the loss;
-``squared_gradient_norms`` walks back from it (``tf_jacbp.jacobian.walk``) asking each map for the
-squared norms ``||g_i(p)||^2`` of its parameters' per-example gradients, and can hand over the
-``delta`` rows that reached each map (``tf_jacbp.privacy``'s clipped sum reuses them);
-``per_example_gradient_norms`` is the user-facing function.
+``squared_gradient_norms`` walks back from ``delta[L]`` (``output_delta``) through
+``tf_jacbp.jacobian.walk``, asking each map for the squared norms ``||g_i(p)||^2`` of its
+parameters' per-example gradients, and can hand over the ``delta`` rows that reached each map
+(``tf_jacbp.privacy``'s clipped sum reuses them); ``per_example_gradient_norms`` is the
+user-facing function.
 """
 
 from __future__ import annotations
@@ -15,49 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 from tf_jacbp._backend import keras, tf
-from tf_jacbp.jacobian.inputs import loss_function
-from tf_jacbp.jacobian.walk import Record, forward, per_example_rows, walk
+from tf_jacbp.jacobian.walk import Record, output_delta, per_example_rows, walk
 from tf_jacbp.layers.base import JacobianLayer
-
-
-def output_delta(
-    model: keras.Model, x: Any, y: Any, loss: Any, training: bool
-) -> tuple[list[Record], Any, tf.Tensor, tf.Tensor, tf.Tensor]:
-    """The forward records and, per sample, the loss ``l_i`` and ``delta[L]_i = grad_{z[L]_i} l_i``.
-
-    The start of every per-example computation: ``squared_gradient_norms`` walks back from the
-    ``delta[L]`` returned here. ``l_i`` is the loss's per-sample value (``Loss.call``, before any
-    reduction), summed over any axes past the batch axis, as ``per_example_gradients`` defines it.
-
-    Args:
-        model: a Sequential or functional model of tf_jacbp layers.
-        x, y: a batch of inputs ``(batch, *input_shape)`` and labels or targets.
-        loss: a Keras loss (object, name or per-sample function); ``None``: the compiled loss.
-        training: the layers' training-mode maps (as for ``per_example_gradients``).
-
-    Returns:
-        ``(records, output_key, z[L], l, delta[L])``: the ``walk`` records of the forward pass,
-        the key of the output tensor, the output ``(batch, *output_shape)``, ``l`` ``(batch,)``
-        and ``delta[L]`` ``(batch, *output_shape)`` in the output's dtype.
-    """
-    per_sample, dtype = loss_function(model, loss)
-    records, out, output_key = forward(model, x, training)
-    y = tf.cast(tf.convert_to_tensor(y), dtype or out.dtype)
-    with tf.GradientTape() as tape:  # only to read delta[L] off the loss (Table 1 for ours)
-        tape.watch(out)
-        out_cast = tf.cast(out, dtype) if dtype else out
-        values = per_sample(y, out_cast)
-        if values.shape.rank == 0:
-            raise ValueError(
-                f"The loss {loss!r} returned one value for the whole batch; per-example gradients "
-                "need one value per sample. Pass a keras.losses.Loss (its call gives per-sample "
-                "values) or a function returning shape (batch,)."
-            )
-        if values.shape.rank > 1:
-            values = tf.reduce_sum(values, axis=list(range(1, values.shape.rank)))
-        total = tf.reduce_sum(values)
-    delta = tf.cast(tape.gradient(total, out), out.dtype)
-    return records, output_key, out, values, delta
 
 
 def _has_norm_formula(op: Any) -> bool:
@@ -137,7 +96,9 @@ def squared_gradient_norms(
 def _norms(
     model: keras.Model, x: Any, y: Any, loss: Any, per_variable: bool, training: bool
 ) -> tf.Tensor:
-    records, output_key, _, _, delta = output_delta(model, x, y, loss, training)
+    records, output_key, _, _, delta = output_delta(
+        model, x, y, loss, training, "per_example_gradient_norms"
+    )
     squared = tf.stack([s for _, s in squared_gradient_norms(model, records, output_key, delta)], 1)
     return tf.sqrt(squared if per_variable else tf.reduce_sum(squared, axis=1))
 

@@ -6,6 +6,8 @@ at the output and moves them back through each map, ``M <- M J_x``, collecting e
 block ``M J_p``. With ``step=jacobian_rows`` the rows are ``M = I`` (step 2, ``J_theta z[L]``);
 with ``step=per_example_rows`` they are ``delta[L]`` per sample (step 6, per-example gradients);
 ``tf_jacbp.jacobian.norms`` passes a step that returns squared norms instead of gradients.
+``output_delta`` runs the forward pass and reads ``delta[L]_i = grad_{z[L]_i} l_i`` off the loss,
+where every per-example computation starts.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 from tf_jacbp._backend import keras, tf
 from tf_jacbp.jacobian.graph import graph, parameter_variables
-from tf_jacbp.jacobian.inputs import check_x
+from tf_jacbp.jacobian.inputs import check_x, check_y, loss_function
 from tf_jacbp.layers.base import JacobianLayer
 
 
@@ -105,3 +107,52 @@ def walk(
         for v, g in zip(r.layer.jacobian_parameters() if r.params else [], rows, strict=True):
             blocks[id(v)] = blocks[id(v)] + g if id(v) in blocks else g
     return [(v, blocks[id(v)]) for v in parameter_variables(model)]
+
+
+def output_delta(
+    model: keras.Model,
+    x: Any,
+    y: Any,
+    loss: Any,
+    training: bool,
+    owner: str = "tf_jacbp.jacobian",
+) -> tuple[list[Record], Any, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """The forward records and, per sample, the loss ``l_i`` and ``delta[L]_i = grad_{z[L]_i} l_i``.
+
+    The start of every per-example computation: ``per_example_gradients`` and
+    ``squared_gradient_norms`` walk back from the ``delta[L]`` returned here. ``l_i`` is the
+    loss's per-sample value (``Loss.call``, before any reduction), summed over any axes past the
+    batch axis.
+
+    Args:
+        model: a Sequential or functional model of tf_jacbp layers.
+        x, y: a batch of inputs ``(batch, *input_shape)`` and labels or targets.
+        loss: a Keras loss (object, name or per-sample function); ``None``: the compiled loss.
+        training: the layers' training-mode maps (as for ``per_example_gradients``).
+        owner: the function the user called, named by the errors about ``x`` and ``y``.
+
+    Returns:
+        ``(records, output_key, z[L], l, delta[L])``: the ``walk`` records of the forward pass,
+        the key of the output tensor, the output ``(batch, *output_shape)``, ``l`` ``(batch,)``
+        and ``delta[L]`` ``(batch, *output_shape)`` in the output's dtype.
+    """
+    per_sample, dtype = loss_function(model, loss)
+    records, out, output_key = forward(model, x, training, owner)
+    if out.shape[0] is not None:  # a traced batch of unknown size is not checked
+        y = check_y(y, int(out.shape[0]), owner)
+    y = tf.cast(tf.convert_to_tensor(y), dtype or out.dtype)
+    with tf.GradientTape() as tape:  # only to read delta[L] off the loss (Table 1 for ours)
+        tape.watch(out)
+        out_cast = tf.cast(out, dtype) if dtype else out
+        values = per_sample(y, out_cast)
+        if values.shape.rank == 0:
+            raise ValueError(
+                f"The loss {loss!r} returned one value for the whole batch; per-example gradients "
+                "need one value per sample. Pass a keras.losses.Loss (its call gives per-sample "
+                "values) or a function returning shape (batch,)."
+            )
+        if values.shape.rank > 1:
+            values = tf.reduce_sum(values, axis=list(range(1, values.shape.rank)))
+        total = tf.reduce_sum(values)
+    delta = tf.cast(tape.gradient(total, out), out.dtype)
+    return records, output_key, out, values, delta

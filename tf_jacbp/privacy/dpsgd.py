@@ -93,7 +93,9 @@ def clipped_gradients(
     noise_multiplier = check_positive("noise_multiplier", noise_multiplier, allow_zero=True)
     loss = _check_loss(loss if loss is not None else getattr(model, "loss", None))
     trainable = _check_model(model)
-    records, output_key, out, values, delta = output_delta(model, x, y, loss, training)
+    records, output_key, out, values, delta = output_delta(
+        model, x, y, loss, training, "clipped_gradients"
+    )
     # Pass 1: ||g_i||^2 over the trainable variables, from the layers' norm formulas; the walk
     # keeps the delta rows that reach each map.
     trainable_ids = {id(v) for v in trainable}
