@@ -226,3 +226,71 @@ class Mish(Elementwise):
     def derivative(self, z, a):
         t = tf.math.tanh(tf.math.softplus(z))
         return t + z * (1 - t * t) * tf.math.sigmoid(z)
+
+
+class CELU(Elementwise):
+    """``f(z) = max(z, 0) + alpha (e^{min(z, 0) / alpha} - 1)`` (Keras' composition);
+    ``f'(z) = [z >= 0] + [z <= 0] e^{min(z, 0) / alpha}``.
+
+    At ``z = 0`` this is 2, not 1: TensorFlow's gradients of ``maximum`` and ``minimum`` both pass
+    a tie to ``z``, so autodiff of ``keras.activations.celu`` gives 2 there, and tf_jacbp follows
+    it (elsewhere the two agree: 1 above 0, ``e^{z / alpha}`` below).
+    """
+
+    name = "celu"
+
+    def __init__(self, alpha: float = 1.0):
+        self.alpha = alpha
+
+    def get_config(self):
+        return {"alpha": self.alpha}
+
+    def reference(self, z):
+        return tf.maximum(z, 0.0) + self.alpha * tf.math.expm1(tf.minimum(z, 0.0) / self.alpha)
+
+    def derivative(self, z, a):
+        above = tf.cast(z >= 0, z.dtype)
+        below = tf.cast(z <= 0, z.dtype) * tf.exp(tf.minimum(z, 0.0) / self.alpha)
+        return above + below
+
+
+class LogSigmoid(Elementwise):
+    """``f(z) = log sigmoid(z) = -softplus(-z)``, ``f'(z) = 1 - sigmoid(z) = sigmoid(-z)``."""
+
+    name = "log_sigmoid"
+
+    def reference(self, z):
+        return tf.math.log_sigmoid(z)
+
+    def derivative(self, z, a):
+        return tf.math.sigmoid(-z)
+
+
+class TanhShrink(Elementwise):
+    """``f(z) = z - tanh(z)``, ``f'(z) = 1 - (1 - tanh^2 z) = tanh^2 z``."""
+
+    name = "tanh_shrink"
+
+    def reference(self, z):
+        return z - tf.math.tanh(z)
+
+    def derivative(self, z, a):
+        return tf.square(tf.math.tanh(z))
+
+
+class Squareplus(Elementwise):
+    """``f(z) = (z + sqrt(z^2 + b)) / 2``, ``f'(z) = (1 + z / sqrt(z^2 + b)) / 2``."""
+
+    name = "squareplus"
+
+    def __init__(self, b: float = 4):
+        self.b = b
+
+    def get_config(self):
+        return {"b": self.b}
+
+    def reference(self, z):
+        return (z + tf.sqrt(tf.square(z) + tf.cast(self.b, z.dtype))) / 2
+
+    def derivative(self, z, a):
+        return (1 + z / tf.sqrt(tf.square(z) + tf.cast(self.b, z.dtype))) / 2

@@ -19,12 +19,14 @@ from tf_jacbp._backend import keras, tf
 _TABLE: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
 for _name in (
     "linear relu relu6 leaky_relu elu selu softplus softsign silu swish gelu tanh sigmoid "
-    "exponential hard_sigmoid hard_silu hard_swish mish softmax"
+    "exponential hard_sigmoid hard_silu hard_swish mish softmax celu hard_tanh log_sigmoid "
+    "tanh_shrink soft_shrink hard_shrink sparse_plus sparse_sigmoid squareplus"
 ).split():
     _TABLE["keras.activations", _name] = (_name, {})
 for _name in (
     "relu relu6 leaky_relu elu selu softplus softsign silu swish tanh sigmoid hard_sigmoid "
-    "hard_silu hard_swish softmax"
+    "hard_silu hard_swish softmax celu hard_tanh log_sigmoid tanh_shrink soft_shrink "
+    "hard_shrink sparse_plus sparse_sigmoid squareplus"
 ).split():
     _TABLE["keras.ops", _name] = (_name, {})
 _TABLE["keras.ops", "gelu"] = ("gelu", {"approximate": True})  # keras.ops.gelu's default
@@ -35,6 +37,7 @@ for _module in ("tf.nn", "tf.math", "tf"):
     _TABLE[_module, "tanh"] = ("tanh", {})
     _TABLE[_module, "sigmoid"] = ("sigmoid", {})
 _TABLE["tf.math", "softplus"] = ("softplus", {})
+_TABLE["tf.math", "log_sigmoid"] = ("log_sigmoid", {})
 _TABLE["tf.math", "exp"] = ("exponential", {})
 _TABLE["tf", "exp"] = ("exponential", {})
 _TABLE["tf", "identity"] = ("linear", {})

@@ -184,3 +184,88 @@ class HardSilu(Elementwise):
         sigmoid = HardSigmoid()
         h = sigmoid.reference(z)
         return h + z * sigmoid.derivative(z, h)
+
+
+def _indicator(condition: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
+    """``[condition]`` as 0/1 of ``z``'s dtype."""
+    return tf.cast(condition, z.dtype)
+
+
+class HardTanh(Elementwise):
+    """``f(z) = clip(z, -1, 1)`` (``tf.clip_by_value``); ``f'(z) = [-1 <= z <= 1]``: 1 at both
+    kinks, as TensorFlow's clip gradient (it stops only strictly outside the interval)."""
+
+    name = "hard_tanh"
+
+    def reference(self, z):
+        return tf.clip_by_value(z, -1.0, 1.0)
+
+    def derivative(self, z, a):
+        return _indicator(tf.logical_and(z >= -1, z <= 1), z)
+
+
+class SoftShrink(Elementwise):
+    """``f(z) = z - t`` for ``z > t``, ``z + t`` for ``z < -t``, else 0 (``t = threshold``);
+    ``f'(z) = [|z| > t]``: 0 at ``z = +-t`` (the middle branch of Keras' ``where``)."""
+
+    name = "soft_shrink"
+
+    def __init__(self, threshold: float = 0.5):
+        self.threshold = threshold
+
+    def get_config(self):
+        return {"threshold": self.threshold}
+
+    def reference(self, z):
+        t = self.threshold
+        return tf.where(z > t, z - t, tf.where(z < -t, z + t, tf.zeros_like(z)))
+
+    def derivative(self, z, a):
+        t = self.threshold
+        return _indicator(tf.logical_or(z > t, z < -t), z)
+
+
+class HardShrink(Elementwise):
+    """``f(z) = z`` for ``|z| > t``, else 0 (``t = threshold``); ``f'(z) = [|z| > t]``: 0 at
+    ``z = +-t``."""
+
+    name = "hard_shrink"
+
+    def __init__(self, threshold: float = 0.5):
+        self.threshold = threshold
+
+    def get_config(self):
+        return {"threshold": self.threshold}
+
+    def reference(self, z):
+        return tf.where(tf.abs(z) > self.threshold, z, tf.zeros_like(z))
+
+    def derivative(self, z, a):
+        return _indicator(tf.abs(z) > self.threshold, z)
+
+
+class SparsePlus(Elementwise):
+    """``f(z) = 0`` for ``z <= -1``, ``(z + 1)^2 / 4`` for ``-1 < z < 1``, ``z`` for ``z >= 1``;
+    ``f'(z)`` is 0, ``(z + 1) / 2``, 1 on the same pieces (continuous: 0 at -1, 1 at 1)."""
+
+    name = "sparse_plus"
+
+    def reference(self, z):
+        return tf.where(z <= -1, tf.zeros_like(z), tf.where(z < 1, (1 / 4) * tf.pow(z + 1, 2), z))
+
+    def derivative(self, z, a):
+        return tf.where(z <= -1, tf.zeros_like(z), tf.where(z < 1, (z + 1) / 2, tf.ones_like(z)))
+
+
+class SparseSigmoid(Elementwise):
+    """``f(z) = 0`` for ``z <= -1``, ``(z + 1) / 2`` for ``-1 < z < 1``, 1 for ``z >= 1``;
+    ``f'(z) = [-1 < z < 1] / 2``: 0 at both kinks (Keras' outer branches are closed)."""
+
+    name = "sparse_sigmoid"
+
+    def reference(self, z):
+        zero, one = tf.zeros_like(z), tf.ones_like(z)
+        return tf.where(z <= -1, zero, tf.where(z >= 1, one, 0.5 * (z + 1)))
+
+    def derivative(self, z, a):
+        return 0.5 * _indicator(tf.logical_and(z > -1, z < 1), z)

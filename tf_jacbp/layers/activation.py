@@ -28,7 +28,10 @@ class Activation(JacobianLayer):
         activation: a name from ``tf_jacbp.activations`` (``"relu"``, ``"relu6"``,
             ``"sigmoid"``, ``"tanh"``, ``"leaky_relu"``, ``"elu"``, ``"selu"``, ``"softplus"``,
             ``"softsign"``, ``"exponential"``, ``"gelu"``, ``"swish"``/``"silu"``, ``"mish"``,
-            ``"hard_sigmoid"``, ``"hard_silu"``/``"hard_swish"``, ``"softmax"``, ``"linear"``),
+            ``"hard_sigmoid"``, ``"hard_silu"``/``"hard_swish"``, ``"celu"``, ``"hard_tanh"``,
+            ``"log_sigmoid"``, ``"tanh_shrink"``, ``"soft_shrink"``, ``"hard_shrink"``,
+            ``"sparse_plus"``, ``"sparse_sigmoid"``, ``"squareplus"``, ``"softmax"``,
+            ``"linear"``),
             Keras' function for one of them (``keras.activations.relu``, ``keras.ops.gelu``,
             ``tf.nn.relu``, ...), or a ``tf_jacbp.activations`` object.
 
