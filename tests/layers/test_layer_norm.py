@@ -249,6 +249,17 @@ def test_bad_arguments_name_the_argument(kwargs, shape, error, match):
         layer.build(shape)
 
 
+def test_docstring_example_builds_the_layer():
+    """The class docstring's example: ``input_jacobian`` on a layer not yet built builds it for
+    the sample shape (gamma, beta of ones and zeros: ``J = (1/s) (I - 11^T/n - xhat xhat^T/n)``)."""
+    layer = LayerNormalization(dtype="float64")
+    x = np.random.default_rng(0).normal(size=(2, 3))
+    jac = layer.input_jacobian(x)
+    assert jac.shape == (2, 3, 3) and layer.built and layer.gamma.shape == (3,)
+    np.testing.assert_allclose(np.asarray(jac) @ np.ones(3), 0.0, atol=1e-14)
+    np.testing.assert_allclose(jac, np.transpose(jac, (0, 2, 1)), atol=1e-15)  # gamma = 1
+
+
 def test_unknown_normalized_size_is_an_error():
     with pytest.raises(ValueError, match="must be known"):
         LayerNormalization().build((None, None))

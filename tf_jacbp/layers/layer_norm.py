@@ -342,6 +342,8 @@ class LayerNormalization(JacobianLayer):
         positions of the axes not normalized) do not interact: those blocks are zero.
         """
         x = as_float_tensor(x, self.statistics_dtype)
+        if not self.built:  # gamma and beta are created for this input shape, as a call would
+            self.build((None, *x.shape[1:]))
         params = [tf.cast(p, x.dtype) for p in self.read_parameters()]
         sample_shape = tuple(x.shape[1:])
         perm, order, groups, n = self._grouped(sample_shape)
@@ -374,7 +376,7 @@ class LayerNormalization(JacobianLayer):
         key part are left out; with ``rms_scaling`` the block is ``diag(x / s)``.
         """
         x = as_float_tensor(x, self.statistics_dtype)
-        factors = {"J_x y": self.input_jacobian(x[None])[0]}
+        factors = {"J_x y": self.input_jacobian(x[None])[0]}  # (builds the layer if needed)
         if not self.jacobian_parameters():
             return factors
         sample_shape = tuple(x.shape)
