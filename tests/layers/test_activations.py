@@ -88,7 +88,9 @@ def test_reference_mode_switches_route():
     [
         (lambda: layers.Activation("relux"), "activation='relux'"),
         (lambda: layers.Dense(3, activation="sigmod"), "activation='sigmod'"),
-        (lambda: layers.Softmax(axis=1), "axis=1"),
+        (lambda: layers.Softmax(axis=-2), "axis=-2"),
+        (lambda: layers.Softmax(axis=1)(tf.zeros((2, 3, 4))), r"axis=1 for inputs of rank 3"),
+        (lambda: layers.Softmax(axis=[1, 2]), r"axis=\[1, 2\]"),
         (lambda: layers.LeakyReLU(negative_slope=-1), "negative_slope=-1"),
     ],
 )
@@ -390,6 +392,19 @@ def test_activation_layers_follow_keras_conventions(name):
     np.testing.assert_allclose(got, want, rtol=1e-6)
     np.testing.assert_array_equal(got._keras_mask, mask)
     np.testing.assert_array_equal(want._keras_mask, mask)
+
+
+@pytest.mark.parametrize("axis", [1, [1], -1, [-1]])
+def test_softmax_axis_given_as_the_last_index_equals_keras(axis):
+    """``Softmax(axis=1)`` on ``(batch, C)`` inputs is the last axis: accepted, equal to stock,
+    and kept as given in the config."""
+    z = tf.constant(np.random.default_rng(4).normal(size=(3, 5)))
+    ours, stock = (
+        layers.Softmax(axis=axis, dtype="float64"),
+        keras.layers.Softmax(axis=axis, dtype="float64"),
+    )
+    assert ours.axis == stock.axis and ours.get_config()["axis"] == axis
+    assert tolerances.relative_error(ours(z), stock(z)) <= RTOL64
 
 
 def test_setting_an_argument_replaces_the_activation_and_is_checked():

@@ -232,7 +232,8 @@ class Softmax(_FixedActivation):
     """Softmax over the last axis; ``J = diag(s) - s s^T``.
 
     Args:
-        axis: only ``-1`` (the last axis) is supported.
+        axis: the last axis: ``-1``, or its non-negative index (checked against the input's rank
+            when called), or a list of that one axis.
 
     ``call(inputs, mask=None)``: as Keras' ``Softmax``, a mask broadcastable to ``inputs`` (True
     or > 0.5: keep) sets the logits it drops to a large negative number and their outputs to 0,
@@ -240,24 +241,36 @@ class Softmax(_FixedActivation):
     ``s`` zero on the dropped entries: the softmax's over the kept entries, zero elsewhere.
     """
 
-    def __init__(self, axis: int = -1, **kwargs: Any):
-        if axis != -1:
+    def __init__(self, axis: int | list[int] = -1, **kwargs: Any):
+        single = axis[0] if isinstance(axis, (list, tuple)) and len(axis) == 1 else axis
+        if isinstance(single, bool) or not isinstance(single, int) or single < -1:
             raise ValueError(
-                f"Softmax: tf_jacbp supports axis=-1 only, got axis={axis!r}. Move the axis "
-                "last (e.g. with keras.layers.Permute) or use axis=-1."
+                f"Softmax: tf_jacbp supports the last axis only (axis=-1), got axis={axis!r}. "
+                "Move the axis last (e.g. with keras.layers.Permute) or use axis=-1."
             )
         super().__init__(activations.Softmax(), **kwargs)
+        self._axis = axis
 
     @property
-    def axis(self) -> int:
-        """The softmax axis: always ``-1``."""
-        return -1
+    def axis(self) -> int | list[int]:
+        """The softmax axis, as given: the last one."""
+        return self._axis
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "axis": self.axis}
 
+    def _check_axis(self, rank: int) -> None:
+        single = self.axis[0] if isinstance(self.axis, (list, tuple)) else self.axis
+        if single not in (-1, rank - 1):
+            raise ValueError(
+                f"Softmax '{self.name}': tf_jacbp supports the last axis only, got "
+                f"axis={self.axis!r} for inputs of rank {rank} (the last axis is {rank - 1}). Move "
+                "the axis last (e.g. with keras.layers.Permute) or use axis=-1."
+            )
+
     def call(self, inputs: tf.Tensor, mask: tf.Tensor | None = None) -> tf.Tensor:
         """``softmax(inputs)``, or with ``mask`` the masked softmax (class docstring)."""
+        self._check_axis(len(inputs.shape))
         if mask is None:
             return super().call(inputs)
         mask = _broadcastable_mask(mask, inputs, self.name)
