@@ -486,3 +486,30 @@ def test_bad_global_pooling_arguments_name_the_argument(cls):
         cls(keepdims="yes")
     with pytest.raises(ValueError, match="expected ndim"):
         keras.Sequential([keras.Input((4, 4, 2, 2)), cls()])
+
+
+STOCK_NAMED = [
+    ("MaxPooling1D", {"pool_size": 3, "strides": 1, "padding": "same"}),
+    ("AveragePooling1D", {"pool_size": 2}),
+    ("MaxPooling2D", {"pool_size": (2, 3)}),
+    ("AveragePooling2D", {"pool_size": 2, "strides": 1}),
+    ("GlobalAveragePooling1D", {"keepdims": True}),
+    ("GlobalMaxPooling1D", {}),
+    ("GlobalAveragePooling2D", {}),
+    ("GlobalMaxPooling2D", {"keepdims": True}),
+]
+
+
+@pytest.mark.parametrize("name, kwargs", STOCK_NAMED)
+def test_configuration_attributes_and_masking_as_the_stock_layer(name, kwargs):
+    """Built at construction as Keras builds them, the same ``get_config`` (so the same readable
+    attributes) and the same masking support as the stock layer of the same name."""
+    ours, stock = globals()[name](**kwargs), getattr(keras.layers, name)(**kwargs)
+    assert ours.built and stock.built
+    assert ours.supports_masking == stock.supports_masking
+    config, stock_config = ours.get_config(), stock.get_config()
+    for key, value in stock_config.items():
+        if key not in ("name", "dtype"):
+            assert config[key] == value, key
+            assert getattr(ours, key) == getattr(stock, key), key
+    assert type(ours).from_config(config).get_config() == config

@@ -184,3 +184,25 @@ def test_reshape_to_another_number_of_entries_is_an_error():
         keras.Sequential([keras.Input((3, 4)), Reshape((5, -1))])
     with pytest.raises(ValueError, match=r"target_shape=\(5, 2\).*number of entries"):
         keras.Sequential([keras.Input((3, 4)), Reshape((5, 2))])
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("UpSampling2D", {"size": (2, 3)}),
+        ("ZeroPadding2D", {"padding": (1, 2)}),
+        ("ZeroPadding2D", {"padding": 2}),
+        ("Reshape", {"target_shape": (2, -1)}),
+    ],
+)
+def test_configuration_and_attributes_as_the_stock_layer(name, kwargs):
+    """``get_config`` and the attributes it names equal the stock layer's; built at
+    construction exactly when Keras builds it there (``Reshape``)."""
+    ours, stock = globals()[name](**kwargs), getattr(keras.layers, name)(**kwargs)
+    assert ours.built == stock.built
+    config = ours.get_config()
+    for key, value in stock.get_config().items():
+        if key not in ("name", "dtype"):
+            assert config[key] == value, key
+            assert getattr(ours, key) == getattr(stock, key), key
+    assert type(ours).from_config(config).get_config() == config

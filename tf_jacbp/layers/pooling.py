@@ -70,6 +70,8 @@ class _Pooling(JacobianLayer):
         )
         self.padding = check_padding(padding, owner)
         self.data_format = check_channels_last(data_format, owner)
+        self._compiled_input_gradient = tf.function(self.input_gradient, jit_compile=True)
+        self.built = True  # stateless: built at construction, as Keras builds it
 
     def as_window(self, value: Any, name: str, owner: str) -> tuple[int, ...]:
         """``value`` (an int or ``rank`` ints, >= 1) as one int per spatial axis."""
@@ -88,14 +90,18 @@ class _Pooling(JacobianLayer):
         """An image-shaped ``(batch, H, W, C)`` tensor in the layer's own shape."""
         return v
 
-    def build(self, input_shape: tuple) -> None:
+    def check_input(self, input_shape: tuple) -> None:
+        """A ValueError naming the fix for a wrong rank, an unknown channel count, or a
+        ``"valid"`` window longer than a known input size."""
         owner = f"{type(self).__name__} '{self.name}'"
-        sizes = spatial_shape(input_shape, self.rank, owner, allow_unknown=True)
+        sizes = spatial_shape(tuple(input_shape), self.rank, owner, allow_unknown=True)
         if None not in sizes:
             check_window_fits(sizes, self.pool_size, self.padding, owner, "pool_size")
-        axes = {axis + 1: n for axis, n in enumerate(sizes) if n is not None}
-        self.input_spec = keras.layers.InputSpec(ndim=self.rank + 2, axes=axes)
-        self._compiled_input_gradient = tf.function(self.input_gradient, jit_compile=True)
+
+    def call(self, inputs: tf.Tensor) -> tf.Tensor:
+        """``check_input``, then ``y = forward(inputs)`` by ``route``."""
+        self.check_input(inputs.shape)
+        return super().call(inputs)
 
     def maps(self, x: tf.Tensor) -> WindowMaps | DynamicWindowMaps:
         """The window maps of ``x``'s image size (``(batch, H, W, C)``)."""
@@ -144,6 +150,7 @@ class _Pooling(JacobianLayer):
         return {self.factor_name: self.jacobian(x)}
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
+        self.check_input(input_shape)
         sizes = [
             None if n is None else output_size(n, k, s, self.padding)
             for n, k, s in zip(input_shape[1:-1], self.pool_size, self.strides, strict=True)
@@ -180,9 +187,6 @@ class _Pooling1D(_Pooling):
 
     def from_image(self, v: tf.Tensor) -> tf.Tensor:
         return v[:, 0]
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "pool_size": self.pool_size[0], "strides": self.strides[0]}
 
 
 class _MaxSelection:
