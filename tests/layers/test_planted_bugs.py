@@ -10,7 +10,12 @@ Then
   the unmodified layer's;
 * ``GradientCheck`` stops ``fit`` with ``GradientMismatchError`` on the planted model.
 
-All planted-bug layers of the test suite live in this module.
+The module also holds the other tests about planted bugs: ``GradientCheck`` names the planted
+layer and variable (scaled, transposed, sign-flipped and bias-less Dense kernels, a wrong tanh
+derivative, an off-by-one Toeplitz stride, a skip connection without its gradient, a
+BatchNormalization backward without its variance term; finite differences too), ``fit`` applies a
+planted backward, and the layer-test kit ``check_layer`` and the route catch one. The planted-bug
+layers themselves are defined in ``tests/planted.py``, which other test modules import.
 """
 
 from __future__ import annotations
@@ -18,37 +23,33 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
+from planted import (
+    N_CLASSES,
+    N_FEATURES,
+    OFF,
+    FlippedSignDense,
+    MissingBias,
+    NoBiasTermDense,
+    NoVarianceTerm,
+    OffByOneStrideConv2D,
+    ScaledDense,
+    SkipDroppingAdd,
+    TransposedDense,
+    WrongDerivativeTanh,
+    WrongKernelGradient,
+    assert_caught,
+    compile_model,
+    fit,
+    mlp,
+    one_percent_off,
+    probe,
+    residual,
+)
 
 from tf_jacbp import layers
 from tf_jacbp.callbacks import GradientCheck, GradientMismatchError
-
-OFF = 1.01
-
-
-def one_percent_off(cls: type, method: str = "backward", into: str = "dx") -> type:
-    """``cls`` with ``method``'s result 1% off: ``into="param"`` scales the first parameter
-    gradient, ``"dx"`` the input gradient (every input's, for ``Add``)."""
-
-    def off(self, *args):
-        dx, grads = getattr(super(planted, self), method)(*args)
-        if into == "param":
-            return dx, [OFF * grads[0], *grads[1:]]
-        return ([OFF * d for d in dx] if isinstance(dx, list) else OFF * dx), grads
-
-    planted = type(f"OnePercentOff{cls.__name__}", (cls,), {method: off})
-    return planted
-
-
-def vector_model(middle: keras.layers.Layer) -> keras.Model:
-    """``Input(6) -> Dense(4, tanh) "first" -> middle -> Dense(3) "last"``."""
-    return keras.Sequential(
-        [
-            keras.Input((6,)),
-            layers.Dense(4, activation="tanh", name="first"),
-            middle,
-            layers.Dense(3, name="last"),
-        ]
-    )
+from tf_jacbp.testing import check_layer as run_layer_test
 
 
 def image_model(middle: keras.layers.Layer | None, flatten: keras.layers.Layer | None = None):
@@ -62,14 +63,6 @@ def image_model(middle: keras.layers.Layer | None, flatten: keras.layers.Layer |
     return keras.Sequential(stack)
 
 
-def residual_model(add: keras.layers.Layer) -> keras.Model:
-    """``first -> add([Dense(4, relu)(h), h]) -> last``."""
-    x = keras.Input((6,))
-    h = layers.Dense(4, activation="tanh", name="first")(x)
-    r = add([layers.Dense(4, activation="relu", name="middle")(h), h])
-    return keras.Model(x, layers.Dense(3, name="last")(r))
-
-
 def frozen_batchnorm(cls):
     layer = cls(name="middle")
     layer.trainable = False  # training=True then runs the inference map, as in Keras
@@ -80,7 +73,7 @@ def frozen_batchnorm(cls):
 # whose update shows it).
 CASES = {
     "Dense": (
-        lambda c: vector_model(c(4, activation="relu", name="middle")),
+        lambda c: mlp(c(4, activation="relu", name="middle")),
         layers.Dense,
         "backward",
         "param",
@@ -89,6 +82,13 @@ CASES = {
     "Conv2D": (
         lambda c: image_model(c(2, 3, activation="relu", name="middle")),
         layers.Conv2D,
+        "backward",
+        "param",
+        "middle/kernel",
+    ),
+    "Conv2DTranspose": (
+        lambda c: image_model(c(2, 3, strides=2, padding="same", activation="relu", name="middle")),
+        layers.Conv2DTranspose,
         "backward",
         "param",
         "middle/kernel",
@@ -108,21 +108,21 @@ CASES = {
         "first/kernel",
     ),
     "BatchNormalization (training)": (
-        lambda c: vector_model(c(name="middle")),
+        lambda c: mlp(c(name="middle")),
         layers.BatchNormalization,
         "batch_backward",
         "param",
         "middle/gamma",
     ),
     "BatchNormalization (inference)": (
-        lambda c: vector_model(frozen_batchnorm(c)),
+        lambda c: mlp(frozen_batchnorm(c)),
         layers.BatchNormalization,
         "backward",
         "dx",
         "first/kernel",
     ),
     "Dropout": (
-        lambda c: vector_model(c(0.3, seed=3, name="middle")),
+        lambda c: mlp(c(0.3, seed=3, name="middle")),
         layers.Dropout,
         "backward",
         "dx",
@@ -136,14 +136,14 @@ CASES = {
         "first/kernel",
     ),
     "Add": (
-        lambda c: residual_model(c(name="middle_add")),
+        lambda c: residual(c(name="middle_add")),
         layers.Add,
         "backward",
         "dx",
         "first/kernel",
     ),
     "Activation": (
-        lambda c: vector_model(c("tanh", name="middle")),
+        lambda c: mlp(c("tanh", name="middle")),
         layers.Activation,
         "backward",
         "dx",
@@ -162,7 +162,7 @@ for _name in (
     "Softmax",
 ):
     CASES[_name] = (
-        lambda c: vector_model(c(name="middle")),
+        lambda c: mlp(c(name="middle")),
         getattr(layers, _name),
         "backward",
         "dx",
@@ -218,3 +218,127 @@ def test_a_one_percent_error_in_backward_changes_fit_and_is_caught(name):
     check = GradientCheck(data(model, 8, seed=3), every_n_batches=1, verbose=0)
     with pytest.raises(GradientMismatchError):
         model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[check])
+
+
+# --- GradientCheck names the planted layer and variable ------------------------------------
+
+
+def test_catches_jacobian_scaled_by_1_01():
+    err = assert_caught(mlp(ScaledDense(4, activation="relu", name="middle")), "middle", "kernel")
+    worst = max(err.records, key=lambda r: r.rel_err)
+    assert worst.rel_err == pytest.approx(0.01, rel=1e-3)
+
+
+def test_catches_transposed_jacobian():
+    assert_caught(mlp(TransposedDense(4, activation="relu", name="middle")), "middle", "kernel")
+
+
+def test_catches_flipped_sign():
+    err = assert_caught(
+        mlp(FlippedSignDense(4, activation="relu", name="middle")), "middle", "kernel"
+    )
+    kernel = next(r for r in err.records if r.variable == "net/middle/kernel")
+    assert kernel.cosine == pytest.approx(-1.0)
+    assert kernel.rel_err == pytest.approx(2.0)
+
+
+def test_catches_missing_bias_term():
+    err = assert_caught(mlp(NoBiasTermDense(4, activation="relu", name="middle")), "middle", "bias")
+    assert [r.variable for r in err.records] == ["net/middle/bias"]
+    assert err.records[0].rel_err == pytest.approx(1.0)
+
+
+def test_catches_wrong_activation_derivative():
+    # The wrong f' is in the input gradient, so it shows in the variables before the activation.
+    model = keras.Sequential(
+        [
+            keras.Input((N_FEATURES,)),
+            layers.Dense(4, name="first"),
+            WrongDerivativeTanh(name="bad_tanh"),
+            layers.Dense(N_CLASSES, name="last"),
+        ],
+        name="net",
+    )
+    err = assert_caught(model, "first", "kernel")
+    assert not any(r.layer == "last" for r in err.records)
+    assert "layers before it" in str(err)
+
+
+def test_catches_toeplitz_with_off_by_one_stride():
+    model = keras.Sequential(
+        [
+            keras.Input((5, 5, 1)),
+            layers.Conv2D(2, 3, padding="same", name="conv_first"),
+            OffByOneStrideConv2D(2, 2, strides=2, name="conv_bad"),
+            keras.layers.Reshape((-1,)),
+            layers.Dense(N_CLASSES, name="last"),
+        ],
+        name="net",
+    )
+    compile_model(model)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(32, 5, 5, 1)).astype("float32"), rng.integers(0, N_CLASSES, 32)
+    check = GradientCheck((x[:8], y[:8]), verbose=0)
+    with pytest.raises(GradientMismatchError) as info:
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[check])
+    failed = {r.variable for r in info.value.records}
+    assert "net/conv_first/kernel" in failed
+    # conv_bad's own kernel gradient (from the patches) is right; its input gradient is not.
+    assert not any(r.layer == "conv_bad" for r in info.value.records)
+    assert "layer 'conv_first', variable 'net/conv_first/kernel'" in str(info.value)
+
+
+def test_catches_a_skip_connection_without_its_gradient():
+    err = assert_caught(residual(SkipDroppingAdd(name="bad_add")), "first", "kernel")
+    assert not any(r.layer in ("middle", "last") for r in err.records)
+
+
+def test_catches_batchnorm_backward_without_the_variance_term():
+    """The train-mode backward with ``- xhat mean(delta xhat)`` left out (docs/batchnorm.md)."""
+
+    err = assert_caught(mlp(NoVarianceTerm(name="middle")), "first", "kernel")
+    assert not any(r.layer in ("middle", "last") for r in err.records)
+
+
+def test_finite_differences_catch_a_planted_bug():
+    model = compile_model(mlp(NoBiasTermDense(4, activation="relu", name="middle")))
+    check = GradientCheck(probe(), finite_differences=True, on_mismatch="log", verbose=0)
+    fit(model, check)
+    fd_failed = {
+        r.variable for r in check.records if r.witness == "finite_differences" and not r.passed
+    }
+    assert fd_failed == {"net/middle/bias"}
+
+
+# --- the base class applies the planted backward; the harness and route catch it -------------
+
+
+def test_fit_applies_the_custom_gradient():
+    """``model.fit`` applies the Jacobian route: a doubled kernel gradient doubles the update."""
+    x = np.random.default_rng(0).normal(size=(8, 3)).astype("float32")
+    y = np.random.default_rng(1).normal(size=(8, 2)).astype("float32")
+    updates = []
+    for cls in (layers.Dense, WrongKernelGradient):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((3,)), cls(2)])
+        model.compile(optimizer=keras.optimizers.SGD(1.0), loss="mse")
+        before = model.layers[0].kernel.numpy()
+        model.train_on_batch(x, y)
+        updates.append(before - model.layers[0].kernel.numpy())
+    np.testing.assert_allclose(updates[1], 2 * updates[0], rtol=1e-5)
+
+
+def test_harness_catches_a_planted_bug(tmp_path):
+    with pytest.raises(AssertionError, match="kernel differs from the reference"):
+        run_layer_test(lambda dtype: WrongKernelGradient(2, dtype=dtype), (3,), tmp_dir=tmp_path)
+
+
+def test_backward_with_a_missing_parameter_gradient_is_an_error():
+    layer = MissingBias(2)
+    x = tf.ones((1, 3))
+    with pytest.raises(
+        ValueError, match="returned 1 input and 1 parameter gradients for 1 inputs and 2 parameters"
+    ):
+        with tf.GradientTape() as tape:
+            y = layer(x)
+        tape.gradient(y, layer.trainable_variables)

@@ -1,0 +1,215 @@
+"""Planted-bug layers: tf_jacbp layers whose backward pass is deliberately wrong.
+
+Every planted-bug layer of the test suite is defined here, with the small classifier they are
+planted in (``Input(6) -> Dense(4, tanh) "first" -> middle -> Dense(3) "last"``, named "net") and
+its data; ``tests/layers/test_planted_bugs.py`` holds the tests about them, and the other test
+modules import the layers they need from here. A planted bug is a user-written layer on the
+public base classes that overrides ``backward`` (or ``backward_toeplitz``, ``batch_backward``).
+"""
+
+from __future__ import annotations
+
+import re
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_jacbp import layers, losses, toeplitz
+from tf_jacbp.callbacks import GradientCheck, GradientMismatchError
+
+N_FEATURES, N_CLASSES = 6, 3
+
+OFF = 1.01
+
+
+def one_percent_off(cls: type, method: str = "backward", into: str = "dx") -> type:
+    """``cls`` with ``method``'s result 1% off: ``into="param"`` scales the first parameter
+    gradient, ``"dx"`` the input gradient (every input's, for ``Add``)."""
+
+    def off(self, *args):
+        dx, grads = getattr(super(planted, self), method)(*args)
+        if into == "param":
+            return dx, [OFF * grads[0], *grads[1:]]
+        return ([OFF * d for d in dx] if isinstance(dx, list) else OFF * dx), grads
+
+    planted = type(f"OnePercentOff{cls.__name__}", (cls,), {method: off})
+    return planted
+
+
+class ScaledDense(layers.Dense):
+    """Every Jacobian-transpose product scaled by 1.01."""
+
+    def backward(self, dz, a, z, kernel, bias=None):
+        dx, grads = super().backward(dz, a, z, kernel, bias)
+        return 1.01 * dx, [1.01 * g for g in grads]
+
+
+class TransposedDense(layers.Dense):
+    """The kernel gradient transposed: ``(A^T Delta)^T`` (a square kernel keeps the shape)."""
+
+    def backward(self, dz, a, z, kernel, bias=None):
+        dx, grads = super().backward(dz, a, z, kernel, bias)
+        return dx, [tf.transpose(grads[0]), *grads[1:]]
+
+
+class FlippedSignDense(layers.Dense):
+    """The kernel gradient with the wrong sign."""
+
+    def backward(self, dz, a, z, kernel, bias=None):
+        dx, grads = super().backward(dz, a, z, kernel, bias)
+        return dx, [-grads[0], *grads[1:]]
+
+
+class NoBiasTermDense(layers.Dense):
+    """``J_{W,b} z = [I (x) a^T]`` without the ``| I`` block: the bias gradient is zero."""
+
+    def backward(self, dz, a, z, kernel, bias=None):
+        dx, grads = super().backward(dz, a, z, kernel, bias)
+        return dx, [grads[0], tf.zeros_like(bias)]
+
+
+class WrongDerivativeTanh(layers.Activation):
+    """tanh with ``f'(z) = 1 - z^2`` instead of ``1 - a^2``."""
+
+    def __init__(self, **kwargs):
+        kwargs.pop("activation", None)
+        super().__init__("tanh", **kwargs)
+
+    def backward(self, dy, z, a):
+        return (1 - z * z) * dy, []
+
+
+class SkipDroppingAdd(layers.Add):
+    """Sends ``delta`` back along the first input only: the skip path's term is lost."""
+
+    def backward(self, dy, xs, y):
+        dxs, grads = super().backward(dy, xs, y)
+        return [dxs[0]] + [tf.zeros_like(d) for d in dxs[1:]], grads
+
+
+class InfDense(layers.Dense):
+    """The kernel gradient has ``inf`` in one entry."""
+
+    def backward(self, dz, a, z, kernel, bias=None):
+        dx, grads = super().backward(dz, a, z, kernel, bias)
+        mask = tf.scatter_nd([[0, 0]], [True], tf.shape(grads[0]))
+        return dx, [tf.where(mask, tf.constant(np.inf, grads[0].dtype), grads[0]), *grads[1:]]
+
+
+class OffByOneStrideConv2D(layers.Conv2D):
+    """The input gradient ``dX = Delta T(K)`` uses ``T(K)`` built for ``stride + 1``.
+
+    For a 5 x 5 input, a 2 x 2 kernel and stride 2 (valid) both strides give 2 x 2 outputs, so
+    the shapes fit and only the index map is off by one.
+    """
+
+    def backward_toeplitz(self, dz, x, t, bias=None):
+        wrong = toeplitz.conv_index(
+            tuple(self.kernel.shape),
+            self.conv_index.input_shape,
+            tuple(s + 1 for s in self.strides),
+            self.padding,
+            self.dilation_rate,
+        )
+        kernel = tf.cast(tf.convert_to_tensor(self.kernel), self.compute_dtype)
+        return super().backward_toeplitz(dz, x, wrong.transpose_matrix(kernel), bias)
+
+
+class NoVarianceTerm(layers.BatchNormalization):
+    """The train-mode backward with ``- xhat mean(delta xhat)`` left out (docs/batchnorm.md)."""
+
+    def batch_backward(self, dy, x, y, *params):
+        axes = list(range(len(x.shape) - 1))
+        gamma, _ = self.split_parameters(params)
+        xhat, s = self.batch_normalized(x)
+        projected = dy - tf.reduce_mean(dy, axis=axes)  # missing: - xhat mean(delta * xhat)
+        return gamma / s * projected, self.parameter_gradients(dy, xhat, axes)
+
+
+class WrongKernelGradient(layers.Dense):
+    """A Dense whose backward pass doubles the kernel gradient."""
+
+    def backward(self, dz, a, z, kernel, bias=None):
+        dx, (dw, *rest) = super().backward(dz, a, z, kernel, bias)
+        return dx, [2 * dw, *rest]
+
+
+class MissingBias(layers.Dense):
+    """A Dense whose backward pass returns no bias gradient (one parameter gradient of two)."""
+
+    def backward(self, dz, a, z, kernel, bias=None):
+        dx, grads = super().backward(dz, a, z, kernel, bias)
+        return dx, grads[:1]
+
+
+# --- the model they are planted in, its data, and the check that catches them -----------------
+
+
+def data(n=64, seed=0, dtype="float32"):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, N_FEATURES)).astype(dtype)
+    y = rng.integers(0, N_CLASSES, size=n)
+    return x, y
+
+
+def mlp(middle=None, dtype=None, regularizer=None):
+    """``Input(6) -> Dense(4, tanh) -> middle -> Dense(3)`` (logits), all tf_jacbp."""
+    middle = middle or layers.Dense(4, activation="relu", dtype=dtype, name="middle")
+    return keras.Sequential(
+        [
+            keras.Input((N_FEATURES,)),
+            layers.Dense(4, activation="tanh", dtype=dtype, name="first"),
+            middle,
+            layers.Dense(N_CLASSES, dtype=dtype, kernel_regularizer=regularizer, name="last"),
+        ],
+        name="net",
+    )
+
+
+def compile_model(model, dtype="float32", **kwargs):
+    model.compile(
+        keras.optimizers.SGD(0.1),
+        losses.SparseCategoricalCrossentropy(from_logits=True, dtype=dtype),
+        **kwargs,
+    )
+    return model
+
+
+def fit(model, check, epochs=1, dtype="float32", batch_size=16, n=64, extra=()):
+    x, y = data(n, dtype=dtype)
+    return model.fit(
+        x, y, batch_size=batch_size, epochs=epochs, verbose=0, callbacks=[check, *extra]
+    )
+
+
+def probe(dtype="float32", n=16):
+    x, y = data(n, seed=1, dtype=dtype)
+    return x, y
+
+
+def residual(add):
+    """``first -> Add([middle(h), h]) -> last``: a functional model with a skip."""
+    x = keras.Input((N_FEATURES,))
+    h = layers.Dense(4, activation="tanh", name="first")(x)
+    r = add([layers.Dense(4, activation="relu", name="middle")(h), h])
+    return keras.Model(x, layers.Dense(N_CLASSES, name="last")(r), name="net")
+
+
+def assert_caught(model, layer, variable, dtype="float32"):
+    """``fit`` stops with GradientMismatchError naming ``layer`` and its ``variable``."""
+    compile_model(model, dtype)
+    before = [np.asarray(v).copy() for v in model.trainable_variables]
+    check = GradientCheck(probe(dtype), every_n_batches=1, verbose=0)
+    with pytest.raises(GradientMismatchError) as info:
+        fit(model, check, epochs=3, dtype=dtype)
+    message = str(info.value)
+    assert f"layer '{layer}'" in message, message
+    # Sequential variables are named net/<layer>/..., functional ones <layer>/...
+    assert re.search(rf"variable '(net/)?{layer}/{variable}'", message), message
+    assert any(r.layer == layer and r.variable.endswith(variable) for r in info.value.records)
+    # Caught by the check at the start of training: fit stopped before any update.
+    for b, v in zip(before, model.trainable_variables, strict=True):
+        np.testing.assert_array_equal(b, np.asarray(v))
+    return info.value
