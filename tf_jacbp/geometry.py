@@ -43,16 +43,18 @@ def _axis_names(rank: int) -> tuple[str, ...]:
     return _AXES.get(rank, tuple(f"axis {i + 1}" for i in range(rank)))
 
 
-def check_channels_last(data_format: Any, owner: str) -> str:
+def check_channels_last(data_format: Any, owner: str, rank: int = 2) -> str:
     """``"channels_last"`` for ``data_format`` None (Keras' global setting) or "channels_last";
-    else a ValueError naming ``data_format`` and the fix."""
+    else a ValueError naming ``data_format`` and the fix (``rank`` spatial axes: its layout)."""
     resolved = keras.config.image_data_format() if data_format is None else data_format
     if resolved != "channels_last":
+        layout = ", ".join(("batch", *_axis_names(rank), "channels"))
+        permute = (*range(2, rank + 2), 1)
         raise ValueError(
-            f"{owner}: only data_format='channels_last' (batch, ..., channels) is supported, got "
+            f"{owner}: only data_format='channels_last' ({layout}) is supported, got "
             f"data_format={data_format!r} (resolved to {resolved!r}); tf_jacbp's vec and Toeplitz "
-            "layouts are defined for channels_last. Move the channel axis last first (e.g. "
-            "keras.layers.Permute((2, 3, 1)) for images) and use channels_last."
+            f"layouts are defined for channels_last. Transpose the input with "
+            f"keras.layers.Permute({permute}) and use channels_last."
         )
     return resolved
 

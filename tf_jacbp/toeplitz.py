@@ -55,16 +55,7 @@ from typing import Any
 import numpy as np
 
 from tf_jacbp._backend import tf
-from tf_jacbp.geometry import (  # noqa: F401 (PADDINGS, as_pair, ... stay importable from here)
-    PADDINGS,
-    PADDINGS_1D,
-    as_pair,
-    axis_taps,
-    check_padding,
-    check_window_fits,
-    output_size,
-    same_padding,
-)
+from tf_jacbp.geometry import PADDINGS_1D, as_pair, axis_taps, check_padding, check_window_fits
 from tf_jacbp.layout import vec_index, vec_parameter
 
 DEFAULT_BUDGET_BYTES = 256 * 2**20

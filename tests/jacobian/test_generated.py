@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tf_jacbp
-from tf_jacbp import layers, losses, toeplitz, tolerances
+from tf_jacbp import geometry, layers, losses, tolerances
 
 MODELS_PER_RUN = 220
 GENERATED: list[list[str]] = []  # the layer types of each model checked, in order
@@ -29,7 +29,7 @@ def _output_shape(spec: tuple, size: tuple) -> tuple:
     k = (k, k) if isinstance(k, int) else k
     s = (kw["strides"],) * 2 if isinstance(kw["strides"], int) else kw["strides"]
     d = kw.get("dilation_rate", (1, 1))
-    hw = [toeplitz.output_size(size[i], k[i], s[i], kw["padding"], d[i]) for i in range(2)]
+    hw = [geometry.output_size(size[i], k[i], s[i], kw["padding"], d[i]) for i in range(2)]
     return (*hw, kw.get("filters", size[2]))
 
 

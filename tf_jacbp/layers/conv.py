@@ -109,7 +109,7 @@ class ToeplitzConv(_KernelBiasLayer):
                 "one of them to 1."
             )
         self.padding = geometry.check_padding(padding, owner, self.paddings)
-        self.data_format = check_channels_last(data_format, owner)
+        self.data_format = check_channels_last(data_format, owner, self.rank)
         self.groups = groups
         self.activation = activations.get(activation)
         self.use_bias = use_bias
