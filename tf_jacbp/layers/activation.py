@@ -31,13 +31,13 @@ class Activation(JacobianLayer):
             ``"hard_sigmoid"``, ``"hard_silu"``/``"hard_swish"``, ``"celu"``, ``"hard_tanh"``,
             ``"log_sigmoid"``, ``"tanh_shrink"``, ``"soft_shrink"``, ``"hard_shrink"``,
             ``"sparse_plus"``, ``"sparse_sigmoid"``, ``"squareplus"``, ``"softmax"``,
-            ``"linear"``),
-            Keras' function for one of them (``keras.activations.relu``, ``keras.ops.gelu``,
-            ``tf.nn.relu``, ...), or a ``tf_jacbp.activations`` object.
+            ``"linear"``), Keras' function for one of them (``keras.activations.relu``,
+            ``keras.ops.gelu``, ``tf.nn.relu``, ...), or a ``tf_jacbp.activations`` object.
 
     Example:
-        >>> layer = tf_jacbp.layers.Activation(keras.activations.hard_silu)
-        >>> layer.jacobian(np.array([-4.0, 0.0, 1.0]))  # diag(f'(z)), f'(z) = (2 z + 3) / 6
+        >>> layer = tf_jacbp.layers.Activation(keras.activations.hard_silu, dtype="float64")
+        >>> np.diag(layer.jacobian(np.array([-4.0, 0.0, 1.0])))  # 0 below -3, (2 z + 3) / 6
+        array([0.        , 0.5       , 0.83333333])
     """
 
     def __init__(self, activation: Any, **kwargs: Any):
