@@ -9,9 +9,14 @@ import tensorflow as tf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tf_jacbp import tolerances
+import tf_jacbp
+from tf_jacbp import jacobian, tolerances
+from tf_jacbp.layers.dense import Dense
+from tf_jacbp.layers.global_pooling import GlobalMaxPooling1D
+from tf_jacbp.layers.pooling import AveragePooling1D, MaxPooling1D, MaxPooling2D
 from tf_jacbp.layers.reshaping import Reshape, UpSampling2D, ZeroPadding2D
 from tf_jacbp.testing import check_layer as run_layer_test
+from tf_jacbp.testing import half_squared_error
 
 RTOL64 = tolerances.rtol("float64")
 
@@ -206,3 +211,45 @@ def test_configuration_and_attributes_as_the_stock_layer(name, kwargs):
             assert config[key] == value, key
             assert getattr(ours, key) == getattr(stock, key), key
     assert type(ours).from_config(config).get_config() == config
+
+
+def test_algorithm_1_through_the_reshaping_and_pooling_layers():
+    """Per-example gradients (each sample against a batch of one) and ``parameter_jacobian``
+    (against ``tape.jacobian``, columns in theta order) through a model that pads, pools,
+    upsamples, reshapes to a sequence, pools it and pools globally."""
+    f64 = {"dtype": "float64"}
+    model = keras.Sequential(
+        [
+            keras.Input((4, 4, 2), dtype="float64"),
+            ZeroPadding2D(((1, 0), (0, 1)), **f64),
+            MaxPooling2D(2, strides=1, **f64),
+            UpSampling2D(2, **f64),
+            Reshape((-1, 2), **f64),
+            MaxPooling1D(3, strides=2, padding="same", **f64),
+            AveragePooling1D(2, **f64),
+            Dense(3, activation="tanh", **f64),
+            GlobalMaxPooling1D(**f64),
+            Dense(2, **f64),
+        ]
+    )
+    rng = np.random.default_rng(7)
+    x, t = tf.constant(rng.normal(size=(3, 4, 4, 2))), tf.constant(rng.normal(size=(3, 2)))
+    rows = jacobian.per_example_gradients(model, x, t, loss=half_squared_error, flatten=False)
+    for i in range(3):
+        with tf.GradientTape() as tape:
+            with tf_jacbp.reference_mode():
+                loss = tf.reduce_sum(half_squared_error(t[i : i + 1], model(x[i : i + 1])))
+        for row, g in zip(rows, tape.gradient(loss, model.trainable_variables), strict=True):
+            assert tolerances.relative_error(row[i], g) <= RTOL64
+    with tf.GradientTape() as tape:
+        with tf_jacbp.reference_mode():
+            y = model(x[:1])[0]
+    columns = []
+    jacobians = tape.jacobian(y, model.trainable_variables)
+    for v, j in zip(model.trainable_variables, jacobians, strict=True):
+        axes = [0, *range(len(v.shape), 0, -1)]  # Vec: column-major over the variable
+        columns.append(np.transpose(np.asarray(j), axes).reshape(y.shape[0], -1))
+    expected = np.concatenate(columns, axis=1)
+    assert tolerances.relative_error(jacobian.parameter_jacobian(model, x[:1])[0], expected) <= (
+        RTOL64
+    )
