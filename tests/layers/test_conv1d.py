@@ -22,9 +22,18 @@ RTOL64 = tolerances.rtol("float64")
     "input_shape, kwargs",
     [
         ((7, 2), {"filters": 3, "kernel_size": 3, "padding": "same", "activation": "relu"}),
-        ((8, 2), {"filters": 2, "kernel_size": 3, "padding": "causal", "dilation_rate": 2}),
+        (
+            (8, 3),
+            {
+                "filters": 2,
+                "kernel_size": 3,
+                "padding": "causal",
+                "dilation_rate": 2,
+                "use_bias": False,
+                "activation": "tanh",
+            },
+        ),
         ((9, 1), {"filters": 2, "kernel_size": 2, "strides": 2, "bias": "untied"}),
-        ((6, 3), {"filters": 2, "kernel_size": 4, "use_bias": False, "activation": "tanh"}),
     ],
 )
 def test_conv1d_every_mode(input_shape, kwargs, tmp_path):
