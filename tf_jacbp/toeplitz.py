@@ -90,7 +90,9 @@ _budget_bytes: int | None = None
 def set_budget_bytes(budget: int | None) -> None:
     """Set the process-wide Toeplitz memory budget in bytes; ``None`` restores the default.
 
-    Layers read it when they are built; a ``Conv2D(toeplitz_budget_bytes=...)`` overrides it.
+    Layers read it when they are built; a ``Conv2D(toeplitz_budget_bytes=...)`` overrides it. The
+    guard runs for each input size a layer builds ``T(K)`` for (at build, or at the first call
+    with that size for inputs of varying size).
     """
     global _budget_bytes
     if budget is not None:

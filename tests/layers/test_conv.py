@@ -421,6 +421,31 @@ def test_variable_size_traces_again_in_a_tf_function_and_refuses_unknown_sizes()
         unknown.get_concrete_function()
 
 
+def test_variable_size_guards_each_size_when_it_is_seen():
+    """On inputs of varying size the memory guard runs per size at its first call: a size whose
+    dense step fits stays dense, a larger one goes sparse with the warning (and the layer stops
+    claiming XLA support), one over even the sparse budget is the guard's error."""
+    kwargs = {"filters": 3, "kernel_size": 3, "padding": "same", "dtype": "float64"}
+    budget = toeplitz.conv_index((3, 3, 2, 3), (32, 32, 2), padding="same").step_bytes(
+        "float64", sparse=True
+    )
+    layer = Conv2D(toeplitz_budget_bytes=budget, **kwargs)
+    layer.build((None, None, None, 2))
+    reference = Conv2D(**kwargs)
+    reference.build((None, None, None, 2))
+    reference.set_weights(layer.get_weights())
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 2))
+    assert tolerances.relative_error(layer(x), reference(x)) <= tolerances.rtol("float64")
+    assert not layer.toeplitz_index(x.shape)[1] and layer.supports_jit
+    x = np.random.default_rng(1).normal(size=(2, 32, 32, 2))
+    with pytest.warns(UserWarning, match="sparse T"):
+        y = layer(x)
+    assert tolerances.relative_error(y, reference(x)) <= tolerances.rtol("float64")
+    assert layer.toeplitz_index(x.shape)[1] and not layer.supports_jit
+    with pytest.raises(ValueError, match="toeplitz_budget_bytes"):
+        layer(np.zeros((1, 64, 64, 2)))
+
+
 def test_variable_size_checks_each_size_when_it_is_seen():
     layer = Conv2D(2, 5, dtype="float64")
     layer.build((None, None, None, 1))
