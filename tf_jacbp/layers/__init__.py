@@ -14,32 +14,63 @@ from tf_jacbp.layers.activation import (
 )
 from tf_jacbp.layers.base import JacobianLayer, route
 from tf_jacbp.layers.conv import Conv2D
+from tf_jacbp.layers.conv1d import Conv1D
+from tf_jacbp.layers.conv_transpose import Conv2DTranspose
 from tf_jacbp.layers.dense import Dense
 from tf_jacbp.layers.dropout import Dropout
+from tf_jacbp.layers.embedding import Embedding
 from tf_jacbp.layers.flatten import Flatten
-from tf_jacbp.layers.merge import Add
+from tf_jacbp.layers.global_pooling import (
+    GlobalAveragePooling1D,
+    GlobalAveragePooling2D,
+    GlobalMaxPooling1D,
+    GlobalMaxPooling2D,
+)
+from tf_jacbp.layers.layer_norm import LayerNormalization
+from tf_jacbp.layers.merge import Add, Concatenate, Multiply
 from tf_jacbp.layers.normalization import BatchNormalization
-from tf_jacbp.layers.pooling import AveragePooling2D, MaxPooling2D
+from tf_jacbp.layers.pooling import (
+    AveragePooling1D,
+    AveragePooling2D,
+    MaxPooling1D,
+    MaxPooling2D,
+)
+from tf_jacbp.layers.reshaping import Reshape, UpSampling2D, ZeroPadding2D
 
 __all__ = [
+    "Activation",
     "Add",
+    "AveragePooling1D",
     "AveragePooling2D",
     "BatchNormalization",
+    "Concatenate",
+    "Conv1D",
     "Conv2D",
-    "ELU",
-    "Flatten",
-    "MaxPooling2D",
-    "GELU",
-    "Activation",
+    "Conv2DTranspose",
     "Dense",
     "Dropout",
+    "ELU",
+    "Embedding",
+    "Flatten",
+    "GELU",
+    "GlobalAveragePooling1D",
+    "GlobalAveragePooling2D",
+    "GlobalMaxPooling1D",
+    "GlobalMaxPooling2D",
     "JacobianLayer",
+    "LayerNormalization",
     "LeakyReLU",
+    "MaxPooling1D",
+    "MaxPooling2D",
+    "Multiply",
     "ReLU",
+    "Reshape",
     "Sigmoid",
     "Softmax",
     "Softplus",
     "Swish",
     "Tanh",
+    "UpSampling2D",
+    "ZeroPadding2D",
     "route",
 ]
