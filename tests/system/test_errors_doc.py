@@ -48,8 +48,8 @@ def _kernel_larger_than_input():
     keras.Sequential([keras.Input((3, 3, 1)), layers.Conv2D(1, 5, name="conv2d")])
 
 
-def _dense_on_images():
-    keras.Sequential([keras.Input((28, 28, 1)), layers.Dense(3, name="dense")])
+def _dense_without_batch_axis():
+    layers.Dense(3, name="dense")(np.ones(4, "float32"))
 
 
 def _conv_on_vectors():
@@ -262,7 +262,7 @@ CASES: list[tuple[str, Callable, type[Exception]]] = [
     ("units <= 0", _dense_units, ValueError),
     ("filters <= 0", _conv_filters, ValueError),
     ("kernel larger than a valid input", _kernel_larger_than_input, ValueError),
-    ("4-D input into Dense", _dense_on_images, ValueError),
+    ("1-D input (no batch axis) into Dense", _dense_without_batch_axis, ValueError),
     ("2-D input into Conv2D", _conv_on_vectors, ValueError),
     ("unknown activation", _unknown_activation, ValueError),
     ("unknown padding", _unknown_padding, ValueError),
