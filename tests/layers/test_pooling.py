@@ -41,7 +41,7 @@ POOLS = [
     (AveragePooling1D, (5, 1), {"pool_size": 2, "strides": 1, "padding": "same"}),
 ]
 # The harness runs every mode (about 5-10 s each): one configuration per route of each class.
-EVERY_MODE = [POOLS[i] for i in (1, 3, 4, 6, 7, 9)]
+EVERY_MODE = [POOLS[i] for i in (1, 3, 4, 7, 9)]
 GLOBALS = [
     (GlobalAveragePooling2D, (4, 5, 3), {}),
     (GlobalMaxPooling2D, (4, 5, 3), {"keepdims": True}),

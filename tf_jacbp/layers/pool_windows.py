@@ -90,11 +90,11 @@ class WindowMaps:
         return tf.reshape(tf.reduce_sum(gathered, axis=2), tf.shape(x))
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
 def window_maps(
     height: int, width: int, pool_size: tuple, strides: tuple, padding: str
 ) -> WindowMaps:
-    """``WindowMaps`` for one image size and configuration, cached (64 configurations)."""
+    """``WindowMaps`` for one image size and configuration, cached (the 16 most recent)."""
     return WindowMaps(height, width, pool_size, strides, padding)
 
 
