@@ -49,6 +49,7 @@ from planted import (
 
 from tf_jacbp import layers
 from tf_jacbp.callbacks import GradientCheck, GradientMismatchError
+from tf_jacbp.layers import global_pooling, pooling, reshaping
 from tf_jacbp.testing import check_layer as run_layer_test
 
 
@@ -61,6 +62,33 @@ def image_model(middle: keras.layers.Layer | None, flatten: keras.layers.Layer |
     stack += [middle] if middle is not None else []
     stack += [flatten or layers.Flatten(), layers.Dense(3, name="last")]
     return keras.Sequential(stack)
+
+
+def sequence_model(middle: keras.layers.Layer):
+    """``Input(6, 2) -> Dense(3, tanh) "first" -> middle -> Flatten -> Dense(3)``."""
+    return keras.Sequential(
+        [
+            keras.Input((6, 2)),
+            layers.Dense(3, activation="tanh", name="first"),
+            middle,
+            layers.Flatten(),
+            layers.Dense(3, name="last"),
+        ]
+    )
+
+
+def embedding_model(cls):
+    """``Input(6) ids -> Embedding(10, 4) "middle" -> Dense(4, tanh) "first" -> Flatten ->
+    Dense(3)``: the embeddings get the planted gradient."""
+    return keras.Sequential(
+        [
+            keras.Input((6,), dtype="int32"),
+            cls(10, 4, name="middle"),
+            layers.Dense(4, activation="tanh", name="first"),
+            layers.Flatten(),
+            layers.Dense(3, name="last"),
+        ]
+    )
 
 
 def frozen_batchnorm(cls):
@@ -107,6 +135,69 @@ CASES = {
         "dx",
         "first/kernel",
     ),
+    "MaxPooling1D": (
+        lambda c: sequence_model(c(3, strides=2, padding="same", name="middle")),
+        pooling.MaxPooling1D,
+        "backward",
+        "dx",
+        "first/kernel",
+    ),
+    "AveragePooling1D": (
+        lambda c: sequence_model(c(2, name="middle")),
+        pooling.AveragePooling1D,
+        "backward",
+        "dx",
+        "first/kernel",
+    ),
+    "GlobalMaxPooling1D": (
+        lambda c: sequence_model(c(keepdims=True, name="middle")),
+        global_pooling.GlobalMaxPooling1D,
+        "backward",
+        "dx",
+        "first/kernel",
+    ),
+    "GlobalAveragePooling1D": (
+        lambda c: sequence_model(c(name="middle")),
+        global_pooling.GlobalAveragePooling1D,
+        "backward",
+        "dx",
+        "first/kernel",
+    ),
+    "GlobalMaxPooling2D": (
+        lambda c: image_model(c(name="middle")),
+        global_pooling.GlobalMaxPooling2D,
+        "backward",
+        "dx",
+        "first/kernel",
+    ),
+    "GlobalAveragePooling2D": (
+        lambda c: image_model(c(name="middle")),
+        global_pooling.GlobalAveragePooling2D,
+        "backward",
+        "dx",
+        "first/kernel",
+    ),
+    "UpSampling2D": (
+        lambda c: image_model(c((2, 1), name="middle")),
+        reshaping.UpSampling2D,
+        "backward",
+        "dx",
+        "first/kernel",
+    ),
+    "ZeroPadding2D": (
+        lambda c: image_model(c(((1, 0), (2, 1)), name="middle")),
+        reshaping.ZeroPadding2D,
+        "backward",
+        "dx",
+        "first/kernel",
+    ),
+    "Reshape": (
+        lambda c: image_model(c((-1, 2), name="middle")),
+        reshaping.Reshape,
+        "backward",
+        "dx",
+        "first/kernel",
+    ),
     "BatchNormalization (training)": (
         lambda c: mlp(c(name="middle")),
         layers.BatchNormalization,
@@ -141,6 +232,27 @@ CASES = {
         "backward",
         "dx",
         "first/kernel",
+    ),
+    "Multiply": (
+        lambda c: residual(c(name="middle_add")),
+        layers.Multiply,
+        "backward",
+        "dx",
+        "first/kernel",
+    ),
+    "Concatenate": (
+        lambda c: residual(c(name="middle_add")),
+        layers.Concatenate,
+        "backward",
+        "dx",
+        "first/kernel",
+    ),
+    "Embedding": (
+        embedding_model,
+        layers.Embedding,
+        "backward",
+        "param",
+        "middle/embeddings",
     ),
     "Activation": (
         lambda c: mlp(c("tanh", name="middle")),
@@ -184,7 +296,11 @@ def test_every_public_layer_class_has_a_case():
 
 def data(model, n, seed):
     rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, *model.inputs[0].shape[1:])).astype("float32")
+    shape = (n, *model.inputs[0].shape[1:])
+    if "int" in model.inputs[0].dtype:  # ids for an Embedding
+        x = rng.integers(0, 10, size=shape).astype("int32")
+    else:
+        x = rng.normal(size=shape).astype("float32")
     return x, rng.normal(size=(n, 3)).astype("float32")
 
 

@@ -45,7 +45,9 @@ def forward(
 
     ``x`` is checked against the model's input shape (``check_x``; errors name ``owner``)."""
     nodes, input_key, output_key = graph(model)
-    values = {input_key: check_x(model, x, nodes[0].layer.compute_dtype, owner)}
+    first = nodes[0].layer  # integer ids stay integers (float16 holds them only up to 2048)
+    dtype = None if getattr(first, "takes_integer_ids", False) else first.compute_dtype
+    values = {input_key: check_x(model, x, dtype, owner)}
     records, calls = [], collections.Counter()
     for node in nodes:
         call, calls[id(node.layer)] = calls[id(node.layer)], calls[id(node.layer)] + 1
