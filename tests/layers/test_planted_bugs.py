@@ -114,6 +114,20 @@ CASES = {
         "param",
         "middle/kernel",
     ),
+    "Conv1D": (
+        lambda c: sequence_model(c(2, 3, padding="same", activation="relu", name="middle")),
+        layers.Conv1D,
+        "backward",
+        "param",
+        "middle/kernel",
+    ),
+    "LayerNormalization": (
+        lambda c: mlp(c(name="middle")),
+        layers.LayerNormalization,
+        "backward",
+        "param",
+        "middle/gamma",
+    ),
     "Conv2DTranspose": (
         lambda c: image_model(c(2, 3, strides=2, padding="same", activation="relu", name="middle")),
         layers.Conv2DTranspose,
