@@ -115,9 +115,8 @@ def test_lora_and_quantization_are_refused_by_name(kwargs, match):
 @pytest.mark.parametrize(
     "input_shape, kwargs",
     [
-        ((3, 5), {"activation": "tanh"}),
-        ((3, 5), {"activation": "softmax", "use_bias": False}),
-        ((2, 3, 4), {"activation": "gelu", "kernel_regularizer": "l2"}),
+        ((3, 5), {"activation": "softmax", "kernel_regularizer": "l2"}),
+        ((2, 3, 4), {"activation": "gelu", "use_bias": False}),
     ],
 )
 def test_dense_on_positions_every_mode(input_shape, kwargs, tmp_path):

@@ -107,9 +107,9 @@ def test_gated_block_passes_the_harness(tmp_path):
     run_layer_test(gated_block, (4,), tmp_dir=str(tmp_path))
 
 
-@pytest.mark.parametrize("axis", [-1, 1])
-def test_concat_block_passes_the_harness(axis, tmp_path):
-    run_layer_test(lambda dtype: concat_block(dtype, axis), (3, 2), tmp_dir=str(tmp_path))
+def test_concat_block_passes_the_harness(tmp_path):
+    """Along the positions (axis 1); the last axis is checked by the tests below."""
+    run_layer_test(lambda dtype: concat_block(dtype, 1), (3, 2), tmp_dir=str(tmp_path))
 
 
 def _stock_twin_results(ours, stock, xs, seed):
