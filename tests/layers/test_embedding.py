@@ -285,3 +285,16 @@ def test_input_length_warns_and_is_ignored_as_keras_does():
 def test_ragged_ids_are_refused_with_the_conversion():
     with pytest.raises(TypeError, match="to_tensor"):
         Embedding(V, D)(tf.ragged.constant([[1, 2], [3]]))
+
+
+def test_large_ids_survive_the_jacobian_walk_under_mixed_float16():
+    """float16 holds integers exactly only up to 2048: the walk must not cast the ids (it cast
+    them to the first layer's compute dtype, and id 4097 became 4096)."""
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        model = keras.Sequential([keras.Input((2,), dtype="int32"), Embedding(4100, 1)])
+    finally:
+        keras.config.set_dtype_policy("float32")
+    x, t = np.array([[4097, 5]], "int32"), np.zeros((1, 2, 1), "float32")
+    (rows,) = jacobian.per_example_gradients(model, x, t, loss=half_squared_error, flatten=False)
+    np.testing.assert_array_equal(np.flatnonzero(np.asarray(rows[0, :, 0])), [5, 4097])
