@@ -319,3 +319,14 @@ def test_changed_feature_count_after_build_is_an_error():
     layer(np.zeros((1, 4), "float32"))
     with pytest.raises(ValueError, match="expected axis -1 of input shape to have value 4"):
         layer(np.zeros((1, 5), "float32"))
+
+
+def test_keras_activation_callable_set_after_construction_maps_to_ours():
+    layer = Dense(2, dtype="float64")
+    layer.activation = keras.activations.relu
+    assert layer.activation.name == "relu"
+    x = tf.constant([[-1.0, 2.0, 0.5]], "float64")
+    np.testing.assert_array_equal(layer(x), tf.nn.relu(x @ layer.kernel + layer.bias))
+    with pytest.raises(ValueError, match="Unknown activation=<function"):
+        layer.activation = lambda z: z
+    assert layer.activation.name == "relu"  # unchanged
