@@ -156,7 +156,100 @@ class IndexTensors:
         return cache[name]
 
 
-class ConvIndex:
+class ToeplitzProducts:
+    """The products with ``T(K)`` and the patch matrix, written once for any source of the index
+    maps: ``ConvIndex`` (NumPy, computed once per size) and
+    ``tf_jacbp.toeplitz_dynamic.DynamicConvIndex`` (TensorFlow ops, for a size known only when a
+    traced graph runs).
+
+    A subclass sets ``input_shape`` ``(H, W, C)``, ``kernel_shape`` ``(kh, kw, C, F)``,
+    ``output_shape`` ``(H_out, W_out, F)`` and ``shape`` ``(R, N)`` (sizes that are ints, or
+    int32 scalar tensors), and ``index_map(name)`` returning the int32 map ``name`` flattened
+    as documented at ``ConvIndex.block_index``, ``patch_index`` and ``stored_patch_index``:
+    ``kernel_rows`` and ``block_rows`` flattened, the patch maps ``(M, P)`` and ``(M + 1, P)``.
+    """
+
+    input_shape: tuple
+    kernel_shape: tuple[int, int, int, int]
+    output_shape: tuple
+    shape: tuple
+
+    def index_map(self, name: str) -> tf.Tensor:
+        """The int32 index map ``name`` (``kernel_rows``, ``block_rows``, ``patch_index`` or
+        ``stored_patch_index``)."""
+        raise NotImplementedError
+
+    def _kernel_matrix(self, kernel: tf.Tensor) -> tf.Tensor:
+        """``(M + 1, F)``: ``K`` reshaped to ``(kh kw C, F)`` (row ``(p, q, c)`` holds
+        ``K[p, q, c, :]``, no copy) and a zero row appended."""
+        filters = self.kernel_shape[3]
+        rows = tf.reshape(kernel, [-1, filters])
+        return tf.concat([rows, tf.zeros([1, filters], kernel.dtype)], axis=0)
+
+    def transpose_matrix(self, kernel: tf.Tensor) -> tf.Tensor:
+        """``T(K)^T`` ``(N, R)``, dense, built by two row gathers from ``K`` (``block_index``).
+
+        First the one-dimensional Toeplitz blocks ``B[p, c, j'] = (K[p, q(j', j), c, f])_{j, f}``
+        (zero where ``q`` is no tap), ``(kh C W + 1, W_out F)`` ending with a zero row; then
+        ``T^T[(i', j', c), (i, j, f)] = B[p(i', i), c, j'][(j, f)]``.
+        """
+        _, width, channels = self.input_shape
+        kh = self.kernel_shape[0]
+        _, w_out, filters = self.output_shape
+        blocks = tf.reshape(
+            tf.gather(self._kernel_matrix(kernel), self.index_map("kernel_rows")),
+            [kh * channels * width + 1, w_out * filters],
+        )
+        block_rows = self.index_map("block_rows")
+        return tf.reshape(tf.gather(blocks, block_rows), [self.shape[1], self.shape[0]])
+
+    def matrix(self, kernel: tf.Tensor) -> tf.Tensor:
+        """``T(K)`` ``(R, N)``, dense: the transpose of ``transpose_matrix``."""
+        return tf.transpose(self.transpose_matrix(kernel))
+
+    def patches(self, x: tf.Tensor) -> tf.Tensor:
+        """The patch matrices of a batch, transposed: ``(batch, H, W, C)`` -> ``(M, P * batch)``.
+
+        Column ``(i, j, b)`` holds the patch that output position ``(i, j)`` of sample ``b`` reads,
+        its rows in ``Vec`` order within a filter (``patch_index``); padding reads zeros. For one
+        sample this is ``X_patch^T`` with ``J_{Vec(K)} (T(K) vec(x)) = I_F (x) X_patch`` (Lemma 3).
+        """
+        columns = tf.transpose(tf.reshape(x, [-1, self.shape[1]]))  # (N, batch)
+        columns = tf.concat([columns, tf.zeros_like(columns[:1])], axis=0)
+        patches = tf.gather(columns, self.index_map("patch_index"))  # (M, P, batch)
+        return tf.reshape(patches, [tf.shape(patches)[0], -1])
+
+    def kernel_gradient(
+        self, x: tf.Tensor, delta: tf.Tensor, tied_bias: bool = False
+    ) -> tf.Tensor | tuple[tf.Tensor, tf.Tensor]:
+        """``dK = sum_b (J_{Vec(K)} T(K) vec(x_b))^T delta_b``, shaped like ``K``; with
+        ``tied_bias`` also ``db = sum_b (J_b z_b)^T delta_b``, returned as ``(dK, db)``.
+
+        ``x`` ``(batch, H, W, C)``, ``delta`` ``(batch, H_out, W_out, F)``. Per sample the Jacobian
+        is ``I_F (x) X_patch``, so its transpose times ``delta`` is ``Vec(X_patch^T Delta)`` with
+        ``Delta`` ``(P, F)``: one matmul ``(M, P batch) x (P batch, F)`` for the whole batch. The
+        patch matrix is gathered with its columns in ``K``'s storage order (``stored_patch_index``,
+        a fixed permutation of the ``Vec`` order of ``patches``), so that the ``(M, F)`` product is
+        ``dK`` reshaped, with no transposes. The tied bias' Jacobian ``J_b z = I_F`` stacked ``P``
+        times is the patch of the constant 1: the patch matrix carries that row (``[X_patch | 1]``,
+        one index map for both cases) and the same product's last row is ``db`` (``Delta`` summed
+        over positions and samples), returned with ``tied_bias`` and dropped otherwise.
+        """
+        positions, filters = self.output_shape[0] * self.output_shape[1], self.kernel_shape[3]
+        columns = tf.transpose(tf.reshape(x, [-1, self.shape[1]]))  # (N, batch)
+        one_and_zero = tf.broadcast_to(tf.constant([[1], [0]], x.dtype), [2, tf.shape(x)[0]])
+        columns = tf.concat([columns, one_and_zero], axis=0)  # rows N (ones) and N + 1 (zeros)
+        index = self.index_map("stored_patch_index")
+        patches = tf.reshape(tf.gather(columns, index), [index.shape[0], -1])  # (M + 1, P batch)
+        delta = tf.reshape(delta, [-1, positions, filters])
+        delta = tf.reshape(tf.transpose(delta, [1, 0, 2]), [-1, filters])  # (P batch, F)
+        gradient = tf.matmul(patches, delta)  # (M + 1, F): row (p, q, c) is dK[p, q, c, :]
+        m = index.shape[0] - 1
+        kernel_gradient = tf.reshape(gradient[:m], self.kernel_shape)
+        return (kernel_gradient, gradient[m]) if tied_bias else kernel_gradient
+
+
+class ConvIndex(ToeplitzProducts):
     """The index maps of ``T(K)`` for one configuration, computed once in NumPy.
 
     Build it with ``conv_index`` (validated and cached), not directly. Shapes: input
@@ -347,34 +440,6 @@ class ConvIndex:
             indices=lambda: self._sparse_arrays[0], positions=lambda: self._sparse_arrays[1]
         )
 
-    def _kernel_matrix(self, kernel: tf.Tensor) -> tf.Tensor:
-        """``(M + 1, F)``: ``K`` reshaped to ``(kh kw C, F)`` (row ``(p, q, c)`` holds
-        ``K[p, q, c, :]``, no copy) and a zero row appended."""
-        filters = self.kernel_shape[3]
-        rows = tf.reshape(kernel, [-1, filters])
-        return tf.concat([rows, tf.zeros([1, filters], kernel.dtype)], axis=0)
-
-    def transpose_matrix(self, kernel: tf.Tensor) -> tf.Tensor:
-        """``T(K)^T`` ``(N, R)``, dense, built by two row gathers from ``K`` (``block_index``).
-
-        First the one-dimensional Toeplitz blocks ``B[p, c, j'] = (K[p, q(j', j), c, f])_{j, f}``
-        (zero where ``q`` is no tap), ``(kh C W + 1, W_out F)`` ending with a zero row; then
-        ``T^T[(i', j', c), (i, j, f)] = B[p(i', i), c, j'][(j, f)]``.
-        """
-        _, width, channels = self.input_shape
-        kh = self.kernel_shape[0]
-        _, w_out, filters = self.output_shape
-        t = self._tensors
-        blocks = tf.reshape(
-            tf.gather(self._kernel_matrix(kernel), t["kernel_rows"]),
-            [kh * channels * width + 1, w_out * filters],
-        )
-        return tf.reshape(tf.gather(blocks, t["block_rows"]), [self.shape[1], self.shape[0]])
-
-    def matrix(self, kernel: tf.Tensor) -> tf.Tensor:
-        """``T(K)`` ``(R, N)``, dense: the transpose of ``transpose_matrix``."""
-        return tf.transpose(self.transpose_matrix(kernel))
-
     def sparse_matrix(self, kernel: tf.Tensor) -> tf.SparseTensor:
         """``T(K)`` ``(R, N)`` as a ``tf.SparseTensor`` of its ``nnz`` structural nonzeros.
 
@@ -384,46 +449,9 @@ class ConvIndex:
         values = tf.gather(vec_parameter(kernel), t["positions"])
         return tf.SparseTensor(t["indices"], values, self.shape)
 
-    def patches(self, x: tf.Tensor) -> tf.Tensor:
-        """The patch matrices of a batch, transposed: ``(batch, H, W, C)`` -> ``(M, P * batch)``.
-
-        Column ``(i, j, b)`` holds the patch that output position ``(i, j)`` of sample ``b`` reads,
-        its rows in ``Vec`` order within a filter (``patch_index``); padding reads zeros. For one
-        sample this is ``X_patch^T`` with ``J_{Vec(K)} (T(K) vec(x)) = I_F (x) X_patch`` (Lemma 3).
-        """
-        columns = tf.transpose(tf.reshape(x, [-1, self.shape[1]]))  # (N, batch)
-        columns = tf.concat([columns, tf.zeros_like(columns[:1])], axis=0)
-        patches = tf.gather(columns, self._tensors["patch_index"])  # (M, P, batch)
-        return tf.reshape(patches, [tf.shape(patches)[0], -1])
-
-    def kernel_gradient(
-        self, x: tf.Tensor, delta: tf.Tensor, tied_bias: bool = False
-    ) -> tf.Tensor | tuple[tf.Tensor, tf.Tensor]:
-        """``dK = sum_b (J_{Vec(K)} T(K) vec(x_b))^T delta_b``, shaped like ``K``; with
-        ``tied_bias`` also ``db = sum_b (J_b z_b)^T delta_b``, returned as ``(dK, db)``.
-
-        ``x`` ``(batch, H, W, C)``, ``delta`` ``(batch, H_out, W_out, F)``. Per sample the Jacobian
-        is ``I_F (x) X_patch``, so its transpose times ``delta`` is ``Vec(X_patch^T Delta)`` with
-        ``Delta`` ``(P, F)``: one matmul ``(M, P batch) x (P batch, F)`` for the whole batch. The
-        patch matrix is gathered with its columns in ``K``'s storage order (``stored_patch_index``,
-        a fixed permutation of the ``Vec`` order of ``patches``), so that the ``(M, F)`` product is
-        ``dK`` reshaped, with no transposes. The tied bias' Jacobian ``J_b z = I_F`` stacked ``P``
-        times is the patch of the constant 1: the patch matrix carries that row (``[X_patch | 1]``,
-        one index map for both cases) and the same product's last row is ``db`` (``Delta`` summed
-        over positions and samples), returned with ``tied_bias`` and dropped otherwise.
-        """
-        positions, filters = self.output_shape[0] * self.output_shape[1], self.kernel_shape[3]
-        columns = tf.transpose(tf.reshape(x, [-1, self.shape[1]]))  # (N, batch)
-        one_and_zero = tf.broadcast_to(tf.constant([[1], [0]], x.dtype), [2, tf.shape(x)[0]])
-        columns = tf.concat([columns, one_and_zero], axis=0)  # rows N (ones) and N + 1 (zeros)
-        index = self._tensors["stored_patch_index"]
-        patches = tf.reshape(tf.gather(columns, index), [index.shape[0], -1])  # (M + 1, P batch)
-        delta = tf.reshape(delta, [-1, positions, filters])
-        delta = tf.reshape(tf.transpose(delta, [1, 0, 2]), [-1, filters])  # (P batch, F)
-        gradient = tf.matmul(patches, delta)  # (M + 1, F): row (p, q, c) is dK[p, q, c, :]
-        m = index.shape[0] - 1
-        kernel_gradient = tf.reshape(gradient[:m], self.kernel_shape)
-        return (kernel_gradient, gradient[m]) if tied_bias else kernel_gradient
+    def index_map(self, name: str) -> tf.Tensor:
+        """The index map ``name`` as an int32 tensor (``IndexTensors``: a graph constant)."""
+        return self._tensors[name]
 
 
 def validate(

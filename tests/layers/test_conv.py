@@ -368,57 +368,163 @@ def _reference_gradients(model, x, y):
     return tape.gradient(loss, model.trainable_variables)
 
 
-def test_variable_image_size_fits_two_sizes_with_the_reference_gradients():
-    """A model on ``keras.Input((None, None, 1))`` builds ``T(K)`` per size: ``fit`` on 6 x 7 and
-    then on 9 x 5 images applies, at each size, the reference route's gradient (one SGD step with
-    learning rate 1: the update is the gradient). Keras relaxes its compiled step to unknown
-    sizes on the second size, which the layer refuses with the fix; after the fix it traces the
-    new size."""
-    model = _variable_size_model()
+class _UpdatesMatchReference(keras.callbacks.Callback):
+    """With ``SGD(1.0)`` a step's update is the gradient at the weights before it: at each batch
+    of ``batches`` compare it with the reference route's gradient (mean squared error)."""
+
+    def __init__(self, batches):
+        super().__init__()
+        self.batches, self.errors = batches, []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        x, y = self.batches[batch]
+        self.expected = _reference_gradients(self.model, x, y)
+        self.before = [v.numpy() for v in self.model.trainable_variables]
+
+    def on_train_batch_end(self, batch, logs=None):
+        after = self.model.trainable_variables
+        self.errors.append(
+            max(
+                tolerances.relative_error(b - v.numpy(), g)
+                for b, v, g in zip(self.before, after, self.expected, strict=True)
+            )
+        )
+
+
+def _batches(model, sizes, channels, seed):
+    """One batch of 3 per spatial size; float32 values (fit may hand float64 over as float32)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for size in sizes:
+        x = rng.normal(size=(3, *size, channels)).astype("float32").astype("float64")
+        y = rng.normal(size=model.compute_output_shape(x.shape)).astype("float32")
+        out.append((x, y.astype("float64")))
+    return out
+
+
+def _dataset(batches):
+    """The batches as a dataset whose spatial sizes are unknown: fit traces its step once."""
+    shapes = [(None,) * len(part.shape[:-1]) + part.shape[-1:] for part in batches[0]]
+    return tf.data.Dataset.from_generator(
+        lambda: iter(batches),
+        output_signature=tuple(tf.TensorSpec(s, "float64") for s in shapes),
+    )
+
+
+def _compiled_sgd(model):
     model.compile(
         optimizer=keras.optimizers.SGD(1.0), loss=keras.losses.MeanSquaredError(dtype="float64")
     )
-    rng = np.random.default_rng(0)
-    for step, (height, width) in enumerate([(6, 7), (9, 5)]):
-        # fit's data adapter hands float64 arrays over as float32: draw float32 values
-        x = rng.normal(size=(4, height, width, 1)).astype("float32").astype("float64")
-        y = rng.normal(size=model.compute_output_shape(x.shape)).astype("float32")
-        if step:
-            with pytest.raises(ValueError, match=r"make_train_function\(force=True\)"):
-                model.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False)
-            model.make_train_function(force=True)
-        expected = _reference_gradients(model, x, y)
-        before = [v.numpy() for v in model.trainable_variables]
-        model.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False)
-        for b, v, g in zip(before, model.trainable_variables, expected, strict=True):
-            assert tolerances.relative_error(b - v.numpy(), g) <= tolerances.rtol("float64")
+    return model
+
+
+def test_variable_image_size_fits_three_sizes_with_the_reference_gradients():
+    """A model on ``keras.Input((None, None, 1))``: ``fit`` on 6 x 7, then 9 x 5, 4 x 4 and 6 x 7
+    images (no ``make_train_function``) applies at each step the reference route's gradient. The
+    first size is traced static (its NumPy maps cached); Keras then relaxes its step to unknown
+    sizes, served by the maps computed when the graph runs, so no other size is cached."""
+    model = _compiled_sgd(_variable_size_model())
+    batches = _batches(model, [(6, 7), (9, 5), (4, 4), (6, 7)], 1, seed=0)
+    for x, y in batches:
+        check = _UpdatesMatchReference([(x, y)])
+        model.fit(x, y, batch_size=3, epochs=1, verbose=0, shuffle=False, callbacks=[check])
+        assert check.errors[0] <= tolerances.rtol("float64")
     conv = model.layers[0]
-    assert conv.conv_index is None and sorted(conv._indices) == [(6, 7), (9, 5)]
+    assert conv.conv_index is None and sorted(conv._indices) == [(6, 7)]
 
 
-def test_variable_size_traces_again_in_a_tf_function_and_refuses_unknown_sizes():
-    model = _variable_size_model()
-    variables = model.trainable_variables
-    rng = np.random.default_rng(1)
+def test_variable_image_size_fits_a_dataset_of_three_sizes():
+    """One ``fit`` over a dataset whose batches have three sizes (traced once, size unknown):
+    each step's update is the reference route's gradient of its batch."""
+    model = _compiled_sgd(_variable_size_model())
+    batches = _batches(model, [(5, 8), (7, 4), (10, 6)], 1, seed=1)
+    check = _UpdatesMatchReference(batches)
+    model.fit(_dataset(batches), steps_per_epoch=3, verbose=0, shuffle=False, callbacks=[check])
+    assert len(check.errors) == 3 and max(check.errors) <= tolerances.rtol("float64")
+    assert model.layers[0]._indices == {}
 
+
+def _gradients_function(model, jit_compile=False):
     def gradients(x):
         with tf.GradientTape() as tape:
+            tape.watch(x)
             loss = tf.reduce_sum(tf.square(model(x)))
-        return tape.gradient(loss, variables)
+        return tape.gradient(loss, [x, *model.trainable_variables])
 
-    compiled = tf.function(gradients)
-    for size in [(5, 5), (8, 6), (5, 5)]:
+    signature = [tf.TensorSpec((None, None, None, model.input_shape[-1]), "float64")]
+    return gradients, tf.function(gradients, input_signature=signature, jit_compile=jit_compile)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_unknown_size_signature_gives_the_reference_gradients(jit_compile):
+    """A ``tf.function`` traced once for unknown sizes (with XLA too: it compiles per concrete
+    shape) gives the reference route's input and parameter gradients at each size."""
+    model = _variable_size_model()
+    gradients, compiled = _gradients_function(model, jit_compile)
+    rng = np.random.default_rng(1)
+    for size in [(5, 5), (8, 6), (7, 9)]:
         x = tf.constant(rng.normal(size=(2, *size, 1)))
-        with tf.GradientTape() as tape:
-            with tf_jacbp.reference_mode():
-                loss = tf.reduce_sum(tf.square(model(x)))
-        expected = tape.gradient(loss, variables)
+        with tf_jacbp.reference_mode():
+            expected = gradients(x)
         for got, want in zip(compiled(x), expected, strict=True):
             assert tolerances.relative_error(got, want) <= tolerances.rtol("float64")
-    assert compiled.experimental_get_tracing_count() == 2
-    unknown = tf.function(gradients, input_signature=[tf.TensorSpec((None, None, None, 1))])
-    with pytest.raises(ValueError, match=r"static|known when the step is traced"):
-        unknown.get_concrete_function()
+    assert compiled.experimental_get_tracing_count() == 1
+    assert model.layers[0]._indices == {}
+
+
+@pytest.mark.parametrize(
+    "kwargs, size",
+    [
+        ({"filters": 2, "kernel_size": 3, "padding": "same"}, (7, 5)),
+        ({"filters": 3, "kernel_size": (2, 3), "strides": (2, 3)}, (8, 10)),
+        ({"filters": 2, "kernel_size": 2, "strides": 2, "padding": "same"}, (5, 7)),
+        ({"filters": 1, "kernel_size": 3, "dilation_rate": (2, 1), "padding": "same"}, (6, 4)),
+    ],
+)
+def test_dynamic_toeplitz_matrix_equals_the_static_one_exactly(kwargs, size):
+    """``T(K)^T`` and the patch matrices built from maps computed at run time (unknown size when
+    traced) are the static route's, entry for entry: a wrong index anywhere shows."""
+    layer = Conv2D(dtype="float64", **kwargs)
+    layer.build((None, None, None, 2))
+    layer.set_weights([np.random.default_rng(2).normal(size=w.shape) for w in layer.weights])
+    kernel = layer.read_parameters()[0]
+    x = tf.constant(np.random.default_rng(3).normal(size=(2, *size, 2)))
+
+    @tf.function(input_signature=[tf.TensorSpec((None, None, None, 2), "float64")])
+    def dynamic(x):
+        index, sparse = layer.index_for(x)
+        assert not sparse and x.shape[1] is None
+        return index.transpose_matrix(kernel), index.patches(x)
+
+    static, _ = layer.toeplitz_index(x.shape)
+    t, patches = dynamic(x)
+    np.testing.assert_array_equal(t, static.transpose_matrix(kernel))
+    np.testing.assert_array_equal(patches, static.patches(x))
+
+
+def test_unknown_size_memory_guard_runs_when_the_graph_runs():
+    """The budget cannot be checked when tracing an unknown size: a size whose dense ``T`` fits
+    runs, a larger one is an error naming the budget, the setting and the size."""
+    layer = Conv2D(2, 3, padding="same", dtype="float64", toeplitz_budget_bytes=10**6)
+    layer.build((None, None, None, 1))
+    call = tf.function(layer, input_signature=[tf.TensorSpec((None, None, None, 1), "float64")])
+    small = np.random.default_rng(4).normal(size=(1, 10, 10, 1))  # T: 200 x 100 float64
+    reference = layer.reference(small, *layer.read_parameters())
+    assert tolerances.relative_error(call(small), reference) <= tolerances.rtol("float64")
+    with pytest.raises(
+        tf.errors.InvalidArgumentError,
+        match=r"(?s)over the budget of 1000000 bytes.*toeplitz_budget_bytes.*\[3200\] \[1600\]",
+    ):
+        call(np.zeros((1, 40, 40, 1)))  # T: 3200 x 1600 float64, 41 MB
+
+
+def test_unknown_size_checks_the_window_when_the_graph_runs():
+    layer = Conv2D(2, 5, dtype="float64")
+    layer.build((None, None, None, 1))
+    call = tf.function(layer, input_signature=[tf.TensorSpec((None, None, None, 1), "float64")])
+    assert call(np.zeros((1, 6, 5, 1))).shape == (1, 2, 1, 2)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="padding='valid' has no output"):
+        call(np.zeros((1, 6, 4, 1)))
 
 
 def test_variable_size_guards_each_size_when_it_is_seen():

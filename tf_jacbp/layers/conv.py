@@ -40,6 +40,7 @@ from tf_jacbp.layers.base import (
 )
 from tf_jacbp.layers.dense import refuse_unsupported
 from tf_jacbp.layout import unvec_parameter_batch, vec_index
+from tf_jacbp.toeplitz_dynamic import DynamicConvIndex
 
 BIAS_MODES = ("tied", "untied")
 
@@ -175,13 +176,9 @@ class ToeplitzConv(_KernelBiasLayer):
         spatial = tuple(input_shape[1:-1])[-self.rank :]
         if any(n is None for n in spatial):
             raise ValueError(
-                f"{owner}: the Toeplitz route builds T(K) for one spatial size, so it needs the "
-                f"size of each batch known when the step is traced, got input shape "
-                f"{tuple(input_shape)}. Keras' fit relaxes its compiled step to unknown sizes once "
-                "it has seen a second size: call model.make_train_function(force=True) (and "
-                "make_test_function, make_predict_function) before using a new size, fit with "
-                "run_eagerly=True, or call the model in your own tf.function (a new size traces "
-                "again)."
+                f"{owner}: toeplitz_index builds the NumPy index maps of T(K) for one static "
+                f"size, got input shape {tuple(input_shape)}. For a size known only when the "
+                "graph runs, index_for(x) computes the same maps with TensorFlow ops."
             )
         spatial = tuple(int(n) for n in spatial)
         if spatial not in self._indices:
@@ -216,12 +213,38 @@ class ToeplitzConv(_KernelBiasLayer):
             self._indices[spatial] = (index, sparse)
         return self._indices[spatial]
 
+    def index_for(self, x: tf.Tensor) -> tuple[toeplitz.ToeplitzProducts, bool]:
+        """``(index, sparse)`` for the image batch ``x`` ``(batch, H, W, C)``: ``toeplitz_index``
+        when ``H, W`` are static (the guarded, cached NumPy maps), else a
+        ``tf_jacbp.toeplitz_dynamic.DynamicConvIndex`` computing the same maps from
+        ``tf.shape(x)`` when the graph runs (dense ``T``, its memory guard asserted then)."""
+        if None not in tuple(x.shape[1:3]):
+            return self.toeplitz_index(x.shape)
+        kernel_size, strides, dilation = self._image_geometry()
+        index = DynamicConvIndex(
+            tf.shape(x)[1],
+            tf.shape(x)[2],
+            (*kernel_size, self._channels, self.filters),
+            strides,
+            self.padding,
+            dilation,
+            budget=self._budget,
+            owner=f"{type(self).__name__} '{self.name}'",
+            setting=f"{type(self).__name__}(..., toeplitz_budget_bytes=...) or "
+            "tf_jacbp.toeplitz.set_budget_bytes(...)",
+        )
+        return index, False
+
     def build_toeplitz(
-        self, kernel: tf.Tensor, input_shape: tuple | None = None
+        self, kernel: tf.Tensor, input_shape: tuple | tf.Tensor | None = None
     ) -> tf.Tensor | tf.SparseTensor:
         """``T(K)^T`` ``(N, R)`` dense, or ``T(K)`` ``(R, N)`` sparse over the memory budget, for
-        inputs of shape ``input_shape`` (``toeplitz_index``; default: the size built for)."""
-        index, sparse = self._index_or_built(input_shape)
+        inputs of shape ``input_shape`` (``toeplitz_index``; default: the size built for), or for
+        the image batch given instead (``index_for``: any size, known or not when traced)."""
+        if isinstance(input_shape, tf.Tensor):
+            index, sparse = self.index_for(input_shape)
+        else:
+            index, sparse = self._index_or_built(input_shape)
         return index.sparse_matrix(kernel) if sparse else index.transpose_matrix(kernel)
 
     def _index_or_built(self, input_shape: tuple | None) -> tuple[toeplitz.ConvIndex, bool]:
@@ -239,9 +262,9 @@ class ToeplitzConv(_KernelBiasLayer):
     ) -> tf.Tensor:
         """``Z = X T(K)^T + b``: ``(batch, H, W, C)`` -> ``(batch, H_out, W_out, F)``.
 
-        ``t`` is ``build_toeplitz(kernel, x.shape)``.
+        ``t`` is ``build_toeplitz(kernel, x)``.
         """
-        index, _ = self.toeplitz_index(x.shape)
+        index, _ = self.index_for(x)
         x = tf.reshape(x, [-1, index.shape[1]])
         if isinstance(t, tf.SparseTensor):
             z = tf.transpose(tf.sparse.sparse_dense_matmul(t, x, adjoint_b=True))
@@ -259,9 +282,9 @@ class ToeplitzConv(_KernelBiasLayer):
     ) -> tf.Tensor:
         """``dX = Delta T(K)`` (``(J_x z)^T delta = T(K)^T delta`` per sample), shaped like ``x``.
 
-        ``dz`` ``(batch, H_out, W_out, F)``, ``t = build_toeplitz(kernel, x.shape)``.
+        ``dz`` ``(batch, H_out, W_out, F)``, ``t = build_toeplitz(kernel, x)``.
         """
-        index, _ = self.toeplitz_index(x.shape)
+        index, _ = self.index_for(x)
         delta = tf.reshape(dz, [-1, index.shape[0]])
         if isinstance(t, tf.SparseTensor):
             dx = tf.sparse.sparse_dense_matmul(t, delta, adjoint_a=True, adjoint_b=True)
@@ -281,9 +304,9 @@ class ToeplitzConv(_KernelBiasLayer):
         ``Delta`` (tied: in the same product, the patch matrix's row of ones).
 
         ``dz`` ``(batch, H_out, W_out, F)``, ``x`` ``(batch, H, W, C)``,
-        ``t = build_toeplitz(kernel, x.shape)``.
+        ``t = build_toeplitz(kernel, x)``.
         """
-        index, _ = self.toeplitz_index(x.shape)
+        index, _ = self.index_for(x)
         if bias is not None and self.bias_mode == "tied":
             grads = list(index.kernel_gradient(x, dz, tied_bias=True))
         else:
@@ -294,7 +317,7 @@ class ToeplitzConv(_KernelBiasLayer):
 
     def forward(self, x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None) -> tf.Tensor:
         """``Z = X T(K)^T + b``, building ``T(K)`` for ``x``'s size from ``kernel``."""
-        return self.apply_toeplitz(x, self.build_toeplitz(kernel, x.shape), bias)
+        return self.apply_toeplitz(x, self.build_toeplitz(kernel, x), bias)
 
     def backward(
         self,
@@ -310,7 +333,7 @@ class ToeplitzConv(_KernelBiasLayer):
         a compiled step (here and in ``forward``), ``T(K)`` is one computation: TensorFlow's
         graph optimizer merges the identical gathers.
         """
-        return self.backward_toeplitz(dz, x, self.build_toeplitz(kernel, x.shape), bias)
+        return self.backward_toeplitz(dz, x, self.build_toeplitz(kernel, x), bias)
 
     def per_example_backward(
         self,
@@ -322,7 +345,7 @@ class ToeplitzConv(_KernelBiasLayer):
     ) -> tuple[tf.Tensor, list[tf.Tensor]]:
         """``backward`` without the batch sum: ``dK_i = Vec^{-1}(Vec(X_patch,i^T Delta_i))`` and
         ``db_i`` per sample (leading batch axis), by one batched product of the patch matrices."""
-        index, _ = self.toeplitz_index(x.shape)
+        index, _ = self.index_for(x)
         batch, positions = tf.shape(x)[0], index.output_shape[0] * index.output_shape[1]
         patches = tf.reshape(index.patches(x), [-1, positions, batch])  # (M, P, batch)
         delta = tf.reshape(dz, [batch, positions, self.filters])
@@ -330,7 +353,7 @@ class ToeplitzConv(_KernelBiasLayer):
         grads = [unvec_parameter_batch(tf.reshape(per_filter, [batch, -1]), index.kernel_shape)]
         if bias is not None:
             grads.append(tf.reduce_sum(dz, axis=[1, 2]) if self.bias_mode == "tied" else dz)
-        return self.input_gradient(dz, x, self.build_toeplitz(kernel, x.shape)), grads
+        return self.input_gradient(dz, x, self.build_toeplitz(kernel, x)), grads
 
     def per_example_squared_norms(
         self,
@@ -350,12 +373,15 @@ class ToeplitzConv(_KernelBiasLayer):
         sample. Tied bias: ``||1^T Delta_i||^2`` (``Delta_i`` summed over positions); untied:
         ``||Delta_i||^2``.
         """
-        index, _ = self.toeplitz_index(x.shape)
+        index, _ = self.index_for(x)
         height, width, channels = index.input_shape
         out_h, out_w = index.output_shape[:2]
         (kh, kw), (sh, sw), (dh, dw) = self._image_geometry()
-        pad_h = geometry.padding_amounts(height, kh, sh, self.padding, dh)
-        pad_w = geometry.padding_amounts(width, kw, sw, self.padding, dw)
+        if isinstance(index, DynamicConvIndex):
+            pad_h, pad_w = index.paddings
+        else:
+            pad_h = geometry.padding_amounts(height, kh, sh, self.padding, dh)
+            pad_w = geometry.padding_amounts(width, kw, sw, self.padding, dw)
         x = tf.pad(x, [[0, 0], list(pad_h), list(pad_w), [0, 0]])
         views = [
             x[
@@ -370,7 +396,8 @@ class ToeplitzConv(_KernelBiasLayer):
         views = tf.reshape(tf.stack(views, axis=1), [batch, taps, positions, channels])
         delta = tf.reshape(dz, [batch, positions, self.filters])
         m, f = taps * channels, self.filters
-        if positions * (m + f) < m * f:  # Gram form, on X_patch,i (P x M)
+        dynamic = isinstance(index, DynamicConvIndex)  # P unknown when traced: outer form
+        if not dynamic and positions * (m + f) < m * f:  # Gram form, on X_patch,i (P x M)
             patches = tf.reshape(tf.transpose(views, [0, 2, 1, 3]), [batch, positions, m])
             norms = [patch_product_squared_norms(patches, delta)]
         elif channels == 1:  # outer form: (taps x P) (P x F) per sample
@@ -430,7 +457,7 @@ class ToeplitzConv(_KernelBiasLayer):
         an activation ``D = I`` and this is ``T(K)`` (Lemma 2).
         """
         x, single = self._sample_batch(x)
-        index, _ = self.toeplitz_index(x.shape)
+        index, _ = self.index_for(x)
         params = [tf.cast(p, x.dtype) for p in self.read_parameters()]
         z = ToeplitzConv.forward(self, x, *params)  # Vec and vec are those of the image view
         d = self.activation.jacobian(tf.reshape(z, [tf.shape(x)[0], -1]))
@@ -447,7 +474,7 @@ class ToeplitzConv(_KernelBiasLayer):
         position when tied, the ``Vec``-to-row-major permutation when untied.
         """
         x, single = self._sample_batch(x)
-        index, _ = self.toeplitz_index(x.shape)
+        index, _ = self.index_for(x)
         positions = index.output_shape[0] * index.output_shape[1]
         rows, filters = index.shape[0], self.filters
         patches = tf.reshape(index.patches(x), [-1, positions, tf.shape(x)[0]])

@@ -39,6 +39,7 @@ from tf_jacbp.layers.base import (
 )
 from tf_jacbp.layers.dense import refuse_unsupported
 from tf_jacbp.layout import unvec_parameter_batch
+from tf_jacbp.toeplitz_dynamic import DynamicConvIndex
 
 _OWNER = "Conv2DTranspose"
 
@@ -245,13 +246,9 @@ class Conv2DTranspose(_KernelBiasLayer):
         spatial = tuple(input_shape[1:3])
         if any(n is None for n in spatial):
             raise ValueError(
-                f"{owner}: the Toeplitz route builds T(K) for one spatial size, so it needs the "
-                f"size of each batch known when the step is traced, got input shape "
-                f"{tuple(input_shape)}. Keras' fit relaxes its compiled step to unknown sizes once "
-                "it has seen a second size: call model.make_train_function(force=True) (and "
-                "make_test_function, make_predict_function) before using a new size, fit with "
-                "run_eagerly=True, or call the model in your own tf.function (a new size traces "
-                "again)."
+                f"{owner}: toeplitz_index builds the NumPy index maps of T(K) for one static "
+                f"size, got input shape {tuple(input_shape)}. For a size known only when the "
+                "graph runs, index_for(x) computes the same maps with TensorFlow ops."
             )
         spatial = tuple(int(n) for n in spatial)
         if spatial not in self._indices:
@@ -288,6 +285,38 @@ class Conv2DTranspose(_KernelBiasLayer):
             self._indices[spatial] = (index, sparse)
         return self._indices[spatial]
 
+    def index_for(self, x: tf.Tensor) -> tuple[toeplitz.ToeplitzProducts, bool]:
+        """``(index, sparse)`` for the batch ``x`` ``(batch, H, W, C)``: ``toeplitz_index`` when
+        ``H, W`` are static, else a ``tf_jacbp.toeplitz_dynamic.DynamicConvIndex`` of the same
+        convolution (from the output's size, ``transpose_output_size`` of the runtime ``H, W``,
+        to the input's) computed when the graph runs: dense ``T``, the memory guard and the
+        check that the convolution maps back to ``(H, W)`` asserted then."""
+        if None not in tuple(x.shape[1:3]):
+            return self.toeplitz_index(tuple(x.shape))
+        height, width = tf.shape(x)[1], tf.shape(x)[2]
+        out_h, out_w = self._output_sizes((height, width))
+        index = DynamicConvIndex(
+            out_h,
+            out_w,
+            (*self.kernel_size, self.filters, self._channels),
+            self.strides,
+            self.padding,
+            self.dilation_rate,
+            budget=self._budget,
+            owner=f"{_OWNER} '{self.name}'",
+            setting=f"{_OWNER}(..., toeplitz_budget_bytes=...) or "
+            "tf_jacbp.toeplitz.set_budget_bytes(...)",
+        )
+        maps_back = tf.reduce_all(tf.stack(index.output_shape[:2]) == tf.stack([height, width]))
+        message = (
+            f"{_OWNER} '{self.name}': with output_padding={self.output_padding} no convolution "
+            "maps the output's size back to the input's, so there is no transposed convolution; "
+            "use output_padding=None. Input size:"
+        )
+        with tf.control_dependencies([tf.debugging.Assert(maps_back, [message, height, width])]):
+            index.shape = (tf.identity(index.shape[0]), index.shape[1])
+        return index, False
+
     def _index_or_built(self, input_shape: tuple | None) -> tuple[toeplitz.ConvIndex, bool]:
         if input_shape is not None:
             return self.toeplitz_index(tuple(input_shape))
@@ -299,11 +328,15 @@ class Conv2DTranspose(_KernelBiasLayer):
         return self.conv_index, self.sparse_toeplitz
 
     def build_toeplitz(
-        self, kernel: tf.Tensor, input_shape: tuple | None = None
+        self, kernel: tf.Tensor, input_shape: tuple | tf.Tensor | None = None
     ) -> tf.Tensor | tf.SparseTensor:
         """``T(K)^T`` ``(R, N)`` dense, or ``T(K)`` ``(N, R)`` sparse over the memory budget, for
-        inputs of shape ``input_shape`` (``toeplitz_index``; default: the size built for)."""
-        index, sparse = self._index_or_built(input_shape)
+        inputs of shape ``input_shape`` (``toeplitz_index``; default: the size built for), or for
+        the batch given instead (``index_for``: any size, known or not when traced)."""
+        if isinstance(input_shape, tf.Tensor):
+            index, sparse = self.index_for(input_shape)
+        else:
+            index, sparse = self._index_or_built(input_shape)
         return index.sparse_matrix(kernel) if sparse else index.transpose_matrix(kernel)
 
     def apply_toeplitz(
@@ -311,9 +344,9 @@ class Conv2DTranspose(_KernelBiasLayer):
     ) -> tf.Tensor:
         """``Y = X T(K) + b``: ``(batch, H, W, C)`` -> ``(batch, H_out, W_out, F)``.
 
-        ``t = build_toeplitz(kernel, x.shape)``; per sample this is ``y = T(K)^T x + b``.
+        ``t = build_toeplitz(kernel, x)``; per sample this is ``y = T(K)^T x + b``.
         """
-        index, _ = self.toeplitz_index(x.shape)
+        index, _ = self.index_for(x)
         x = tf.reshape(x, [-1, index.shape[0]])
         if isinstance(t, tf.SparseTensor):  # (T^T X^T)^T
             y = tf.transpose(tf.sparse.sparse_dense_matmul(t, x, adjoint_a=True, adjoint_b=True))
@@ -329,9 +362,9 @@ class Conv2DTranspose(_KernelBiasLayer):
     ) -> tf.Tensor:
         """``dX = Delta T(K)^T`` (per sample ``(J_x y)^T delta = T(K) delta``), like ``x``.
 
-        ``dy`` ``(batch, H_out, W_out, F)``, ``t = build_toeplitz(kernel, x.shape)``.
+        ``dy`` ``(batch, H_out, W_out, F)``, ``t = build_toeplitz(kernel, x)``.
         """
-        index, _ = self.toeplitz_index(x.shape)
+        index, _ = self.index_for(x)
         delta = tf.reshape(dy, [-1, index.shape[1]])
         if isinstance(t, tf.SparseTensor):  # (T Delta^T)^T
             dx = tf.transpose(tf.sparse.sparse_dense_matmul(t, delta, adjoint_b=True))
@@ -341,7 +374,7 @@ class Conv2DTranspose(_KernelBiasLayer):
 
     def forward(self, x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None) -> tf.Tensor:
         """``Y = X T(K) + b``, building ``T(K)`` for ``x``'s size from ``kernel``."""
-        return self.apply_toeplitz(x, self.build_toeplitz(kernel, x.shape), bias)
+        return self.apply_toeplitz(x, self.build_toeplitz(kernel, x), bias)
 
     def reference(
         self, x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None
@@ -384,11 +417,11 @@ class Conv2DTranspose(_KernelBiasLayer):
 
         ``dy`` ``(batch, H_out, W_out, F)``, ``x`` ``(batch, H, W, C)``.
         """
-        index, _ = self.toeplitz_index(x.shape)
+        index, _ = self.index_for(x)
         grads = [index.kernel_gradient(dy, x)]
         if bias is not None:
             grads.append(tf.reduce_sum(dy, axis=[0, 1, 2]))
-        return self.input_gradient(dy, x, self.build_toeplitz(kernel, x.shape)), grads
+        return self.input_gradient(dy, x, self.build_toeplitz(kernel, x)), grads
 
     def _patches(self, index: toeplitz.ConvIndex, dy: tf.Tensor) -> tf.Tensor:
         """``(batch, P, M)``: per sample the patch matrix of ``dy`` under ``T``'s convolution
@@ -408,14 +441,14 @@ class Conv2DTranspose(_KernelBiasLayer):
     ) -> tuple[tf.Tensor, list[tf.Tensor]]:
         """``backward`` without the batch sum: ``Vec(dK_i[..., c]) = DY_patch,i^T x_i[..., c]``
         (``DY_patch,i`` ``(P, M)``, ``_patches``) and ``db_i`` per sample (leading batch axis)."""
-        index, _ = self.toeplitz_index(x.shape)
+        index, _ = self.index_for(x)
         batch = tf.shape(x)[0]
         delta = tf.reshape(x, [batch, -1, self._channels])  # (batch, P, C): T's upstream gradient
         per_filter = tf.einsum("bpm,bpc->bcm", self._patches(index, dy), delta)  # c: Vec(dK_i[.c])
         grads = [unvec_parameter_batch(tf.reshape(per_filter, [batch, -1]), index.kernel_shape)]
         if bias is not None:
             grads.append(tf.reduce_sum(dy, axis=[1, 2]))
-        return self.input_gradient(dy, x, self.build_toeplitz(kernel, x.shape)), grads
+        return self.input_gradient(dy, x, self.build_toeplitz(kernel, x)), grads
 
     def per_example_squared_norms(
         self,
@@ -431,7 +464,7 @@ class Conv2DTranspose(_KernelBiasLayer):
         ``patch_product_squared_norms`` takes its cheaper exact form (Gram or outer); the bias'
         is ``||sum over positions of dy_i||^2``.
         """
-        index, _ = self.toeplitz_index(x.shape)
+        index, _ = self.index_for(x)
         delta = tf.reshape(x, [tf.shape(x)[0], -1, self._channels])
         norms = [patch_product_squared_norms(self._patches(index, dy), delta)]
         if bias is not None:
@@ -490,7 +523,7 @@ class Conv2DTranspose(_KernelBiasLayer):
         x = as_float_tensor(x, self.compute_dtype)
         single = len(x.shape) == 3
         x = x[None] if single else x
-        index, _ = self.toeplitz_index(x.shape)
+        index, _ = self.index_for(x)
         rows = index.shape[1]
         basis = tf.reshape(tf.eye(rows, dtype=x.dtype), [rows, *index.input_shape])
         patches = self._patches(index, basis)  # (R, P, M): E_patch,k
