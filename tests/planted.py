@@ -144,6 +144,77 @@ class MissingBias(layers.Dense):
         return dx, grads[:1]
 
 
+BACKWARD_SCALE = 3.0
+
+
+@keras.saving.register_keras_serializable(package="tf_jacbp_tests")
+class ScaledBackwardDense(layers.Dense):
+    """A Dense layer whose backward pass is ``BACKWARD_SCALE`` times the true one (a marker)."""
+
+    def backward(self, dz, a, z, kernel, bias=None):
+        dx, grads = super().backward(dz, a, z, kernel, bias)
+        return BACKWARD_SCALE * dx, [BACKWARD_SCALE * g for g in grads]
+
+
+# GradientCheck's witness test (tests/check/test_witness.py): a factor per layer slot, planted in
+# turn into each Dense and Conv2D parameter gradient of a model traced once.
+MAX_SLOTS = 8
+
+# Row ``slot``: the factors of that layer's parameter gradients (kernel, bias). All 1 by default.
+FACTORS = tf.Variable(tf.ones([MAX_SLOTS, 2]), trainable=False)
+
+
+def _planted(dparams, slot):
+    factors = tf.convert_to_tensor(FACTORS)[slot]
+    return [g * tf.cast(factors[i], g.dtype) for i, g in enumerate(dparams)]
+
+
+class PlantedDense(layers.Dense):
+    """``Dense`` whose parameter gradients are scaled by ``FACTORS[slot]`` (Jacobian route)."""
+
+    def __init__(self, *args, slot=0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.slot = slot
+
+    def backward(self, *args):
+        dx, dparams = super().backward(*args)
+        return dx, _planted(dparams, self.slot)
+
+    def get_config(self):
+        return {**super().get_config(), "slot": self.slot}
+
+
+class PlantedConv2D(layers.Conv2D):
+    """``Conv2D`` whose parameter gradients are scaled by ``FACTORS[slot]`` (Jacobian route)."""
+
+    def __init__(self, *args, slot=0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.slot = slot
+
+    def backward(self, *args):
+        dx, dparams = super().backward(*args)
+        return dx, _planted(dparams, self.slot)
+
+    def get_config(self):
+        return {**super().get_config(), "slot": self.slot}
+
+
+def plantable(model):
+    """``model`` with every tf_jacbp Dense and Conv2D replaced by its planted twin (same config,
+    one slot each); other layers are copied as they are."""
+    slots = iter(range(MAX_SLOTS))
+
+    def clone(layer):
+        config = layer.get_config()
+        if type(layer) is layers.Dense:
+            return PlantedDense.from_config({**config, "slot": next(slots)})
+        if type(layer) is layers.Conv2D:
+            return PlantedConv2D.from_config({**config, "slot": next(slots)})
+        return type(layer).from_config(config)
+
+    return keras.models.clone_model(model, clone_function=clone)
+
+
 # --- the model they are planted in, its data, and the check that catches them -----------------
 
 

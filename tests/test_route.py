@@ -2,9 +2,9 @@
 
 ``fit``, ``evaluate``, ``predict`` and the ``*_on_batch`` methods cache their compiled function on
 the model; a function traced in one mode must not run the other mode's route. Two planted layers
-make the route observable: ``DoubledDense`` (the Jacobian route's kernel gradient doubled) tells
-which route a training step applied, ``RouteTell`` (the reference route adds 1) which route a
-forward pass ran.
+make the route observable: ``WrongKernelGradient`` (tests/planted.py: the Jacobian route's
+kernel gradient doubled) tells which route a training step applied, ``RouteTell`` (the reference
+route adds 1) which route a forward pass ran.
 """
 
 import contextlib
@@ -13,20 +13,13 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from planted import WrongKernelGradient
 
 import tf_jacbp
 from tf_jacbp import layers
 
 MODES = {"jacobian": contextlib.nullcontext, "reference": tf_jacbp.reference_mode}
 ORDERS = [("jacobian", "reference"), ("reference", "jacobian")]
-
-
-class DoubledDense(layers.Dense):
-    """The Jacobian route's kernel gradient doubled: the two routes train differently."""
-
-    def backward(self, dz, a, z, kernel, bias=None):
-        dx, (dw, *rest) = super().backward(dz, a, z, kernel, bias)
-        return dx, [2 * dw, *rest]
 
 
 class RouteTell(layers.JacobianLayer):
@@ -61,7 +54,7 @@ def data():
 
 
 def compiled(build, weights=None, **compile_args):
-    model = build(DoubledDense(2))
+    model = build(WrongKernelGradient(2))
     if weights is not None:
         model.set_weights(weights)
     model.compile(keras.optimizers.SGD(0.1), "mse", **compile_args)

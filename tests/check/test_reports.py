@@ -20,6 +20,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from planted import InfDense
 
 from tf_jacbp import layers, losses
 from tf_jacbp.callbacks import (
@@ -122,15 +123,6 @@ def test_finite_differences_catch_the_2x_wrong_custom_gradient():
 # --- where a non-finite value comes from (issue 13 item 3) -----------------------------------
 
 
-class InfKernelGradientDense(layers.Dense):
-    """The Jacobian route's kernel gradient has ``inf`` in one entry; the forward is correct."""
-
-    def backward(self, *args):
-        dx, grads = super().backward(*args)
-        mask = tf.scatter_nd([[0, 0]], [True], tf.shape(grads[0]))
-        return dx, [tf.where(mask, tf.constant(np.inf, grads[0].dtype), grads[0]), *grads[1:]]
-
-
 class Sqrt(keras.layers.Layer):
     """``sqrt(x)``, stock ops: its derivative is infinite at 0, on both routes."""
 
@@ -159,7 +151,7 @@ def failure(model, probe):
 
 
 def test_non_finite_from_a_backward_pass_is_blamed_on_the_backward_pass():
-    err = failure(mlp(InfKernelGradientDense(4, name="middle")), data(16, seed=1))
+    err = failure(mlp(InfDense(4, name="middle")), data(16, seed=1))
     (record,) = err.records
     assert record.variable == "net/middle/kernel" and record.cause == "backward"
     assert "the reference route is finite and the Jacobian route is not" in str(err)

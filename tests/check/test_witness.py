@@ -18,70 +18,15 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from planted import FACTORS, PlantedConv2D, PlantedDense, plantable
 
-from tf_jacbp import datasets, layers, losses, models, tolerances
+from tf_jacbp import datasets, losses, models, tolerances
 from tf_jacbp.callbacks import GradientCheck
 
 SEEDS = 50
 PROBE = 16
 POLICIES = ["float32", "mixed_float16", "mixed_bfloat16"]
 PLANTED = {"float32": 1.01, "mixed_float16": 1.05, "mixed_bfloat16": 1.05}
-MAX_SLOTS = 8
-
-# Row ``slot``: the factors of that layer's parameter gradients (kernel, bias). All 1 by default.
-FACTORS = tf.Variable(tf.ones([MAX_SLOTS, 2]), trainable=False)
-
-
-def _planted(dparams, slot):
-    factors = tf.convert_to_tensor(FACTORS)[slot]
-    return [g * tf.cast(factors[i], g.dtype) for i, g in enumerate(dparams)]
-
-
-class PlantedDense(layers.Dense):
-    """``Dense`` whose parameter gradients are scaled by ``FACTORS[slot]`` (Jacobian route)."""
-
-    def __init__(self, *args, slot=0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.slot = slot
-
-    def backward(self, *args):
-        dx, dparams = super().backward(*args)
-        return dx, _planted(dparams, self.slot)
-
-    def get_config(self):
-        return {**super().get_config(), "slot": self.slot}
-
-
-class PlantedConv2D(layers.Conv2D):
-    """``Conv2D`` whose parameter gradients are scaled by ``FACTORS[slot]`` (Jacobian route)."""
-
-    def __init__(self, *args, slot=0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.slot = slot
-
-    def backward(self, *args):
-        dx, dparams = super().backward(*args)
-        return dx, _planted(dparams, self.slot)
-
-    def get_config(self):
-        return {**super().get_config(), "slot": self.slot}
-
-
-def plantable(model):
-    """``model`` with every tf_jacbp Dense and Conv2D replaced by its planted twin (same config,
-    one slot each); other layers are copied as they are."""
-    slots = iter(range(MAX_SLOTS))
-
-    def clone(layer):
-        config = layer.get_config()
-        if type(layer) is layers.Dense:
-            return PlantedDense.from_config({**config, "slot": next(slots)})
-        if type(layer) is layers.Conv2D:
-            return PlantedConv2D.from_config({**config, "slot": next(slots)})
-        return type(layer).from_config(config)
-
-    return keras.models.clone_model(model, clone_function=clone)
-
 
 BUILDERS = {"lenet5": models.lenet5, "resnet": lambda: models.resnet_mnist(filters=4)}
 

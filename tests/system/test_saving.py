@@ -24,6 +24,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from planted import BACKWARD_SCALE, ScaledBackwardDense
 
 import tf_jacbp
 from tf_jacbp import layers, losses, tolerances
@@ -33,16 +34,6 @@ from tf_jacbp.testing import model_gradients
 REPO = Path(__file__).resolve().parents[2]
 GRADIENT_WORKER = Path(__file__).parent / "workers" / "saved_model_gradients.py"
 WORKER_TIMEOUT_S = 180
-BACKWARD_SCALE = 3.0
-
-
-@keras.saving.register_keras_serializable(package="tf_jacbp_tests")
-class ScaledBackwardDense(layers.Dense):
-    """A Dense layer whose backward pass is ``BACKWARD_SCALE`` times the true one (a marker)."""
-
-    def backward(self, dz, a, z, kernel, bias=None):
-        dx, grads = super().backward(dz, a, z, kernel, bias)
-        return BACKWARD_SCALE * dx, [BACKWARD_SCALE * g for g in grads]
 
 
 def available_layer_classes() -> set[type]:
