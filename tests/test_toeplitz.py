@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from tf_jacbp import geometry, toeplitz, tolerances
 from tf_jacbp.layout import vec_parameter
+from tf_jacbp.toeplitz_dynamic import DynamicConvIndex
 
 
 @st.composite
@@ -181,3 +182,66 @@ def test_process_wide_budget_setter():
     for bad in (0, -5, 1.5, "1GB"):
         with pytest.raises(ValueError, match="positive integer number of bytes"):
             toeplitz.set_budget_bytes(bad)
+
+
+@settings(derandomize=True, max_examples=15, deadline=None)
+@given(conv_configs(max_size=7), st.booleans())
+def test_dynamic_index_maps_equal_the_static_ones_exactly(config, causal):
+    """``DynamicConvIndex`` (maps from TF ops, the size unknown when traced) gives the same
+    ``kernel_rows``, ``block_rows``, patch maps, ``T(K)^T``, patches and kernel gradient as
+    ``ConvIndex``, entry for entry; "causal" padding too (drawn in place of the other)."""
+    kernel_shape, input_shape, strides, padding, dilation, seed = config
+    if causal:
+        padding = "causal"
+    index = toeplitz.conv_index(kernel_shape, input_shape, strides, padding, dilation)
+    kernel = _kernel(kernel_shape, seed)
+    rng = np.random.default_rng(seed + 4)
+    x = tf.constant(rng.normal(size=(2, *input_shape)))
+    delta = tf.constant(rng.normal(size=(2, *index.output_shape)))
+    unknown = tf.TensorSpec((None, None, None, input_shape[2]), "float64")
+
+    @tf.function(input_signature=[unknown, tf.TensorSpec((None, None, None, None), "float64")])
+    def dynamic(x, delta):
+        height, width = tf.shape(x)[1], tf.shape(x)[2]
+        maps = DynamicConvIndex(height, width, kernel_shape, strides, padding, dilation, 10**9)
+        names = ("kernel_rows", "block_rows", "patch_index", "stored_patch_index")
+        products = [
+            maps.transpose_matrix(kernel),
+            maps.patches(x),
+            *maps.kernel_gradient(x, delta, tied_bias=True),
+        ]
+        return [maps.index_map(name) for name in names], products
+
+    maps, products = dynamic(x, delta)
+    static_maps = [*(m.reshape(-1) for m in index.block_index), index.patch_index]
+    for got, want in zip(maps, [*static_maps, index.stored_patch_index], strict=True):
+        np.testing.assert_array_equal(got, want)
+    static = [
+        index.transpose_matrix(kernel),
+        index.patches(x),
+        *index.kernel_gradient(x, delta, tied_bias=True),
+    ]
+    for got, want in zip(products, static, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_dynamic_index_guard_and_window_check_run_when_the_graph_runs():
+    """Over the budget, ``transpose_matrix`` is an error naming the budget and ``T``'s shape; a
+    "valid" window longer than the input is an error naming the padding."""
+    unknown = tf.TensorSpec((None, None, None, 1), "float64")
+    kernel = tf.ones((3, 3, 1, 2), "float64")
+
+    @tf.function(input_signature=[unknown])
+    def t(x):
+        maps = DynamicConvIndex(
+            tf.shape(x)[1], tf.shape(x)[2], (3, 3, 1, 2), (1, 1), "valid", (1, 1), 5000
+        )
+        return maps.transpose_matrix(kernel)
+
+    assert t(tf.zeros((1, 4, 4, 1), "float64")).shape == (16, 8)  # 1024 bytes
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match=r"(?s)budget of 5000 bytes.*\[50\] \[49\]"
+    ):
+        t(tf.zeros((1, 7, 7, 1), "float64"))  # 50 x 49 x 8 = 19600 bytes
+    with pytest.raises(tf.errors.InvalidArgumentError, match="padding valid has no output"):
+        t(tf.zeros((1, 2, 5, 1), "float64"))

@@ -54,8 +54,8 @@ def axis_taps(
         before = after = tf.zeros([], tf.int32)
         message = (
             f"a kernel spanning {extent} (kernel_size {kernel_size}, dilation_rate {dilation}) "
-            "is longer than an input axis, so padding='valid' has no output; use "
-            "padding='same', a smaller kernel_size or a larger input. Input size:"
+            "is longer than an input axis, so padding valid has no output; use padding "
+            "same, a smaller kernel_size or a larger input. Input size:"
         )
         checks.append(tf.debugging.Assert(size >= extent, [message, size]))
     else:

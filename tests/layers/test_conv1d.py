@@ -185,33 +185,76 @@ def test_per_example_rows_and_norms(bias):
         assert tolerances.relative_error(norm, expected) <= RTOL64
 
 
-def test_sequences_of_varying_length():
-    """On ``keras.Input((None, C))`` ``T(K)`` is built per length: a compiled gradient step
-    traces each length once and equals the reference route at each."""
-    model = keras.Sequential(
+def _sequence_model():
+    return keras.Sequential(
         [
             keras.Input((None, 2), dtype="float64"),
             Conv1D(3, 3, padding="causal", activation="tanh", dtype="float64"),
             Conv1D(1, 2, strides=2, dtype="float64"),
         ]
     )
+
+
+def _reference_gradients(model, x, y):
+    with tf.GradientTape() as tape:
+        with tf_jacbp.reference_mode():
+            loss = tf.reduce_mean(tf.square(model(x) - y))
+    return tape.gradient(loss, model.trainable_variables)
+
+
+def test_sequences_of_varying_length():
+    """On ``keras.Input((None, C))`` a ``tf.function`` traced once for an unknown length (the
+    maps of ``T(K)`` computed when the graph runs) gives the reference route's gradients at
+    each length, and ``T^T`` equals the static one exactly."""
+    model = _sequence_model()
     variables = model.trainable_variables
 
     def gradients(x):
         with tf.GradientTape() as tape:
+            tape.watch(x)
             loss = tf.reduce_sum(tf.square(model(x)))
-        return tape.gradient(loss, variables)
+        return tape.gradient(loss, [x, *variables])
 
-    compiled = tf.function(gradients)
+    compiled = tf.function(gradients, input_signature=[tf.TensorSpec((None, None, 2), "float64")])
     rng = np.random.default_rng(4)
-    for length in (5, 11, 5):
+    for length in (5, 11, 8):
         x = tf.constant(rng.normal(size=(2, length, 2)))
         with tf_jacbp.reference_mode():
             expected = gradients(x)
         for got, want in zip(compiled(x), expected, strict=True):
             assert tolerances.relative_error(got, want) <= RTOL64
-    assert compiled.experimental_get_tracing_count() == 2
-    assert sorted(model.layers[0]._indices) == [(5,), (11,)]
+    assert compiled.experimental_get_tracing_count() == 1
+    assert model.layers[0]._indices == {}
+    layer = model.layers[0]
+    kernel = layer.read_parameters()[0]
+    image_kernel = tf.reshape(kernel, [1, *kernel.shape])
+
+    @tf.function(input_signature=[tf.TensorSpec((None, 1, None, 2), "float64")])
+    def dynamic(x):
+        return layer.index_for(x)[0].transpose_matrix(image_kernel)
+
+    x = tf.zeros((1, 1, 7, 2), "float64")
+    static = layer.toeplitz_index(x.shape)[0].transpose_matrix(image_kernel)
+    np.testing.assert_array_equal(dynamic(x), static)
+
+
+def test_fit_on_sequences_of_three_lengths_applies_the_reference_gradients():
+    """``fit`` with SGD(1.0) on lengths 6, 9, 4 (no ``make_train_function``): every step's update
+    is the reference route's gradient, also after Keras relaxes its step to unknown lengths."""
+    model = _sequence_model()
+    model.compile(
+        optimizer=keras.optimizers.SGD(1.0), loss=keras.losses.MeanSquaredError(dtype="float64")
+    )
+    rng = np.random.default_rng(5)
+    for length in (6, 9, 4):
+        x = rng.normal(size=(3, length, 2)).astype("float32").astype("float64")
+        y = rng.normal(size=model.compute_output_shape(x.shape)).astype("float32")
+        expected = _reference_gradients(model, x, y)
+        before = [v.numpy() for v in model.trainable_variables]
+        model.fit(x, y, batch_size=3, epochs=1, verbose=0, shuffle=False)
+        for b, v, g in zip(before, model.trainable_variables, expected, strict=True):
+            assert tolerances.relative_error(b - v.numpy(), g) <= RTOL64
+    assert sorted(model.layers[0]._indices) == [(6,)]
 
 
 @pytest.mark.parametrize(

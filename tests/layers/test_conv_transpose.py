@@ -398,9 +398,9 @@ def test_bad_input_shapes_are_errors():
 
 
 def test_inputs_of_varying_size_get_one_t_per_size():
-    """Built for ``(None, None, C)``, the layer builds ``T(K)`` for each size it is called with
-    and agrees with the stock layer on each; a function traced for an unknown size is refused
-    with the remedies."""
+    """Built for ``(None, None, C)``, the layer builds ``T(K)`` for each static size it is called
+    with and agrees with the stock layer on each; a function traced once for an unknown size
+    computes the maps when the graph runs and agrees too, with ``T^T`` exactly the static one."""
     model = keras.Sequential(
         [
             keras.Input((None, None, 2), dtype="float64"),
@@ -413,21 +413,68 @@ def test_inputs_of_varying_size_get_one_t_per_size():
     stock.build((None, None, None, 2))
     stock.set_weights(layer.get_weights())
     rng = np.random.default_rng(8)
+    signature = [tf.TensorSpec((None, None, None, 2), "float64")]
+    unknown = tf.function(lambda x: layer(x), input_signature=signature)
     for size in ((2, 3), (4, 2), (2, 3)):
         x = tf.constant(rng.normal(size=(2, *size, 2)))
         upstream = tf.constant(rng.normal(size=stock.compute_output_shape(x.shape)))
         got = _values_and_gradients(layer, x, upstream, layer.trainable_variables)
         want = _values_and_gradients(stock, x, upstream, stock.trainable_variables)
-        for g, w in zip(got, want, strict=True):
+        dynamic = _values_and_gradients(unknown, x, upstream, layer.trainable_variables)
+        for g, d, w in zip(got, dynamic, want, strict=True):
             assert tolerances.relative_error(g, w) <= RTOL
+            assert tolerances.relative_error(d, w) <= RTOL
     assert sorted(layer._indices) == [(2, 3), (4, 2)]
-    with pytest.raises(ValueError, match="known when the step is traced"):
-        tf.function(layer, input_signature=[tf.TensorSpec((None, None, None, 2), "float64")])(
-            tf.zeros((1, 2, 2, 2), "float64")
-        )
+    assert unknown.experimental_get_tracing_count() == 1
+    kernel = layer.read_parameters()[0]
+    transposed = tf.function(
+        lambda x: layer.index_for(x)[0].transpose_matrix(kernel), input_signature=signature
+    )
+    x = tf.zeros((1, 3, 4, 2), "float64")
+    np.testing.assert_array_equal(
+        transposed(x), layer.toeplitz_index(x.shape)[0].transpose_matrix(kernel)
+    )
     with pytest.raises(ValueError, match="varying size"):
         layer.toeplitz_matrix()
     assert layer.toeplitz_matrix((4, 2, 2)).shape == (9 * 5 * 3, 4 * 2 * 2)
+
+
+def test_autoencoder_fits_three_image_sizes_with_the_reference_gradients():
+    """Conv2D down, Conv2DTranspose up on ``keras.Input((None, None, 1))``: ``fit`` with SGD(1.0)
+    on 6 x 8, 4 x 6 and 8 x 4 images (no ``make_train_function``) applies at each step the
+    reference route's gradient, also after Keras relaxes its step to unknown sizes."""
+    model = keras.Sequential(
+        [
+            keras.Input((None, None, 1), dtype="float64"),
+            Conv2D(2, 3, strides=2, padding="same", activation="tanh", dtype="float64"),
+            Conv2DTranspose(1, 3, strides=2, padding="same", dtype="float64"),
+        ]
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(1.0), loss=keras.losses.MeanSquaredError(dtype="float64")
+    )
+    rng = np.random.default_rng(9)
+    for size in ((6, 8), (4, 6), (8, 4)):
+        x = rng.normal(size=(3, *size, 1)).astype("float32").astype("float64")
+        with tf.GradientTape() as tape:
+            with tf_jacbp.reference_mode():
+                loss = tf.reduce_mean(tf.square(model(x) - x))
+        expected = tape.gradient(loss, model.trainable_variables)
+        before = [v.numpy() for v in model.trainable_variables]
+        model.fit(x, x, batch_size=3, epochs=1, verbose=0, shuffle=False)
+        for b, v, g in zip(before, model.trainable_variables, expected, strict=True):
+            assert tolerances.relative_error(b - v.numpy(), g) <= RTOL
+    assert sorted(model.layers[1]._indices) == [(3, 4)]
+
+
+def test_unknown_size_checks_output_padding_when_the_graph_runs():
+    """``output_padding`` without a transposed convolution (``"same"``, even kernel, 0) cannot be
+    refused at build for an unknown size: the traced function refuses it when it runs."""
+    layer = Conv2DTranspose(2, 2, strides=2, padding="same", output_padding=0, dtype="float64")
+    layer.build((None, None, None, 1))
+    call = tf.function(layer, input_signature=[tf.TensorSpec((None, None, None, 1), "float64")])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="output_padding=\\(0, 0\\)"):
+        call(np.zeros((1, 3, 3, 1)))
 
 
 def test_output_shape_and_weights_copy_from_keras():

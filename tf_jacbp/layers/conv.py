@@ -229,7 +229,7 @@ class ToeplitzConv(_KernelBiasLayer):
             self.padding,
             dilation,
             budget=self._budget,
-            owner=f"{type(self).__name__} '{self.name}'",
+            owner=f"{type(self).__name__} {self.name}",  # no quotes: Assert escapes them
             setting=f"{type(self).__name__}(..., toeplitz_budget_bytes=...) or "
             "tf_jacbp.toeplitz.set_budget_bytes(...)",
         )

@@ -303,13 +303,13 @@ class Conv2DTranspose(_KernelBiasLayer):
             self.padding,
             self.dilation_rate,
             budget=self._budget,
-            owner=f"{_OWNER} '{self.name}'",
+            owner=f"{_OWNER} {self.name}",  # no quotes: Assert escapes them
             setting=f"{_OWNER}(..., toeplitz_budget_bytes=...) or "
             "tf_jacbp.toeplitz.set_budget_bytes(...)",
         )
         maps_back = tf.reduce_all(tf.stack(index.output_shape[:2]) == tf.stack([height, width]))
         message = (
-            f"{_OWNER} '{self.name}': with output_padding={self.output_padding} no convolution "
+            f"{_OWNER} {self.name}: with output_padding={self.output_padding} no convolution "
             "maps the output's size back to the input's, so there is no transposed convolution; "
             "use output_padding=None. Input size:"
         )
