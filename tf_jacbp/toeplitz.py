@@ -92,7 +92,8 @@ def set_budget_bytes(budget: int | None) -> None:
 
     Layers read it when they are built; a ``Conv2D(toeplitz_budget_bytes=...)`` overrides it. The
     guard runs for each input size a layer builds ``T(K)`` for (at build, or at the first call
-    with that size for inputs of varying size).
+    with that size for inputs of varying size; as a run-time assertion on the dense ``T`` when a
+    traced function does not know the size, ``tf_jacbp.toeplitz_dynamic``).
     """
     global _budget_bytes
     if budget is not None:

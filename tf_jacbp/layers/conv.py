@@ -19,8 +19,13 @@ Batches are rows: ``Z = X T(K)^T + b`` for ``X`` of shape ``(batch, N)``; ``dX =
 ``dK`` sums the per-sample products in one matmul (``ConvIndex.kernel_gradient``).
 
 ``T(K)`` depends on the input's spatial size. A layer built for ``keras.Input((None, None, C))``
-builds one ``ConvIndex`` per size it is called with (each under the memory guard) and keeps them;
-a traced function traces again for a new size. The formulas above are written once, for images,
+builds one ``ConvIndex`` per static size it is called with (each under the memory guard) and
+keeps them. When a traced function does not know the size (Keras' ``fit`` retraces its step with
+unknown sizes after a second size; an ``input_signature`` of unknown size), ``index_for`` computes
+the same maps with TensorFlow ops when the graph runs (``tf_jacbp.toeplitz_dynamic``): ``T(K)``
+is still materialized dense and multiplied by the same code, its memory guard asserted at run time
+(no sparse fallback; not under XLA, which drops assertions but compiles each concrete size).
+The formulas above are written once, for images,
 in ``ToeplitzConv``: ``Conv1D`` (``tf_jacbp.layers.conv1d``) applies them to a sequence read as an
 image of height 1.
 """
@@ -169,8 +174,8 @@ class ToeplitzConv(_KernelBiasLayer):
         memory guard keeps ``T`` sparse (``tf_jacbp.toeplitz.use_sparse``). Built on first use
         for each size and kept.
 
-        Raises a ValueError when a spatial size is not known statically (a traced function with
-        an unknown height or width): ``T(K)`` is built for one size.
+        Raises a ValueError when a spatial size is not known statically: ``index_for(x)`` serves
+        that case, with the maps computed when the graph runs.
         """
         owner = f"{type(self).__name__} '{self.name}'"
         spatial = tuple(input_shape[1:-1])[-self.rank :]
@@ -558,10 +563,12 @@ class Conv2D(ToeplitzConv):
     Input ``(batch, H, W, C)``, output ``(batch, H_out, W_out, F)``; the kernel ``K`` has Keras'
     shape ``(kh, kw, C, F)``. ``C`` must be known. With ``H, W`` known (``keras.Input((28, 28,
     1))``) ``T(K)`` is built and guarded at build; with ``keras.Input((None, None, C))`` it is
-    built for each size the layer is called with (``toeplitz_index``), which must be static in a
-    traced function (``model.fit`` on a second size: ``model.make_train_function(force=True)``
-    first, since Keras relaxes its compiled step to unknown sizes). ``bias="untied"`` needs a
-    known size.
+    built for each static size the layer is called with (``toeplitz_index``, guarded and cached).
+    A traced function of unknown size (``model.fit`` after a second size, since Keras relaxes its
+    step to unknown sizes; a ``tf.function`` with such an ``input_signature``) computes the index
+    maps when it runs (``index_for``): ``T(K)`` stays dense, and the memory guard is a run-time
+    assertion that the dense ``T`` of each batch fits the budget (an InvalidArgumentError naming
+    the size and the budget; XLA skips it). ``bias="untied"`` needs a known size.
 
     Example:
         >>> layer = tf_jacbp.layers.Conv2D(1, 2, use_bias=False)

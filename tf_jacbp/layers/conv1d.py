@@ -58,7 +58,8 @@ class Conv1D(ToeplitzConv):
 
     Input ``(batch, T, C)`` with ``C`` known; output ``(batch, T_out, F)``; the kernel ``K`` has
     Keras' shape ``(k, C, F)``. A sequence length of None (``keras.Input((None, C))``) builds
-    ``T(K)`` for each length the layer is called with, as ``Conv2D`` does for image sizes.
+    ``T(K)`` for each length the layer is called with, as ``Conv2D`` does for image sizes (a
+    length unknown when traced, as in ``fit`` after a second length: maps computed at run time).
 
     Example:
         >>> layer = tf_jacbp.layers.Conv1D(1, 2, use_bias=False)

@@ -21,7 +21,8 @@ Batches are rows: ``Y = X T(K) + b``, ``dX = Delta T(K)^T``, ``dK`` summed over 
 convolution's one patch-matrix product. The output size along each axis is Keras' (its
 ``compute_conv_transpose_output_shape``, ``transpose_output_size`` here), and the convolution from
 that size back to the input's size must exist (``output_padding`` checked at build). ``T(K)``
-depends on the input's size: one ``ConvIndex`` per size seen, as for ``Conv2D``.
+depends on the input's size: one ``ConvIndex`` per static size seen, and maps computed when the
+graph runs for a size unknown when traced (``index_for``), as for ``Conv2D``.
 """
 
 from __future__ import annotations
@@ -128,7 +129,10 @@ class Conv2DTranspose(_KernelBiasLayer):
 
     Input ``(batch, H, W, C)`` with ``C`` known; output ``(batch, H_out, W_out, F)``. Built for
     ``keras.Input((None, None, C))``, the layer builds ``T(K)`` for each size it is called with
-    (``toeplitz_index``, each under the memory guard) and keeps them. The kernel has Keras' shape
+    (``toeplitz_index``, each under the memory guard) and keeps them; a traced function of unknown
+    size (``fit`` after a second size) computes the maps when it runs (``index_for``), as
+    ``Conv2D`` does, with the memory guard and the ``output_padding`` check asserted then. The
+    kernel has Keras' shape
     ``(kh, kw, F, C)``, so weights copy to and from ``keras.layers.Conv2DTranspose``.
 
     Example (the transpose of Lemma 2's ``4 x 9`` matrix: a ``2 x 2`` input to ``3 x 3``):
@@ -239,8 +243,9 @@ class Conv2DTranspose(_KernelBiasLayer):
         memory guard keeps ``T`` sparse (``tf_jacbp.toeplitz.use_sparse``). Built on first use
         for each size and kept.
 
-        Raises a ValueError when ``H`` or ``W`` is unknown (a traced function of unknown size),
-        or when no convolution maps the output's size back to ``(H, W)`` (``output_padding``).
+        Raises a ValueError when ``H`` or ``W`` is unknown (``index_for(x)`` serves a traced
+        function of unknown size), or when no convolution maps the output's size back to
+        ``(H, W)`` (``output_padding``).
         """
         owner = f"{_OWNER} '{self.name}'"
         spatial = tuple(input_shape[1:3])
