@@ -1,0 +1,132 @@
+"""What the Table 1 losses share: the fused route, Keras' rank matching, argument checks,
+the constructors and Keras' probability clip.
+
+``_fused`` gives a per-position loss, shape ``y_pred.shape[:-1]``, whose backward pass is a
+formula ``grad_z l`` (shape ``y_pred.shape``) scaled per position by the upstream gradient of
+the reduction; in ``reference_mode()`` a stock-op reference is differentiated by autodiff.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from tf_jacbp._backend import keras, tf
+from tf_jacbp.route import Map, route
+
+
+def _fused(
+    y: tf.Tensor,
+    z: tf.Tensor,
+    value: Callable[[tf.Tensor, tf.Tensor], tf.Tensor],
+    gradient: Callable[[tf.Tensor, tf.Tensor], tf.Tensor],
+    reference: Callable[[tf.Tensor, tf.Tensor], tf.Tensor],
+) -> tf.Tensor:
+    """Per-position loss ``value(y, z)``, shape ``z.shape[:-1]``, whose backward pass is
+    ``gradient(y, z)``, shape ``z.shape``: ``grad_z L = u[..., None] * gradient(y, z)`` for the
+    upstream ``u`` (shape ``z.shape[:-1]``, one scalar per position, from the reduction).
+
+    One ``route`` like every layer's: ``y`` is a constant (no gradient flows to it), and in
+    ``reference_mode()`` ``reference(y, z)`` is differentiated by autodiff.
+    """
+
+    def backward(u: tf.Tensor, z: tf.Tensor, loss: tf.Tensor, y: tf.Tensor) -> tuple:
+        return tf.cast(u, z.dtype)[..., None] * gradient(y, z), []
+
+    table1 = Map(lambda z, y: value(y, z), lambda z, y: reference(y, z), backward)
+    return route(table1, z, constants=[y])
+
+
+def _match_ranks(y_true: tf.Tensor, y_pred: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Keras' rank matching of ``y_true`` and ``y_pred`` (``squeeze_or_expand_to_same_rank``).
+
+    When the ranks differ by one and the larger tensor's last axis is 1, that axis is squeezed,
+    except that a rank-1 partner is expanded instead: ``(batch,)`` with ``(batch, 1)`` gives two
+    ``(batch, 1)``; ``(batch, T)`` labels with ``(batch, T, 1)`` predictions give two
+    ``(batch, T)`` (the loss then reduces over ``T``, exactly as stock Keras does).
+    """
+    true_rank, pred_rank = y_true.shape.rank, y_pred.shape.rank
+    if true_rank == pred_rank + 1 and y_true.shape[-1] == 1:
+        if pred_rank == 1:
+            y_pred = y_pred[..., None]
+        else:
+            y_true = tf.squeeze(y_true, -1)
+    elif pred_rank == true_rank + 1 and y_pred.shape[-1] == 1:
+        if true_rank == 1:
+            y_true = y_true[..., None]
+        else:
+            y_pred = tf.squeeze(y_pred, -1)
+    return y_true, y_pred
+
+
+def _check_axis(axis: int, name: str) -> None:
+    if axis != -1:
+        raise ValueError(
+            f"{name}: tf_jacbp supports axis=-1 only (classes on the last axis), got axis={axis}."
+        )
+
+
+def _check_same_shape(y: tf.Tensor, p: tf.Tensor, name: str, hint: str) -> None:
+    if y.shape.rank is not None and p.shape.rank is not None:
+        if not y.shape.is_compatible_with(p.shape):
+            raise ValueError(
+                f"{name}: y_true has shape {tuple(y.shape)} but y_pred has shape "
+                f"{tuple(p.shape)}; they must match. {hint}"
+            )
+
+
+class _Table1Loss(keras.losses.Loss):
+    """Shared constructor of the Table 1 losses (``from_logits``, ``reduction``, ``name``)."""
+
+    def __init__(
+        self,
+        from_logits: bool = False,
+        reduction: str | None = "sum_over_batch_size",
+        name: str | None = None,
+        dtype: Any = None,
+    ):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.from_logits = bool(from_logits)
+        # A bad label seen under XLA (``_report_after_xla_step``). Made here, not when first
+        # needed: a variable created while a tf.function traces makes it trace twice.
+        with tf.init_scope():
+            self._bad_label_record = tf.Variable(
+                tf.zeros([3], tf.float64), trainable=False, name="bad_label"
+            )
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "from_logits": self.from_logits}
+
+
+class _SmoothedLoss(_Table1Loss):
+    """A Table 1 loss with Keras' ``label_smoothing`` in ``[0, 1]`` and ``axis=-1`` only."""
+
+    def __init__(
+        self,
+        from_logits: bool,
+        label_smoothing: float,
+        axis: int,
+        reduction: str | None,
+        name: str,
+        dtype: Any,
+    ):
+        super().__init__(from_logits, reduction, name, dtype)
+        owner = type(self).__name__
+        _check_axis(axis, owner)
+        if not 0 <= label_smoothing <= 1:
+            raise ValueError(
+                f"{owner}: label_smoothing must be in [0, 1], "
+                f"got label_smoothing={label_smoothing}."
+            )
+        self.label_smoothing = float(label_smoothing)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "label_smoothing": self.label_smoothing}
+
+
+def _clip_mask(p: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """``(clip(p, eps, 1 - eps), inside)``: Keras' clip and where autodiff of it passes (1) or
+    stops (0) the gradient (``p`` outside ``[eps, 1 - eps]``)."""
+    eps = keras.config.epsilon()
+    inside = tf.cast((p >= eps) & (p <= 1 - eps), p.dtype)
+    return tf.clip_by_value(p, eps, 1 - eps), inside
