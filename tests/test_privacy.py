@@ -96,6 +96,44 @@ def test_noise_free_dp_step_with_a_large_clip_equals_a_plain_step():
     assert not np.allclose(before, make().get_weights()[0])  # the step moved the weights
 
 
+@pytest.mark.parametrize(
+    "stock, activation",
+    [
+        (keras.losses.SparseCategoricalCrossentropy(dtype=F64), "softmax"),
+        (keras.losses.BinaryCrossentropy(dtype=F64), "sigmoid"),
+    ],
+    ids=["sparse cross entropy after softmax", "binary cross entropy after sigmoid"],
+)
+def test_stock_keras_loss_after_softmax_or_sigmoid_trains_privately(stock, activation):
+    """Stock Keras' cross entropies read the logits off a Softmax/Sigmoid op that made y_pred
+    (in a graph), which cut the per-sample loss off from y_pred: the DP step failed with "None
+    values not supported". A noise-free step with a large clip equals a plain Keras step."""
+    keras.utils.set_random_seed(2)
+
+    def make():
+        return keras.Sequential(
+            [
+                keras.Input((5,), dtype=F64),
+                layers.Dense(7, activation="tanh", dtype=F64),
+                layers.Dense(4, activation=activation, dtype=F64),
+            ]
+        )
+
+    plain = make()
+    private = privacy.make_private(make(), l2_norm_clip=1e6, noise_multiplier=0.0)
+    start = plain.get_weights()
+    private.set_weights(start)
+    x, y = data(plain, 16)
+    if activation == "sigmoid":
+        y = tf.constant(np.random.default_rng(3).integers(0, 2, size=(16, 4)), F64)
+    for model in (private, plain):
+        model.compile(optimizer=keras.optimizers.SGD(0.5), loss=stock)
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    for a, b in zip(private.get_weights(), plain.get_weights(), strict=True):
+        assert tolerances.relative_error(a, b, F64) <= RTOL64
+    assert not np.allclose(private.get_weights()[0], start[0])  # the step moved the weights
+
+
 def test_noise_has_standard_deviation_sigma_times_clip():
     """The noise reaching the weights, ``-lr * N(0, (sigma C)^2) / B`` per entry, recovered from
     ten DP steps taken from the same weights with and without noise: the sum of squares over

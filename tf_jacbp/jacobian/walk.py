@@ -145,7 +145,10 @@ def output_delta(
     y = tf.cast(tf.convert_to_tensor(y), dtype or out.dtype)
     with tf.GradientTape() as tape:  # only to read delta[L] off the loss (Table 1 for ours)
         tape.watch(out)
-        out_cast = tf.cast(out, dtype) if dtype else out
+        # A new tensor: in a graph stock Keras' cross entropies read the logits off the Softmax
+        # or Sigmoid op that made their y_pred, which cuts the loss off from ``out`` (no
+        # delta). On this tensor they compute what they compute eagerly, on probabilities.
+        out_cast = tf.identity(tf.cast(out, dtype) if dtype else out)
         values = per_sample(y, out_cast)
         if values.shape.rank == 0:
             raise ValueError(

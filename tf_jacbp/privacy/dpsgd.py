@@ -165,6 +165,9 @@ class DPModel(keras.Model):
 
     The loss must be per-sample with Keras' default reduction ("sum_over_batch_size");
     ``sample_weight`` is refused. The logged loss is the batch's ordinary (non-private) mean loss.
+    Stock Keras losses work as well as tf_jacbp's; after a Softmax or Sigmoid output a stock cross
+    entropy is computed on the probabilities (clipped to ``[eps, 1 - eps]``, as Keras does
+    eagerly), not on logits read off the graph as Keras' own graph-mode ``fit`` does.
     ``tf_jacbp.callbacks.GradientCheck`` still works during a DP fit: it checks the layers' batch
     gradient formulas (the ones both passes are made of) against autodiff, not the noisy update.
     """
