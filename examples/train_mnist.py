@@ -4,7 +4,7 @@ The main job of tf_jacbp:
 
     python examples/train_mnist.py                      # LeNet-100-300-10, GradientCheck on
     python examples/train_mnist.py --model lenet5 --epochs 3
-    python examples/train_mnist.py --model resnet --epochs 5   # skips, BatchNorm, Dropout
+    python examples/train_mnist.py --model resnet --epochs 8 --learning-rate 3e-3  # skips, BN
     python examples/train_mnist.py --data fashion-mnist --check-every 200
     python examples/train_mnist.py --no-check
 

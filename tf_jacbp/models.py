@@ -85,8 +85,10 @@ def resnet_mnist(
     """A small residual CNN of tf_jacbp layers (Toeplitz convolutions, BatchNormalization, Add).
 
     ``Conv2D(filters, 3x3, same) -> BN -> ReLU -> MaxPooling2D(2)``, then one residual block
-    ``h + BN(Conv(ReLU(BN(Conv(h)))))`` with ``ReLU`` after the sum, ``MaxPooling2D(2) ->
-    Flatten -> Dropout(dropout) -> Dense(num_classes)``. The convolutions before a batch
+    ``h + BN(Conv(ReLU(BN(Conv(h)))))`` with ``ReLU`` after the sum, then a head as in ResNets:
+    ``Dropout(dropout) -> Conv2D(4 filters, 3x3, stride 2) -> BN -> ReLU ->
+    GlobalAveragePooling2D -> Dense(num_classes)`` (the pooling's Jacobian averages: each of the
+    ``H W`` positions of a channel gets ``delta / (H W)``). The convolutions before a batch
     normalization have no bias (its ``beta`` takes that role). ``momentum`` is the batch
     normalizations' (0.9 rather than Keras' 0.99: a few hundred steps on small data should be
     enough for the moving statistics to follow the batches'). The skip's Jacobian is ``I``, so
@@ -108,6 +110,81 @@ def resnet_mnist(
     r = layers.Conv2D(filters, 3, padding="same", use_bias=False, name="block_conv2")(r)
     r = layers.BatchNormalization(momentum=momentum, name="block_bn2")(r)
     h = layers.ReLU(name="block_relu2")(layers.Add(name="block_add")([r, h]))
-    h = layers.Flatten(name="flatten")(layers.MaxPooling2D(2, name="block_pool")(h))
     h = layers.Dropout(dropout, name="dropout")(h)
+    h = layers.Conv2D(4 * filters, 3, strides=2, padding="same", use_bias=False, name="head_conv")(
+        h
+    )
+    h = layers.ReLU(name="head_relu")(
+        layers.BatchNormalization(momentum=momentum, name="head_bn")(h)
+    )
+    h = layers.GlobalAveragePooling2D(name="global_pool")(h)
     return keras.Model(x, layers.Dense(num_classes, name="logits")(h), name="resnet_mnist")
+
+
+def conv_autoencoder(
+    input_shape: tuple[int, int, int] = (28, 28, 1), filters: tuple[int, int] = (8, 16)
+) -> keras.Sequential:
+    """A convolutional autoencoder: Toeplitz convolutions down, their transposes up.
+
+    ``Conv2D(f_1, 3x3, stride 2, same, relu) -> Conv2D(f_2, 3x3, stride 2, same, relu) ->
+    Conv2DTranspose(f_1, 3x3, stride 2, same, relu) -> Conv2DTranspose(C, 3x3, stride 2, same,
+    sigmoid)``. A convolution multiplies by ``T(K)``, a transposed convolution by ``T(K)^T``
+    (docs/conv_transpose.md), so the decoder's backward pass multiplies by ``T(K)``. Input and
+    output ``(batch, H, W, C)`` with ``H`` and ``W`` divisible by 4 and pixels in ``[0, 1]``:
+    compile with ``tf_jacbp.losses.MeanSquaredError()``.
+    """
+    if input_shape[0] % 4 or input_shape[1] % 4:
+        raise ValueError(
+            f"conv_autoencoder: input_shape={tuple(input_shape)} needs a height and width "
+            "divisible by 4 (two stride-2 convolutions down and two up); pad or crop the images."
+        )
+    down, bottleneck = filters
+    return keras.Sequential(
+        [
+            keras.Input(shape=input_shape),
+            layers.Conv2D(down, 3, strides=2, padding="same", activation="relu"),
+            layers.Conv2D(bottleneck, 3, strides=2, padding="same", activation="relu"),
+            layers.Conv2DTranspose(down, 3, strides=2, padding="same", activation="relu"),
+            layers.Conv2DTranspose(
+                input_shape[-1], 3, strides=2, padding="same", activation="sigmoid"
+            ),
+        ],
+        name="conv_autoencoder",
+    )
+
+
+def sequence_classifier(
+    sequence_length: int,
+    vocabulary_size: int,
+    num_classes: int = 10,
+    embedding_dim: int = 8,
+    filters: int = 32,
+    kernel_size: int = 15,
+    dilation_rate: int = 7,
+) -> keras.Sequential:
+    """A sequence classifier: ``Embedding -> Conv1D -> Conv1D -> GlobalMaxPooling1D -> Dense``.
+
+    ``Embedding(vocabulary_size, embedding_dim) -> Conv1D(filters, kernel_size, stride 2, same,
+    relu) -> Conv1D(filters, 5, dilation_rate, same, relu) -> GlobalMaxPooling1D ->
+    Dense(num_classes)``. Input ``(batch, sequence_length)`` of integer tokens in
+    ``[0, vocabulary_size)``; the embedding selects one row of ``E`` per token (``y = S E``,
+    ``S`` a selection matrix), each convolution multiplies by its 1-D Toeplitz matrix (Lemma 2),
+    the pooling selects each channel's maximum over the positions. The defaults suit images read
+    row by row as 14-token rows (``examples/train_sequence.py``): after the stride 2 a row is 7
+    positions, so the dilation 7 reaches the rows above and below. Output the logits
+    ``(batch, num_classes)``: compile with
+    ``tf_jacbp.losses.SparseCategoricalCrossentropy(from_logits=True)``.
+    """
+    return keras.Sequential(
+        [
+            keras.Input(shape=(sequence_length,), dtype="int32"),
+            layers.Embedding(vocabulary_size, embedding_dim),
+            layers.Conv1D(filters, kernel_size, strides=2, padding="same", activation="relu"),
+            layers.Conv1D(
+                filters, 5, dilation_rate=dilation_rate, padding="same", activation="relu"
+            ),
+            layers.GlobalMaxPooling1D(),
+            layers.Dense(num_classes),
+        ],
+        name="sequence_classifier",
+    )

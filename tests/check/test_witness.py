@@ -78,7 +78,7 @@ def test_no_false_alarm_over_50_seeds_and_planted_errors_are_caught(policy, name
         if isinstance(layer, (PlantedDense, PlantedConv2D))
         for i, v in enumerate(layer.trainable_variables)
     ]
-    assert len(planted) == (10 if name == "lenet5" else 5)
+    assert len(planted) == (10 if name == "lenet5" else 6)
     factor = PLANTED[policy]
     try:
         for slot, i, path in planted:

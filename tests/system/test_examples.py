@@ -14,11 +14,12 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "train_mnist.py"
     [
         (["--epochs", "3", "--check-every", "50"], 0.85),
         (["--model", "lenet5", "--epochs", "1", "--batch-size", "64"], 0.5),
-        # The residual CNN (skips, batch normalization, dropout) to >= 90% with every step's
-        # twentieth checked: the issue's bar, through the example users run.
+        # The residual CNN (skips, batch normalization, dropout, global average pooling) to
+        # >= 90% with every twentieth step checked: the issue's bar, through the example users
+        # run. Its pooled head learns slower than a flattened one: 8 epochs (92.7% measured).
         (
-            ["--model", "resnet", "--epochs", "5", "--batch-size", "64"]
-            + ["--learning-rate", "2e-3", "--check-every", "20"],
+            ["--model", "resnet", "--epochs", "8", "--batch-size", "64"]
+            + ["--learning-rate", "3e-3", "--check-every", "20"],
             0.90,
         ),
     ],
@@ -41,3 +42,26 @@ def test_no_check_trains_without_the_callback(capsys):
         warnings.simplefilter("ignore")
         main(["--epochs", "1", "--no-check", "--verbose", "0"])
     assert "GradientCheck" not in capsys.readouterr().out
+
+
+def _run(name: str, args: list[str]):
+    main = runpy.run_path(str(EXAMPLE.parent / name))["main"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return main([*args, "--verbose", "0"])
+
+
+def test_conv_autoencoder_example_reconstructs_with_the_check_on(capsys):
+    """Conv2D down, Conv2DTranspose up, MSE, on Fashion-MNIST (Debian's IDX files)."""
+    error, baseline = _run("train_autoencoder.py", ["--train-images", "2048", "--epochs", "2"])
+    out = capsys.readouterr().out
+    assert error < 0.5 * baseline, (error, baseline)
+    assert "GradientCheck" in out and "0 mismatches" in out, out
+
+
+def test_sequence_classifier_example_learns_with_the_check_on(capsys):
+    """Embedding, Conv1D, GlobalMaxPooling1D, Dense on MNIST read as token sequences."""
+    accuracy = _run("train_sequence.py", ["--epochs", "3"])
+    out = capsys.readouterr().out
+    assert accuracy >= 0.75, accuracy
+    assert "GradientCheck" in out and "0 mismatches" in out, out

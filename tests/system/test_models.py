@@ -44,3 +44,23 @@ def test_lenet_100_300_10_trains_to_90_percent(digits):
     _, accuracy = model.evaluate(x_test, y_test, verbose=0)
     assert accuracy >= 0.90, f"test accuracy {accuracy:.3f} < 0.90"
     assert np.isfinite(model.layers[-1].kernel.numpy()).all()
+
+
+def test_the_models_end_as_their_docstrings_say():
+    resnet = [type(layer) for layer in models.resnet_mnist().layers]
+    assert resnet[-2:] == [layers.GlobalAveragePooling2D, layers.Dense]
+    autoencoder = models.conv_autoencoder()
+    assert [type(layer) for layer in autoencoder.layers] == [layers.Conv2D] * 2 + [
+        layers.Conv2DTranspose
+    ] * 2
+    assert autoencoder.output_shape == (None, 28, 28, 1)
+    sequence = models.sequence_classifier(196, 16)
+    assert [type(layer) for layer in sequence.layers] == [
+        layers.Embedding,
+        layers.Conv1D,
+        layers.Conv1D,
+        layers.GlobalMaxPooling1D,
+        layers.Dense,
+    ]
+    with pytest.raises(ValueError, match="divisible by 4"):
+        models.conv_autoencoder(input_shape=(30, 30, 1))
