@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import struct
 import sys
 from collections.abc import Callable
@@ -257,6 +258,34 @@ def _private_stock_model():
     privacy.make_private(model, l2_norm_clip=1.0, noise_multiplier=1.1)
 
 
+def _unknown_activation_callable():
+    layers.Dense(2, activation=lambda z: z**3)
+
+
+def _conv_transpose_output_padding():
+    layers.Conv2DTranspose(2, 3, strides=2, output_padding=2)
+
+
+def _layer_norm_batch_axis():
+    layers.LayerNormalization(axis=0)(np.ones((2, 3), "float32"))
+
+
+def _embedding_id_out_of_range():
+    layers.Embedding(5, 2)(np.array([[1, 7]]))
+
+
+def _conv1d_channels_first():
+    layers.Conv1D(2, 3, data_format="channels_first")
+
+
+def _upsampling_bilinear():
+    layers.UpSampling2D(2, interpolation="bilinear")
+
+
+def _concatenate_batch_axis():
+    layers.Concatenate(axis=0)([np.ones((2, 3), "float32"), np.ones((2, 3), "float32")])
+
+
 # (input, the callable, the error type). Callables taking one argument get a temporary directory.
 CASES: list[tuple[str, Callable, type[Exception]]] = [
     ("units <= 0", _dense_units, ValueError),
@@ -305,12 +334,32 @@ CASES: list[tuple[str, Callable, type[Exception]]] = [
     ("parameter_jacobian on a transposed image", _transposed_image, ValueError),
     ("per_example_gradients with y of the wrong length", _y_wrong_length, ValueError),
     ("make_private on a model with stock Keras layers", _private_stock_model, TypeError),
+    ("activation: a callable without a Jacobian", _unknown_activation_callable, ValueError),
+    ("Conv2DTranspose output_padding >= strides", _conv_transpose_output_padding, ValueError),
+    ("LayerNormalization over the batch axis", _layer_norm_batch_axis, ValueError),
+    (
+        "Embedding id outside [0, input_dim)",
+        _embedding_id_out_of_range,
+        tf.errors.InvalidArgumentError,
+    ),
+    ("Conv1D channels_first", _conv1d_channels_first, ValueError),
+    ("UpSampling2D interpolation='bilinear'", _upsampling_bilinear, ValueError),
+    ("Concatenate along the batch axis", _concatenate_batch_axis, ValueError),
 ]
 
 
 def first_line(error: BaseException, tmp: Path) -> str:
-    """The message's first line, the temporary directory as ``<dir>``, cut at ``WIDTH``."""
-    line = str(error).strip().splitlines()[0].replace(os.fspath(tmp), "<dir>")
+    """The message's first line, the temporary directory as ``<dir>``, cut at ``WIDTH``.
+
+    Keras' header for errors raised inside ``call`` ("Exception encountered when calling ...")
+    and its terminal bold codes are skipped; object addresses read ``0x...``.
+    """
+    lines = [
+        re.sub(r"\x1b\[[0-9;]*m", "", line).strip()
+        for line in str(error).strip().splitlines()
+        if line.strip() and not line.startswith("Exception encountered when calling")
+    ]
+    line = re.sub(r" at 0x[0-9a-f]+", " at 0x...", lines[0]).replace(os.fspath(tmp), "<dir>")
     return line if len(line) <= WIDTH else line[: WIDTH - 3] + "..."
 
 
