@@ -284,3 +284,26 @@ def test_a_float_max_bytes_is_a_budget_like_an_int():
     assert jacobian.parameter_jacobian(model, np.ones((1, 4)), max_bytes=1e6).shape == (1, 3, 15)
     with pytest.raises(ValueError, match="max_bytes=100.0"):
         jacobian.parameter_jacobian(model, np.ones((1, 4)), max_bytes=100.0)
+
+
+def test_a_model_that_makes_a_mask_is_refused_by_the_walk():
+    """Algorithm 1 ignores Keras masks; a masked model would get the unmasked result."""
+    from tf_jacbp import jacobian, layers, losses
+
+    model = keras.Sequential(
+        [
+            keras.Input((5,), dtype="int32"),
+            layers.Embedding(7, 3, mask_zero=True, name="tokens"),
+            layers.GlobalAveragePooling1D(),
+            layers.Dense(2),
+        ]
+    )
+    x = np.array([[1, 2, 0, 0, 0], [3, 4, 5, 0, 0]])
+    loss = losses.SparseCategoricalCrossentropy(from_logits=True)
+    for call in (
+        lambda: jacobian.parameter_jacobian(model, x),
+        lambda: jacobian.per_example_gradients(model, x, np.array([0, 1]), loss),
+        lambda: jacobian.per_example_gradient_norms(model, x, np.array([0, 1]), loss),
+    ):
+        with pytest.raises(ValueError, match="layer 'tokens' .* makes a mask"):
+            call()

@@ -66,7 +66,33 @@ def check_x(model: keras.Model, x: Any, dtype: Any, owner: str) -> tf.Tensor:
             f"{owner}: x must have shape {wanted} to match the input of model '{model.name}', "
             f"got x of shape {got}.{hint}"
         )
+    check_no_masks(model, owner)
     return tf.cast(x, dtype) if dtype is not None and x.dtype != dtype else x
+
+
+def _mask_makers(layer: keras.layers.Layer) -> list[keras.layers.Layer]:
+    """The layers in ``layer`` (itself, or inside a nested model) that make a Keras mask."""
+    found = [layer] if getattr(layer, "mask_zero", False) else []
+    for inner in getattr(layer, "layers", []) if isinstance(layer, keras.Model) else []:
+        found += _mask_makers(inner)
+    return found
+
+
+def check_no_masks(model: keras.Model, owner: str) -> None:
+    """A ValueError if a layer of ``model`` makes a mask (``Embedding(mask_zero=True)``).
+
+    Algorithm 1 walks each layer's map without Keras masks, so on a masked model (a masked
+    pooling, a masked merge downstream) its result would differ from the model's, silently.
+    """
+    makers = _mask_makers(model)
+    if makers:
+        raise ValueError(
+            f"{owner}: layer '{makers[0].name}' of model '{model.name}' makes a mask "
+            "(mask_zero=True), and Algorithm 1 walks each layer's map without Keras masks, so "
+            "the result would not be the masked model's. Use mask_zero=False (the padding id "
+            "then has its own embedding row), or take the masked model's Jacobians with "
+            "tf.GradientTape."
+        )
 
 
 def check_y(y: Any, batch: int, owner: str) -> tf.Tensor:
