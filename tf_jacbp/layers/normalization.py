@@ -24,6 +24,10 @@ vector of ones:
 theta holds ``gamma`` then ``beta`` (those that exist). The moving statistics are not parameters:
 they are updated as Keras updates them, ``m <- momentum m + (1 - momentum) mu`` and
 ``v <- momentum v + (1 - momentum) sigma^2`` (the biased variance), on every training call.
+
+With a Keras mask (``call(..., mask=...)``, shape ``(batch, ...)``), training takes ``mu`` and
+``sigma^2`` over the unmasked entries as Keras does, and its backward pass is the masked Jacobian
+of ``tf_jacbp.layers.batch_moments``; inference ignores the mask. The mask passes through.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import Any
 
 from tf_jacbp._backend import keras, tf
 from tf_jacbp.layers.base import _WEIGHT_OPTIONS, JacobianLayer, as_float_tensor
+from tf_jacbp.layers.batch_moments import masked_backward, masked_moments
 from tf_jacbp.route import Map, route
 
 
@@ -64,8 +69,10 @@ class BatchNormalization(JacobianLayer):
     ``call(inputs, training=None)``: training mode (batch statistics, moving statistics updated)
     iff ``training`` is truthy and the layer is ``trainable``, as in Keras; otherwise the moving
     statistics. Like Keras, float16/bfloat16 inputs are normalized in float32 and the result cast
-    back; ``gamma``, ``beta`` and the statistics stay float32. Masks and batch renormalization are
-    not supported.
+    back; ``gamma``, ``beta`` and the statistics stay float32. ``call(inputs, training, mask)``
+    accepts a Keras mask ``(batch, ...)``: in training the batch (and moving) statistics are
+    taken over the unmasked entries, as Keras does; the mask passes through (``compute_mask``).
+    Batch renormalization is not supported.
 
     Input ``(batch, ..., C)``, output the same shape.
 
@@ -130,6 +137,7 @@ class BatchNormalization(JacobianLayer):
         for name, value in options.items():
             setattr(self, name, _WEIGHT_OPTIONS[name.rsplit("_", 1)[1]].get(value))
         self.gamma = self.beta = self.moving_mean = self.moving_variance = None
+        self.supports_masking = True  # as Keras: the mask passes through unchanged
 
     def build(self, input_shape: tuple) -> None:
         rank = len(input_shape)
@@ -292,6 +300,34 @@ class BatchNormalization(JacobianLayer):
         factor = 1.0 / s if gamma is None else gamma / s
         return factor * projected, self.parameter_gradients(dy, xhat, axes)
 
+    # The training map with a mask (a constant of the map): tf_jacbp.layers.batch_moments.
+
+    def masked_forward(self, x: tf.Tensor, *params_and_mask: tf.Tensor) -> tf.Tensor:
+        """Training with ``mask`` (the last argument, ``(batch, ...)``): ``y = gamma (x - mu) / s
+        + beta`` at every entry, ``mu``, ``s`` over the unmasked entries (Keras' masked moments)."""
+        *params, mask = params_and_mask
+        mean, variance, _ = masked_moments(x, mask)
+        return self.affine((x - mean) / tf.sqrt(variance + self.epsilon), *params)
+
+    def masked_reference(self, x: tf.Tensor, *params_and_mask: tf.Tensor) -> tf.Tensor:
+        """Training with ``mask``, in stock ops: Keras' masked moments, then
+        ``tf.nn.batch_normalization``."""
+        *params, mask = params_and_mask
+        mean, variance, _ = masked_moments(x, mask)
+        gamma, beta = self.split_parameters(params)
+        return tf.nn.batch_normalization(x, mean, variance, beta, gamma, self.epsilon)
+
+    def masked_backward(
+        self, dy: tf.Tensor, x: tf.Tensor, y: tf.Tensor, *params_and_mask: tf.Tensor
+    ) -> tuple[tf.Tensor, list[tf.Tensor]]:
+        """Training with ``mask``: ``dx = (gamma / s) (delta - (m/N') sum(delta) - (m/N')
+        (xhat - a) sum(delta * xhat))``, sums over every entry of the channel (docs/batchnorm.md);
+        ``dgamma = sum(delta * xhat)``, ``dbeta = sum(delta)``."""
+        *params, mask = params_and_mask
+        gamma, _ = self.split_parameters(params)
+        dx, xhat = masked_backward(dy, x, mask, gamma, self.epsilon)
+        return dx, self.parameter_gradients(dy, xhat, _channel_axes(x))
+
     def jacobian_ops(self, training: bool = False) -> list:
         """Inference (``training=False``): the layer itself. Training: a ValueError, unless the
         layer is frozen (``trainable=False``), which runs its inference map then too (as Keras)."""
@@ -306,13 +342,27 @@ class BatchNormalization(JacobianLayer):
             )
         return [(self, self.read_parameters())]
 
-    def call(self, inputs: tf.Tensor, training: bool | None = None) -> tf.Tensor:
+    def call(
+        self, inputs: tf.Tensor, training: bool | None = None, mask: tf.Tensor | None = None
+    ) -> tf.Tensor:
         """Training (``training`` and ``trainable``): the training map, its backward pass
-        ``batch_backward``, then the moving statistics updated. Otherwise the inference map, its
-        backward pass ``backward``."""
+        ``batch_backward`` (``masked_backward`` with a ``mask`` of shape ``(batch, ...)``), then the
+        moving statistics updated. Otherwise the inference map, its backward pass ``backward``."""
+        if mask is not None and len(mask.shape) != len(inputs.shape) - 1:
+            raise ValueError(
+                f"BatchNormalization '{self.name}': the mask must have one dimension less than "
+                f"the inputs (no channel axis), got mask.shape={tuple(mask.shape)} for "
+                f"inputs.shape={tuple(inputs.shape)}. Give a mask of shape "
+                f"{tuple(inputs.shape[:-1])}."
+            )
         x = tf.cast(inputs, self.statistics_dtype)
         params = self.read_parameters()
-        if training and self.trainable:
+        if training and self.trainable and mask is not None:
+            mask = tf.cast(mask, tf.bool)
+            training_map = Map(self.masked_forward, self.masked_reference, self.masked_backward)
+            y = route(training_map, x, params, constants=[mask])
+            self.update_moving_statistics(*masked_moments(x, mask)[:2])
+        elif training and self.trainable:
             training_map = Map(self.batch_forward, self.batch_reference, self.batch_backward)
             y = route(training_map, x, params)
             self.update_moving_statistics(*self.batch_statistics(x))
