@@ -516,6 +516,9 @@ def test_unknown_size_memory_guard_runs_when_the_graph_runs():
         match=r"(?s)over the budget of 1000000 bytes.*toeplitz_budget_bytes.*\[3200\] \[1600\]",
     ):
         call(np.zeros((1, 40, 40, 1)))  # T: 3200 x 1600 float64, 41 MB
+    # XLA ignores assertions (documented in tf_jacbp.toeplitz_dynamic): the guard does not run.
+    xla = tf.function(layer, input_signature=call.input_signature, jit_compile=True)
+    assert xla(np.zeros((1, 40, 40, 1))).shape == (1, 40, 40, 2)
 
 
 def test_unknown_size_checks_the_window_when_the_graph_runs():
