@@ -188,3 +188,7 @@ def test_bad_noise_shape_names_noise_shape(noise_shape):
 def test_bad_seed_names_seed():
     with pytest.raises(ValueError, match="seed="):
         layers.Dropout(0.5, seed=1.5)
+
+
+def test_dropout_is_built_at_construction_as_keras_dropout():
+    assert layers.Dropout(0.5).built == keras.layers.Dropout(0.5).built is True

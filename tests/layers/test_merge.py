@@ -327,3 +327,19 @@ def test_parameter_jacobian_through_the_merge_equals_autodiff(make, shape):
         blocks.append(np.transpose(b, [0, 1, *trailing]).reshape(*b.shape[:2], -1))
     got = jacobian.parameter_jacobian(model, x)
     assert tolerances.relative_error(got, np.concatenate(blocks, axis=-1)) <= RTOL64
+
+
+def test_add_passes_the_masks_on_as_keras_add():
+    x = np.arange(12, dtype="float32").reshape(2, 3, 2)
+    masks = [np.array([[1, 1, 0], [1, 0, 0]], bool), np.array([[1, 0, 1], [1, 1, 0]], bool)]
+    ours, stock = layers.Add(), keras.layers.Add()
+    assert ours.supports_masking and stock.supports_masking
+    for mask in (masks, [masks[0], None], None):
+        expected = stock.compute_mask([x, x], mask)
+        got = ours.compute_mask([x, x], mask)
+        if expected is None:
+            assert got is None
+        else:
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+    # The sum ignores masks (stock Add takes none as an argument).
+    np.testing.assert_array_equal(ours([x, x], mask=masks), stock([x, x]))

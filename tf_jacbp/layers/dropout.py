@@ -89,6 +89,7 @@ class Dropout(JacobianLayer):
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed) if 0 < rate < 1 else None
         self.supports_masking = True
+        self.built = True  # stateless: built at construction, as Keras' Dropout
 
     def draw_seed(self) -> tf.Tensor:
         """The next seed of the generator, as Keras' dropout draws it (an int32 pair)."""

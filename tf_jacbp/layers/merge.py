@@ -66,8 +66,13 @@ class Add(JacobianLayer):
     """``y = x_1 + ... + x_n`` (a residual sum), like ``keras.layers.Add``; ``J_{x_k} y = I``.
 
     Called on a list of tensors of one rank, shapes equal or 1 along broadcast axes:
-    ``(batch, *shape_k)`` -> ``(batch, *shape)``. It has no parameters.
+    ``(batch, *shape_k)`` -> ``(batch, *shape)``. It has no parameters. Masks, as Keras' ``Add``:
+    the sum ignores them and the output carries the OR of the masks when every input has one.
     """
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.supports_masking = True
 
     def build(self, input_shape: Any) -> None:
         if not isinstance(input_shape, (list, tuple)) or not all(
@@ -124,10 +129,15 @@ class Add(JacobianLayer):
         """``{"J_x1 = I": ..., "J_x2 = I": ...}`` at one sample."""
         return {f"J_x{k + 1} = I": j for k, j in enumerate(self.jacobian(xs))}
 
-    def call(self, inputs: Sequence[tf.Tensor]) -> tf.Tensor:
+    def call(self, inputs: Sequence[tf.Tensor], mask: Any = None) -> tf.Tensor:
+        """``sum_k x_k`` by ``route``; ``mask`` is accepted and, as in Keras' ``Add``, unused."""
         if not isinstance(inputs, (list, tuple)):
             raise ValueError("Add must be called on a list of tensors, e.g. Add()([x, shortcut]).")
         return route(self, list(inputs))
+
+    def compute_mask(self, inputs: Any, mask: Any = None) -> Any:
+        """Keras' merge mask: the OR of the masks when every input has one, else None."""
+        return _merge_mask(inputs, mask)
 
     def compute_output_shape(self, input_shape: Sequence[tuple]) -> tuple:
         return (input_shape[0][0], *_output_shape([tuple(s[1:]) for s in input_shape]))
@@ -144,6 +154,17 @@ def _check_list_of_shapes(owner: str, input_shape: Any, minimum: int, example: s
         )
     if len(input_shape) < minimum:
         raise ValueError(f"{owner} needs at least {minimum} input, got {len(input_shape)}.")
+
+
+def _merge_mask(inputs: Any, mask: Any) -> Any:
+    """Keras' merge mask (``Add``, ``Multiply``): the OR of the masks when every input has one,
+    else None."""
+    if mask is None:
+        return None
+    _check_masks(inputs, mask)
+    if any(m is None for m in mask):
+        return None
+    return functools.reduce(tf.logical_or, mask)
 
 
 def _check_masks(inputs: Any, mask: Any) -> None:
@@ -278,12 +299,7 @@ class Multiply(JacobianLayer):
 
     def compute_mask(self, inputs: Any, mask: Any = None) -> Any:
         """Keras' merge mask: the OR of the masks when every input has one, else None."""
-        if mask is None:
-            return None
-        _check_masks(inputs, mask)
-        if any(m is None for m in mask):
-            return None
-        return functools.reduce(tf.logical_or, mask)
+        return _merge_mask(inputs, mask)
 
     def compute_output_shape(self, input_shape: Sequence[tuple]) -> tuple:
         shape = _output_shape([tuple(s[1:]) for s in input_shape], "Multiply", "multiplied")
