@@ -358,3 +358,193 @@ def test_axis_that_is_not_last_at_build_is_an_error():
 def test_synchronized_is_an_error():
     with pytest.raises(ValueError, match="synchronized=True"):
         layers.BatchNormalization(synchronized=True)
+
+
+# Masks: training statistics over the unmasked entries, as Keras' BatchNormalization.
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from tf_jacbp.layers.batch_moments import masked_backward, masked_moments  # noqa: E402
+from tf_jacbp.layers.dense import Dense  # noqa: E402
+from tf_jacbp.layers.embedding import Embedding  # noqa: E402
+from tf_jacbp.layers.global_pooling import GlobalAveragePooling1D  # noqa: E402
+
+
+def assert_close(got, want):
+    """``got`` within float64's relative tolerance of ``want`` (Frobenius norms), both finite."""
+    err = tolerances.relative_error(got, want, "float64")
+    assert err <= RTOL64, f"relative error {err:.3g} > {RTOL64:.3g}"
+
+
+def draw_mask(rng, shape, kind):
+    """A random bool mask ``(batch, T)``, ``batch, T >= 2``, keeping at least two entries (one kept
+    entry makes the output constant up to Keras' fuzz factor: its gradient is pure cancellation);
+    ``kind`` also masks one whole sample, or keeps all, or none."""
+    if kind in ("all ones", "none kept"):
+        return np.full(shape, kind == "all ones")
+    mask = rng.random(shape) < 0.6
+    masked_sample = rng.integers(shape[0])
+    if kind == "one sample masked":
+        mask[masked_sample] = False
+    other = (masked_sample + 1) % shape[0]
+    mask[other, rng.choice(shape[1], 2, replace=False)] = True
+    return mask
+
+
+def masked_call(layer_class, x, mask, w, reference=False, **kwargs):
+    """A fresh ``layer_class`` in float64 called in training on ``x`` with ``mask``: ``[y, dx,
+    dgamma, dbeta, moving mean, moving variance]`` (the gradients of ``sum(w * y)``)."""
+    layer = layer_class(dtype="float64", momentum=0.7, **initializers(3), **kwargs)
+    layer.build(x.shape)
+    x = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        if reference:
+            with tf_jacbp.reference_mode():
+                y = layer(x, training=True, mask=tf.constant(mask))
+        else:
+            y = layer(x, training=True, mask=tf.constant(mask))
+        loss = tf.reduce_sum(w * y)
+    grads = tape.gradient(loss, [x, *layer.trainable_variables])
+    return [y, *grads, layer.moving_mean, layer.moving_variance]
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    batch=st.integers(2, 4),
+    steps=st.integers(2, 5),
+    channels=st.integers(1, 3),
+    kind=st.sampled_from(["random", "one sample masked", "all ones", "none kept"]),
+    center=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_masked_training_matches_keras_both_routes(batch, steps, channels, kind, center, seed):
+    """Outputs, gradients (input, gamma, beta) and moving statistics after a masked training call
+    equal Keras' in float64, on the Jacobian route and on the reference route."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(1.0, 2.0, size=(batch, steps, channels))
+    mask = draw_mask(rng, (batch, steps), kind)
+    w = tf.constant(rng.normal(size=x.shape))
+    stock = masked_call(keras.layers.BatchNormalization, x, mask, w, center=center)
+    for reference in (False, True):
+        ours = masked_call(layers.BatchNormalization, x, mask, w, reference, center=center)
+        assert len(ours) == len(stock)
+        for got, want in zip(ours, stock, strict=True):
+            assert_close(got, want)
+
+
+def test_masked_backward_is_the_masked_jacobian_transpose():
+    """``masked_backward`` against ``tape.jacobian`` of the masked batch map, with a fully masked
+    sample and a fully masked channel of a position: the sums run over every entry, masked ones
+    included, and a masked entry gets only the diagonal ``gamma / s``."""
+    rng = np.random.default_rng(1)
+    x = tf.constant(rng.normal(2.0, 1.5, size=(3, 4, 2)))
+    mask = tf.constant(draw_mask(rng, (3, 4), "one sample masked"))
+    gamma = tf.constant([0.7, -1.3], tf.float64)
+    eps = 1e-3
+
+    def batch_map(x):
+        mean, variance, _ = masked_moments(x, mask)
+        return gamma * (x - mean) / tf.sqrt(variance + eps)
+
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = batch_map(x)
+    jac = tf.reshape(tape.jacobian(y, x), [24, 24])  # d y_j / d x_i, rows j
+    dy = tf.constant(rng.normal(size=(3, 4, 2)))
+    dx = masked_backward(dy, x, mask, gamma, eps)[0]
+    want = tf.linalg.matvec(jac, tf.reshape(dy, [-1]), transpose_a=True)
+    assert_close(tf.reshape(dx, [-1]), want)
+    # A masked entry: the column of J is (gamma / s) e_i.
+    _, variance, _ = masked_moments(x, mask)
+    i = int(np.flatnonzero(~np.repeat(mask.numpy().reshape(-1), 2))[0])
+    column = np.zeros(24)
+    column[i] = gamma[i % 2] / np.sqrt(variance[i % 2] + eps)
+    np.testing.assert_allclose(jac[:, i], column, rtol=RTOL64, atol=1e-15)
+
+
+def test_all_ones_mask_is_keras_fuzzed_moments_not_the_unmasked_ones():
+    """Keras divides by ``N + keras.config.epsilon()`` when a mask is given: an all-ones mask
+    differs (slightly) from no mask, and ours follows Keras in both."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(3.0, 1.0, size=(2, 3, 2))
+    w = tf.constant(rng.normal(size=x.shape))
+    ones = np.ones((2, 3), bool)
+    ours = masked_call(layers.BatchNormalization, x, ones, w)
+    stock = masked_call(keras.layers.BatchNormalization, x, ones, w)
+    for got, want in zip(ours, stock, strict=True):
+        assert_close(got, want)
+    unmasked = layers.BatchNormalization(dtype="float64", momentum=0.7, **initializers(3))
+    y = unmasked(tf.constant(x), training=True)
+    assert not np.allclose(y, ours[0], rtol=1e-12, atol=0)
+
+
+def test_inference_with_a_mask_is_the_plain_map_and_the_mask_passes_through():
+    rng = np.random.default_rng(3)
+    x = tf.constant(rng.normal(size=(2, 3, 2)))
+    mask = tf.constant([[True, False, True], [False, False, True]])
+    ours = layers.BatchNormalization(dtype="float64", **initializers())
+    stock = keras.layers.BatchNormalization(dtype="float64", **initializers())
+    assert_close(ours(x, training=False, mask=mask), ours(x, training=False))
+    assert_close(ours(x, training=False, mask=mask), stock(x, training=False, mask=mask))
+    assert ours.supports_masking and stock.supports_masking
+    for m in (mask, None):
+        got, want = ours.compute_mask(x, m), stock.compute_mask(x, m)
+        assert (got is None) == (want is None)
+        if m is not None:
+            np.testing.assert_array_equal(got, want)
+
+
+def test_mask_of_the_wrong_rank_names_the_mask_and_the_fix():
+    layer = layers.BatchNormalization()
+    with pytest.raises(ValueError, match=r"mask.*one dimension less.*\(2, 3\)"):
+        layer(np.zeros((2, 3, 4), "float32"), training=True, mask=np.ones((2, 3, 4), bool))
+
+
+def sequence_model(family, ids_shape, vocabulary=7, dim=3):
+    """``Embedding(mask_zero=True) -> BatchNormalization -> GlobalAveragePooling1D -> Dense``."""
+    embedding, batchnorm, pooling, dense = family
+    return keras.Sequential(
+        [
+            keras.Input(ids_shape, dtype="int32"),
+            embedding(vocabulary, dim, mask_zero=True, dtype="float64"),
+            batchnorm(dtype="float64", momentum=0.6, **initializers(5)),
+            pooling(dtype="float64"),
+            dense(2, dtype="float64"),
+        ]
+    )
+
+
+def test_masked_sequence_model_fits_one_step_like_keras():
+    """One ``fit`` step of the masked sequence model of tf_jacbp layers equals the same model of
+    stock layers with the same weights (float64): every variable after the step, the masks
+    propagated through ``BatchNormalization`` to the pooling."""
+    rng = np.random.default_rng(4)
+    ids = rng.integers(1, 7, size=(5, 6)).astype("int32")
+    for row, length in enumerate([6, 3, 1, 4, 2]):
+        ids[row, length:] = 0  # padding (no sample of padding only: GlobalAveragePooling1D's 0/0)
+    targets = rng.normal(size=(5, 2))
+    ours = sequence_model(
+        (Embedding, layers.BatchNormalization, GlobalAveragePooling1D, Dense), (6,)
+    )
+    stock = sequence_model(
+        (
+            keras.layers.Embedding,
+            keras.layers.BatchNormalization,
+            keras.layers.GlobalAveragePooling1D,
+            keras.layers.Dense,
+        ),
+        (6,),
+    )
+    stock.set_weights(ours.get_weights())
+    before = ours.get_weights()
+    for model in (ours, stock):
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        model.fit(ids, targets, batch_size=5, epochs=1, verbose=0, shuffle=False)
+    for got, want in zip(ours.get_weights(), stock.get_weights(), strict=True):
+        assert_close(got, want)
+    # The mask reached BatchNormalization: with the padding as data the moving mean would be
+    # momentum m + (1 - momentum) mean(all embeddings).
+    unmasked = 0.6 * before[3] + 0.4 * before[0][ids].reshape(-1, 3).mean(axis=0)
+    assert not np.allclose(ours.layers[1].moving_mean.numpy(), unmasked, rtol=1e-6)
