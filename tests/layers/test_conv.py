@@ -636,3 +636,27 @@ def test_one_route_with_the_activation_equals_two_routes(activation, bias):
 
     for ours, theirs in zip(grads(lambda: layer(x)), grads(two_routes), strict=True):
         assert tolerances.relative_error(ours, theirs) <= tolerances.rtol("float64")
+
+
+@pytest.mark.parametrize("bias", ["tied", None])
+def test_unknown_size_per_example_rows_and_norms_equal_the_static_ones(bias):
+    """Algorithm 1's per-example gradients and their squared norms, traced for an unknown size,
+    equal the static route's (the norms take the outer form there: ``P`` is not known)."""
+    layer = Conv2D(3, 3, strides=2, padding="same", use_bias=bias is not None, dtype="float64")
+    layer.build((None, None, None, 2))
+    params = layer.read_parameters()
+    rng = np.random.default_rng(6)
+    x = tf.constant(rng.normal(size=(3, 7, 6, 2)))
+    dz = tf.constant(rng.normal(size=(3, 4, 3, 3)))
+    signature = [tf.TensorSpec((None, None, None, c), "float64") for c in (3, 2)]
+
+    @tf.function(input_signature=signature)
+    def dynamic(dz, x):
+        dx, grads = layer.per_example_backward(dz, x, None, *params)
+        return dx, grads, layer.per_example_squared_norms(dz, x, None, *params)
+
+    dx, grads, norms = dynamic(dz, x)
+    want_dx, want_grads = layer.per_example_backward(dz, x, None, *params)
+    want_norms = layer.per_example_squared_norms(dz, x, None, *params)
+    for got, want in zip([dx, *grads, *norms], [want_dx, *want_grads, *want_norms], strict=True):
+        assert tolerances.relative_error(got, want) <= tolerances.rtol("float64")

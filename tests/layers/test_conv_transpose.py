@@ -510,3 +510,26 @@ def test_get_config_round_trip():
     assert config["output_padding"] == (1, 1)
     clone = Conv2DTranspose.from_config(config)
     assert clone.get_config() == config
+
+
+def test_unknown_size_per_example_rows_and_norms_equal_the_static_ones():
+    """Per-example gradients and their squared norms, traced for an unknown size, equal the
+    static route's."""
+    layer = Conv2DTranspose(3, 3, strides=2, padding="same", dtype="float64")
+    layer.build((None, None, None, 2))
+    params = layer.read_parameters()
+    rng = np.random.default_rng(7)
+    x = tf.constant(rng.normal(size=(3, 3, 4, 2)))
+    dy = tf.constant(rng.normal(size=(3, 6, 8, 3)))
+    signature = [tf.TensorSpec((None, None, None, c), "float64") for c in (3, 2)]
+
+    @tf.function(input_signature=signature)
+    def dynamic(dy, x):
+        dx, grads = layer.per_example_backward(dy, x, None, *params)
+        return dx, grads, layer.per_example_squared_norms(dy, x, None, *params)
+
+    dx, grads, norms = dynamic(dy, x)
+    want_dx, want_grads = layer.per_example_backward(dy, x, None, *params)
+    want_norms = layer.per_example_squared_norms(dy, x, None, *params)
+    for got, want in zip([dx, *grads, *norms], [want_dx, *want_grads, *want_norms], strict=True):
+        assert tolerances.relative_error(got, want) <= RTOL
