@@ -274,3 +274,20 @@ def test_xla_step_on_a_bad_one_hot_label_gets_a_zero_gradient(loss, bad_row):
     value, g = value_and_grad(tf.constant(y), z)
     assert np.isnan(value.numpy()[1]) and np.isfinite(value.numpy()[[0, 2]]).all()
     np.testing.assert_array_equal(g.numpy(), np.zeros((3, 4)))
+
+
+def test_a_bad_label_recorded_by_another_loss_does_not_stop_this_model():
+    """A record left by one loss (a compiled function of one's own) belongs to that loss: a model
+    compiled with another loss trains on."""
+    other = _sparse(True)
+
+    @tf.function(jit_compile=True)
+    def own_step(z, y):
+        return other(y, z)
+
+    own_step(tf.zeros((2, C)), tf.constant([0.0, 7.0]))  # records 7 in `other`
+    assert other._bad_label_record.numpy()[0] == 1
+    x, y = _data(0, 0.0)
+    model = _model(_sparse(True), jit_compile=True)
+    history = model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False)
+    assert np.isfinite(history.history["loss"]).all()

@@ -156,26 +156,30 @@ _made_in: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 # Checks run in Python after every call of a step function Keras made (``after_each_step``).
-_after_step: list[Callable[[], None]] = []
+_after_step: list[Callable[[keras.Model], None]] = []
 
 
-def after_each_step(check: Callable[[], None]) -> None:
-    """Run ``check()`` after every call of ``model.train_function`` and ``model.test_function``
-    (``fit``, ``evaluate``, ``*_on_batch``): it may raise to stop the loop right after a step.
-    The losses use it to report a bad label seen in a step compiled with XLA, which cannot stop
-    itself (``tf_jacbp.losses``)."""
+def after_each_step(check: Callable[[keras.Model], None]) -> None:
+    """Run ``check(model)`` after every call of ``model.train_function`` and
+    ``model.test_function`` (``fit``, ``evaluate``, ``*_on_batch``): it may raise to stop the loop
+    right after a step. The losses use it to report a bad label seen in a step compiled with
+    XLA, which cannot stop itself (``tf_jacbp.losses``)."""
     if check not in _after_step:
         _after_step.append(check)
 
 
-def _checked(function: Callable) -> Callable:
-    """``function`` followed by every check of ``after_each_step``."""
+def _checked(function: Callable, model: keras.Model) -> Callable:
+    """``function`` followed by every check of ``after_each_step`` on ``model`` (held weakly:
+    the model holds the function)."""
+    model_ref = weakref.ref(model)
 
     @functools.wraps(function)
     def step_then_check(*args, **kwargs):
         result = function(*args, **kwargs)
-        for check in _after_step:
-            check()
+        owner = model_ref()
+        if owner is not None:
+            for check in _after_step:
+                check(owner)
         return result
 
     return step_then_check
@@ -196,7 +200,7 @@ def _remade_on_switch(make: Callable, attribute: str) -> Callable:
         made = getattr(self, attribute, None)
         if made is not None and made is not cached:
             if attribute != "predict_function":
-                made = _checked(made)
+                made = _checked(made, self)
                 setattr(self, attribute, made)
                 result = made if result is not None else None
             _made_in[made] = mode

@@ -46,7 +46,8 @@ def _op_types(graph):
 
 @pytest.mark.parametrize(
     "build, learning_rate",
-    [(models.lenet5, 0.1), (models.resnet_mnist, 0.01)],
+    # The residual model without dropout: two steps' losses compare only with the same map.
+    [(models.lenet5, 0.1), (lambda: models.resnet_mnist(dropout=0.0), 0.01)],
     ids=["lenet5", "resnet"],
 )
 def test_train_step_compiles_under_xla_with_no_host_only_op(build, learning_rate):

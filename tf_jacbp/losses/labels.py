@@ -153,9 +153,11 @@ def _report_after_xla_step(
             record.read_value()  # the next use of ``record``, the compiled step, waits for this
 
 
-def _raise_recorded_bad_labels() -> None:
-    """Raise ``InvalidArgumentError`` for a bad label a compiled step recorded (and reset it)."""
-    for loss in list(_armed_losses):
+def _raise_recorded_bad_labels(model: keras.Model) -> None:
+    """Raise ``InvalidArgumentError`` for a bad label a compiled step of ``model`` recorded in
+    one of its compiled losses (and reset the record). Other models' records are theirs."""
+    compiled = keras.tree.flatten(getattr(model, "loss", None))
+    for loss in [loss for loss in list(_armed_losses) if any(loss is c for c in compiled)]:
         record = loss._bad_label_record
         flag, value, count = record.numpy()
         if flag:
