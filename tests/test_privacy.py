@@ -6,7 +6,6 @@ callbacks, GradientCheck, .keras round trip) through a DPModel."""
 import math
 import os
 import runpy
-import time
 import warnings
 from pathlib import Path
 
@@ -294,11 +293,9 @@ def test_weight_regularizer_is_added_after_the_noise():
 def test_example_quick_mode_trains_and_plots(tmp_path, capsys):
     main = runpy.run_path(str(EXAMPLE))["main"]
     plot = os.path.join(tmp_path, "dp.png")
-    start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = main(["--quick", "--verbose", "0", "--plot", plot])
-    elapsed = time.perf_counter() - start
     out = capsys.readouterr().out
     assert (
         f"epoch 1: test accuracy {result['accuracy']:.4f}, epsilon {result['epsilon']:.3f}" in out
@@ -307,4 +304,3 @@ def test_example_quick_mode_trains_and_plots(tmp_path, capsys):
         privacy.compute_epsilon(2.15, 128 / 512, 4, 1e-5), rel=1e-12
     )
     assert os.path.getsize(plot) > 1000
-    assert elapsed < 300, elapsed  # quick stays quick: 30-80 s measured on 2 shared cores
