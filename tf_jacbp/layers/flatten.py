@@ -13,8 +13,8 @@ import math
 from typing import Any
 
 from tf_jacbp._backend import keras, tf
+from tf_jacbp.geometry import check_channels_last
 from tf_jacbp.layers.base import JacobianLayer, as_float_tensor
-from tf_jacbp.layers.conv import check_channels_last
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
