@@ -143,7 +143,7 @@ def build(input_shape, plan, n_out, rng) -> keras.Model:
     return keras.Model(x, layers.Dense(n_out, dtype=F64)(h))
 
 
-@settings(max_examples=30, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@settings(max_examples=15, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(networks())
 def test_norms_match_materialized_per_example_gradients(case):
     input_shape, plan, n_out, loss, x, y, rng = case
