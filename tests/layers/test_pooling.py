@@ -513,3 +513,21 @@ def test_configuration_attributes_and_masking_as_the_stock_layer(name, kwargs):
             assert config[key] == value, key
             assert getattr(ours, key) == getattr(stock, key), key
     assert type(ours).from_config(config).get_config() == config
+
+
+def test_a_fully_masked_sample_sends_zero_back_to_masked_steps_as_stock():
+    """Its output is 0/0 = NaN (stock too); the NaN coming back must stop at the masked steps,
+    as stock's ``where`` stops it, so that an embedding before the pooling stays finite."""
+    x = tf.constant(np.arange(12, dtype="float64").reshape(2, 3, 2))
+    mask = tf.constant([[True, True, False], [False, False, False]])
+    dy = tf.constant([[1.0, 2.0], [np.nan, np.nan]], tf.float64)
+    ours = GlobalAveragePooling1D(dtype="float64")
+    stock = keras.layers.GlobalAveragePooling1D(dtype="float64")
+    grads = []
+    for layer in (ours, stock):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, mask=mask)
+        grads.append(tape.gradient(y, x, output_gradients=dy).numpy())
+    np.testing.assert_array_equal(grads[0], grads[1])
+    assert np.all(grads[0][1] == 0)

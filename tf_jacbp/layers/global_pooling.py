@@ -214,3 +214,11 @@ class GlobalAveragePooling1D(_GlobalAverage):
             return super().entries(x, y)
         kept = tf.cast(mask[0], x.dtype)[:, :, None]
         return tf.math.divide_no_nan(kept, tf.reduce_sum(kept, axis=1, keepdims=True))
+
+    def backward(self, dy: tf.Tensor, x: tf.Tensor, y: tf.Tensor, *mask) -> tuple[tf.Tensor, list]:
+        """``(J^T dy, [])``; with a mask, exactly 0 at masked steps whatever ``dy`` is (a fully
+        masked sample's NaN output sends NaN back: the stock layer's ``where`` stops it there)."""
+        dx, _ = super().backward(dy, x, y, *mask)
+        if mask:
+            dx = tf.where(tf.cast(mask[0], tf.bool)[:, :, None], dx, tf.zeros_like(dx))
+        return dx, []
