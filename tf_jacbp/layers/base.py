@@ -232,6 +232,13 @@ class _KernelBiasLayer(JacobianLayer):
         activation = None if type(self.activation) is activations.Linear else self.activation
         return route(self, inputs, self.read_parameters(), activation=activation)
 
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> _KernelBiasLayer:
+        """The layer of a ``get_config`` dict: its serialized ``activation`` deserialized."""
+        config = dict(config)
+        config["activation"] = activations.deserialize(config["activation"])
+        return cls(**config)
+
     def weight_options_config(self) -> dict[str, Any]:
         """The six weight options, serialized for ``get_config``."""
         return {

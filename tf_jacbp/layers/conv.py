@@ -522,12 +522,6 @@ class ToeplitzConv(_KernelBiasLayer):
         )
         return config
 
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> ToeplitzConv:
-        config = dict(config)
-        config["activation"] = activations.deserialize(config["activation"])
-        return cls(**config)
-
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
 class Conv2D(ToeplitzConv):

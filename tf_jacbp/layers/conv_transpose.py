@@ -565,9 +565,3 @@ class Conv2DTranspose(_KernelBiasLayer):
             }
         )
         return config
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> Conv2DTranspose:
-        config = dict(config)
-        config["activation"] = activations.deserialize(config["activation"])
-        return cls(**config)

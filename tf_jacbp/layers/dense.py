@@ -300,12 +300,6 @@ class Dense(_KernelBiasLayer):
         )
         return config
 
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> Dense:
-        config = dict(config)
-        config["activation"] = activations.deserialize(config["activation"])
-        return cls(**config)
-
 
 def _positions(t: tf.Tensor) -> tf.Tensor:
     """``(batch, ..., d)`` -> ``(batch, P, d)``: each sample's positions as rows (row-major)."""
