@@ -79,14 +79,34 @@ class Activation(JacobianLayer):
         return cls(**config)
 
 
+class _Argument:
+    """An argument of a layer's activation as an attribute of the layer (``ReLU.max_value``).
+
+    Reading ``layer.<name>`` reads ``layer.activation.<name>``; setting it makes
+    ``layer.activation`` anew with the new value and its other arguments, so the new value is
+    checked as the constructor checks it. ``doc`` is the attribute's docstring.
+    """
+
+    def __init__(self, doc: str):
+        self.__doc__ = doc
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, layer: Activation | None, owner: type | None = None) -> Any:
+        if layer is None:
+            return self
+        return getattr(layer.activation, self.name)
+
+    def __set__(self, layer: Activation, value: Any) -> None:
+        config = {**layer.activation.get_config(), self.name: value}
+        layer.activation = type(layer.activation)(**config)
+
+
 class _FixedActivation(Activation):
     """An ``Activation`` whose function is fixed by the class; its arguments are its config and
-    its attributes (reading ``layer.alpha`` reads the activation's; setting it makes a new
-    activation with the new value, checked as the constructor checks it)."""
-
-    def _replace(self, **changes: Any) -> None:
-        """Make ``self.activation`` anew with ``changes`` applied to its arguments."""
-        self.activation = type(self.activation)(**{**self.activation.get_config(), **changes})
+    its attributes (each an ``_Argument``: reading ``layer.alpha`` reads the activation's; setting
+    it makes a new activation with the new value, checked as the constructor checks it)."""
 
     def get_config(self) -> dict[str, Any]:
         return {**JacobianLayer.get_config(self), **self.activation.get_config()}
@@ -100,6 +120,10 @@ class _FixedActivation(Activation):
 class ReLU(_FixedActivation):
     """``max(z, 0)`` with Keras' ``max_value``, ``negative_slope``, ``threshold``; ``J`` is 0/1."""
 
+    max_value = _Argument("``M``, or None (no maximum).")
+    negative_slope = _Argument("``s``, the slope below the threshold.")
+    threshold = _Argument("``t``, the threshold.")
+
     def __init__(
         self,
         max_value: float | None = None,
@@ -108,33 +132,6 @@ class ReLU(_FixedActivation):
         **kwargs: Any,
     ):
         super().__init__(activations.ReLU(max_value, negative_slope, threshold), **kwargs)
-
-    @property
-    def max_value(self) -> float | None:
-        """``M``, or None (no maximum)."""
-        return self.activation.max_value
-
-    @max_value.setter
-    def max_value(self, value: float | None) -> None:
-        self._replace(max_value=value)
-
-    @property
-    def negative_slope(self) -> float:
-        """``s``, the slope below the threshold."""
-        return self.activation.negative_slope
-
-    @negative_slope.setter
-    def negative_slope(self, value: float) -> None:
-        self._replace(negative_slope=value)
-
-    @property
-    def threshold(self) -> float:
-        """``t``, the threshold."""
-        return self.activation.threshold
-
-    @threshold.setter
-    def threshold(self, value: float) -> None:
-        self._replace(threshold=value)
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
@@ -158,6 +155,8 @@ class LeakyReLU(_FixedActivation):
     """``z`` or ``negative_slope * z`` (Keras' layer default slope 0.3);
     ``J = diag(1 or slope)``."""
 
+    negative_slope = _Argument("The slope for ``z <= 0``.")
+
     def __init__(self, negative_slope: float = 0.3, **kwargs: Any):
         if "alpha" in kwargs:  # Keras 2's name, which Keras 3 still accepts with a warning
             negative_slope = kwargs.pop("alpha")
@@ -167,31 +166,15 @@ class LeakyReLU(_FixedActivation):
             )
         super().__init__(activations.LeakyReLU(negative_slope), **kwargs)
 
-    @property
-    def negative_slope(self) -> float:
-        """The slope for ``z <= 0``."""
-        return self.activation.negative_slope
-
-    @negative_slope.setter
-    def negative_slope(self, value: float) -> None:
-        self._replace(negative_slope=value)
-
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
 class ELU(_FixedActivation):
     """``z`` or ``alpha (e^z - 1)``; ``J = diag(1 or a + alpha)``."""
 
+    alpha = _Argument("``alpha`` in ``alpha (e^z - 1)``.")
+
     def __init__(self, alpha: float = 1.0, **kwargs: Any):
         super().__init__(activations.ELU(alpha), **kwargs)
-
-    @property
-    def alpha(self) -> float:
-        """``alpha`` in ``alpha (e^z - 1)``."""
-        return self.activation.alpha
-
-    @alpha.setter
-    def alpha(self, value: float) -> None:
-        self._replace(alpha=value)
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
@@ -206,17 +189,10 @@ class Softplus(_FixedActivation):
 class GELU(_FixedActivation):
     """``z Phi(z)``; ``J = diag(Phi(z) + z phi(z))`` (or the tanh approximation's)."""
 
+    approximate = _Argument("Whether the tanh approximation is used.")
+
     def __init__(self, approximate: bool = False, **kwargs: Any):
         super().__init__(activations.GELU(approximate), **kwargs)
-
-    @property
-    def approximate(self) -> bool:
-        """Whether the tanh approximation is used."""
-        return self.activation.approximate
-
-    @approximate.setter
-    def approximate(self, value: bool) -> None:
-        self._replace(approximate=value)
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
