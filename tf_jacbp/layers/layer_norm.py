@@ -38,18 +38,10 @@ from typing import Any
 import numpy as np
 
 from tf_jacbp._backend import keras, tf
-from tf_jacbp.layers.base import _WEIGHT_OPTIONS, JacobianLayer, as_float_tensor, squared_norms
+from tf_jacbp.layers.base import as_float_tensor, squared_norms
+from tf_jacbp.layers.normalization import _Normalization
 from tf_jacbp.layout import vec_index
 from tf_jacbp.route import route
-
-_OPTIONS = (
-    "beta_initializer",
-    "gamma_initializer",
-    "beta_regularizer",
-    "gamma_regularizer",
-    "beta_constraint",
-    "gamma_constraint",
-)
 
 
 def _is_int(value: Any) -> bool:
@@ -57,7 +49,7 @@ def _is_int(value: Any) -> bool:
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
-class LayerNormalization(JacobianLayer):
+class LayerNormalization(_Normalization):
     """Layer normalization with explicit Jacobians; arguments as
     ``keras.layers.LayerNormalization``.
 
@@ -84,6 +76,8 @@ class LayerNormalization(JacobianLayer):
         >>> layer.input_jacobian(x).shape  # one 3 x 3 Jacobian per sample
         TensorShape([2, 3, 3])
     """
+
+    config_arguments = ("axis", "epsilon", "center", "scale", "rms_scaling")
 
     def __init__(
         self,
@@ -130,16 +124,14 @@ class LayerNormalization(JacobianLayer):
         self.center = bool(center)
         self.scale = bool(scale)
         self.rms_scaling = bool(rms_scaling)
-        options = {
-            "beta_initializer": beta_initializer,
-            "gamma_initializer": gamma_initializer,
-            "beta_regularizer": beta_regularizer,
-            "gamma_regularizer": gamma_regularizer,
-            "beta_constraint": beta_constraint,
-            "gamma_constraint": gamma_constraint,
-        }
-        for name, value in options.items():
-            setattr(self, name, _WEIGHT_OPTIONS[name.rsplit("_", 1)[1]].get(value))
+        self.set_weight_options(
+            beta_initializer=beta_initializer,
+            gamma_initializer=gamma_initializer,
+            beta_regularizer=beta_regularizer,
+            gamma_regularizer=gamma_regularizer,
+            beta_constraint=beta_constraint,
+            gamma_constraint=gamma_constraint,
+        )
         self.gamma = self.beta = None
         self.supports_masking = True
         self.autocast = False  # as Keras: inputs are not cast to float16 before the statistics
@@ -196,27 +188,6 @@ class LayerNormalization(JacobianLayer):
         if self.has_beta:
             self.beta = self._weight("beta", shape)
         self.input_spec = keras.layers.InputSpec(ndim=rank, axes={a: input_shape[a] for a in axes})
-
-    def _weight(self, name: str, shape: tuple) -> keras.Variable:
-        options = {kind: getattr(self, f"{name}_{kind}") for kind in _WEIGHT_OPTIONS}
-        return self.add_weight(name=name, shape=shape, trainable=True, autocast=False, **options)
-
-    def jacobian_parameters(self) -> list[keras.Variable]:
-        """``[gamma, beta]`` (theta order), without those that do not exist."""
-        return [v for v in (self.gamma, self.beta) if v is not None]
-
-    @property
-    def statistics_dtype(self) -> str:
-        """The dtype the layer computes in: float32 at least (as Keras)."""
-        return keras.backend.result_type(self.compute_dtype, "float32")
-
-    def read_parameters(self) -> list[tf.Tensor]:
-        """``gamma``, ``beta`` as tensors of ``statistics_dtype`` (float32 under mixed
-        precision)."""
-        return [
-            tf.cast(tf.convert_to_tensor(v), self.statistics_dtype)
-            for v in self.jacobian_parameters()
-        ]
 
     # Shapes: x is (batch, ...); gamma, beta have the shape of the normalized axes and are
     # reshaped to broadcast against x (1 on the other axes).
@@ -400,18 +371,3 @@ class LayerNormalization(JacobianLayer):
         blocks = [tf.gather(tf.gather(b, back, axis=0), columns, axis=1) for b in blocks]
         factors[f"[{' | '.join(names)}]"] = tf.concat(blocks, axis=-1)
         return factors
-
-    def get_config(self) -> dict[str, Any]:
-        config = super().get_config()
-        config.update(
-            {
-                "axis": self.axis,
-                "epsilon": self.epsilon,
-                "center": self.center,
-                "scale": self.scale,
-                "rms_scaling": self.rms_scaling,
-            }
-        )
-        for name in _OPTIONS:
-            config[name] = _WEIGHT_OPTIONS[name.rsplit("_", 1)[1]].serialize(getattr(self, name))
-        return config

@@ -51,8 +51,66 @@ def _sample_axes(x: tf.Tensor) -> list[int]:
     return list(range(1, len(x.shape) - 1))
 
 
+class _Normalization(JacobianLayer):
+    """What ``BatchNormalization`` and ``LayerNormalization`` share: the weight options of
+    ``gamma``, ``beta`` (and BN's moving statistics), stored and serialized as Keras stores them,
+    the weights made float32 under mixed precision (not autocast), ``theta = [gamma, beta]``
+    read in ``statistics_dtype``, and ``get_config``.
+
+    A subclass lists the arguments its config holds as they are stored in ``config_arguments``,
+    passes its options (``<weight>_<initializer|regularizer|constraint>``) to
+    ``set_weight_options``, and sets ``self.gamma``, ``self.beta`` (None for those that do not
+    exist).
+    """
+
+    config_arguments: tuple[str, ...] = ()
+
+    def set_weight_options(self, **options: Any) -> None:
+        """Store each ``<weight>_<initializer|regularizer|constraint>`` via Keras' ``get``, and
+        their names in ``weight_options`` (the order ``get_config`` gives them in)."""
+        self.weight_options = tuple(options)
+        for name, value in options.items():
+            setattr(self, name, _WEIGHT_OPTIONS[name.rsplit("_", 1)[1]].get(value))
+
+    def get_config(self) -> dict[str, Any]:
+        """Keras' config, then the ``config_arguments`` as stored, then the ``weight_options``
+        serialized."""
+        config = super().get_config()
+        config.update({name: getattr(self, name) for name in self.config_arguments})
+        for name in self.weight_options:
+            config[name] = _WEIGHT_OPTIONS[name.rsplit("_", 1)[1]].serialize(getattr(self, name))
+        return config
+
+    def _weight(self, name: str, shape: tuple, trainable: bool = True) -> keras.Variable:
+        """The weight ``name`` of ``shape``, with those of its options that the layer has."""
+        options = {
+            k: getattr(self, f"{name}_{k}") for k in _WEIGHT_OPTIONS if hasattr(self, f"{name}_{k}")
+        }
+        return self.add_weight(
+            name=name, shape=shape, trainable=trainable, autocast=False, **options
+        )
+
+    @property
+    def statistics_dtype(self) -> str:
+        """The dtype the layer computes in: float32 at least, so float32 for float16/bfloat16
+        compute dtypes (as Keras)."""
+        return keras.backend.result_type(self.compute_dtype, "float32")
+
+    def jacobian_parameters(self) -> list[keras.Variable]:
+        """``[gamma, beta]`` (theta order), without those that do not exist."""
+        return [v for v in (self.gamma, self.beta) if v is not None]
+
+    def read_parameters(self) -> list[tf.Tensor]:
+        """``gamma``, ``beta`` as tensors of ``statistics_dtype`` (float32 under mixed
+        precision)."""
+        return [
+            tf.cast(tf.convert_to_tensor(v), self.statistics_dtype)
+            for v in self.jacobian_parameters()
+        ]
+
+
 @keras.saving.register_keras_serializable(package="tf_jacbp")
-class BatchNormalization(JacobianLayer):
+class BatchNormalization(_Normalization):
     """Batch normalization over the last axis, like ``keras.layers.BatchNormalization``.
 
     Args:
@@ -82,6 +140,8 @@ class BatchNormalization(JacobianLayer):
         >>> layer.batch_jacobian(x).shape  # the train-mode Jacobian of the batch map
         TensorShape([8, 8])
     """
+
+    config_arguments = ("axis", "momentum", "epsilon", "center", "scale", "synchronized")
 
     def __init__(
         self,
@@ -124,18 +184,16 @@ class BatchNormalization(JacobianLayer):
         self.center = center
         self.scale = scale
         self.synchronized = synchronized
-        options = {
-            "beta_initializer": beta_initializer,
-            "gamma_initializer": gamma_initializer,
-            "moving_mean_initializer": moving_mean_initializer,
-            "moving_variance_initializer": moving_variance_initializer,
-            "beta_regularizer": beta_regularizer,
-            "gamma_regularizer": gamma_regularizer,
-            "beta_constraint": beta_constraint,
-            "gamma_constraint": gamma_constraint,
-        }
-        for name, value in options.items():
-            setattr(self, name, _WEIGHT_OPTIONS[name.rsplit("_", 1)[1]].get(value))
+        self.set_weight_options(
+            beta_initializer=beta_initializer,
+            gamma_initializer=gamma_initializer,
+            moving_mean_initializer=moving_mean_initializer,
+            moving_variance_initializer=moving_variance_initializer,
+            beta_regularizer=beta_regularizer,
+            gamma_regularizer=gamma_regularizer,
+            beta_constraint=beta_constraint,
+            gamma_constraint=gamma_constraint,
+        )
         self.gamma = self.beta = self.moving_mean = self.moving_variance = None
         self.supports_masking = True  # as Keras: the mask passes through unchanged
 
@@ -159,37 +217,12 @@ class BatchNormalization(JacobianLayer):
                 f"{tuple(input_shape)} must be known; give keras.Input a full shape."
             )
         if self.scale:
-            self.gamma = self._weight("gamma", channels, trainable=True)
+            self.gamma = self._weight("gamma", (channels,))
         if self.center:
-            self.beta = self._weight("beta", channels, trainable=True)
-        self.moving_mean = self._weight("moving_mean", channels, trainable=False)
-        self.moving_variance = self._weight("moving_variance", channels, trainable=False)
+            self.beta = self._weight("beta", (channels,))
+        self.moving_mean = self._weight("moving_mean", (channels,), trainable=False)
+        self.moving_variance = self._weight("moving_variance", (channels,), trainable=False)
         self.input_spec = keras.layers.InputSpec(ndim=rank, axes={-1: channels})
-
-    def _weight(self, name: str, channels: int, trainable: bool) -> keras.Variable:
-        options = {
-            k: getattr(self, f"{name}_{k}") for k in _WEIGHT_OPTIONS if hasattr(self, f"{name}_{k}")
-        }
-        return self.add_weight(
-            name=name, shape=(channels,), trainable=trainable, autocast=False, **options
-        )
-
-    @property
-    def statistics_dtype(self) -> str:
-        """The dtype BN computes in: float32 for float16/bfloat16 compute dtypes (as Keras)."""
-        return keras.backend.result_type(self.compute_dtype, "float32")
-
-    def jacobian_parameters(self) -> list[keras.Variable]:
-        """``[gamma, beta]`` (theta order), without those that ``scale``/``center`` turn off."""
-        return [v for v in (self.gamma, self.beta) if v is not None]
-
-    def read_parameters(self) -> list[tf.Tensor]:
-        """``gamma``, ``beta`` as tensors of ``statistics_dtype`` (float32 under mixed
-        precision)."""
-        return [
-            tf.cast(tf.convert_to_tensor(v), self.statistics_dtype)
-            for v in self.jacobian_parameters()
-        ]
 
     def split_parameters(self, params: tuple) -> tuple[tf.Tensor | None, tf.Tensor | None]:
         """``(gamma, beta)`` from the positional parameters, ``None`` for those turned off."""
@@ -435,28 +468,3 @@ class BatchNormalization(JacobianLayer):
         full = tf.einsum("cnm,cd->ncmd", blocks, tf.eye(channels, dtype=x.dtype))
         size = tf.size(x)
         return tf.reshape(full, [size, size])
-
-    def get_config(self) -> dict[str, Any]:
-        config = super().get_config()
-        config.update(
-            {
-                "axis": self.axis,
-                "momentum": self.momentum,
-                "epsilon": self.epsilon,
-                "center": self.center,
-                "scale": self.scale,
-                "synchronized": self.synchronized,
-            }
-        )
-        for name in (
-            "beta_initializer",
-            "gamma_initializer",
-            "moving_mean_initializer",
-            "moving_variance_initializer",
-            "beta_regularizer",
-            "gamma_regularizer",
-            "beta_constraint",
-            "gamma_constraint",
-        ):
-            config[name] = _WEIGHT_OPTIONS[name.rsplit("_", 1)[1]].serialize(getattr(self, name))
-        return config
