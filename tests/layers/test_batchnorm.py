@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from algorithm_1 import assert_algorithm_1_equals_autodiff
 
 import tf_jacbp
 from tf_jacbp import jacobian, layers, tolerances
@@ -261,28 +262,9 @@ def test_algorithm_1_walks_the_inference_map():
         ]
     )
     x = tf.constant(np.random.default_rng(9).normal(size=(3, 4)))
-    variables = jacobian.parameter_variables(model)
-    assert [v.path.split("/")[-1] for v in variables][2:4] == ["gamma", "beta"]
-    with tf.GradientTape() as tape:
-        with tf_jacbp.reference_mode():
-            out = model(x)
-    blocks = tape.jacobian(out, variables)
-    expected = np.concatenate(
-        [
-            np.asarray(b).transpose(0, 1, *range(b.shape.rank - 1, 1, -1)).reshape(3, 2, -1)
-            for b in blocks
-        ],
-        axis=-1,
-    )
-    assert tolerances.relative_error(jacobian.parameter_jacobian(model, x), expected) <= RTOL64
-
     y = tf.constant([[0.5, -1.0], [2.0, 0.0], [1.0, 1.0]], "float64")
-    per_example = jacobian.per_example_gradients(model, x, y, loss="mse", flatten=False)
-    with tf.GradientTape() as tape:
-        with tf_jacbp.reference_mode():
-            losses = keras.losses.mean_squared_error(y, model(x))
-    for got, want in zip(per_example, tape.jacobian(losses, variables), strict=True):
-        assert tolerances.relative_error(got, want) <= RTOL64
+    variables = assert_algorithm_1_equals_autodiff(model, x, y)
+    assert [v.path.split("/")[-1] for v in variables][2:4] == ["gamma", "beta"]
 
     with pytest.raises(ValueError, match="depends on the whole batch"):
         jacobian.parameter_jacobian(model, x, training=True)
