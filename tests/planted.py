@@ -164,39 +164,29 @@ MAX_SLOTS = 8
 FACTORS = tf.Variable(tf.ones([MAX_SLOTS, 2]), trainable=False)
 
 
-def _planted(dparams, slot):
-    factors = tf.convert_to_tensor(FACTORS)[slot]
-    return [g * tf.cast(factors[i], g.dtype) for i, g in enumerate(dparams)]
+class _Slotted:
+    """Parameter gradients scaled by ``FACTORS[slot]`` (Jacobian route); ``slot`` is an argument
+    and in the config. Mixed in before a tf_jacbp layer class."""
+
+    def __init__(self, *args, slot=0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.slot = slot
+
+    def backward(self, *args):
+        dx, dparams = super().backward(*args)
+        factors = tf.convert_to_tensor(FACTORS)[self.slot]
+        return dx, [g * tf.cast(factors[i], g.dtype) for i, g in enumerate(dparams)]
+
+    def get_config(self):
+        return {**super().get_config(), "slot": self.slot}
 
 
-class PlantedDense(layers.Dense):
+class PlantedDense(_Slotted, layers.Dense):
     """``Dense`` whose parameter gradients are scaled by ``FACTORS[slot]`` (Jacobian route)."""
 
-    def __init__(self, *args, slot=0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.slot = slot
 
-    def backward(self, *args):
-        dx, dparams = super().backward(*args)
-        return dx, _planted(dparams, self.slot)
-
-    def get_config(self):
-        return {**super().get_config(), "slot": self.slot}
-
-
-class PlantedConv2D(layers.Conv2D):
+class PlantedConv2D(_Slotted, layers.Conv2D):
     """``Conv2D`` whose parameter gradients are scaled by ``FACTORS[slot]`` (Jacobian route)."""
-
-    def __init__(self, *args, slot=0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.slot = slot
-
-    def backward(self, *args):
-        dx, dparams = super().backward(*args)
-        return dx, _planted(dparams, self.slot)
-
-    def get_config(self):
-        return {**super().get_config(), "slot": self.slot}
 
 
 def plantable(model):
