@@ -1,5 +1,6 @@
 """What the Table 1 losses share: the fused route, Keras' rank matching, argument checks,
-the constructors and Keras' probability clip.
+the constructors, the cross entropies' ``call`` with Keras' label smoothing, and Keras'
+probability clip.
 
 ``_fused`` gives a per-position loss, shape ``y_pred.shape[:-1]``, whose backward pass is a
 formula ``grad_z l`` (shape ``y_pred.shape``) scaled per position by the upstream gradient of
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tf_jacbp._backend import keras, tf
+from tf_jacbp.losses.labels import _guard_unit_interval
 from tf_jacbp.route import Map, route
 
 
@@ -99,18 +101,31 @@ class _Table1Loss(keras.losses.Loss):
 
 
 class _SmoothedLoss(_Table1Loss):
-    """A Table 1 loss with Keras' ``label_smoothing`` in ``[0, 1]`` and ``axis=-1`` only."""
+    """A Table 1 cross entropy on labels in ``[0, 1]``, with Keras' ``label_smoothing`` in
+    ``[0, 1]`` and ``axis=-1`` only (``BinaryCrossentropy``, ``CategoricalCrossentropy``).
+
+    ``call`` matches ranks as Keras does, checks that ``y_true`` has ``y_pred``'s shape (else a
+    ``ValueError`` ending in ``shape_hint``) and its labels (``_guard_unit_interval``), smooths
+    them (``smooth``) and sends them with ``y_pred`` down one ``_fused`` route: ``on_logits`` with
+    ``from_logits=True``, else ``on_probabilities``, each ``(value, gradient, reference)`` of
+    ``_fused``. A subclass names those, its ``default_name`` and ``classes``.
+    """
+
+    default_name: str
+    shape_hint: str
+    on_logits: tuple[Callable, Callable, Callable]
+    on_probabilities: tuple[Callable, Callable, Callable]
 
     def __init__(
         self,
-        from_logits: bool,
-        label_smoothing: float,
-        axis: int,
-        reduction: str | None,
-        name: str,
-        dtype: Any,
+        from_logits: bool = False,
+        label_smoothing: float = 0.0,
+        axis: int = -1,
+        reduction: str | None = "sum_over_batch_size",
+        name: str | None = None,
+        dtype: Any = None,
     ):
-        super().__init__(from_logits, reduction, name, dtype)
+        super().__init__(from_logits, reduction, name or self.default_name, dtype)
         owner = type(self).__name__
         _check_axis(axis, owner)
         if not 0 <= label_smoothing <= 1:
@@ -122,6 +137,26 @@ class _SmoothedLoss(_Table1Loss):
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "label_smoothing": self.label_smoothing}
+
+    def classes(self, y_pred: tf.Tensor) -> Any:
+        """``d`` of the smoothing ``a / d``: how many values one label spreads ``a`` over."""
+        raise NotImplementedError(f"{type(self).__name__} must implement classes(y_pred).")
+
+    def smooth(self, y: tf.Tensor, classes: Any) -> tf.Tensor:
+        """Keras' label smoothing ``y (1 - a) + a / d``, ``a = label_smoothing``,
+        ``d = classes``; ``y`` any shape."""
+        return y * (1 - self.label_smoothing) + self.label_smoothing / classes
+
+    def call(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+        """The loss per position, shape ``y_pred.shape[:-1]`` (class docstring)."""
+        y_true, y_pred = _match_ranks(y_true, y_pred)
+        _check_same_shape(y_true, y_pred, type(self).__name__, self.shape_hint)
+        guard = _guard_unit_interval(y_true, self, y_pred.shape.rank - 1)
+        y = guard.y
+        if self.label_smoothing:
+            y = self.smooth(y, self.classes(y_pred))
+        value, gradient, reference = self.on_logits if self.from_logits else self.on_probabilities
+        return guard.finish(_fused(y, y_pred, value, gradient, reference))
 
 
 def _clip_mask(p: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:

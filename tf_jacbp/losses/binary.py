@@ -7,11 +7,8 @@ clipped probabilities, and the model's Sigmoid layer applies its own Jacobian.
 
 from __future__ import annotations
 
-from typing import Any
-
 from tf_jacbp._backend import keras, tf
-from tf_jacbp.losses.base import _check_same_shape, _clip_mask, _fused, _match_ranks, _SmoothedLoss
-from tf_jacbp.losses.labels import _guard_unit_interval
+from tf_jacbp.losses.base import _clip_mask, _SmoothedLoss
 
 
 def _sigmoid_cross_entropy(y: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
@@ -37,12 +34,14 @@ def _binary_cross_entropy_grad(y: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
     return -(y / c - (1 - y) / (1 - c)) / d * inside
 
 
-def _reference_binary(y: tf.Tensor, out: tf.Tensor, from_logits: bool) -> tf.Tensor:
-    if from_logits:
-        return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=out), -1)
+def _reference_sigmoid_cross_entropy(y: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
+    return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=z), -1)
+
+
+def _reference_binary_cross_entropy(y: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
     eps = keras.config.epsilon()
-    p = tf.clip_by_value(out, eps, 1 - eps)
-    return -tf.reduce_mean(y * tf.math.log(p) + (1 - y) * tf.math.log(1 - p), -1)
+    c = tf.clip_by_value(p, eps, 1 - eps)
+    return -tf.reduce_mean(y * tf.math.log(c) + (1 - y) * tf.math.log(1 - c), -1)
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
@@ -56,39 +55,19 @@ class BinaryCrossentropy(_SmoothedLoss):
     stop the step (see "Bad labels" in ``tf_jacbp.losses``).
     """
 
-    def __init__(
-        self,
-        from_logits: bool = False,
-        label_smoothing: float = 0.0,
-        axis: int = -1,
-        reduction: str | None = "sum_over_batch_size",
-        name: str = "binary_crossentropy",
-        dtype: Any = None,
-    ):
-        super().__init__(from_logits, label_smoothing, axis, reduction, name, dtype)
+    default_name = "binary_crossentropy"
+    shape_hint = "Give one label in [0, 1] per output."
+    on_logits = (
+        _sigmoid_cross_entropy,
+        _sigmoid_cross_entropy_grad,
+        _reference_sigmoid_cross_entropy,
+    )
+    on_probabilities = (
+        _binary_cross_entropy,
+        _binary_cross_entropy_grad,
+        _reference_binary_cross_entropy,
+    )
 
-    def call(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
-        name = "BinaryCrossentropy"
-        y_true, y_pred = _match_ranks(y_true, y_pred)
-        _check_same_shape(y_true, y_pred, name, "Give one label in [0, 1] per output.")
-        guard = _guard_unit_interval(y_true, self, y_pred.shape.rank - 1)
-        y = guard.y
-        if self.label_smoothing:
-            y = y * (1 - self.label_smoothing) + 0.5 * self.label_smoothing
-        if self.from_logits:
-            loss = _fused(
-                y,
-                y_pred,
-                _sigmoid_cross_entropy,
-                _sigmoid_cross_entropy_grad,
-                lambda y, z: _reference_binary(y, z, True),
-            )
-        else:
-            loss = _fused(
-                y,
-                y_pred,
-                _binary_cross_entropy,
-                _binary_cross_entropy_grad,
-                lambda y, p: _reference_binary(y, p, False),
-            )
-        return guard.finish(loss)
+    def classes(self, y_pred: tf.Tensor) -> int:
+        """2: smoothing moves each label towards ``1/2``."""
+        return 2

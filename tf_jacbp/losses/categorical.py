@@ -22,14 +22,13 @@ from typing import Any
 from tf_jacbp._backend import keras, tf
 from tf_jacbp.losses.base import (
     _check_axis,
-    _check_same_shape,
     _clip_mask,
     _fused,
     _match_ranks,
     _SmoothedLoss,
     _Table1Loss,
 )
-from tf_jacbp.losses.labels import _guard_labels, _guard_unit_interval
+from tf_jacbp.losses.labels import _guard_labels
 from tf_jacbp.route import in_reference_mode
 
 # Softmax + cross entropy on logits (Table 1, row 2).
@@ -136,49 +135,26 @@ class CategoricalCrossentropy(_SmoothedLoss):
     Labels outside ``[0, 1]`` stop the step (see "Bad labels" in ``tf_jacbp.losses``).
     """
 
-    def __init__(
-        self,
-        from_logits: bool = False,
-        label_smoothing: float = 0.0,
-        axis: int = -1,
-        reduction: str | None = "sum_over_batch_size",
-        name: str = "categorical_crossentropy",
-        dtype: Any = None,
-    ):
-        super().__init__(from_logits, label_smoothing, axis, reduction, name, dtype)
+    default_name = "categorical_crossentropy"
+    shape_hint = (
+        "For integer class labels use SparseCategoricalCrossentropy, or one-hot encode them with "
+        "keras.utils.to_categorical."
+    )
+    on_logits = (
+        _softmax_cross_entropy,
+        _softmax_cross_entropy_grad,
+        _reference_softmax_cross_entropy,
+    )
+    on_probabilities = (
+        _probability_cross_entropy,
+        _probability_cross_entropy_grad,
+        _reference_probability_cross_entropy,
+    )
 
-    def call(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
-        name = "CategoricalCrossentropy"
-        y_true, y_pred = _match_ranks(y_true, y_pred)
-        _check_same_shape(
-            y_true,
-            y_pred,
-            name,
-            "For integer class labels use SparseCategoricalCrossentropy, or one-hot encode "
-            "them with keras.utils.to_categorical.",
-        )
-        guard = _guard_unit_interval(y_true, self, y_pred.shape.rank - 1)
-        y = guard.y
-        if self.label_smoothing:
-            d = tf.cast(tf.shape(y_pred)[-1], y_pred.dtype)
-            y = y * (1 - self.label_smoothing) + self.label_smoothing / d
-        if self.from_logits:
-            loss = _fused(
-                y,
-                y_pred,
-                _softmax_cross_entropy,
-                _softmax_cross_entropy_grad,
-                _reference_softmax_cross_entropy,
-            )
-        else:
-            loss = _fused(
-                y,
-                y_pred,
-                _probability_cross_entropy,
-                _probability_cross_entropy_grad,
-                _reference_probability_cross_entropy,
-            )
-        return guard.finish(loss)
+    def classes(self, y_pred: tf.Tensor) -> tf.Tensor:
+        """``d = y_pred.shape[-1]``, in ``y_pred``'s dtype: smoothing moves each row towards the
+        uniform ``1/d``."""
+        return tf.cast(tf.shape(y_pred)[-1], y_pred.dtype)
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
