@@ -25,9 +25,11 @@ unknown sizes after a second size; an ``input_signature`` of unknown size), ``in
 the same maps with TensorFlow ops when the graph runs (``tf_jacbp.toeplitz_dynamic``): ``T(K)``
 is still materialized dense and multiplied by the same code, its memory guard asserted at run time
 (no sparse fallback; not under XLA, which drops assertions but compiles each concrete size).
-The formulas above are written once, for images,
-in ``ToeplitzConv``: ``Conv1D`` (``tf_jacbp.layers.conv1d``) applies them to a sequence read as an
-image of height 1.
+
+The formulas above are written once, for images, in ``ToeplitzConv``: ``Conv1D``
+(``tf_jacbp.layers.conv1d``) applies them to a sequence read as an image of height 1. The
+arguments, the index maps per size and the memory guard are written once in ``ToeplitzConv``'s
+base ``_ToeplitzIndexed``, which ``Conv2DTranspose`` (``tf_jacbp.layers.conv_transpose``) shares.
 """
 
 from __future__ import annotations
@@ -50,7 +52,260 @@ from tf_jacbp.toeplitz_dynamic import DynamicConvIndex
 BIAS_MODES = ("tied", "untied")
 
 
-class ToeplitzConv(_KernelBiasLayer):
+class _ToeplitzIndexed(_KernelBiasLayer):
+    """A layer that multiplies by the Toeplitz matrix ``T(K)`` of a 2-D convolution (or by its
+    transpose): the arguments, the index maps of ``T(K)`` for each input size and the memory
+    guard, written once for ``ToeplitzConv`` (``T(K)`` of the layer's own convolution) and
+    ``Conv2DTranspose`` (``T(K)`` of the convolution from its output's shape to its input's).
+
+    ``rank`` spatial axes (1 or 2) are read as an image ``(H, W)`` (a sequence is an image of
+    height 1, ``_image_geometry``). A subclass gives three small hooks: the kernel variable's
+    shape (``_kernel_shape``; ``T(K)``'s convolution reads it as ``(kh, kw, C_in, C_out)``), the
+    convolution's ``ConvIndex`` for one static size (``_static_index``) and its
+    ``DynamicConvIndex`` for a size known only when the graph runs (``_dynamic_index``).
+    """
+
+    rank = 2
+    paddings = geometry.PADDINGS
+
+    def __init__(
+        self,
+        filters: int,
+        kernel_size: int | tuple[int, ...],
+        strides: int | tuple[int, ...],
+        padding: str,
+        data_format: str | None,
+        dilation_rate: int | tuple[int, ...],
+        activation: Any,
+        use_bias: bool,
+        kernel_initializer: Any,
+        bias_initializer: Any,
+        kernel_regularizer: Any,
+        bias_regularizer: Any,
+        activity_regularizer: Any,
+        kernel_constraint: Any,
+        bias_constraint: Any,
+        toeplitz_budget_bytes: int | None,
+        **kwargs: Any,
+    ):
+        owner = type(self).__name__
+        refuse_unsupported(owner, kwargs)
+        super().__init__(activity_regularizer=activity_regularizer, **kwargs)
+        if isinstance(filters, bool) or not isinstance(filters, int) or filters <= 0:
+            raise ValueError(
+                f"{owner}: filters must be a positive integer (the number of output channels), "
+                f"got filters={filters!r}."
+            )
+        self.filters = filters
+        self.kernel_size = geometry.as_tuple(kernel_size, self.rank, "kernel_size", owner)
+        self.strides = geometry.as_tuple(strides, self.rank, "strides", owner)
+        self.dilation_rate = geometry.as_tuple(dilation_rate, self.rank, "dilation_rate", owner)
+        if max(self.strides) > 1 and max(self.dilation_rate) > 1:
+            raise ValueError(
+                f"{owner}: strides > 1 together with dilation_rate > 1 is not supported (as in "
+                f"Keras), got strides={self.strides} and dilation_rate={self.dilation_rate}. Set "
+                "one of them to 1."
+            )
+        self.padding = geometry.check_padding(padding, owner, self.paddings)
+        self.data_format = check_channels_last(data_format, owner, self.rank)
+        self.activation = activations.get(activation)
+        self.use_bias = use_bias
+        self.toeplitz_budget_bytes = (
+            None
+            if toeplitz_budget_bytes is None
+            else toeplitz.check_budget(toeplitz_budget_bytes, f"{owner}(toeplitz_budget_bytes=...)")
+        )
+        self.set_weight_options(
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer,
+            kernel_constraint=kernel_constraint,
+            bias_constraint=bias_constraint,
+        )
+        self.conv_index: toeplitz.ConvIndex | None = None
+        self.sparse_toeplitz = False
+
+    def _kernel_shape(self, channels: int) -> tuple[int, ...]:
+        """The kernel variable's shape for ``channels`` input channels."""
+        raise NotImplementedError
+
+    def _bias_shape(self, input_shape: tuple) -> tuple[int, ...]:
+        """The bias variable's shape (``build``, after ``conv_index`` is set): one bias per
+        filter, ``(F,)``."""
+        return (self.filters,)
+
+    def _static_index(self, spatial: tuple[int, ...], owner: str) -> toeplitz.ConvIndex:
+        """The ``ConvIndex`` of ``T(K)`` for inputs of static spatial size ``spatial`` (the
+        layer's rank), after the checks that the size fits the layer."""
+        raise NotImplementedError
+
+    def _dynamic_index(self, x: tf.Tensor) -> DynamicConvIndex:
+        """The ``DynamicConvIndex`` of ``T(K)`` for the image batch ``x`` of unknown size."""
+        raise NotImplementedError
+
+    def _image_geometry(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+        """``(kernel_size, strides, dilation_rate)`` of the image view, each ``(height, width)``."""
+        lead = (1,) * (2 - self.rank)
+        return lead + self.kernel_size, lead + self.strides, lead + self.dilation_rate
+
+    def _conv_kernel_shape(self) -> tuple[int, int, int, int]:
+        """``(kh, kw, C_in, C_out)``: the kernel as ``T(K)``'s convolution reads it."""
+        return (1,) * (2 - self.rank) + self._kernel_shape(self._channels)
+
+    def _budget_setting(self) -> str:
+        """How to change the memory budget, for the guard's messages."""
+        return (
+            f"{type(self).__name__}(..., toeplitz_budget_bytes=...) or "
+            "tf_jacbp.toeplitz.set_budget_bytes(...)"
+        )
+
+    def _conv_index(self, sizes: tuple[int, int], owner: str) -> toeplitz.ConvIndex:
+        """``ConvIndex`` of ``T(K)``'s convolution on an image ``(*sizes, C_in)``."""
+        kernel_shape = self._conv_kernel_shape()
+        _, strides, dilation = self._image_geometry()
+        image = (*sizes, kernel_shape[2])
+        return toeplitz.conv_index(kernel_shape, image, strides, self.padding, dilation, owner)
+
+    def _dynamic_conv_index(self, height: tf.Tensor, width: tf.Tensor) -> DynamicConvIndex:
+        """``_conv_index`` for sizes known when the graph runs (``tf_jacbp.toeplitz_dynamic``)."""
+        _, strides, dilation = self._image_geometry()
+        return DynamicConvIndex(
+            height,
+            width,
+            self._conv_kernel_shape(),
+            strides,
+            self.padding,
+            dilation,
+            budget=self._budget,
+            owner=f"{type(self).__name__} {self.name}",  # no quotes: Assert escapes them
+            setting=self._budget_setting(),
+        )
+
+    def build(self, input_shape: tuple) -> None:
+        owner = f"{type(self).__name__} '{self.name}'"
+        *spatial, channels = geometry.spatial_shape(input_shape, self.rank, owner, True)
+        self._channels = channels
+        self._budget = (
+            toeplitz.get_budget_bytes()
+            if self.toeplitz_budget_bytes is None
+            else self.toeplitz_budget_bytes
+        )
+        self._indices: dict[tuple[int, ...], tuple[toeplitz.ConvIndex, bool]] = {}
+        if None not in spatial:  # the usual case: one size, its T(K) guarded now
+            self.conv_index, self.sparse_toeplitz = self.toeplitz_index((None, *spatial, channels))
+        self.add_kernel_and_bias(
+            self._kernel_shape(channels), self._bias_shape(input_shape) if self.use_bias else None
+        )
+        axes = {i + 1: n for i, n in enumerate(spatial) if n is not None}
+        self.input_spec = keras.layers.InputSpec(ndim=self.rank + 2, axes={**axes, -1: channels})
+
+    def toeplitz_index(self, input_shape: tuple) -> tuple[toeplitz.ConvIndex, bool]:
+        """``(ConvIndex, sparse)`` for inputs of static shape ``(batch, *spatial, C)`` (the layer's
+        own rank, or the image view): the index maps of ``T(K)`` for that size and whether the
+        memory guard keeps ``T`` sparse (``tf_jacbp.toeplitz.use_sparse``). Built on first use
+        for each size and kept. For ``Conv2DTranspose`` ``T(K)`` is the convolution's from the
+        output's shape ``(H_out, W_out, F)`` to ``(H, W, C)``: its ``input_shape`` is the output's,
+        its ``output_shape`` the input's.
+
+        Raises a ValueError when a spatial size is not known statically (``index_for(x)`` serves
+        that case, with the maps computed when the graph runs), or when the size does not fit the
+        layer (a window larger than a ``"valid"`` input; for ``Conv2DTranspose`` an
+        ``output_padding`` from whose output size no convolution maps back to ``(H, W)``).
+        """
+        owner = f"{type(self).__name__} '{self.name}'"
+        spatial = tuple(input_shape[1:-1])[-self.rank :]
+        if any(n is None for n in spatial):
+            raise ValueError(
+                f"{owner}: toeplitz_index builds the NumPy index maps of T(K) for one static "
+                f"size, got input shape {tuple(input_shape)}. For a size known only when the "
+                "graph runs, index_for(x) computes the same maps with TensorFlow ops."
+            )
+        spatial = tuple(int(n) for n in spatial)
+        if spatial not in self._indices:
+            index = self._static_index(spatial, owner)
+            sparse = toeplitz.use_sparse(
+                index, self.compute_dtype, self._budget, owner, self._budget_setting()
+            )
+            if sparse:  # tf.sparse.sparse_dense_matmul has no XLA kernel
+                self.supports_jit = False
+            self._indices[spatial] = (index, sparse)
+        return self._indices[spatial]
+
+    def index_for(self, x: tf.Tensor) -> tuple[toeplitz.ToeplitzProducts, bool]:
+        """``(index, sparse)`` for the image batch ``x`` ``(batch, H, W, C)``: ``toeplitz_index``
+        when ``H, W`` are static (the guarded, cached NumPy maps), else a
+        ``tf_jacbp.toeplitz_dynamic.DynamicConvIndex`` computing the same maps from
+        ``tf.shape(x)`` when the graph runs (dense ``T``, its memory guard asserted then; for
+        ``Conv2DTranspose`` also the check that the convolution maps back to ``(H, W)``)."""
+        if None not in tuple(x.shape[1:3]):
+            return self.toeplitz_index(x.shape)
+        return self._dynamic_index(x), False
+
+    def build_toeplitz(
+        self, kernel: tf.Tensor, input_shape: tuple | tf.Tensor | None = None
+    ) -> tf.Tensor | tf.SparseTensor:
+        """``T(K)^T`` dense, or ``T(K)`` sparse over the memory budget, for inputs of shape
+        ``input_shape`` (``toeplitz_index``; default: the size built for), or for the image batch
+        given instead (``index_for``: any size, known or not when traced).
+
+        With ``N`` input and ``R`` output entries: for a convolution (``z = T(K) vec(x)``)
+        ``T(K)^T`` is ``(N, R)`` and ``T(K)`` ``(R, N)``; for ``Conv2DTranspose``
+        (``y = T(K)^T vec(x)``) ``T(K)^T`` is ``(R, N)`` and ``T(K)`` ``(N, R)``.
+        """
+        if isinstance(input_shape, tf.Tensor):
+            index, sparse = self.index_for(input_shape)
+        else:
+            index, sparse = self._index_or_built(input_shape)
+        return index.sparse_matrix(kernel) if sparse else index.transpose_matrix(kernel)
+
+    def _index_or_built(self, input_shape: tuple | None) -> tuple[toeplitz.ConvIndex, bool]:
+        if input_shape is not None:
+            return self.toeplitz_index(tuple(input_shape))
+        if self.conv_index is None:
+            raise ValueError(
+                f"{type(self).__name__} '{self.name}' was built for inputs of varying size; give "
+                "the input's shape (or the input) to choose the size of T(K)."
+            )
+        return self.conv_index, self.sparse_toeplitz
+
+    def forward(self, x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None) -> tf.Tensor:
+        """``apply_toeplitz`` with ``T(K)`` built for ``x``'s size from ``kernel``: ``Z = X T(K)^T
+        + b`` (a convolution), ``Y = X T(K) + b`` (``Conv2DTranspose``)."""
+        return self.apply_toeplitz(x, self.build_toeplitz(kernel, x), bias)
+
+    def jacobian_ops(self, training: bool = False) -> list:
+        """The Toeplitz product (``z = T(K) vec(x) + b``; ``Conv2DTranspose``:
+        ``y = T(K)^T vec(x) + b``), then ``a = f(z)``."""
+        return [(self, self.read_parameters()), (self.activation, [])]
+
+    def _sample_batch(self, x: Any) -> tuple[tf.Tensor, bool]:
+        """``x`` as a batch of images ``(batch, H, W, C)`` and whether it was one sample."""
+        x = as_float_tensor(x, self.compute_dtype)
+        single = len(x.shape) == self.rank + 1
+        x = x[None] if single else x
+        return (x[:, None] if self.rank == 1 else x), single
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update(
+            {
+                "filters": self.filters,
+                "kernel_size": self.kernel_size,
+                "strides": self.strides,
+                "padding": self.padding,
+                "data_format": self.data_format,
+                "dilation_rate": self.dilation_rate,
+                "activation": activations.serialize(self.activation),
+                "use_bias": self.use_bias,
+                **self.weight_options_config(),
+                "toeplitz_budget_bytes": self.toeplitz_budget_bytes,
+            }
+        )
+        return config
+
+
+class ToeplitzConv(_ToeplitzIndexed):
     """The convolution formulas of this module for ``rank`` spatial axes (1 or 2), on images.
 
     Subclasses set ``rank`` and the paddings they accept. Every Toeplitz method works on the image
@@ -59,9 +314,6 @@ class ToeplitzConv(_KernelBiasLayer):
     ``(1, k, C, F)``); ``Vec`` of either is the same vector, and so are the row-major ``vec`` of
     inputs and outputs, so ``T(K)``, its index maps and every Jacobian are shared unchanged.
     """
-
-    rank = 2
-    paddings = geometry.PADDINGS
 
     def __init__(
         self,
@@ -85,14 +337,26 @@ class ToeplitzConv(_KernelBiasLayer):
         toeplitz_budget_bytes: int | None = None,
         **kwargs: Any,
     ):
+        super().__init__(
+            filters=filters,
+            kernel_size=kernel_size,
+            strides=strides,
+            padding=padding,
+            data_format=data_format,
+            dilation_rate=dilation_rate,
+            activation=activation,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer,
+            activity_regularizer=activity_regularizer,
+            kernel_constraint=kernel_constraint,
+            bias_constraint=bias_constraint,
+            toeplitz_budget_bytes=toeplitz_budget_bytes,
+            **kwargs,
+        )
         owner = type(self).__name__
-        refuse_unsupported(owner, kwargs)
-        super().__init__(activity_regularizer=activity_regularizer, **kwargs)
-        if isinstance(filters, bool) or not isinstance(filters, int) or filters <= 0:
-            raise ValueError(
-                f"{owner}: filters must be a positive integer (the number of output channels), "
-                f"got filters={filters!r}."
-            )
         if groups != 1:
             raise ValueError(
                 f"{owner}: only groups=1 is supported, got groups={groups!r}. A grouped "
@@ -104,163 +368,42 @@ class ToeplitzConv(_KernelBiasLayer):
                 f"{owner}: bias must be 'tied' (one bias per filter, as Keras) or 'untied' (one "
                 f"per output entry, the paper's B_i), got bias={bias!r}."
             )
-        self.filters = filters
-        self.kernel_size = geometry.as_tuple(kernel_size, self.rank, "kernel_size", owner)
-        self.strides = geometry.as_tuple(strides, self.rank, "strides", owner)
-        self.dilation_rate = geometry.as_tuple(dilation_rate, self.rank, "dilation_rate", owner)
-        if max(self.strides) > 1 and max(self.dilation_rate) > 1:
-            raise ValueError(
-                f"{owner}: strides > 1 together with dilation_rate > 1 is not supported (as in "
-                f"Keras), got strides={self.strides} and dilation_rate={self.dilation_rate}. Set "
-                "one of them to 1."
-            )
-        self.padding = geometry.check_padding(padding, owner, self.paddings)
-        self.data_format = check_channels_last(data_format, owner, self.rank)
         self.groups = groups
-        self.activation = activations.get(activation)
-        self.use_bias = use_bias
         self.bias_mode = bias
-        self.toeplitz_budget_bytes = (
-            None
-            if toeplitz_budget_bytes is None
-            else toeplitz.check_budget(toeplitz_budget_bytes, f"{owner}(toeplitz_budget_bytes=...)")
-        )
-        self.set_weight_options(
-            kernel_initializer=kernel_initializer,
-            bias_initializer=bias_initializer,
-            kernel_regularizer=kernel_regularizer,
-            bias_regularizer=bias_regularizer,
-            kernel_constraint=kernel_constraint,
-            bias_constraint=bias_constraint,
-        )
-        self.conv_index: toeplitz.ConvIndex | None = None
-        self.sparse_toeplitz = False
 
-    def _image_geometry(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
-        """``(kernel_size, strides, dilation_rate)`` of the image view, each ``(height, width)``."""
-        lead = (1,) * (2 - self.rank)
-        return lead + self.kernel_size, lead + self.strides, lead + self.dilation_rate
+    def _kernel_shape(self, channels: int) -> tuple[int, ...]:
+        """Keras' ``(*kernel_size, C, F)``."""
+        return (*self.kernel_size, channels, self.filters)
 
-    def build(self, input_shape: tuple) -> None:
-        owner = f"{type(self).__name__} '{self.name}'"
-        *spatial, channels = geometry.spatial_shape(input_shape, self.rank, owner, True)
-        if None in spatial and self.use_bias and self.bias_mode == "untied":
-            raise ValueError(
-                f"{owner}: bias='untied' has one bias per output entry, so it needs the input's "
-                f"spatial size, got input shape {tuple(input_shape)}. Give keras.Input the full "
-                "shape, or use bias='tied' (one bias per filter) for inputs of varying size."
-            )
-        self._channels = channels
-        self._budget = (
-            toeplitz.get_budget_bytes()
-            if self.toeplitz_budget_bytes is None
-            else self.toeplitz_budget_bytes
-        )
-        self._indices: dict[tuple[int, ...], tuple[toeplitz.ConvIndex, bool]] = {}
-        bias_shape = (self.filters,)
-        if None not in spatial:  # the usual case: one size, its T(K) guarded now
-            self.conv_index, self.sparse_toeplitz = self.toeplitz_index((None, *spatial, channels))
-            if self.bias_mode == "untied":
-                bias_shape = self.conv_index.output_shape[2 - self.rank :]
-        self.add_kernel_and_bias(
-            (*self.kernel_size, channels, self.filters), bias_shape if self.use_bias else None
-        )
-        axes = {i + 1: n for i, n in enumerate(spatial) if n is not None}
-        self.input_spec = keras.layers.InputSpec(ndim=self.rank + 2, axes={**axes, -1: channels})
-
-    def toeplitz_index(self, input_shape: tuple) -> tuple[toeplitz.ConvIndex, bool]:
-        """``(ConvIndex, sparse)`` for inputs of static shape ``(batch, *spatial, C)`` (the layer's
-        own rank, or the image view): the index maps of ``T(K)`` for that size and whether the
-        memory guard keeps ``T`` sparse (``tf_jacbp.toeplitz.use_sparse``). Built on first use
-        for each size and kept.
-
-        Raises a ValueError when a spatial size is not known statically: ``index_for(x)`` serves
-        that case, with the maps computed when the graph runs.
-        """
-        owner = f"{type(self).__name__} '{self.name}'"
-        spatial = tuple(input_shape[1:-1])[-self.rank :]
-        if any(n is None for n in spatial):
-            raise ValueError(
-                f"{owner}: toeplitz_index builds the NumPy index maps of T(K) for one static "
-                f"size, got input shape {tuple(input_shape)}. For a size known only when the "
-                "graph runs, index_for(x) computes the same maps with TensorFlow ops."
-            )
-        spatial = tuple(int(n) for n in spatial)
-        if spatial not in self._indices:
-            channels, setting = self._channels, type(self).__name__
-            geometry.check_window_fits(
-                (*spatial, channels),
-                self.kernel_size,
-                self.padding,
-                owner,
-                "kernel_size",
-                self.dilation_rate,
-            )
-            kernel_size, strides, dilation = self._image_geometry()
-            index = toeplitz.conv_index(
-                (*kernel_size, channels, self.filters),
-                ((1,) * (2 - self.rank) + spatial) + (channels,),
-                strides,
-                self.padding,
-                dilation,
-                owner,
-            )
-            sparse = toeplitz.use_sparse(
-                index,
-                self.compute_dtype,
-                self._budget,
-                owner,
-                f"{setting}(..., toeplitz_budget_bytes=...) or "
-                "tf_jacbp.toeplitz.set_budget_bytes(...)",
-            )
-            if sparse:  # tf.sparse.sparse_dense_matmul has no XLA kernel
-                self.supports_jit = False
-            self._indices[spatial] = (index, sparse)
-        return self._indices[spatial]
-
-    def index_for(self, x: tf.Tensor) -> tuple[toeplitz.ToeplitzProducts, bool]:
-        """``(index, sparse)`` for the image batch ``x`` ``(batch, H, W, C)``: ``toeplitz_index``
-        when ``H, W`` are static (the guarded, cached NumPy maps), else a
-        ``tf_jacbp.toeplitz_dynamic.DynamicConvIndex`` computing the same maps from
-        ``tf.shape(x)`` when the graph runs (dense ``T``, its memory guard asserted then)."""
-        if None not in tuple(x.shape[1:3]):
-            return self.toeplitz_index(x.shape)
-        kernel_size, strides, dilation = self._image_geometry()
-        index = DynamicConvIndex(
-            tf.shape(x)[1],
-            tf.shape(x)[2],
-            (*kernel_size, self._channels, self.filters),
-            strides,
-            self.padding,
-            dilation,
-            budget=self._budget,
-            owner=f"{type(self).__name__} {self.name}",  # no quotes: Assert escapes them
-            setting=f"{type(self).__name__}(..., toeplitz_budget_bytes=...) or "
-            "tf_jacbp.toeplitz.set_budget_bytes(...)",
-        )
-        return index, False
-
-    def build_toeplitz(
-        self, kernel: tf.Tensor, input_shape: tuple | tf.Tensor | None = None
-    ) -> tf.Tensor | tf.SparseTensor:
-        """``T(K)^T`` ``(N, R)`` dense, or ``T(K)`` ``(R, N)`` sparse over the memory budget, for
-        inputs of shape ``input_shape`` (``toeplitz_index``; default: the size built for), or for
-        the image batch given instead (``index_for``: any size, known or not when traced)."""
-        if isinstance(input_shape, tf.Tensor):
-            index, sparse = self.index_for(input_shape)
-        else:
-            index, sparse = self._index_or_built(input_shape)
-        return index.sparse_matrix(kernel) if sparse else index.transpose_matrix(kernel)
-
-    def _index_or_built(self, input_shape: tuple | None) -> tuple[toeplitz.ConvIndex, bool]:
-        if input_shape is not None:
-            return self.toeplitz_index(tuple(input_shape))
+    def _bias_shape(self, input_shape: tuple) -> tuple[int, ...]:
+        """Tied: ``(F,)``; untied: the output's shape ``(*spatial_out, F)``, so the input's
+        spatial size must be known."""
+        if self.bias_mode == "tied":
+            return (self.filters,)
         if self.conv_index is None:
             raise ValueError(
-                f"{type(self).__name__} '{self.name}' was built for inputs of varying size; give "
-                "the input's shape (or the input) to choose the size of T(K)."
+                f"{type(self).__name__} '{self.name}': bias='untied' has one bias per output "
+                f"entry, so it needs the input's spatial size, got input shape "
+                f"{tuple(input_shape)}. Give keras.Input the full shape, or use bias='tied' (one "
+                "bias per filter) for inputs of varying size."
             )
-        return self.conv_index, self.sparse_toeplitz
+        return self.conv_index.output_shape[2 - self.rank :]
+
+    def _static_index(self, spatial: tuple[int, ...], owner: str) -> toeplitz.ConvIndex:
+        """The window must fit (``geometry.check_window_fits``); then the layer's convolution on
+        the image view."""
+        geometry.check_window_fits(
+            (*spatial, self._channels),
+            self.kernel_size,
+            self.padding,
+            owner,
+            "kernel_size",
+            self.dilation_rate,
+        )
+        return self._conv_index((1,) * (2 - self.rank) + spatial, owner)
+
+    def _dynamic_index(self, x: tf.Tensor) -> DynamicConvIndex:
+        return self._dynamic_conv_index(tf.shape(x)[1], tf.shape(x)[2])
 
     def apply_toeplitz(
         self, x: tf.Tensor, t: tf.Tensor | tf.SparseTensor, bias: tf.Tensor | None = None
@@ -319,10 +462,6 @@ class ToeplitzConv(_KernelBiasLayer):
             if bias is not None:  # untied: J_{Vec(B)} z is a permutation, db is Delta summed
                 grads.append(tf.reduce_sum(dz, axis=0))
         return self.input_gradient(dz, x, t), grads
-
-    def forward(self, x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None) -> tf.Tensor:
-        """``Z = X T(K)^T + b``, building ``T(K)`` for ``x``'s size from ``kernel``."""
-        return self.apply_toeplitz(x, self.build_toeplitz(kernel, x), bias)
 
     def backward(
         self,
@@ -414,10 +553,6 @@ class ToeplitzConv(_KernelBiasLayer):
             norms.append(squared_norms(tf.reduce_sum(delta, axis=1) if tied else delta))
         return norms
 
-    def jacobian_ops(self, training: bool = False) -> list:
-        """``z = T(K) vec(x) + b``, then ``a = f(z)``."""
-        return [(self, self.read_parameters()), (self.activation, [])]
-
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         sizes = [
             None if n is None else geometry.output_size(n, k, s, self.padding, d)
@@ -447,13 +582,6 @@ class ToeplitzConv(_KernelBiasLayer):
             dilation,
             budget_bytes=self.toeplitz_budget_bytes,
         )
-
-    def _sample_batch(self, x: Any) -> tuple[tf.Tensor, bool]:
-        """``x`` as a batch of images ``(batch, H, W, C)`` and whether it was one sample."""
-        x = as_float_tensor(x, self.compute_dtype)
-        single = len(x.shape) == self.rank + 1
-        x = x[None] if single else x
-        return (x[:, None] if self.rank == 1 else x), single
 
     def input_jacobian(self, x: Any) -> tf.Tensor:
         """``J_x f(T(K) vec(x) + b) = D T(K)``, like ``Dense.input_jacobian``.
@@ -503,24 +631,23 @@ class ToeplitzConv(_KernelBiasLayer):
         return {"T(K)": t, "[I (x) X_patch | J_b]": self.parameter_jacobian(x)}
 
     def get_config(self) -> dict[str, Any]:
-        config = super().get_config()
-        config.update(
-            {
-                "filters": self.filters,
-                "kernel_size": self.kernel_size,
-                "strides": self.strides,
-                "padding": self.padding,
-                "data_format": self.data_format,
-                "dilation_rate": self.dilation_rate,
-                "groups": self.groups,
-                "activation": activations.serialize(self.activation),
-                "use_bias": self.use_bias,
-                "bias": self.bias_mode,
-                **self.weight_options_config(),
-                "toeplitz_budget_bytes": self.toeplitz_budget_bytes,
-            }
+        return {**super().get_config(), "groups": self.groups, "bias": self.bias_mode}
+
+    def reference(
+        self, x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None
+    ) -> tf.Tensor:
+        """``tf.nn.convolution`` (stock ops), then the bias: tied ``tf.nn.bias_add``, untied
+        added. ``"causal"`` is Keras' padding: ``(k - 1) d`` zeros before, then ``"valid"``."""
+        padding = self.padding.upper()
+        if self.padding == "causal":
+            left = (self.kernel_size[0] - 1) * self.dilation_rate[0]
+            x, padding = tf.pad(x, [[0, 0], [left, 0], [0, 0]]), "VALID"
+        z = tf.nn.convolution(
+            x, kernel, strides=self.strides, padding=padding, dilations=self.dilation_rate
         )
-        return config
+        if bias is None:
+            return z
+        return tf.nn.bias_add(z, bias) if self.bias_mode == "tied" else z + bias
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
@@ -573,17 +700,3 @@ class Conv2D(ToeplitzConv):
 
     rank = 2
     paddings = geometry.PADDINGS
-
-    def reference(
-        self, x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None
-    ) -> tf.Tensor:
-        z = tf.nn.convolution(
-            x,
-            kernel,
-            strides=self.strides,
-            padding=self.padding.upper(),
-            dilations=self.dilation_rate,
-        )
-        if bias is None:
-            return z
-        return tf.nn.bias_add(z, bias) if self.bias_mode == "tied" else z + bias

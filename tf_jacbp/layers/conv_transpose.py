@@ -29,20 +29,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from tf_jacbp import activations, toeplitz
+from tf_jacbp import toeplitz
 from tf_jacbp._backend import keras, tf
-from tf_jacbp.geometry import as_pair, check_channels_last, check_padding, spatial_shape
-from tf_jacbp.layers.base import (
-    _KernelBiasLayer,
-    as_float_tensor,
-    patch_product_squared_norms,
-    squared_norms,
-)
-from tf_jacbp.layers.dense import refuse_unsupported
+from tf_jacbp.layers.base import patch_product_squared_norms, squared_norms
+from tf_jacbp.layers.conv import _ToeplitzIndexed
 from tf_jacbp.layout import unvec_parameter_batch
 from tf_jacbp.toeplitz_dynamic import DynamicConvIndex
-
-_OWNER = "Conv2DTranspose"
 
 
 def transpose_output_size(
@@ -97,7 +89,7 @@ def check_output_padding(
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
-class Conv2DTranspose(_KernelBiasLayer):
+class Conv2DTranspose(_ToeplitzIndexed):
     """2-D transposed convolution that multiplies by the transpose of a materialized ``T(K)``.
 
     Arguments as ``keras.layers.Conv2DTranspose`` (channels_last), plus ``toeplitz_budget_bytes``.
@@ -163,51 +155,38 @@ class Conv2DTranspose(_KernelBiasLayer):
         toeplitz_budget_bytes: int | None = None,
         **kwargs: Any,
     ):
+        owner = type(self).__name__
         if "groups" in kwargs:
             raise ValueError(
-                f"{_OWNER}: groups is not supported, got groups={kwargs['groups']!r}. Neither "
+                f"{owner}: groups is not supported, got groups={kwargs['groups']!r}. Neither "
                 "keras.layers.Conv2DTranspose nor tf_jacbp builds grouped transposed "
                 "convolutions; remove the argument (or split the channels and concatenate)."
             )
-        refuse_unsupported(_OWNER, kwargs)
-        super().__init__(activity_regularizer=activity_regularizer, **kwargs)
-        if isinstance(filters, bool) or not isinstance(filters, int) or filters <= 0:
-            raise ValueError(
-                f"{_OWNER}: filters must be a positive integer (the number of output channels), "
-                f"got filters={filters!r}."
-            )
-        self.filters = filters
-        self.kernel_size = as_pair(kernel_size, "kernel_size", _OWNER)
-        self.strides = as_pair(strides, "strides", _OWNER)
-        self.dilation_rate = as_pair(dilation_rate, "dilation_rate", _OWNER)
-        if max(self.strides) > 1 and max(self.dilation_rate) > 1:
-            raise ValueError(
-                f"{_OWNER}: strides > 1 together with dilation_rate > 1 is not supported (as in "
-                f"Keras), got strides={self.strides} and dilation_rate={self.dilation_rate}. Set "
-                "one of them to 1."
-            )
-        self.padding = check_padding(padding, _OWNER)
-        self.output_padding = check_output_padding(output_padding, self.strides, _OWNER)
-        self.data_format = check_channels_last(data_format, _OWNER)
-        self.activation = activations.get(activation)
-        self.use_bias = use_bias
-        self.conv_index: toeplitz.ConvIndex | None = None
-        self.sparse_toeplitz = False
-        self.toeplitz_budget_bytes = (
-            None
-            if toeplitz_budget_bytes is None
-            else toeplitz.check_budget(
-                toeplitz_budget_bytes, f"{_OWNER}(toeplitz_budget_bytes=...)"
-            )
-        )
-        self.set_weight_options(
+        super().__init__(
+            filters=filters,
+            kernel_size=kernel_size,
+            strides=strides,
+            padding=padding,
+            data_format=data_format,
+            dilation_rate=dilation_rate,
+            activation=activation,
+            use_bias=use_bias,
             kernel_initializer=kernel_initializer,
             bias_initializer=bias_initializer,
             kernel_regularizer=kernel_regularizer,
             bias_regularizer=bias_regularizer,
+            activity_regularizer=activity_regularizer,
             kernel_constraint=kernel_constraint,
             bias_constraint=bias_constraint,
+            toeplitz_budget_bytes=toeplitz_budget_bytes,
+            **kwargs,
         )
+        self.output_padding = check_output_padding(output_padding, self.strides, owner)
+
+    def _kernel_shape(self, channels: int) -> tuple[int, ...]:
+        """Keras' ``(kh, kw, F, C)``, which ``T(K)``'s convolution reads as it is stored:
+        ``(kh, kw, C_in = F, C_out = C)``."""
+        return (*self.kernel_size, self.filters, channels)
 
     def _output_sizes(self, sizes: tuple) -> list[Any]:
         """``[H_out, W_out]`` for ``sizes = (H, W)`` (ints, None, or scalar tensors)."""
@@ -219,130 +198,38 @@ class Conv2DTranspose(_KernelBiasLayer):
             )
         ]
 
-    def build(self, input_shape: tuple) -> None:
-        owner = f"{_OWNER} '{self.name}'"
-        height, width, channels = spatial_shape(input_shape, 2, owner, allow_unknown=True)
-        self._channels = channels
-        self._budget = (
-            toeplitz.get_budget_bytes()
-            if self.toeplitz_budget_bytes is None
-            else self.toeplitz_budget_bytes
-        )
-        self._indices: dict[tuple[int, int], tuple[toeplitz.ConvIndex, bool]] = {}
-        if None not in (height, width):  # the usual case: one size, its T(K) guarded now
-            self.conv_index, self.sparse_toeplitz = self.toeplitz_index(input_shape)
-        kernel_shape = (*self.kernel_size, self.filters, channels)
-        self.add_kernel_and_bias(kernel_shape, (self.filters,) if self.use_bias else None)
-        axes = {i + 1: n for i, n in enumerate((height, width)) if n is not None}
-        self.input_spec = keras.layers.InputSpec(ndim=4, axes={**axes, -1: channels})
-
-    def toeplitz_index(self, input_shape: tuple) -> tuple[toeplitz.ConvIndex, bool]:
-        """``(ConvIndex, sparse)`` for inputs of static shape ``(batch, H, W, C)``: the index maps
-        of ``T(K)``, the convolution from the output's shape ``(H_out, W_out, F)`` to ``(H, W, C)``
-        (its ``input_shape`` is the output's, its ``output_shape`` the input's), and whether the
-        memory guard keeps ``T`` sparse (``tf_jacbp.toeplitz.use_sparse``). Built on first use
-        for each size and kept.
-
-        Raises a ValueError when ``H`` or ``W`` is unknown (``index_for(x)`` serves a traced
-        function of unknown size), or when no convolution maps the output's size back to
-        ``(H, W)`` (``output_padding``).
-        """
-        owner = f"{_OWNER} '{self.name}'"
-        spatial = tuple(input_shape[1:3])
-        if any(n is None for n in spatial):
+    def _static_index(self, spatial: tuple[int, ...], owner: str) -> toeplitz.ConvIndex:
+        """The convolution read the other way: from the output's shape to the input's. A
+        ValueError when it does not map the output's size back to ``spatial``
+        (``output_padding``)."""
+        out_h, out_w = self._output_sizes(spatial)
+        index = self._conv_index((out_h, out_w), owner)
+        if index.output_shape[:2] != spatial:
             raise ValueError(
-                f"{owner}: toeplitz_index builds the NumPy index maps of T(K) for one static "
-                f"size, got input shape {tuple(input_shape)}. For a size known only when the "
-                "graph runs, index_for(x) computes the same maps with TensorFlow ops."
+                f"{owner}: with output_padding={self.output_padding}, the output would be "
+                f"{out_h} x {out_w}, but a convolution (kernel_size={self.kernel_size}, "
+                f"strides={self.strides}, padding={self.padding!r}, dilation_rate="
+                f"{self.dilation_rate}) of that size gives {index.output_shape[:2]}, not the "
+                f"input's {spatial}, so there is no transposed convolution. Use "
+                "output_padding=None or another output_padding (with padding='same' and an "
+                "even kernel, output_padding >= 1)."
             )
-        spatial = tuple(int(n) for n in spatial)
-        if spatial not in self._indices:
-            out_h, out_w = self._output_sizes(spatial)
-            # The convolution read the other way: from the output's shape to the input's.
-            index = toeplitz.conv_index(
-                (*self.kernel_size, self.filters, self._channels),
-                (out_h, out_w, self.filters),
-                self.strides,
-                self.padding,
-                self.dilation_rate,
-                owner,
-            )
-            if index.output_shape[:2] != spatial:
-                raise ValueError(
-                    f"{owner}: with output_padding={self.output_padding}, the output would be "
-                    f"{out_h} x {out_w}, but a convolution (kernel_size={self.kernel_size}, "
-                    f"strides={self.strides}, padding={self.padding!r}, dilation_rate="
-                    f"{self.dilation_rate}) of that size gives {index.output_shape[:2]}, not the "
-                    f"input's {spatial}, so there is no transposed convolution. Use "
-                    "output_padding=None or another output_padding (with padding='same' and an "
-                    "even kernel, output_padding >= 1)."
-                )
-            sparse = toeplitz.use_sparse(
-                index,
-                self.compute_dtype,
-                self._budget,
-                owner,
-                f"{_OWNER}(..., toeplitz_budget_bytes=...) or "
-                "tf_jacbp.toeplitz.set_budget_bytes(...)",
-            )
-            if sparse:  # tf.sparse.sparse_dense_matmul has no XLA kernel
-                self.supports_jit = False
-            self._indices[spatial] = (index, sparse)
-        return self._indices[spatial]
+        return index
 
-    def index_for(self, x: tf.Tensor) -> tuple[toeplitz.ToeplitzProducts, bool]:
-        """``(index, sparse)`` for the batch ``x`` ``(batch, H, W, C)``: ``toeplitz_index`` when
-        ``H, W`` are static, else a ``tf_jacbp.toeplitz_dynamic.DynamicConvIndex`` of the same
-        convolution (from the output's size, ``transpose_output_size`` of the runtime ``H, W``,
-        to the input's) computed when the graph runs: dense ``T``, the memory guard and the
-        check that the convolution maps back to ``(H, W)`` asserted then."""
-        if None not in tuple(x.shape[1:3]):
-            return self.toeplitz_index(tuple(x.shape))
+    def _dynamic_index(self, x: tf.Tensor) -> DynamicConvIndex:
+        """The same convolution from the output's size (``transpose_output_size`` of the runtime
+        ``H, W``), with the check that it maps back to ``(H, W)`` asserted when the graph runs."""
         height, width = tf.shape(x)[1], tf.shape(x)[2]
-        out_h, out_w = self._output_sizes((height, width))
-        index = DynamicConvIndex(
-            out_h,
-            out_w,
-            (*self.kernel_size, self.filters, self._channels),
-            self.strides,
-            self.padding,
-            self.dilation_rate,
-            budget=self._budget,
-            owner=f"{_OWNER} {self.name}",  # no quotes: Assert escapes them
-            setting=f"{_OWNER}(..., toeplitz_budget_bytes=...) or "
-            "tf_jacbp.toeplitz.set_budget_bytes(...)",
-        )
+        index = self._dynamic_conv_index(*self._output_sizes((height, width)))
         maps_back = tf.reduce_all(tf.stack(index.output_shape[:2]) == tf.stack([height, width]))
         message = (
-            f"{_OWNER} {self.name}: with output_padding={self.output_padding} no convolution "
-            "maps the output's size back to the input's, so there is no transposed convolution; "
-            "use output_padding=None. Input size:"
+            f"{type(self).__name__} {self.name}: with output_padding={self.output_padding} no "
+            "convolution maps the output's size back to the input's, so there is no transposed "
+            "convolution; use output_padding=None. Input size:"
         )
         with tf.control_dependencies([tf.debugging.Assert(maps_back, [message, height, width])]):
             index.shape = (tf.identity(index.shape[0]), index.shape[1])
-        return index, False
-
-    def _index_or_built(self, input_shape: tuple | None) -> tuple[toeplitz.ConvIndex, bool]:
-        if input_shape is not None:
-            return self.toeplitz_index(tuple(input_shape))
-        if self.conv_index is None:
-            raise ValueError(
-                f"{_OWNER} '{self.name}' was built for inputs of varying size; give the input's "
-                "shape (batch, H, W, C) to choose the size of T(K)."
-            )
-        return self.conv_index, self.sparse_toeplitz
-
-    def build_toeplitz(
-        self, kernel: tf.Tensor, input_shape: tuple | tf.Tensor | None = None
-    ) -> tf.Tensor | tf.SparseTensor:
-        """``T(K)^T`` ``(R, N)`` dense, or ``T(K)`` ``(N, R)`` sparse over the memory budget, for
-        inputs of shape ``input_shape`` (``toeplitz_index``; default: the size built for), or for
-        the batch given instead (``index_for``: any size, known or not when traced)."""
-        if isinstance(input_shape, tf.Tensor):
-            index, sparse = self.index_for(input_shape)
-        else:
-            index, sparse = self._index_or_built(input_shape)
-        return index.sparse_matrix(kernel) if sparse else index.transpose_matrix(kernel)
+        return index
 
     def apply_toeplitz(
         self, x: tf.Tensor, t: tf.Tensor | tf.SparseTensor, bias: tf.Tensor | None = None
@@ -376,10 +263,6 @@ class Conv2DTranspose(_KernelBiasLayer):
         else:
             dx = tf.matmul(delta, t)
         return tf.reshape(dx, [-1, *index.output_shape])
-
-    def forward(self, x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None) -> tf.Tensor:
-        """``Y = X T(K) + b``, building ``T(K)`` for ``x``'s size from ``kernel``."""
-        return self.apply_toeplitz(x, self.build_toeplitz(kernel, x), bias)
 
     def reference(
         self, x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None
@@ -476,10 +359,6 @@ class Conv2DTranspose(_KernelBiasLayer):
             norms.append(squared_norms(tf.reduce_sum(dy, axis=[1, 2])))
         return norms
 
-    def jacobian_ops(self, training: bool = False) -> list:
-        """``y = T(K)^T vec(x) + b``, then ``a = f(y)``."""
-        return [(self, self.read_parameters()), (self.activation, [])]
-
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         """``(batch, H_out, W_out, F)``, sizes by ``transpose_output_size`` (None stays None)."""
         return (input_shape[0], *self._output_sizes(tuple(input_shape[1:3])), self.filters)
@@ -508,9 +387,7 @@ class Conv2DTranspose(_KernelBiasLayer):
         ``x``: ``(H, W, C)`` -> ``(R, N)``; ``(batch, H, W, C)`` -> ``(batch, R, N)``. Without an
         activation ``D = I`` and this is ``toeplitz_matrix()``.
         """
-        x = as_float_tensor(x, self.compute_dtype)
-        single = len(x.shape) == 3
-        x = x[None] if single else x
+        x, single = self._sample_batch(x)
         y = self.forward(x, *[tf.cast(p, x.dtype) for p in self.read_parameters()])
         d = self.activation.jacobian(tf.reshape(y, [tf.shape(x)[0], -1]))
         jacobian = tf.matmul(d, tf.cast(self.toeplitz_matrix(tuple(x.shape[1:])), x.dtype))
@@ -525,9 +402,7 @@ class Conv2DTranspose(_KernelBiasLayer):
         the ``P x M`` patch matrix of ``e_k``). Tied bias: ``J_b y`` is ``I_F`` at every position.
         ``x``: ``(H, W, C)`` or ``(batch, H, W, C)`` (then ``(batch, R, ...)``).
         """
-        x = as_float_tensor(x, self.compute_dtype)
-        single = len(x.shape) == 3
-        x = x[None] if single else x
+        x, single = self._sample_batch(x)
         index, _ = self.index_for(x)
         rows = index.shape[1]
         basis = tf.reshape(tf.eye(rows, dtype=x.dtype), [rows, *index.input_shape])
@@ -548,20 +423,4 @@ class Conv2DTranspose(_KernelBiasLayer):
         return {"T(K)^T": t, "J_{Vec(K), b} y": self.parameter_jacobian(x)}
 
     def get_config(self) -> dict[str, Any]:
-        config = super().get_config()
-        config.update(
-            {
-                "filters": self.filters,
-                "kernel_size": self.kernel_size,
-                "strides": self.strides,
-                "padding": self.padding,
-                "output_padding": self.output_padding,
-                "data_format": self.data_format,
-                "dilation_rate": self.dilation_rate,
-                "activation": activations.serialize(self.activation),
-                "use_bias": self.use_bias,
-                **self.weight_options_config(),
-                "toeplitz_budget_bytes": self.toeplitz_budget_bytes,
-            }
-        )
-        return config
+        return {**super().get_config(), "output_padding": self.output_padding}
