@@ -18,6 +18,8 @@ pass ``dX = Delta T(K)``, ``dK = Vec^{-1}(Vec(X_patch^T Delta))``, ``db = sum_t 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from tf_jacbp import geometry
 from tf_jacbp._backend import keras, tf
 from tf_jacbp.layers.conv import ToeplitzConv
@@ -32,29 +34,22 @@ def _image(t: tf.Tensor | None) -> tf.Tensor | None:
 class Conv1D(ToeplitzConv):
     """1-D convolution that multiplies by its materialized Toeplitz matrix ``T(K)``.
 
-    Arguments as ``keras.layers.Conv1D`` (channels_last, ``groups=1``), plus ``bias`` and
-    ``toeplitz_budget_bytes``.
+    Arguments as ``keras.layers.Conv1D``: those of ``Conv2D`` (channels_last, ``groups=1``, plus
+    ``bias`` and ``toeplitz_budget_bytes``) with one int, or a tuple of one, for each pair.
 
     Args:
-        filters: ``F``, the number of output channels (a positive integer).
-        kernel_size: ``k``, an int or a tuple of one int.
-        strides: ``s``, an int or a tuple of one int, >= 1.
+        kernel_size: ``k``.
+        strides: ``s``, >= 1.
         padding: ``"valid"``, ``"same"`` (TensorFlow's rule) or ``"causal"`` (``(k - 1) d`` zeros
             before the sequence: output ``t`` depends on inputs up to ``t s`` only).
-        data_format: ``None`` or ``"channels_last"``; ``"channels_first"`` is an error.
-        dilation_rate: ``d``, an int or a tuple of one int, >= 1; as in Keras, not together with
-            ``strides > 1``.
-        groups: must be 1.
-        activation: a name from ``tf_jacbp.activations`` or ``None``; its Jacobian ``D`` follows.
-        use_bias: whether ``z`` has a bias.
+        dilation_rate: ``d``, >= 1; as in Keras, not together with ``strides > 1``.
         bias: ``"tied"`` (Keras': shape ``(F,)``) or ``"untied"`` (one per output entry, shape
             ``(T_out, F)``, the paper's ``B_i``).
-        kernel_initializer, bias_initializer, kernel_regularizer, bias_regularizer,
-        activity_regularizer, kernel_constraint, bias_constraint: as in Keras.
-        toeplitz_budget_bytes: the memory budget for ``T(K)``, as for ``Conv2D``.
-
-    Keras' ``lora_rank``, ``lora_alpha`` and ``quantization_config`` are refused with a
-    ValueError naming them.
+        filters, data_format, groups, activation, use_bias, kernel_initializer,
+        bias_initializer, kernel_regularizer, bias_regularizer, activity_regularizer,
+        kernel_constraint, bias_constraint, toeplitz_budget_bytes: as for ``Conv2D`` (``groups``
+        must be 1; Keras' ``lora_rank``, ``lora_alpha`` and ``quantization_config`` are refused
+        with a ValueError naming them).
 
     Input ``(batch, T, C)`` with ``C`` known; output ``(batch, T_out, F)``; the kernel ``K`` has
     Keras' shape ``(k, C, F)``. A sequence length of None (``keras.Input((None, C))``) builds
@@ -73,22 +68,26 @@ class Conv1D(ToeplitzConv):
 
     def forward(self, x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None) -> tf.Tensor:
         """``Z = X T(K)^T + b``: ``(batch, T, C)`` -> ``(batch, T_out, F)``."""
-        params = [kernel] if bias is None else [kernel, bias]
-        return super().forward(_image(x), *params)[:, 0]
+        return super().forward(_image(x), kernel, bias)[:, 0]
 
-    def reference(
-        self, x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None
-    ) -> tf.Tensor:
-        padding = self.padding.upper()
-        if self.padding == "causal":  # Keras' causal padding: zeros before, then "valid"
-            left = (self.kernel_size[0] - 1) * self.dilation_rate[0]
-            x, padding = tf.pad(x, [[0, 0], [left, 0], [0, 0]]), "VALID"
-        z = tf.nn.convolution(
-            x, kernel, strides=self.strides, padding=padding, dilations=self.dilation_rate
-        )
-        if bias is None:
-            return z
-        return tf.nn.bias_add(z, bias) if self.bias_mode == "tied" else z + bias
+    def _on_image(
+        self,
+        method: Callable,
+        dz: tf.Tensor,
+        x: tf.Tensor,
+        z: tf.Tensor | None,
+        kernel: tf.Tensor,
+        bias: tf.Tensor | None,
+        per_example: bool = False,
+    ) -> tuple[tf.Tensor, list[tf.Tensor]]:
+        """``method`` (``ToeplitzConv``'s backward or per-example backward) on the image view of
+        ``dz``, ``x``, ``z``; its ``(dX, [dK, db])`` back in the shapes of ``x``, ``kernel`` and
+        ``bias`` (after a leading batch axis when ``per_example``)."""
+        dx, grads = method(_image(dz), _image(x), _image(z), kernel, bias)
+        batch = [tf.shape(x)[:1]] if per_example else []
+        params = [kernel] if bias is None else [kernel, bias]
+        shapes = [tf.concat([*batch, tf.shape(p)], 0) for p in params]
+        return dx[:, 0], [tf.reshape(g, s) for g, s in zip(grads, shapes, strict=True)]
 
     def backward(
         self,
@@ -99,9 +98,7 @@ class Conv1D(ToeplitzConv):
         bias: tf.Tensor | None = None,
     ) -> tuple[tf.Tensor, list[tf.Tensor]]:
         """``(dX, [dK, db])`` of the image view, shaped like ``x``, ``kernel`` and ``bias``."""
-        params = [kernel] if bias is None else [kernel, bias]
-        dx, grads = super().backward(_image(dz), _image(x), _image(z), *params)
-        return dx[:, 0], [tf.reshape(g, tf.shape(p)) for g, p in zip(grads, params, strict=True)]
+        return self._on_image(super().backward, dz, x, z, kernel, bias)
 
     def per_example_backward(
         self,
@@ -112,13 +109,7 @@ class Conv1D(ToeplitzConv):
         bias: tf.Tensor | None = None,
     ) -> tuple[tf.Tensor, list[tf.Tensor]]:
         """``backward`` without the batch sum: ``dK_i``, ``db_i`` with a leading batch axis."""
-        params = [kernel] if bias is None else [kernel, bias]
-        dx, grads = super().per_example_backward(_image(dz), _image(x), _image(z), *params)
-        batch = tf.shape(x)[:1]
-        return dx[:, 0], [
-            tf.reshape(g, tf.concat([batch, tf.shape(p)], 0))
-            for g, p in zip(grads, params, strict=True)
-        ]
+        return self._on_image(super().per_example_backward, dz, x, z, kernel, bias, True)
 
     def per_example_squared_norms(
         self,
@@ -130,5 +121,4 @@ class Conv1D(ToeplitzConv):
     ) -> list[tf.Tensor]:
         """``||dK_i||^2`` and ``||db_i||^2`` per sample, ``(batch,)`` each, by ``Conv2D``'s
         formula on the image view (``patch_product_squared_norms``)."""
-        params = [kernel] if bias is None else [kernel, bias]
-        return super().per_example_squared_norms(_image(dz), _image(x), _image(z), *params)
+        return super().per_example_squared_norms(_image(dz), _image(x), _image(z), kernel, bias)
