@@ -7,6 +7,20 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conv_checks import (
+    UpdatesMatchReference,
+    assert_fit_applies_the_reference_gradients,
+    assert_input_jacobian_is_autodiff,
+    assert_one_trace_gives_the_reference_gradients,
+    assert_parameter_jacobian_is_autodiff,
+    assert_per_example_rows_sum_to_the_backward,
+    assert_sparse_path_equals_dense,
+    assert_unknown_size_per_example_equals_static,
+    batches,
+    built,
+    compiled_sgd,
+    dataset,
+)
 
 import tf_jacbp
 from tf_jacbp import toeplitz, tolerances
@@ -55,11 +69,7 @@ def test_conv2d_every_mode(input_shape, kwargs, tmp_path):
 
 
 def _built(input_shape, seed=0, **kwargs):
-    layer = Conv2D(dtype="float64", **kwargs)
-    layer.build((None, *input_shape))
-    rng = np.random.default_rng(seed)
-    layer.set_weights([rng.normal(size=w.shape) for w in layer.weights])
-    return layer
+    return built(Conv2D, input_shape, seed, **kwargs)
 
 
 def test_lemma_2_toeplitz_matrix_of_the_layer():
@@ -134,29 +144,7 @@ def test_parameter_jacobian_equals_autodiff_and_its_transpose_is_the_backward(bi
     layer = _built(
         input_shape, filters=3, kernel_size=(2, 3), strides=(1, 2), padding="same", bias=bias
     )
-    kernel, b = layer.read_parameters()
-    rng = np.random.default_rng(2)
-    x = tf.constant(rng.normal(size=(2, *input_shape)))
-    with tf.GradientTape(persistent=True) as tape:
-        tape.watch([kernel, b])
-        z = tf.reshape(layer.reference(x, kernel, b), [2, -1])
-    rows = z.shape[1]
-
-    def vec_per_row(jacobian, p):  # (2, R, *p.shape) -> (2, R, |p|), columns in Vec order
-        return tf.reshape(vec_parameter_batch(tf.reshape(jacobian, [-1, *p.shape])), [2, rows, -1])
-
-    expected = tf.concat(
-        [vec_per_row(tape.jacobian(z, kernel), kernel), vec_per_row(tape.jacobian(z, b), b)], -1
-    )
-    jacobian = layer.parameter_jacobian(x)
-    rtol = tolerances.rtol("float64")
-    assert tolerances.relative_error(jacobian, expected) <= rtol
-    assert tolerances.relative_error(layer.parameter_jacobian(x[0]), jacobian[0]) <= rtol
-    delta = tf.constant(rng.normal(size=(1, *layer.conv_index.output_shape)))
-    _, (dk, db) = layer.backward(delta, x[:1], None, kernel, b)
-    fast = tf.concat([vec_parameter(dk), vec_parameter(db)], axis=0)
-    materialized = tf.linalg.matvec(jacobian[0], tf.reshape(delta, [-1]), transpose_a=True)
-    assert tolerances.relative_error(materialized, fast) <= rtol
+    assert_parameter_jacobian_is_autodiff(layer, input_shape)
 
 
 @pytest.mark.parametrize("activation", [None, "tanh"])
@@ -165,35 +153,14 @@ def test_input_jacobian_is_d_times_t_and_equals_autodiff(activation):
     layer = _built(
         input_shape, filters=2, kernel_size=3, strides=2, padding="same", activation=activation
     )
-    x = tf.constant(np.random.default_rng(3).normal(size=(1, *input_shape)))
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        with tf_jacbp.reference_mode():
-            a = tf.reshape(layer(x), [-1])
-    expected = tf.reshape(tape.jacobian(a, x), [a.shape[0], -1])
-    got = layer.input_jacobian(x[0])
-    assert tolerances.relative_error(got, expected) <= tolerances.rtol("float64")
-    if activation is None:
-        np.testing.assert_array_equal(got, layer.toeplitz_matrix())
+    assert_input_jacobian_is_autodiff(layer, input_shape)
 
 
 @pytest.mark.parametrize("bias", ["tied", "untied"])
 def test_per_example_backward_sums_to_the_backward(bias):
     input_shape = (6, 5, 2)
     layer = _built(input_shape, filters=3, kernel_size=3, strides=(2, 1), padding="same", bias=bias)
-    params = layer.read_parameters()
-    rng = np.random.default_rng(5)
-    x = tf.constant(rng.normal(size=(4, *input_shape)))
-    dz = tf.constant(rng.normal(size=(4, *layer.conv_index.output_shape)))
-    dx, per_sample = layer.per_example_backward(dz, x, None, *params)
-    dx_sum, summed = layer.backward(dz, x, None, *params)
-    rtol = tolerances.rtol("float64")
-    assert tolerances.relative_error(dx, dx_sum) <= rtol
-    for g, total in zip(per_sample, summed, strict=True):
-        assert tolerances.relative_error(tf.reduce_sum(g, axis=0), total) <= rtol
-    _, first = layer.backward(dz[:1], x[:1], None, *params)
-    for g, one in zip(per_sample, first, strict=True):
-        assert tolerances.relative_error(g[0], one) <= rtol
+    assert_per_example_rows_sum_to_the_backward(layer, input_shape)
 
 
 def _small_cnn():
@@ -253,16 +220,6 @@ def test_algorithm_1_through_conv_pooling_and_flatten():
     assert "J (averaging)" in names and "J = I" in names
 
 
-def _outputs_and_gradients(layer, x, delta, compiled):
-    def step(x):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            loss = tf.reduce_sum(delta * layer(x))
-        return [layer(x), *tape.gradient(loss, [x, *layer.trainable_variables])]
-
-    return [np.asarray(v) for v in (tf.function(step) if compiled else step)(x)]
-
-
 @pytest.mark.parametrize("compiled", [False, True])
 def test_memory_guard_sparse_path_gives_the_same_outputs_and_gradients(compiled):
     """A budget below a dense training step switches to a ``tf.SparseTensor``, with a warning;
@@ -271,22 +228,7 @@ def test_memory_guard_sparse_path_gives_the_same_outputs_and_gradients(compiled)
         (32, 32, 2),
         {"filters": 3, "kernel_size": 3, "padding": "same", "activation": "relu", "bias": "untied"},
     )
-    dense = _built(input_shape, **kwargs)
-    index = dense.conv_index
-    budget = index.step_bytes("float64", sparse=True)
-    assert index.step_bytes("float64", sparse=False) > budget
-    with pytest.warns(UserWarning, match="sparse T"):
-        sparse = _built(input_shape, toeplitz_budget_bytes=budget, **kwargs)
-    assert not dense.sparse_toeplitz and sparse.sparse_toeplitz
-    rng = np.random.default_rng(4)
-    x = tf.constant(rng.normal(size=(3, *input_shape)))
-    delta = tf.constant(rng.normal(size=(3, *index.output_shape)))
-    for got, want in zip(
-        _outputs_and_gradients(sparse, x, delta, compiled),
-        _outputs_and_gradients(dense, x, delta, compiled),
-        strict=True,
-    ):
-        assert tolerances.relative_error(got, want) <= tolerances.rtol("float64")
+    assert_sparse_path_equals_dense(Conv2D, input_shape, kwargs, compiled)
 
 
 def test_memory_guard_error_states_the_size_and_the_setting():
@@ -361,74 +303,14 @@ def _variable_size_model():
     )
 
 
-def _reference_gradients(model, x, y):
-    with tf.GradientTape() as tape:
-        with tf_jacbp.reference_mode():
-            loss = tf.reduce_mean(tf.square(model(x) - y))
-    return tape.gradient(loss, model.trainable_variables)
-
-
-class _UpdatesMatchReference(keras.callbacks.Callback):
-    """With ``SGD(1.0)`` a step's update is the gradient at the weights before it: at each batch
-    of ``batches`` compare it with the reference route's gradient (mean squared error)."""
-
-    def __init__(self, batches):
-        super().__init__()
-        self.batches, self.errors = batches, []
-
-    def on_train_batch_begin(self, batch, logs=None):
-        x, y = self.batches[batch]
-        self.expected = _reference_gradients(self.model, x, y)
-        self.before = [v.numpy() for v in self.model.trainable_variables]
-
-    def on_train_batch_end(self, batch, logs=None):
-        after = self.model.trainable_variables
-        self.errors.append(
-            max(
-                tolerances.relative_error(b - v.numpy(), g)
-                for b, v, g in zip(self.before, after, self.expected, strict=True)
-            )
-        )
-
-
-def _batches(model, sizes, channels, seed):
-    """One batch of 3 per spatial size; float32 values (fit may hand float64 over as float32)."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for size in sizes:
-        x = rng.normal(size=(3, *size, channels)).astype("float32").astype("float64")
-        y = rng.normal(size=model.compute_output_shape(x.shape)).astype("float32")
-        out.append((x, y.astype("float64")))
-    return out
-
-
-def _dataset(batches):
-    """The batches as a dataset whose spatial sizes are unknown: fit traces its step once."""
-    shapes = [(None,) * len(part.shape[:-1]) + part.shape[-1:] for part in batches[0]]
-    return tf.data.Dataset.from_generator(
-        lambda: iter(batches),
-        output_signature=tuple(tf.TensorSpec(s, "float64") for s in shapes),
-    )
-
-
-def _compiled_sgd(model):
-    model.compile(
-        optimizer=keras.optimizers.SGD(1.0), loss=keras.losses.MeanSquaredError(dtype="float64")
-    )
-    return model
-
-
 def test_variable_image_size_fits_three_sizes_with_the_reference_gradients():
     """A model on ``keras.Input((None, None, 1))``: ``fit`` on 6 x 7, then 9 x 5, 4 x 4 and 6 x 7
     images (no ``make_train_function``) applies at each step the reference route's gradient. The
     first size is traced static (its NumPy maps cached); Keras then relaxes its step to unknown
     sizes, served by the maps computed when the graph runs, so no other size is cached."""
-    model = _compiled_sgd(_variable_size_model())
-    batches = _batches(model, [(6, 7), (9, 5), (4, 4), (6, 7)], 1, seed=0)
-    for x, y in batches:
-        check = _UpdatesMatchReference([(x, y)])
-        model.fit(x, y, batch_size=3, epochs=1, verbose=0, shuffle=False, callbacks=[check])
-        assert check.errors[0] <= tolerances.rtol("float64")
+    model = compiled_sgd(_variable_size_model())
+    shapes = [(6, 7, 1), (9, 5, 1), (4, 4, 1), (6, 7, 1)]
+    assert_fit_applies_the_reference_gradients(model, batches(model, shapes, seed=0))
     conv = model.layers[0]
     assert conv.conv_index is None and sorted(conv._indices) == [(6, 7)]
 
@@ -436,23 +318,12 @@ def test_variable_image_size_fits_three_sizes_with_the_reference_gradients():
 def test_variable_image_size_fits_a_dataset_of_three_sizes():
     """One ``fit`` over a dataset whose batches have three sizes (traced once, size unknown):
     each step's update is the reference route's gradient of its batch."""
-    model = _compiled_sgd(_variable_size_model())
-    batches = _batches(model, [(5, 8), (7, 4), (10, 6)], 1, seed=1)
-    check = _UpdatesMatchReference(batches)
-    model.fit(_dataset(batches), steps_per_epoch=3, verbose=0, shuffle=False, callbacks=[check])
+    model = compiled_sgd(_variable_size_model())
+    data = batches(model, [(5, 8, 1), (7, 4, 1), (10, 6, 1)], seed=1)
+    check = UpdatesMatchReference(data)
+    model.fit(dataset(data), steps_per_epoch=3, verbose=0, shuffle=False, callbacks=[check])
     assert len(check.errors) == 3 and max(check.errors) <= tolerances.rtol("float64")
     assert model.layers[0]._indices == {}
-
-
-def _gradients_function(model, jit_compile=False):
-    def gradients(x):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            loss = tf.reduce_sum(tf.square(model(x)))
-        return tape.gradient(loss, [x, *model.trainable_variables])
-
-    signature = [tf.TensorSpec((None, None, None, model.input_shape[-1]), "float64")]
-    return gradients, tf.function(gradients, input_signature=signature, jit_compile=jit_compile)
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])
@@ -460,15 +331,8 @@ def test_unknown_size_signature_gives_the_reference_gradients(jit_compile):
     """A ``tf.function`` traced once for unknown sizes (with XLA too: it compiles per concrete
     shape) gives the reference route's input and parameter gradients at each size."""
     model = _variable_size_model()
-    gradients, compiled = _gradients_function(model, jit_compile)
-    rng = np.random.default_rng(1)
-    for size in [(5, 5), (8, 6), (7, 9)]:
-        x = tf.constant(rng.normal(size=(2, *size, 1)))
-        with tf_jacbp.reference_mode():
-            expected = gradients(x)
-        for got, want in zip(compiled(x), expected, strict=True):
-            assert tolerances.relative_error(got, want) <= tolerances.rtol("float64")
-    assert compiled.experimental_get_tracing_count() == 1
+    shapes = [(5, 5, 1), (8, 6, 1), (7, 9, 1)]
+    assert_one_trace_gives_the_reference_gradients(model, shapes, seed=1, jit_compile=jit_compile)
     assert model.layers[0]._indices == {}
 
 
@@ -644,19 +508,4 @@ def test_unknown_size_per_example_rows_and_norms_equal_the_static_ones(bias):
     equal the static route's (the norms take the outer form there: ``P`` is not known)."""
     layer = Conv2D(3, 3, strides=2, padding="same", use_bias=bias is not None, dtype="float64")
     layer.build((None, None, None, 2))
-    params = layer.read_parameters()
-    rng = np.random.default_rng(6)
-    x = tf.constant(rng.normal(size=(3, 7, 6, 2)))
-    dz = tf.constant(rng.normal(size=(3, 4, 3, 3)))
-    signature = [tf.TensorSpec((None, None, None, c), "float64") for c in (3, 2)]
-
-    @tf.function(input_signature=signature)
-    def dynamic(dz, x):
-        dx, grads = layer.per_example_backward(dz, x, None, *params)
-        return dx, grads, layer.per_example_squared_norms(dz, x, None, *params)
-
-    dx, grads, norms = dynamic(dz, x)
-    want_dx, want_grads = layer.per_example_backward(dz, x, None, *params)
-    want_norms = layer.per_example_squared_norms(dz, x, None, *params)
-    for got, want in zip([dx, *grads, *norms], [want_dx, *want_grads, *want_norms], strict=True):
-        assert tolerances.relative_error(got, want) <= tolerances.rtol("float64")
+    assert_unknown_size_per_example_equals_static(layer, (7, 6, 2), seed=6)

@@ -6,13 +6,22 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conv_checks import (
+    assert_fit_applies_the_reference_gradients,
+    assert_input_jacobian_is_autodiff,
+    assert_one_trace_gives_the_reference_gradients,
+    assert_parameter_jacobian_is_autodiff,
+    assert_per_example_rows_sum_to_the_backward,
+    batches,
+    built,
+    compiled_sgd,
+    values_and_gradients,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import tf_jacbp
 from tf_jacbp import tolerances
 from tf_jacbp.layers.conv1d import Conv1D
-from tf_jacbp.layout import vec_parameter, vec_parameter_batch
 from tf_jacbp.testing import check_layer
 
 RTOL64 = tolerances.rtol("float64")
@@ -64,14 +73,6 @@ def conv1d_configs(draw):
     return kwargs, (length, draw(st.integers(1, 3))), draw(st.integers(0, 2**16))
 
 
-def _values_and_gradients(layer, x, delta):
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        y = layer(x)
-        loss = tf.reduce_sum(delta * y)
-    return [y, *tape.gradient(loss, [x, *layer.trainable_variables])]
-
-
 @settings(derandomize=True, max_examples=15, deadline=None)
 @given(conv1d_configs())
 def test_agrees_with_keras_conv1d(config):
@@ -88,18 +89,14 @@ def test_agrees_with_keras_conv1d(config):
     x = tf.constant(rng.normal(size=(3, *input_shape)))
     assert ours.compute_output_shape(x.shape) == stock.compute_output_shape(x.shape)
     delta = tf.constant(rng.normal(size=stock.compute_output_shape(x.shape)))
-    got, want = _values_and_gradients(ours, x, delta), _values_and_gradients(stock, x, delta)
+    got, want = values_and_gradients(ours, x, delta), values_and_gradients(stock, x, delta)
     for name, a, b in zip(["y", "dx", "dK", "db"], got, want, strict=False):
         assert a.shape == b.shape, name
         assert tolerances.relative_error(a, b) <= RTOL64, (name, kwargs, input_shape)
 
 
 def _built(input_shape, seed=0, **kwargs):
-    layer = Conv1D(dtype="float64", **kwargs)
-    layer.build((None, *input_shape))
-    rng = np.random.default_rng(seed)
-    layer.set_weights([rng.normal(size=w.shape) for w in layer.weights])
-    return layer
+    return built(Conv1D, input_shape, seed, **kwargs)
 
 
 def test_lemma_2_in_one_dimension():
@@ -124,28 +121,8 @@ def test_lemma_2_in_one_dimension():
 def test_parameter_jacobian_equals_autodiff_and_its_transpose_is_the_backward(bias):
     input_shape = (7, 2)
     layer = _built(input_shape, filters=3, kernel_size=3, strides=2, padding="same", bias=bias)
-    kernel, b = layer.read_parameters()
-    rng = np.random.default_rng(2)
-    x = tf.constant(rng.normal(size=(2, *input_shape)))
-    with tf.GradientTape(persistent=True) as tape:
-        tape.watch([kernel, b])
-        z = tf.reshape(layer.reference(x, kernel, b), [2, -1])
-    rows = z.shape[1]
-
-    def vec_per_row(jacobian, p):  # (2, R, *p.shape) -> (2, R, |p|), columns in Vec order
-        return tf.reshape(vec_parameter_batch(tf.reshape(jacobian, [-1, *p.shape])), [2, rows, -1])
-
-    expected = tf.concat(
-        [vec_per_row(tape.jacobian(z, kernel), kernel), vec_per_row(tape.jacobian(z, b), b)], -1
-    )
-    jacobian = layer.parameter_jacobian(x)
-    assert tolerances.relative_error(jacobian, expected) <= RTOL64
-    assert tolerances.relative_error(layer.parameter_jacobian(x[0]), jacobian[0]) <= RTOL64
-    delta = tf.constant(rng.normal(size=(1, 4, 3)))
-    _, (dk, db) = layer.backward(delta, x[:1], None, kernel, b)
-    fast = tf.concat([vec_parameter(dk), vec_parameter(db)], axis=0)
-    materialized = tf.linalg.matvec(jacobian[0], tf.reshape(delta, [-1]), transpose_a=True)
-    assert tolerances.relative_error(materialized, fast) <= RTOL64
+    x, jacobian = assert_parameter_jacobian_is_autodiff(layer, input_shape)
+    rows = jacobian.shape[1]
     factors = layer.jacobian_factors(x[0])
     assert factors["T(K)"].shape == (rows, 14)
     np.testing.assert_array_equal(factors["[I (x) X_patch | J_b]"], jacobian[0])
@@ -154,13 +131,7 @@ def test_parameter_jacobian_equals_autodiff_and_its_transpose_is_the_backward(bi
 @pytest.mark.parametrize("padding", ["causal", "valid"])
 def test_input_jacobian_is_d_times_t_and_equals_autodiff(padding):
     layer = _built((6, 2), filters=2, kernel_size=3, padding=padding, activation="tanh")
-    x = tf.constant(np.random.default_rng(3).normal(size=(1, 6, 2)))
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        with tf_jacbp.reference_mode():
-            a = tf.reshape(layer(x), [-1])
-    expected = tf.reshape(tape.jacobian(a, x), [a.shape[0], -1])
-    assert tolerances.relative_error(layer.input_jacobian(x[0]), expected) <= RTOL64
+    assert_input_jacobian_is_autodiff(layer, (6, 2))
 
 
 @pytest.mark.parametrize("bias", ["tied", "untied"])
@@ -168,21 +139,7 @@ def test_per_example_rows_and_norms(bias):
     """Per-example gradients sum to the batch gradient, the first equals a batch of one's, and
     their squared norms equal ``per_example_squared_norms``."""
     layer = _built((8, 2), filters=3, kernel_size=3, padding="causal", dilation_rate=2, bias=bias)
-    params = layer.read_parameters()
-    rng = np.random.default_rng(5)
-    x = tf.constant(rng.normal(size=(4, 8, 2)))
-    dz = tf.constant(rng.normal(size=(4, 8, 3)))
-    dx, per_sample = layer.per_example_backward(dz, x, None, *params)
-    dx_sum, summed = layer.backward(dz, x, None, *params)
-    assert tolerances.relative_error(dx, dx_sum) <= RTOL64
-    _, first = layer.backward(dz[:1], x[:1], None, *params)
-    norms = layer.per_example_squared_norms(dz, x, None, *params)
-    for g, total, one, norm in zip(per_sample, summed, first, norms, strict=True):
-        assert g.shape == (4, *total.shape)
-        assert tolerances.relative_error(tf.reduce_sum(g, axis=0), total) <= RTOL64
-        assert tolerances.relative_error(g[0], one) <= RTOL64
-        expected = tf.reduce_sum(tf.reshape(tf.square(g), [4, -1]), axis=1)
-        assert tolerances.relative_error(norm, expected) <= RTOL64
+    assert_per_example_rows_sum_to_the_backward(layer, (8, 2))
 
 
 def _sequence_model():
@@ -195,35 +152,12 @@ def _sequence_model():
     )
 
 
-def _reference_gradients(model, x, y):
-    with tf.GradientTape() as tape:
-        with tf_jacbp.reference_mode():
-            loss = tf.reduce_mean(tf.square(model(x) - y))
-    return tape.gradient(loss, model.trainable_variables)
-
-
 def test_sequences_of_varying_length():
     """On ``keras.Input((None, C))`` a ``tf.function`` traced once for an unknown length (the
     maps of ``T(K)`` computed when the graph runs) gives the reference route's gradients at
     each length, and ``T^T`` equals the static one exactly."""
     model = _sequence_model()
-    variables = model.trainable_variables
-
-    def gradients(x):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            loss = tf.reduce_sum(tf.square(model(x)))
-        return tape.gradient(loss, [x, *variables])
-
-    compiled = tf.function(gradients, input_signature=[tf.TensorSpec((None, None, 2), "float64")])
-    rng = np.random.default_rng(4)
-    for length in (5, 11, 8):
-        x = tf.constant(rng.normal(size=(2, length, 2)))
-        with tf_jacbp.reference_mode():
-            expected = gradients(x)
-        for got, want in zip(compiled(x), expected, strict=True):
-            assert tolerances.relative_error(got, want) <= RTOL64
-    assert compiled.experimental_get_tracing_count() == 1
+    assert_one_trace_gives_the_reference_gradients(model, [(5, 2), (11, 2), (8, 2)], seed=4)
     assert model.layers[0]._indices == {}
     layer = model.layers[0]
     kernel = layer.read_parameters()[0]
@@ -241,19 +175,9 @@ def test_sequences_of_varying_length():
 def test_fit_on_sequences_of_three_lengths_applies_the_reference_gradients():
     """``fit`` with SGD(1.0) on lengths 6, 9, 4 (no ``make_train_function``): every step's update
     is the reference route's gradient, also after Keras relaxes its step to unknown lengths."""
-    model = _sequence_model()
-    model.compile(
-        optimizer=keras.optimizers.SGD(1.0), loss=keras.losses.MeanSquaredError(dtype="float64")
-    )
-    rng = np.random.default_rng(5)
-    for length in (6, 9, 4):
-        x = rng.normal(size=(3, length, 2)).astype("float32").astype("float64")
-        y = rng.normal(size=model.compute_output_shape(x.shape)).astype("float32")
-        expected = _reference_gradients(model, x, y)
-        before = [v.numpy() for v in model.trainable_variables]
-        model.fit(x, y, batch_size=3, epochs=1, verbose=0, shuffle=False)
-        for b, v, g in zip(before, model.trainable_variables, expected, strict=True):
-            assert tolerances.relative_error(b - v.numpy(), g) <= RTOL64
+    model = compiled_sgd(_sequence_model())
+    data = batches(model, [(6, 2), (9, 2), (4, 2)], seed=5)
+    assert_fit_applies_the_reference_gradients(model, data)
     assert sorted(model.layers[0]._indices) == [(6,)]
 
 

@@ -6,6 +6,18 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conv_checks import (
+    assert_fit_applies_the_reference_gradients,
+    assert_input_jacobian_is_autodiff,
+    assert_parameter_jacobian_is_autodiff,
+    assert_per_example_rows_sum_to_the_backward,
+    assert_sparse_path_equals_dense,
+    assert_unknown_size_per_example_equals_static,
+    batches,
+    built,
+    compiled_sgd,
+    values_and_gradients,
+)
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -47,14 +59,6 @@ def _spread(kernel, dilation_rate):
     spread = np.zeros(((kh - 1) * dh + 1, (kw - 1) * dw + 1, *kernel.shape[2:]))
     spread[::dh, ::dw] = kernel
     return spread
-
-
-def _values_and_gradients(layer, x, upstream, variables):
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        y = layer(x)
-        loss = tf.reduce_sum(upstream * y)
-    return [y, *tape.gradient(loss, [x, *variables])]
 
 
 @settings(max_examples=12, deadline=None)
@@ -108,8 +112,8 @@ def test_agrees_with_keras_conv2d_transpose(
     stock.build(x.shape)
     stock.set_weights(weights)
     upstream = tf.constant(rng.normal(size=ours.compute_output_shape(x.shape)))
-    got = _values_and_gradients(ours, x, upstream, ours.trainable_variables)
-    want = _values_and_gradients(stock, x, upstream, stock.trainable_variables)
+    got = values_and_gradients(ours, x, upstream)
+    want = values_and_gradients(stock, x, upstream)
     if dilated:  # the stock kernel gradient at the taps that the dilated kernel has
         want[2] = want[2][:: dilation_rate[0], :: dilation_rate[1]]
     names = ["output", "input gradient", "kernel gradient", "bias gradient"][: len(got)]
@@ -119,11 +123,7 @@ def test_agrees_with_keras_conv2d_transpose(
 
 
 def _built(input_shape, seed=0, **kwargs):
-    layer = Conv2DTranspose(dtype="float64", **kwargs)
-    layer.build((None, *input_shape))
-    rng = np.random.default_rng(seed)
-    layer.set_weights([rng.normal(size=w.shape) for w in layer.weights])
-    return layer
+    return built(Conv2DTranspose, input_shape, seed, **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -183,31 +183,7 @@ def test_parameter_jacobian_equals_autodiff_and_its_transpose_is_the_backward(us
         padding="same",
         use_bias=use_bias,
     )
-    params = layer.read_parameters()
-    rng = np.random.default_rng(2)
-    x = tf.constant(rng.normal(size=(2, *input_shape)))
-    with tf.GradientTape(persistent=True) as tape:
-        tape.watch(params)
-        y = tf.reshape(layer.reference(x, *params), [2, -1])
-    rows = y.shape[1]
-    expected = tf.concat(
-        [
-            tf.reshape(
-                vec_parameter_batch(tf.reshape(tape.jacobian(y, p), [-1, *p.shape])), [2, rows, -1]
-            )
-            for p in params
-        ],
-        axis=-1,
-    )
-    jacobian = layer.parameter_jacobian(x)
-    assert jacobian.shape == (2, rows, sum(p.shape.num_elements() for p in params))
-    assert tolerances.relative_error(jacobian, expected) <= RTOL
-    assert tolerances.relative_error(layer.parameter_jacobian(x[0]), jacobian[0]) <= RTOL
-    delta = tf.constant(rng.normal(size=layer.compute_output_shape((1, *input_shape))))
-    _, grads = layer.backward(delta, x[:1], None, *params)
-    fast = tf.concat([vec_parameter(g) for g in grads], axis=0)
-    materialized = tf.linalg.matvec(jacobian[0], tf.reshape(delta, [-1]), transpose_a=True)
-    assert tolerances.relative_error(materialized, fast) <= RTOL
+    assert_parameter_jacobian_is_autodiff(layer, input_shape)
 
 
 @pytest.mark.parametrize("activation", [None, "tanh"])
@@ -216,16 +192,7 @@ def test_input_jacobian_is_d_times_t_transpose_and_equals_autodiff(activation):
     layer = _built(
         input_shape, filters=2, kernel_size=3, strides=2, padding="same", activation=activation
     )
-    x = tf.constant(np.random.default_rng(3).normal(size=(1, *input_shape)))
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        with tf_jacbp.reference_mode():
-            a = tf.reshape(layer(x), [-1])
-    expected = tf.reshape(tape.jacobian(a, x), [a.shape[0], -1])
-    got = layer.input_jacobian(x[0])
-    assert tolerances.relative_error(got, expected) <= RTOL
-    if activation is None:
-        np.testing.assert_array_equal(got, layer.toeplitz_matrix())
+    x = assert_input_jacobian_is_autodiff(layer, input_shape)
     factors = layer.jacobian_factors(x[0])
     np.testing.assert_array_equal(factors["T(K)^T"], layer.toeplitz_matrix())
     np.testing.assert_array_equal(factors["J_{Vec(K), b} y"], layer.parameter_jacobian(x[0]))
@@ -286,22 +253,7 @@ def test_per_example_backward_and_squared_norms(input_shape, kwargs):
     """Per-sample gradients sum to the batch's and equal a batch of one's; their squared norms
     equal ``per_example_squared_norms``, which never forms them."""
     layer = _built(input_shape, **kwargs)
-    params = layer.read_parameters()
-    rng = np.random.default_rng(5)
-    x = tf.constant(rng.normal(size=(4, *input_shape)))
-    dy = tf.constant(rng.normal(size=layer.compute_output_shape((4, *input_shape))))
-    dx, per_sample = layer.per_example_backward(dy, x, None, *params)
-    dx_sum, summed = layer.backward(dy, x, None, *params)
-    assert tolerances.relative_error(dx, dx_sum) <= RTOL
-    for g, total in zip(per_sample, summed, strict=True):
-        assert tolerances.relative_error(tf.reduce_sum(g, axis=0), total) <= RTOL
-    _, first = layer.backward(dy[:1], x[:1], None, *params)
-    for g, one in zip(per_sample, first, strict=True):
-        assert tolerances.relative_error(g[0], one) <= RTOL
-    norms = layer.per_example_squared_norms(dy, x, None, *params)
-    for n, g in zip(norms, per_sample, strict=True):
-        expected = tf.reduce_sum(tf.reshape(tf.square(g), [4, -1]), axis=1)
-        assert n.shape == (4,) and tolerances.relative_error(n, expected) <= RTOL
+    assert_per_example_rows_sum_to_the_backward(layer, input_shape)
 
 
 @pytest.mark.parametrize("compiled", [False, True])
@@ -311,25 +263,7 @@ def test_memory_guard_sparse_path_gives_the_same_outputs_and_gradients(compiled)
         (16, 16, 2),
         {"filters": 2, "kernel_size": 3, "strides": 2, "padding": "same", "activation": "relu"},
     )
-    dense = _built(input_shape, **kwargs)
-    index = dense.conv_index
-    budget = index.step_bytes("float64", sparse=True)
-    assert index.step_bytes("float64", sparse=False) > budget
-    with pytest.warns(UserWarning, match="sparse T"):
-        sparse = _built(input_shape, toeplitz_budget_bytes=budget, **kwargs)
-    assert not dense.sparse_toeplitz and sparse.sparse_toeplitz and not sparse.supports_jit
-    rng = np.random.default_rng(4)
-    x = tf.constant(rng.normal(size=(3, *input_shape)))
-    upstream = tf.constant(rng.normal(size=dense.compute_output_shape((3, *input_shape))))
-
-    def step(layer):
-        def run(x):
-            return _values_and_gradients(layer, x, upstream, layer.trainable_variables)
-
-        return (tf.function(run) if compiled else run)(x)
-
-    for got, want in zip(step(sparse), step(dense), strict=True):
-        assert tolerances.relative_error(got, want) <= RTOL
+    assert_sparse_path_equals_dense(Conv2DTranspose, input_shape, kwargs, compiled)
 
 
 def test_memory_guard_error_states_the_size_and_the_setting():
@@ -418,9 +352,9 @@ def test_inputs_of_varying_size_get_one_t_per_size():
     for size in ((2, 3), (4, 2), (2, 3)):
         x = tf.constant(rng.normal(size=(2, *size, 2)))
         upstream = tf.constant(rng.normal(size=stock.compute_output_shape(x.shape)))
-        got = _values_and_gradients(layer, x, upstream, layer.trainable_variables)
-        want = _values_and_gradients(stock, x, upstream, stock.trainable_variables)
-        dynamic = _values_and_gradients(unknown, x, upstream, layer.trainable_variables)
+        got = values_and_gradients(layer, x, upstream)
+        want = values_and_gradients(stock, x, upstream)
+        dynamic = values_and_gradients(unknown, x, upstream, layer.trainable_variables)
         for g, d, w in zip(got, dynamic, want, strict=True):
             assert tolerances.relative_error(g, w) <= RTOL
             assert tolerances.relative_error(d, w) <= RTOL
@@ -450,20 +384,8 @@ def test_autoencoder_fits_three_image_sizes_with_the_reference_gradients():
             Conv2DTranspose(1, 3, strides=2, padding="same", dtype="float64"),
         ]
     )
-    model.compile(
-        optimizer=keras.optimizers.SGD(1.0), loss=keras.losses.MeanSquaredError(dtype="float64")
-    )
-    rng = np.random.default_rng(9)
-    for size in ((6, 8), (4, 6), (8, 4)):
-        x = rng.normal(size=(3, *size, 1)).astype("float32").astype("float64")
-        with tf.GradientTape() as tape:
-            with tf_jacbp.reference_mode():
-                loss = tf.reduce_mean(tf.square(model(x) - x))
-        expected = tape.gradient(loss, model.trainable_variables)
-        before = [v.numpy() for v in model.trainable_variables]
-        model.fit(x, x, batch_size=3, epochs=1, verbose=0, shuffle=False)
-        for b, v, g in zip(before, model.trainable_variables, expected, strict=True):
-            assert tolerances.relative_error(b - v.numpy(), g) <= RTOL
+    data = batches(model, [(6, 8, 1), (4, 6, 1), (8, 4, 1)], seed=9, autoencoder=True)
+    assert_fit_applies_the_reference_gradients(compiled_sgd(model), data)
     assert sorted(model.layers[1]._indices) == [(3, 4)]
 
 
@@ -517,19 +439,4 @@ def test_unknown_size_per_example_rows_and_norms_equal_the_static_ones():
     static route's."""
     layer = Conv2DTranspose(3, 3, strides=2, padding="same", dtype="float64")
     layer.build((None, None, None, 2))
-    params = layer.read_parameters()
-    rng = np.random.default_rng(7)
-    x = tf.constant(rng.normal(size=(3, 3, 4, 2)))
-    dy = tf.constant(rng.normal(size=(3, 6, 8, 3)))
-    signature = [tf.TensorSpec((None, None, None, c), "float64") for c in (3, 2)]
-
-    @tf.function(input_signature=signature)
-    def dynamic(dy, x):
-        dx, grads = layer.per_example_backward(dy, x, None, *params)
-        return dx, grads, layer.per_example_squared_norms(dy, x, None, *params)
-
-    dx, grads, norms = dynamic(dy, x)
-    want_dx, want_grads = layer.per_example_backward(dy, x, None, *params)
-    want_norms = layer.per_example_squared_norms(dy, x, None, *params)
-    for got, want in zip([dx, *grads, *norms], [want_dx, *want_grads, *want_norms], strict=True):
-        assert tolerances.relative_error(got, want) <= RTOL
+    assert_unknown_size_per_example_equals_static(layer, (3, 4, 2), seed=7)
