@@ -205,6 +205,7 @@ def _check_fit_modes(make_layer, input_shape, batch_size, seed, input_fn, traini
             compiled = tf.function(
                 lambda x, t: loss_gradients(template, x, t, reference=True, training=True),
                 jit_compile=compile_args["jit_compile"],
+                autograph=False,
             )
             refs = [np.asarray(g) for g in compiled(x, t)]
             state_after = model_state(template)

@@ -162,7 +162,9 @@ def gradient_function(
         )
         return loss, grads
 
-    return tf.function(restoring(state, gradients), jit_compile=jit_compile)
+    # autograph=False: the control flow is Python's, over variables and layers (AutoGraph's
+    # source transformation would only add tracing time).
+    return tf.function(restoring(state, gradients), jit_compile=jit_compile, autograph=False)
 
 
 def loss_function(
@@ -171,4 +173,4 @@ def loss_function(
     """A ``tf.function`` ``(x, y, sample_weight) -> L(theta)`` at the current weights (compiled
     as the gradient functions are, so that dropout draws the same masks)."""
     fn = restoring(state, lambda x, y, sw: training_loss(model, x, y, sw))
-    return tf.function(fn, jit_compile=jit_compile)
+    return tf.function(fn, jit_compile=jit_compile, autograph=False)

@@ -104,7 +104,7 @@ class Witnesses:
             for v in variables:
                 d = rng.normal(size=tuple(v.shape))
                 self.fd_directions.append(d / np.linalg.norm(d))
-        self.run = tf.function(self._comparison)
+        self.run = tf.function(self._comparison, autograph=False)  # Python control flow only
 
     def _comparison(self, x, y, sample_weight) -> dict[str, Any]:
         """All routes' gradients reduced to statistics (traced once, as one graph).

@@ -70,7 +70,9 @@ class _Pooling(JacobianLayer):
         )
         self.padding = check_padding(padding, owner)
         self.data_format = check_channels_last(data_format, owner)
-        self._compiled_input_gradient = tf.function(self.input_gradient, jit_compile=True)
+        self._compiled_input_gradient = tf.function(
+            self.input_gradient, jit_compile=True, autograph=False
+        )
         self.built = True  # stateless: built at construction, as Keras builds it
 
     def as_window(self, value: Any, name: str, owner: str) -> tuple[int, ...]:
