@@ -23,3 +23,12 @@ def _seed_and_policy():
     keras.config.set_dtype_policy("float32")
     yield
     keras.config.set_dtype_policy("float32")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``slow`` run first (each keeps its place among the slow ones).
+
+    ``.ci/run`` spreads the suite over two pytest-xdist workers, which take tests in this order:
+    a long test started last would keep one worker busy while the other has nothing left to do.
+    """
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -190,6 +190,7 @@ def _twin_trained_on(x, y, optimizer):
     [lambda: keras.optimizers.SGD(0.1), lambda: keras.optimizers.SGD(0.1, momentum=0.9), "adam"],
     ids=["sgd", "momentum", "adam"],
 )
+@pytest.mark.slow
 def test_xla_fit_applies_nothing_and_stops_right_after_the_bad_step(optimizer):
     """Under XLA the step with the bad label cannot stop itself: it applies nothing (weights,
     momentum or Adam's moments, step counter: bit-identical to a twin trained on the batches
@@ -237,6 +238,7 @@ def test_xla_evaluate_and_train_on_batch_stop_on_a_bad_label():
     assert np.isfinite(model.train_on_batch(x, y))
 
 
+@pytest.mark.slow
 def test_mixed_precision_xla_fit_applies_nothing_on_a_bad_label():
     """Under a loss-scaled optimizer the inner optimizer's update is skipped the same way."""
     keras.mixed_precision.set_global_policy("mixed_float16")

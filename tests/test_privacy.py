@@ -290,6 +290,7 @@ def test_weight_regularizer_is_added_after_the_noise():
     assert tolerances.relative_error(private.get_weights()[0], expected, F64) <= RTOL64
 
 
+@pytest.mark.slow
 def test_example_quick_mode_trains_and_plots(tmp_path, capsys):
     main = runpy.run_path(str(EXAMPLE))["main"]
     plot = os.path.join(tmp_path, "dp.png")

@@ -186,6 +186,7 @@ def test_process_wide_budget_setter():
 
 @settings(derandomize=True, max_examples=15, deadline=None)
 @given(conv_configs(max_size=7), st.booleans())
+@pytest.mark.slow
 def test_dynamic_index_maps_equal_the_static_ones_exactly(config, causal):
     """``DynamicConvIndex`` (maps from TF ops, the size unknown when traced) gives the same
     ``kernel_rows``, ``block_rows``, patch maps, ``T(K)^T``, patches and kernel gradient as

@@ -62,6 +62,7 @@ def route_gradients(model, x, y, sample_weight=None):
     return grads
 
 
+@pytest.mark.slow
 def test_residual_batchnorm_dropout_model_passes_under_xla_with_finite_differences():
     x = keras.Input((N_FEATURES,))
     h = layers.Dense(4, activation="tanh", name="first")(x)
@@ -233,6 +234,7 @@ def test_log_dir_without_tensorboard_says_what_to_install(monkeypatch, tmp_path)
         GradientCheck(probe(), log_dir=tmp_path)
 
 
+@pytest.mark.slow
 def test_plot_writes_a_png(tmp_path):
     model = compile_model(mlp(InfDense(4, activation="relu", name="middle")))
     check = GradientCheck(
@@ -254,6 +256,7 @@ def test_plot_without_matplotlib_says_what_to_install(monkeypatch, tmp_path):
 # --- on_mismatch modes -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_warn_mode_warns_and_goes_on():
     model = compile_model(mlp(FlippedSignDense(4, activation="relu", name="middle")))
     check = GradientCheck(probe(), every_n_batches=2, on_mismatch="warn", verbose=0)
@@ -343,6 +346,7 @@ def test_probe_targets_that_do_not_fit_the_loss():
         fit(model, check)
 
 
+@pytest.mark.slow
 def test_dataset_probe_with_sample_weights():
     x, y = probe(n=32)
     weights = np.linspace(0, 2, 32).astype("float32")
@@ -366,6 +370,7 @@ def test_dataset_probe_with_sample_weights():
 # --- modes: jit, mixed layers, nested models, mixed precision, retracing ----------------------
 
 
+@pytest.mark.slow
 def test_jit_compile():
     model = compile_model(mlp(), jit_compile=True)
     check = GradientCheck(probe(), every_n_batches=1, verbose=0)
@@ -545,6 +550,7 @@ MIRRORED_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_over_two_logical_cpus():
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     tests = os.path.join(root, "tests")  # for the planted-bug layers

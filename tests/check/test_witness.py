@@ -47,6 +47,7 @@ def reinitialize(model, initial, rng):
 
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 @pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.slow
 def test_no_false_alarm_over_50_seeds_and_planted_errors_are_caught(policy, name, images):
     x, y = images
     keras.config.set_dtype_policy(policy)

@@ -8,6 +8,7 @@ The "ci" hypothesis profile (tests/conftest.py) draws MODELS_PER_RUN models with
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -199,6 +200,7 @@ def _gradients(model, loss, x, y, training: bool, reference: bool):
     suppress_health_check=[HealthCheck.too_slow],
 )
 @given(networks())
+@pytest.mark.slow
 def test_generated_model_matches_reference_route(case):
     input_shape, stack, loss, training, x, y = case
     model = _build(input_shape, stack)

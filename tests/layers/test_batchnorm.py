@@ -283,6 +283,7 @@ def test_jacobian_ops_in_training_mode_explain_why_not():
     assert layer.jacobian_ops(training=False)[0][0] is layer
 
 
+@pytest.mark.slow
 def test_gradient_check_passes_while_a_model_with_batchnorm_and_dropout_trains():
     model = keras.Sequential(
         [

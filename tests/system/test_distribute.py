@@ -190,6 +190,7 @@ def test_single_device_reference_trains_and_a_wrong_global_batch_is_detected(
     assert min(errors) > 100 * tolerances.rtol("float32"), errors
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_on_two_logical_cpus_matches_one_device(
     run_data, single_device, tmp_path
 ):
@@ -228,6 +229,7 @@ def test_mirrored_strategy_on_two_logical_cpus_matches_one_device(
     assert max(r["rel_err"] for r in records) <= tolerances.rtol("float32")
 
 
+@pytest.mark.slow
 def test_multi_worker_mirrored_strategy_on_two_local_processes_matches_one_device(
     run_data, single_device, tmp_path
 ):

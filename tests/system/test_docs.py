@@ -33,6 +33,7 @@ def test_the_documents_have_python_blocks():
     [p for p in DOCUMENTS if python_blocks(p)],
     ids=lambda p: str(p.relative_to(ROOT)),
 )
+@pytest.mark.slow
 def test_python_blocks_run(path: Path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # files an example writes land in a temporary directory
     namespace: dict = {"__name__": f"docs_{path.stem}"}

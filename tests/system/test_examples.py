@@ -26,6 +26,7 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "train_mnist.py"
     ],
     ids=["lenet-100-300-10", "lenet5", "resnet"],
 )
+@pytest.mark.slow
 def test_train_mnist_reports_accuracy_and_gradient_check_summary(args, accuracy, capsys):
     main = runpy.run_path(str(EXAMPLE))["main"]
     with warnings.catch_warnings():
@@ -52,6 +53,7 @@ def _run(name: str, args: list[str]):
         return main([*args, "--verbose", "0"])
 
 
+@pytest.mark.slow
 def test_conv_autoencoder_example_reconstructs_with_the_check_on(capsys):
     """Conv2D down, Conv2DTranspose up, MSE, on Fashion-MNIST (Debian's IDX files)."""
     error, baseline = _run("train_autoencoder.py", ["--train-images", "2048", "--epochs", "2"])
@@ -60,6 +62,7 @@ def test_conv_autoencoder_example_reconstructs_with_the_check_on(capsys):
     assert "GradientCheck" in out and "0 mismatches" in out, out
 
 
+@pytest.mark.slow
 def test_sequence_classifier_example_learns_with_the_check_on(capsys):
     """Embedding, Conv1D, GlobalMaxPooling1D, Dense on MNIST read as token sequences."""
     accuracy = _run("train_sequence.py", ["--epochs", "3"])

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 SCRIPT = textwrap.dedent(
     """
     import sys
@@ -61,6 +63,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_interrupted_fit_resumes_bit_identically(tmp_path):
     result = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(tmp_path / "backup")],
@@ -104,6 +107,7 @@ DETERMINISM = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_lenet5_trainings_with_a_fixed_seed_are_bit_identical():
     result = subprocess.run(
         [sys.executable, "-c", DETERMINISM], capture_output=True, text=True, timeout=300

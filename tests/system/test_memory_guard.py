@@ -43,6 +43,7 @@ def _measure(config: dict) -> dict:
         ((64, 64, 1), 2, 3, "same", True),  # a dense T would take 128 MiB
     ],
 )
+@pytest.mark.slow
 def test_a_training_step_stays_within_the_budget(
     input_shape, filters, kernel_size, padding, sparse
 ):

@@ -149,6 +149,7 @@ def test_loss_scaling_skips_an_overflowing_step_and_halves_the_scale(data):
 
 
 @pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.slow
 def test_loss_decreases_and_gradient_check_passes(policy, data):
     x, y = data
     model = build(policy)

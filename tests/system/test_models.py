@@ -31,6 +31,7 @@ def test_lenet_100_300_10_has_the_paper_shapes():
     ] == [(784, 300), (300, 100), (100, 10)]
 
 
+@pytest.mark.slow
 def test_lenet_100_300_10_trains_to_90_percent(digits):
     (x_train, y_train), (x_test, y_test) = digits
     keras.utils.set_random_seed(0)

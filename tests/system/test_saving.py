@@ -320,6 +320,7 @@ def _export_and_compare(tmp_path: Path, models: dict[str, keras.Model], seed: in
     return inputs, reloaded
 
 
+@pytest.mark.slow
 def test_exported_saved_model_keeps_the_custom_gradients(tmp_path):
     models = {"dense_activations": mixed_model(image_layers=False), "scaled": scaled_model()}
     inputs, reloaded = _export_and_compare(tmp_path, models, seed=2)
@@ -345,6 +346,7 @@ def _image_layer_cases():
 
 
 @pytest.mark.parametrize("layer_class", _image_layer_cases())
+@pytest.mark.slow
 def test_export_keeps_the_custom_gradients_of_image_layers(layer_class, tmp_path):
     args = (2, 3) if layer_class.__name__ == "Conv2D" else (2,)
     model = keras.Sequential(

@@ -36,6 +36,7 @@ def test_the_notebook_is_the_script():
     ], "the notebook is out of date: run `jupytext --sync examples/paper_walkthrough.py`"
 
 
+@pytest.mark.slow
 def test_the_notebook_runs_and_shows_the_pictures_inline(tmp_path):
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(notebook, timeout=600, resources={"metadata": {"path": str(tmp_path)}}).execute()
