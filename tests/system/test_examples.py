@@ -65,7 +65,7 @@ def test_conv_autoencoder_example_reconstructs_with_the_check_on(capsys):
 @pytest.mark.slow
 def test_sequence_classifier_example_learns_with_the_check_on(capsys):
     """Embedding, Conv1D, GlobalMaxPooling1D, Dense on MNIST read as token sequences."""
-    accuracy = _run("train_sequence.py", ["--epochs", "3"])
+    accuracy = _run("train_sequence.py", ["--epochs", "2"])  # 86.4% measured
     out = capsys.readouterr().out
     assert accuracy >= 0.75, accuracy
     assert "GradientCheck" in out and "0 mismatches" in out, out
