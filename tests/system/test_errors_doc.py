@@ -365,7 +365,12 @@ def first_line(error: BaseException, tmp: Path) -> str:
 
 def run_case(fn: Callable, tmp: Path) -> BaseException:
     """Call the case; return the exception it raised (an AssertionError if none)."""
-    keras.backend.clear_session()
+    # Layer names count from zero again ("dense", not "dense_7"); free_memory=False skips the
+    # garbage collection clear_session runs by default, seconds in a long test worker.
+    try:
+        keras.backend.clear_session(free_memory=False)
+    except TypeError:  # an older Keras 3 without the argument
+        keras.backend.clear_session()
     try:
         fn(tmp) if fn.__code__.co_argcount else fn()
     except Exception as err:  # noqa: BLE001 - the error is what the case produces
