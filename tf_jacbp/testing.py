@@ -23,6 +23,11 @@ For a layer made by ``make_layer(dtype)`` it checks, in this order (each failure
    ``per_example_backward``) equals, sample by sample, the reference route's gradient on a batch
    of one, in float64 to ``1e-12`` (layers with parameters whose map has a per-sample Jacobian).
 
+Checks 3-5 exercise what a layer class shares across its arguments (the route switch inside
+``fit``, XLA, the dtype policy, the config): ``check_layer(..., modes=False)`` runs only checks 1,
+2 and 6, the layer's formulas, for further configurations of a class already run with every
+mode (about a third of the time).
+
 Layers whose map depends on the ``training`` flag (``BatchNormalization``, ``Dropout``) are run
 with ``training=True`` or ``training=False``: checks 1, 2, 4 and 5 then take every gradient
 through ``model(x, training=...)``, while the ``fit`` steps of checks 3 and 4 are compared with the
@@ -303,6 +308,7 @@ def check_layer(
     input_fn: Callable[[np.random.Generator, tuple], np.ndarray] | None = None,
     finite_differences: bool = True,
     training: bool | None = None,
+    modes: bool = True,
 ) -> None:
     """Run every comparison and mode of the module docstring on ``make_layer``.
 
@@ -319,16 +325,20 @@ def check_layer(
             ``model(x)``); ``True`` or ``False`` to take the gradients through
             ``model(x, training=...)``, restoring the non-trainable state between the routes (see
             the module docstring).
+        modes: run checks 3-5 (``fit`` eagerly, as a graph and under XLA; mixed precision; the
+            ``.keras`` round trip). ``False`` keeps checks 1, 2 and 6 only: for another
+            configuration of a layer class whose every mode was checked with other arguments.
     """
     args = (make_layer, input_shape, batch_size, seed, input_fn, training)
     _check_routes_agree(*args)
     if finite_differences:
         _check_finite_differences(*args)
-    _check_fit_modes(*args)
-    _check_mixed_precision(*args)
-    if tmp_dir is None:
-        with tempfile.TemporaryDirectory() as tmp:
-            _check_saving(*args, tmp)
-    else:
-        _check_saving(*args, tmp_dir)
+    if modes:
+        _check_fit_modes(*args)
+        _check_mixed_precision(*args)
+        if tmp_dir is None:
+            with tempfile.TemporaryDirectory() as tmp:
+                _check_saving(*args, tmp)
+        else:
+            _check_saving(*args, tmp_dir)
     _check_per_example_rows(*args)

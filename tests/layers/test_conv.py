@@ -31,11 +31,11 @@ from tf_jacbp.testing import check_layer as run_layer_test
 
 
 @pytest.mark.parametrize(
-    "input_shape, kwargs",
+    "input_shape, kwargs, modes",
     [
-        ((5, 6, 2), {"filters": 3, "kernel_size": 3, "padding": "same", "activation": "relu"}),
-        ((7, 6, 3), {"filters": 2, "kernel_size": (2, 3), "strides": 2, "bias": "untied"}),
-        ((6, 5, 1), {"filters": 2, "kernel_size": 2, "strides": (2, 1), "padding": "same"}),
+        ((5, 6, 2), {"filters": 3, "kernel_size": 3, "padding": "same", "activation": "relu"}, 1),
+        ((7, 6, 3), {"filters": 2, "kernel_size": (2, 3), "strides": 2, "bias": "untied"}, 1),
+        ((6, 5, 1), {"filters": 2, "kernel_size": 2, "strides": (2, 1), "padding": "same"}, 0),
         (
             (7, 7, 2),
             {
@@ -45,6 +45,7 @@ from tf_jacbp.testing import check_layer as run_layer_test
                 "padding": "same",
                 "activation": "tanh",
             },
+            1,
         ),
         (
             (5, 5, 2),
@@ -56,16 +57,29 @@ from tf_jacbp.testing import check_layer as run_layer_test
                 "activation": "sigmoid",
                 "kernel_regularizer": "l2",
             },
+            1,
         ),
-        ((6, 4, 2), {"filters": 2, "kernel_size": (3, 1), "strides": 3, "use_bias": False}),
+        ((6, 4, 2), {"filters": 2, "kernel_size": (3, 1), "strides": 3, "use_bias": False}, 0),
         # softmax over the filters (the last axis of the image-shaped z)
-        ((5, 5, 2), {"filters": 3, "kernel_size": 3, "padding": "same", "activation": "softmax"}),
+        (
+            (5, 5, 2),
+            {"filters": 3, "kernel_size": 3, "padding": "same", "activation": "softmax"},
+            0,
+        ),
         # an activation whose D needs z (not only a)
-        ((5, 6, 2), {"filters": 2, "kernel_size": 3, "activation": "elu", "bias": "untied"}),
+        ((5, 6, 2), {"filters": 2, "kernel_size": 3, "activation": "elu", "bias": "untied"}, 0),
     ],
 )
-def test_conv2d_every_mode(input_shape, kwargs, tmp_path):
-    run_layer_test(lambda dtype: Conv2D(dtype=dtype, **kwargs), input_shape, tmp_dir=tmp_path)
+def test_conv2d_every_mode(input_shape, kwargs, modes, tmp_path):
+    """modes=0: the formulas only (``check_layer(modes=False)``); fit modes, mixed precision and
+    saving are the class's, run for the configurations with modes=1 (dilation and untied bias
+    among them)."""
+    run_layer_test(
+        lambda dtype: Conv2D(dtype=dtype, **kwargs),
+        input_shape,
+        tmp_dir=tmp_path,
+        modes=bool(modes),
+    )
 
 
 def _built(input_shape, seed=0, **kwargs):
