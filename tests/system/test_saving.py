@@ -336,28 +336,23 @@ def test_exported_saved_model_keeps_the_custom_gradients(tmp_path):
         assert err > 0.5, f"scaled: reloaded {key} equals autodiff's (relative error {err:.3g})"
 
 
-def _image_layer_cases():
-    cases = []
-    for module, name in IMAGE_LAYERS:
-        cls = _layer(module, name)
-        if cls is not None:
-            cases.append(pytest.param(cls, id=name))
-    return cases
-
-
-@pytest.mark.parametrize("layer_class", _image_layer_cases())
 @pytest.mark.slow
-def test_export_keeps_the_custom_gradients_of_image_layers(layer_class, tmp_path):
-    args = (2, 3) if layer_class.__name__ == "Conv2D" else (2,)
-    model = keras.Sequential(
-        [
-            keras.Input((6, 6, 2)),
-            layer_class(*args),
-            keras.layers.Flatten(),
-            layers.Dense(3, activation="tanh"),
-        ]
-    )
-    _export_and_compare(tmp_path, {layer_class.__name__: model}, seed=4)
+def test_export_keeps_the_custom_gradients_of_image_layers(tmp_path):
+    """Conv2D, MaxPooling2D and AveragePooling2D, each in a model of its own, exported and
+    reloaded together (one fresh process: its TensorFlow start-up is most of this test's time)."""
+    models = {}
+    for module, name in IMAGE_LAYERS:
+        layer_class = _layer(module, name)
+        args = (2, 3) if name == "Conv2D" else (2,)
+        models[name] = keras.Sequential(
+            [
+                keras.Input((6, 6, 2)),
+                layer_class(*args),
+                keras.layers.Flatten(),
+                layers.Dense(3, activation="tanh"),
+            ]
+        )
+    _export_and_compare(tmp_path, models, seed=4)
 
 
 # --- Keras checkpoint callbacks ---------------------------------------------------------------
