@@ -12,8 +12,13 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "train_mnist.py"
 @pytest.mark.parametrize(
     "args, accuracy",
     [
-        (["--epochs", "3", "--check-every", "50"], 0.85),
-        (["--model", "lenet5", "--epochs", "1", "--batch-size", "64"], 0.5),
+        # The paper's networks to >= 90% on the offline digits, through the example users run,
+        # with GradientCheck on (measured: 92.4% in 8 epochs, 93.8% in 4).
+        (["--epochs", "8", "--check-every", "200"], 0.90),
+        (
+            ["--model", "lenet5", "--epochs", "4", "--batch-size", "64", "--check-every", "100"],
+            0.90,
+        ),
         # The residual CNN (skips, batch normalization, dropout, global average pooling) to
         # >= 90% with GradientCheck passing (issue 8's bar), through the example users run. Its
         # pooled head learns slower than a flattened one: 8 epochs (92.7% measured); a check
