@@ -32,7 +32,7 @@ from typing import Any
 from tf_jacbp import toeplitz
 from tf_jacbp._backend import keras, tf
 from tf_jacbp.layers.base import patch_product_squared_norms, squared_norms
-from tf_jacbp.layers.conv import _ToeplitzIndexed
+from tf_jacbp.layers.toeplitz_layer import _ToeplitzIndexed
 from tf_jacbp.layout import unvec_parameter_batch
 from tf_jacbp.toeplitz_dynamic import DynamicConvIndex
 

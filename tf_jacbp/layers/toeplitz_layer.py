@@ -1,0 +1,278 @@
+"""The base of the layers that multiply by a materialized Toeplitz matrix ``T(K)`` (docs/math.md,
+Lemmas 2-3): ``ToeplitzConv`` (``Conv2D``, ``Conv1D``; ``tf_jacbp.layers.conv``) multiplies by
+``T(K)`` of its own convolution, ``Conv2DTranspose`` (``tf_jacbp.layers.conv_transpose``) by the
+transpose of ``T(K)`` of the convolution from its output's shape to its input's.
+
+What they share is written here once: the Keras arguments and their checks, the index maps of
+``T(K)`` for each input size (``tf_jacbp.toeplitz.ConvIndex``, built once per static size and
+kept, each under the memory guard, or ``tf_jacbp.toeplitz_dynamic.DynamicConvIndex`` when the
+size is known only when the graph runs), ``T(K)`` built from the kernel, and the weights. The
+formulas of each layer (its forward pass and Jacobians) stay in its own module.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tf_jacbp import activations, geometry, toeplitz
+from tf_jacbp._backend import keras, tf
+from tf_jacbp.geometry import check_channels_last
+from tf_jacbp.layers.base import (
+    _KernelBiasLayer,
+    as_float_tensor,
+)
+from tf_jacbp.layers.dense import refuse_unsupported
+from tf_jacbp.toeplitz_dynamic import DynamicConvIndex
+
+
+class _ToeplitzIndexed(_KernelBiasLayer):
+    """A layer that multiplies by the Toeplitz matrix ``T(K)`` of a 2-D convolution (or by its
+    transpose): the arguments, the index maps of ``T(K)`` for each input size and the memory
+    guard, written once for ``ToeplitzConv`` (``T(K)`` of the layer's own convolution) and
+    ``Conv2DTranspose`` (``T(K)`` of the convolution from its output's shape to its input's).
+
+    ``rank`` spatial axes (1 or 2) are read as an image ``(H, W)`` (a sequence is an image of
+    height 1, ``_image_geometry``). A subclass gives three small hooks: the kernel variable's
+    shape (``_kernel_shape``; ``T(K)``'s convolution reads it as ``(kh, kw, C_in, C_out)``), the
+    convolution's ``ConvIndex`` for one static size (``_static_index``) and its
+    ``DynamicConvIndex`` for a size known only when the graph runs (``_dynamic_index``).
+    """
+
+    rank = 2
+    paddings = geometry.PADDINGS
+
+    def __init__(
+        self,
+        filters: int,
+        kernel_size: int | tuple[int, ...],
+        strides: int | tuple[int, ...],
+        padding: str,
+        data_format: str | None,
+        dilation_rate: int | tuple[int, ...],
+        activation: Any,
+        use_bias: bool,
+        kernel_initializer: Any,
+        bias_initializer: Any,
+        kernel_regularizer: Any,
+        bias_regularizer: Any,
+        activity_regularizer: Any,
+        kernel_constraint: Any,
+        bias_constraint: Any,
+        toeplitz_budget_bytes: int | None,
+        **kwargs: Any,
+    ):
+        owner = type(self).__name__
+        refuse_unsupported(owner, kwargs)
+        super().__init__(activity_regularizer=activity_regularizer, **kwargs)
+        if isinstance(filters, bool) or not isinstance(filters, int) or filters <= 0:
+            raise ValueError(
+                f"{owner}: filters must be a positive integer (the number of output channels), "
+                f"got filters={filters!r}."
+            )
+        self.filters = filters
+        self.kernel_size = geometry.as_tuple(kernel_size, self.rank, "kernel_size", owner)
+        self.strides = geometry.as_tuple(strides, self.rank, "strides", owner)
+        self.dilation_rate = geometry.as_tuple(dilation_rate, self.rank, "dilation_rate", owner)
+        if max(self.strides) > 1 and max(self.dilation_rate) > 1:
+            raise ValueError(
+                f"{owner}: strides > 1 together with dilation_rate > 1 is not supported (as in "
+                f"Keras), got strides={self.strides} and dilation_rate={self.dilation_rate}. Set "
+                "one of them to 1."
+            )
+        self.padding = geometry.check_padding(padding, owner, self.paddings)
+        self.data_format = check_channels_last(data_format, owner, self.rank)
+        self.activation = activations.get(activation)
+        self.use_bias = use_bias
+        self.toeplitz_budget_bytes = (
+            None
+            if toeplitz_budget_bytes is None
+            else toeplitz.check_budget(toeplitz_budget_bytes, f"{owner}(toeplitz_budget_bytes=...)")
+        )
+        self.set_weight_options(
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer,
+            kernel_constraint=kernel_constraint,
+            bias_constraint=bias_constraint,
+        )
+        self.conv_index: toeplitz.ConvIndex | None = None
+        self.sparse_toeplitz = False
+
+    def _kernel_shape(self, channels: int) -> tuple[int, ...]:
+        """The kernel variable's shape for ``channels`` input channels."""
+        raise NotImplementedError
+
+    def _bias_shape(self, input_shape: tuple) -> tuple[int, ...]:
+        """The bias variable's shape (``build``, after ``conv_index`` is set): one bias per
+        filter, ``(F,)``."""
+        return (self.filters,)
+
+    def _static_index(self, spatial: tuple[int, ...], owner: str) -> toeplitz.ConvIndex:
+        """The ``ConvIndex`` of ``T(K)`` for inputs of static spatial size ``spatial`` (the
+        layer's rank), after the checks that the size fits the layer."""
+        raise NotImplementedError
+
+    def _dynamic_index(self, x: tf.Tensor) -> DynamicConvIndex:
+        """The ``DynamicConvIndex`` of ``T(K)`` for the image batch ``x`` of unknown size."""
+        raise NotImplementedError
+
+    def _image_geometry(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+        """``(kernel_size, strides, dilation_rate)`` of the image view, each ``(height, width)``."""
+        lead = (1,) * (2 - self.rank)
+        return lead + self.kernel_size, lead + self.strides, lead + self.dilation_rate
+
+    def _conv_kernel_shape(self) -> tuple[int, int, int, int]:
+        """``(kh, kw, C_in, C_out)``: the kernel as ``T(K)``'s convolution reads it."""
+        return (1,) * (2 - self.rank) + self._kernel_shape(self._channels)
+
+    def _budget_setting(self) -> str:
+        """How to change the memory budget, for the guard's messages."""
+        return (
+            f"{type(self).__name__}(..., toeplitz_budget_bytes=...) or "
+            "tf_jacbp.toeplitz.set_budget_bytes(...)"
+        )
+
+    def _conv_index(self, sizes: tuple[int, int], owner: str) -> toeplitz.ConvIndex:
+        """``ConvIndex`` of ``T(K)``'s convolution on an image ``(*sizes, C_in)``."""
+        kernel_shape = self._conv_kernel_shape()
+        _, strides, dilation = self._image_geometry()
+        image = (*sizes, kernel_shape[2])
+        return toeplitz.conv_index(kernel_shape, image, strides, self.padding, dilation, owner)
+
+    def _dynamic_conv_index(self, height: tf.Tensor, width: tf.Tensor) -> DynamicConvIndex:
+        """``_conv_index`` for sizes known when the graph runs (``tf_jacbp.toeplitz_dynamic``)."""
+        _, strides, dilation = self._image_geometry()
+        return DynamicConvIndex(
+            height,
+            width,
+            self._conv_kernel_shape(),
+            strides,
+            self.padding,
+            dilation,
+            budget=self._budget,
+            owner=f"{type(self).__name__} {self.name}",  # no quotes: Assert escapes them
+            setting=self._budget_setting(),
+        )
+
+    def build(self, input_shape: tuple) -> None:
+        owner = f"{type(self).__name__} '{self.name}'"
+        *spatial, channels = geometry.spatial_shape(input_shape, self.rank, owner, True)
+        self._channels = channels
+        self._budget = (
+            toeplitz.get_budget_bytes()
+            if self.toeplitz_budget_bytes is None
+            else self.toeplitz_budget_bytes
+        )
+        self._indices: dict[tuple[int, ...], tuple[toeplitz.ConvIndex, bool]] = {}
+        if None not in spatial:  # the usual case: one size, its T(K) guarded now
+            self.conv_index, self.sparse_toeplitz = self.toeplitz_index((None, *spatial, channels))
+        self.add_kernel_and_bias(
+            self._kernel_shape(channels), self._bias_shape(input_shape) if self.use_bias else None
+        )
+        axes = {i + 1: n for i, n in enumerate(spatial) if n is not None}
+        self.input_spec = keras.layers.InputSpec(ndim=self.rank + 2, axes={**axes, -1: channels})
+
+    def toeplitz_index(self, input_shape: tuple) -> tuple[toeplitz.ConvIndex, bool]:
+        """``(ConvIndex, sparse)`` for inputs of static shape ``(batch, *spatial, C)`` (the layer's
+        own rank, or the image view): the index maps of ``T(K)`` for that size and whether the
+        memory guard keeps ``T`` sparse (``tf_jacbp.toeplitz.use_sparse``). Built on first use
+        for each size and kept. For ``Conv2DTranspose`` ``T(K)`` is the convolution's from the
+        output's shape ``(H_out, W_out, F)`` to ``(H, W, C)``: its ``input_shape`` is the output's,
+        its ``output_shape`` the input's.
+
+        Raises a ValueError when a spatial size is not known statically (``index_for(x)`` serves
+        that case, with the maps computed when the graph runs), or when the size does not fit the
+        layer (a window larger than a ``"valid"`` input; for ``Conv2DTranspose`` an
+        ``output_padding`` from whose output size no convolution maps back to ``(H, W)``).
+        """
+        owner = f"{type(self).__name__} '{self.name}'"
+        spatial = tuple(input_shape[1:-1])[-self.rank :]
+        if any(n is None for n in spatial):
+            raise ValueError(
+                f"{owner}: toeplitz_index builds the NumPy index maps of T(K) for one static "
+                f"size, got input shape {tuple(input_shape)}. For a size known only when the "
+                "graph runs, index_for(x) computes the same maps with TensorFlow ops."
+            )
+        spatial = tuple(int(n) for n in spatial)
+        if spatial not in self._indices:
+            index = self._static_index(spatial, owner)
+            sparse = toeplitz.use_sparse(
+                index, self.compute_dtype, self._budget, owner, self._budget_setting()
+            )
+            if sparse:  # tf.sparse.sparse_dense_matmul has no XLA kernel
+                self.supports_jit = False
+            self._indices[spatial] = (index, sparse)
+        return self._indices[spatial]
+
+    def index_for(self, x: tf.Tensor) -> tuple[toeplitz.ToeplitzProducts, bool]:
+        """``(index, sparse)`` for the image batch ``x`` ``(batch, H, W, C)``: ``toeplitz_index``
+        when ``H, W`` are static (the guarded, cached NumPy maps), else a
+        ``tf_jacbp.toeplitz_dynamic.DynamicConvIndex`` computing the same maps from
+        ``tf.shape(x)`` when the graph runs (dense ``T``, its memory guard asserted then; for
+        ``Conv2DTranspose`` also the check that the convolution maps back to ``(H, W)``)."""
+        if None not in tuple(x.shape[1:3]):
+            return self.toeplitz_index(x.shape)
+        return self._dynamic_index(x), False
+
+    def build_toeplitz(
+        self, kernel: tf.Tensor, input_shape: tuple | tf.Tensor | None = None
+    ) -> tf.Tensor | tf.SparseTensor:
+        """``T(K)^T`` dense, or ``T(K)`` sparse over the memory budget, for inputs of shape
+        ``input_shape`` (``toeplitz_index``; default: the size built for), or for the image batch
+        given instead (``index_for``: any size, known or not when traced).
+
+        With ``N`` input and ``R`` output entries: for a convolution (``z = T(K) vec(x)``)
+        ``T(K)^T`` is ``(N, R)`` and ``T(K)`` ``(R, N)``; for ``Conv2DTranspose``
+        (``y = T(K)^T vec(x)``) ``T(K)^T`` is ``(R, N)`` and ``T(K)`` ``(N, R)``.
+        """
+        if isinstance(input_shape, tf.Tensor):
+            index, sparse = self.index_for(input_shape)
+        else:
+            index, sparse = self._index_or_built(input_shape)
+        return index.sparse_matrix(kernel) if sparse else index.transpose_matrix(kernel)
+
+    def _index_or_built(self, input_shape: tuple | None) -> tuple[toeplitz.ConvIndex, bool]:
+        if input_shape is not None:
+            return self.toeplitz_index(tuple(input_shape))
+        if self.conv_index is None:
+            raise ValueError(
+                f"{type(self).__name__} '{self.name}' was built for inputs of varying size; give "
+                "the input's shape (or the input) to choose the size of T(K)."
+            )
+        return self.conv_index, self.sparse_toeplitz
+
+    def forward(self, x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None) -> tf.Tensor:
+        """``apply_toeplitz`` with ``T(K)`` built for ``x``'s size from ``kernel``: ``Z = X T(K)^T
+        + b`` (a convolution), ``Y = X T(K) + b`` (``Conv2DTranspose``)."""
+        return self.apply_toeplitz(x, self.build_toeplitz(kernel, x), bias)
+
+    def jacobian_ops(self, training: bool = False) -> list:
+        """The Toeplitz product (``z = T(K) vec(x) + b``; ``Conv2DTranspose``:
+        ``y = T(K)^T vec(x) + b``), then ``a = f(z)``."""
+        return [(self, self.read_parameters()), (self.activation, [])]
+
+    def _sample_batch(self, x: Any) -> tuple[tf.Tensor, bool]:
+        """``x`` as a batch of images ``(batch, H, W, C)`` and whether it was one sample."""
+        x = as_float_tensor(x, self.compute_dtype)
+        single = len(x.shape) == self.rank + 1
+        x = x[None] if single else x
+        return (x[:, None] if self.rank == 1 else x), single
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update(
+            {
+                "filters": self.filters,
+                "kernel_size": self.kernel_size,
+                "strides": self.strides,
+                "padding": self.padding,
+                "data_format": self.data_format,
+                "dilation_rate": self.dilation_rate,
+                "activation": activations.serialize(self.activation),
+                "use_bias": self.use_bias,
+                **self.weight_options_config(),
+                "toeplitz_budget_bytes": self.toeplitz_budget_bytes,
+            }
+        )
+        return config
