@@ -5,7 +5,6 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-import keras  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
@@ -18,7 +17,13 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 @pytest.fixture(autouse=True)
 def _seed_and_policy():
-    """Every test starts from the same seed and the float32 policy, whatever ran before."""
+    """Every test starts from the same seed and the float32 policy, whatever ran before.
+
+    Keras (and TensorFlow) are imported here, in the test process, not at the top: pytest-xdist's
+    controller loads this file too and needs neither (their import is ~10 s of start-up).
+    """
+    import keras
+
     keras.utils.set_random_seed(0)
     keras.config.set_dtype_policy("float32")
     yield
