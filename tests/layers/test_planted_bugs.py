@@ -47,7 +47,7 @@ from planted import (
     residual,
 )
 
-from tf_jacbp import layers
+from tf_jacbp import layers, testing
 from tf_jacbp.callbacks import GradientCheck, GradientMismatchError
 from tf_jacbp.layers import global_pooling, pooling, reshaping
 from tf_jacbp.testing import check_layer as run_layer_test
@@ -462,9 +462,29 @@ def test_fit_applies_the_custom_gradient():
     np.testing.assert_allclose(updates[1], 2 * updates[0], rtol=1e-5)
 
 
-def test_harness_catches_a_planted_bug(tmp_path):
+@pytest.mark.parametrize("modes", [True, False])
+def test_harness_catches_a_planted_bug(modes, tmp_path):
+    """With or without the modes (``check_layer(modes=False)``): the formula checks catch it."""
     with pytest.raises(AssertionError, match="kernel differs from the reference"):
-        run_layer_test(lambda dtype: WrongKernelGradient(2, dtype=dtype), (3,), tmp_dir=tmp_path)
+        run_layer_test(
+            lambda dtype: WrongKernelGradient(2, dtype=dtype), (3,), tmp_dir=tmp_path, modes=modes
+        )
+
+
+def test_harness_without_modes_runs_the_formula_checks_only(monkeypatch):
+    """``modes=False`` skips checks 3-5 (fit modes, mixed precision, saving) and runs 1, 2, 6."""
+    ran = []
+    for name in (
+        "_check_routes_agree",
+        "_check_finite_differences",
+        "_check_fit_modes",
+        "_check_mixed_precision",
+        "_check_saving",
+        "_check_per_example_rows",
+    ):
+        monkeypatch.setattr(testing, name, lambda *args, name=name: ran.append(name))
+    run_layer_test(lambda dtype: layers.Dense(2, dtype=dtype), (3,), modes=False)
+    assert ran == ["_check_routes_agree", "_check_finite_differences", "_check_per_example_rows"]
 
 
 def test_backward_with_a_missing_parameter_gradient_is_an_error():
