@@ -302,6 +302,11 @@ def test_example_quick_mode_trains_and_plots(tmp_path, capsys):
         f"epoch 1: test accuracy {result['accuracy']:.4f}, epsilon {result['epsilon']:.3f}" in out
     )
     assert result["epsilon"] == pytest.approx(
-        privacy.compute_epsilon(2.15, 128 / 512, 4, 1e-5), rel=1e-12
+        privacy.compute_epsilon(
+            result["noise_multiplier"], 128 / 512, 4, 1e-5, rdp_conversion="classic"
+        ),
+        rel=1e-12,
     )
+    assert 2.99 <= result["epsilon"] <= 3.0  # sigma calibrated to the target, classic RDP
+    assert "Epsilon assuming Poisson sampling" in out and "once per epoch" in out
     assert os.path.getsize(plot) > 1000

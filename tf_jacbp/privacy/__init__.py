@@ -46,8 +46,10 @@ from tf_jacbp.privacy.accounting import (
     RDP_CONVERSIONS,
     EpsilonLogger,
     compute_epsilon,
+    noise_multiplier_for_epsilon,
 )
 from tf_jacbp.privacy.dpsgd import DPModel, clipped_gradients, make_private, poisson_batches
+from tf_jacbp.privacy.statement import epsilon_once_per_epoch, privacy_statement
 
 __all__ = [
     "ACCOUNTANTS",
@@ -56,6 +58,9 @@ __all__ = [
     "RDP_CONVERSIONS",
     "clipped_gradients",
     "compute_epsilon",
+    "epsilon_once_per_epoch",
     "make_private",
+    "noise_multiplier_for_epsilon",
     "poisson_batches",
+    "privacy_statement",
 ]

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 import numpy as np
@@ -190,7 +191,10 @@ class DPModel(keras.Model):
             else check_positive("expected_batch_size", expected_batch_size)
         )
         self.seed = seed
-        self.noise_seed = keras.random.SeedGenerator(seed, name="dp_noise_seed")
+        # Fresh entropy from the operating system unless a seed is given (tests only): never
+        # Python's global generator, which keras.utils.set_random_seed fixes.
+        initial = seed if seed is not None else secrets.randbits(62)
+        self.noise_seed = keras.random.SeedGenerator(initial, name="dp_noise_seed")
 
     @tf.autograph.experimental.do_not_convert  # Python loops over the layers, as Keras' own
     def train_step(self, data: Any) -> dict[str, Any]:
