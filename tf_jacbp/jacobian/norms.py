@@ -20,8 +20,10 @@ from tf_jacbp.layers.base import JacobianLayer
 
 
 def _has_norm_formula(op: Any) -> bool:
-    """Whether ``op`` overrides ``JacobianLayer.per_example_squared_norms`` with its own formula."""
-    method = getattr(type(op), "per_example_squared_norms", None)
+    """Whether ``op`` has a squared-norm formula (the contract's ``squared_norms``)."""
+    if getattr(op, "squared_norms", None) is not None:
+        return True
+    method = getattr(type(op), "per_example_squared_norms", None)  # TRANSITION: unported layers
     return method is not None and method is not JacobianLayer.per_example_squared_norms
 
 

@@ -1,20 +1,22 @@
-"""The one small base class of tf_jacbp: a layer as a Jacobian-transpose product.
+"""The one small base class of tf_jacbp: a layer as Jacobian-transpose products.
 
-A tf_jacbp layer is a map ``y = F(x; p_1, ..., p_k)`` that provides
+A tf_jacbp layer is a map ``y = F(x; p_1, ..., p_k)`` that provides (``tf_jacbp.contract``)
 
 (a) ``forward(x, *params) -> y``, its forward computation;
-(b) ``reference(x, *params) -> y``, the same map in stock TensorFlow ops, differentiated by
-    autodiff (the witness: it must not share the code under test);
-(c) ``backward(dy, x, y, *params) -> (dx, [dp_1, ..., dp_k])``, the Jacobian-transpose products
-    ``dx = (J_x F)^T dy`` and ``dp_i = (J_{p_i} F)^T dy`` (each shaped like its tensor);
-(d) materialized Jacobians for inspection (``input_jacobian``, ``parameter_jacobian``: see each
-    layer).
+(b) ``reference(x, *params) -> y``, the same map in stock ops, differentiated by autodiff (the
+    witness: it must not share the code under test);
+(c) ``vjp_input(m, x, y, *params)`` and ``vjp_params(m, x, y, *params, sum_batch)``: the
+    products ``(J_x F)^T m`` and ``(J_p F)^T m`` with a stack of ``V`` vectors ``m``, and
+    optionally ``squared_norms`` (the per-sample squared norms of the parameter products).
+
+Training's ``backward``, Algorithm 1's ``per_example_backward`` and ``jacobian_rows``, DP-SGD's
+``per_example_squared_norms`` and the materialized ``jacobian(x)`` are derived from (c), once.
 
 A map that also depends on values it does not differentiate (Dropout's mask in training) takes
 them after the parameters, ``forward(x, *params, *constants)`` and so on, and ``call`` passes them
-to ``route`` as ``constants``; ``backward`` still returns one gradient per parameter.
+to ``route`` as ``constants``; ``vjp_params`` still returns one product per parameter.
 
-``call`` hands (a)-(c) to ``tf_jacbp.route.route``: (c) is the backward pass training applies,
+``call`` hands (a)-(c) to ``tf_jacbp.route.route``: (c) gives the backward pass training applies,
 (b) what ``tf_jacbp.reference_mode()`` runs instead. What (c) needs from the forward pass (``x``,
 ``y``, the parameters, and ``z`` when an activation is fused) reaches it through the custom
 gradient's closure; a layer keeps no per-call state.
@@ -22,14 +24,64 @@ gradient's closure; a layer keeps no per-call state.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from tf_jacbp import activations
 from tf_jacbp._backend import keras, tf
-from tf_jacbp.layout import vec_parameter_batch
+from tf_jacbp.contract import JacobianMap, squared_norms_of
 from tf_jacbp.route import JacobianOp, route
 
-__all__ = ["JacobianLayer", "JacobianOp", "as_float_tensor", "route"]
+__all__ = ["JacobianLayer", "JacobianMap", "JacobianOp", "Jacobians", "as_float_tensor", "route"]
+
+
+class Jacobians(NamedTuple):
+    """A layer's materialized Jacobians at one sample (``JacobianLayer.jacobian``)."""
+
+    input: Any
+    parameters: Any
+
+
+def rows(op: Any, m: Any, x: Any, y: Any, params: list) -> tuple[Any, list]:
+    """``op.jacobian_rows(m, x, y, *params)``, for every map of a layer's ``jacobian_ops``."""
+    if hasattr(op, "jacobian_rows"):
+        return op.jacobian_rows(m, x, y, *params)
+    dx, _ = op.backward(m, x[:, None], y[:, None])  # TRANSITION: unported activations
+    return dx, []
+
+
+def _dtype_of(x: Any) -> Any:
+    return (x[0] if isinstance(x, (list, tuple)) else x).dtype
+
+
+def _identity_rows(y: tf.Tensor) -> tf.Tensor:
+    """``M = I`` as rows at the output ``y`` ``(batch, *shape)``: ``(batch, size, *shape)``."""
+    size = int(np_prod(y.shape[1:]))
+    eye = tf.reshape(tf.eye(size, dtype=y.dtype), [1, size, *y.shape[1:]])
+    return tf.tile(eye, [tf.shape(y)[0], 1, *([1] * (len(y.shape) - 1))])
+
+
+def _as_matrix(r: tf.Tensor, single: bool) -> tf.Tensor:
+    """Rows ``(batch, k, *x_shape)`` as ``(batch, k, size(x))``, or its one sample."""
+    matrix = tf.reshape(r, [tf.shape(r)[0], r.shape[1], -1])
+    return matrix[0] if single else matrix
+
+
+def _built_rank(layer: keras.layers.Layer) -> int | None:
+    """The rank of the (first) input shape the layer was built for, or None."""
+    shapes = getattr(layer, "_build_shapes_dict", None)
+    if not shapes:
+        return None
+    shape = next(iter(shapes.values()))
+    if isinstance(shape, (list, tuple)) and shape and isinstance(shape[0], (list, tuple)):
+        shape = shape[0]
+    return len(shape) if shape is not None else None
+
+
+def np_prod(shape: Any) -> int:
+    size = 1
+    for d in shape:
+        size *= int(d)
+    return size
 
 
 def as_float_tensor(x: object, default_dtype: str) -> tf.Tensor:
@@ -57,13 +109,16 @@ def standardize_input(x: object, dtype: str, name: str) -> object:
     return tf.cast(x, dtype) if x.dtype.is_integer or x.dtype.is_bool else x
 
 
-class JacobianLayer(keras.layers.Layer):
-    """Base class of tf_jacbp layers: (a) forward, (b) reference, (c) backward, (d) Jacobians.
+class JacobianLayer(keras.layers.Layer, JacobianMap):
+    """Base class of tf_jacbp layers: the contract of ``tf_jacbp.contract`` as a Keras layer.
 
     A subclass creates its weights in ``build`` as usual, lists those the formulas differentiate
     in ``jacobian_parameters()`` (in theta order: kernel, then bias) and implements ``forward``,
-    ``reference`` and ``backward`` (see the module docstring). ``call`` reads the weights into
-    tensors of the compute dtype and hands everything to ``route``.
+    ``reference``, ``vjp_input``, ``vjp_params`` and optionally ``squared_norms``.
+    ``backward``, ``per_example_backward``, ``per_example_squared_norms`` and ``jacobian_rows``
+    are derived from them (``tf_jacbp.contract.JacobianMap``), and so are the materialized
+    Jacobians ``jacobian(x)`` (``input_jacobian``, ``parameter_jacobian``). ``call`` reads the
+    weights into tensors of the compute dtype and hands everything to ``route``.
 
     Example (a layer ``y = x * s`` with a learned scale ``s`` of shape ``(d,)``):
 
@@ -80,81 +135,18 @@ class JacobianLayer(keras.layers.Layer):
             def reference(self, x, s):
                 return tf.multiply(x, s)
 
-            def backward(self, dy, x, y, s):
-                # J_x y = diag(s), J_s y = diag(x): both are diagonal.
-                return dy * s, [tf.reduce_sum(dy * x, axis=0)]
+            def vjp_input(self, m, x, y, s):
+                # J_x y = diag(s): (V, batch, d) -> (V, batch, d)
+                return m * s
+
+            def vjp_params(self, m, x, y, s, sum_batch=True):
+                # J_s y = diag(x): per sample m_i * x_i, summed over the batch or not
+                return [keras.ops.einsum("vbd,bd->vd" if sum_batch else "vbd,bd->vbd", m, x)]
     """
 
     def jacobian_parameters(self) -> list[keras.Variable]:
         """The variables the backward pass differentiates, in theta order. Default: none."""
         return []
-
-    def forward(self, x: tf.Tensor, *params: tf.Tensor) -> tf.Tensor:
-        """(a) The forward computation, ``y = F(x; params)``."""
-        raise NotImplementedError(f"{type(self).__name__} must implement forward(x, *params).")
-
-    def reference(self, x: tf.Tensor, *params: tf.Tensor) -> tf.Tensor:
-        """(b) The same map in stock TensorFlow ops, for autodiff."""
-        raise NotImplementedError(f"{type(self).__name__} must implement reference(x, *params).")
-
-    def backward(
-        self, dy: tf.Tensor, x: tf.Tensor, y: tf.Tensor, *params: tf.Tensor
-    ) -> tuple[tf.Tensor, list[tf.Tensor]]:
-        """(c) ``((J_x F)^T dy, [(J_p F)^T dy for p in params])``."""
-        raise NotImplementedError(
-            f"{type(self).__name__} must implement backward(dy, x, y, *params)."
-        )
-
-    def per_example_backward(
-        self, dy: tf.Tensor, x: tf.Tensor, y: tf.Tensor, *params: tf.Tensor
-    ) -> tuple[tf.Tensor, list[tf.Tensor]]:
-        """``backward`` without the sum over the batch: each ``dp`` gets a leading batch axis.
-
-        Sample ``i``'s parameter gradient is ``(J_p F(x_i))^T dy_i``. This default maps
-        ``backward`` over batches of one (``tf.vectorized_map``); layers override it with the
-        structured formula (Dense: the outer products ``a_i delta_i^T``).
-        """
-        if not params:
-            return self.backward(dy, x, y)
-
-        def one(args):
-            dy_i, x_i, y_i = (t[None] for t in args)
-            dx_i, dps = self.backward(dy_i, x_i, y_i, *params)
-            return dx_i[0], dps
-
-        return tf.vectorized_map(one, (dy, x, y))
-
-    def per_example_squared_norms(
-        self, dy: tf.Tensor, x: tf.Tensor, y: tf.Tensor, *params: tf.Tensor
-    ) -> list[tf.Tensor]:
-        """``[||(J_p F(x_i))^T dy_i||^2 for p in params]``, each ``(batch,)``: the squared norm of
-        each sample's gradient for each parameter.
-
-        This default forms the per-example gradients (``per_example_backward``) and squares them:
-        correct for every layer, and the fallback of layers without a cheaper formula. Layers
-        override it with a formula that never forms them (Dense: ``||a_i||^2 ||delta_i||^2``).
-        """
-        _, grads = self.per_example_backward(dy, x, y, *params)
-        return [squared_norms(g) for g in grads]
-
-    def jacobian_rows(
-        self, m: tf.Tensor, x: tf.Tensor, y: tf.Tensor, *params: tf.Tensor
-    ) -> tuple[tf.Tensor, list[tf.Tensor]]:
-        """Rows of Algorithm 1's chain: ``(M J_x F, [M J_p F for p in params])`` per sample.
-
-        ``M`` is ``(batch, k, *y_shape)``: ``k`` row vectors per sample (the rows of
-        ``J_y z[L]``). Returns ``(batch, k, *x_shape)`` and, per parameter, ``(batch, k, size)``
-        with columns in ``Vec`` order. This default stacks the ``k`` rows into the batch and
-        calls ``per_example_backward``; layers override it with the structured product
-        (Dense: ``M [I (x) a^T | I] = [M (x) a^T | M]``).
-        """
-        batch, k = tf.shape(m)[0], tf.shape(m)[1]
-        rows = tf.reshape(m, tf.concat([[batch * k], tf.shape(m)[2:]], 0))
-        dx, dps = self.per_example_backward(
-            rows, tf.repeat(x, k, axis=0), tf.repeat(y, k, axis=0), *params
-        )
-        dx = tf.reshape(dx, tf.concat([[batch, k], tf.shape(x)[1:]], 0))
-        return dx, [tf.reshape(vec_parameter_batch(g), [batch, k, -1]) for g in dps]
 
     def jacobian_ops(self, training: bool = False) -> list[tuple[JacobianOp, list[tf.Tensor]]]:
         """The maps this layer applies in order, each with its parameter tensors.
@@ -181,6 +173,69 @@ class JacobianLayer(keras.layers.Layer):
         return [
             tf.cast(tf.convert_to_tensor(v), self.compute_dtype) for v in self.jacobian_parameters()
         ]
+
+    def jacobian(self, x: Any) -> Jacobians:
+        """The layer's Jacobians at ``x``, one sample or a batch (derived from the contract).
+
+        ``input``: ``J_x a`` of the whole call ``a = f(F(x))`` (a fused activation included),
+        ``(out_size, in_size)`` for one sample, a list of those for several inputs; ``parameters``:
+        ``J_theta z`` of the map ``F`` before a fused activation (the paper's ``[I (x) a^T | I]``
+        for Dense), ``(out_size(z), theta_size)`` with columns in theta order (each parameter in
+        ``Vec`` order), or None for a layer without parameters. A batch gets a leading axis.
+        Both come from ``jacobian_rows`` with the identity as the rows ``M``.
+        """
+        return Jacobians(self.input_jacobian(x), self.parameter_jacobian(x))
+
+    def input_jacobian(self, x: Any) -> Any:
+        """``J_x a`` of the whole call at ``x`` (``jacobian(x).input``)."""
+        xs, single = self._jacobian_batch(x)
+        records, a = [], xs
+        for op, params in self.jacobian_ops(False):
+            params = [tf.cast(p, _dtype_of(a)) for p in params]
+            y = op.forward(a, *params)
+            records.append((op, a, y, params))
+            a = y
+        m = _identity_rows(a)
+        for op, a_in, y, params in reversed(records):
+            m, _ = rows(op, m, a_in, y, params)
+        if isinstance(m, list):
+            return [_as_matrix(r, single) for r in m]
+        return _as_matrix(m, single)
+
+    def parameter_jacobian(self, x: Any) -> tf.Tensor:
+        """``J_theta z`` of the map before a fused activation at ``x``
+        (``jacobian(x).parameters``): ``(out_size, theta_size)``, columns in theta order."""
+        xs, single = self._jacobian_batch(x)
+        op, params = self.jacobian_ops(False)[0]
+        if not params:
+            return None
+        params = [tf.cast(p, _dtype_of(xs)) for p in params]
+        z = op.forward(xs, *params)
+        _, blocks = rows(op, _identity_rows(z), xs, z, params)
+        theta = tf.concat(blocks, axis=-1)
+        return theta[0] if single else theta
+
+    def _jacobian_batch(self, x: Any) -> tuple[Any, bool]:
+        """``x`` as a float batch, and whether it was one sample (its rank below the rank the
+        layer was built for; an unbuilt layer is built for a batch of ``x``)."""
+        several = isinstance(x, (list, tuple))
+        xs = [as_float_tensor(t, self.compute_dtype) for t in (x if several else [x])]
+        built = _built_rank(self)
+        if built is None:
+            single = False
+            if not self.built:
+                self.build([t.shape for t in xs] if several else xs[0].shape)
+        else:
+            if len(xs[0].shape) not in (built - 1, built):
+                raise ValueError(
+                    f"{type(self).__name__} '{self.name}': the Jacobians take one sample of rank "
+                    f"{built - 1} or a batch of them (rank {built}), as the layer was built for "
+                    f"inputs of rank {built}; got x of shape {tuple(xs[0].shape)}."
+                )
+            single = len(xs[0].shape) == built - 1
+        if single:
+            xs = [t[None] for t in xs]
+        return (xs if several else xs[0]), single
 
     def __call__(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
         """Keras' ``__call__`` after ``standardize_input`` on every input tensor."""
@@ -248,12 +303,7 @@ class _KernelBiasLayer(JacobianLayer):
         }
 
 
-# Issue 16: squared norms of per-example gradients without forming them (Dense, Conv2D use these).
-
-
-def squared_norms(g: tf.Tensor) -> tf.Tensor:
-    """``||g_i||^2`` for each row ``g_i`` of ``g`` ``(batch, ...)``: ``(batch,)``."""
-    return tf.reduce_sum(tf.reshape(tf.square(g), [tf.shape(g)[0], -1]), axis=1)
+squared_norms = squared_norms_of  # TRANSITION: layers still import it under this name
 
 
 def patch_product_squared_norms(a: tf.Tensor, d: tf.Tensor) -> tf.Tensor:

@@ -24,11 +24,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from keras import ops
+
 from tf_jacbp import activations
 from tf_jacbp._backend import keras, tf
 from tf_jacbp.layers.base import (
     _KernelBiasLayer,
-    as_float_tensor,
     patch_product_squared_norms,
     squared_norms,
 )
@@ -138,15 +139,10 @@ class Dense(_KernelBiasLayer):
             )
         self.add_kernel_and_bias((n, self.units), (self.units,) if self.use_bias else None)
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: n})
-        self._sample_rank = len(input_shape) - 1
 
     def forward(self, a: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None) -> tf.Tensor:
         """``Z = A W + b``: ``(batch, ..., n)`` -> ``(batch, ..., m)``, positions as rows."""
-        if a.shape.rank == 2:
-            z = tf.matmul(a, kernel)
-        else:
-            rows = tf.matmul(tf.reshape(a, [-1, kernel.shape[0]]), kernel)
-            z = tf.reshape(rows, tf.concat([tf.shape(a)[:-1], [kernel.shape[1]]], 0))
+        z = ops.matmul(a, kernel)
         return z + bias if bias is not None else z
 
     def reference(
@@ -155,59 +151,41 @@ class Dense(_KernelBiasLayer):
         z = tf.matmul(a, kernel) if a.shape.rank == 2 else tf.tensordot(a, kernel, [[-1], [0]])
         return tf.nn.bias_add(z, bias) if bias is not None else z
 
-    def backward(self, dz, a, z, kernel, bias=None):
-        """``dA = Delta W^T``; ``dW = A^T Delta`` (sum of ``a delta^T`` over the batch and the
-        positions: ``A``, ``Delta`` with one row per sample and position); ``db = sum Delta``."""
-        dx = tf.matmul(dz, kernel, transpose_b=True)
-        if a.shape.rank != 2:
-            a, dz = tf.reshape(a, [-1, kernel.shape[0]]), tf.reshape(dz, [-1, kernel.shape[1]])
-        grads = [tf.matmul(a, dz, transpose_a=True)]
-        if bias is not None:
-            grads.append(tf.reduce_sum(dz, axis=0))
-        return dx, grads
+    def vjp_input(self, m, a, z, kernel, bias=None):
+        """``(J_a z)^T m = (I_P (x) W^T)^T m``: each position's ``W m_p``,
+        ``(V, batch, ..., m)`` -> ``(V, batch, ..., n)``."""
+        return ops.matmul(m, ops.transpose(kernel))
 
-    def per_example_backward(self, dz, a, z, kernel, bias=None):
-        """``backward`` per sample: ``dW_i = a_i delta_i^T`` ``(batch, n, m)``,
-        ``db_i = delta_i``. At ``P`` positions: ``dW_i = A_i^T Delta_i``, ``db_i = Delta_i^T 1``."""
-        dx = tf.matmul(dz, kernel, transpose_b=True)
-        if a.shape.rank == 2:
-            grads = [tf.einsum("bi,bj->bij", a, dz)]  # measured faster than a broadcast product
-            return dx, grads + ([dz] if bias is not None else [])
-        a, dz = _positions(a), _positions(dz)  # (batch, P, n), (batch, P, m)
-        grads = [tf.einsum("bpi,bpj->bij", a, dz)]
-        return dx, grads + ([tf.reduce_sum(dz, axis=1)] if bias is not None else [])
+    def vjp_params(self, m, a, z, kernel, bias=None, sum_batch=True):
+        """``(J_{W,b} z)^T m = [Vec(A_i^T M_i); M_i^T 1]``: the kernel product is the sum of the
+        positions' outer products ``a_p m_p^T``, the bias product the sum of ``m_p``.
 
-    def per_example_squared_norms(self, dz, a, z, kernel, bias=None):
-        """Squared norms of each sample's ``dW_i = a_i delta_i^T`` and ``db_i = delta_i``,
-        without forming them: ``||a_i delta_i^T||_F^2 = ||a_i||^2 ||delta_i||^2``, ``(batch,)``.
-
-        Inputs of rank above 2 (``(batch, T, n)``, the kernel applied at ``T`` positions):
-        ``dW_i = A_i^T Delta_i`` (``patch_product_squared_norms``: Gram or outer form) and
-        ``db_i = Delta_i^T 1``.
+        ``sum_batch``: ``"ri,vrj->vij"`` over every row ``r`` (sample and position), else
+        ``"bpi,vbpj->vbij"`` per sample ``b`` over its positions ``p``.
         """
-        if a.shape.rank == 2:
-            delta_squared = tf.reduce_sum(tf.square(dz), axis=1)
-            norms = [tf.reduce_sum(tf.square(a), axis=1) * delta_squared]
+        n, units = kernel.shape
+        if sum_batch:
+            rows = ops.reshape(m, (m.shape[0], -1, units))  # (V, rows, m)
+            grads = [ops.einsum("ri,vrj->vij", ops.reshape(a, (-1, n)), rows)]
+            return grads + ([ops.sum(rows, axis=1)] if bias is not None else [])
+        batch = ops.shape(a)[0]
+        rows = ops.reshape(m, (m.shape[0], batch, -1, units))  # (V, batch, P, m)
+        grads = [ops.einsum("bpi,vbpj->vbij", ops.reshape(a, (batch, -1, n)), rows)]
+        return grads + ([ops.sum(rows, axis=2)] if bias is not None else [])
+
+    def squared_norms(self, m, a, z, kernel, bias=None):
+        """Squared norms of each sample's ``dW_i = a_i delta_i^T`` and ``db_i = delta_i``
+        (``delta = m[0]``) without forming them: ``||a_i delta_i^T||_F^2 = ||a_i||^2
+        ||delta_i||^2``, ``(batch,)``. At ``P`` positions ``dW_i = A_i^T Delta_i``
+        (``patch_product_squared_norms``: Gram or outer form) and ``db_i = Delta_i^T 1``."""
+        delta = m[0]
+        if len(a.shape) == 2:
+            delta_squared = ops.sum(ops.square(delta), axis=1)
+            norms = [ops.sum(ops.square(a), axis=1) * delta_squared]
             return norms + ([delta_squared] if bias is not None else [])
-        a, dz = _positions(a), _positions(dz)
-        norms = [patch_product_squared_norms(a, dz)]
-        return norms + ([squared_norms(tf.reduce_sum(dz, axis=1))] if bias is not None else [])
-
-    def jacobian_rows(self, m, a, z, kernel, bias=None):
-        """``M W^T`` and ``M [I (x) a^T | I] = [M (x) a^T | M]`` for ``M`` ``(batch, k, m)``.
-
-        Entry ``(j, i)`` of ``M (x) a^T``'s row is ``M_j a_i`` at ``Vec`` position ``j n + i``.
-        At ``P`` positions (``M`` ``(batch, k, ..., m)``), row ``r`` of the kernel block is
-        ``Vec(A_i^T M_r)`` (``M_r`` as a ``P x m`` matrix) and of the bias block ``M_r^T 1``.
-        """
-        batch, k = tf.shape(m)[0], tf.shape(m)[1]
-        dx = tf.matmul(m, kernel, transpose_b=True)
-        if a.shape.rank == 2:
-            blocks = [tf.reshape(m[..., :, None] * a[:, None, None, :], [batch, k, -1])]
-            return dx, blocks + ([m] if bias is not None else [])
-        rows = tf.reshape(m, [batch, k, -1, kernel.shape[1]])  # (batch, k, P, m)
-        blocks = [tf.reshape(tf.einsum("bpi,bkpj->bkji", _positions(a), rows), [batch, k, -1])]
-        return dx, blocks + ([tf.reduce_sum(rows, axis=2)] if bias is not None else [])
+        a, delta = _positions(a), _positions(delta)
+        norms = [patch_product_squared_norms(a, delta)]
+        return norms + ([squared_norms(ops.sum(delta, axis=1))] if bias is not None else [])
 
     def jacobian_ops(self, training: bool = False) -> list:
         """``z = W^T a + b``, then ``a_out = f(z)``."""
@@ -216,65 +194,6 @@ class Dense(_KernelBiasLayer):
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         return (*input_shape[:-1], self.units)
 
-    def _sample_rank_of(self, a: tf.Tensor, method: str) -> bool:
-        """Whether ``a`` is one sample (True) or a batch (False) of the input this layer was
-        built for (unbuilt: samples are vectors ``(n,)``)."""
-        rank = getattr(self, "_sample_rank", 1)
-        if a.shape.rank not in (rank, rank + 1):
-            raise ValueError(
-                f"Dense.{method}: a must be one sample of rank {rank} or a batch of them (rank "
-                f"{rank + 1}), as the layer was built for inputs of rank {rank + 1}; got a of "
-                f"shape {tuple(a.shape)}."
-            )
-        return a.shape.rank == rank
-
-    def _batch_parameter_jacobian(self, a: tf.Tensor) -> tf.Tensor:
-        """``(batch, ..., n)`` -> ``(batch, P m, n m [+ m])``: position ``p``'s ``m`` rows are
-        ``[I_m (x) a_p^T | I_m]``."""
-        m = self.units
-        a = _positions(a if a.shape.rank > 1 else a[None])  # (batch, P, n)
-        batch, positions, n = a.shape
-        eye = tf.eye(m, dtype=a.dtype)
-        # Row j of I_m (x) a^T holds a^T in column block j: eye[j, k] * a[i] at k * n + i.
-        kron = tf.reshape(eye[:, :, None] * a[:, :, None, None, :], [batch, positions * m, m * n])
-        if not self.use_bias:
-            return kron
-        eye = tf.tile(eye[None], [batch, positions, 1])
-        return tf.concat([kron, eye], axis=-1)
-
-    def parameter_jacobian(self, a: Any) -> tf.Tensor:
-        """``J_{W,b} z = [I_m (x) a^T | I_m]`` (without ``| I_m`` when ``use_bias=False``).
-
-        ``a``: ``(n,)`` -> ``(m, n m + m)``; ``(batch, n)`` -> ``(batch, m, n m + m)``. Columns
-        are in theta order: ``Vec(W)`` (column-major) then ``b``. For a layer built on
-        ``(batch, ..., n)``, one sample ``(..., n)`` of ``P`` positions gives ``(P m, n m + m)``,
-        the rows of position ``p`` (row-major, like ``z``) being ``[I_m (x) a_p^T | I_m]``; a
-        batch of them gets a leading axis.
-        """
-        a = as_float_tensor(a, self.compute_dtype)
-        if self._sample_rank_of(a, "parameter_jacobian"):
-            return self._batch_parameter_jacobian(a[None])[0]
-        return self._batch_parameter_jacobian(a)
-
-    def _batch_input_jacobian(self, a: tf.Tensor) -> tf.Tensor:
-        """``(batch, ..., n)`` -> ``D (I_P (x) W^T)``, ``(batch, P m, P n)``."""
-        params = [tf.cast(p, a.dtype) for p in self.read_parameters()]
-        z = _positions(self.forward(a, *params))  # (batch, P, m)
-        return tf.matmul(_activation_matrix(self.activation, z), _kron_eye(z.shape[1], params[0]))
-
-    def input_jacobian(self, a: Any) -> tf.Tensor:
-        """``J_a f(W^T a + b) = D W^T`` with ``D = J_z f(z)``: ``(n,)`` -> ``(m, n)``,
-        ``(batch, n)`` -> ``(batch, m, n)``.
-
-        For a layer built on ``(batch, ..., n)``: one sample of ``P`` positions gives
-        ``D (I_P (x) W^T)``, ``(P m, P n)``, rows and columns row-major (``D`` is diagonal, or
-        block diagonal with one softmax block per position); a batch gets a leading axis.
-        """
-        a = as_float_tensor(a, self.compute_dtype)
-        if self._sample_rank_of(a, "input_jacobian"):
-            return self._batch_input_jacobian(a[None])[0]
-        return self._batch_input_jacobian(a)
-
     def jacobian_factors(self, a: tf.Tensor) -> dict[str, tf.Tensor]:
         """``{"W^T": (m, n), "[I (x) a^T | I]": (m, n m + m)}`` at one sample ``a`` (``(n,)``).
 
@@ -282,7 +201,7 @@ class Dense(_KernelBiasLayer):
         "[I (x) a^T | I]": (P m, n m + m)}`` (position ``p``'s rows ``[I_m (x) a_p^T | I_m]``).
         """
         kernel = tf.cast(self.read_parameters()[0], a.dtype)
-        jacobian = self._batch_parameter_jacobian(a[None])[0]
+        jacobian = self.parameter_jacobian(a)
         if a.shape.rank == 1:
             return {"W^T": tf.transpose(kernel), "[I (x) a^T | I]": jacobian}
         positions = math.prod(a.shape[:-1])
@@ -303,7 +222,7 @@ class Dense(_KernelBiasLayer):
 
 def _positions(t: tf.Tensor) -> tf.Tensor:
     """``(batch, ..., d)`` -> ``(batch, P, d)``: each sample's positions as rows (row-major)."""
-    return tf.reshape(t, [tf.shape(t)[0], -1, t.shape[-1]])
+    return ops.reshape(t, (ops.shape(t)[0], -1, t.shape[-1]))
 
 
 def _kron_eye(positions: int, kernel: tf.Tensor) -> tf.Tensor:
