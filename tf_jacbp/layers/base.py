@@ -249,6 +249,16 @@ class JacobianLayer(keras.layers.Layer, JacobianMap):
         return route(self, inputs, self.read_parameters())
 
 
+def build_at_construction(layer: keras.layers.Layer, stateless_class: type) -> None:
+    """Mark a stateless layer built in its ``__init__``, as Keras does for its stateless layers,
+    unless a subclass overrides ``build`` (Keras then runs that ``build`` at the first call).
+
+    ``stateless_class`` is the tf_jacbp class whose ``__init__`` calls this: its own ``build``
+    (or the one it inherits) is the one that needs no call."""
+    if type(layer).build is stateless_class.build:
+        layer.built = True
+
+
 _WEIGHT_OPTIONS = {
     "initializer": keras.initializers,
     "regularizer": keras.regularizers,
