@@ -7,10 +7,10 @@ For a network of tf_jacbp layers (docs/math.md, "Algorithm 1, restated"):
 * Step 2: the block of ``J_theta z[L]`` that belongs to layer ``l``'s parameters is
   ``W[L]^T D[L-1] W[L-1]^T ... W[l+1]^T D[l] [I (x) a[l-1]^T | I]``. ``parameter_jacobian``
   evaluates this chain from the left: ``M = I`` (``n_out x n_out``) at the output, then for each
-  layer, last to first, the block is ``M [I (x) a^T | I]`` (the layer's ``per_example_backward``
-  applied to the ``n_out`` rows of ``M``: outer products, patch products) and ``M`` becomes
-  ``M W^T`` and ``M D`` (its ``backward``). No autodiff is involved.
-* Step 6: ``grad_theta l = (J_theta z[L])^T delta[L]``. ``per_example_gradients`` computes it
+  layer, last to first, the block is ``M [I (x) a^T | I]`` (the layer's ``vjp_params`` with the
+  ``n_out`` rows of ``M`` as the contract's ``V`` vectors: outer products, patch products) and
+  ``M`` becomes ``M W^T`` and ``M D`` (its ``vjp_input``). No autodiff is involved.
+* Step 4: ``grad_theta l = (J_theta z[L])^T delta[L]``. ``per_example_gradients`` computes it
   for each sample without forming ``J``: the same walk with ``delta[L]`` (``n_out`` values per
   sample) in place of ``M``.
 

@@ -1,11 +1,11 @@
-"""``J_theta z[L]`` (Algorithm 1, step 2) and per-example gradients (step 6), by ``walk``.
+"""``J_theta z[L]`` (Algorithm 1, step 2) and per-example gradients (step 4), by ``walk``.
 
 * Step 2: the block of ``J_theta z[L]`` that belongs to layer ``l``'s parameters is
   ``W[L]^T D[L-1] W[L-1]^T ... W[l+1]^T D[l] [I (x) a[l-1]^T | I]``. ``parameter_jacobian``
   evaluates this chain from the left: ``M = I`` (``n_out x n_out``) at the output, then for each
   layer, last to first, the block is ``M [I (x) a^T | I]`` and ``M`` becomes ``M W^T`` and
   ``M D``. No autodiff is involved.
-* Step 6: ``grad_theta l = (J_theta z[L])^T delta[L]``. ``per_example_gradients`` computes it
+* Step 4: ``grad_theta l = (J_theta z[L])^T delta[L]``. ``per_example_gradients`` computes it
   for each sample without forming ``J``: the same walk with ``delta[L]`` in place of ``M``.
 """
 
@@ -16,8 +16,7 @@ from typing import Any
 import numpy as np
 
 from tf_jacbp._backend import keras, tf
-from tf_jacbp.jacobian.graph import parameter_variables
-from tf_jacbp.jacobian.walk import forward, output_delta, per_example_rows, walk
+from tf_jacbp.jacobian.walk import forward, output_delta, walk
 
 DEFAULT_MAX_BYTES = 2**30
 """``parameter_jacobian`` refuses to allocate more than this many bytes unless given
@@ -49,7 +48,7 @@ def parameter_jacobian(
     limit = _check_max_bytes(max_bytes)
     records, out, output_key = forward(model, x, training, "parameter_jacobian")
     batch, n_out = int(out.shape[0]), int(np.prod(out.shape[1:]))
-    n_params = sum(int(np.prod(v.shape)) for v in parameter_variables(model))
+    n_params = sum(int(np.prod(v.shape)) for v in records.variables)
     largest = max(int(np.prod(r.y.shape[1:])) for r in records)
     needed = batch * n_out * (n_params + 2 * largest) * out.dtype.size
     if needed > limit:
@@ -61,7 +60,7 @@ def parameter_jacobian(
     # M = I at the output: one row per output unit, for every sample.
     eye = tf.reshape(tf.eye(n_out, dtype=out.dtype), [1, n_out, *out.shape[1:]])
     m = tf.tile(eye, [batch] + [1] * (len(out.shape)))
-    result = {v.path: block for v, block in walk(model, records, output_key, m)}
+    result = {v.path: block for v, block in walk(records, output_key, m, "rows")}
     return result if blocks else tf.concat(list(result.values()), axis=-1)
 
 
@@ -92,12 +91,12 @@ def per_example_gradients(
     flatten: bool = True,
     training: bool = False,
 ) -> tf.Tensor | list[tf.Tensor]:
-    """One gradient per sample, ``grad_theta l(y_i, yhat_i)``, by Algorithm 1's step 6.
+    """One gradient per sample, ``grad_theta l(y_i, yhat_i)``, by Algorithm 1's step 4.
 
     ``delta[L]`` for each sample is the loss's gradient with respect to the output (Table 1 for
-    the tf_jacbp losses); the layers' ``per_example_backward`` then exploit the structure (outer
-    products, patch products) instead of forming ``J_theta z[L]``. Regularization terms are not
-    per-sample and are left out.
+    the tf_jacbp losses); the layers' ``vjp_params(sum_batch=False)`` then exploit the structure
+    (outer products, patch products) instead of forming ``J_theta z[L]``. Regularization terms
+    are not per-sample and are left out.
 
     Args:
         model: a Sequential or functional model of tf_jacbp layers (skips through ``Add``).
@@ -116,6 +115,6 @@ def per_example_gradients(
         model, x, y, loss, training, "per_example_gradients"
     )
     if flatten:  # one row, delta[L]^T, per sample: the blocks come in Vec order
-        rows = walk(model, records, output_key, delta[:, None])
+        rows = walk(records, output_key, delta[:, None], "rows")
         return tf.concat([g[:, 0] for _, g in rows], axis=-1)
-    return [g for _, g in walk(model, records, output_key, delta, step=per_example_rows)]
+    return [g for _, g in walk(records, output_key, delta, "gradients")]

@@ -118,16 +118,25 @@ def model_layers(model: keras.Model) -> list[JacobianLayer]:
     """The model's tf_jacbp layers, each once, in ``model.layers`` order (theta's order), nested
     models' layers in their place."""
     graph(model)  # validates: tf_jacbp layers only, one input and one output
-    layers = []
-    for layer in _flat_layers(model):
-        if all(layer is not seen for seen in layers):
-            layers.append(layer)
-    return layers
+    return _layers_once(_flat_layers(model))
+
+
+def _layers_once(layers: list[JacobianLayer]) -> list[JacobianLayer]:
+    once = []
+    for layer in layers:
+        if all(layer is not seen for seen in once):
+            once.append(layer)
+    return once
 
 
 def parameter_variables(model: keras.Model) -> list[keras.Variable]:
     """The variables of theta, in theta order (layers in order, kernel then bias)."""
     return [v for layer in model_layers(model) for v in layer.jacobian_parameters()]
+
+
+def validated_variables(model: keras.Model) -> list[keras.Variable]:
+    """``parameter_variables`` of a model ``graph`` has already validated (not built again)."""
+    return [v for layer in _layers_once(_flat_layers(model)) for v in layer.jacobian_parameters()]
 
 
 def flatten_parameters(model: keras.Model) -> tf.Tensor:

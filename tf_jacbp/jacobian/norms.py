@@ -9,67 +9,27 @@ user-facing function.
 
 from __future__ import annotations
 
-import collections
 import weakref
-from collections.abc import Callable
 from typing import Any
 
 from tf_jacbp._backend import keras, tf
-from tf_jacbp.jacobian.walk import Record, output_delta, per_example_rows, walk
-from tf_jacbp.layers.base import JacobianLayer
-
-
-def _has_norm_formula(op: Any) -> bool:
-    """Whether ``op`` has a squared-norm formula (the contract's ``squared_norms``)."""
-    if getattr(op, "squared_norms", None) is not None:
-        return True
-    method = getattr(type(op), "per_example_squared_norms", None)  # TRANSITION: unported layers
-    return method is not None and method is not JacobianLayer.per_example_squared_norms
-
-
-def _norm_step(shared: set[int], seen: list | None = None) -> Callable:
-    """A ``walk`` step giving ``(delta_x, [||g_i(p)||^2 (batch,)])`` for each map.
-
-    Maps with a norm formula give ``delta_x`` from their batch ``backward`` (its parameter sums
-    go unused, and a compiled graph prunes them) and the squared norms from
-    ``per_example_squared_norms``; maps without one square their per-example rows
-    (``per_example_backward``, the fallback). The maps of a layer called more than once (ids in
-    ``shared``) return their per-example rows: ``walk`` adds the calls' rows, and the norm of
-    the sum is taken afterwards (a sum of norms would be wrong). With a list ``seen``, each map
-    with parameters appends ``(op, delta, x, y, params)``, the ``delta`` rows it received.
-    """
-
-    def step(op, delta, x, y, params):
-        if params and seen is not None:
-            seen.append((op, delta, x, y, params))
-        if params and id(op) not in shared and _has_norm_formula(op):
-            dx, _ = op.backward(delta, x, y, *params)
-            return dx, op.per_example_squared_norms(delta, x, y, *params)
-        dx, rows = per_example_rows(op, delta, x, y, params)
-        if id(op) in shared:
-            return dx, rows
-        return dx, [_squared_norms(g) for g in rows]
-
-    return step
-
-
-def _squared_norms(g: tf.Tensor) -> tf.Tensor:
-    return tf.reduce_sum(tf.reshape(tf.square(g), [tf.shape(g)[0], -1]), axis=1)
+from tf_jacbp.jacobian.walk import Records, output_delta, walk
 
 
 def squared_gradient_norms(
     model: keras.Model,
-    records: list[Record],
+    records: Records,
     output_key: Any,
     delta: tf.Tensor,
     deltas: list | None = None,
 ) -> list[tuple[keras.Variable, tf.Tensor]]:
     """``[(variable, ||g_i(variable)||^2 (batch,))]`` in theta order, from ``delta[L]``.
 
-    The walk of Algorithm 1, step 6, with each map giving the squared norms of its parameters'
-    per-example gradients (``per_example_squared_norms``, or its ``per_example_backward`` rows
-    squared and summed) instead of the gradients; a layer called more than once gives rows,
-    added over its calls before the norm is taken.
+    The walk of Algorithm 1, step 4, with each map giving the squared norms of its parameters'
+    per-example gradients (``walk``'s ``"squared_norms"`` product: the contract's
+    ``squared_norms`` where the map has one, else its per-example gradients squared and summed);
+    a layer called more than once gives its gradients, added over its calls before the norm is
+    taken.
 
     Args:
         model: the model ``records`` come from.
@@ -83,16 +43,7 @@ def squared_gradient_norms(
         One ``(variable, squared norms (batch,))`` pair per variable of
         ``parameter_variables(model)``, in that order.
     """
-    calls = collections.Counter(id(r.layer) for r in records if r.params)
-    shared = [r for r in records if r.params and calls[id(r.layer)] > 1]
-    shared_variables = {id(v) for r in shared for v in r.layer.jacobian_parameters()}
-    seen: list = []
-    step = _norm_step({id(r.op) for r in shared}, seen)
-    rows = walk(model, records, output_key, delta, step=step)
-    if deltas is not None:
-        layers = [r.layer for r in reversed(records) if r.params]
-        deltas.extend((layer, *entry) for layer, entry in zip(layers, seen, strict=True))
-    return [(v, _squared_norms(g) if id(v) in shared_variables else g) for v, g in rows]
+    return walk(records, output_key, delta, "squared_norms", deltas)
 
 
 def _norms(

@@ -3,9 +3,9 @@
 ``forward`` runs the model map by map (a layer's ``jacobian_ops``: e.g. Dense, then its
 activation) and keeps a ``Record`` of each: ``y = op(x; params)``. ``walk`` starts from rows ``M``
 at the output and moves them back through each map, ``M <- M J_x``, collecting each parameter's
-block ``M J_p``. With ``step=jacobian_rows`` the rows are ``M = I`` (step 2, ``J_theta z[L]``);
-with ``step=per_example_rows`` they are ``delta[L]`` per sample (step 6, per-example gradients);
-``tf_jacbp.jacobian.norms`` passes a step that returns squared norms instead of gradients.
+block ``M J_p``: one walk, asking each map for one product (``PRODUCTS``): ``"rows"`` with
+``M = I`` (step 2, ``J_theta z[L]``), ``"gradients"`` with ``delta[L]`` per sample (step 4,
+per-example gradients), ``"squared_norms"`` for their squared norms (DP-SGD's first pass).
 ``output_delta`` runs the forward pass and reads ``delta[L]_i = grad_{z[L]_i} l_i`` off the loss,
 where every per-example computation starts.
 """
@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 from tf_jacbp._backend import keras, tf
-from tf_jacbp.jacobian.graph import graph, parameter_variables
+from tf_jacbp.contract import JacobianMap, squared_norms_of
+from tf_jacbp.jacobian.graph import graph, validated_variables
 from tf_jacbp.jacobian.inputs import check_x, check_y, loss_function
-from tf_jacbp.layers.base import JacobianLayer
+from tf_jacbp.layers.base import JacobianLayer, rows
 
 
 @dataclasses.dataclass
@@ -36,19 +36,33 @@ class Record:
     y: tf.Tensor
     call: int  # how many times the layer was called before (shared layers)
 
+    @property
+    def variables(self) -> list[keras.Variable]:
+        """The variables of ``params`` (none for a map without parameters)."""
+        return self.layer.jacobian_parameters() if self.params else []
+
+
+class Records(list):
+    """``forward``'s records in order, with the model's theta variables (``variables``): the
+    model's graph is built and validated once per call."""
+
+    variables: list[keras.Variable]
+
 
 def forward(
     model: keras.Model, x: Any, training: bool = False, owner: str = "tf_jacbp.jacobian"
-) -> tuple[list[Record], tf.Tensor, Any]:
+) -> tuple[Records, tf.Tensor, Any]:
     """Run the model map by map (a layer's ``jacobian_ops``, e.g. Dense then its activation),
     recording each map with its input and output. Returns ``(records, z[L], key of z[L])``.
 
     ``x`` is checked against the model's input shape (``check_x``; errors name ``owner``)."""
     nodes, input_key, output_key = graph(model)
+    records = Records()
+    records.variables = validated_variables(model)
     first = nodes[0].layer  # integer ids stay integers (float16 holds them only up to 2048)
     dtype = None if getattr(first, "takes_integer_ids", False) else first.compute_dtype
     values = {input_key: check_x(model, x, dtype, owner)}
-    records, calls = [], collections.Counter()
+    calls = collections.Counter()
     for node in nodes:
         call, calls[id(node.layer)] = calls[id(node.layer)], calls[id(node.layer)] + 1
         keys, a = node.inputs, [values[key] for key in node.inputs]
@@ -63,52 +77,82 @@ def forward(
     return records, values[output_key], output_key
 
 
-def jacobian_rows(
-    op: Any, m: tf.Tensor, x: tf.Tensor | list[tf.Tensor], y: tf.Tensor, params: list[tf.Tensor]
-) -> tuple:
-    """``(M J_x, [M J_p])`` for one op; parameter-free activations use their ``backward``."""
-    if hasattr(op, "jacobian_rows"):
-        return op.jacobian_rows(m, x, y, *params)
-    dx, _ = op.backward(m, x[:, None], y[:, None])  # diag(f'(z)) or softmax's, per row of M
-    return dx, []
+PRODUCTS = ("rows", "gradients", "squared_norms")
+"""What ``walk`` asks each map for (the contract's derived products, ``tf_jacbp.contract``):
+
+* ``"rows"``: ``M`` is ``(batch, k, *shape)``, ``k`` rows per sample; each map gives
+  ``jacobian_rows``, parameter blocks ``(batch, k, size(p))`` in ``Vec`` order (step 2,
+  ``J_theta z[L]`` when ``M = I``).
+* ``"gradients"``: ``M`` is ``delta`` ``(batch, *shape)``; each map gives
+  ``per_example_backward``, gradients ``(batch, *p.shape)`` (step 4, per-example gradients).
+* ``"squared_norms"``: ``M`` is ``delta``; each map gives ``per_example_squared_norms``,
+  ``(batch,)`` per parameter, and moves ``delta`` back with its input product only. A layer called
+  more than once gives its per-example gradients instead: the calls' gradients are added and
+  the norm of the sum is taken at the end (a sum of norms would be wrong).
+"""
 
 
-def per_example_rows(
-    op: Any, delta: tf.Tensor, x: tf.Tensor | list[tf.Tensor], y: tf.Tensor, params: list[tf.Tensor]
-) -> tuple:
-    """``((J_x)^T delta_i, [(J_p)^T delta_i])`` for each sample ``i``, parameter gradients with a
-    leading batch axis and the parameter's own shape; activations are diagonal per sample."""
-    if hasattr(op, "per_example_backward"):
-        return op.per_example_backward(delta, x, y, *params)
-    return op.backward(delta, x, y)
+def _product(op: Any, product: str, m: Any, x: Any, y: Any, params: list, shared: bool) -> tuple:
+    """``(M J_x, [what product asks of each parameter])`` for one map."""
+    if product == "rows":
+        return rows(op, m, x, y, params)
+    if not hasattr(op, "per_example_backward"):  # TRANSITION: unported activations
+        return op.backward(m, x, y)
+    if product == "gradients" or shared or not params:
+        return op.per_example_backward(m, x, y, *params)
+    if hasattr(op, "vjp_input") and type(op).vjp_input is not JacobianMap.vjp_input:
+        dx = op.vjp_input(m[None], x, y, *params)
+        dx = [d[0] for d in dx] if isinstance(dx, (list, tuple)) else dx[0]
+    else:  # TRANSITION: unported layers
+        dx, _ = op.backward(m, x, y, *params)
+    return dx, op.per_example_squared_norms(m, x, y, *params)
 
 
 def walk(
-    model: keras.Model,
-    records: list[Record],
+    records: Records,
     output_key: Any,
     m: tf.Tensor,
-    step: Callable = jacobian_rows,
-) -> list[tuple]:
-    """Algorithm 1 from the output: ``[(variable, M J_p)]`` in theta order (step 2).
+    product: str = "rows",
+    deltas: list | None = None,
+) -> list[tuple[keras.Variable, tf.Tensor]]:
+    """Algorithm 1 from the output: ``[(variable, product)]`` in theta order.
 
-    ``M`` starts at the output and moves back through each map (``M <- M J_x``). Where a tensor
-    feeds several maps (a skip connection), the rows arriving from each are added: that is the
-    chain rule for a sum of paths. A layer called several times adds its blocks. ``step`` is
-    ``jacobian_rows`` (``M``: ``(batch, k, ...)`` rows, blocks in ``Vec`` order) or
-    ``per_example_rows`` (``M``: one ``delta`` per sample, step 6, gradients in each parameter's
-    shape). Every map of a Sequential or functional model lies on a path to its output, so every
-    map receives rows.
+    ``M`` starts at the output and moves back through each map (``M <- M J_x``), each map
+    giving what ``product`` asks for (``PRODUCTS``). Where a tensor feeds several maps (a skip
+    connection), the rows arriving from each are added: that is the chain rule for a sum of
+    paths. A layer called several times adds its calls' products. Every map of a Sequential or
+    functional model lies on a path to its output, so every map receives rows.
+
+    Args:
+        records: ``forward``'s records (with the model's theta variables).
+        output_key: the key of the output tensor ``M`` starts at.
+        m: ``(batch, k, *output_shape)`` rows for ``"rows"``, else ``delta[L]``
+            ``(batch, *output_shape)``.
+        product: one of ``PRODUCTS``.
+        deltas: if a list, ``(layer, op, delta, x, y, params)`` is appended for each map with
+            parameters, last map first: the rows that reached it (``tf_jacbp.privacy`` reuses
+            them for the clipped sum).
     """
+    if product not in PRODUCTS:
+        raise ValueError(f"walk: product must be one of {PRODUCTS}, got product={product!r}.")
+    calls = collections.Counter(id(r.layer) for r in records if r.params)
+    shared = {id(v) for r in records if calls[id(r.layer)] > 1 for v in r.variables}
     rows_at = {output_key: m}
     blocks: dict[int, tf.Tensor] = {}
     for r in reversed(records):
-        dx, rows = step(r.op, rows_at.pop(r.output), r.x, r.y, r.params)
+        delta = rows_at.pop(r.output)
+        if r.params and deltas is not None:
+            deltas.append((r.layer, r.op, delta, r.x, r.y, r.params))
+        is_shared = calls[id(r.layer)] > 1
+        dx, products = _product(r.op, product, delta, r.x, r.y, r.params, is_shared)
         for key, d in zip(r.inputs, dx if isinstance(r.x, list) else [dx], strict=True):
             rows_at[key] = rows_at[key] + d if key in rows_at else d
-        for v, g in zip(r.layer.jacobian_parameters() if r.params else [], rows, strict=True):
+        for v, g in zip(r.variables, products, strict=True):
             blocks[id(v)] = blocks[id(v)] + g if id(v) in blocks else g
-    return [(v, blocks[id(v)]) for v in parameter_variables(model)]
+    result = [(v, blocks[id(v)]) for v in records.variables]
+    if product == "squared_norms":
+        result = [(v, squared_norms_of(g) if id(v) in shared else g) for v, g in result]
+    return result
 
 
 def output_delta(
@@ -123,8 +167,9 @@ def output_delta(
 
     The start of every per-example computation: ``per_example_gradients`` and
     ``squared_gradient_norms`` walk back from the ``delta[L]`` returned here. ``l_i`` is the
-    loss's per-sample value (``Loss.call``, before any reduction), summed over any axes past the
-    batch axis.
+    loss's per-sample value (``Loss.call``, before any reduction), averaged over any axes past
+    the batch axis (a sequence's positions), as Keras' ``sum_over_batch_size`` reduction averages
+    them: then ``mean_i l_i`` is the loss ``fit`` minimizes and ``mean_i g_i`` its gradient.
 
     Args:
         model: a Sequential or functional model of tf_jacbp layers.
@@ -156,8 +201,8 @@ def output_delta(
                 "need one value per sample. Pass a keras.losses.Loss (its call gives per-sample "
                 "values) or a function returning shape (batch,)."
             )
-        if values.shape.rank > 1:
-            values = tf.reduce_sum(values, axis=list(range(1, values.shape.rank)))
+        if values.shape.rank > 1:  # the mean over positions, as Keras (and Opacus) reduce
+            values = tf.reduce_mean(values, axis=list(range(1, values.shape.rank)))
         total = tf.reduce_sum(values)
     delta = tf.cast(tape.gradient(total, out), out.dtype)
     return records, output_key, out, values, delta
