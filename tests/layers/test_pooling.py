@@ -531,3 +531,15 @@ def test_a_fully_masked_sample_sends_zero_back_to_masked_steps_as_stock():
         grads.append(tape.gradient(y, x, output_gradients=dy).numpy())
     np.testing.assert_array_equal(grads[0], grads[1])
     assert np.all(grads[0][1] == 0)
+
+
+def test_an_integer_input_keeps_its_keras_mask_in_global_average_pooling_1d():
+    """Issue 21 item 7: the cast of integer inputs to the compute dtype (``standardize_input``)
+    dropped the ``_keras_mask`` the input carries, and the mean ran over the masked steps too:
+    ``[[1.5, 2.0]]`` where stock gives ``[[3.0, 4.0]]``."""
+    x = tf.constant([[[0, 0], [3, 4]]])
+    x._keras_mask = tf.constant([[False, True]])
+    ours = GlobalAveragePooling1D(dtype="float64")(x)
+    stock = keras.layers.GlobalAveragePooling1D(dtype="float64")(x)
+    np.testing.assert_array_equal(stock, [[3.0, 4.0]])
+    np.testing.assert_array_equal(ours, stock)

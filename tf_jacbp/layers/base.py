@@ -49,8 +49,11 @@ def rows(op: Any, m: Any, x: Any, y: Any, params: list) -> tuple[Any, list]:
     return dx, []
 
 
-def _dtype_of(x: Any) -> Any:
-    return (x[0] if isinstance(x, (list, tuple)) else x).dtype
+def _dtype_of(x: Any, default: Any) -> Any:
+    """The dtype the parameters are cast to at input ``x``: ``x``'s, or ``default`` (the compute
+    dtype) for integer ids (``Embedding``, whose ids ``_jacobian_batch`` keeps integers)."""
+    dtype = (x[0] if isinstance(x, (list, tuple)) else x).dtype
+    return dtype if dtype.is_floating else default
 
 
 def _identity_rows(y: tf.Tensor) -> tf.Tensor:
@@ -67,14 +70,18 @@ def _as_matrix(r: tf.Tensor, single: bool) -> tf.Tensor:
 
 
 def _built_rank(layer: keras.layers.Layer) -> int | None:
-    """The rank of the (first) input shape the layer was built for, or None."""
+    """The rank of the (first) input shape the layer was built for; else, for a layer that fixes
+    the rank of one sample without a build shape (a stateless layer built at construction, one
+    built without a shape), its ``sample_rank + 1``; else None."""
     shapes = getattr(layer, "_build_shapes_dict", None)
-    if not shapes:
-        return None
-    shape = next(iter(shapes.values()))
-    if isinstance(shape, (list, tuple)) and shape and isinstance(shape[0], (list, tuple)):
-        shape = shape[0]
-    return len(shape) if shape is not None else None
+    if shapes:
+        shape = next(iter(shapes.values()))
+        if isinstance(shape, (list, tuple)) and shape and isinstance(shape[0], (list, tuple)):
+            shape = shape[0]
+        if shape is not None:
+            return len(shape)
+    sample_rank = getattr(layer, "sample_rank", None)
+    return None if sample_rank is None else sample_rank + 1
 
 
 def np_prod(shape: Any) -> int:
@@ -95,8 +102,9 @@ def as_float_tensor(x: object, default_dtype: str) -> tf.Tensor:
 
 def standardize_input(x: object, dtype: str, name: str) -> object:
     """One input of a tf_jacbp layer: integer and bool tensors or arrays cast to ``dtype`` (stock
-    Keras layers compute with them the same way); a ``SparseTensor`` or ``RaggedTensor`` is an
-    error that names the conversion (the Jacobian formulas are dense)."""
+    Keras layers compute with them the same way), keeping the Keras mask the input carries (its
+    ``_keras_mask``, as Keras' own input cast keeps it); a ``SparseTensor`` or ``RaggedTensor`` is
+    an error that names the conversion (the Jacobian formulas are dense)."""
     if isinstance(x, tf.SparseTensor | tf.RaggedTensor):
         raise TypeError(
             f"Layer '{name}' got a {type(x).__name__} input; tf_jacbp layers take dense tensors "
@@ -105,8 +113,14 @@ def standardize_input(x: object, dtype: str, name: str) -> object:
         )
     if isinstance(x, keras.KerasTensor) or x is None:
         return x
+    mask = getattr(x, "_keras_mask", None)  # a Keras mask the input carries
     x = tf.convert_to_tensor(x)
-    return tf.cast(x, dtype) if x.dtype.is_integer or x.dtype.is_bool else x
+    if not (x.dtype.is_integer or x.dtype.is_bool):
+        return x
+    cast = tf.cast(x, dtype)
+    if mask is not None:  # the cast is a new tensor: it carries the mask on, as Keras' own cast
+        cast._keras_mask = mask
+    return cast
 
 
 class JacobianLayer(keras.layers.Layer, JacobianMap):
@@ -143,6 +157,11 @@ class JacobianLayer(keras.layers.Layer, JacobianMap):
                 # J_s y = diag(x): per sample m_i * x_i, summed over the batch or not
                 return [keras.ops.einsum("vbd,bd->vd" if sum_batch else "vbd,bd->vbd", m, x)]
     """
+
+    # The rank of one sample (no batch axis) where the layer fixes it without being built for a
+    # shape (a stateless layer, built at construction): the materialized Jacobians then tell one
+    # sample from a batch. None: only the build shape tells (an unbuilt layer takes a batch).
+    sample_rank: int | None = None
 
     def jacobian_parameters(self) -> list[keras.Variable]:
         """The variables the backward pass differentiates, in theta order. Default: none."""
@@ -191,7 +210,7 @@ class JacobianLayer(keras.layers.Layer, JacobianMap):
         xs, single = self._jacobian_batch(x)
         records, a = [], xs
         for op, params in self.jacobian_ops(False):
-            params = [tf.cast(p, _dtype_of(a)) for p in params]
+            params = [tf.cast(p, _dtype_of(a, self.compute_dtype)) for p in params]
             y = op.forward(a, *params)
             records.append((op, a, y, params))
             a = y
@@ -209,7 +228,7 @@ class JacobianLayer(keras.layers.Layer, JacobianMap):
         op, params = self.jacobian_ops(False)[0]
         if not params:
             return None
-        params = [tf.cast(p, _dtype_of(xs)) for p in params]
+        params = [tf.cast(p, _dtype_of(xs, self.compute_dtype)) for p in params]
         z = op.forward(xs, *params)
         _, blocks = rows(op, _identity_rows(z), xs, z, params)
         theta = tf.concat(blocks, axis=-1)
@@ -219,7 +238,10 @@ class JacobianLayer(keras.layers.Layer, JacobianMap):
         """``x`` as a float batch, and whether it was one sample (its rank below the rank the
         layer was built for; an unbuilt layer is built for a batch of ``x``)."""
         several = isinstance(x, (list, tuple))
-        xs = [as_float_tensor(t, self.compute_dtype) for t in (x if several else [x])]
+        if getattr(self, "takes_integer_ids", False):  # ids stay integers (float16: up to 2048)
+            xs = [tf.convert_to_tensor(t) for t in (x if several else [x])]
+        else:
+            xs = [as_float_tensor(t, self.compute_dtype) for t in (x if several else [x])]
         built = _built_rank(self)
         if built is None:
             single = False
