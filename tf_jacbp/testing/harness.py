@@ -1,53 +1,10 @@
-"""A public layer-test kit: ``check_layer`` gives a layer every mode and every comparison.
-
-A user's own ``tf_jacbp.layers.JacobianLayer`` (docs/custom_layers.md) gets every check the
-project's layers get, by one call::
-
-    tf_jacbp.testing.check_layer(lambda dtype: Scale(dtype=dtype), input_shape=(4,))
-
-For a layer made by ``make_layer(dtype)`` it checks, in this order (each failure is an
-``AssertionError`` naming the check, the variable and the numbers):
-
-1. the Jacobian route's gradients (with respect to the layer's input and every parameter) equal
-   ``tf.GradientTape`` through the reference route, in float64 and float32, to
-   ``tf_jacbp.tolerances.rtol(dtype)`` (float64: ``1e-12``);
-2. in float64, the same gradients equal central finite differences of the loss
-   (``tf.test.compute_gradient``), for every entry of every parameter;
-3. the update ``model.fit`` applies (one SGD step with learning rate 1, so the update *is* the
-   gradient) equals the reference gradient when the model runs eagerly, as a graph, and with
-   ``jit_compile=True``;
-4. under ``mixed_float16``, float32 gradients reach the optimizer, agree with the reference route
-   run under the same policy, and a loss-scaled ``fit`` step applies them;
-5. a ``.keras`` round trip gives identical predictions and gradients;
-6. per-example rows: ``tf_jacbp.jacobian.per_example_gradients`` (the layer's
-   ``per_example_backward``) equals, sample by sample, the reference route's gradient on a batch
-   of one, in float64 to ``1e-12`` (layers with parameters whose map has a per-sample Jacobian).
-
-Checks 3-5 exercise what a layer class shares across its arguments (the route switch inside
-``fit``, XLA, the dtype policy, the config): ``check_layer(..., modes=False)`` runs only checks 1,
-2 and 6, the layer's formulas, for further configurations of a class already run with every
-mode (about a third of the time).
-
-Layers whose map depends on the ``training`` flag (``BatchNormalization``, ``Dropout``) are run
-with ``training=True`` or ``training=False``: checks 1, 2, 4 and 5 then take every gradient
-through ``model(x, training=...)``, while the ``fit`` steps of checks 3 and 4 are compared with the
-reference route in training mode, the mode ``fit`` runs in. A training call changes the model's
-non-trainable state (moving statistics, seed generator states), so the kit restores that
-state before each route, each ``fit`` model starts from the state the reference route saw, and
-after the ``fit`` step its state must equal the reference route's (the moving statistics update
-as the reference's do). With ``training=True`` the ``.keras`` check first runs one training call,
-so that the saved moving statistics are not their initial values; check 6 runs in inference
-mode (a train-mode batch normalization couples the samples, so it has no per-sample gradient).
-
-The layer sits behind a stock ``InputScale`` layer (``x -> x * s``, ``s`` trainable, initialized
-to one) so that its input gradient reaches a variable, and the loss is
-``0.5 * ||y - t||^2`` per sample, averaged over the batch.
-"""
+"""The harness of ``tf_jacbp.testing.check_layer``: the model around the layer, its data, and
+checks 1-6 (the module docstring of ``tf_jacbp.testing`` lists them)."""
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -73,18 +30,28 @@ def half_squared_error(t: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
     return 0.5 * tf.reduce_sum(tf.square(tf.cast(y, t.dtype) - t), axis=axes)
 
 
+def several_inputs(input_shape: Sequence) -> bool:
+    """Whether ``input_shape`` is a list of shapes (a layer of several inputs)."""
+    return len(input_shape) > 0 and isinstance(input_shape[0], (list, tuple))
+
+
 def build_model(
-    make_layer: Callable[[str], keras.layers.Layer], input_shape: Sequence[int], dtype: str
-) -> keras.Sequential:
-    """``Input -> InputScale -> layer``, every layer with the dtype policy ``dtype``."""
+    make_layer: Callable[[str], keras.layers.Layer], input_shape: Sequence, dtype: str
+) -> keras.Model:
+    """``Input -> InputScale -> layer``, every layer with the dtype policy ``dtype``; for a list
+    of input shapes, one ``Input -> InputScale`` per input, all fed to the layer."""
     input_dtype = "float64" if dtype == "float64" else "float32"
-    return keras.Sequential(
-        [
-            keras.Input(tuple(input_shape), dtype=input_dtype),
-            InputScale(dtype=dtype),
-            make_layer(dtype),
-        ]
-    )
+    if not several_inputs(input_shape):
+        return keras.Sequential(
+            [
+                keras.Input(tuple(input_shape), dtype=input_dtype),
+                InputScale(dtype=dtype),
+                make_layer(dtype),
+            ]
+        )
+    inputs = [keras.Input(tuple(shape), dtype=input_dtype) for shape in input_shape]
+    scaled = [InputScale(dtype=dtype)(x) for x in inputs]
+    return keras.Model(inputs, make_layer(dtype)(scaled))
 
 
 def loss_gradients(
@@ -135,14 +102,18 @@ def assert_gradients_close(
         )
 
 
+def draw_inputs(input_shape: Sequence, batch_size: int, dtype: str, rng, input_fn) -> Any:
+    """A batch of inputs of ``input_shape`` (a list of them for a list of shapes), drawn by
+    ``input_fn(rng, shape)`` or standard normal."""
+    if several_inputs(input_shape):
+        return [draw_inputs(shape, batch_size, dtype, rng, input_fn) for shape in input_shape]
+    shape = (batch_size, *input_shape)
+    return tf.constant(input_fn(rng, shape) if input_fn else rng.normal(size=shape), dtype)
+
+
 def _data(model: keras.Model, input_shape, batch_size: int, dtype: str, seed: int, input_fn):
     rng = np.random.default_rng(seed)
-    x = (
-        input_fn(rng, (batch_size, *input_shape))
-        if input_fn
-        else rng.normal(size=(batch_size, *input_shape))
-    )
-    x = tf.constant(x, dtype)
+    x = draw_inputs(input_shape, batch_size, dtype, rng, input_fn)
     t = rng.normal(size=model(x).shape)
     return x, tf.constant(t, dtype)
 
@@ -275,7 +246,11 @@ def _check_saving(make_layer, input_shape, batch_size, seed, input_fn, training,
 
 
 def _check_per_example_rows(make_layer, input_shape, batch_size, seed, input_fn, training):
-    """Check 6: ``per_example_gradients`` against the reference route on batches of one."""
+    """Check 6: ``per_example_gradients`` against the reference route on batches of one (models
+    of one input: ``tf_jacbp.jacobian`` walks those; a layer of several inputs has its
+    per-sample products checked by check 7)."""
+    if several_inputs(input_shape):
+        return
     model = keras.Sequential(
         [keras.Input(tuple(input_shape), dtype="float64"), make_layer("float64")]
     )
@@ -296,49 +271,3 @@ def _check_per_example_rows(make_layer, input_shape, batch_size, seed, input_fn,
             "float64",
             f"per-example row of sample {i}",
         )
-
-
-def check_layer(
-    make_layer: Callable[[str], keras.layers.Layer],
-    input_shape: Sequence[int],
-    *,
-    tmp_dir: str | None = None,
-    batch_size: int = 3,
-    seed: int = 0,
-    input_fn: Callable[[np.random.Generator, tuple], np.ndarray] | None = None,
-    finite_differences: bool = True,
-    training: bool | None = None,
-    modes: bool = True,
-) -> None:
-    """Run every comparison and mode of the module docstring on ``make_layer``.
-
-    Args:
-        make_layer: ``dtype -> layer``, a fresh layer with that dtype policy each call.
-        input_shape: the input shape without the batch axis.
-        tmp_dir: a directory for the ``.keras`` file (pytest's ``tmp_path``); default a
-            temporary directory of its own.
-        input_fn: ``(rng, shape) -> array`` to draw inputs (default standard normal), e.g. to
-            keep inputs away from a kink.
-        finite_differences: off only for maps that are not differentiable almost everywhere at
-            the step size (none in tf_jacbp; kept for user layers).
-        training: ``None`` for layers whose map does not depend on the flag (gradients through
-            ``model(x)``); ``True`` or ``False`` to take the gradients through
-            ``model(x, training=...)``, restoring the non-trainable state between the routes (see
-            the module docstring).
-        modes: run checks 3-5 (``fit`` eagerly, as a graph and under XLA; mixed precision; the
-            ``.keras`` round trip). ``False`` keeps checks 1, 2 and 6 only: for another
-            configuration of a layer class whose every mode was checked with other arguments.
-    """
-    args = (make_layer, input_shape, batch_size, seed, input_fn, training)
-    _check_routes_agree(*args)
-    if finite_differences:
-        _check_finite_differences(*args)
-    if modes:
-        _check_fit_modes(*args)
-        _check_mixed_precision(*args)
-        if tmp_dir is None:
-            with tempfile.TemporaryDirectory() as tmp:
-                _check_saving(*args, tmp)
-        else:
-            _check_saving(*args, tmp_dir)
-    _check_per_example_rows(*args)

@@ -1,0 +1,178 @@
+"""The one Jacobian contract (tf_jacbp.contract) and the check that covers all of it.
+
+Each planted layer is wrong in one product only, the product one consumer uses: the sign of
+the per-sample rows (``per_example_gradients``, Algorithm 1's rows), a quarter of the squared
+norm (DP-SGD's clip factors), the second input of a layer of several inputs. Training's batch
+gradient is right in all of them, so only a check of the whole contract catches them.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from keras import ops
+
+from tf_jacbp import contract, jacobian, layers, losses
+from tf_jacbp.testing import check_layer
+
+F64 = "float64"
+
+
+class SignFlippedRowsDense(layers.Dense):
+    """Per-sample products (``sum_batch=False``) with the sign flipped; the batch sum right."""
+
+    def vjp_params(self, m, a, z, kernel, bias=None, sum_batch=True):
+        grads = super().vjp_params(m, a, z, kernel, bias, sum_batch=sum_batch)
+        return grads if sum_batch else [-g for g in grads]
+
+
+class QuarterNormsDense(layers.Dense):
+    """A norm formula returning a quarter of the true squared norm."""
+
+    def squared_norms(self, m, a, z, kernel, bias=None):
+        return [s / 4 for s in super().squared_norms(m, a, z, kernel, bias)]
+
+
+class WeightedSum(layers.JacobianLayer):
+    """``y = x_0 + c x_1`` with a learned ``c`` of shape ``(d,)``: a layer of two inputs."""
+
+    def build(self, input_shape):
+        self.c = self.add_weight(name="c", shape=(input_shape[1][-1],), initializer="ones")
+
+    def jacobian_parameters(self):
+        return [self.c]
+
+    def forward(self, xs, c):
+        return xs[0] + c * xs[1]
+
+    def reference(self, xs, c):
+        return tf.add(xs[0], tf.multiply(c, xs[1]))
+
+    def vjp_input(self, m, xs, y, c):
+        return [m, m * c]
+
+    def vjp_params(self, m, xs, y, c, sum_batch=True):
+        return [ops.einsum("vbd,bd->vd" if sum_batch else "vbd,bd->vbd", m, xs[1])]
+
+    def compute_output_shape(self, input_shape):
+        return input_shape[0]
+
+
+class SwappedAxesWeightedSum(WeightedSum):
+    """The second input's product reads the batch axis where the input axis is meant: the
+    classic slip of a formula first written and tested at batch size = number of inputs."""
+
+    def vjp_input(self, m, xs, y, c):
+        both = ops.stack([m, m * c], axis=1)  # (V, 2, batch, d)
+        return [both[:, 0], ops.flip(both[:, 1], axis=1)]  # sample order reversed in input 1
+
+
+def _dense(cls, dtype):
+    return cls(3, activation="tanh", dtype=dtype)
+
+
+def test_a_correct_layer_passes_the_contract_check():
+    check_layer(lambda dtype: _dense(layers.Dense, dtype), (4,), modes=False)
+
+
+def test_sign_flipped_per_sample_rows_fail_check_layer():
+    with pytest.raises(AssertionError, match=r"vjp_params\(sum_batch=False\)|per-example row"):
+        check_layer(lambda dtype: _dense(SignFlippedRowsDense, dtype), (4,), modes=False)
+
+
+def test_quarter_norms_fail_check_layer():
+    with pytest.raises(AssertionError, match=r"squared_norms"):
+        check_layer(lambda dtype: _dense(QuarterNormsDense, dtype), (4,), modes=False)
+
+
+def test_a_layer_of_two_inputs_passes_at_a_batch_size_other_than_two():
+    check_layer(lambda dtype: WeightedSum(dtype=dtype), [(4,), (4,)], batch_size=3, modes=False)
+
+
+def test_swapped_axes_in_a_layer_of_two_inputs_fail_check_layer():
+    with pytest.raises(AssertionError, match=r"vjp_input \(input 1|float64 route"):
+        check_layer(
+            lambda dtype: SwappedAxesWeightedSum(dtype=dtype),
+            [(4,), (4,)],
+            batch_size=3,
+            modes=False,
+        )
+
+
+def test_the_planted_errors_reach_the_consumers_unchecked_otherwise():
+    """What the checks above prevent: the wrong per-sample rows are what per_example_gradients
+    returns, and the quarter norms what the norms (DP-SGD's clip factors) are."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(5, 4)), rng.normal(size=(5, 3))
+
+    def model(cls):
+        return keras.Sequential([keras.Input((4,), dtype=F64), _dense(cls, F64)])
+
+    good, flipped, quarter = (
+        model(layers.Dense),
+        model(SignFlippedRowsDense),
+        model(QuarterNormsDense),
+    )
+    for other in (flipped, quarter):
+        other.set_weights(good.get_weights())
+    loss = losses.MeanSquaredError(dtype=F64)
+    rows = jacobian.per_example_gradients(good, x, y, loss=loss)
+    np.testing.assert_allclose(jacobian.per_example_gradients(flipped, x, y, loss=loss), -rows)
+    norms = jacobian.per_example_gradient_norms(good, x, y, loss=loss)
+    np.testing.assert_allclose(
+        jacobian.per_example_gradient_norms(quarter, x, y, loss=loss), norms / 2
+    )
+
+
+def test_derived_rows_of_a_layer_of_two_inputs_at_batch_three():
+    """``jacobian_rows`` for several inputs is derived from ``vjp_input``: right at any batch."""
+    layer = WeightedSum(dtype=F64)
+    rng = np.random.default_rng(1)
+    xs = [tf.constant(rng.normal(size=(3, 4))) for _ in range(2)]
+    layer(xs)
+    c = tf.constant(rng.normal(size=(4,)))
+    m = tf.constant(rng.normal(size=(3, 2, 4)))  # 2 rows per sample
+    dx, (dc,) = layer.jacobian_rows(m, xs, layer.forward(xs, c), c)
+    np.testing.assert_allclose(dx[0], m)
+    np.testing.assert_allclose(dx[1], m * c)
+    np.testing.assert_allclose(dc, m * xs[1][:, None, :])
+
+
+def test_a_wrong_shape_names_the_layer_and_the_method():
+    class WrongShape(layers.Dense):
+        def vjp_input(self, m, a, z, kernel, bias=None):
+            return m[0]  # the V axis dropped
+
+    layer = WrongShape(3, dtype=F64, name="wrong")
+    x = tf.ones((2, 4), F64)
+    layer(x)
+    params = layer.read_parameters()
+    with pytest.raises(ValueError, match=r"WrongShape 'wrong'\.vjp_input returned its product"):
+        layer.backward(tf.ones((2, 3), F64), x, layer.forward(x, *params), *params)
+
+
+def test_defining_a_derived_method_is_refused():
+    with pytest.raises(TypeError, match=r"jacobian_rows: these are derived from the contract"):
+
+        class Overriding(layers.Dense):
+            def jacobian_rows(self, m, a, z, kernel, bias=None):
+                return None
+
+    assert set(contract.DERIVED) == {
+        "backward",
+        "per_example_backward",
+        "per_example_squared_norms",
+        "jacobian_rows",
+    }
+
+
+def test_the_contract_check_alone_names_the_wrong_product():
+    from tf_jacbp.testing import check_contract
+
+    layer = _dense(SignFlippedRowsDense, F64)
+    x = tf.constant(np.random.default_rng(2).normal(size=(3, 4)))
+    layer(x)
+    with pytest.raises(AssertionError, match=r"vjp_params\(sum_batch=False\) \(parameter 0, V=1\)"):
+        check_contract(layer, x, seed=0)
