@@ -33,8 +33,9 @@ gathering from ``[Vec(K); 0]``, the appended zero serving every structural zero 
   affordable.
 * ``ConvIndex.sparse_matrix``: only the structural nonzeros, for the memory guard.
 * ``ConvIndex.patches``: the patch matrix (im2col), ``J_{Vec(K)} (T(K) vec(x))`` of Lemma 3.
-  ``ConvIndex.kernel_gradient`` multiplies by the same matrix gathered with its columns in
-  ``K``'s storage order (``stored_patch_index``), plus the tied bias' row of ones.
+  ``ConvIndex.kernel_products`` (the kernel and tied bias products for ``V`` stacked upstream
+  vectors, summed over the batch or per sample) multiplies by the same matrix gathered with its
+  columns in ``K``'s storage order (``stored_patches``), plus the tied bias' row of ones.
 
 Memory guard: a budget in bytes, ``DEFAULT_BUDGET_BYTES``, changed for the whole process by
 ``set_budget_bytes`` or per layer by ``Conv2D(toeplitz_budget_bytes=...)``. ``conv_matrix``
@@ -53,6 +54,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+from keras import ops
 
 from tf_jacbp._backend import tf
 from tf_jacbp.geometry import PADDINGS_1D, as_pair, axis_taps, check_padding, check_window_fits
@@ -157,6 +159,30 @@ class IndexTensors:
         return cache[name]
 
 
+def static_size(t: tf.Tensor, axis: int) -> int | tf.Tensor:
+    """``t.shape[axis]`` where it is known when traced, else the runtime size."""
+    size = t.shape[axis]
+    return int(size) if size is not None else tf.shape(t)[axis]
+
+
+def toeplitz_product(
+    rows: tf.Tensor, t: tf.Tensor | tf.SparseTensor, transpose: bool = False
+) -> tf.Tensor:
+    """``rows t`` (``transpose``: ``rows t^T``) for ``t`` as a layer holds it: the dense
+    ``T(K)^T`` (``ToeplitzProducts.transpose_matrix``) or, kept sparse by the memory guard,
+    ``T(K)`` itself (``ConvIndex.sparse_matrix``), which is then multiplied through its adjoint:
+    ``rows T^T = (T rows^T)^T`` and ``rows T = (T^T rows^T)^T``.
+
+    ``rows`` ``(n, a)``; dense ``t`` ``(a, c)`` (``(c, a)`` with ``transpose``); the result is
+    ``(n, c)``. A convolution's forward pass is ``X T(K)^T`` (``transpose=False``) and its input
+    product ``Delta T(K)`` (``transpose=True``); ``Conv2DTranspose`` the other way round.
+    """
+    if isinstance(t, tf.SparseTensor):  # tf.sparse has no XLA kernel; the guard allows that
+        product = tf.sparse.sparse_dense_matmul(t, rows, adjoint_a=transpose, adjoint_b=True)
+        return tf.transpose(product)
+    return tf.matmul(rows, t, transpose_b=transpose)
+
+
 class ToeplitzProducts:
     """The products with ``T(K)`` and the patch matrix, written once for any source of the index
     maps: ``ConvIndex`` (NumPy, computed once per size) and
@@ -220,34 +246,59 @@ class ToeplitzProducts:
         patches = tf.gather(columns, self.index_map("patch_index"))  # (M, P, batch)
         return tf.reshape(patches, [tf.shape(patches)[0], -1])
 
+    def stored_patches(self, images: tf.Tensor, bias_row: bool = True) -> tf.Tensor:
+        """The patch matrices of ``V`` stacked image batches, rows in ``K``'s storage order:
+        ``(V, batch, H, W, C)`` (or ``(V, batch, N)``) -> ``(V, M + 1, P, batch)``.
+
+        Entry ``[v, m, p, b]`` is the input entry that kernel row ``m = (p', q', c)`` (``K``
+        reshaped to ``(M, F)``, no copy) reads at output position ``p`` of image ``(v, b)``, zero
+        in the padding (``stored_patch_index``); the last row ``m = M`` is the constant 1 that the
+        tied bias multiplies (``J_b z = I_F`` stacked ``P`` times is the patch of 1). Without
+        ``bias_row`` that row is left out: ``(V, M, P, batch)``. For one image,
+        ``[X_patch | 1]^T`` with ``J_{Vec(K)} (T(K) vec(x)) = I_F (x) X_patch`` (Lemma 3).
+        """
+        stacks, batch = tf.shape(images)[0], tf.shape(images)[1]
+        columns = tf.transpose(tf.reshape(images, [stacks, batch, -1]), [0, 2, 1])  # (V, N, b)
+        one_and_zero = tf.broadcast_to(
+            tf.constant([[1], [0]], images.dtype)[None], [stacks, 2, batch]
+        )
+        columns = tf.concat([columns, one_and_zero], axis=1)  # rows N (ones) and N + 1 (zeros)
+        index = self.index_map("stored_patch_index")
+        return tf.gather(columns, index if bias_row else index[:-1], axis=1)
+
+    def kernel_products(self, x: tf.Tensor, m: tf.Tensor, sum_batch: bool = True) -> tf.Tensor:
+        """``(J_{Vec(K), b} z)^T m`` for ``V`` stacked upstream vectors per sample, as ``K``'s
+        rows and the tied bias: ``(V, M + 1, F)``, or per sample ``(V, batch, M + 1, F)``.
+
+        ``x`` ``(batch, H, W, C)``, ``m`` ``(V, batch, H_out, W_out, F)``. Per sample and vector
+        the product is ``[X_patch | 1]^T M_{v, b}`` (``stored_patches``, ``M_{v, b}`` the
+        ``P x F`` matrix of ``m[v, b]``): rows ``(p, q, c)`` are ``dK[p, q, c, :]`` (``K``
+        reshaped to ``(M, F)``), row ``M`` is the tied bias' ``db`` (``M_{v, b}`` summed over
+        positions). Summed over the batch it is one matmul ``(M + 1, P batch) x (P batch, V F)``
+        with no transposes of the patch matrix; per sample ``"mpb,vbpf->vbmf"``.
+        """
+        patches = self.stored_patches(x[None])[0]  # (M + 1, P, batch)
+        entries, positions = patches.shape[0], self.output_shape[0] * self.output_shape[1]
+        filters, stacks = self.kernel_shape[3], static_size(m, 0)
+        delta = ops.reshape(m, (stacks, -1, positions, filters))  # (V, batch, P, F)
+        if not sum_batch:
+            return ops.einsum("mpb,vbpf->vbmf", patches, delta)
+        rows = ops.reshape(ops.transpose(delta, (2, 1, 0, 3)), (-1, stacks * filters))
+        products = ops.matmul(ops.reshape(patches, (entries, -1)), rows)  # (M + 1, V F)
+        return ops.transpose(ops.reshape(products, (entries, stacks, filters)), (1, 0, 2))
+
     def kernel_gradient(
         self, x: tf.Tensor, delta: tf.Tensor, tied_bias: bool = False
     ) -> tf.Tensor | tuple[tf.Tensor, tf.Tensor]:
         """``dK = sum_b (J_{Vec(K)} T(K) vec(x_b))^T delta_b``, shaped like ``K``; with
         ``tied_bias`` also ``db = sum_b (J_b z_b)^T delta_b``, returned as ``(dK, db)``.
 
-        ``x`` ``(batch, H, W, C)``, ``delta`` ``(batch, H_out, W_out, F)``. Per sample the Jacobian
-        is ``I_F (x) X_patch``, so its transpose times ``delta`` is ``Vec(X_patch^T Delta)`` with
-        ``Delta`` ``(P, F)``: one matmul ``(M, P batch) x (P batch, F)`` for the whole batch. The
-        patch matrix is gathered with its columns in ``K``'s storage order (``stored_patch_index``,
-        a fixed permutation of the ``Vec`` order of ``patches``), so that the ``(M, F)`` product is
-        ``dK`` reshaped, with no transposes. The tied bias' Jacobian ``J_b z = I_F`` stacked ``P``
-        times is the patch of the constant 1: the patch matrix carries that row (``[X_patch | 1]``,
-        one index map for both cases) and the same product's last row is ``db`` (``Delta`` summed
-        over positions and samples), returned with ``tied_bias`` and dropped otherwise.
+        ``x`` ``(batch, H, W, C)``, ``delta`` ``(batch, H_out, W_out, F)``: ``kernel_products``
+        for one vector per sample, ``Vec(X_patch^T Delta)`` summed over the batch in one matmul.
         """
-        positions, filters = self.output_shape[0] * self.output_shape[1], self.kernel_shape[3]
-        columns = tf.transpose(tf.reshape(x, [-1, self.shape[1]]))  # (N, batch)
-        one_and_zero = tf.broadcast_to(tf.constant([[1], [0]], x.dtype), [2, tf.shape(x)[0]])
-        columns = tf.concat([columns, one_and_zero], axis=0)  # rows N (ones) and N + 1 (zeros)
-        index = self.index_map("stored_patch_index")
-        patches = tf.reshape(tf.gather(columns, index), [index.shape[0], -1])  # (M + 1, P batch)
-        delta = tf.reshape(delta, [-1, positions, filters])
-        delta = tf.reshape(tf.transpose(delta, [1, 0, 2]), [-1, filters])  # (P batch, F)
-        gradient = tf.matmul(patches, delta)  # (M + 1, F): row (p, q, c) is dK[p, q, c, :]
-        m = index.shape[0] - 1
-        kernel_gradient = tf.reshape(gradient[:m], self.kernel_shape)
-        return (kernel_gradient, gradient[m]) if tied_bias else kernel_gradient
+        gradient = self.kernel_products(x, delta[None])[0]  # (M + 1, F)
+        kernel_gradient = tf.reshape(gradient[:-1], self.kernel_shape)
+        return (kernel_gradient, gradient[-1]) if tied_bias else kernel_gradient
 
 
 class ConvIndex(ToeplitzProducts):

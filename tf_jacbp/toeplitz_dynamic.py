@@ -41,13 +41,12 @@ from tf_jacbp.toeplitz import ToeplitzProducts
 
 def axis_taps(
     size: tf.Tensor, kernel_size: int, stride: int, padding: str, dilation: int = 1
-) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """``tf_jacbp.geometry.axis_taps`` with TensorFlow ops for a runtime ``size`` (int32 scalar).
 
-    Returns ``(taps, inverse, pad_before, pad_after)``: ``taps`` ``(out, k)`` as
-    ``geometry.axis_taps``; ``inverse`` ``(size, out)`` the tap each output reads input ``i'``
-    with, or -1 (``tf_jacbp.toeplitz._inverse_taps``); the padding as
-    ``geometry.padding_amounts``. A "valid" axis shorter than the dilated kernel asserts.
+    Returns ``(taps, pad_before, pad_after)``: ``taps`` ``(out, k)`` as ``geometry.axis_taps``,
+    the padding as ``geometry.padding_amounts``. A "valid" axis shorter than the dilated kernel
+    asserts. ``inverse_taps`` gives the inverse map, ``(size, out)``, which the dense ``T`` needs.
     """
     extent = (kernel_size - 1) * dilation + 1
     checks = []
@@ -69,13 +68,32 @@ def axis_taps(
             before, after = tf.constant((kernel_size - 1) * dilation), tf.zeros([], tf.int32)
     with tf.control_dependencies(checks):
         outputs = tf.identity(out)
-    start = tf.range(outputs)[:, None] * stride - before  # (out, 1)
-    taps = start + tf.range(kernel_size)[None, :] * dilation
-    taps = tf.where((taps >= 0) & (taps < size), taps, -1)
-    offset = tf.range(size)[:, None] - tf.transpose(start)  # (size, out): i' - o s + pad_before
+    taps = _starts(outputs, stride, before)[:, None] + tf.range(kernel_size)[None, :] * dilation
+    return tf.where((taps >= 0) & (taps < size), taps, -1), before, after
+
+
+def _starts(outputs: tf.Tensor, stride: int, before: tf.Tensor) -> tf.Tensor:
+    """``(out,)``: the first input each output reads, ``o s - pad_before``."""
+    return tf.range(outputs) * stride - before
+
+
+def inverse_taps(
+    size: tf.Tensor,
+    outputs: tf.Tensor,
+    kernel_size: int,
+    stride: int,
+    before: tf.Tensor,
+    dilation: int = 1,
+) -> tf.Tensor:
+    """``(size, out)``: for input ``i'`` and output ``o`` the tap ``t = (i' - o s + pad_before)
+    / d`` when that is an integer in ``[0, k)``, else -1 (``tf_jacbp.toeplitz._inverse_taps``).
+
+    ``size x out`` entries, about as many as the dense ``T`` has per channel pair along this
+    axis: ``DynamicConvIndex`` builds it only after its memory guard has passed."""
+    offset = tf.range(size)[:, None] - _starts(outputs, stride, before)[None, :]
     tap = offset // dilation
     valid = (offset >= 0) & (offset % dilation == 0) & (tap < kernel_size)
-    return taps, tf.where(valid, tap, -1), before, after
+    return tf.where(valid, tap, -1)
 
 
 class DynamicConvIndex(ToeplitzProducts):
@@ -106,12 +124,8 @@ class DynamicConvIndex(ToeplitzProducts):
         self.kernel_shape = tuple(kernel_shape)
         self.strides, self.padding, self.dilation_rate = strides, padding, dilation_rate
         self.budget, self.owner, self.setting = budget, owner, setting
-        self.taps_h, self.inverse_h, *pad_h = axis_taps(
-            height, kh, strides[0], padding, dilation_rate[0]
-        )
-        self.taps_w, self.inverse_w, *pad_w = axis_taps(
-            width, kw, strides[1], padding, dilation_rate[1]
-        )
+        self.taps_h, *pad_h = axis_taps(height, kh, strides[0], padding, dilation_rate[0])
+        self.taps_w, *pad_w = axis_taps(width, kw, strides[1], padding, dilation_rate[1])
         self.paddings = (tuple(pad_h), tuple(pad_w))
         self.output_shape = (tf.shape(self.taps_h)[0], tf.shape(self.taps_w)[0], filters)
         self.shape = (
@@ -146,17 +160,38 @@ class DynamicConvIndex(ToeplitzProducts):
 
     def transpose_matrix(self, kernel: tf.Tensor) -> tf.Tensor:
         """``T(K)^T`` ``(N, R)``, dense, by ``ToeplitzProducts.transpose_matrix``, after the
-        memory guard (``guard``) has passed."""
+        memory guard (``guard``) has passed.
+
+        Everything of size ``T`` waits for the guard: the maps ``kernel_rows`` and
+        ``block_rows`` and the inverse taps they are computed from are built inside its control
+        dependencies (every op created there runs after the assertion), and so are the two
+        gathers. For a sequence (``H = 1``) the first gather and the inverse taps alone are as
+        large as ``T``, so guarding only the last gather (as for an image, whose first is small)
+        would let them allocate first."""
         with tf.control_dependencies(self.guard(kernel.dtype)):
-            self._maps["block_rows"] = tf.identity(self.index_map("block_rows"))
-        return super().transpose_matrix(kernel)
+            self.index_map("kernel_rows")
+            self.index_map("block_rows")
+            return super().transpose_matrix(kernel)
+
+    def _inverse(self, axis: int) -> tf.Tensor:
+        """``inverse_taps`` along ``axis`` (0: height, 1: width), ``(size, out)``."""
+        taps, (before, _) = (self.taps_h, self.taps_w)[axis], self.paddings[axis]
+        kernel_size = self.kernel_shape[axis]
+        return inverse_taps(
+            self.input_shape[axis],
+            tf.shape(taps)[0],
+            kernel_size,
+            self.strides[axis],
+            before,
+            self.dilation_rate[axis],
+        )
 
     def _kernel_rows(self) -> tf.Tensor:
         """``(kh C W + 1) W_out``: for block row ``(p, c, j')`` and output column ``j`` the row
         ``(p kw + q) C + c`` of ``K`` as ``(M, F)``, ``q`` the tap reading ``j'``, else ``M``."""
         kh, kw, channels, _ = self.kernel_shape
         entries = kh * kw * channels
-        q = self.inverse_w[None, None]  # (1, 1, W, W_out)
+        q = self._inverse(1)[None, None]  # (1, 1, W, W_out)
         p = tf.range(kh)[:, None, None, None]
         c = tf.range(channels)[None, :, None, None]
         rows = tf.where(q >= 0, (p * kw + q) * channels + c, entries)  # (kh, C, W, W_out)
@@ -169,7 +204,7 @@ class DynamicConvIndex(ToeplitzProducts):
         ``(p C + c) W + j'``, ``p`` the tap reading ``i'``, else ``kh C W`` (the zero block)."""
         kh, _, channels, _ = self.kernel_shape
         width = self.input_shape[1]
-        p = self.inverse_h[:, None, None, :]  # (H, 1, 1, H_out)
+        p = self._inverse(0)[:, None, None, :]  # (H, 1, 1, H_out)
         c = tf.range(channels)[None, None, :, None]
         j_in = tf.range(width)[None, :, None, None]
         rows = tf.where(p >= 0, (p * channels + c) * width + j_in, kh * channels * width)

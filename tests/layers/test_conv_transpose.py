@@ -320,7 +320,8 @@ def test_output_padding_without_a_transposed_convolution_is_an_error_naming_it()
             ]
         )
     stock = keras.layers.Conv2DTranspose(2, 2, strides=2, padding="same", output_padding=0)
-    with pytest.raises(tf.errors.InvalidArgumentError):
+    # TensorFlow's error class depends on its CPU kernels: oneDNN's raises AbortedError.
+    with pytest.raises((tf.errors.InvalidArgumentError, tf.errors.AbortedError)):
         stock(np.zeros((1, 3, 3, 1), "float32"))
 
 

@@ -36,14 +36,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from keras import ops
+
 from tf_jacbp import geometry, toeplitz
 from tf_jacbp._backend import keras, tf
-from tf_jacbp.layers.base import (
-    patch_product_squared_norms,
-    squared_norms,
-)
+from tf_jacbp.contract import squared_norms_of
+from tf_jacbp.layers.base import patch_product_squared_norms
 from tf_jacbp.layers.toeplitz_layer import _ToeplitzIndexed
-from tf_jacbp.layout import unvec_parameter_batch, vec_index
+from tf_jacbp.toeplitz import static_size, toeplitz_product
 from tf_jacbp.toeplitz_dynamic import DynamicConvIndex
 
 BIAS_MODES = ("tied", "untied")
@@ -149,109 +149,57 @@ class ToeplitzConv(_ToeplitzIndexed):
     def _dynamic_index(self, x: tf.Tensor) -> DynamicConvIndex:
         return self._dynamic_conv_index(tf.shape(x)[1], tf.shape(x)[2])
 
-    def apply_toeplitz(
-        self, x: tf.Tensor, t: tf.Tensor | tf.SparseTensor, bias: tf.Tensor | None = None
-    ) -> tf.Tensor:
-        """``Z = X T(K)^T + b``: ``(batch, H, W, C)`` -> ``(batch, H_out, W_out, F)``.
+    def _size_fixed_by_weights(self) -> bool:
+        """An untied bias has one entry per output entry: its shape fixes the input's size."""
+        return self.use_bias and self.bias_mode == "untied"
 
-        ``t`` is ``build_toeplitz(kernel, x)``.
-        """
-        index, _ = self.index_for(x)
-        x = tf.reshape(x, [-1, index.shape[1]])
-        if isinstance(t, tf.SparseTensor):
-            z = tf.transpose(tf.sparse.sparse_dense_matmul(t, x, adjoint_b=True))
-        else:
-            z = tf.matmul(x, t)
+    def forward(self, x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None) -> tf.Tensor:
+        """``Z = X T(K)^T + b``: ``(batch, *spatial, C)`` -> ``(batch, *spatial_out, F)``, with
+        ``T(K)`` built for ``x``'s size (``build_toeplitz``; dense, or sparse over budget)."""
+        image = self.image(x)
+        index, _ = self.index_for(image)
+        rows = ops.reshape(image, (-1, index.shape[1]))
+        z = toeplitz_product(rows, self.build_toeplitz(kernel, image))
         if bias is not None:
             # Lemma 3's b = vec(B) (row-major, like z): tied, b_f repeated at every position.
             positions = index.shape[0] // self.filters
-            b = tf.tile(bias, [positions]) if self.bias_mode == "tied" else tf.reshape(bias, [-1])
-            z = tf.nn.bias_add(z, b)  # fused into the matmul by TensorFlow's graph optimizer
-        return tf.reshape(z, [-1, *index.output_shape])
+            b = ops.tile(bias, (positions,)) if self.bias_mode == "tied" else ops.reshape(bias, -1)
+            z = z + b  # fused into the matmul by TensorFlow's graph optimizer
+        return ops.reshape(z, (-1, *index.output_shape[2 - self.rank :]))
 
-    def input_gradient(
-        self, dz: tf.Tensor, x: tf.Tensor, t: tf.Tensor | tf.SparseTensor
-    ) -> tf.Tensor:
-        """``dX = Delta T(K)`` (``(J_x z)^T delta = T(K)^T delta`` per sample), shaped like ``x``.
+    def vjp_input(self, m, x, y, kernel, bias=None):
+        """``(J_x z)^T m = T(K)^T m`` for each of the ``V`` vectors of each sample: the rows
+        ``Delta T(K)`` of one product, ``(V, batch, *spatial_out, F)`` -> ``(V, batch,
+        *spatial, C)``."""
+        image = self.image(x)
+        index, _ = self.index_for(image)
+        rows = ops.reshape(m, (-1, index.shape[0]))  # (V batch, R)
+        dx = toeplitz_product(rows, self.build_toeplitz(kernel, image), transpose=True)
+        return ops.reshape(dx, (static_size(m, 0), *ops.shape(x)))
 
-        ``dz`` ``(batch, H_out, W_out, F)``, ``t = build_toeplitz(kernel, x)``.
+    def vjp_params(self, m, x, y, kernel, bias=None, sum_batch=True):
+        """``(J_{Vec(K), b} z)^T m``: the kernel product ``Vec(X_patch^T M_v)`` and the tied
+        bias' ``1^T M_v`` (``M_v`` the ``P x F`` matrix of vector ``v``) from one patch product
+        (``ConvIndex.kernel_products``), summed over the batch or per sample; an untied bias'
+        product is ``m`` itself (``J_{Vec(B)} z`` is a permutation), summed or not.
+
+        Shapes ``(V, *p.shape)`` each, or ``(V, batch, *p.shape)`` without ``sum_batch``.
         """
-        index, _ = self.index_for(x)
-        delta = tf.reshape(dz, [-1, index.shape[0]])
-        if isinstance(t, tf.SparseTensor):
-            dx = tf.sparse.sparse_dense_matmul(t, delta, adjoint_a=True, adjoint_b=True)
-            dx = tf.transpose(dx)
-        else:
-            dx = tf.matmul(delta, t, transpose_b=True)
-        return tf.reshape(dx, tf.shape(x))
+        image = self.image(x)
+        index, _ = self.index_for(image)
+        products = index.kernel_products(image, m, sum_batch)  # (V, [batch,] M + 1, F)
+        lead = (static_size(m, 0),) if sum_batch else (static_size(m, 0), static_size(x, 0))
+        grads = [ops.reshape(products[..., :-1, :], (*lead, *kernel.shape))]
+        if bias is None:
+            return grads
+        if self.bias_mode == "tied":
+            return [*grads, products[..., -1, :]]
+        untied = ops.sum(m, axis=1) if sum_batch else m
+        return [*grads, ops.reshape(untied, (*lead, *bias.shape))]
 
-    def backward_toeplitz(
-        self,
-        dz: tf.Tensor,
-        x: tf.Tensor,
-        t: tf.Tensor | tf.SparseTensor,
-        bias: tf.Tensor | None = None,
-    ) -> tuple[tf.Tensor, list[tf.Tensor]]:
-        """``dX = Delta T(K)``; ``dK`` from the patch matrices; ``db`` the matching sum of
-        ``Delta`` (tied: in the same product, the patch matrix's row of ones).
-
-        ``dz`` ``(batch, H_out, W_out, F)``, ``x`` ``(batch, H, W, C)``,
-        ``t = build_toeplitz(kernel, x)``.
-        """
-        index, _ = self.index_for(x)
-        if bias is not None and self.bias_mode == "tied":
-            grads = list(index.kernel_gradient(x, dz, tied_bias=True))
-        else:
-            grads = [index.kernel_gradient(x, dz)]
-            if bias is not None:  # untied: J_{Vec(B)} z is a permutation, db is Delta summed
-                grads.append(tf.reduce_sum(dz, axis=0))
-        return self.input_gradient(dz, x, t), grads
-
-    def backward(
-        self,
-        dz: tf.Tensor,
-        x: tf.Tensor,
-        z: tf.Tensor | None,
-        kernel: tf.Tensor,
-        bias: tf.Tensor | None = None,
-    ) -> tuple[tf.Tensor, list[tf.Tensor]]:
-        """``(dX, [dK, db])``: ``backward_toeplitz`` with ``T(K)`` built from ``kernel``.
-
-        Training applies this method (``call`` routes the layer with ``route``). Built twice in
-        a compiled step (here and in ``forward``), ``T(K)`` is one computation: TensorFlow's
-        graph optimizer merges the identical gathers.
-        """
-        return self.backward_toeplitz(dz, x, self.build_toeplitz(kernel, x), bias)
-
-    def per_example_backward(
-        self,
-        dz: tf.Tensor,
-        x: tf.Tensor,
-        z: tf.Tensor | None,
-        kernel: tf.Tensor,
-        bias: tf.Tensor | None = None,
-    ) -> tuple[tf.Tensor, list[tf.Tensor]]:
-        """``backward`` without the batch sum: ``dK_i = Vec^{-1}(Vec(X_patch,i^T Delta_i))`` and
-        ``db_i`` per sample (leading batch axis), by one batched product of the patch matrices."""
-        index, _ = self.index_for(x)
-        batch, positions = tf.shape(x)[0], index.output_shape[0] * index.output_shape[1]
-        patches = tf.reshape(index.patches(x), [-1, positions, batch])  # (M, P, batch)
-        delta = tf.reshape(dz, [batch, positions, self.filters])
-        per_filter = tf.einsum("mpb,bpf->bfm", patches, delta)  # row f: Vec(dK_i[..., f])
-        grads = [unvec_parameter_batch(tf.reshape(per_filter, [batch, -1]), index.kernel_shape)]
-        if bias is not None:
-            grads.append(tf.reduce_sum(dz, axis=[1, 2]) if self.bias_mode == "tied" else dz)
-        return self.input_gradient(dz, x, self.build_toeplitz(kernel, x)), grads
-
-    def per_example_squared_norms(
-        self,
-        dz: tf.Tensor,
-        x: tf.Tensor,
-        z: tf.Tensor | None,
-        kernel: tf.Tensor,
-        bias: tf.Tensor | None = None,
-    ) -> list[tf.Tensor]:
-        """Squared norms of each sample's ``dK_i = X_patch,i^T Delta_i`` and ``db_i``, ``(batch,)``.
+    def squared_norms(self, m, x, y, kernel, bias=None):
+        """Squared norms of each sample's ``dK_i = X_patch,i^T Delta_i`` and ``db_i``, ``(batch,)``,
+        ``Delta_i`` the ``P x F`` matrix of ``m[0, i]``.
 
         ``X_patch,i`` (``P x M``, ``M = kh kw C``) is read as ``kh kw`` shifted (strided,
         dilated) views of the padded input, one per kernel tap. ``||X_patch,i^T Delta_i||_F^2``
@@ -261,11 +209,13 @@ class ToeplitzConv(_ToeplitzIndexed):
         sample. Tied bias: ``||1^T Delta_i||^2`` (``Delta_i`` summed over positions); untied:
         ``||Delta_i||^2``.
         """
+        x = self.image(x)
         index, _ = self.index_for(x)
         height, width, channels = index.input_shape
         out_h, out_w = index.output_shape[:2]
         (kh, kw), (sh, sw), (dh, dw) = self._image_geometry()
-        if isinstance(index, DynamicConvIndex):
+        dynamic = isinstance(index, DynamicConvIndex)  # P unknown when traced: outer form
+        if dynamic:
             pad_h, pad_w = index.paddings
         else:
             pad_h = geometry.padding_amounts(height, kh, sh, self.padding, dh)
@@ -281,20 +231,19 @@ class ToeplitzConv(_ToeplitzIndexed):
             for q in range(kw)
         ]
         batch, taps, positions = tf.shape(x)[0], kh * kw, out_h * out_w
-        views = tf.reshape(tf.stack(views, axis=1), [batch, taps, positions, channels])
-        delta = tf.reshape(dz, [batch, positions, self.filters])
-        m, f = taps * channels, self.filters
-        dynamic = isinstance(index, DynamicConvIndex)  # P unknown when traced: outer form
-        if not dynamic and positions * (m + f) < m * f:  # Gram form, on X_patch,i (P x M)
-            patches = tf.reshape(tf.transpose(views, [0, 2, 1, 3]), [batch, positions, m])
+        views = ops.reshape(ops.stack(views, axis=1), (batch, taps, positions, channels))
+        delta = ops.reshape(m[0], (batch, positions, self.filters))
+        entries, f = taps * channels, self.filters
+        if not dynamic and positions * (entries + f) < entries * f:  # Gram form, X_patch,i P x M
+            patches = ops.reshape(ops.transpose(views, (0, 2, 1, 3)), (batch, positions, entries))
             norms = [patch_product_squared_norms(patches, delta)]
         elif channels == 1:  # outer form: (taps x P) (P x F) per sample
-            norms = [squared_norms(tf.matmul(views[..., 0], delta))]
+            norms = [squared_norms_of(ops.matmul(views[..., 0], delta))]
         else:  # outer form: (C x P) (P x F) per tap and sample
-            norms = [squared_norms(tf.matmul(views, delta[:, None], transpose_a=True))]
+            norms = [squared_norms_of(tf.matmul(views, delta[:, None], transpose_a=True))]
         if bias is not None:
             tied = self.bias_mode == "tied"
-            norms.append(squared_norms(tf.reduce_sum(delta, axis=1) if tied else delta))
+            norms.append(squared_norms_of(ops.sum(delta, axis=1) if tied else delta))
         return norms
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
@@ -326,47 +275,6 @@ class ToeplitzConv(_ToeplitzIndexed):
             dilation,
             budget_bytes=self.toeplitz_budget_bytes,
         )
-
-    def input_jacobian(self, x: Any) -> tf.Tensor:
-        """``J_x f(T(K) vec(x) + b) = D T(K)``, like ``Dense.input_jacobian``.
-
-        ``x``: one sample ``(*spatial, C)`` -> ``(R, N)``; a batch -> ``(batch, R, N)``. Without
-        an activation ``D = I`` and this is ``T(K)`` (Lemma 2).
-        """
-        x, single = self._sample_batch(x)
-        index, _ = self.index_for(x)
-        params = [tf.cast(p, x.dtype) for p in self.read_parameters()]
-        z = ToeplitzConv.forward(self, x, *params)  # Vec and vec are those of the image view
-        d = self.activation.jacobian(tf.reshape(z, [tf.shape(x)[0], -1]))
-        t = self.toeplitz_matrix(index.input_shape[2 - self.rank :])
-        jacobian = tf.matmul(d, tf.cast(t, x.dtype))
-        return jacobian[0] if single else jacobian
-
-    def parameter_jacobian(self, x: Any) -> tf.Tensor:
-        """``J_{Vec(K), Vec(b)} z = [I_F (x) X_patch | J_b]`` for one sample, in theta order.
-
-        ``x``: one sample ``(*spatial, C)`` -> ``(R, |K| + |b|)``; a batch -> ``(batch, R, ...)``.
-        Row ``(i, j, f)`` (row-major, like ``z``) holds, in the columns of ``Vec(K[..., f])``,
-        the patch that position ``(i, j)`` reads (Lemma 3); bias columns follow: ``I_F`` per
-        position when tied, the ``Vec``-to-row-major permutation when untied.
-        """
-        x, single = self._sample_batch(x)
-        index, _ = self.index_for(x)
-        positions = index.output_shape[0] * index.output_shape[1]
-        rows, filters = index.shape[0], self.filters
-        patches = tf.reshape(index.patches(x), [-1, positions, tf.shape(x)[0]])
-        patches = tf.transpose(patches, [2, 1, 0])  # (batch, P, M): X_patch per sample
-        eye = tf.eye(filters, dtype=x.dtype)
-        kron = eye[None, None, :, :, None] * patches[:, :, None, None, :]  # (batch, P, F, F', M)
-        blocks = [tf.reshape(kron, [tf.shape(x)[0], rows, -1])]
-        if self.use_bias:
-            if self.bias_mode == "tied":
-                jb = tf.reshape(tf.tile(eye[None], [positions, 1, 1]), [rows, filters])
-            else:
-                jb = tf.one_hot(vec_index(index.output_shape).reshape(-1), rows, dtype=x.dtype)
-            blocks.append(tf.broadcast_to(jb, [tf.shape(x)[0], *jb.shape]))
-        jacobian = tf.concat(blocks, axis=-1)
-        return jacobian[0] if single else jacobian
 
     def jacobian_factors(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
         """``{"T(K)": (R, N), "[I (x) X_patch | J_b]": (R, |K| + |b|)}`` at one sample ``x``

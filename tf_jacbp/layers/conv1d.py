@@ -12,22 +12,16 @@ convolution of the image ``X`` of height 1 with the kernel ``K`` of height 1: ``
 ``(T, C)`` and of ``(1, T, C)`` are the same vector, as are ``Vec`` of ``(k, C, F)`` and of
 ``(1, k, C, F)``. So ``Conv1D`` is ``tf_jacbp.layers.conv``'s layer (``ToeplitzConv``) applied to
 that image: the same ``T(K)`` built by the same index maps, the same patch matrix
-``J_{Vec(K)} z = I_F (x) X_patch`` (``X_patch`` of shape ``T_out x k C``), the same backward
-pass ``dX = Delta T(K)``, ``dK = Vec^{-1}(Vec(X_patch^T Delta))``, ``db = sum_t Delta[t]``.
+``J_{Vec(K)} z = I_F (x) X_patch`` (``X_patch`` of shape ``T_out x k C``), the same products
+``vjp_input``: ``dX = Delta T(K)``, ``vjp_params``: ``dK = Vec^{-1}(Vec(X_patch^T Delta))``,
+``db = sum_t Delta[t]`` (and ``squared_norms``), with ``rank = 1`` selecting the image view.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from tf_jacbp import geometry
-from tf_jacbp._backend import keras, tf
+from tf_jacbp._backend import keras
 from tf_jacbp.layers.conv import ToeplitzConv
-
-
-def _image(t: tf.Tensor | None) -> tf.Tensor | None:
-    """``(batch, T, C)`` -> ``(batch, 1, T, C)``: a sequence as an image of height 1."""
-    return None if t is None else t[:, None]
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
@@ -65,60 +59,3 @@ class Conv1D(ToeplitzConv):
 
     rank = 1
     paddings = geometry.PADDINGS_1D
-
-    def forward(self, x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None) -> tf.Tensor:
-        """``Z = X T(K)^T + b``: ``(batch, T, C)`` -> ``(batch, T_out, F)``."""
-        return super().forward(_image(x), kernel, bias)[:, 0]
-
-    def _on_image(
-        self,
-        method: Callable,
-        dz: tf.Tensor,
-        x: tf.Tensor,
-        z: tf.Tensor | None,
-        kernel: tf.Tensor,
-        bias: tf.Tensor | None,
-        per_example: bool = False,
-    ) -> tuple[tf.Tensor, list[tf.Tensor]]:
-        """``method`` (``ToeplitzConv``'s backward or per-example backward) on the image view of
-        ``dz``, ``x``, ``z``; its ``(dX, [dK, db])`` back in the shapes of ``x``, ``kernel`` and
-        ``bias`` (after a leading batch axis when ``per_example``)."""
-        dx, grads = method(_image(dz), _image(x), _image(z), kernel, bias)
-        batch = [tf.shape(x)[:1]] if per_example else []
-        params = [kernel] if bias is None else [kernel, bias]
-        shapes = [tf.concat([*batch, tf.shape(p)], 0) for p in params]
-        return dx[:, 0], [tf.reshape(g, s) for g, s in zip(grads, shapes, strict=True)]
-
-    def backward(
-        self,
-        dz: tf.Tensor,
-        x: tf.Tensor,
-        z: tf.Tensor | None,
-        kernel: tf.Tensor,
-        bias: tf.Tensor | None = None,
-    ) -> tuple[tf.Tensor, list[tf.Tensor]]:
-        """``(dX, [dK, db])`` of the image view, shaped like ``x``, ``kernel`` and ``bias``."""
-        return self._on_image(super().backward, dz, x, z, kernel, bias)
-
-    def per_example_backward(
-        self,
-        dz: tf.Tensor,
-        x: tf.Tensor,
-        z: tf.Tensor | None,
-        kernel: tf.Tensor,
-        bias: tf.Tensor | None = None,
-    ) -> tuple[tf.Tensor, list[tf.Tensor]]:
-        """``backward`` without the batch sum: ``dK_i``, ``db_i`` with a leading batch axis."""
-        return self._on_image(super().per_example_backward, dz, x, z, kernel, bias, True)
-
-    def per_example_squared_norms(
-        self,
-        dz: tf.Tensor,
-        x: tf.Tensor,
-        z: tf.Tensor | None,
-        kernel: tf.Tensor,
-        bias: tf.Tensor | None = None,
-    ) -> list[tf.Tensor]:
-        """``||dK_i||^2`` and ``||db_i||^2`` per sample, ``(batch,)`` each, by ``Conv2D``'s
-        formula on the image view (``patch_product_squared_norms``)."""
-        return super().per_example_squared_norms(_image(dz), _image(x), _image(z), kernel, bias)

@@ -29,11 +29,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from keras import ops
+
 from tf_jacbp import toeplitz
 from tf_jacbp._backend import keras, tf
-from tf_jacbp.layers.base import patch_product_squared_norms, squared_norms
+from tf_jacbp.contract import squared_norms_of
+from tf_jacbp.layers.base import patch_product_squared_norms
 from tf_jacbp.layers.toeplitz_layer import _ToeplitzIndexed
-from tf_jacbp.layout import unvec_parameter_batch
+from tf_jacbp.toeplitz import static_size, toeplitz_product
 from tf_jacbp.toeplitz_dynamic import DynamicConvIndex
 
 
@@ -231,38 +234,63 @@ class Conv2DTranspose(_ToeplitzIndexed):
             index.shape = (tf.identity(index.shape[0]), index.shape[1])
         return index
 
-    def apply_toeplitz(
-        self, x: tf.Tensor, t: tf.Tensor | tf.SparseTensor, bias: tf.Tensor | None = None
-    ) -> tf.Tensor:
-        """``Y = X T(K) + b``: ``(batch, H, W, C)`` -> ``(batch, H_out, W_out, F)``.
-
-        ``t = build_toeplitz(kernel, x)``; per sample this is ``y = T(K)^T x + b``.
-        """
+    def forward(self, x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None) -> tf.Tensor:
+        """``Y = X T(K) + b``: ``(batch, H, W, C)`` -> ``(batch, H_out, W_out, F)``; per sample
+        ``y = T(K)^T x + b``, ``T(K)`` built for ``x``'s size (``build_toeplitz``)."""
         index, _ = self.index_for(x)
-        x = tf.reshape(x, [-1, index.shape[0]])
-        if isinstance(t, tf.SparseTensor):  # (T^T X^T)^T
-            y = tf.transpose(tf.sparse.sparse_dense_matmul(t, x, adjoint_a=True, adjoint_b=True))
-        else:
-            y = tf.matmul(x, t, transpose_b=True)
+        rows = ops.reshape(x, (-1, index.shape[0]))
+        y = toeplitz_product(rows, self.build_toeplitz(kernel, x), transpose=True)
         if bias is not None:
-            positions = index.shape[1] // self.filters
-            y = tf.nn.bias_add(y, tf.tile(bias, [positions]))  # b_f at every position
-        return tf.reshape(y, [-1, *index.input_shape])
+            y = y + ops.tile(bias, (index.shape[1] // self.filters,))  # b_f at every position
+        return ops.reshape(y, (-1, *index.input_shape))
 
-    def input_gradient(
-        self, dy: tf.Tensor, x: tf.Tensor, t: tf.Tensor | tf.SparseTensor
-    ) -> tf.Tensor:
-        """``dX = Delta T(K)^T`` (per sample ``(J_x y)^T delta = T(K) delta``), like ``x``.
+    def vjp_input(self, m, x, y, kernel, bias=None):
+        """``(J_x y)^T m = T(K) m`` for each of the ``V`` vectors of each sample: the rows
+        ``Delta T(K)^T``, ``(V, batch, H_out, W_out, F)`` -> ``(V, batch, H, W, C)``."""
+        index, _ = self.index_for(x)
+        rows = ops.reshape(m, (-1, index.shape[1]))  # (V batch, R)
+        dx = toeplitz_product(rows, self.build_toeplitz(kernel, x))
+        return ops.reshape(dx, (static_size(m, 0), *ops.shape(x)))
 
-        ``dy`` ``(batch, H_out, W_out, F)``, ``t = build_toeplitz(kernel, x)``.
+    def vjp_params(self, m, x, y, kernel, bias=None, sum_batch=True):
+        """``(J_{Vec(K), b} y)^T m``: the convolution's kernel product with the roles swapped,
+        ``m[v]`` the input of ``T``'s convolution and ``x`` its upstream vectors:
+        ``dK[..., c] = M_patch,v^T x[..., c]`` (``M_patch,v`` ``(P, M)``, the patch matrix of
+        ``m[v]``, ``P = H W``, ``M = kh kw F`` in ``K``'s storage order, ``stored_patches``),
+        summed over the batch (one matmul ``(V, M, P batch) x (P batch, C)``) or per sample
+        (``"vmpb,bpc->vbmc"``); the bias' ``m`` summed over positions.
+
+        Shapes ``(V, *p.shape)`` each, or ``(V, batch, *p.shape)`` without ``sum_batch``.
         """
         index, _ = self.index_for(x)
-        delta = tf.reshape(dy, [-1, index.shape[1]])
-        if isinstance(t, tf.SparseTensor):  # (T Delta^T)^T
-            dx = tf.transpose(tf.sparse.sparse_dense_matmul(t, delta, adjoint_b=True))
-        else:
-            dx = tf.matmul(delta, t)
-        return tf.reshape(dx, [-1, *index.output_shape])
+        stacks, batch = static_size(m, 0), static_size(x, 0)
+        patches = index.stored_patches(m, bias_row=False)  # (V, M, P, batch)
+        values = ops.reshape(x, (batch, -1, self._channels))  # (batch, P, C): T's upstream
+        if sum_batch:
+            rows = ops.reshape(ops.transpose(values, (1, 0, 2)), (-1, self._channels))
+            entries = patches.shape[1]
+            products = ops.matmul(ops.reshape(patches, (stacks, entries, -1)), rows)
+            grads = [ops.reshape(products, (stacks, *kernel.shape))]
+            return grads + ([ops.sum(m, axis=(1, 2, 3))] if bias is not None else [])
+        products = ops.einsum("vmpb,bpc->vbmc", patches, values)
+        grads = [ops.reshape(products, (stacks, batch, *kernel.shape))]
+        return grads + ([ops.sum(m, axis=(2, 3))] if bias is not None else [])
+
+    def squared_norms(self, m, x, y, kernel, bias=None):
+        """``[||dK_i||^2, ||db_i||^2]`` per sample, ``(batch,)`` each, without forming ``dK_i``.
+
+        ``dK_i`` is ``DY_patch,i^T X_i`` (``M x C``; ``DY_patch,i`` the ``P x M`` patch matrix
+        of ``m[0, i]``, ``X_i`` the ``P x C`` matrix of ``x_i``), so
+        ``patch_product_squared_norms`` takes its cheaper exact form (Gram or outer); the bias'
+        is ``||sum over positions of m[0, i]||^2``.
+        """
+        index, _ = self.index_for(x)
+        patches = index.stored_patches(m[:1], bias_row=False)[0]  # (M, P, batch)
+        values = ops.reshape(x, (static_size(x, 0), -1, self._channels))
+        norms = [patch_product_squared_norms(ops.transpose(patches, (2, 1, 0)), values)]
+        if bias is not None:
+            norms.append(squared_norms_of(ops.sum(m[0], axis=(1, 2))))
+        return norms
 
     def reference(
         self, x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None
@@ -291,74 +319,6 @@ class Conv2DTranspose(_ToeplitzIndexed):
         )
         return y if bias is None else tf.nn.bias_add(y, bias)
 
-    def backward(
-        self,
-        dy: tf.Tensor,
-        x: tf.Tensor,
-        y: tf.Tensor | None,
-        kernel: tf.Tensor,
-        bias: tf.Tensor | None = None,
-    ) -> tuple[tf.Tensor, list[tf.Tensor]]:
-        """``(dX, [dK, db])``: ``dX = Delta T(K)^T``; ``dK`` the convolution's kernel gradient
-        with ``dy`` as its input and ``x`` as its upstream gradient; ``db`` ``dy`` summed over
-        samples and positions.
-
-        ``dy`` ``(batch, H_out, W_out, F)``, ``x`` ``(batch, H, W, C)``.
-        """
-        index, _ = self.index_for(x)
-        grads = [index.kernel_gradient(dy, x)]
-        if bias is not None:
-            grads.append(tf.reduce_sum(dy, axis=[0, 1, 2]))
-        return self.input_gradient(dy, x, self.build_toeplitz(kernel, x)), grads
-
-    def _patches(self, index: toeplitz.ConvIndex, dy: tf.Tensor) -> tf.Tensor:
-        """``(batch, P, M)``: per sample the patch matrix of ``dy`` under ``T``'s convolution
-        (``index``), ``P = H W`` (that convolution's output positions), ``M = kh kw F`` (columns
-        in ``Vec`` order within one of its filters ``c``, ``ConvIndex.patches``)."""
-        positions = index.output_shape[0] * index.output_shape[1]
-        patches = tf.reshape(index.patches(dy), [-1, positions, tf.shape(dy)[0]])
-        return tf.transpose(patches, [2, 1, 0])
-
-    def per_example_backward(
-        self,
-        dy: tf.Tensor,
-        x: tf.Tensor,
-        y: tf.Tensor | None,
-        kernel: tf.Tensor,
-        bias: tf.Tensor | None = None,
-    ) -> tuple[tf.Tensor, list[tf.Tensor]]:
-        """``backward`` without the batch sum: ``Vec(dK_i[..., c]) = DY_patch,i^T x_i[..., c]``
-        (``DY_patch,i`` ``(P, M)``, ``_patches``) and ``db_i`` per sample (leading batch axis)."""
-        index, _ = self.index_for(x)
-        batch = tf.shape(x)[0]
-        delta = tf.reshape(x, [batch, -1, self._channels])  # (batch, P, C): T's upstream gradient
-        per_filter = tf.einsum("bpm,bpc->bcm", self._patches(index, dy), delta)  # c: Vec(dK_i[.c])
-        grads = [unvec_parameter_batch(tf.reshape(per_filter, [batch, -1]), index.kernel_shape)]
-        if bias is not None:
-            grads.append(tf.reduce_sum(dy, axis=[1, 2]))
-        return self.input_gradient(dy, x, self.build_toeplitz(kernel, x)), grads
-
-    def per_example_squared_norms(
-        self,
-        dy: tf.Tensor,
-        x: tf.Tensor,
-        y: tf.Tensor | None,
-        kernel: tf.Tensor,
-        bias: tf.Tensor | None = None,
-    ) -> list[tf.Tensor]:
-        """``[||dK_i||^2, ||db_i||^2]`` per sample, ``(batch,)`` each, without forming ``dK_i``.
-
-        ``dK_i`` is ``DY_patch,i^T X_i`` (``M x C``, ``X_i`` the ``P x C`` matrix of ``x_i``), so
-        ``patch_product_squared_norms`` takes its cheaper exact form (Gram or outer); the bias'
-        is ``||sum over positions of dy_i||^2``.
-        """
-        index, _ = self.index_for(x)
-        delta = tf.reshape(x, [tf.shape(x)[0], -1, self._channels])
-        norms = [patch_product_squared_norms(self._patches(index, dy), delta)]
-        if bias is not None:
-            norms.append(squared_norms(tf.reduce_sum(dy, axis=[1, 2])))
-        return norms
-
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         """``(batch, H_out, W_out, F)``, sizes by ``transpose_output_size`` (None stays None)."""
         return (input_shape[0], *self._output_sizes(tuple(input_shape[1:3])), self.filters)
@@ -380,41 +340,6 @@ class Conv2DTranspose(_ToeplitzIndexed):
             budget_bytes=self.toeplitz_budget_bytes,
         )
         return tf.transpose(t)
-
-    def input_jacobian(self, x: Any) -> tf.Tensor:
-        """``J_x f(T(K)^T vec(x) + b) = D T(K)^T``.
-
-        ``x``: ``(H, W, C)`` -> ``(R, N)``; ``(batch, H, W, C)`` -> ``(batch, R, N)``. Without an
-        activation ``D = I`` and this is ``toeplitz_matrix()``.
-        """
-        x, single = self._sample_batch(x)
-        y = self.forward(x, *[tf.cast(p, x.dtype) for p in self.read_parameters()])
-        d = self.activation.jacobian(tf.reshape(y, [tf.shape(x)[0], -1]))
-        jacobian = tf.matmul(d, tf.cast(self.toeplitz_matrix(tuple(x.shape[1:])), x.dtype))
-        return jacobian[0] if single else jacobian
-
-    def parameter_jacobian(self, x: Any) -> tf.Tensor:
-        """``J_{Vec(K), b} y`` for one sample, ``(R, kh kw F C + F)`` columns in theta order.
-
-        ``y_k = x^T T(K) e_k``, ``e_k`` the ``k``-th output entry as an image ``(H_out, W_out,
-        F)``: row ``k`` is the convolution's kernel gradient for input ``e_k`` and upstream ``x``,
-        ``Vec(dK)[m + M c] = sum_pos E_patch,k[pos, m] x[pos, c]`` (``M = kh kw F``, ``E_patch,k``
-        the ``P x M`` patch matrix of ``e_k``). Tied bias: ``J_b y`` is ``I_F`` at every position.
-        ``x``: ``(H, W, C)`` or ``(batch, H, W, C)`` (then ``(batch, R, ...)``).
-        """
-        x, single = self._sample_batch(x)
-        index, _ = self.index_for(x)
-        rows = index.shape[1]
-        basis = tf.reshape(tf.eye(rows, dtype=x.dtype), [rows, *index.input_shape])
-        patches = self._patches(index, basis)  # (R, P, M): E_patch,k
-        values = tf.reshape(x, [tf.shape(x)[0], -1, self._channels])  # (batch, P, C)
-        kernel_block = tf.einsum("kpm,bpc->bkcm", patches, values)  # columns m + M c: Vec(K)
-        blocks = [tf.reshape(kernel_block, [tf.shape(x)[0], rows, -1])]
-        if self.use_bias:
-            jb = tf.tile(tf.eye(self.filters, dtype=x.dtype), [rows // self.filters, 1])
-            blocks.append(tf.broadcast_to(jb, [tf.shape(x)[0], rows, self.filters]))
-        jacobian = tf.concat(blocks, axis=-1)
-        return jacobian[0] if single else jacobian
 
     def jacobian_factors(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
         """``{"T(K)^T": (R, N), "J_{Vec(K), b} y": (R, |K| + |b|)}`` at one sample ``x``

@@ -17,10 +17,7 @@ from typing import Any
 from tf_jacbp import activations, geometry, toeplitz
 from tf_jacbp._backend import keras, tf
 from tf_jacbp.geometry import check_channels_last
-from tf_jacbp.layers.base import (
-    _KernelBiasLayer,
-    as_float_tensor,
-)
+from tf_jacbp.layers.base import _KernelBiasLayer
 from tf_jacbp.layers.dense import refuse_unsupported
 from tf_jacbp.toeplitz_dynamic import DynamicConvIndex
 
@@ -108,6 +105,11 @@ class _ToeplitzIndexed(_KernelBiasLayer):
         filter, ``(F,)``."""
         return (self.filters,)
 
+    def _size_fixed_by_weights(self) -> bool:
+        """Whether a weight's shape depends on the input's spatial size (then ``build`` fixes
+        it in the ``input_spec``). Default: no."""
+        return False
+
     def _static_index(self, spatial: tuple[int, ...], owner: str) -> toeplitz.ConvIndex:
         """The ``ConvIndex`` of ``T(K)`` for inputs of static spatial size ``spatial`` (the
         layer's rank), after the checks that the size fits the layer."""
@@ -170,7 +172,10 @@ class _ToeplitzIndexed(_KernelBiasLayer):
         self.add_kernel_and_bias(
             self._kernel_shape(channels), self._bias_shape(input_shape) if self.use_bias else None
         )
-        axes = {i + 1: n for i, n in enumerate(spatial) if n is not None}
+        # As Keras' convolutions, inputs of any spatial size are accepted (one T(K) per size),
+        # unless the weights fix it (an untied bias).
+        fixed = self._size_fixed_by_weights()
+        axes = {i + 1: n for i, n in enumerate(spatial) if n is not None and fixed}
         self.input_spec = keras.layers.InputSpec(ndim=self.rank + 2, axes={**axes, -1: channels})
 
     def toeplitz_index(self, input_shape: tuple) -> tuple[toeplitz.ConvIndex, bool]:
@@ -242,22 +247,15 @@ class _ToeplitzIndexed(_KernelBiasLayer):
             )
         return self.conv_index, self.sparse_toeplitz
 
-    def forward(self, x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None) -> tf.Tensor:
-        """``apply_toeplitz`` with ``T(K)`` built for ``x``'s size from ``kernel``: ``Z = X T(K)^T
-        + b`` (a convolution), ``Y = X T(K) + b`` (``Conv2DTranspose``)."""
-        return self.apply_toeplitz(x, self.build_toeplitz(kernel, x), bias)
+    def image(self, t: tf.Tensor) -> tf.Tensor:
+        """A batch ``(batch, *spatial, C)`` as images ``(batch, H, W, C)``: a sequence
+        ``(batch, T, C)`` is the image ``(batch, 1, T, C)`` of height 1 (same ``vec``)."""
+        return t[:, None] if self.rank == 1 else t
 
     def jacobian_ops(self, training: bool = False) -> list:
         """The Toeplitz product (``z = T(K) vec(x) + b``; ``Conv2DTranspose``:
         ``y = T(K)^T vec(x) + b``), then ``a = f(z)``."""
         return [(self, self.read_parameters()), (self.activation, [])]
-
-    def _sample_batch(self, x: Any) -> tuple[tf.Tensor, bool]:
-        """``x`` as a batch of images ``(batch, H, W, C)`` and whether it was one sample."""
-        x = as_float_tensor(x, self.compute_dtype)
-        single = len(x.shape) == self.rank + 1
-        x = x[None] if single else x
-        return (x[:, None] if self.rank == 1 else x), single
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
