@@ -4,7 +4,8 @@ Every planted-bug layer of the test suite is defined here, with the small classi
 planted in (``Input(6) -> Dense(4, tanh) "first" -> middle -> Dense(3) "last"``, named "net") and
 its data; ``tests/layers/test_planted_bugs.py`` holds the tests about them, and the other test
 modules import the layers they need from here. A planted bug is a user-written layer on the
-public base classes that overrides ``backward`` (or ``backward_toeplitz``, ``batch_backward``).
+public base classes that overrides ``backward`` (or ``backward_toeplitz``, or BatchNormalization's
+``training_map``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import tensorflow as tf
 
 from tf_jacbp import layers, losses, toeplitz
 from tf_jacbp.callbacks import GradientCheck, GradientMismatchError
+from tf_jacbp.layers.normalization_modes import BatchStatistics
 
 N_FEATURES, N_CLASSES = 6, 3
 
@@ -26,7 +28,10 @@ OFF = 1.01
 
 def one_percent_off(cls: type, method: str = "backward", into: str = "dx") -> type:
     """``cls`` with ``method``'s result 1% off: ``into="param"`` scales the first parameter
-    gradient, ``"dx"`` the input gradient (every input's, for ``Add``)."""
+    gradient, ``"dx"`` the input gradient (every input's, for ``Add``). ``method="training_map"``
+    (BatchNormalization): the map it returns has its ``vjp_params`` (``vjp_input``) 1% off."""
+    if method == "training_map":
+        return _training_map_off(cls, into)
 
     def off(self, *args):
         dx, grads = getattr(super(planted, self), method)(*args)
@@ -98,6 +103,28 @@ class InfDense(layers.Dense):
         return dx, [tf.where(mask, tf.constant(np.inf, grads[0].dtype), grads[0]), *grads[1:]]
 
 
+def _training_map_off(cls: type, into: str) -> type:
+    """``cls`` (a BatchNormalization) whose ``training_map`` has its first parameter product
+    (``into="param"``) or its input product 1% off."""
+
+    def training_map(self, masked=False):
+        inner = super(planted, self).training_map(masked)
+        if into == "param":
+
+            def product(op, *args, **kwargs):
+                grads = type(inner).vjp_params(op, *args, **kwargs)
+                return [OFF * grads[0], *grads[1:]]
+
+            body = {"vjp_params": product}
+        else:
+            body = {"vjp_input": lambda op, *args: OFF * type(inner).vjp_input(op, *args)}
+        off = type(f"OnePercentOff{type(inner).__name__}", (type(inner),), body)
+        return off(inner.epsilon, inner.scale, inner.center, inner.name)
+
+    planted = type(f"OnePercentOff{cls.__name__}", (cls,), {"training_map": training_map})
+    return planted
+
+
 class OffByOneStrideConv2D(layers.Conv2D):
     """The input gradient ``dX = Delta T(K)`` uses ``T(K)`` built for ``stride + 1``.
 
@@ -117,15 +144,22 @@ class OffByOneStrideConv2D(layers.Conv2D):
         return super().backward_toeplitz(dz, x, wrong.transpose_matrix(kernel), bias)
 
 
+class _NoVarianceTermMap(BatchStatistics):
+    """BatchNormalization's training map with ``- xhat mean(m xhat)`` left out of ``J^T m``."""
+
+    def vjp_input(self, m, x, y, *params):
+        gamma, _ = self.split(params)
+        _, s = self.normalized(x)
+        axes = tuple(range(1, len(m.shape) - 1))
+        projected = m - tf.reduce_mean(m, axis=axes, keepdims=True)  # missing: - xhat mean(m xhat)
+        return gamma / s * projected
+
+
 class NoVarianceTerm(layers.BatchNormalization):
     """The train-mode backward with ``- xhat mean(delta xhat)`` left out (docs/batchnorm.md)."""
 
-    def batch_backward(self, dy, x, y, *params):
-        axes = list(range(len(x.shape) - 1))
-        gamma, _ = self.split_parameters(params)
-        xhat, s = self.batch_normalized(x)
-        projected = dy - tf.reduce_mean(dy, axis=axes)  # missing: - xhat mean(delta * xhat)
-        return gamma / s * projected, self.parameter_gradients(dy, xhat, axes)
+    def training_map(self, masked=False):
+        return _NoVarianceTermMap(self.epsilon, self.scale, self.center)
 
 
 class WrongKernelGradient(layers.Dense):

@@ -531,3 +531,128 @@ def test_masked_sequence_model_fits_one_step_like_keras():
     # momentum m + (1 - momentum) mean(all embeddings).
     unmasked = 0.6 * before[3] + 0.4 * before[0][ids].reshape(-1, 3).mean(axis=0)
     assert not np.allclose(ours.layers[1].moving_mean.numpy(), unmasked, rtol=1e-6)
+
+
+# --- the contract: the inference map is the layer's, the training maps are small objects ------
+
+from tf_jacbp.contract import DERIVED  # noqa: E402
+from tf_jacbp.layers.normalization_modes import (  # noqa: E402
+    BatchStatistics,
+    MaskedBatchStatistics,
+)
+
+
+def test_no_class_defines_what_the_contract_derives():
+    for cls in (layers.BatchNormalization, BatchStatistics, MaskedBatchStatistics):
+        assert not [name for name in DERIVED if name in cls.__dict__], cls
+        for name in ("input_jacobian", "parameter_jacobian", "jacobian"):
+            assert name not in cls.__dict__, (cls, name)
+
+
+def batch_map_jacobian(fn, x):
+    """``tape.jacobian`` of ``fn`` at the batch ``x``: ``(size, size)``, rows the outputs."""
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = fn(x)
+    size = int(np.prod(x.shape))
+    return tf.reshape(tape.jacobian(y, x), [size, size])
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked"])
+@pytest.mark.parametrize("shape", [(5, 3), (3, 4, 2)], ids=["2d", "3d"])
+def test_training_maps_products_for_three_vectors_equal_autodiff(shape, masked):
+    """``vjp_input`` of the training maps with ``V = 3`` vectors over the whole batch is ``J^T m``
+    of the batch map (autodiff of the reference route); ``vjp_params`` summed over the batch is
+    autodiff's too; ``sum_batch=False`` and so the per-example products raise."""
+    rng = np.random.default_rng(20)
+    layer = layers.BatchNormalization(dtype="float64", **initializers())
+    layer.build((None, *shape[1:]))
+    x = tf.constant(rng.normal(1.0, 2.0, size=shape))
+    if len(shape) == 3:
+        mask = tf.constant(draw_mask(rng, shape[:2], "random"))
+    else:
+        mask = tf.constant([True, False, True, True, False])
+    op = layer.training_map(masked=masked)
+    assert isinstance(op, MaskedBatchStatistics if masked else BatchStatistics)
+    constants = [mask] if masked else []
+    params = layer.read_parameters()
+    jac = batch_map_jacobian(lambda x: op.reference(x, *params, *constants), x)
+    m = tf.constant(rng.normal(size=(3, *shape)))
+    y = op.forward(x, *params, *constants)
+    got = op.vjp_input(m, x, y, *params, *constants)
+    want = tf.matmul(tf.reshape(m, [3, -1]), jac)  # row v: m_v^T J
+    assert_close(tf.reshape(got, [3, -1]), want)
+    gamma, beta = (tf.identity(p) for p in params)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([gamma, beta])
+        out = op.reference(x, gamma, beta, *constants)
+        losses = [tf.reduce_sum(m[v] * out) for v in range(3)]
+    grads = op.vjp_params(m, x, y, *params, *constants)
+    for g, p in zip(grads, (gamma, beta), strict=True):
+        assert_close(g, tf.stack([tape.gradient(loss, p) for loss in losses]))
+    with pytest.raises(ValueError, match=r"no per-sample parameter products.*whole batch"):
+        op.vjp_params(m, x, y, *params, *constants, sum_batch=False)
+    with pytest.raises(ValueError, match=r"no per-sample"):
+        op.per_example_backward(m[0], x, y, *params, *constants)
+    dx, dparams = op.backward(m[0], x, y, *params, *constants)  # V = 1, the derived backward
+    assert_close(dx, tf.reshape(want[0], shape))
+    assert_close(dparams[0], grads[0][0])
+
+
+def test_inference_products_for_three_vectors_per_sample():
+    """The inference map (the layer): ``vjp_params(sum_batch=False)`` of ``V = 3`` vectors per
+    sample against autodiff on each sample alone, and summed over the batch."""
+    rng = np.random.default_rng(21)
+    layer = layers.BatchNormalization(dtype="float64", **initializers())
+    layer.build((None, 2, 3))
+    x = tf.constant(rng.normal(size=(4, 2, 3)))
+    m = tf.constant(rng.normal(size=(3, 4, 2, 3)))
+    gamma, beta = layer.read_parameters()
+    per_sample = layer.vjp_params(m, x, None, gamma, beta, sum_batch=False)
+    summed = layer.vjp_params(m, x, None, gamma, beta)
+    assert per_sample[0].shape == (3, 4, 3) and summed[1].shape == (3, 3)
+    for v in range(3):
+        for i in range(4):
+            with tf.GradientTape() as tape:
+                tape.watch([gamma, beta])
+                loss = tf.reduce_sum(m[v, i] * layer.reference(x[i : i + 1], gamma, beta)[0])
+            for got, want in zip(per_sample, tape.gradient(loss, [gamma, beta]), strict=True):
+                assert_close(got[v, i], want)
+    for s, p in zip(summed, per_sample, strict=True):
+        assert_close(s, tf.reduce_sum(p, axis=1))
+    dx = layer.vjp_input(m, x, None, gamma, beta)
+    inverse = 1 / np.sqrt(np.asarray(layer.moving_variance) + layer.epsilon)
+    assert_close(dx, np.asarray(m) * np.asarray(gamma) * inverse)
+
+
+class _DoubledGammaProducts(BatchStatistics):
+    """A training map whose gamma product is twice the true one (a planted bug)."""
+
+    def vjp_params(self, m, x, y, *args, sum_batch=True):
+        grads = super().vjp_params(m, x, y, *args, sum_batch=sum_batch)
+        return [2 * grads[0], *grads[1:]]
+
+
+class _PlantedBatchNormalization(layers.BatchNormalization):
+    def training_map(self, masked=False):
+        if masked:
+            return super().training_map(masked)
+        return _DoubledGammaProducts(self.epsilon, self.scale, self.center)
+
+
+def test_training_map_is_the_map_call_routes_in_training():
+    """``call(..., training=True)`` routes ``training_map()``: a subclass returning a planted map
+    gets its gamma gradient doubled in training, not in inference."""
+    rng = np.random.default_rng(22)
+    x = tf.constant(rng.normal(size=(6, 3)))
+    w = tf.constant(rng.normal(size=(6, 3)))
+    grads = {}
+    for cls in (layers.BatchNormalization, _PlantedBatchNormalization):
+        layer = cls(dtype="float64", **initializers())
+        for training in (True, False):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(w * layer(x, training=training))
+            grads[cls, training] = tape.gradient(loss, layer.gamma)
+    planted = _PlantedBatchNormalization
+    assert_close(grads[planted, True], 2 * grads[layers.BatchNormalization, True])
+    assert_close(grads[planted, False], grads[layers.BatchNormalization, False])

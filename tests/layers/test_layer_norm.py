@@ -252,3 +252,56 @@ def test_rms_scaling_warns_as_keras_does():
         layer = LayerNormalization(rms_scaling=True)
     layer.build((None, 3))
     assert layer.beta is None and layer.gamma is not None
+
+
+@pytest.mark.parametrize(
+    "axis, built, shape",
+    [
+        (-1, (None, 3, 4), (2, 4)),
+        (-1, (None, 3, 4), (2, 5, 3, 4)),
+        (-1, (None, 4), (2, 3, 4)),
+        (1, (None, 4), (2, 4, 3)),
+        ([1, 2], (None, 3, 4), (2, 3, 4, 5)),
+        ([-2, -1], (None, 3, 4), (2, 5, 3, 4)),
+    ],
+)
+def test_inputs_of_another_rank_than_built_are_accepted_like_keras(axis, built, shape):
+    """Issue 21 item 7: stock LayerNormalization takes inputs of any rank whose normalized axes
+    have gamma's shape (it keeps the axes as given: ``-1`` is the last axis of every input,
+    ``1`` the second); ours refused every rank but the one it was built with. Values and the
+    gradients (input, gamma, beta) against stock in float64, both routes, eagerly and traced."""
+    ours, stock = _twins(built, 12, axis=axis)
+    rng = np.random.default_rng(13)
+    x = tf.constant(rng.normal(size=shape) * 2 + 1)
+    dy = tf.constant(rng.normal(size=shape))
+    expected = _value_and_gradients(stock, x, dy)
+    for reference in (False, True):
+        got = _value_and_gradients(ours, x, dy, reference)
+        for g, e in zip(got, expected, strict=True):
+            assert tolerances.relative_error(g, e) <= RTOL64
+    traced = tf.function(lambda x: ours(x))(x)
+    assert tolerances.relative_error(traced, expected[0]) <= RTOL64
+    inputs = keras.Input(shape[1:], dtype="float64")  # a functional model at the new rank
+    model = keras.Model(inputs, ours(inputs))
+    assert tolerances.relative_error(model(x), expected[0]) <= RTOL64
+
+
+@pytest.mark.parametrize(
+    "axis, built, shape, match",
+    [
+        (-1, (None, 3, 4), (2, 3, 5), r"axis=\[-1\].*\(5,\).*gamma.*\(4,\)"),
+        (1, (None, 4), (2, 3, 4), r"axis=\[1\].*\(3,\).*\(4,\)"),
+        (2, (None, 3, 4), (2, 4), r"axis=\[2\] is out of bounds for inputs of rank 2"),
+        (-2, (None, 3, 4), (3, 4), r"includes the batch axis"),
+    ],
+)
+def test_inputs_whose_normalized_axes_do_not_fit_name_the_axes(axis, built, shape, match):
+    """Where stock fails with TensorFlow's reshape or index error (or, for the batch axis,
+    normalizes across samples: no per-sample Jacobian), ours names the axis and the shapes, eagerly
+    and in a functional model."""
+    layer = LayerNormalization(axis=axis, dtype="float64")
+    layer.build(built)
+    with pytest.raises(ValueError, match=match):
+        layer(np.zeros(shape))
+    with pytest.raises(ValueError, match=match):
+        layer(keras.Input(shape[1:], batch_size=shape[0]))

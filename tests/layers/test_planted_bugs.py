@@ -1,7 +1,7 @@
 """Every public layer's documented ``backward`` is the one training applies.
 
 For each layer class of ``tf_jacbp.layers`` a subclass overrides the documented backward pass
-(``backward``; ``batch_backward`` for BatchNormalization's training map) with its result 1% off:
+(``backward``; for BatchNormalization in training the map of ``training_map``) 1% off:
 the first parameter gradient for a layer with trainable parameters, the input gradient otherwise.
 Then
 
@@ -215,7 +215,7 @@ CASES = {
     "BatchNormalization (training)": (
         lambda c: mlp(c(name="middle")),
         layers.BatchNormalization,
-        "batch_backward",
+        "training_map",
         "param",
         "middle/gamma",
     ),

@@ -12,55 +12,77 @@ ones included. With ``xhat = (x - mu 1) / s``, ``A = m^T (x - mu 1)`` (``= k mu`
 
     J_x y = (gamma / s) (I - (1/N') 1 m^T - (1/N') xhat (m * (xhat - a 1))^T)      (not symmetric),
 
-so ``dx = J^T delta = (gamma / s) (delta - (m/N') 1^T delta - (m/N') (xhat - a) xhat^T delta)``:
+so ``J^T delta = (gamma / s) (delta - (m/N') 1^T delta - (m/N') (xhat - a) xhat^T delta)``:
 the sums run over every entry (a masked entry's output depends on ``mu`` and ``s`` too), and a
-masked entry receives only the diagonal term ``(gamma / s) delta_i``. ``dgamma = xhat^T delta``,
-``dbeta = 1^T delta`` as without a mask.
+masked entry receives only the diagonal term ``(gamma / s) delta_i``. ``J_gamma^T delta =
+xhat^T delta``, ``J_beta^T delta = 1^T delta`` as without a mask.
 """
 
 from __future__ import annotations
 
-from tf_jacbp._backend import keras, tf
+from typing import Any
+
+from keras import ops
+
+from tf_jacbp._backend import keras
+
+__all__ = [
+    "broadcast_mask",
+    "channel_axes",
+    "masked_backward",
+    "masked_input_product",
+    "masked_moments",
+]
 
 
-def channel_axes(x: tf.Tensor) -> list[int]:
+def channel_axes(x: Any) -> list[int]:
     """The axes a channel's statistics reduce over: all but the last."""
     return list(range(len(x.shape) - 1))
 
 
-def broadcast_mask(mask: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
+def broadcast_mask(mask: Any, x: Any) -> Any:
     """The bool mask ``(batch, ...)`` of ``x`` ``(batch, ..., C)`` broadcast to ``x``'s shape
     (nonzero means kept, as Keras casts it)."""
-    mask = tf.cast(mask, tf.bool) if mask.dtype != tf.bool else mask
-    return tf.broadcast_to(mask[..., None], tf.shape(x))
+    kept = ops.expand_dims(ops.cast(mask, "bool"), -1)
+    return ops.logical_and(kept, ops.ones_like(x, dtype="bool"))
 
 
-def masked_moments(x: tf.Tensor, mask: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+def masked_moments(x: Any, mask: Any) -> tuple[Any, Any, Any]:
     """``(mu, sigma^2, N')`` per channel, shapes ``(C,)``, over the unmasked entries of ``x``
     ``(batch, ..., C)`` with ``mask`` ``(batch, ...)``, exactly as Keras' ``BatchNormalization``
     (``N' = N + keras.config.epsilon()``, ``sigma^2`` divided by ``N'``)."""
-    axes = channel_axes(x)
+    axes = tuple(channel_axes(x))
     kept = broadcast_mask(mask, x)
-    zero = tf.zeros_like(x)
-    n = tf.reduce_sum(tf.cast(kept, x.dtype), axis=axes) + keras.config.epsilon()
-    mean = tf.reduce_sum(tf.where(kept, x, zero), axis=axes) / n
-    variance = tf.reduce_sum(tf.square(tf.where(kept, x - mean, zero)), axis=axes) / n
+    zero = ops.zeros_like(x)
+    n = ops.sum(ops.cast(kept, x.dtype), axis=axes) + keras.config.epsilon()
+    mean = ops.sum(ops.where(kept, x, zero), axis=axes) / n
+    variance = ops.sum(ops.square(ops.where(kept, x - mean, zero)), axis=axes) / n
     return mean, variance, n
 
 
-def masked_backward(
-    dy: tf.Tensor, x: tf.Tensor, mask: tf.Tensor, gamma: tf.Tensor | None, epsilon: float
-) -> tuple[tf.Tensor, tf.Tensor]:
-    """``(dx, xhat)``: ``dx = J^T delta`` of the module docstring per channel, all shapes
-    ``(batch, ..., C)``; ``xhat`` for the parameter gradients."""
-    axes = channel_axes(x)
-    m = tf.cast(broadcast_mask(mask, x), x.dtype)
+def masked_input_product(m: Any, x: Any, mask: Any, gamma: Any | None, epsilon: float) -> Any:
+    """``J^T m`` of the module docstring per channel for a stack of ``V`` vectors ``m``
+    ``(V, batch, ..., C)`` over the whole batch ``x`` ``(batch, ..., C)``:
+    ``(gamma / s) (m - (mask / N') (sum(m) + (xhat - a) sum(m * xhat)))``, the sums over every
+    entry of the channel (each ``v`` on its own). Returns ``(V, batch, ..., C)``."""
+    axes = tuple(range(1, len(m.shape) - 1))  # all but V and the channel
+    kept = ops.cast(broadcast_mask(mask, x), x.dtype)
     mean, variance, n = masked_moments(x, mask)
-    s = tf.sqrt(variance + epsilon)
+    s = ops.sqrt(variance + epsilon)
     xhat = (x - mean) / s
-    a = tf.reduce_sum(m * (x - mean), axis=axes) / (n * s)
-    sum_dy = tf.reduce_sum(dy, axis=axes)
-    sum_dy_xhat = tf.reduce_sum(dy * xhat, axis=axes)
-    projected = dy - (m / n) * (sum_dy + (xhat - a) * sum_dy_xhat)
-    factor = 1.0 / s if gamma is None else gamma / s
-    return factor * projected, xhat
+    a = ops.sum(kept * (x - mean), axis=tuple(channel_axes(x))) / (n * s)
+    sum_m = ops.sum(m, axis=axes, keepdims=True)
+    sum_m_xhat = ops.sum(m * xhat, axis=axes, keepdims=True)
+    projected = m - (kept / n) * (sum_m + (xhat - a) * sum_m_xhat)
+    return projected * ((1.0 / s) if gamma is None else (gamma / s))
+
+
+def masked_backward(
+    dy: Any, x: Any, mask: Any, gamma: Any | None, epsilon: float
+) -> tuple[Any, Any]:
+    """``(dx, xhat)``: ``dx = J^T delta`` of the module docstring per channel
+    (``masked_input_product`` with ``V = 1``), all shapes ``(batch, ..., C)``; ``xhat`` for the
+    parameter gradients."""
+    mean, variance, _ = masked_moments(x, mask)
+    xhat = (x - mean) / ops.sqrt(variance + epsilon)
+    return masked_input_product(dy[None], x, mask, gamma, epsilon)[0], xhat

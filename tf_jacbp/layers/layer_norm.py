@@ -35,13 +35,13 @@ import numbers
 import warnings
 from typing import Any
 
-import numpy as np
+from keras import ops
 
 from tf_jacbp._backend import keras, tf
-from tf_jacbp.layers.base import as_float_tensor, squared_norms
-from tf_jacbp.layers.normalization import _Normalization
-from tf_jacbp.layout import vec_index
-from tf_jacbp.route import route
+from tf_jacbp.layers.base import as_float_tensor, route
+from tf_jacbp.layers.normalization_base import _Normalization
+
+__all__ = ["LayerNormalization"]
 
 
 def _is_int(value: Any) -> bool:
@@ -147,7 +147,10 @@ class LayerNormalization(_Normalization):
         return self.center and not self.rms_scaling
 
     def normalized_axes(self, rank: int) -> list[int]:
-        """The normalized axes as sorted non-negative indices for inputs of ``rank``, checked."""
+        """The normalized axes as sorted non-negative indices for inputs of ``rank``, checked.
+
+        The axes are kept as given (as Keras keeps them): ``-1`` is the last axis of an input of
+        any rank, ``1`` the second."""
         axes = self.axis if isinstance(self.axis, list) else [self.axis]
         if any(not -rank <= a < rank for a in axes):
             raise ValueError(
@@ -161,9 +164,9 @@ class LayerNormalization(_Normalization):
             )
         if 0 in positive:
             raise ValueError(
-                f"LayerNormalization '{self.name}': axis={self.axis} includes the batch axis 0. "
-                "tf_jacbp normalizes each sample on its own (a per-sample Jacobian); normalize "
-                "over axes 1 and up (e.g. axis=-1)."
+                f"LayerNormalization '{self.name}': axis={self.axis} includes the batch axis 0 "
+                f"of inputs of rank {rank}. tf_jacbp normalizes each sample on its own (a "
+                "per-sample Jacobian); normalize over axes 1 and up (e.g. axis=-1)."
             )
         return positive
 
@@ -181,38 +184,62 @@ class LayerNormalization(_Normalization):
                 f"LayerNormalization '{self.name}': the normalized axes {axes} of the input shape "
                 f"{tuple(input_shape)} must be known; give keras.Input a full shape."
             )
-        # As Keras after build: the axes as a sorted list (in the sign they were given).
+        # As Keras after build: the axes as a sorted list (in the sign they were given). Like
+        # Keras, no InputSpec: inputs of any rank whose normalized axes have gamma's shape are
+        # accepted (check_input_shape).
         self.axis = sorted(self.axis) if isinstance(self.axis, list) else [self.axis]
         if self.has_gamma:
             self.gamma = self._weight("gamma", shape)
         if self.has_beta:
             self.beta = self._weight("beta", shape)
-        self.input_spec = keras.layers.InputSpec(ndim=rank, axes={a: input_shape[a] for a in axes})
+
+    def check_input_shape(self, input_shape: tuple) -> list[int]:
+        """The normalized axes of inputs of ``input_shape`` (``normalized_axes``), after checking
+        that their sizes are ``gamma``'s and ``beta``'s shape (sizes unknown now pass)."""
+        rank = len(input_shape)
+        axes = self.normalized_axes(rank)
+        weights = self.jacobian_parameters()
+        if weights:
+            sizes = tuple(input_shape[a] for a in axes)
+            expected = tuple(weights[0].shape)
+            if any(s is not None and int(s) != e for s, e in zip(sizes, expected, strict=True)):
+                raise ValueError(
+                    f"LayerNormalization '{self.name}': the normalized axes axis={self.axis} "
+                    f"(axes {axes}) of the input shape {tuple(input_shape)} have sizes {sizes}, "
+                    f"but gamma and beta have shape {expected} (the layer was built for them). "
+                    f"Give inputs whose axes {axes} have sizes {expected}."
+                )
+        return axes
 
     # Shapes: x is (batch, ...); gamma, beta have the shape of the normalized axes and are
-    # reshaped to broadcast against x (1 on the other axes).
+    # reshaped to broadcast against x (1 on the other axes), and so against m (V, batch, ...).
 
-    def _split(self, x: tf.Tensor, params: tuple) -> tuple[tf.Tensor | None, tf.Tensor | None]:
+    def _split(self, x: Any, params: tuple) -> tuple[Any | None, Any | None]:
         """``(gamma, beta)`` reshaped to broadcast against ``x``, None for those that do not
         exist."""
-        rank = x.shape.rank
-        axes = self.normalized_axes(rank)
-        shape = [x.shape[a] if a in axes else 1 for a in range(rank)]
+        rank = len(x.shape)
+        axes = self.check_input_shape(tuple(x.shape))
         params = list(params)
-        gamma = tf.reshape(params.pop(0), shape) if self.has_gamma else None
-        beta = tf.reshape(params.pop(0), shape) if self.has_beta else None
+
+        def broadcast(p: Any) -> Any:
+            sizes = iter(p.shape)
+            return ops.reshape(p, [int(next(sizes)) if a in axes else 1 for a in range(rank)])
+
+        gamma = broadcast(params.pop(0)) if self.has_gamma else None
+        beta = broadcast(params.pop(0)) if self.has_beta else None
         return gamma, beta
 
-    def _statistics(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    def _statistics(self, x: Any) -> tuple[Any, Any, Any]:
         """``(xhat, s, u)``: ``xhat = (x - mu) / s``, ``s = sqrt(sigma^2 + eps)`` (kept dims),
         ``u = x / s`` (the rms_scaling map's normalized input)."""
-        axes = self.normalized_axes(x.shape.rank)
-        mean = tf.reduce_mean(x, axis=axes, keepdims=True)
+        axes = tuple(self.normalized_axes(len(x.shape)))
+        mean = ops.mean(x, axis=axes, keepdims=True)
         centered = x - mean
-        s = tf.sqrt(tf.reduce_mean(tf.square(centered), axis=axes, keepdims=True) + self.epsilon)
+        variance = ops.mean(ops.square(centered), axis=axes, keepdims=True)
+        s = ops.sqrt(variance + self.epsilon)
         return centered / s, s, x / s
 
-    def forward(self, x: tf.Tensor, *params: tf.Tensor) -> tf.Tensor:
+    def forward(self, x: Any, *params: Any) -> Any:
         """``y = gamma * xhat + beta`` (``rms_scaling``: ``gamma * x / s``), shape of ``x``."""
         gamma, beta = self._split(x, params)
         xhat, _, u = self._statistics(x)
@@ -220,7 +247,7 @@ class LayerNormalization(_Normalization):
         y = y if gamma is None else gamma * y
         return y if beta is None else y + beta
 
-    def reference(self, x: tf.Tensor, *params: tf.Tensor) -> tf.Tensor:
+    def reference(self, x: Any, *params: Any) -> Any:
         """Stock ops: ``tf.nn.moments`` and ``tf.nn.batch_normalization`` over the normalized
         axes (``rms_scaling``: ``tf.math.reduce_variance`` and ``tf.math.rsqrt``)."""
         axes = self.normalized_axes(x.shape.rank)
@@ -232,142 +259,64 @@ class LayerNormalization(_Normalization):
         mean, variance = tf.nn.moments(x, axes=axes, keepdims=True)
         return tf.nn.batch_normalization(x, mean, variance, beta, gamma, self.epsilon)
 
-    def _input_gradient(self, dy: tf.Tensor, x: tf.Tensor, gamma: tf.Tensor | None) -> tf.Tensor:
-        """``dx = (1/s) (g - mean(g) - xhat mean(g * xhat))``, ``g = gamma * delta``
-        (``rms_scaling``: ``(1/s) (g - xhat mean(g * u))``), means over the normalized axes."""
-        axes = self.normalized_axes(x.shape.rank)
+    def vjp_input(self, m: Any, x: Any, y: Any, *params: Any) -> Any:
+        """``(J_x y)^T m = (1/s) (g - mean(g) - xhat mean(g * xhat))``, ``g = gamma * m``
+        (``rms_scaling``: ``(1/s) (g - xhat mean(g * u))``), the means over the normalized axes
+        of each sample and position: ``(V, batch, ...)`` -> the same shape."""
+        gamma, _ = self._split(x, params)
         xhat, s, u = self._statistics(x)
-        g = dy if gamma is None else gamma * dy
+        axes = tuple(a + 1 for a in self.normalized_axes(len(x.shape)))  # axes of m
+        g = m if gamma is None else gamma * m
         if self.rms_scaling:
-            return (g - xhat * tf.reduce_mean(g * u, axis=axes, keepdims=True)) / s
-        mean_g = tf.reduce_mean(g, axis=axes, keepdims=True)
-        return (g - mean_g - xhat * tf.reduce_mean(g * xhat, axis=axes, keepdims=True)) / s
+            return (g - xhat * ops.mean(g * u, axis=axes, keepdims=True)) / s
+        mean_g = ops.mean(g, axis=axes, keepdims=True)
+        return (g - mean_g - xhat * ops.mean(g * xhat, axis=axes, keepdims=True)) / s
 
-    def _parameter_gradients(
-        self, dy: tf.Tensor, x: tf.Tensor, per_example: bool
-    ) -> list[tf.Tensor]:
-        """``[dgamma, dbeta] = [sum delta * xhat, sum delta]`` (``rms_scaling``: ``delta * u``)
-        over the axes not normalized: the batch too, or not (``per_example``: a leading batch
-        axis)."""
-        rank = x.shape.rank
-        axes = self.normalized_axes(rank)
-        summed = [a for a in range(1 if per_example else 0, rank) if a not in axes]
+    def vjp_params(self, m: Any, x: Any, y: Any, *params: Any, sum_batch: bool = True) -> list:
+        """``[(J_gamma y)^T m, (J_beta y)^T m] = [sum m * xhat, sum m]`` (``rms_scaling``:
+        ``m * u``) over the axes that are not normalized: the batch too (``(V, *gamma.shape)``),
+        or not (``sum_batch=False``: ``(V, batch, *gamma.shape)``)."""
+        rank = len(x.shape)
+        normalized = self.normalized_axes(rank)
+        first = 1 if sum_batch else 2  # axes of m: V, batch, then x's axes 1, 2, ...
+        summed = tuple(a for a in range(first, rank + 1) if a - 1 not in normalized)
         grads = []
         if self.has_gamma:
             xhat, _, u = self._statistics(x)
-            grads.append(tf.reduce_sum(dy * (u if self.rms_scaling else xhat), axis=summed))
+            grads.append(ops.sum(m * (u if self.rms_scaling else xhat), axis=summed))
         if self.has_beta:
-            grads.append(tf.reduce_sum(dy, axis=summed))
+            grads.append(ops.sum(m, axis=summed))
         return grads
 
-    def backward(self, dy, x, y, *params):
-        """``(J_x y)^T delta`` and ``[dgamma, dbeta]`` summed over the batch (module
-        docstring)."""
-        gamma, _ = self._split(x, params)
-        return self._input_gradient(dy, x, gamma), self._parameter_gradients(dy, x, False)
-
-    def per_example_backward(self, dy, x, y, *params):
-        """``backward`` per sample: ``dgamma_i = sum delta_i * xhat_i``, ``dbeta_i = sum
-        delta_i`` over the positions not normalized, shape ``(batch, *gamma.shape)``."""
-        gamma, _ = self._split(x, params)
-        return self._input_gradient(dy, x, gamma), self._parameter_gradients(dy, x, True)
-
-    def per_example_squared_norms(self, dy, x, y, *params):
-        """``[||dgamma_i||^2, ||dbeta_i||^2]``, each ``(batch,)``: the per-example gradients
-        have the size of ``gamma`` only, so they are formed (no input gradient)."""
-        return [squared_norms(g) for g in self._parameter_gradients(dy, x, True)]
-
-    def call(self, inputs: tf.Tensor) -> tf.Tensor:
+    def call(self, inputs: Any) -> Any:
         """``y`` by ``route``, in float32 at least, cast to the compute dtype."""
         dtype = keras.backend.result_type(inputs.dtype, "float32")
-        x = tf.cast(inputs, dtype)
-        y = route(self, x, [tf.cast(p, dtype) for p in self.read_parameters()])
-        return tf.cast(y, self.compute_dtype)
+        x = ops.cast(inputs, dtype)
+        y = route(self, x, [ops.cast(p, dtype) for p in self.read_parameters()])
+        return ops.cast(y, self.compute_dtype)
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
+        """The input shape, after ``check_input_shape``."""
+        self.check_input_shape(tuple(input_shape))
         return tuple(input_shape)
 
-    # (d) Materialized Jacobians.
-
-    def _grouped(self, sample_shape: tuple) -> tuple[list[int], np.ndarray, int, int]:
-        """The permutation that puts a sample's normalized axes last, ``(perm, order, G, n)``:
-        after ``transpose(x_i, perm)`` and a reshape to ``(G, n)``, row ``g`` holds the ``n``
-        entries normalized together; ``order[k]`` is the row-major position in ``x_i`` of entry
-        ``k`` of that ``(G, n)`` layout."""
-        rank = len(sample_shape) + 1
-        axes = [a - 1 for a in self.normalized_axes(rank)]
-        others = [a for a in range(rank - 1) if a not in axes]
-        perm = others + axes
-        n = int(np.prod([sample_shape[a] for a in axes]))
-        size = int(np.prod(sample_shape))
-        order = np.transpose(np.arange(size).reshape(sample_shape), perm).reshape(-1)
-        return perm, order, size // n, n
-
-    def input_jacobian(self, x: Any) -> tf.Tensor:
-        """``J_x y`` of each sample, from the formula
-        ``diag(gamma) (1/s) (I - (1/n) 1 1^T - (1/n) xhat xhat^T)`` per normalized group
-        (``rms_scaling``: ``diag(gamma) (1/s) (I - (1/n) u xhat^T)``).
-
-        ``x``: ``(batch, ...)`` -> ``(batch, size, size)``, ``size`` the entries of one sample,
-        rows and columns in the row-major order of the sample. Entries of different groups (other
-        positions of the axes not normalized) do not interact: those blocks are zero.
-        """
-        x = as_float_tensor(x, self.statistics_dtype)
-        if not self.built:  # gamma and beta are created for this input shape, as a call would
-            self.build((None, *x.shape[1:]))
-        params = [tf.cast(p, x.dtype) for p in self.read_parameters()]
-        sample_shape = tuple(x.shape[1:])
-        perm, order, groups, n = self._grouped(sample_shape)
-        batch = int(x.shape[0])
-        v = tf.reshape(tf.transpose(x, [0] + [p + 1 for p in perm]), [batch, groups, n])
-        mean = tf.reduce_mean(v, axis=-1, keepdims=True)
-        s = tf.sqrt(tf.reduce_mean(tf.square(v - mean), axis=-1, keepdims=True) + self.epsilon)
-        xhat = (v - mean) / s
-        left = v / s if self.rms_scaling else xhat
-        eye = tf.eye(n, dtype=x.dtype)
-        block = eye - left[..., :, None] * xhat[..., None, :] / n
-        if not self.rms_scaling:
-            block -= 1.0 / n
-        block /= s[..., None]  # (batch, G, n, n)
-        if self.has_gamma:
-            block *= tf.reshape(params[0], [n, 1])  # diag(gamma) on the left: row k times gamma_k
-        full = tf.einsum("bgkl,gh->bgkhl", block, tf.eye(groups, dtype=x.dtype))
-        full = tf.reshape(full, [batch, groups * n, groups * n])
-        back = np.argsort(order)  # row-major position -> position in the (G, n) layout
-        return tf.gather(tf.gather(full, back, axis=1), back, axis=2)
-
-    def jacobian_factors(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
+    def jacobian_factors(self, x: Any) -> dict[str, Any]:
         """One sample ``x`` (no batch axis, ``size`` entries, row-major):
-        ``{"J_x y": (size, size), "[diag(xhat) | I]": (size, |theta|)}``.
+        ``{"J_x y": (size, size), "[diag(xhat) | I]": (size, |theta|)}`` (from
+        ``input_jacobian`` and ``parameter_jacobian``).
 
+        ``J_x y = diag(gamma) (1/s) (I - (1/n) 1 1^T - (1/n) xhat xhat^T)`` per normalized group
+        (``rms_scaling``: ``diag(gamma) (1/s) (I - (1/n) u xhat^T)``), zero between groups.
         ``J_gamma y`` has ``xhat_k`` in row ``k``, column ``c(k)`` (the entry of ``gamma`` that
         scales entry ``k``), ``J_beta y`` a 1 there; for a sample ``(d,)`` these are literally
         ``diag(xhat)`` and ``I``, for ``(T, d)`` one such block of rows per position. Columns are
         in ``Vec`` order of ``gamma``'s shape. Without ``scale`` (``center``) the block and its
         key part are left out; with ``rms_scaling`` the block is ``diag(x / s)``.
         """
-        x = as_float_tensor(x, self.statistics_dtype)
-        factors = {"J_x y": self.input_jacobian(x[None])[0]}  # (builds the layer if needed)
-        if not self.jacobian_parameters():
-            return factors
-        sample_shape = tuple(x.shape)
-        perm, order, groups, n = self._grouped(sample_shape)
-        v = tf.reshape(tf.transpose(x, perm), [groups, n])
-        mean = tf.reduce_mean(v, axis=-1, keepdims=True)
-        s = tf.sqrt(tf.reduce_mean(tf.square(v - mean), axis=-1, keepdims=True) + self.epsilon)
-        eye = tf.eye(n, dtype=x.dtype)
-        blocks, names = [], []
-        if self.has_gamma:
-            scaled = v / s if self.rms_scaling else (v - mean) / s
-            blocks.append(tf.reshape(scaled[..., None] * eye, [groups * n, n]))
-            names.append("diag(x / s)" if self.rms_scaling else "diag(xhat)")
-        if self.has_beta:
-            blocks.append(tf.reshape(tf.broadcast_to(eye, [groups, n, n]), [groups * n, n]))
-            names.append("I")
-        back = np.argsort(order)
-        # Columns: gamma's row-major index c -> its Vec position, vec_index(shape)[c].
-        shape = tuple(self.jacobian_parameters()[0].shape)
-        columns = np.argsort(vec_index(shape).reshape(-1))
-        blocks = [tf.gather(tf.gather(b, back, axis=0), columns, axis=1) for b in blocks]
-        factors[f"[{' | '.join(names)}]"] = tf.concat(blocks, axis=-1)
+        x = as_float_tensor(x, self.statistics_dtype)[None]
+        factors = {"J_x y": self.input_jacobian(x)[0]}  # (builds the layer if needed)
+        names = ["diag(x / s)" if self.rms_scaling else "diag(xhat)"] if self.has_gamma else []
+        names += ["I"] if self.has_beta else []
+        if names:
+            factors[f"[{' | '.join(names)}]"] = self.parameter_jacobian(x)[0]
         return factors

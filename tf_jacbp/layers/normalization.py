@@ -14,20 +14,22 @@ vector of ones:
   ``J_gamma y = xhat``, ``J_beta y = 1`` give ``dgamma = xhat^T delta``, ``dbeta = 1^T delta``.
   Channels never mix. Sample ``i``'s output depends on every sample through ``mu`` and
   ``sigma^2``, so there is no per-sample Jacobian: ``jacobian_ops(training=True)`` raises. This
-  is the map of ``batch_forward``, ``batch_reference`` and ``batch_backward``, which ``call``
-  routes in training.
+  map is ``training_map()``, a ``BatchStatistics`` of ``tf_jacbp.layers.normalization_modes``,
+  which ``call`` routes in training: its ``vjp_input`` is ``J^T m`` for the whole batch and its
+  ``vjp_params`` exists only summed over the batch.
 * Inference: ``y = gamma (x - m) / sqrt(v + eps) + beta`` with the moving mean ``m`` and variance
   ``v``: a diagonal ``J_x y = diag(gamma / sqrt(v + eps))`` per entry, and per sample
   ``J_{gamma,beta} y = [diag(xhat) | I]``. This is the map of the layer's own ``forward``,
-  ``backward`` and ``per_example_backward``, which Algorithm 1 (``tf_jacbp.jacobian``) walks.
+  ``vjp_input`` and ``vjp_params``, which Algorithm 1 (``tf_jacbp.jacobian``) walks.
 
 theta holds ``gamma`` then ``beta`` (those that exist). The moving statistics are not parameters:
 they are updated as Keras updates them, ``m <- momentum m + (1 - momentum) mu`` and
 ``v <- momentum v + (1 - momentum) sigma^2`` (the biased variance), on every training call.
 
 With a Keras mask (``call(..., mask=...)``, shape ``(batch, ...)``), training takes ``mu`` and
-``sigma^2`` over the unmasked entries as Keras does, and its backward pass is the masked Jacobian
-of ``tf_jacbp.layers.batch_moments``; inference ignores the mask. The mask passes through.
+``sigma^2`` over the unmasked entries as Keras does: ``training_map(masked=True)``, a
+``MaskedBatchStatistics`` whose products are those of the masked Jacobian of
+``tf_jacbp.layers.batch_moments``; inference ignores the mask. The mask passes through.
 """
 
 from __future__ import annotations
@@ -35,78 +37,20 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
+from keras import ops
+
 from tf_jacbp._backend import keras, tf
-from tf_jacbp.layers.base import _WEIGHT_OPTIONS, JacobianLayer, as_float_tensor
-from tf_jacbp.layers.batch_moments import masked_backward, masked_moments
-from tf_jacbp.route import Map, route
+from tf_jacbp.contract import JacobianMap
+from tf_jacbp.layers.base import as_float_tensor, route
+from tf_jacbp.layers.normalization_base import _Normalization
+from tf_jacbp.layers.normalization_modes import (
+    BatchStatistics,
+    MaskedBatchStatistics,
+    affine,
+    affine_parameter_products,
+)
 
-
-def _channel_axes(x: tf.Tensor) -> list[int]:
-    """The axes a channel's statistics reduce over: all but the last."""
-    return list(range(len(x.shape) - 1))
-
-
-def _sample_axes(x: tf.Tensor) -> list[int]:
-    """The axes between the batch axis and the channel axis (the spatial ones; none for 2-D)."""
-    return list(range(1, len(x.shape) - 1))
-
-
-class _Normalization(JacobianLayer):
-    """What ``BatchNormalization`` and ``LayerNormalization`` share: the weight options of
-    ``gamma``, ``beta`` (and BN's moving statistics), stored and serialized as Keras stores them,
-    the weights made float32 under mixed precision (not autocast), ``theta = [gamma, beta]``
-    read in ``statistics_dtype``, and ``get_config``.
-
-    A subclass lists the arguments its config holds as they are stored in ``config_arguments``,
-    passes its options (``<weight>_<initializer|regularizer|constraint>``) to
-    ``set_weight_options``, and sets ``self.gamma``, ``self.beta`` (None for those that do not
-    exist).
-    """
-
-    config_arguments: tuple[str, ...] = ()
-
-    def set_weight_options(self, **options: Any) -> None:
-        """Store each ``<weight>_<initializer|regularizer|constraint>`` via Keras' ``get``, and
-        their names in ``weight_options`` (the order ``get_config`` gives them in)."""
-        self.weight_options = tuple(options)
-        for name, value in options.items():
-            setattr(self, name, _WEIGHT_OPTIONS[name.rsplit("_", 1)[1]].get(value))
-
-    def get_config(self) -> dict[str, Any]:
-        """Keras' config, then the ``config_arguments`` as stored, then the ``weight_options``
-        serialized."""
-        config = super().get_config()
-        config.update({name: getattr(self, name) for name in self.config_arguments})
-        for name in self.weight_options:
-            config[name] = _WEIGHT_OPTIONS[name.rsplit("_", 1)[1]].serialize(getattr(self, name))
-        return config
-
-    def _weight(self, name: str, shape: tuple, trainable: bool = True) -> keras.Variable:
-        """The weight ``name`` of ``shape``, with those of its options that the layer has."""
-        options = {
-            k: getattr(self, f"{name}_{k}") for k in _WEIGHT_OPTIONS if hasattr(self, f"{name}_{k}")
-        }
-        return self.add_weight(
-            name=name, shape=shape, trainable=trainable, autocast=False, **options
-        )
-
-    @property
-    def statistics_dtype(self) -> str:
-        """The dtype the layer computes in: float32 at least, so float32 for float16/bfloat16
-        compute dtypes (as Keras)."""
-        return keras.backend.result_type(self.compute_dtype, "float32")
-
-    def jacobian_parameters(self) -> list[keras.Variable]:
-        """``[gamma, beta]`` (theta order), without those that do not exist."""
-        return [v for v in (self.gamma, self.beta) if v is not None]
-
-    def read_parameters(self) -> list[tf.Tensor]:
-        """``gamma``, ``beta`` as tensors of ``statistics_dtype`` (float32 under mixed
-        precision)."""
-        return [
-            tf.cast(tf.convert_to_tensor(v), self.statistics_dtype)
-            for v in self.jacobian_parameters()
-        ]
+__all__ = ["BatchNormalization", "_Normalization"]
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
@@ -224,142 +168,68 @@ class BatchNormalization(_Normalization):
         self.moving_variance = self._weight("moving_variance", (channels,), trainable=False)
         self.input_spec = keras.layers.InputSpec(ndim=rank, axes={-1: channels})
 
-    def split_parameters(self, params: tuple) -> tuple[tf.Tensor | None, tf.Tensor | None]:
+    def split_parameters(self, params: Any) -> tuple[Any | None, Any | None]:
         """``(gamma, beta)`` from the positional parameters, ``None`` for those turned off."""
         params = list(params)
         gamma = params.pop(0) if self.scale else None
         beta = params.pop(0) if self.center else None
         return gamma, beta
 
-    def affine(self, xhat: tf.Tensor, *params: tf.Tensor) -> tf.Tensor:
-        """``y = gamma xhat + beta``."""
-        gamma, beta = self.split_parameters(params)
-        y = xhat if gamma is None else gamma * xhat
-        return y if beta is None else y + beta
-
-    def parameter_gradients(
-        self, dy: tf.Tensor, xhat: tf.Tensor, axes: list[int]
-    ) -> list[tf.Tensor]:
-        """``[dgamma, dbeta] = [xhat^T delta, 1^T delta]``, summed over ``axes``."""
-        grads = [tf.reduce_sum(dy * xhat, axis=axes)] if self.scale else []
-        return grads + ([tf.reduce_sum(dy, axis=axes)] if self.center else [])
-
-    def moving_statistics(self, dtype: Any = None) -> tuple[tf.Tensor, tf.Tensor]:
+    def moving_statistics(self, dtype: Any = None) -> tuple[Any, Any]:
         """``(m, v)``, the moving mean and variance, as tensors (default ``statistics_dtype``)."""
         dtype = dtype or self.statistics_dtype
         return (
-            tf.cast(tf.convert_to_tensor(self.moving_mean), dtype),
-            tf.cast(tf.convert_to_tensor(self.moving_variance), dtype),
+            ops.cast(ops.convert_to_tensor(self.moving_mean), dtype),
+            ops.cast(ops.convert_to_tensor(self.moving_variance), dtype),
         )
 
-    # (a)-(c) of the inference map, y = gamma (x - m) / sqrt(v + eps) + beta.
+    # The inference map, y = gamma (x - m) / sqrt(v + eps) + beta: the layer's own contract.
 
-    def moving_normalized(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def moving_normalized(self, x: Any) -> tuple[Any, Any]:
         """``(xhat, 1 / sqrt(v + eps))`` with ``xhat = (x - m) / sqrt(v + eps)``, the moving
         statistics read now (they are not trainable, so reading them inside the custom gradient
         is allowed)."""
         mean, variance = self.moving_statistics(x.dtype)
-        inverse = 1.0 / tf.sqrt(variance + self.epsilon)
+        inverse = 1.0 / ops.sqrt(variance + self.epsilon)
         return (x - mean) * inverse, inverse
 
-    def forward(self, x: tf.Tensor, *params: tf.Tensor) -> tf.Tensor:
+    def forward(self, x: Any, *params: Any) -> Any:
         """Inference: ``y = gamma (x - m) / sqrt(v + eps) + beta``, any shape
         ``(batch, ..., C)``."""
-        return self.affine(self.moving_normalized(x)[0], *params)
+        return affine(self.moving_normalized(x)[0], *self.split_parameters(params))
 
-    def reference(self, x: tf.Tensor, *params: tf.Tensor) -> tf.Tensor:
+    def reference(self, x: Any, *params: Any) -> Any:
+        """Inference in stock TensorFlow: ``tf.nn.batch_normalization`` with the moving
+        statistics."""
         mean, variance = self.moving_statistics(x.dtype)
         gamma, beta = self.split_parameters(params)
         return tf.nn.batch_normalization(x, mean, variance, beta, gamma, self.epsilon)
 
-    def backward(self, dy, x, y, *params):
-        """Inference: ``dx = gamma / sqrt(v + eps) * delta``; ``dgamma = sum xhat * delta``,
-        ``dbeta = sum delta`` over the batch and positions."""
-        return self._moving_gradients(dy, x, params, _channel_axes(x))
-
-    def per_example_backward(self, dy, x, y, *params):
-        """Inference, per sample: ``dgamma_i = sum xhat_i * delta_i``, ``dbeta_i = sum delta_i``
-        over the spatial positions, shape ``(batch, C)``."""
-        return self._moving_gradients(dy, x, params, _sample_axes(x))
-
-    def _moving_gradients(self, dy, x, params, axes):
+    def vjp_input(self, m: Any, x: Any, y: Any, *params: Any) -> Any:
+        """Inference: ``J_x y = diag(gamma / sqrt(v + eps))`` per entry, so ``(J_x y)^T m =
+        (gamma / sqrt(v + eps)) * m``: ``(V, batch, ..., C)`` -> the same shape."""
         gamma, _ = self.split_parameters(params)
-        xhat, inverse = self.moving_normalized(x)
-        diagonal = inverse if gamma is None else gamma * inverse
-        return diagonal * dy, self.parameter_gradients(dy, xhat, axes)
+        _, inverse = self.moving_normalized(x)
+        return m * (inverse if gamma is None else gamma * inverse)
 
-    # (a)-(c) of the training map, y = gamma (x - mu) / s + beta with the batch's mu and s.
+    def vjp_params(self, m: Any, x: Any, y: Any, *params: Any, sum_batch: bool = True) -> list:
+        """Inference: ``J_{gamma,beta} y = [diag(xhat) | I]`` per position, so the products are
+        ``[sum m * xhat, sum m]`` per channel over the positions and, with ``sum_batch``, the
+        batch: ``(V, C)`` each, or ``(V, batch, C)``."""
+        xhat, _ = self.moving_normalized(x)
+        axes = tuple(range(1 if sum_batch else 2, len(m.shape) - 1))
+        return affine_parameter_products(m, xhat, self.scale, self.center, axes)
 
-    def batch_statistics(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """``(mu, sigma^2)`` of each channel over the batch (and positions), ``sigma^2`` biased
-        (divided by ``N``)."""
-        axes = _channel_axes(x)
-        mean = tf.reduce_mean(x, axis=axes)
-        return mean, tf.reduce_mean(tf.square(x - mean), axis=axes)
+    # The training maps (tf_jacbp.layers.normalization_modes).
 
-    def batch_normalized(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """``(xhat, s)``: ``xhat = (x - mu) / s``, ``s = sqrt(sigma^2 + eps)`` per channel."""
-        mean, variance = self.batch_statistics(x)
-        s = tf.sqrt(variance + self.epsilon)
-        return (x - mean) / s, s
-
-    def batch_forward(self, x: tf.Tensor, *params: tf.Tensor) -> tf.Tensor:
-        """Training: ``y = gamma (x - mu) / s + beta`` with the batch statistics of each channel."""
-        return self.affine(self.batch_normalized(x)[0], *params)
-
-    def batch_reference(self, x: tf.Tensor, *params: tf.Tensor) -> tf.Tensor:
-        """Training, in stock ops: ``tf.nn.moments``, then ``tf.nn.batch_normalization``."""
-        mean, variance = tf.nn.moments(x, axes=_channel_axes(x))
-        gamma, beta = self.split_parameters(params)
-        return tf.nn.batch_normalization(x, mean, variance, beta, gamma, self.epsilon)
-
-    def batch_backward(
-        self, dy: tf.Tensor, x: tf.Tensor, y: tf.Tensor, *params: tf.Tensor
-    ) -> tuple[tf.Tensor, list[tf.Tensor]]:
-        """Training: ``J^T delta`` of the module docstring per channel,
-        ``dx = (gamma / s) (delta - mean(delta) - xhat mean(delta * xhat))``;
-        ``dgamma = sum(delta * xhat)``, ``dbeta = sum(delta)``.
-
-        The batch statistics are computed from ``x`` again (in a compiled step TensorFlow's graph
-        optimizer merges them with the forward's). This is the backward pass ``fit`` applies to a
-        trainable layer in training mode.
-        """
-        axes = _channel_axes(x)
-        gamma, _ = self.split_parameters(params)
-        xhat, s = self.batch_normalized(x)
-        dgamma = tf.reduce_sum(dy * xhat, axis=axes)
-        n = tf.cast(tf.size(dy) // tf.shape(dy)[-1], dy.dtype)
-        projected = dy - tf.reduce_mean(dy, axis=axes) - xhat * (dgamma / n)
-        factor = 1.0 / s if gamma is None else gamma / s
-        return factor * projected, self.parameter_gradients(dy, xhat, axes)
-
-    # The training map with a mask (a constant of the map): tf_jacbp.layers.batch_moments.
-
-    def masked_forward(self, x: tf.Tensor, *params_and_mask: tf.Tensor) -> tf.Tensor:
-        """Training with ``mask`` (the last argument, ``(batch, ...)``): ``y = gamma (x - mu) / s
-        + beta`` at every entry, ``mu``, ``s`` over the unmasked entries (Keras' masked moments)."""
-        *params, mask = params_and_mask
-        mean, variance, _ = masked_moments(x, mask)
-        return self.affine((x - mean) / tf.sqrt(variance + self.epsilon), *params)
-
-    def masked_reference(self, x: tf.Tensor, *params_and_mask: tf.Tensor) -> tf.Tensor:
-        """Training with ``mask``, in stock ops: Keras' masked moments, then
-        ``tf.nn.batch_normalization``."""
-        *params, mask = params_and_mask
-        mean, variance, _ = masked_moments(x, mask)
-        gamma, beta = self.split_parameters(params)
-        return tf.nn.batch_normalization(x, mean, variance, beta, gamma, self.epsilon)
-
-    def masked_backward(
-        self, dy: tf.Tensor, x: tf.Tensor, y: tf.Tensor, *params_and_mask: tf.Tensor
-    ) -> tuple[tf.Tensor, list[tf.Tensor]]:
-        """Training with ``mask``: ``dx = (gamma / s) (delta - (m/N') sum(delta) - (m/N')
-        (xhat - a) sum(delta * xhat))``, sums over every entry of the channel (docs/batchnorm.md);
-        ``dgamma = sum(delta * xhat)``, ``dbeta = sum(delta)``."""
-        *params, mask = params_and_mask
-        gamma, _ = self.split_parameters(params)
-        dx, xhat = masked_backward(dy, x, mask, gamma, self.epsilon)
-        return dx, self.parameter_gradients(dy, xhat, _channel_axes(x))
+    def training_map(self, masked: bool = False) -> JacobianMap:
+        """The map ``call(..., training=True)`` routes in a trainable layer: ``BatchStatistics``
+        (the batch's ``mu``, ``sigma^2`` per channel), or with ``masked`` the
+        ``MaskedBatchStatistics`` (Keras' masked moments; the mask is its constant, after the
+        parameters). Both couple the samples: their ``vjp_params`` exists only summed over the
+        batch. A subclass may return another map here (e.g. a planted bug)."""
+        kind = MaskedBatchStatistics if masked else BatchStatistics
+        return kind(self.epsilon, self.scale, self.center, name=f"{self.name} ({kind.__name__})")
 
     def jacobian_ops(self, training: bool = False) -> list:
         """Inference (``training=False``): the layer itself. Training: a ValueError, unless the
@@ -371,16 +241,14 @@ class BatchNormalization(_Normalization):
                 "batch mean mu and variance sigma^2, so per-sample Jacobians and per-example "
                 "gradients do not exist. training=False (the default) uses the moving statistics, "
                 "a per-sample map; batch_jacobian(x) gives the train-mode Jacobian of the whole "
-                "batch."
+                "batch, training_map() the train-mode map itself."
             )
         return [(self, self.read_parameters())]
 
-    def call(
-        self, inputs: tf.Tensor, training: bool | None = None, mask: tf.Tensor | None = None
-    ) -> tf.Tensor:
-        """Training (``training`` and ``trainable``): the training map, its backward pass
-        ``batch_backward`` (``masked_backward`` with a ``mask`` of shape ``(batch, ...)``), then the
-        moving statistics updated. Otherwise the inference map, its backward pass ``backward``."""
+    def call(self, inputs: Any, training: bool | None = None, mask: Any = None) -> Any:
+        """Training (``training`` and ``trainable``): ``training_map()`` (``training_map(True)``
+        with a ``mask`` of shape ``(batch, ...)``) by ``route``, then the moving statistics
+        updated. Otherwise the inference map, the layer itself."""
         if mask is not None and len(mask.shape) != len(inputs.shape) - 1:
             raise ValueError(
                 f"BatchNormalization '{self.name}': the mask must have one dimension less than "
@@ -388,22 +256,18 @@ class BatchNormalization(_Normalization):
                 f"inputs.shape={tuple(inputs.shape)}. Give a mask of shape "
                 f"{tuple(inputs.shape[:-1])}."
             )
-        x = tf.cast(inputs, self.statistics_dtype)
+        x = ops.cast(inputs, self.statistics_dtype)
         params = self.read_parameters()
-        if training and self.trainable and mask is not None:
-            mask = tf.cast(mask, tf.bool)
-            training_map = Map(self.masked_forward, self.masked_reference, self.masked_backward)
-            y = route(training_map, x, params, constants=[mask])
-            self.update_moving_statistics(*masked_moments(x, mask)[:2])
-        elif training and self.trainable:
-            training_map = Map(self.batch_forward, self.batch_reference, self.batch_backward)
-            y = route(training_map, x, params)
-            self.update_moving_statistics(*self.batch_statistics(x))
+        if training and self.trainable:
+            constants = [] if mask is None else [ops.cast(mask, "bool")]
+            training_map = self.training_map(masked=mask is not None)
+            y = route(training_map, x, params, constants=constants)
+            self.update_moving_statistics(*training_map.moments(x, *constants))
         else:
             y = route(self, x, params)
-        return tf.cast(y, self.compute_dtype)
+        return ops.cast(y, self.compute_dtype)
 
-    def update_moving_statistics(self, mean: tf.Tensor, variance: tf.Tensor) -> None:
+    def update_moving_statistics(self, mean: Any, variance: Any) -> None:
         """``m <- momentum m + (1 - momentum) mu``, ``v <- momentum v + (1 - momentum) sigma^2``:
         Keras' formula, with ``sigma^2`` the biased batch variance."""
         moving_mean, moving_variance = self.moving_statistics(mean.dtype)
@@ -415,38 +279,29 @@ class BatchNormalization(_Normalization):
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         return tuple(input_shape)
 
-    def jacobian_factors(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
+    def jacobian_factors(self, x: Any) -> dict[str, Any]:
         """Inference, one sample ``x`` (shape ``(..., C)``, ``n`` entries, row-major):
-        ``{"D": (n, n), "[diag(xhat) | I]": (n, |theta|)}``.
+        ``{"D": (n, n), "[diag(xhat) | I]": (n, |theta|)}`` (from ``input_jacobian`` and
+        ``parameter_jacobian``).
 
         ``D = diag(gamma / sqrt(v + eps))`` per entry. For a sample ``(C,)`` the parameter Jacobian
         is literally ``[diag(xhat) | I_C]``; for ``(H, W, C)`` each position contributes such a
         block of rows (``gamma_c`` and ``beta_c`` act on every position of channel ``c``). Without
         ``scale`` (``center``) the ``diag(xhat)`` (``I``) block and its key part are left out.
         """
-        x = as_float_tensor(x, self.statistics_dtype)
-        gamma, _ = self.split_parameters([tf.cast(p, x.dtype) for p in self.read_parameters()])
-        mean, variance = self.moving_statistics(x.dtype)
-        inverse = 1.0 / tf.sqrt(variance + self.epsilon)
-        diagonal = tf.broadcast_to(inverse if gamma is None else gamma * inverse, tf.shape(x))
-        xhat = (x - mean) * inverse
-        channels = int(x.shape[-1])
-        eye = tf.eye(channels, dtype=x.dtype)
-        blocks, names = [], []
-        if self.scale:
-            blocks.append(tf.reshape(xhat[..., None] * eye, [-1, channels]))
-            names.append("diag(xhat)")
-        if self.center:
-            blocks.append(tf.reshape(tf.broadcast_to(eye, [*x.shape, channels]), [-1, channels]))
-            names.append("I")
-        factors = {"D": tf.linalg.diag(tf.reshape(diagonal, [-1]))}
-        if blocks:
-            factors[f"[{' | '.join(names)}]"] = tf.concat(blocks, axis=-1)
+        x = as_float_tensor(x, self.statistics_dtype)[None]
+        factors = {"D": self.input_jacobian(x)[0]}
+        names = ["diag(xhat)"] if self.scale else []
+        names += ["I"] if self.center else []
+        if names:
+            factors[f"[{' | '.join(names)}]"] = self.parameter_jacobian(x)[0]
         return factors
 
-    def batch_jacobian(self, x: Any, per_channel: bool = False) -> tf.Tensor:
-        """The train-mode Jacobian of the batch map ``x -> y`` at a batch ``x``, from the formula
-        ``J_c = (gamma_c / s_c) (I - (1/N) 1 1^T - (1/N) xhat_c xhat_c^T)`` of each channel.
+    def batch_jacobian(self, x: Any, per_channel: bool = False) -> Any:
+        """The train-mode Jacobian of the batch map ``x -> y`` at a batch ``x``,
+        ``J_c = (gamma_c / s_c) (I - (1/N) 1 1^T - (1/N) xhat_c xhat_c^T)`` per channel, from the
+        training map's ``vjp_input`` (``V = N`` vectors: ``e_n`` at every channel at once, as
+        channels never mix, gives row ``n`` of every ``J_c``).
 
         ``x``: ``(batch, ..., C)``, ``N = batch * ...`` entries per channel. Returns ``(N C, N C)``
         with rows and columns in the row-major order of ``x`` (the channel varies fastest); entries
@@ -454,17 +309,17 @@ class BatchNormalization(_Normalization):
         ``(C, N, N)``, block ``c`` over the entries of channel ``c`` in row-major order.
         """
         x = as_float_tensor(x, self.statistics_dtype)
+        if not self.built:
+            self.build(tuple(x.shape))
         channels = int(x.shape[-1])
-        params = [tf.cast(p, x.dtype) for p in self.read_parameters()]
-        xhat, s = self.batch_normalized(x)  # the statistics of a training call, per channel
-        xhat = tf.transpose(tf.reshape(xhat, [-1, channels]))  # (C, N): row c, channel c
-        n = tf.cast(tf.shape(xhat)[1], x.dtype)
-        gamma, _ = self.split_parameters(params)
-        factor = (1.0 if gamma is None else gamma) / s
-        eye = tf.eye(tf.shape(xhat)[1], dtype=x.dtype)
-        blocks = factor[:, None, None] * (eye - 1.0 / n - xhat[:, :, None] * xhat[:, None, :] / n)
+        entries = int(x.shape.num_elements()) // channels  # N
+        params = [ops.cast(p, x.dtype) for p in self.read_parameters()]
+        rows = ops.reshape(ops.eye(entries, dtype=x.dtype), (entries, *x.shape[:-1], 1))
+        rows = rows * ops.ones_like(x)  # (N, *x.shape): e_n in every channel
+        products = self.training_map().vjp_input(rows, x, None, *params)  # row n of each J_c
+        blocks = ops.transpose(ops.reshape(products, (entries, entries, channels)), (2, 0, 1))
         if per_channel:
             return blocks
-        full = tf.einsum("cnm,cd->ncmd", blocks, tf.eye(channels, dtype=x.dtype))
-        size = tf.size(x)
-        return tf.reshape(full, [size, size])
+        full = ops.einsum("cnm,cd->ncmd", blocks, ops.eye(channels, dtype=x.dtype))
+        size = entries * channels
+        return ops.reshape(full, (size, size))
