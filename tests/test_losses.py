@@ -218,3 +218,21 @@ def test_loss_serialization_round_trip():
     again = keras.losses.deserialize(keras.losses.serialize(loss))
     assert type(again) is losses.CategoricalCrossentropy
     assert again.from_logits and again.label_smoothing == 0.2
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_empty_batch_gives_empty_per_example_norms_and_losses_in_a_graph(name):
+    """An empty batch through the losses' label check in a graph (the per-example norms run as
+    a ``tf.function``) gives an empty ``(0,)`` result, as a stock loss does; it used to fail with
+    "indices = 2147483647 is not in [0, 1)" (the first offending label of no labels)."""
+    make, kind = CASES[name]
+    loss = make("float32")
+    model = keras.Sequential([keras.Input((3,)), layers.Dense(D)])
+    if not getattr(loss, "from_logits", True):
+        binary = isinstance(loss, losses.BinaryCrossentropy)
+        model.add(layers.Sigmoid() if binary else layers.Softmax())
+    x = RNG.normal(size=(BATCH, 3)).astype("float32")
+    y = _labels(kind).astype("float32")
+    norms = tf_jacbp.jacobian.per_example_gradient_norms(model, x[:0], y[:0], loss=loss)
+    assert tuple(norms.shape) == (0,)
+    assert tuple(tf.function(loss.call)(y[:0], model(x[:0])).shape) == (0,)

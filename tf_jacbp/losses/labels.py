@@ -70,7 +70,8 @@ def _guard_labels(y: tf.Tensor, ok: tf.Tensor, loss: keras.losses.Loss, rule: st
     flat_ok = tf.reshape(ok, [-1])
     flat_y = tf.reshape(y, [-1])
     n = tf.size(flat_ok)
-    first = tf.reduce_min(tf.where(flat_ok, n, tf.range(n)))  # n when every label is good
+    # n when every label is good (the min of an empty batch is the largest int32: n = 0 too)
+    first = tf.minimum(tf.reduce_min(tf.where(flat_ok, n, tf.range(n))), n)
     first_bad = tf.gather(tf.concat([flat_y, tf.zeros([1], flat_y.dtype)], 0), first)
     count = tf.reduce_sum(tf.cast(~flat_ok, tf.int32))
     all_ok = tf.reduce_all(flat_ok)
