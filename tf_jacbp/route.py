@@ -41,7 +41,7 @@ import functools
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 from tf_jacbp._backend import keras, tf
 
@@ -86,15 +86,6 @@ class JacobianOp(Protocol):
     def backward(
         self, dy: tf.Tensor, x: Any, y: tf.Tensor, *args: Any
     ) -> tuple[Any, Sequence[tf.Tensor]]: ...
-
-
-class Map(NamedTuple):
-    """A ``JacobianOp`` from three functions, e.g. a layer's training-mode methods:
-    ``Map(layer.batch_forward, layer.batch_reference, layer.batch_backward)``."""
-
-    forward: Callable[..., tf.Tensor]
-    reference: Callable[..., tf.Tensor]
-    backward: Callable[..., tuple[Any, Sequence[tf.Tensor]]]
 
 
 def route(

@@ -1,11 +1,14 @@
 """Smooth elementwise activations ``a = f(z)`` with ``J_z f(z) = diag(f'(z))`` (docs/math.md).
 
 Each class gives ``reference(z)`` (the stock TensorFlow ops Keras' ``keras.activations.<name>``
-runs, so ``forward`` is not what is under test) and ``derivative(z, a) = f'(z)`` (the formula,
-given ``z`` and ``a = f(z)``). ``backward`` is then ``f'(z) * delta``, ``jacobian`` the
-materialized ``diag(f'(z))``. Where TensorFlow's own gradient kernel decides a kink or an
-underflow (ELU and SELU at the points where ``e^z - 1`` rounds to zero), ``f'`` is what that
-kernel gives, so that float64 gradients equal autodiff's of ``keras.activations``.
+runs, so ``forward`` is not what is under test) and ``derivative(z, a) = f'(z)`` (the formula in
+``keras.ops``, given ``z`` and ``a = f(z)``). The contract's product (``tf_jacbp.contract``) is
+then ``vjp_input(m, z, a) = f'(z) * m`` for ``V`` stacked vectors ``m`` (``backward`` and the rest
+are derived from it), ``jacobian`` the materialized ``diag(f'(z))`` and
+``jacobian_at_positions`` the one of a whole sample. Where TensorFlow's own gradient kernel
+decides a kink or an underflow (ELU and SELU at the points where ``e^z - 1`` rounds to zero),
+``f'`` is what that kernel gives, so that float64 gradients equal autodiff's of
+``keras.activations``.
 The piecewise linear ones (ReLU and the hard functions) are in ``piecewise.py``.
 """
 
@@ -14,15 +17,27 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from keras import ops
+
 from tf_jacbp._backend import tf
+from tf_jacbp.contract import JacobianMap
 
 
-class Elementwise:
+def diagonal_matrix(d: Any) -> Any:
+    """``diag(d)`` for each row: ``(..., n)`` -> ``(..., n, n)``, exactly zero off the diagonal
+    (also where ``d`` is infinite or NaN: a ``where``, not a product with the identity)."""
+    n = d.shape[-1]
+    eye = ops.cast(ops.eye(n), "bool")
+    return ops.where(eye, ops.expand_dims(d, -2), ops.zeros((), d.dtype))
+
+
+class Elementwise(JacobianMap):
     """An elementwise activation ``a = f(z)`` with ``J_z f(z) = diag(f'(z))``.
 
     Subclasses set ``name`` and implement ``reference(z)`` (stock TensorFlow) and
     ``derivative(z, a)`` (``f'(z)``, given ``z`` and ``a = f(z)``). Calling the object applies
-    ``f`` (``forward``), as a ``keras.activations`` function does.
+    ``f`` (``forward``), as a ``keras.activations`` function does. A map without parameters in
+    the contract of ``tf_jacbp.contract``: ``vjp_input`` is its one formula.
     """
 
     name = ""
@@ -45,17 +60,39 @@ class Elementwise:
 
     def __call__(self, z: Any) -> tf.Tensor:
         """``f(z)``, like the ``keras.activations`` function (``forward``)."""
-        return self.forward(tf.convert_to_tensor(z))
+        return self.forward(ops.convert_to_tensor(z))
 
-    def backward(self, dy: tf.Tensor, z: tf.Tensor, a: tf.Tensor) -> tuple[tf.Tensor, list]:
-        """``(J_z f)^T delta = diag(f'(z)) delta = f'(z) * delta``."""
-        return self.derivative(z, a) * dy, []
+    def vjp_input(self, m: Any, z: Any, a: Any) -> Any:
+        """``(J_z f)^T m = diag(f'(z)) m = f'(z) * m`` for each of the ``V`` vectors:
+        ``m`` ``(V, batch, ...)``, ``z`` and ``a = f(z)`` ``(batch, ...)`` -> ``(V, batch, ...)``
+        (``f'(z)`` broadcasts over ``V``)."""
+        return self.derivative(z, a) * m
 
-    def jacobian(self, z: tf.Tensor) -> tf.Tensor:
+    def jacobian(self, z: Any) -> Any:
         """``J_z f(z) = diag(f'(z))``: ``(d,)`` -> ``(d, d)``, or ``(batch, d)`` ->
         ``(batch, d, d)``."""
-        z = tf.convert_to_tensor(z)
-        return tf.linalg.diag(self.derivative(z, self.forward(z)))
+        z = ops.convert_to_tensor(z)
+        return diagonal_matrix(self.derivative(z, self.forward(z)))
+
+    def jacobian_at_positions(self, z: Any) -> Any:
+        """``D = J_z f(z)`` of each whole sample of ``z`` ``(batch, P, m)`` (or ``(batch, ...,
+        m)``, positions row-major): ``(batch, P m, P m)``, rows and columns in the row-major
+        order of a sample. Elementwise: ``diag(f'(z))`` of the flattened sample."""
+        z = ops.convert_to_tensor(z)
+        _check_positions(self, z)
+        d = self.derivative(z, self.forward(z))
+        return diagonal_matrix(ops.reshape(d, (ops.shape(z)[0], -1)))
+
+
+def _check_positions(activation: Any, z: Any) -> None:
+    """A ValueError unless ``z`` is a batch ``(batch, ..., m)`` with every size past the batch
+    axis known (``jacobian_at_positions``)."""
+    if len(z.shape) < 2 or any(d is None for d in z.shape[1:]):
+        raise ValueError(
+            f"{type(activation).__name__}.jacobian_at_positions: z must be a batch (batch, P, m) "
+            f"(or (batch, ..., m)) with known sizes past the batch axis, got z of shape "
+            f"{tuple(z.shape)}. For one sample add the batch axis: z[None]."
+        )
 
 
 class Linear(Elementwise):
@@ -67,7 +104,7 @@ class Linear(Elementwise):
         return tf.identity(z)
 
     def derivative(self, z, a):
-        return tf.ones_like(z)
+        return ops.ones_like(z)
 
 
 class Sigmoid(Elementwise):
@@ -111,7 +148,7 @@ class ELU(Elementwise):
         return tf.where(z > 0, z, self.alpha * tf.math.expm1(z))
 
     def derivative(self, z, a):
-        return tf.where(z > 0, tf.ones_like(z), a + self.alpha)
+        return ops.where(z > 0, ops.ones_like(z), a + self.alpha)
 
 
 # SELU's constants as TensorFlow's kernel writes them (Klambauer et al., 2017).
@@ -133,7 +170,7 @@ class SELU(Elementwise):
         return tf.nn.selu(z)
 
     def derivative(self, z, a):
-        return tf.where(a < 0, a + SELU_SCALE * SELU_ALPHA, SELU_SCALE * tf.ones_like(z))
+        return ops.where(a < 0, a + SELU_SCALE * SELU_ALPHA, SELU_SCALE * ops.ones_like(z))
 
 
 class Softplus(Elementwise):
@@ -145,7 +182,7 @@ class Softplus(Elementwise):
         return tf.math.softplus(z)
 
     def derivative(self, z, a):
-        return tf.math.sigmoid(z)
+        return ops.sigmoid(z)
 
 
 class Softsign(Elementwise):
@@ -157,7 +194,7 @@ class Softsign(Elementwise):
         return tf.nn.softsign(z)
 
     def derivative(self, z, a):
-        return 1 / tf.square(1 + tf.abs(z))
+        return 1 / ops.square(1 + ops.abs(z))
 
 
 class Exponential(Elementwise):
@@ -193,10 +230,10 @@ class GELU(Elementwise):
     def derivative(self, z, a):
         if self.approximate:
             c = math.sqrt(2 / math.pi)
-            t = tf.math.tanh(c * (z + 0.044715 * z**3))
+            t = ops.tanh(c * (z + 0.044715 * z**3))
             return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * c * (1 + 3 * 0.044715 * z * z)
-        cdf = 0.5 * (1 + tf.math.erf(z / math.sqrt(2)))
-        pdf = tf.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+        cdf = 0.5 * (1 + ops.erf(z / math.sqrt(2)))
+        pdf = ops.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
         return cdf + z * pdf
 
 
@@ -210,7 +247,7 @@ class Swish(Elementwise):
         return tf.nn.silu(z)
 
     def derivative(self, z, a):
-        s = tf.math.sigmoid(z)
+        s = ops.sigmoid(z)
         return s * (1 + z * (1 - s))
 
 
@@ -224,8 +261,8 @@ class Mish(Elementwise):
         return z * tf.math.tanh(tf.math.softplus(z))
 
     def derivative(self, z, a):
-        t = tf.math.tanh(tf.math.softplus(z))
-        return t + z * (1 - t * t) * tf.math.sigmoid(z)
+        t = ops.tanh(ops.softplus(z))
+        return t + z * (1 - t * t) * ops.sigmoid(z)
 
 
 class CELU(Elementwise):
@@ -249,8 +286,8 @@ class CELU(Elementwise):
         return tf.maximum(z, 0.0) + self.alpha * tf.math.expm1(tf.minimum(z, 0.0) / self.alpha)
 
     def derivative(self, z, a):
-        above = tf.cast(z >= 0, z.dtype)
-        below = tf.cast(z <= 0, z.dtype) * tf.exp(tf.minimum(z, 0.0) / self.alpha)
+        above = ops.cast(z >= 0, z.dtype)
+        below = ops.cast(z <= 0, z.dtype) * ops.exp(ops.minimum(z, 0.0) / self.alpha)
         return above + below
 
 
@@ -263,7 +300,7 @@ class LogSigmoid(Elementwise):
         return tf.math.log_sigmoid(z)
 
     def derivative(self, z, a):
-        return tf.math.sigmoid(-z)
+        return ops.sigmoid(-z)
 
 
 class TanhShrink(Elementwise):
@@ -275,7 +312,7 @@ class TanhShrink(Elementwise):
         return z - tf.math.tanh(z)
 
     def derivative(self, z, a):
-        return tf.square(tf.math.tanh(z))
+        return ops.square(ops.tanh(z))
 
 
 class Squareplus(Elementwise):
@@ -293,4 +330,4 @@ class Squareplus(Elementwise):
         return (z + tf.sqrt(tf.square(z) + tf.cast(self.b, z.dtype))) / 2
 
     def derivative(self, z, a):
-        return (1 + z / tf.sqrt(tf.square(z) + tf.cast(self.b, z.dtype))) / 2
+        return (1 + z / ops.sqrt(ops.square(z) + ops.cast(self.b, z.dtype))) / 2

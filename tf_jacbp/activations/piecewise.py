@@ -12,6 +12,8 @@ import math
 import numbers
 from typing import Any
 
+from keras import ops
+
 from tf_jacbp._backend import tf
 from tf_jacbp.activations.elementwise import Elementwise
 
@@ -45,6 +47,12 @@ class ReLU(Elementwise):
     the kinks ``f'`` is what autodiff gives for Keras' own ops: ``f'(t) = 0`` (but ``s`` for the
     leaky case ``t = 0``, no ``M``, ``tf.nn.leaky_relu``), ``f'(M) = 1`` (but ``0`` for ``M = 6,
     t = 0``, ``tf.nn.relu6``).
+
+    Rounding, as Keras: the test ``z > t`` and the clip at ``M`` use ``t`` and ``M`` cast through
+    float32 (``t_32``, ``M_32``: Keras' ``ops.cast`` of a Python float), the negative part
+    ``s relu(t - z)`` the exact ``t``. So ``f'(z) = [z > t_32] [z <= M_32] + s [z < t]``, and at a
+    ``t`` or ``M`` float32 cannot hold (``t = 0.2``) values and derivatives still equal stock
+    Keras' in float64, also between ``t`` and ``t_32``.
 
     Args (validated as Keras does, and also for non-numbers): ``max_value`` None or >= 0,
     ``negative_slope`` >= 0, ``threshold`` >= 0, all finite.
@@ -81,39 +89,42 @@ class ReLU(Elementwise):
         """Keras' composition of stock ops (``keras.activations.relu``), exact in float64."""
         if self._plain():
             return tf.nn.relu(z)
-        s, t = self.negative_slope, tf.cast(self.threshold, z.dtype)
+        s = self.negative_slope
         if self._leaky():  # not tf.nn.leaky_relu: its slope is a float32 attribute
             return tf.where(z > 0, z, s * z)
         if self._relu6():
             a = tf.nn.relu6(z)
-        else:
-            a = tf.where(z > t, z, tf.zeros_like(z))
+        else:  # Keras casts t and M through float32 (tf.cast of a Python float)
+            a = tf.where(z > tf.cast(self.threshold, z.dtype), z, tf.zeros_like(z))
             if self.max_value is not None:
                 a = tf.minimum(a, tf.cast(self.max_value, z.dtype))
-        return a - s * tf.nn.relu(t - z) if s != 0 else a
+        return a - s * tf.nn.relu(-z + self.threshold) if s != 0 else a  # t exact, as Keras
 
-    def backward(self, dy: tf.Tensor, z: tf.Tensor, a: tf.Tensor) -> tuple[tf.Tensor, list]:
-        """``f'(z) * delta``. The plain ReLU reads its 0/1 diagonal from ``a = max(z, 0)`` alone:
-        ``f'(z) = [z > 0] = sign(a)``, one op (so a layer's forward can fuse ``z`` into its
-        matmul, ``tf_jacbp.route``). A NaN ``z`` gives a NaN gradient."""
+    def vjp_input(self, m: Any, z: Any, a: Any) -> Any:
+        """``f'(z) * m``, ``(V, batch, ...)``. The plain ReLU reads its 0/1 diagonal from
+        ``a = max(z, 0)`` alone: ``f'(z) = [z > 0] = sign(a)``, one op (so a layer's forward can
+        fuse ``z`` into its matmul, ``tf_jacbp.route``). A NaN ``z`` gives a NaN gradient."""
         if self._plain():
-            return tf.sign(a) * dy, []
-        return super().backward(dy, z, a)
+            return ops.sign(a) * m
+        return super().vjp_input(m, z, a)
 
     def derivative(self, z, a):
         if self._plain():
-            return tf.cast(z > 0, z.dtype)  # a cast, not tf.where: the cheaper op on the hot path
-        one, zero = tf.ones_like(z), tf.zeros_like(z)
+            return ops.cast(z > 0, z.dtype)  # a cast, not a where: the cheaper op on the hot path
+        one, zero = ops.ones_like(z), ops.zeros_like(z)
         below = self.negative_slope * one
         if self._leaky():
-            return tf.where(z > 0, one, below)
+            return ops.where(z > 0, one, below)
         if self._relu6():
-            above = tf.where(z < 6, one, zero)
-        elif self.max_value is not None:
-            above = tf.where(z <= self.max_value, one, zero)
+            above = ops.where(z < 6, one, zero)
+        elif self.max_value is not None:  # M_32, as the reference (and Keras) clips
+            above = ops.where(z <= ops.cast(self.max_value, z.dtype), one, zero)
         else:
             above = one
-        return tf.where(z > self.threshold, above, tf.where(z < self.threshold, below, zero))
+        upper = ops.where(z > ops.cast(self.threshold, z.dtype), above, zero)  # t_32
+        if self.negative_slope == 0:
+            return upper
+        return upper + ops.where(z < self.threshold, below, zero)  # the exact t
 
 
 class LeakyReLU(Elementwise):
@@ -132,7 +143,7 @@ class LeakyReLU(Elementwise):
         return tf.where(z > 0, z, self.negative_slope * z)
 
     def derivative(self, z, a):
-        return tf.where(z > 0, tf.ones_like(z), self.negative_slope * tf.ones_like(z))
+        return ops.where(z > 0, ops.ones_like(z), self.negative_slope * ops.ones_like(z))
 
 
 class ReLU6(ReLU):
@@ -165,8 +176,8 @@ class HardSigmoid(Elementwise):
 
     def derivative(self, z, a):
         u = z + 3
-        inside = tf.logical_and(u > 0, u < 6)
-        return tf.where(inside, tf.fill(tf.shape(z), tf.constant(1 / 6, z.dtype)), tf.zeros_like(z))
+        inside = ops.logical_and(u > 0, u < 6)
+        return ops.where(inside, ops.full_like(z, 1 / 6), ops.zeros_like(z))
 
 
 class HardSilu(Elementwise):
@@ -181,14 +192,13 @@ class HardSilu(Elementwise):
         return z * HardSigmoid().reference(z)
 
     def derivative(self, z, a):
-        sigmoid = HardSigmoid()
-        h = sigmoid.reference(z)
-        return h + z * sigmoid.derivative(z, h)
+        h = ops.relu6(z + 3) / 6
+        return h + z * HardSigmoid().derivative(z, h)
 
 
-def _indicator(condition: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
+def _indicator(condition: Any, z: Any) -> Any:
     """``[condition]`` as 0/1 of ``z``'s dtype."""
-    return tf.cast(condition, z.dtype)
+    return ops.cast(condition, z.dtype)
 
 
 class HardTanh(Elementwise):
@@ -201,7 +211,7 @@ class HardTanh(Elementwise):
         return tf.clip_by_value(z, -1.0, 1.0)
 
     def derivative(self, z, a):
-        return _indicator(tf.logical_and(z >= -1, z <= 1), z)
+        return _indicator(ops.logical_and(z >= -1, z <= 1), z)
 
 
 class SoftShrink(Elementwise):
@@ -222,7 +232,7 @@ class SoftShrink(Elementwise):
 
     def derivative(self, z, a):
         t = self.threshold
-        return _indicator(tf.logical_or(z > t, z < -t), z)
+        return _indicator(ops.logical_or(z > t, z < -t), z)
 
 
 class HardShrink(Elementwise):
@@ -241,7 +251,7 @@ class HardShrink(Elementwise):
         return tf.where(tf.abs(z) > self.threshold, z, tf.zeros_like(z))
 
     def derivative(self, z, a):
-        return _indicator(tf.abs(z) > self.threshold, z)
+        return _indicator(ops.abs(z) > self.threshold, z)
 
 
 class SparsePlus(Elementwise):
@@ -254,7 +264,8 @@ class SparsePlus(Elementwise):
         return tf.where(z <= -1, tf.zeros_like(z), tf.where(z < 1, (1 / 4) * tf.pow(z + 1, 2), z))
 
     def derivative(self, z, a):
-        return tf.where(z <= -1, tf.zeros_like(z), tf.where(z < 1, (z + 1) / 2, tf.ones_like(z)))
+        zero, one = ops.zeros_like(z), ops.ones_like(z)
+        return ops.where(z <= -1, zero, ops.where(z < 1, (z + 1) / 2, one))
 
 
 class SparseSigmoid(Elementwise):
@@ -268,4 +279,4 @@ class SparseSigmoid(Elementwise):
         return tf.where(z <= -1, zero, tf.where(z >= 1, one, 0.5 * (z + 1)))
 
     def derivative(self, z, a):
-        return 0.5 * _indicator(tf.logical_and(z > -1, z < 1), z)
+        return 0.5 * _indicator(ops.logical_and(z > -1, z < 1), z)

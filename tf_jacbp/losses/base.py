@@ -1,10 +1,12 @@
-"""What the Table 1 losses share: the fused route, Keras' rank matching, argument checks,
+"""What the Table 1 losses share: the fused map, Keras' rank matching, argument checks,
 the constructors, the cross entropies' ``call`` with Keras' label smoothing, and Keras'
 probability clip.
 
-``_fused`` gives a per-position loss, shape ``y_pred.shape[:-1]``, whose backward pass is a
-formula ``grad_z l`` (shape ``y_pred.shape``) scaled per position by the upstream gradient of
-the reduction; in ``reference_mode()`` a stock-op reference is differentiated by autodiff.
+``_fused`` gives a per-position loss, shape ``y_pred.shape[:-1]``, through a ``Table1Map``:
+a map of the contract (``tf_jacbp.contract``) whose product is the formula ``grad_z l`` (shape
+``y_pred.shape``) scaled per position by the vectors that reach the loss (the upstream gradient
+of the reduction in training); in ``reference_mode()`` a stock-op reference is differentiated by
+autodiff.
 """
 
 from __future__ import annotations
@@ -12,31 +14,57 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from keras import ops
+
 from tf_jacbp._backend import keras, tf
+from tf_jacbp.contract import JacobianMap
 from tf_jacbp.losses.labels import _guard_unit_interval
-from tf_jacbp.route import Map, route
+from tf_jacbp.route import route
+
+# ``f(y, z)``: labels first, then the predictions, as the losses' formulas are written.
+LabelFunction = Callable[[Any, Any], Any]
+
+
+class Table1Map(JacobianMap):
+    """The per-position loss ``l = value(y, z)`` as a map of ``z`` (``y_pred``), the labels
+    ``y`` a constant (no gradient flows to them); Table 1's ``grad_z l = gradient(y, z)``.
+
+    Shapes: ``z`` and ``y`` ``(batch, ..., d)``, ``l`` ``(batch, ...)``: one value per position.
+    """
+
+    def __init__(self, value: LabelFunction, gradient: LabelFunction, reference: LabelFunction):
+        self.value, self.gradient, self.stock = value, gradient, reference
+
+    def forward(self, z: Any, y: Any) -> Any:
+        """``l = value(y, z)``: ``(batch, ..., d)`` -> ``(batch, ...)``."""
+        return self.value(y, z)
+
+    def reference(self, z: Any, y: Any) -> Any:
+        """The same loss in stock TensorFlow ops (autodiff differentiates it)."""
+        return self.stock(y, z)
+
+    def vjp_input(self, m: Any, z: Any, loss: Any, y: Any) -> Any:
+        """``(J_z l)^T m``: each position's scalar ``m[v, ...]`` times its row ``grad_z l``,
+        ``m[..., None] * gradient(y, z)``: ``m`` ``(V, *loss.shape)`` (``loss = l``, one value per
+        position) -> ``(V, *z.shape)``."""
+        return ops.expand_dims(ops.cast(m, z.dtype), -1) * self.gradient(y, z)
 
 
 def _fused(
     y: tf.Tensor,
     z: tf.Tensor,
-    value: Callable[[tf.Tensor, tf.Tensor], tf.Tensor],
-    gradient: Callable[[tf.Tensor, tf.Tensor], tf.Tensor],
-    reference: Callable[[tf.Tensor, tf.Tensor], tf.Tensor],
+    value: LabelFunction,
+    gradient: LabelFunction,
+    reference: LabelFunction,
 ) -> tf.Tensor:
     """Per-position loss ``value(y, z)``, shape ``z.shape[:-1]``, whose backward pass is
     ``gradient(y, z)``, shape ``z.shape``: ``grad_z L = u[..., None] * gradient(y, z)`` for the
     upstream ``u`` (shape ``z.shape[:-1]``, one scalar per position, from the reduction).
 
-    One ``route`` like every layer's: ``y`` is a constant (no gradient flows to it), and in
+    One ``route`` like every layer's (``Table1Map``): ``y`` is a constant, and in
     ``reference_mode()`` ``reference(y, z)`` is differentiated by autodiff.
     """
-
-    def backward(u: tf.Tensor, z: tf.Tensor, loss: tf.Tensor, y: tf.Tensor) -> tuple:
-        return tf.cast(u, z.dtype)[..., None] * gradient(y, z), []
-
-    table1 = Map(lambda z, y: value(y, z), lambda z, y: reference(y, z), backward)
-    return route(table1, z, constants=[y])
+    return route(Table1Map(value, gradient, reference), z, constants=[y])
 
 
 def _match_ranks(y_true: tf.Tensor, y_pred: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -163,5 +191,5 @@ def _clip_mask(p: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """``(clip(p, eps, 1 - eps), inside)``: Keras' clip and where autodiff of it passes (1) or
     stops (0) the gradient (``p`` outside ``[eps, 1 - eps]``)."""
     eps = keras.config.epsilon()
-    inside = tf.cast((p >= eps) & (p <= 1 - eps), p.dtype)
-    return tf.clip_by_value(p, eps, 1 - eps), inside
+    inside = ops.cast(ops.logical_and(p >= eps, p <= 1 - eps), p.dtype)
+    return ops.clip(p, eps, 1 - eps), inside

@@ -7,30 +7,32 @@ clipped probabilities, and the model's Sigmoid layer applies its own Jacobian.
 
 from __future__ import annotations
 
+from keras import ops
+
 from tf_jacbp._backend import keras, tf
 from tf_jacbp.losses.base import _clip_mask, _SmoothedLoss
 
 
 def _sigmoid_cross_entropy(y: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
     """``mean_i [max(z,0) - z y + log(1 + e^{-|z|})]``: ``-y log s - (1-y) log(1-s)``, stable."""
-    return tf.reduce_mean(tf.nn.relu(z) - z * y + tf.math.log1p(tf.exp(-tf.abs(z))), -1)
+    return ops.mean(ops.relu(z) - z * y + ops.log1p(ops.exp(-ops.abs(z))), axis=-1)
 
 
 def _sigmoid_cross_entropy_grad(y: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
     """Table 1: ``grad_z l = -(y - sigmoid(z))``, divided by ``d`` for the mean over outputs."""
-    return -(y - tf.math.sigmoid(z)) / tf.cast(tf.shape(z)[-1], z.dtype)
+    return -(y - ops.sigmoid(z)) / ops.cast(ops.shape(z)[-1], z.dtype)
 
 
 def _binary_cross_entropy(y: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
     """``mean_i [-y_i log c_i - (1 - y_i) log(1 - c_i)]``, ``c = clip(p)``."""
     c, _ = _clip_mask(p)
-    return -tf.reduce_mean(y * tf.math.log(c) + (1 - y) * tf.math.log(1 - c), -1)
+    return -ops.mean(y * ops.log(c) + (1 - y) * ops.log(1 - c), axis=-1)
 
 
 def _binary_cross_entropy_grad(y: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
     """``grad_p l = -(y / c - (1 - y) / (1 - c)) / d`` (zero where the clip is active)."""
     c, inside = _clip_mask(p)
-    d = tf.cast(tf.shape(p)[-1], p.dtype)
+    d = ops.cast(ops.shape(p)[-1], p.dtype)
     return -(y / c - (1 - y) / (1 - c)) / d * inside
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from keras import ops
+
 from tf_jacbp._backend import keras, tf
 from tf_jacbp.losses.base import (
     _check_axis,
@@ -36,12 +38,12 @@ from tf_jacbp.route import in_reference_mode
 
 def _softmax_cross_entropy(y: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
     """``-sum_i y_i log softmax(z)_i = sum(y) logsumexp(z) - <y, z>``, stable for any ``|z|``."""
-    return tf.reduce_sum(y, -1) * tf.reduce_logsumexp(z, -1) - tf.reduce_sum(y * z, -1)
+    return ops.sum(y, axis=-1) * ops.logsumexp(z, axis=-1) - ops.sum(y * z, axis=-1)
 
 
 def _softmax_cross_entropy_grad(y: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
     """Table 1: ``grad_z l = -(y - sum(y) softmax(z))``, ``-(y - yhat)`` for labels summing to 1."""
-    return -(y - tf.reduce_sum(y, -1, keepdims=True) * tf.nn.softmax(z, -1))
+    return -(y - ops.sum(y, axis=-1, keepdims=True) * ops.softmax(z, axis=-1))
 
 
 def _reference_softmax_cross_entropy(y: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
@@ -82,8 +84,8 @@ def _one_hot_softmax_cross_entropy(y: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
 def _probability_cross_entropy(y: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
     """Keras' categorical cross entropy on probabilities: ``-sum_i y_i log clip(q)_i`` with
     ``q = p / sum_i p_i`` (rows renormalized to sum to one). ``y``, ``p``: ``(..., d)``."""
-    c, _ = _clip_mask(p / tf.reduce_sum(p, -1, keepdims=True))
-    return -tf.reduce_sum(y * tf.math.log(c), -1)
+    c, _ = _clip_mask(p / ops.sum(p, axis=-1, keepdims=True))
+    return -ops.sum(y * ops.log(c), axis=-1)
 
 
 def _probability_cross_entropy_grad(y: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
@@ -91,11 +93,11 @@ def _probability_cross_entropy_grad(y: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
     -y / q`` (zero where the clip is active): ``J_p q = (I - q 1^T) / S``, transposed. For a
     softmax output ``S = 1`` and ``<g, q> = -sum(y)``: ``grad_p l = -y / p + sum(y)``, whose
     constant part the softmax Jacobian ``diag(p) - p p^T`` maps to zero."""
-    s = tf.reduce_sum(p, -1, keepdims=True)
+    s = ops.sum(p, axis=-1, keepdims=True)
     q = p / s
     c, inside = _clip_mask(q)
     g = -y / c * inside
-    return (g - tf.reduce_sum(g * q, -1, keepdims=True)) / s
+    return (g - ops.sum(g * q, axis=-1, keepdims=True)) / s
 
 
 def _reference_probability_cross_entropy(y: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
@@ -108,13 +110,13 @@ def _sparse_probability_cross_entropy(y: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
     """Keras' sparse cross entropy on probabilities, ``-log softmax(log c)_y = log sum_i c_i -
     log c_y`` with ``c = clip(p)`` (clipped first, then renormalized). ``y`` one-hot."""
     c, _ = _clip_mask(p)
-    return tf.math.log(tf.reduce_sum(c, -1)) - tf.reduce_sum(y * tf.math.log(c), -1)
+    return ops.log(ops.sum(c, axis=-1)) - ops.sum(y * ops.log(c), axis=-1)
 
 
 def _sparse_probability_cross_entropy_grad(y: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
     """``grad_p l = (1 / sum_i c_i - y / c)``, zero where the clip is active."""
     c, inside = _clip_mask(p)
-    return (1 / tf.reduce_sum(c, -1, keepdims=True) - y / c) * inside
+    return (1 / ops.sum(c, axis=-1, keepdims=True) - y / c) * inside
 
 
 def _reference_sparse_probability_cross_entropy(y: tf.Tensor, p: tf.Tensor) -> tf.Tensor:

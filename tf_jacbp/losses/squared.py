@@ -6,13 +6,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from keras import ops
+
 from tf_jacbp._backend import keras, tf
 from tf_jacbp.losses.base import _check_same_shape, _fused, _match_ranks
 
 
 def _squared_error(y: tf.Tensor, yhat: tf.Tensor) -> tf.Tensor:
     """``||y - yhat||^2`` over the last axis."""
-    return tf.reduce_sum(tf.square(y - yhat), -1)
+    return ops.sum(ops.square(y - yhat), axis=-1)
 
 
 def _squared_error_grad(y: tf.Tensor, yhat: tf.Tensor) -> tf.Tensor:
@@ -32,9 +34,9 @@ class _Squared(keras.losses.Loss):
         y_true, y_pred = _match_ranks(y_true, y_pred)
         _check_same_shape(y_true, y_pred, name, "Give one target per output.")
         if self.mean:
-            scale = 1 / tf.cast(tf.shape(y_pred)[-1], y_pred.dtype)
+            scale = 1 / ops.cast(ops.shape(y_pred)[-1], y_pred.dtype)
         else:
-            scale = tf.constant(1, y_pred.dtype)
+            scale = ops.ones((), y_pred.dtype)
         return _fused(
             y_true,
             y_pred,
