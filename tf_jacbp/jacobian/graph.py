@@ -37,6 +37,32 @@ def _check_layer(layer: keras.layers.Layer) -> JacobianLayer:
     return layer
 
 
+def _mask_makers(layer: keras.layers.Layer) -> list[keras.layers.Layer]:
+    """The layers in ``layer`` (itself, or inside a nested model) that make a Keras mask."""
+    makes = getattr(layer, "mask_zero", False) or isinstance(layer, keras.layers.Masking)
+    found = [layer] if makes else []
+    for inner in getattr(layer, "layers", []) if isinstance(layer, keras.Model) else []:
+        found += _mask_makers(inner)
+    return found
+
+
+def check_no_masks(model: keras.Model, owner: str) -> None:
+    """A ValueError if a layer of ``model`` makes a mask (``Embedding(mask_zero=True)``).
+
+    Algorithm 1 walks each layer's map without Keras masks, so on a masked model (a masked
+    pooling, a masked merge downstream) its result would differ from the model's, silently.
+    """
+    makers = _mask_makers(model)
+    if makers:
+        raise ValueError(
+            f"{owner}: layer '{makers[0].name}' of model '{model.name}' makes a Keras mask "
+            "(mask_zero=True or Masking), and Algorithm 1 walks each layer's map without Keras "
+            "masks, so the result would not be the masked model's. Use mask_zero=False (the "
+            "padding id then has its own embedding row), or take the masked model's Jacobians "
+            "with tf.GradientTape."
+        )
+
+
 def _model_graph(model: keras.Model) -> tuple[list[Node], Any, Any]:
     """``graph`` of one model level, nested models still as single nodes."""
     if isinstance(model, keras.Sequential):
@@ -67,7 +93,7 @@ def _model_graph(model: keras.Model) -> tuple[list[Node], Any, Any]:
     return nodes, id(model.inputs[0]), id(model.outputs[0])
 
 
-def graph(model: keras.Model) -> tuple[list[Node], Any, Any]:
+def graph(model: keras.Model, owner: str = "tf_jacbp.jacobian") -> tuple[list[Node], Any, Any]:
     """The model's layer calls in an order that computes every input before its use.
 
     Returns ``(nodes, input key, output key)``; a key names a tensor of the graph. Sequential
@@ -78,6 +104,7 @@ def graph(model: keras.Model) -> tuple[list[Node], Any, Any]:
     """
     if not isinstance(model, keras.Model):
         raise TypeError(f"model must be a keras.Model, got {type(model).__name__}.")
+    check_no_masks(model, owner)  # before the graph: a mask adds ops (NotEqual) to it
     nodes, input_key, output_key = _model_graph(model)
     if not nodes:
         raise ValueError(

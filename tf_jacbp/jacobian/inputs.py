@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tf_jacbp._backend import keras, tf
+from tf_jacbp.jacobian.graph import check_no_masks
 
 
 def input_shape(model: keras.Model) -> tuple:
@@ -68,31 +69,6 @@ def check_x(model: keras.Model, x: Any, dtype: Any, owner: str) -> tf.Tensor:
         )
     check_no_masks(model, owner)
     return tf.cast(x, dtype) if dtype is not None and x.dtype != dtype else x
-
-
-def _mask_makers(layer: keras.layers.Layer) -> list[keras.layers.Layer]:
-    """The layers in ``layer`` (itself, or inside a nested model) that make a Keras mask."""
-    found = [layer] if getattr(layer, "mask_zero", False) else []
-    for inner in getattr(layer, "layers", []) if isinstance(layer, keras.Model) else []:
-        found += _mask_makers(inner)
-    return found
-
-
-def check_no_masks(model: keras.Model, owner: str) -> None:
-    """A ValueError if a layer of ``model`` makes a mask (``Embedding(mask_zero=True)``).
-
-    Algorithm 1 walks each layer's map without Keras masks, so on a masked model (a masked
-    pooling, a masked merge downstream) its result would differ from the model's, silently.
-    """
-    makers = _mask_makers(model)
-    if makers:
-        raise ValueError(
-            f"{owner}: layer '{makers[0].name}' of model '{model.name}' makes a mask "
-            "(mask_zero=True), and Algorithm 1 walks each layer's map without Keras masks, so "
-            "the result would not be the masked model's. Use mask_zero=False (the padding id "
-            "then has its own embedding row), or take the masked model's Jacobians with "
-            "tf.GradientTape."
-        )
 
 
 def check_y(y: Any, batch: int, owner: str) -> tf.Tensor:

@@ -13,6 +13,7 @@ import weakref
 from typing import Any
 
 from tf_jacbp._backend import keras, tf
+from tf_jacbp.jacobian.graph import model_layers
 from tf_jacbp.jacobian.walk import Records, output_delta, walk
 
 
@@ -59,6 +60,18 @@ def _norms(
 _COMPILED_NORMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _read_at_trace(model: keras.Model, loss: Any) -> tuple:
+    """What a traced norms function read in Python and froze: the loss (the compiled one when
+    ``loss`` is None, which ``compile(loss=...)`` replaces) and each layer's maps (an activation
+    set after construction is a new object). A new value means a new trace, never a stale one."""
+    used = getattr(model, "loss", None) if loss is None else loss
+    maps = tuple(
+        (id(layer), id(getattr(layer, "activation", None)), layer.trainable)
+        for layer in model_layers(model)
+    )
+    return (used if isinstance(used, str) else id(used), maps)
+
+
 def per_example_gradient_norms(
     model: keras.Model,
     x: Any,
@@ -100,7 +113,7 @@ def per_example_gradient_norms(
     """
     if not tf.executing_eagerly():
         return _norms(model, x, y, loss, per_variable, training)
-    key = (loss if loss is None or isinstance(loss, str) else id(loss), per_variable, training)
+    key = (_read_at_trace(model, loss), per_variable, training)
     functions = _COMPILED_NORMS.setdefault(model, {})
     if key not in functions:
         ref = weakref.ref(model)  # the cache must not keep the model alive

@@ -56,7 +56,7 @@ def forward(
     recording each map with its input and output. Returns ``(records, z[L], key of z[L])``.
 
     ``x`` is checked against the model's input shape (``check_x``; errors name ``owner``)."""
-    nodes, input_key, output_key = graph(model)
+    nodes, input_key, output_key = graph(model, owner)
     records = Records()
     records.variables = validated_variables(model)
     first = nodes[0].layer  # integer ids stay integers (float16 holds them only up to 2048)
@@ -66,6 +66,7 @@ def forward(
     for node in nodes:
         call, calls[id(node.layer)] = calls[id(node.layer)], calls[id(node.layer)] + 1
         keys, a = node.inputs, [values[key] for key in node.inputs]
+        a = [_autocast(t, node.layer) for t in a]  # as Keras casts a layer's inputs
         a = a if len(a) > 1 else a[0]
         ops = node.layer.jacobian_ops(training)
         for j, (op, params) in enumerate(ops):
@@ -90,6 +91,20 @@ PRODUCTS = ("rows", "gradients", "squared_norms")
   more than once gives its per-example gradients instead: the calls' gradients are added and
   the norm of the sum is taken at the end (a sum of norms would be wrong).
 """
+
+
+def _autocast(t: Any, layer: Any) -> Any:
+    """``t`` in ``layer``'s compute dtype if both are floating (Keras' input autocast)."""
+    dtype = tf.as_dtype(layer.compute_dtype)
+    return tf.cast(t, dtype) if t.dtype.is_floating and dtype.is_floating else t
+
+
+def _in_float32(op: Any, delta: Any, x: Any, y: Any, params: list) -> tuple:
+    """The arguments of a 16-bit map's squared norms, in float32: a norm is a sum of squares,
+    which float16 rounds (and overflows) where float32 does not."""
+    up = lambda t: tf.cast(t, tf.float32) if t.dtype.is_floating else t  # noqa: E731
+    x = [up(t) for t in x] if isinstance(x, list) else up(x)
+    return op, "squared_norms", up(delta), x, up(y), [up(p) for p in params]
 
 
 def _product(op: Any, product: str, m: Any, x: Any, y: Any, params: list, shared: bool) -> tuple:
@@ -140,14 +155,18 @@ def walk(
     rows_at = {output_key: m}
     blocks: dict[int, tf.Tensor] = {}
     for r in reversed(records):
-        delta = rows_at.pop(r.output)
+        delta = tf.cast(rows_at.pop(r.output), r.y.dtype)  # mixed precision: the map's dtype
         if r.params and deltas is not None:
             deltas.append((r.layer, r.op, delta, r.x, r.y, r.params))
         is_shared = calls[id(r.layer)] > 1
-        dx, products = _product(r.op, product, delta, r.x, r.y, r.params, is_shared)
+        if product == "squared_norms" and r.params and r.y.dtype.size < 4:
+            dx, products = _product(*_in_float32(r.op, delta, r.x, r.y, r.params), is_shared)
+        else:
+            dx, products = _product(r.op, product, delta, r.x, r.y, r.params, is_shared)
         for key, d in zip(r.inputs, dx if isinstance(r.x, list) else [dx], strict=True):
-            rows_at[key] = rows_at[key] + d if key in rows_at else d
+            rows_at[key] = rows_at[key] + tf.cast(d, rows_at[key].dtype) if key in rows_at else d
         for v, g in zip(r.variables, products, strict=True):
+            g = tf.cast(g, v.dtype)  # a float16 map's products reach its float32 variables
             blocks[id(v)] = blocks[id(v)] + g if id(v) in blocks else g
     result = [(v, blocks[id(v)]) for v in records.variables]
     if product == "squared_norms":
