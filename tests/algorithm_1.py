@@ -15,7 +15,9 @@ RTOL64 = tolerances.rtol("float64")
 
 def assert_algorithm_1_equals_autodiff(model: keras.Model, x: tf.Tensor, y: tf.Tensor) -> list:
     """``parameter_jacobian(model, x)`` and the mean squared error's ``per_example_gradients``
-    equal ``tape.jacobian`` in ``reference_mode()``, to float64 tolerance.
+    equal ``tape.jacobian`` in ``reference_mode()``, to float64 tolerance, and so do the norms of
+    DP-SGD's first pass, ``per_example_gradient_norms(per_variable=True)`` (each layer's
+    ``squared_norms`` formula, or the squares of its per-sample products).
 
     ``model``: float64, outputs ``(batch, outputs)``; ``x``: ``(batch, ...)``; ``y``: the targets,
     ``(batch, outputs)``. Autodiff's block of each variable, ``(batch, outputs, *shape)``, is
@@ -43,6 +45,14 @@ def assert_algorithm_1_equals_autodiff(model: keras.Model, x: tf.Tensor, y: tf.T
     with tf.GradientTape() as tape:
         with tf_jacbp.reference_mode():
             losses = keras.losses.mean_squared_error(y, model(x))
-    for got, want in zip(per_example, tape.jacobian(losses, variables), strict=True):
+    autodiff = tape.jacobian(losses, variables)
+    for got, want in zip(per_example, autodiff, strict=True):
         assert tolerances.relative_error(got, want) <= RTOL64
+
+    norms = jacobian.per_example_gradient_norms(model, x, y, loss="mse", per_variable=True)
+    batch = int(x.shape[0])
+    expected = np.stack(
+        [np.linalg.norm(np.reshape(g, (batch, -1)), axis=1) for g in autodiff], axis=1
+    )
+    assert tolerances.relative_error(norms, expected) <= RTOL64
     return variables

@@ -305,3 +305,45 @@ def test_inputs_whose_normalized_axes_do_not_fit_name_the_axes(axis, built, shap
         layer(np.zeros(shape))
     with pytest.raises(ValueError, match=match):
         layer(keras.Input(shape[1:], batch_size=shape[0]))
+
+
+@pytest.mark.parametrize(
+    "shape, kwargs",
+    [
+        ((3, 5), {}),
+        ((2, 3, 4), {"axis": -2}),
+        ((2, 3, 4, 2), {"axis": [1, 3], "rms_scaling": True}),
+        ((2, 3, 4), {"axis": [-1, -2], "center": False}),
+    ],
+)
+def test_products_for_three_vectors_equal_autodiff(shape, kwargs):
+    """The contract with ``V = 3`` vectors per sample: ``vjp_input`` and ``vjp_params`` with
+    ``sum_batch`` both ways against autodiff of the stock layer, each vector and sample alone."""
+    ours, stock = _twins(shape, 14, **kwargs)
+    rng = np.random.default_rng(15)
+    x = tf.constant(rng.normal(size=shape) * 2 + 1)
+    m = tf.constant(rng.normal(size=(3, *shape)))
+    params = ours.read_parameters()
+    dx = ours.vjp_input(m, x, None, *params)
+    per_sample = ours.vjp_params(m, x, None, *params, sum_batch=False)
+    summed = ours.vjp_params(m, x, None, *params)
+    for v in range(3):
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(x)
+            y = stock(x)
+            losses = tf.reduce_sum(tf.reshape(m[v] * y, [shape[0], -1]), axis=1)
+            total = tf.reduce_sum(losses)
+        assert tolerances.relative_error(dx[v], tape.gradient(y, x, m[v])) <= RTOL64
+        weights = stock.trainable_weights
+        for got, want in zip(per_sample, tape.jacobian(losses, weights), strict=True):
+            assert got.shape == (3, *want.shape)
+            assert tolerances.relative_error(got[v], want) <= RTOL64
+        for got, want in zip(summed, tape.gradient(total, weights), strict=True):
+            assert tolerances.relative_error(got[v], want) <= RTOL64
+
+
+def test_no_class_defines_what_the_contract_derives():
+    from tf_jacbp.contract import DERIVED
+
+    for name in (*DERIVED, "input_jacobian", "parameter_jacobian", "jacobian"):
+        assert name not in LayerNormalization.__dict__, name
