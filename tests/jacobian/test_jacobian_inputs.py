@@ -305,5 +305,5 @@ def test_a_model_that_makes_a_mask_is_refused_by_the_walk():
         lambda: jacobian.per_example_gradients(model, x, np.array([0, 1]), loss),
         lambda: jacobian.per_example_gradient_norms(model, x, np.array([0, 1]), loss),
     ):
-        with pytest.raises(ValueError, match="layer 'tokens' .* makes a mask"):
+        with pytest.raises(ValueError, match="layer 'tokens' .* makes a Keras mask"):
             call()
