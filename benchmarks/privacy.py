@@ -1,4 +1,4 @@
-"""Per-example gradient norms and DP-SGD (issue 16) against the computations they replace.
+"""Per-example gradient norms and DP-SGD against the computations they replace.
 
 Rows, LeNet-100-300-10 and LeNet-5 at batch 128, every candidate a compiled ``tf.function``:
 

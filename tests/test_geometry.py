@@ -95,13 +95,13 @@ def test_padding_choices_depend_on_the_layer():
 
 
 def test_spatial_shapes():
-    assert geometry.image_shape((None, 5, 4, 2), "Conv2D") == (5, 4, 2)
-    assert geometry.sequence_shape((None, 9, 3), "Conv1D") == (9, 3)
+    assert geometry.spatial_shape((None, 5, 4, 2), 2, "Conv2D") == (5, 4, 2)
+    assert geometry.spatial_shape((None, 9, 3), 1, "Conv1D") == (9, 3)
     assert geometry.spatial_shape((None, None, 3), 1, "Conv1D", allow_unknown=True) == (None, 3)
     with pytest.raises(ValueError, match=r"\(batch, length, channels\).*\(None, 5, 4, 2\)"):
-        geometry.sequence_shape((None, 5, 4, 2), "Conv1D")
+        geometry.spatial_shape((None, 5, 4, 2), 1, "Conv1D")
     with pytest.raises(ValueError, match="known height, width and channel count"):
-        geometry.image_shape((None, None, 4, 2), "Conv2D")
+        geometry.spatial_shape((None, None, 4, 2), 2, "Conv2D")
     with pytest.raises(ValueError, match="known channel count"):
         geometry.spatial_shape((None, None, None), 1, "Conv1D", allow_unknown=True)
 

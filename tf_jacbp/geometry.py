@@ -135,16 +135,6 @@ def spatial_shape(
     return tuple(None if n is None else int(n) for n in sizes)
 
 
-def image_shape(input_shape: Sequence[int | None], owner: str) -> tuple[int, int, int]:
-    """``(H, W, C)`` of a ``(batch, H, W, C)`` input shape, all known; a ValueError otherwise."""
-    return spatial_shape(input_shape, 2, owner)
-
-
-def sequence_shape(input_shape: Sequence[int | None], owner: str) -> tuple[int, int]:
-    """``(T, C)`` of a ``(batch, T, C)`` input shape, all known; a ValueError otherwise."""
-    return spatial_shape(input_shape, 1, owner)
-
-
 def same_padding(size: int, kernel_size: int, stride: int, dilation: int = 1) -> tuple[int, int]:
     """TensorFlow's "same" padding of one axis: ``(pad_before, pad_after)``.
 

@@ -65,8 +65,3 @@ def vec_index(shape: tuple[int, ...]) -> np.ndarray:
     """Array of ``shape`` whose entry at each index is that entry's position in ``Vec``."""
     size = int(np.prod(shape))
     return np.arange(size).reshape(shape, order="F")
-
-
-def vec_image(x: tf.Tensor) -> tf.Tensor:
-    """Row-major flattening of a channels_last batch: ``(batch, H, W, C)`` -> ``(batch, H*W*C)``."""
-    return tf.reshape(x, [tf.shape(x)[0], -1])

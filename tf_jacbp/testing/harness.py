@@ -10,7 +10,7 @@ import numpy as np
 
 from tf_jacbp import jacobian, tolerances
 from tf_jacbp._backend import keras, tf
-from tf_jacbp.mode import reference_mode
+from tf_jacbp.route import reference_mode
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp.testing")
