@@ -62,13 +62,13 @@ def test_jacobian_matrix_equals_autodiff_of_reference(name):
 def test_relu_jacobian_is_a_zero_one_diagonal():
     """Section 3.4: ``J_z ReLU(z) = diag(1[z > 0])``."""
     z = tf.constant([-2.0, 0.5, -0.1, 3.0])
-    np.testing.assert_array_equal(layers.ReLU().jacobian(z), np.diag([0.0, 1.0, 0.0, 1.0]))
+    np.testing.assert_array_equal(layers.ReLU().input_jacobian(z), np.diag([0.0, 1.0, 0.0, 1.0]))
 
 
 def test_softmax_jacobian_is_diag_minus_outer_product():
     z = tf.constant([0.3, -1.0, 2.0], tf.float64)
     s = tf.nn.softmax(z).numpy()
-    np.testing.assert_allclose(layers.Softmax().jacobian(z), np.diag(s) - np.outer(s, s))
+    np.testing.assert_allclose(layers.Softmax().input_jacobian(z), np.diag(s) - np.outer(s, s))
 
 
 def test_reference_mode_switches_route():
@@ -76,8 +76,8 @@ def test_reference_mode_switches_route():
     outside."""
 
     class Doubled(activations.Tanh):
-        def backward(self, dy, z, a):
-            return 2 * self.derivative(z, a) * dy, []
+        def derivative(self, z, a):
+            return 2 * super().derivative(z, a)
 
     layer = layers.Activation(Doubled())
     z = tf.constant([[0.1, -0.4]])
@@ -109,17 +109,17 @@ def test_bad_activation_arguments_name_the_argument(call, match):
         call()
 
 
-def test_plain_relu_backward_reads_d_from_the_output_alone():
-    """``(J_z f)^T delta = [z > 0] delta`` from ``a = max(z, 0)`` only (``z`` unused), equal to
-    the derivative times ``delta``; with arguments, ReLU's backward uses ``z``."""
+def test_plain_relu_product_reads_d_from_the_output_alone():
+    """``(J_z f)^T m = [z > 0] m`` from ``a = max(z, 0)`` only (``z`` unused), equal to the
+    derivative times ``m``; with arguments, ReLU's product uses ``z``."""
     z = tf.constant([[-1.5, 0.0, 0.3, 2.0], [1e-30, -1e-30, 5.0, -0.2]], tf.float64)
-    dy = tf.constant(np.random.default_rng(0).normal(size=(2, 4)))
+    m = tf.constant(np.random.default_rng(0).normal(size=(3, 2, 4)))  # V = 3
     relu = activations.ReLU()
-    dz, _ = relu.backward(dy, None, relu.forward(z))
-    np.testing.assert_array_equal(dz, relu.derivative(z, relu.forward(z)) * dy)
+    dz = relu.vjp_input(m, None, relu.forward(z))
+    np.testing.assert_array_equal(dz, relu.derivative(z, relu.forward(z)) * m)
     leaky = activations.ReLU(negative_slope=0.1)
-    dz, _ = leaky.backward(dy, z, leaky.forward(z))
-    np.testing.assert_allclose(dz, leaky.derivative(z, leaky.forward(z)) * dy)
+    dz = leaky.vjp_input(m, z, leaky.forward(z))
+    np.testing.assert_allclose(dz, leaky.derivative(z, leaky.forward(z)) * m)
 
 
 # --- ReLU: Keras' semantics (threshold, negative_slope, max_value) in float64, ties included ---
@@ -485,3 +485,58 @@ def test_softmax_mask_equals_keras_softmax_in_float64(shape, mask_shape, seed):
 def test_softmax_mask_that_does_not_broadcast_names_the_shapes():
     with pytest.raises(ValueError, match=r"mask must be broadcastable.*mask.shape=\(2, 3\)"):
         layers.Softmax()(tf.zeros((2, 4)), mask=tf.ones((2, 3), tf.bool))
+
+
+@pytest.mark.parametrize("base", [layers.Activation, layers.ReLU, layers.Softmax])
+def test_a_subclass_overriding_build_has_it_run(base):
+    """Built at construction only while ``build`` is the stateless one (Keras' rule): a subclass
+    that overrides ``build`` is unbuilt until its first call, which runs its ``build``."""
+
+    class Recording(base):
+        def build(self, input_shape):
+            self.seen = tuple(input_shape)
+
+    args = ("tanh",) if base is layers.Activation else ()
+    assert base(*args).built
+    layer = Recording(*args)
+    assert not layer.built
+    layer(tf.zeros((2, 3)))
+    assert layer.built and layer.seen == (2, 3)
+
+
+@pytest.mark.parametrize("name", ["ReLU", "Softmax", "GELU"])
+def test_vjp_input_of_v_vectors_equals_autodiff(name):
+    """``vjp_input(m, z, a)`` with ``V = 3`` stacked vectors on a ``(batch, T, d)`` input: each
+    ``v`` equals autodiff's vector-Jacobian product of the reference route."""
+    layer = LAYERS[name](dtype="float64")
+    rng = np.random.default_rng(3)
+    z = tf.constant(rng.normal(size=(4, 2, 5)))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(z)
+        with tf_jacbp.reference_mode():
+            a = layer(z)
+    m = tf.constant(rng.normal(size=(3, *a.shape)))
+    got = layer.vjp_input(m, z, layer.forward(z))
+    for v in range(3):
+        expected = tape.gradient(a, z, output_gradients=m[v])
+        assert tolerances.relative_error(got[v], expected) <= RTOL64
+
+
+def test_masked_softmax_is_a_contract_map():
+    """The masked softmax's map (``MaskedSoftmax``): ``vjp_input`` for ``V = 3`` against autodiff
+    of its reference route, and its forward equal to the reference."""
+    from tf_jacbp.layers.activation import MaskedSoftmax
+
+    rng = np.random.default_rng(5)
+    z = tf.constant(rng.normal(size=(3, 4, 5)))
+    mask = tf.constant(rng.random((3, 4, 5)) > 0.4)
+    op = MaskedSoftmax()
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(z)
+        s = op.reference(z, mask)
+    assert tolerances.relative_error(op.forward(z, mask), s) <= RTOL64
+    m = tf.constant(rng.normal(size=(3, *s.shape)))
+    got = op.vjp_input(m, z, s, mask)
+    for v in range(3):
+        expected = tape.gradient(s, z, output_gradients=m[v])
+        assert tolerances.relative_error(got[v], expected) <= RTOL64

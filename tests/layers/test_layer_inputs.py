@@ -42,3 +42,22 @@ def test_sparse_input_names_the_sparse_tensor_and_the_fix():
     x = tf.sparse.from_dense(tf.constant([[1.0, 0.0, 2.0, 0.0]]))
     with pytest.raises((TypeError, ValueError), match=r"SparseTensor.*tf\.sparse\.to_dense"):
         layers.Dense(3)(x)
+
+
+@pytest.mark.parametrize(
+    "merge, kwargs",
+    [("Add", {}), ("Multiply", {}), ("Concatenate", {"axis": 1}), ("Concatenate", {"axis": 2})],
+    ids=["Add", "Multiply", "Concatenate axis 1", "Concatenate axis 2"],
+)
+def test_integer_tensors_keep_their_masks_in_merge_layers(merge, kwargs):
+    """Keras' own merge tests: integer tensors masked by ``Masking`` keep their masks through
+    the cast to the compute dtype, so the output's mask (and Multiply's values) are stock's."""
+    masking = keras.layers.Masking()
+    x1 = masking(tf.constant([[[0, 0], [1, 2], [0, 0], [3, 4]]]))
+    x2 = masking(tf.constant([[[0, 0], [0, 0], [1, 2], [3, 4]]]))
+    ours = getattr(layers, merge)(**kwargs)([x1, x2])
+    stock = getattr(keras.layers, merge)(**kwargs)([x1, x2])
+    assert ours.dtype == tf.float32
+    np.testing.assert_array_equal(ours, tf.cast(stock, tf.float32))
+    assert stock._keras_mask is not None
+    np.testing.assert_array_equal(ours._keras_mask, stock._keras_mask)

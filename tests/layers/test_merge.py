@@ -45,7 +45,8 @@ def test_jacobians_are_identities_and_broadcast_matrices():
     """``J_{x_k} y`` equals ``tape.jacobian`` of the reference route, exactly (0/1 entries)."""
     xs = [tf.constant(np.random.default_rng(1).normal(size=s)) for s in [(2, 3), (1, 3), (2, 1)]]
     add = layers.Add(dtype="float64")
-    ours = add.jacobian(xs)
+    add.build([(None, *x.shape) for x in xs])  # inputs of rank 3: xs is one sample
+    ours = add.input_jacobian(xs)
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(xs)
         with tf_jacbp.reference_mode():
@@ -178,7 +179,8 @@ def test_jacobians_equal_autodiff_and_their_transposes_are_the_backward(layer, s
     layer = layer()
     rng = np.random.default_rng(4)
     xs = [tf.constant(rng.normal(size=s)) for s in shapes]
-    jacobians = layer.jacobian(xs)
+    layer.build([(None, *s) for s in shapes])  # xs is one sample
+    jacobians = layer.input_jacobian(xs)
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(xs)
         with tf_jacbp.reference_mode():
@@ -197,7 +199,9 @@ def test_jacobians_equal_autodiff_and_their_transposes_are_the_backward(layer, s
 
 def test_concatenate_jacobian_of_flat_inputs_is_a_block_of_the_identity():
     xs = [np.ones(2), np.ones(3)]
-    j1, j2 = Concatenate(dtype="float64").jacobian(xs)
+    layer = Concatenate(dtype="float64")
+    layer.build([(None, 2), (None, 3)])
+    j1, j2 = layer.input_jacobian(xs)
     np.testing.assert_array_equal(np.concatenate([j1, j2], axis=1), np.eye(5))
     np.testing.assert_array_equal(j2, np.eye(5)[:, 2:])
 
@@ -343,3 +347,168 @@ def test_add_passes_the_masks_on_as_keras_add():
             np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
     # The sum ignores masks (stock Add takes none as an argument).
     np.testing.assert_array_equal(ours([x, x], mask=masks), stock([x, x]))
+
+
+@pytest.mark.parametrize(
+    "make, shapes, modes",
+    [
+        (lambda dtype: layers.Add(dtype=dtype), [(3, 4), (1, 4)], True),
+        (lambda dtype: Multiply(dtype=dtype), [(3, 4), (3, 1)], True),
+        (lambda dtype: Concatenate(axis=1, dtype=dtype), [(2, 4), (1, 4)], True),
+        (lambda dtype: layers.Add(dtype=dtype), [(2, 3), (2, 3), (2, 1), (1, 3)], False),
+    ],
+    ids=["add", "multiply", "concatenate", "add of four inputs"],
+)
+def test_merge_layers_pass_the_kit_at_a_batch_size_other_than_their_inputs(make, shapes, modes):
+    """``check_layer`` on the layer itself, ``input_shape`` a list of shapes, batch 3 for 2 or 4
+    inputs: every route, the contract for ``V = 1`` and ``V = 3``, the derived rows."""
+    run_layer_test(make, shapes, batch_size=3, modes=modes)
+
+
+# --- The contract: vjp_input for V stacked vectors, at batch sizes other than the inputs' count --
+
+
+@pytest.mark.parametrize(
+    "make, shapes, masked",
+    [
+        (lambda: layers.Add(dtype="float64"), [(5, 3, 4), (5, 1, 4), (1, 3, 4)], False),
+        (lambda: Multiply(dtype="float64"), [(5, 3, 4), (1, 3, 1)], False),
+        (lambda: Multiply(dtype="float64"), [(5, 3, 4), (5, 3, 4), (5, 3, 1)], True),
+        (lambda: Concatenate(axis=1, dtype="float64"), [(5, 1, 4), (5, 3, 4)], False),
+        (lambda: Concatenate(dtype="float64"), [(5, 3, 2), (5, 3, 1), (5, 3, 4)], False),
+    ],
+    ids=["add", "multiply", "multiply masked", "concatenate axis 1", "concatenate last axis"],
+)
+def test_vjp_input_of_v_vectors_equals_autodiff(make, shapes, masked):
+    """``vjp_input(m, xs, y)`` with ``V = 3`` stacked vectors, batch 5 for 2 or 3 inputs (a
+    batch-1 input broadcast over the batch included): each ``v`` equals autodiff's vector-Jacobian
+    product of the reference route."""
+    layer = make()
+    rng = np.random.default_rng(7)
+    xs = [tf.constant(rng.normal(size=s)) for s in shapes]
+    masks = [tf.constant(rng.random(s[:-1]) > 0.3) for s in shapes] if masked else None
+    kwargs = {"mask": masks} if masked else {}
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(xs)
+        with tf_jacbp.reference_mode():
+            y = layer(xs, **kwargs)
+    m = tf.constant(rng.normal(size=(3, *y.shape)))
+    got = layer.vjp_input(m, xs, y, *([masks] if masked else []))
+    assert len(got) == len(xs)
+    for v in range(3):
+        expected = tape.gradient(y, xs, output_gradients=m[v])
+        for k, x in enumerate(xs):
+            assert got[k].shape == (3, *x.shape)
+            assert tolerances.relative_error(got[k][v], expected[k]) <= RTOL64, (v, k)
+    rows, params = layer.jacobian_rows(tf.transpose(m, [1, 0, 2, 3]), xs, y, *kwargs.values())
+    assert params == []
+    for k in range(len(xs)):
+        np.testing.assert_allclose(rows[k], np.moveaxis(got[k], 0, 1))
+
+
+def test_concatenate_of_sizes_unknown_when_traced_equals_autodiff():
+    """The slices along an axis of unknown size at trace time (``tf.function`` with ``None``)."""
+    layer = Concatenate(axis=1, dtype="float64")
+    spec = tf.TensorSpec((None, None, 2), tf.float64)
+
+    weights = np.arange(8.0).reshape(1, 4, 2) / 10  # d loss / d y, the same for each sample
+
+    @tf.function(input_signature=[spec, spec], autograph=False)
+    def grads(a, b):
+        with tf.GradientTape() as tape:
+            tape.watch([a, b])
+            loss = tf.reduce_sum(layer([a, b]) * weights)
+        return tape.gradient(loss, [a, b])
+
+    rng = np.random.default_rng(8)
+    ga, gb = grads(tf.constant(rng.normal(size=(2, 3, 2))), tf.constant(rng.normal(size=(2, 1, 2))))
+    np.testing.assert_array_equal(ga, np.broadcast_to(weights[:, :3], (2, 3, 2)))
+    np.testing.assert_array_equal(gb, np.broadcast_to(weights[:, 3:], (2, 1, 2)))
+
+
+# --- Issue 21: bugs found against stock Keras --------------------------------------------------
+
+
+class Positions(keras.layers.Layer):
+    """A learned positional embedding: a ``(1, T, D)`` weight, the same for every sample."""
+
+    def build(self, input_shape):
+        self.table = self.add_weight(shape=(1, *input_shape[1:]), initializer="random_normal")
+
+    def call(self, x):
+        return keras.ops.convert_to_tensor(self.table)
+
+    def compute_output_shape(self, input_shape):
+        return (1, *input_shape[1:])
+
+
+def positional_model(merge, seed=0):
+    """``x (T, D) -> merge([x, positions]) -> Dense(2)`` with seeded weights."""
+    x = keras.Input((3, 4))
+    h = merge([x, Positions()(x)])
+    model = keras.Model(x, keras.layers.Dense(2)(h))
+    rng = np.random.default_rng(seed)
+    model.set_weights([rng.normal(size=w.shape).astype("float32") for w in model.get_weights()])
+    return model
+
+
+@pytest.mark.parametrize("merge", ["Add", "Multiply"])
+def test_learned_weight_broadcast_over_the_batch_trains_as_stock(merge):
+    """A ``(1, T, D)`` weight broadcast over the batch gets the gradient summed over the batch,
+    ``(1, T, D)`` (was ``(B, T, D)``: ``fit`` crashed); equal to stock Keras' gradient."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(6, 3, 4)).astype("float32")
+    y = rng.normal(size=(6, 3, 2)).astype("float32")
+    grads = []
+    for merge_layer in (getattr(layers, merge)(), getattr(keras.layers, merge)()):
+        model = positional_model(merge_layer)
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean((model(x) - y) ** 2)
+        grads.append(tape.gradient(loss, model.trainable_variables))
+    for ours, stock in zip(*grads, strict=True):
+        assert ours.shape == stock.shape
+        np.testing.assert_allclose(ours, stock, rtol=1e-5, atol=1e-6)
+    model = positional_model(getattr(layers, merge)())
+    model.compile(optimizer="sgd", loss="mse")
+    history = model.fit(x, y, batch_size=3, epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    # Eagerly, a tf.Variable fed to the merge gets a gradient of its own shape (stock refuses
+    # the batch sizes 6 and 1 eagerly; the witness is TensorFlow's broadcasting op).
+    table = tf.Variable(rng.normal(size=(1, 3, 4)))
+    x64 = tf.constant(x, tf.float64)
+    op = tf.add if merge == "Add" else tf.multiply
+    with tf.GradientTape(persistent=True) as tape:
+        loss = tf.reduce_sum(getattr(layers, merge)(dtype="float64")([x64, table]) ** 2)
+        expected = tf.reduce_sum(op(x64, table) ** 2)
+    got = tape.gradient(loss, table)
+    assert got.shape == table.shape
+    assert tolerances.relative_error(got, tape.gradient(expected, table)) <= RTOL64
+
+
+@pytest.mark.parametrize("merge", ["Add", "Multiply"])
+def test_compute_mask_accepts_non_boolean_masks_as_stock(merge):
+    """Float and integer masks (nonzero: kept) are ORed as stock's ``ops.logical_or`` reads
+    them (``tf.logical_or`` raised on them)."""
+    x = np.zeros((2, 3, 2), "float32")
+    masks = [tf.constant([[1.0, 0, 0], [1, 1, 0]]), tf.constant([[0, 0, 1], [1, 0, 0]])]
+    got = getattr(layers, merge)().compute_mask([x, x], masks)
+    expected = getattr(keras.layers, merge)().compute_mask([x, x], masks)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+
+
+@pytest.mark.parametrize("merge", ["Add", "Multiply"])
+def test_functional_merge_of_two_masked_inputs_builds_as_stock(merge):
+    """A functional model merging two masked tensors builds (the masks' OR is taken on
+    ``KerasTensor``s) and gives stock's values and mask."""
+    x1 = np.array([[[0.0, 0], [1, 2], [0, 0], [3, 4]]], "float32")
+    x2 = np.array([[[0.0, 0], [0, 0], [1, 2], [3, 4]]], "float32")
+    outputs = []
+    for module in (layers, keras.layers):
+        a, b = keras.Input((4, 2)), keras.Input((4, 2))
+        merged = getattr(module, merge)()([keras.layers.Masking()(a), keras.layers.Masking()(b)])
+        model = keras.Model([a, b], merged)
+        outputs.append(model([x1, x2]))
+    ours, stock = outputs
+    np.testing.assert_array_equal(ours, stock)
+    np.testing.assert_array_equal(ours._keras_mask, stock._keras_mask)
+    np.testing.assert_array_equal(ours._keras_mask, [[False, True, True, True]])

@@ -1,12 +1,16 @@
 """Activation layers: ``a = f(z)`` with the Jacobians of ``tf_jacbp.activations``.
 
-Elementwise ones have ``J_z f = diag(f'(z))``; ``Softmax`` has ``diag(s) - s s^T``. Any input
-shape; the Jacobian accessors take ``(d,)`` or ``(batch, d)``.
+Elementwise ones have ``J_z f = diag(f'(z))``; ``Softmax`` has ``diag(s) - s s^T``. Each is a
+map without parameters in the contract of ``tf_jacbp.contract``: ``vjp_input(m, z, a)`` is the
+activation's product ``(J_z f)^T m`` for ``V`` stacked vectors ``m`` ``(V, batch, ...)``
+(``f'(z) * m``, or ``s * (m - <s, m>)`` for softmax). Any input shape; the materialized
+``input_jacobian`` takes one sample ``(d,)`` or a batch.
 
 As Keras' activation layers, they have no weights and are built when constructed
-(``layer.built``), pass a Keras mask through unchanged (``supports_masking``), and expose their
-arguments as attributes (``ReLU(...).max_value``, ``LeakyReLU(...).negative_slope``,
-``ELU(...).alpha``, ``Softmax(...).axis``); setting one replaces the activation.
+(``layer.built``; a subclass that overrides ``build`` has it run at its first call), pass a
+Keras mask through unchanged (``supports_masking``), and expose their arguments as attributes
+(``ReLU(...).max_value``, ``LeakyReLU(...).negative_slope``, ``ELU(...).alpha``,
+``Softmax(...).axis``); setting one replaces the activation.
 """
 
 from __future__ import annotations
@@ -14,10 +18,21 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+from keras import ops
+
 from tf_jacbp import activations
 from tf_jacbp._backend import keras, tf
-from tf_jacbp.layers.base import JacobianLayer, as_float_tensor
-from tf_jacbp.route import Map, route
+from tf_jacbp.contract import JacobianMap
+from tf_jacbp.layers.base import JacobianLayer, as_float_tensor, build_at_construction
+from tf_jacbp.route import route
+
+
+def activation_vjp(activation: Any, m: Any, z: Any, a: Any) -> Any:
+    """``(J_z f)^T m`` of a ``tf_jacbp.activations`` object for ``V`` stacked vectors ``m``
+    ``(V, batch, ...)``, ``z`` and ``a = f(z)`` ``(batch, ...)``: ``(V, batch, ...)``."""
+    if hasattr(activation, "vjp_input"):
+        return activation.vjp_input(m, z, a)
+    return activation.backward(m, z, a)[0]  # TRANSITION: its formula broadcasts over V
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
@@ -36,7 +51,7 @@ class Activation(JacobianLayer):
 
     Example:
         >>> layer = tf_jacbp.layers.Activation(keras.activations.hard_silu, dtype="float64")
-        >>> np.diag(layer.jacobian(np.array([-4.0, 0.0, 1.0])))  # 0 below -3, (2 z + 3) / 6
+        >>> np.diag(layer.input_jacobian(np.array([-4.0, 0.0, 1.0])))  # 0 below -3, (2 z + 3) / 6
         array([0.        , 0.5       , 0.83333333])
     """
 
@@ -44,7 +59,7 @@ class Activation(JacobianLayer):
         super().__init__(**kwargs)
         self.activation = activations.get(activation)
         self.supports_masking = True
-        self._build_at_init()  # no weights: built now, as Keras' activation layers are
+        build_at_construction(self, Activation)  # no weights: built now, as Keras' are
 
     def forward(self, z: tf.Tensor) -> tf.Tensor:
         """``a = f(z)``, any shape."""
@@ -53,18 +68,23 @@ class Activation(JacobianLayer):
     def reference(self, z: tf.Tensor) -> tf.Tensor:
         return self.activation.reference(z)
 
-    def backward(self, dy: tf.Tensor, z: tf.Tensor, a: tf.Tensor) -> tuple[tf.Tensor, list]:
-        """``(J_z f)^T delta``: ``f'(z) * delta`` (elementwise), ``s * (delta - <s, delta>)``
-        (softmax)."""
-        return self.activation.backward(dy, z, a)
+    def vjp_input(self, m: Any, z: Any, a: Any) -> Any:
+        """``(J_z f)^T m``: ``f'(z) * m`` (elementwise), ``s * (m - <s, m>)`` (softmax, over the
+        last axis); ``m`` ``(V, batch, ...)`` -> ``(V, batch, ...)``."""
+        return activation_vjp(self.activation, m, z, a)
 
-    def jacobian(self, z: Any) -> tf.Tensor:
-        """``J_z f(z)``: ``(d,)`` -> ``(d, d)``, ``(batch, d)`` -> ``(batch, d, d)``."""
-        return self.activation.jacobian(as_float_tensor(z, self.compute_dtype))
+    def input_jacobian(self, z: Any) -> Any:
+        """``J_z f(z)`` of each sample, flattened: one sample ``(d,)`` -> ``(d, d)``, a batch
+        ``(batch, ...)`` -> ``(batch, N, N)`` with ``N`` a sample's size (the layer takes any
+        shape, so a rank-1 ``z`` is read as one sample)."""
+        z = as_float_tensor(z, self.compute_dtype)
+        if len(z.shape) == 1:
+            return super().input_jacobian(z[None])[0]
+        return super().input_jacobian(z)
 
     def jacobian_factors(self, z: tf.Tensor) -> dict[str, tf.Tensor]:
-        """``{"D": J_z f(z)}`` at one sample, flattened: ``(d, d)``."""
-        return {"D": self.jacobian(tf.reshape(z, [-1]))}
+        """``{"D": J_z f(z)}`` at one sample ``z`` (any shape), flattened: ``(N, N)``."""
+        return {"D": super().input_jacobian(z[None])[0]}
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         return input_shape
@@ -249,14 +269,13 @@ class Softmax(_FixedActivation):
         self._check_axis(len(inputs.shape))
         if mask is None:
             return super().call(inputs)
-        mask = _broadcastable_mask(mask, inputs, self.name)
-        return route(Map(_masked_forward, _masked_forward, _masked_backward), inputs, [], [mask])
+        return route(MaskedSoftmax(), inputs, [], [_broadcastable_mask(mask, inputs, self.name)])
 
 
-def _broadcastable_mask(mask: Any, inputs: tf.Tensor, name: str) -> tf.Tensor:
+def _broadcastable_mask(mask: Any, inputs: Any, name: str) -> Any:
     """``mask`` as a bool tensor, checked as Keras' Softmax checks it (each axis, aligned from the
     right, is 1 or the input's; no more axes than the input)."""
-    mask = tf.convert_to_tensor(mask)
+    mask = ops.convert_to_tensor(mask)
     fits = len(mask.shape) <= len(inputs.shape) and all(
         m is None or i is None or m in (1, i)
         for m, i in zip(mask.shape[::-1], inputs.shape[::-1], strict=False)
@@ -268,19 +287,34 @@ def _broadcastable_mask(mask: Any, inputs: tf.Tensor, name: str) -> tf.Tensor:
             f"mask.shape={tuple(mask.shape)}. Give a mask of shape {tuple(inputs.shape)} or one "
             "with 1 on the axes to broadcast."
         )
-    return mask if mask.dtype == tf.bool else mask > tf.cast(0.5, mask.dtype)
+    return mask if mask.dtype == "bool" else ops.greater(mask, ops.cast(0.5, mask.dtype))
 
 
-def _masked_forward(z: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
-    """Keras' masked softmax in stock ops: dropped logits set to ``-1e9`` (``-3e4`` in
-    float16), dropped outputs to 0."""
-    large_negative = -3e4 if z.dtype == tf.float16 else -1e9
-    s = tf.nn.softmax(tf.where(mask, z, tf.cast(large_negative, z.dtype)), axis=-1)
-    return tf.where(mask, s, tf.zeros_like(s))
+def _large_negative(dtype: Any) -> float:
+    """Keras' stand-in for a dropped logit: ``-1e9``, or ``-3e4`` in float16."""
+    return -3e4 if dtype == "float16" else -1e9
 
 
-def _masked_backward(
-    dy: tf.Tensor, z: tf.Tensor, s: tf.Tensor, mask: tf.Tensor
-) -> tuple[tf.Tensor, list]:
-    """``(diag(s) - s s^T) delta = s * (delta - <s, delta>)``; ``s`` is 0 on dropped entries."""
-    return activations.Softmax().backward(dy, z, s)
+class MaskedSoftmax(JacobianMap):
+    """Keras' masked softmax over the last axis: ``s = softmax(z')`` with the dropped logits of
+    ``z'`` set to a large negative number and the dropped outputs to 0; ``mask`` (booleans,
+    broadcastable to ``z``) is a constant of the map.
+
+    ``J_z s = diag(s) - s s^T`` with ``s`` zero on the dropped entries: the softmax's over the
+    entries kept, zero elsewhere (a dropped logit moves nothing).
+    """
+
+    def forward(self, z: Any, mask: Any) -> Any:
+        """``s``, ``(batch, ..., d)``: the softmax of the kept logits, 0 where dropped."""
+        s = ops.softmax(ops.where(mask, z, ops.cast(_large_negative(z.dtype), z.dtype)), axis=-1)
+        return ops.where(mask, s, ops.zeros_like(s))
+
+    def reference(self, z: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
+        large_negative = tf.cast(_large_negative(z.dtype), z.dtype)
+        s = tf.nn.softmax(tf.where(mask, z, large_negative), axis=-1)
+        return tf.where(mask, s, tf.zeros_like(s))
+
+    def vjp_input(self, m: Any, z: Any, s: Any, mask: Any) -> Any:
+        """``(diag(s) - s s^T) m = s * (m - <s, m>)`` (the matrix is symmetric), ``m``
+        ``(V, batch, ..., d)``; ``s`` is 0 on the dropped entries, so they get 0."""
+        return s * (m - ops.sum(m * s, axis=-1, keepdims=True))
