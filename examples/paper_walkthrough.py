@@ -193,7 +193,7 @@ show(out["pictures"][-1])
 def section_3_4(out: dict) -> None:
     print("\n== 3.4 ReLU: J_z f(z) = diag(f'(z)), zeros and ones")
     z = np.array([-1.5, 0.7, -0.2, 2.0, 0.1])
-    d = np.asarray(layers.ReLU().jacobian(z))
+    d = np.asarray(layers.ReLU().input_jacobian(z))
     print("z =", z)
     print(d)
     out["3.4"] = {"D": d}
