@@ -164,9 +164,9 @@ class LayerNormalization(_Normalization):
             )
         if 0 in positive:
             raise ValueError(
-                f"LayerNormalization '{self.name}': axis={self.axis} includes the batch axis 0 "
-                f"of inputs of rank {rank}. tf_jacbp normalizes each sample on its own (a "
-                "per-sample Jacobian); normalize over axes 1 and up (e.g. axis=-1)."
+                f"LayerNormalization '{self.name}': axis={self.axis} includes the batch axis 0. "
+                "tf_jacbp normalizes each sample on its own (a per-sample Jacobian); normalize "
+                f"over axes 1 and up (e.g. axis=-1); here the inputs have rank {rank}."
             )
         return positive
 
