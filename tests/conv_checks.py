@@ -303,3 +303,101 @@ def assert_one_trace_gives_the_reference_gradients(
         for got, want in zip(compiled(x), expected, strict=True):
             assert tolerances.relative_error(got, want) <= RTOL64
     assert compiled.experimental_get_tracing_count() == 1
+
+
+def _reference_products(layer, m, x, params, per_sample):
+    """``[(J_x F)^T m[v], (J_p F)^T m[v] ...]`` by autodiff of the reference route, for each
+    vector ``v`` (and each sample ``i`` with ``per_sample``; the input products are per sample
+    either way)."""
+
+    def one(m_v, x_v):
+        with tf.GradientTape() as tape:
+            tape.watch([x_v, *params])
+            loss = tf.reduce_sum(m_v * layer.reference(x_v, *params))
+        return tape.gradient(loss, [x_v, *params])
+
+    stacks = []
+    for m_v in m:
+        if per_sample:
+            rows = [one(m_v[i : i + 1], x[i : i + 1]) for i in range(x.shape[0])]
+            stacks.append(
+                [tf.concat([r[0] for r in rows], 0)]
+                + [tf.stack([r[k] for r in rows]) for k in range(1, len(params) + 1)]
+            )
+        else:
+            stacks.append(one(m_v, x))
+    return [tf.stack([s[k] for s in stacks]) for k in range(len(params) + 1)]
+
+
+def assert_contract_is_autodiff(
+    layer: keras.layers.Layer,
+    input_shape: tuple[int, ...],
+    stacks: int = 3,
+    seed: int = 7,
+    unknown_size: bool = False,
+) -> None:
+    """The contract (``tf_jacbp.contract``) at a batch of 2 samples of ``input_shape`` and
+    ``stacks`` random vectors per sample: ``vjp_input`` ``(V, 2, *input_shape)`` and
+    ``vjp_params`` with ``sum_batch`` both ways (``(V, *p.shape)``, ``(V, 2, *p.shape)``) are
+    autodiff's products of the reference route for each vector, and ``squared_norms`` (``V = 1``)
+    the squared norms of ``vjp_params(sum_batch=False)``. With ``unknown_size`` the products run
+    in a ``tf.function`` traced for unknown spatial sizes (the index maps of
+    ``tf_jacbp.toeplitz_dynamic``)."""
+    params = layer.read_parameters()
+    rng = np.random.default_rng(seed)
+    x = tf.constant(rng.normal(size=(2, *input_shape)))
+    out_shape = layer.compute_output_shape(x.shape)
+    m = tf.constant(rng.normal(size=(stacks, *out_shape)))
+
+    def products(m, x):
+        return (
+            layer.vjp_input(m, x, None, *params),
+            layer.vjp_params(m, x, None, *params, sum_batch=True),
+            layer.vjp_params(m, x, None, *params, sum_batch=False),
+            layer.squared_norms(m[:1], x, None, *params),
+        )
+
+    if unknown_size:
+        spatial = (None,) * (len(input_shape) - 1)
+        signature = [
+            tf.TensorSpec((stacks, None, *spatial, out_shape[-1]), "float64"),
+            tf.TensorSpec((None, *spatial, input_shape[-1]), "float64"),
+        ]
+        products = tf.function(products, input_signature=signature)
+    dx, summed, per_sample, norms = products(m, x)
+    want_dx, *want_summed = _reference_products(layer, m, x, params, per_sample=False)
+    _, *want_per_sample = _reference_products(layer, m, x, params, per_sample=True)
+    assert dx.shape == (stacks, *x.shape)
+    assert tolerances.relative_error(dx, want_dx) <= RTOL64
+    for p, got, want in zip(params, summed, want_summed, strict=True):
+        assert got.shape == (stacks, *p.shape)
+        assert tolerances.relative_error(got, want) <= RTOL64
+    for p, got, want in zip(params, per_sample, want_per_sample, strict=True):
+        assert got.shape == (stacks, 2, *p.shape)
+        assert tolerances.relative_error(got, want) <= RTOL64
+    for got, rows in zip(norms, per_sample, strict=True):
+        expected = tf.reduce_sum(tf.reshape(tf.square(rows[0]), [2, -1]), axis=1)
+        assert got.shape == (2,) and tolerances.relative_error(got, expected) <= RTOL64
+
+
+def assert_another_size_after_an_eager_call(
+    cls: type[keras.layers.Layer],
+    stock_cls: type[keras.layers.Layer],
+    first: tuple[int, ...],
+    second: tuple[int, ...],
+    **kwargs: object,
+) -> None:
+    """A layer built by an eager call at samples of shape ``first`` takes samples of shape
+    ``second`` next, as the stock Keras layer does (its ``input_spec`` fixes only the channels),
+    with the stock layer's values and gradients at the same weights."""
+    rng = np.random.default_rng(11)
+    ours = cls(dtype="float64", **kwargs)
+    stock = stock_cls(dtype="float64", **kwargs)
+    x = tf.constant(rng.normal(size=(2, *first)))
+    ours(x), stock(x)
+    stock.set_weights(ours.get_weights())
+    y = tf.constant(rng.normal(size=(3, *second)))
+    upstream = tf.constant(rng.normal(size=stock.compute_output_shape(y.shape)))
+    got = values_and_gradients(ours, y, upstream)
+    for g, want in zip(got, values_and_gradients(stock, y, upstream), strict=True):
+        assert tolerances.relative_error(g, want) <= RTOL64

@@ -7,6 +7,8 @@ import pytest
 import tensorflow as tf
 from conv_checks import (
     UpdatesMatchReference,
+    assert_another_size_after_an_eager_call,
+    assert_contract_is_autodiff,
     assert_fit_applies_the_reference_gradients,
     assert_input_jacobian_is_autodiff,
     assert_one_trace_gives_the_reference_gradients,
@@ -500,3 +502,38 @@ def test_unknown_size_per_example_rows_and_norms_equal_the_static_ones(bias):
     layer = Conv2D(3, 3, strides=2, padding="same", use_bias=bias is not None, dtype="float64")
     layer.build((None, None, None, 2))
     assert_unknown_size_per_example_equals_static(layer, (7, 6, 2), seed=6)
+
+
+CONTRACT_CASES = [
+    ((5, 6, 2), {"filters": 3, "kernel_size": 3, "padding": "same"}),
+    ((7, 6, 3), {"filters": 2, "kernel_size": (2, 3), "strides": 2, "bias": "untied"}),
+    ((7, 7, 2), {"filters": 2, "kernel_size": 3, "dilation_rate": 2, "padding": "same"}),
+    ((6, 4, 2), {"filters": 2, "kernel_size": (3, 1), "strides": 3, "use_bias": False}),
+    # Gram form of the norms (few positions, P (M + F) < M F)
+    ((3, 3, 4), {"filters": 8, "kernel_size": 3}),
+]
+
+
+@pytest.mark.parametrize("input_shape, kwargs", CONTRACT_CASES)
+def test_contract_products_are_autodiff_for_three_vectors(input_shape, kwargs):
+    """``vjp_input`` and ``vjp_params`` (summed and per sample) for ``V = 3`` vectors per sample,
+    and ``squared_norms``, against autodiff of the reference route."""
+    assert_contract_is_autodiff(built(Conv2D, input_shape, **kwargs), input_shape)
+
+
+@pytest.mark.parametrize("input_shape, kwargs", [c for c in CONTRACT_CASES if "bias" not in c[1]])
+def test_contract_products_for_an_unknown_size_are_autodiff(input_shape, kwargs):
+    layer = built(Conv2D, (None, None, input_shape[-1]), **kwargs)
+    assert_contract_is_autodiff(layer, input_shape, unknown_size=True)
+
+
+def test_a_layer_called_eagerly_at_one_size_takes_another_as_keras_does():
+    """Built by its first (eager) call at 8 x 8, the layer takes 9 x 7 next, as
+    ``keras.layers.Conv2D`` does; an untied bias (one per output entry) still fixes the size."""
+    assert_another_size_after_an_eager_call(
+        Conv2D, keras.layers.Conv2D, (8, 8, 3), (9, 7, 3), filters=4, kernel_size=3
+    )
+    untied = Conv2D(2, 3, bias="untied")
+    untied(np.zeros((1, 8, 8, 1), "float32"))
+    with pytest.raises(ValueError, match="expected axis 1 of input shape to have value 8"):
+        untied(np.zeros((1, 9, 8, 1), "float32"))

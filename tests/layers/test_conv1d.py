@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conv_checks import (
+    assert_another_size_after_an_eager_call,
+    assert_contract_is_autodiff,
     assert_fit_applies_the_reference_gradients,
     assert_input_jacobian_is_autodiff,
     assert_one_trace_gives_the_reference_gradients,
@@ -220,3 +222,32 @@ def test_get_config_round_trip_and_keras_config():
     ours = layer.get_config()
     for key in ("filters", "kernel_size", "strides", "padding", "dilation_rate", "groups"):
         assert ours[key] == stock[key], key
+
+
+CONTRACT_CASES = [
+    ((7, 2), {"filters": 3, "kernel_size": 3, "padding": "causal", "dilation_rate": 2}),
+    ((8, 3), {"filters": 2, "kernel_size": 2, "strides": 3, "bias": "untied"}),
+    ((6, 2), {"filters": 2, "kernel_size": 3, "padding": "same", "use_bias": False}),
+]
+
+
+@pytest.mark.parametrize("input_shape, kwargs", CONTRACT_CASES)
+def test_contract_products_are_autodiff_for_three_vectors(input_shape, kwargs):
+    """``vjp_input`` and ``vjp_params`` (summed and per sample) for ``V = 3`` vectors per sample,
+    and ``squared_norms``, against autodiff of the reference route (the kernel ``(k, C, F)``,
+    an untied bias ``(T_out, F)``)."""
+    assert_contract_is_autodiff(built(Conv1D, input_shape, **kwargs), input_shape)
+
+
+@pytest.mark.parametrize("input_shape, kwargs", [c for c in CONTRACT_CASES if "bias" not in c[1]])
+def test_contract_products_for_an_unknown_length_are_autodiff(input_shape, kwargs):
+    layer = built(Conv1D, (None, input_shape[-1]), **kwargs)
+    assert_contract_is_autodiff(layer, input_shape, unknown_size=True)
+
+
+def test_a_layer_called_eagerly_at_one_length_takes_another_as_keras_does():
+    """Built by its first (eager) call at length 10, the layer takes length 12 next, as
+    ``keras.layers.Conv1D`` does (it refused: its ``input_spec`` fixed the length)."""
+    assert_another_size_after_an_eager_call(
+        Conv1D, keras.layers.Conv1D, (10, 3), (12, 3), filters=4, kernel_size=3
+    )

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conv_checks import (
+    assert_another_size_after_an_eager_call,
+    assert_contract_is_autodiff,
     assert_fit_applies_the_reference_gradients,
     assert_input_jacobian_is_autodiff,
     assert_parameter_jacobian_is_autodiff,
@@ -441,3 +443,38 @@ def test_unknown_size_per_example_rows_and_norms_equal_the_static_ones():
     layer = Conv2DTranspose(3, 3, strides=2, padding="same", dtype="float64")
     layer.build((None, None, None, 2))
     assert_unknown_size_per_example_equals_static(layer, (3, 4, 2), seed=7)
+
+
+CONTRACT_CASES = [
+    ((2, 2, 3), {"filters": 4, "kernel_size": 3, "padding": "same"}),
+    ((4, 3, 2), {"filters": 2, "kernel_size": 2, "strides": 2}),
+    ((3, 4, 2), {"filters": 3, "kernel_size": (2, 3), "dilation_rate": 2, "use_bias": False}),
+    ((3, 3, 1), {"filters": 2, "kernel_size": 3, "strides": 2, "output_padding": 1}),
+]
+
+
+@pytest.mark.parametrize("input_shape, kwargs", CONTRACT_CASES)
+def test_contract_products_are_autodiff_for_three_vectors(input_shape, kwargs):
+    """``vjp_input`` and ``vjp_params`` (summed and per sample) for ``V = 3`` vectors per sample,
+    and ``squared_norms``, against autodiff of the reference route."""
+    assert_contract_is_autodiff(_built(input_shape, **kwargs), input_shape)
+
+
+@pytest.mark.parametrize("input_shape, kwargs", CONTRACT_CASES[:2])
+def test_contract_products_for_an_unknown_size_are_autodiff(input_shape, kwargs):
+    layer = _built((None, None, input_shape[-1]), **kwargs)
+    assert_contract_is_autodiff(layer, input_shape, unknown_size=True)
+
+
+def test_a_layer_called_eagerly_at_one_size_takes_another_as_keras_does():
+    """Built by its first (eager) call at 4 x 4, the layer takes 5 x 3 next, as
+    ``keras.layers.Conv2DTranspose`` does (it refused: its ``input_spec`` fixed the size)."""
+    assert_another_size_after_an_eager_call(
+        Conv2DTranspose,
+        keras.layers.Conv2DTranspose,
+        (4, 4, 3),
+        (5, 3, 3),
+        filters=2,
+        kernel_size=3,
+        strides=2,
+    )

@@ -102,3 +102,59 @@ def test_dense_route_neither_warns_nor_turns_off_xla():
         dense = Conv2D(2, 3, padding="same")
         model = keras.Sequential([keras.Input((16, 16, 1)), dense])
     assert not dense.sparse_toeplitz and dense.supports_jit and model_supports_jit(model)
+
+
+_UNKNOWN_LENGTH_WORKER = """
+import json, os, sys
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+sys.path.insert(0, {repo!r})
+import numpy as np
+import tensorflow as tf
+from benchmarks.timing import peak_bytes
+from tf_jacbp.layers import Conv1D, Conv2D
+
+config = json.loads(sys.argv[1])
+cls = {{"Conv1D": Conv1D, "Conv2D": Conv2D}}[config["layer"]]
+layer = cls(1, 3, padding="same", toeplitz_budget_bytes=config["budget"])
+shape = tuple(config["shape"])
+layer.build((None, *(None,) * (len(shape) - 1), shape[-1]))
+spec = tf.TensorSpec((None, *(None,) * (len(shape) - 1), shape[-1]), "float32")
+call = tf.function(lambda x: layer(x), input_signature=[spec])
+call(np.zeros((1, *(4,) * (len(shape) - 1), shape[-1]), "float32"))  # traced, small: fits
+x = np.zeros((1, *shape), "float32")
+result = {{"error": None}}
+
+def run():
+    try:
+        call(x)
+    except tf.errors.InvalidArgumentError as error:
+        result["error"] = error.message
+
+result["peak_bytes"] = peak_bytes(run)
+print(json.dumps(result))
+"""
+
+
+@pytest.mark.parametrize("layer, shape", [("Conv1D", (8192, 1)), ("Conv2D", (64, 128, 1))])
+@pytest.mark.slow
+def test_unknown_size_guard_fires_before_anything_of_the_size_of_t(layer, shape):
+    """A size unknown when traced: the run-time memory guard must fail before the dense ``T(K)``
+    or anything of its size is allocated. ``T`` of the length-8192 sequence takes 256 MiB
+    (float32): the guard's message comes, and the process grows by far less. Conv1D's guard
+    used to wait only on the last gather, after the inverse taps and the first gather, each
+    about as large as ``T`` for a sequence (the process grew by about 1 GiB before the error);
+    Conv2D's first gather is small."""
+    budget = 2**20
+    script = _UNKNOWN_LENGTH_WORKER.format(repo=str(Path(__file__).parents[2]))
+    config = json.dumps({"layer": layer, "shape": shape, "budget": budget})
+    done = subprocess.run(
+        [sys.executable, "-c", script, config], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["error"] is not None and "over the budget of 1048576 bytes" in result["error"]
+    assert "toeplitz_budget_bytes" in result["error"]
+    assert result["peak_bytes"] < 32 * 2**20, (
+        f"the step grew the process by {result['peak_bytes'] / 2**20:.0f} MiB before the guard's "
+        "error (T alone would take 256 MiB)"
+    )
