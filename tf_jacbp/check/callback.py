@@ -328,7 +328,7 @@ class GradientCheck(keras.callbacks.Callback):
             again = w.records(w.run(*perturbed(probe)), probe)
             new = [rechecked(a, b) for a, b in zip(new, again, strict=True)]
         if self.finite_differences:
-            new += w.finite_difference_records([np.asarray(g) for g in out["h"]], probe)
+            new += w.finite_difference_records([np.asarray(g) for g in out.h], probe)
         new = [dataclasses.replace(r, step=self._step, epoch=self._epoch) for r in new]
         self._last_check_step = self._step
         self.records += new

@@ -16,6 +16,14 @@ REFERENCE = "reference"
 FINITE_DIFFERENCES = "finite_differences"
 """``GradientCheckRecord.witness`` of a comparison with a directional finite difference."""
 
+PER_EXAMPLE_NORMS = "per_example_norms"
+"""``GradientCheckRecord.witness`` of a comparison of DP-SGD's per-example gradient norms (its
+first pass, the layers' ``squared_norms``) with the norms of autodiff's per-sample gradients
+(``tf_jacbp.check.norms``; models that clip per example only)."""
+
+WITNESSES = (REFERENCE, FINITE_DIFFERENCES, PER_EXAMPLE_NORMS)
+"""Every ``GradientCheckRecord.witness``."""
+
 ROUNDING_FLOOR = "rounding_floor"
 """``GradientCheckRecord.criterion``: ``rel_err <= tolerances.FLOOR_RATIO * floor``."""
 
@@ -29,9 +37,11 @@ LOG_KEYS = (
     "grad_check_independent_variables",
     "grad_check_float64_max_rel_err",
     "grad_check_fd_max_rel_err",
+    "grad_check_norms_max_rel_err",
 )
 """The keys ``GradientCheck`` adds to the epoch ``logs``: the second and third are ints; the
-fourth only when a float64 twin runs, the last only with finite differences."""
+fourth only when a float64 twin runs, the fifth only with finite differences, the last only for
+a model that clips per example (the per-example norm witness)."""
 
 
 class GradientMismatchError(RuntimeError):
@@ -61,17 +71,20 @@ class GradientCheckRecord:
         step: training batches completed (counted over every ``fit`` of this callback) when the
             check ran; 0 is before the first update.
         epoch: the Keras epoch index (0-based) during or at the end of which the check ran.
-        witness: ``"reference"`` (autodiff through the reference route) or
-            ``"finite_differences"``.
+        witness: ``"reference"`` (autodiff through the reference route),
+            ``"finite_differences"`` or ``"per_example_norms"`` (DP-SGD's per-example gradient
+            norms against autodiff's per-sample gradients, ``tf_jacbp.check.norms``).
         variable: the variable's ``path``, e.g. ``"sequential/dense/kernel"``.
         layer: the name of the innermost layer (searched through nested models) owning it.
         index: its position in ``model.trainable_variables``.
-        abs_err: ``max_i |g_i - g_ref_i|`` (reference) or ``|fd - g . v|`` (finite differences);
-            NaN if a value is not finite.
-        rel_err: ``||g - g_ref|| / max(||g_ref||, tiny)`` in the training dtype (reference) or
-            ``|fd - g . v| / max(||g||, tiny)`` (finite differences); NaN if not finite.
+        abs_err: ``max_i |g_i - g_ref_i|`` (reference), ``|fd - g . v|`` (finite differences)
+            or ``max_i |n_i - n_ref_i|`` over the samples (per-example norms); NaN if a value is
+            not finite.
+        rel_err: ``||g - g_ref|| / max(||g_ref||, tiny)`` in the training dtype (reference),
+            ``|fd - g . v| / max(||g||, tiny)`` (finite differences) or ``||n - n_ref|| /
+            max(||n_ref||, tiny)`` over the samples (per-example norms); NaN if not finite.
         cosine: ``<g, g_ref> / (||g|| ||g_ref||)`` (1 when both are zero, 0 when one is);
-            ``None`` for finite differences. Reported, not a pass criterion.
+            ``None`` for the other witnesses. Reported, not a pass criterion.
         rtol: the bound applied to ``rel_err``: ``FLOOR_RATIO * floor`` under the
             ``"rounding_floor"`` criterion, else the fixed tolerance.
         atol: the absolute tolerance applied to ``abs_err``, or ``None``.
@@ -95,8 +108,10 @@ class GradientCheckRecord:
             finite differences; False for stock layers (autodiff against itself).
         cause: for a non-finite value, where it comes from: ``"probe"`` (the probe batch),
             ``"loss"`` (the loss value on the probe), ``"reference"`` (the reference route's
-            gradient is non-finite too: data, weights or loss) or ``"backward"`` (the reference
-            route is finite, the Jacobian route is not: a layer's backward pass); else ``None``.
+            gradient is non-finite too: data, weights or loss), ``"backward"`` (the reference
+            route is finite, the Jacobian route is not: a layer's backward pass) or ``"norms"``
+            (autodiff's per-sample gradients are finite, the per-example norms are not: a
+            layer's ``squared_norms``); else ``None``.
         recheck_passed: ``None`` unless this comparison failed with finite values; then the
             check was repeated on a perturbed probe: ``True`` if it passed there (a rounding
             flip of a ReLU kink or a max-pooling argmax: the record passes, its numbers are the

@@ -14,6 +14,7 @@ from tf_jacbp import tolerances
 from tf_jacbp.check.records import (
     FINITE_DIFFERENCES,
     FIXED_RTOL,
+    PER_EXAMPLE_NORMS,
     REFERENCE,
     ROUNDING_FLOOR,
     GradientCheckRecord,
@@ -70,6 +71,8 @@ def coverage_line(records: Sequence[GradientCheckRecord]) -> str:
 def describe(r: GradientCheckRecord) -> str:
     """``variable 'v' (layer 'l'), rel err ... (bound ...)``: one record in words."""
     text = f"variable '{r.variable}' (layer '{r.layer}')"
+    if r.witness != REFERENCE:
+        text += f" vs {r.witness}"
     if not math.isfinite(r.rel_err) or r.cause is not None:
         return f"{text}, non-finite ({CAUSES.get(r.cause, 'a gradient is not finite')})"
     text += f", rel err {r.rel_err:.3g}"
@@ -95,7 +98,21 @@ CAUSES = {
     "data, the weights or the loss, not from a layer's backward pass",
     "backward": "the reference route is finite and the Jacobian route is not: a layer's "
     "backward pass produced it (this layer's, or one after it in the forward order)",
+    "norms": "autodiff's per-sample gradients are finite and DP-SGD's per-example norms are "
+    "not: a layer's squared_norms formula (this layer's, or a backward pass after it) "
+    "produced it",
 }
+
+WITNESS_NAMES = {
+    REFERENCE: "the reference route (tf.GradientTape in tf_jacbp.reference_mode())",
+    FINITE_DIFFERENCES: "a float64 directional finite difference",
+    PER_EXAMPLE_NORMS: "the norms of per-sample autodiff gradients (DP-SGD's first pass, "
+    "per_example_gradient_norms, checked: the layers' squared_norms)",
+}
+"""How ``mismatch_message`` names each witness."""
+
+PLOT_LABELS = {REFERENCE: "{}", FINITE_DIFFERENCES: "{} (finite differences)"}
+PLOT_LABELS[PER_EXAMPLE_NORMS] = "{} (per-example norms)"
 
 
 def mismatch_message(failed: Sequence[GradientCheckRecord], total: int) -> str:
@@ -105,10 +122,7 @@ def mismatch_message(failed: Sequence[GradientCheckRecord], total: int) -> str:
         "gradient comparisons failed (g: Jacobian route, what training applies):"
     ]
     for r in failed:
-        if r.witness == REFERENCE:
-            witness = "the reference route (tf.GradientTape in tf_jacbp.reference_mode())"
-        else:
-            witness = "a float64 directional finite difference"
+        witness = WITNESS_NAMES.get(r.witness, r.witness)
         if r.cause is not None or not math.isfinite(r.rel_err):
             what = "a gradient has non-finite values (NaN or inf): " + CAUSES.get(
                 r.cause, "see the records"
@@ -134,7 +148,8 @@ def mismatch_message(failed: Sequence[GradientCheckRecord], total: int) -> str:
             if r.atol is not None and not r.abs_err <= r.atol:
                 failures.append(f"max abs error {r.abs_err:.3g} (atol {r.atol:.3g})")
             what = "; ".join(failures) or f"relative error {r.rel_err:.3g}"
-            what += f"; training-dtype relative error {r.rel_err:.3g}"
+            if r.witness == REFERENCE:
+                what += f"; training-dtype relative error {r.rel_err:.3g}"
             if r.cosine is not None:
                 what += f", cosine {r.cosine:.6f}"
         lines.append(f"  layer '{r.layer}', variable '{r.variable}' vs {witness}: {what}")
@@ -142,6 +157,11 @@ def mismatch_message(failed: Sequence[GradientCheckRecord], total: int) -> str:
         "A wrong parameter Jacobian shows in the layer's own variables; a wrong input Jacobian "
         "or activation derivative shows in the variables of the layers before it."
     )
+    if any(r.witness == PER_EXAMPLE_NORMS for r in failed):
+        lines.append(
+            "A per-example norm mismatch alone (the reference witness passes) is a wrong "
+            "squared_norms formula: training's gradient is right, DP-SGD's clipping is not."
+        )
     return "\n".join(lines)
 
 
@@ -159,8 +179,9 @@ def summary(records: Sequence[GradientCheckRecord]) -> str:
         coverage_line(records),
     ]
     reference = [r for r in records if r.witness == REFERENCE]
-    if reference:
-        worst_record = max(reference, key=badness)
+    candidates = [r for r in records if not r.passed] or reference
+    if candidates:
+        worst_record = max(candidates, key=badness)
         lines.append(f"Worst: {describe(worst_record)}.")
     rows = [
         (
@@ -233,7 +254,7 @@ def plot(records: Sequence[GradientCheckRecord], path: str | os.PathLike[str]) -
         steps = sorted(by_step)
         errors = [max(by_step[s], bottom) for s in steps]
         style = "-" if witness == REFERENCE else ":"
-        label = layer if witness == REFERENCE else f"{layer} (finite differences)"
+        label = PLOT_LABELS.get(witness, "{} (" + witness + ")").format(layer)
         ax.plot(
             steps,
             [e if math.isfinite(e) else np.nan for e in errors],
@@ -279,6 +300,9 @@ def epoch_logs(
     if finite_differences:
         fd = [r.rel_err for r in records if r.witness == FINITE_DIFFERENCES]
         logs["grad_check_fd_max_rel_err"] = worst(fd)
+    norms = [r.rel_err for r in records if r.witness == PER_EXAMPLE_NORMS]
+    if norms:
+        logs["grad_check_norms_max_rel_err"] = worst(norms)
     return logs
 
 

@@ -3,13 +3,14 @@
 ``gradient_function`` traces ``(x, y, sample_weight) -> (L, dL/dtheta)`` of the compiled
 training loss once; traced inside ``tf_jacbp.reference_mode()`` it is the reference route, else
 the Jacobian route. ``statistics`` reduces two routes' gradients to the norms the criterion needs
-(in float64, inside the same graph), ``floor_statistics`` the distances to the float64 twin.
+(``GradientStatistics``, in float64, inside the same graph), ``floor_statistics`` the reference
+route's distance to the float64 twin.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -83,55 +84,69 @@ def restoring(state: Sequence, fn: Callable) -> Callable:
 # --- the witnesses -----------------------------------------------------------------------------
 
 
-COLUMNS = {
-    name: i
-    for i, name in enumerate(
-        ("finite", "ref_finite", "max_abs", "diff_norm", "ref_norm", "norm", "dot")
-    )
-}
+class GradientStatistics(NamedTuple):
+    """Two routes' gradients reduced per variable, in float64: each field is ``(num_variables,)``
+    (a tensor inside the compiled check, an array after ``numpy()``), or one variable's scalar
+    after ``row(i)``."""
+
+    finite: Any
+    """1 if every entry of ``g`` is finite, else 0."""
+    ref_finite: Any
+    """1 if every entry of ``g_ref`` is finite, else 0."""
+    max_abs: Any
+    """``max |g - g_ref|`` (0 for an empty variable)."""
+    diff_norm: Any
+    """``||g - g_ref||``."""
+    ref_norm: Any
+    """``||g_ref||``."""
+    norm: Any
+    """``||g||``."""
+    dot: Any
+    """``<g, g_ref>``."""
+
+    def numpy(self) -> GradientStatistics:
+        """The same statistics as numpy arrays."""
+        return GradientStatistics(*(np.asarray(t) for t in self))
+
+    def row(self, i: int) -> GradientStatistics:
+        """Variable ``i``'s statistics, as Python floats."""
+        return GradientStatistics(*(float(t[i]) for t in self))
 
 
-def statistics(grads: Sequence[tf.Tensor], refs: Sequence[tf.Tensor]) -> tf.Tensor:
-    """Per variable, in float64: ``[finite(g), finite(g_ref), max |g - g_ref|, ||g - g_ref||,
-    ||g_ref||, ||g||, <g, g_ref>]``, a ``(num_variables, 7)`` tensor (columns ``COLUMNS``)."""
+def statistics(grads: Sequence[tf.Tensor], refs: Sequence[tf.Tensor]) -> GradientStatistics:
+    """``GradientStatistics`` of the gradients ``g = grads`` and ``g_ref = refs`` (one tensor
+    per variable each, any dtype), computed in float64 inside the caller's graph."""
     rows = []
     for g, ref in zip(grads, refs, strict=True):
         g = tf.reshape(tf.cast(g, tf.float64), [-1])
         ref = tf.reshape(tf.cast(ref, tf.float64), [-1])
         diff = g - ref
         rows.append(
-            tf.stack(
-                [
-                    tf.cast(tf.reduce_all(tf.math.is_finite(g)), tf.float64),
-                    tf.cast(tf.reduce_all(tf.math.is_finite(ref)), tf.float64),
-                    tf.reduce_max(tf.abs(tf.concat([diff, tf.zeros([1], tf.float64)], 0))),
-                    tf.norm(diff),
-                    tf.norm(ref),
-                    tf.norm(g),
-                    tf.reduce_sum(g * ref),
-                ]
+            (
+                tf.cast(tf.reduce_all(tf.math.is_finite(g)), tf.float64),
+                tf.cast(tf.reduce_all(tf.math.is_finite(ref)), tf.float64),
+                tf.reduce_max(tf.abs(tf.concat([diff, tf.zeros([1], tf.float64)], 0))),
+                tf.norm(diff),
+                tf.norm(ref),
+                tf.norm(g),
+                tf.reduce_sum(g * ref),
             )
         )
-    return tf.stack(rows)
+    return GradientStatistics(*(tf.stack(column) for column in zip(*rows, strict=True)))
 
 
-def floor_statistics(
-    grads: Sequence[tf.Tensor], refs: Sequence[tf.Tensor], refs64: Sequence[tf.Tensor]
-) -> tf.Tensor:
-    """Per variable, in float64: ``[||g_ref - h64||, ||g - h64||]``, ``(num_variables, 2)``: the
-    reference route's rounding error in the training dtype, and the Jacobian route's."""
-    rows = []
-    for g, ref, ref64 in zip(grads, refs, refs64, strict=True):
-        ref64 = tf.reshape(tf.cast(ref64, tf.float64), [-1])
-        rows.append(
-            tf.stack(
-                [
-                    tf.norm(tf.reshape(tf.cast(ref, tf.float64), [-1]) - ref64),
-                    tf.norm(tf.reshape(tf.cast(g, tf.float64), [-1]) - ref64),
-                ]
+def floor_statistics(refs: Sequence[tf.Tensor], refs64: Sequence[tf.Tensor]) -> tf.Tensor:
+    """``||g_ref - h64||`` per variable, ``(num_variables,)`` in float64: the reference route's
+    rounding error in the training dtype (``h64``: the float64 twin's reference gradient)."""
+    return tf.stack(
+        [
+            tf.norm(
+                tf.reshape(tf.cast(ref, tf.float64), [-1])
+                - tf.reshape(tf.cast(ref64, tf.float64), [-1])
             )
-        )
-    return tf.stack(rows)
+            for ref, ref64 in zip(refs, refs64, strict=True)
+        ]
+    )
 
 
 def largest(norms: np.ndarray, finite: np.ndarray | None = None) -> float:

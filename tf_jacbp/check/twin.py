@@ -94,9 +94,18 @@ class Float64Twin:
     seed states) into the twin; call it inside the compiled check, before the twin's routes.
     ``unreplayed_noise`` lists layers with random state other than dropout (their noise differs
     in the twin, so only the twin's own two routes are comparable).
+
+    ``replay_dropout=False`` keeps the dropout layers as they are, in float64 (identity outside
+    training): a twin that Algorithm 1's walk accepts, for the per-example norm witness.
     """
 
-    def __init__(self, model: keras.Model, variables: Sequence, jit_compile: bool):
+    def __init__(
+        self,
+        model: keras.Model,
+        variables: Sequence,
+        jit_compile: bool,
+        replay_dropout: bool = True,
+    ):
         layers = list(layers_of(model))
         self.unreplayed_noise = [
             layer.name
@@ -107,7 +116,7 @@ class Float64Twin:
 
         def clone_layer(layer):
             config = layer.get_config()
-            if isinstance(layer, _DROPOUTS) and layer.rate > 0:
+            if replay_dropout and isinstance(layer, _DROPOUTS) and layer.rate > 0:
                 source = type(layer).from_config(config)
                 return _ReplayedDropout(source, layer.rate, name=layer.name)
             return type(layer).from_config({**config, "dtype": "float64"})
@@ -137,6 +146,9 @@ class Float64Twin:
             )
         by_id = {id(v): i for i, v in enumerate(ours)}
         self.model = clone
+        self.replays_dropout = replay_dropout and any(
+            isinstance(layer, _ReplayedDropout) for layer in layers_of(clone)
+        )
         self.pairs = list(zip(ours, theirs, strict=True))
         self.variables = [theirs[by_id[id(v)]] for v in variables]
         self.state = state_variables(clone)

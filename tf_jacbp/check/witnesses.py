@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from tf_jacbp import tolerances
 from tf_jacbp._backend import keras, tf
+from tf_jacbp.check.norms import NormStatistics, PerExampleNorms, clips_per_example
 from tf_jacbp.check.probe import is_finite
 from tf_jacbp.check.records import (
     FINITE_DIFFERENCES,
@@ -27,7 +28,7 @@ from tf_jacbp.check.records import (
     GradientCheckRecord,
 )
 from tf_jacbp.check.routes import (
-    COLUMNS,
+    GradientStatistics,
     floor_statistics,
     gradient_function,
     independent,
@@ -41,10 +42,29 @@ from tf_jacbp.check.routes import (
     statistics,
 )
 from tf_jacbp.check.twin import Float64Twin
-from tf_jacbp.mode import reference_mode
+from tf_jacbp.route import reference_mode
 
 FD_SEED = 0
 """Seed of the finite differences' random directions (drawn once per model)."""
+
+
+class Comparison(NamedTuple):
+    """What one compiled check returns (``Witnesses.run``): tensors, ``None`` where a witness
+    does not run."""
+
+    losses: tf.Tensor
+    """The loss of each route, float64: ``[L, L_ref]``, then the twin's ``[L64, L64_ref]``."""
+    train: GradientStatistics
+    """``g`` (Jacobian route) against ``g_ref`` (reference route), in the training dtype."""
+    float64: GradientStatistics | None
+    """``h`` against ``h64``, the float64 twin's two routes; ``None`` without a twin."""
+    floor: tf.Tensor | None
+    """``||g_ref - h64||`` per variable (``floor_statistics``); ``None`` without a twin."""
+    h: list | None
+    """The twin's Jacobian-route gradients, for finite differences; else ``None``."""
+    norms: NormStatistics | None
+    """The per-example norm witness (``tf_jacbp.check.norms``); ``None`` unless the model
+    clips per example."""
 
 
 class Witnesses:
@@ -53,7 +73,9 @@ class Witnesses:
     Attributes: ``variables``, and per variable ``layer_names``, ``independent`` (a tf_jacbp
     layer's formula differentiates it) and ``tolerance_dtypes``; ``twin`` (``None`` when the
     model trains in float64 throughout, or could not be cloned: ``no_twin`` says why);
-    ``replays_noise`` (False if a random layer other than dropout makes the twin's noise differ).
+    ``replays_noise`` (False if a random layer other than dropout makes the twin's noise differ);
+    ``norms``: the per-example norm witness (``tf_jacbp.check.norms``) of a model that clips per
+    example, else ``None`` (nothing more is traced or run).
     """
 
     def __init__(
@@ -104,9 +126,15 @@ class Witnesses:
             for v in variables:
                 d = rng.normal(size=tuple(v.shape))
                 self.fd_directions.append(d / np.linalg.norm(d))
+        self.norms = None
+        if clips_per_example(model):
+            fallback = least_precise(self.tolerance_dtypes)
+            self.norms = PerExampleNorms(
+                model, variables, self.twin, self.all_float64, jit, fallback
+            )
         self.run = tf.function(self._comparison, autograph=False)  # Python control flow only
 
-    def _comparison(self, x, y, sample_weight) -> dict[str, Any]:
+    def _comparison(self, x, y, sample_weight) -> Comparison:
         """All routes' gradients reduced to statistics (traced once, as one graph).
 
         Each route function is traced on its first call here: the Jacobian ones outside
@@ -115,64 +143,71 @@ class Witnesses:
         loss, grads = self.jacobian_fn(x, y, sample_weight)
         with reference_mode():
             loss_ref, refs = self.reference_fn(x, y, sample_weight)
-        out = {"losses": [loss, loss_ref], "train": statistics(grads, refs)}
+        losses = [loss, loss_ref]
+        float64 = floor = h = norms = None
         twin = self.twin
         if twin is not None:
             twin.synchronize()
             loss64, h = twin.jacobian_fn(x, y, sample_weight)
             with reference_mode():
                 loss64_ref, h_ref = twin.reference_fn(x, y, sample_weight)
-            out["losses"] += [loss64, loss64_ref]
-            out["float64"] = statistics(h, h_ref)
-            out["floor"] = floor_statistics(grads, refs, h_ref)
-            if self.finite_differences:
-                out["h"] = h
-        return out
+            losses += [loss64, loss64_ref]
+            float64 = statistics(h, h_ref)
+            floor = floor_statistics(refs, h_ref)
+        if self.norms is not None:
+            norms = self.norms.statistics(x, y)
+        return Comparison(
+            losses=tf.stack([tf.cast(v, tf.float64) for v in losses]),
+            train=statistics(grads, refs),
+            float64=float64,
+            floor=floor,
+            h=h if self.finite_differences else None,
+            norms=norms,
+        )
 
-    def records(self, out: dict[str, Any], probe: tuple) -> list[GradientCheckRecord]:
-        """One record per variable from ``_comparison``'s statistics."""
-        train = out["train"].numpy()
-        float64 = out["float64"].numpy() if "float64" in out else None
-        floor = out["floor"].numpy() if "floor" in out else None
-        losses = [float(v) for v in out["losses"]]
-        col = COLUMNS
-        scale = largest(train[:, col["ref_norm"]], train[:, col["ref_finite"]])
-        scale64 = None if float64 is None else largest(float64[:, col["ref_norm"]])
+    def records(self, out: Comparison, probe: tuple) -> list[GradientCheckRecord]:
+        """One reference record per variable from ``_comparison``'s statistics (the criterion
+        of ``tf_jacbp.check.criterion``), then the per-example norm records of a DP model."""
+        train = out.train.numpy()
+        float64 = None if out.float64 is None else out.float64.numpy()
+        floor = None if out.floor is None else np.asarray(out.floor)
+        scale = largest(train.ref_norm, train.ref_finite)
+        scale64 = None if float64 is None else largest(float64.ref_norm)
         probe_finite = is_finite(probe)
-        losses_finite = all(math.isfinite(v) for v in losses)
+        losses_finite = bool(np.all(np.isfinite(np.asarray(out.losses))))
         records = []
-        for i, row in enumerate(train):
+        for i in range(len(self.variables)):
+            row = train.row(i)
+            row64 = None if float64 is None else float64.row(i)
             dtype = self.tolerance_dtypes[i]
-            finite = bool(row[col["finite"]] and row[col["ref_finite"]])
-            abs_err, rel_err, cosine = float("nan"), float("nan"), float("nan")
+            finite = bool(row.finite and row.ref_finite)
+            abs_err, rel_err, cosine = math.nan, math.nan, math.nan
             if finite:
-                abs_err = float(row[col["max_abs"]])
+                abs_err = row.max_abs
                 rel_err = tolerances.relative_error_from_norms(
-                    row[col["diff_norm"]], row[col["ref_norm"]], dtype, scale
+                    row.diff_norm, row.ref_norm, dtype, scale
                 )
-                norm, ref_norm = float(row[col["norm"]]), float(row[col["ref_norm"]])
-                if norm * ref_norm == 0:
-                    cosine = 1.0 if norm == ref_norm else 0.0
+                if row.norm * row.ref_norm == 0:
+                    cosine = 1.0 if row.norm == row.ref_norm else 0.0
                 else:
-                    cosine = float(row[col["dot"]]) / (norm * ref_norm)
+                    cosine = row.dot / (row.norm * row.ref_norm)
             fields: dict[str, Any] = {"criterion": FIXED_RTOL, "rtol": self.fixed_rtol(dtype)}
             ok = finite
-            if float64 is not None and not self.all_float64:
-                f64 = float64[i]
-                finite64 = bool(f64[col["finite"]] and f64[col["ref_finite"]])
+            if row64 is not None and not self.all_float64:
+                finite64 = bool(row64.finite and row64.ref_finite)
                 fields["float64_rtol"] = tolerances.rtol("float64")
-                fields["float64_rel_err"] = float("nan")
+                fields["float64_rel_err"] = math.nan
                 if finite64:
                     fields["float64_rel_err"] = tolerances.relative_error_from_norms(
-                        f64[col["diff_norm"]], f64[col["ref_norm"]], "float64", scale64
+                        row64.diff_norm, row64.ref_norm, "float64", scale64
                     )
                 ok = ok and finite64 and fields["float64_rel_err"] <= fields["float64_rtol"]
                 if finite and finite64:
                     denominator = tolerances.relative_error_from_norms(
-                        1.0, row[col["ref_norm"]], dtype, scale
+                        1.0, row.ref_norm, dtype, scale
                     )
                     fields["floor"] = max(
-                        float(floor[i, 0]) * denominator,
+                        float(floor[i]) * denominator,
                         tolerances.FLOOR_MIN_ULPS * tolerances.EPS[dtype],
                     )
                     fields["ratio"] = rel_err / fields["floor"]
@@ -184,7 +219,6 @@ class Witnesses:
             ok = ok and rel_err <= fields["rtol"] and (self.atol is None or abs_err <= self.atol)
             cause = None
             if not finite:
-                row64 = None if float64 is None else float64[i]
                 cause = cause_of(probe_finite, losses_finite, row, row64)
             records.append(
                 self._record(
@@ -200,6 +234,8 @@ class Witnesses:
                     **fields,
                 )
             )
+        if self.norms is not None:
+            records += self.norms.records(out.norms, probe_finite, self._record, self.rtol)
         return records
 
     def fixed_rtol(self, dtype: str) -> float:
@@ -309,14 +345,16 @@ def rechecked(first: GradientCheckRecord, again: GradientCheckRecord) -> Gradien
 
 
 def cause_of(
-    probe_finite: bool, losses_finite: bool, row: np.ndarray, row64: np.ndarray | None
+    probe_finite: bool,
+    losses_finite: bool,
+    row: GradientStatistics,
+    row64: GradientStatistics | None,
 ) -> str:
     """Where a non-finite gradient comes from (``GradientCheckRecord.cause``)."""
-    col = COLUMNS
     if not probe_finite:
         return "probe"
     if not losses_finite:
         return "loss"
-    if not row[col["ref_finite"]] or (row64 is not None and not row64[col["ref_finite"]]):
+    if not row.ref_finite or (row64 is not None and not row64.ref_finite):
         return "reference"
     return "backward"
