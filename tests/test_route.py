@@ -1,4 +1,5 @@
-"""``reference_mode()`` is honoured by Keras' cached step functions, in both orders.
+"""``reference_mode()`` is honoured by Keras' cached step functions, in both orders, on the
+models ``tf_jacbp.hooks.attach`` was given.
 
 ``fit``, ``evaluate``, ``predict`` and the ``*_on_batch`` methods cache their compiled function on
 the model; a function traced in one mode must not run the other mode's route. Two planted layers
@@ -31,17 +32,17 @@ class RouteTell(layers.JacobianLayer):
     def reference(self, x):
         return x + 1.0
 
-    def backward(self, dy, x, y):
-        return dy, []
+    def vjp_input(self, m, x, y):
+        return m
 
 
 def sequential(layer):
-    return keras.Sequential([keras.Input((3,)), layer])
+    return tf_jacbp.hooks.attach(keras.Sequential([keras.Input((3,)), layer]))
 
 
 def functional(layer):
     x = keras.Input((3,))
-    return keras.Model(x, layer(x))
+    return tf_jacbp.hooks.attach(keras.Model(x, layer(x)))
 
 
 BUILDERS = {"Sequential": sequential, "functional": functional}

@@ -3,13 +3,16 @@
 Each returns a ``keras.Sequential`` (``resnet_mnist``: a functional ``keras.Model``) that outputs
 logits ``z[L]`` (the paper fuses the last activation with the loss, Table 1): compile it with
 ``tf_jacbp.losses.SparseCategoricalCrossentropy(from_logits=True)``. Pass
-``output_activation="softmax"`` for probabilities instead (then ``from_logits=False``).
+``output_activation="softmax"`` for probabilities instead (then ``from_logits=False``). Each
+model comes attached (``tf_jacbp.hooks.attach``): its Keras step functions follow
+``reference_mode()``, and under XLA a bad label stops ``fit``.
 """
 
 from __future__ import annotations
 
 from tf_jacbp import layers
 from tf_jacbp._backend import keras
+from tf_jacbp.hooks import attach
 
 
 def mlp(
@@ -30,7 +33,7 @@ def mlp(
         stack.append(layers.Flatten())
     stack += [layers.Dense(units, activation=activation) for units in hidden_units]
     stack.append(layers.Dense(num_classes, activation=output_activation))
-    return keras.Sequential(stack, name=name)
+    return attach(keras.Sequential(stack, name=name))
 
 
 def lenet_100_300_10(**kwargs) -> keras.Sequential:
@@ -59,19 +62,21 @@ def lenet5(
     output the logits ``(batch, num_classes)``: compile with
     ``tf_jacbp.losses.SparseCategoricalCrossentropy(from_logits=True)``.
     """
-    return keras.Sequential(
-        [
-            keras.Input(shape=input_shape),
-            layers.Conv2D(6, 5, padding="same", activation="relu"),
-            layers.MaxPooling2D(2),
-            layers.Conv2D(16, 5, activation="relu"),
-            layers.MaxPooling2D(2),
-            layers.Flatten(),
-            layers.Dense(120, activation="relu"),
-            layers.Dense(84, activation="relu"),
-            layers.Dense(num_classes),
-        ],
-        name="lenet5",
+    return attach(
+        keras.Sequential(
+            [
+                keras.Input(shape=input_shape),
+                layers.Conv2D(6, 5, padding="same", activation="relu"),
+                layers.MaxPooling2D(2),
+                layers.Conv2D(16, 5, activation="relu"),
+                layers.MaxPooling2D(2),
+                layers.Flatten(),
+                layers.Dense(120, activation="relu"),
+                layers.Dense(84, activation="relu"),
+                layers.Dense(num_classes),
+            ],
+            name="lenet5",
+        )
     )
 
 
@@ -118,7 +123,7 @@ def resnet_mnist(
         layers.BatchNormalization(momentum=momentum, name="head_bn")(h)
     )
     h = layers.GlobalAveragePooling2D(name="global_pool")(h)
-    return keras.Model(x, layers.Dense(num_classes, name="logits")(h), name="resnet_mnist")
+    return attach(keras.Model(x, layers.Dense(num_classes, name="logits")(h), name="resnet_mnist"))
 
 
 def conv_autoencoder(
@@ -139,17 +144,19 @@ def conv_autoencoder(
             "divisible by 4 (two stride-2 convolutions down and two up); pad or crop the images."
         )
     down, bottleneck = filters
-    return keras.Sequential(
-        [
-            keras.Input(shape=input_shape),
-            layers.Conv2D(down, 3, strides=2, padding="same", activation="relu"),
-            layers.Conv2D(bottleneck, 3, strides=2, padding="same", activation="relu"),
-            layers.Conv2DTranspose(down, 3, strides=2, padding="same", activation="relu"),
-            layers.Conv2DTranspose(
-                input_shape[-1], 3, strides=2, padding="same", activation="sigmoid"
-            ),
-        ],
-        name="conv_autoencoder",
+    return attach(
+        keras.Sequential(
+            [
+                keras.Input(shape=input_shape),
+                layers.Conv2D(down, 3, strides=2, padding="same", activation="relu"),
+                layers.Conv2D(bottleneck, 3, strides=2, padding="same", activation="relu"),
+                layers.Conv2DTranspose(down, 3, strides=2, padding="same", activation="relu"),
+                layers.Conv2DTranspose(
+                    input_shape[-1], 3, strides=2, padding="same", activation="sigmoid"
+                ),
+            ],
+            name="conv_autoencoder",
+        )
     )
 
 
@@ -175,16 +182,18 @@ def sequence_classifier(
     ``(batch, num_classes)``: compile with
     ``tf_jacbp.losses.SparseCategoricalCrossentropy(from_logits=True)``.
     """
-    return keras.Sequential(
-        [
-            keras.Input(shape=(sequence_length,), dtype="int32"),
-            layers.Embedding(vocabulary_size, embedding_dim),
-            layers.Conv1D(filters, kernel_size, strides=2, padding="same", activation="relu"),
-            layers.Conv1D(
-                filters, 5, dilation_rate=dilation_rate, padding="same", activation="relu"
-            ),
-            layers.GlobalMaxPooling1D(),
-            layers.Dense(num_classes),
-        ],
-        name="sequence_classifier",
+    return attach(
+        keras.Sequential(
+            [
+                keras.Input(shape=(sequence_length,), dtype="int32"),
+                layers.Embedding(vocabulary_size, embedding_dim),
+                layers.Conv1D(filters, kernel_size, strides=2, padding="same", activation="relu"),
+                layers.Conv1D(
+                    filters, 5, dilation_rate=dilation_rate, padding="same", activation="relu"
+                ),
+                layers.GlobalMaxPooling1D(),
+                layers.Dense(num_classes),
+            ],
+            name="sequence_classifier",
+        )
     )

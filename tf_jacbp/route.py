@@ -25,25 +25,19 @@ float16 while a float32 weight needs a float32 gradient).
 
 When the switch is read: ``route`` reads it when it runs, that is when a ``tf.function`` is traced.
 A function traced inside ``reference_mode()`` keeps the reference route when called outside it,
-and the other way round; trace one function per route (``GradientCheck`` does). Keras' own compiled
-functions are the exception made for users: ``fit``, ``evaluate``, ``predict`` and the
-``*_on_batch``
-methods cache ``model.train_function`` (``test_function``, ``predict_function``), and tf_jacbp
-wraps ``keras.Model.make_train_function`` (and the test and predict ones) so that a function made
-in the other mode is made again. ``with reference_mode(): model.fit(...)`` after a normal ``fit``
-trains the reference route, and the other way round.
+and the other way round; trace one function per route (``GradientCheck`` does). Keras' own
+compiled functions (``model.train_function`` and the others) follow the switch on the models
+``tf_jacbp.hooks.attach`` was given: see there.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import threading
-import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
-from tf_jacbp._backend import keras, tf
+from tf_jacbp._backend import tf
 
 # A process-wide depth counter, not a thread-local: tf.distribute traces each replica's function
 # in its own thread, and those threads must see the mode the caller set.
@@ -138,76 +132,3 @@ def route(
         return a, grad
 
     return jacobian_route(*xs, *params)
-
-
-# --- Keras' cached step functions follow the switch -------------------------------------------
-
-# The mode each function Keras made was made in (weak keys: a function dies with its model).
-_made_in: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-# Checks run in Python after every call of a step function Keras made (``after_each_step``).
-_after_step: list[Callable[[keras.Model], None]] = []
-
-
-def after_each_step(check: Callable[[keras.Model], None]) -> None:
-    """Run ``check(model)`` after every call of ``model.train_function`` and
-    ``model.test_function`` (``fit``, ``evaluate``, ``*_on_batch``): it may raise to stop the loop
-    right after a step. The losses use it to report a bad label seen in a step compiled with
-    XLA, which cannot stop itself (``tf_jacbp.losses``)."""
-    if check not in _after_step:
-        _after_step.append(check)
-
-
-def _checked(function: Callable, model: keras.Model) -> Callable:
-    """``function`` followed by every check of ``after_each_step`` on ``model`` (held weakly:
-    the model holds the function)."""
-    model_ref = weakref.ref(model)
-
-    @functools.wraps(function)
-    def step_then_check(*args, **kwargs):
-        result = function(*args, **kwargs)
-        owner = model_ref()
-        if owner is not None:
-            for check in _after_step:
-                check(owner)
-        return result
-
-    return step_then_check
-
-
-def _remade_on_switch(make: Callable, attribute: str) -> Callable:
-    """``make`` (e.g. ``keras.Model.make_train_function``) forced to make a new function when the
-    cached ``model.<attribute>`` was made in the other mode; a new train or test function is
-    followed by the checks of ``after_each_step``."""
-
-    @functools.wraps(make)
-    def make_for_this_mode(self, force: bool = False):
-        cached = getattr(self, attribute, None)
-        mode = in_reference_mode()
-        if cached is not None and _made_in.get(cached, mode) != mode:
-            force = True
-        result = make(self, force)
-        made = getattr(self, attribute, None)
-        if made is not None and made is not cached:
-            if attribute != "predict_function":
-                made = _checked(made, self)
-                setattr(self, attribute, made)
-                result = made if result is not None else None
-            _made_in[made] = mode
-        return result
-
-    make_for_this_mode.tf_jacbp_wrapped = make
-    return make_for_this_mode
-
-
-def _follow_the_switch_in_keras() -> None:
-    """Wrap ``keras.Model.make_{train,test,predict}_function`` once (module docstring)."""
-    for kind in ("train", "test", "predict"):
-        name = f"make_{kind}_function"
-        make = getattr(keras.Model, name, None)
-        if make is not None and not hasattr(make, "tf_jacbp_wrapped"):
-            setattr(keras.Model, name, _remade_on_switch(make, f"{kind}_function"))
-
-
-_follow_the_switch_in_keras()

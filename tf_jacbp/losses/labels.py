@@ -3,11 +3,13 @@
 ``_guard_labels`` checks the labels a loss receives (``_guard_unit_interval`` for values in
 ``[0, 1]``) and returns a ``_Guard``, which finishes the loss value. Eagerly a bad label raises
 ``ValueError``; in a graph a ``tf.debugging.Assert`` is a control dependency of the loss's
-gradient. Under XLA, which compiles assertions away, the loss records the bad label in a
-variable (``_report_after_xla_step``); the wrapped ``keras.optimizers.Optimizer.apply``
+gradient. Under XLA, which compiles assertions away, the loss value is NaN at the bad positions
+and its gradient zero; in the step of a model given to ``tf_jacbp.hooks.attach`` (``fit``,
+``evaluate``, ``*_on_batch`` with ``jit_compile=True``) the loss also records the bad label in a
+variable (``_report_after_xla_step``), the guarded ``apply`` of that model's optimizer
 (``_no_update_after_bad_labels``) applies nothing in that step, and
-``_raise_recorded_bad_labels``, run after each Keras step, raises ``InvalidArgumentError``.
-Importing this module installs both (``_stop_keras_on_bad_labels_under_xla``), once.
+``_raise_recorded_bad_labels``, run after the step, raises ``InvalidArgumentError``. Importing
+this module registers both with ``tf_jacbp.hooks``; Keras' classes are not touched.
 """
 
 from __future__ import annotations
@@ -17,11 +19,9 @@ import weakref
 from collections.abc import Callable
 
 import numpy as np
-from tensorflow.python.framework.func_graph import FuncGraph
-from tensorflow.python.ops.control_flow_util import GraphOrParentsInXlaContext
 
+from tf_jacbp import hooks
 from tf_jacbp._backend import keras, tf
-from tf_jacbp.route import after_each_step
 
 
 class _Guard:
@@ -107,7 +107,8 @@ def _report_after_xla_step(
     count: tf.Tensor,
     message: str,
 ) -> None:
-    """Under XLA, record a bad label so that nothing is updated and the loop stops after the step.
+    """In an attached model's step compiled with XLA, record a bad label so that nothing is
+    updated and the loop stops after the step.
 
     A step compiled with XLA cannot stop itself (assertions are compiled away). It records
     ``[1, first offending value, count]`` in a variable of the loss instead, and then:
@@ -116,42 +117,23 @@ def _report_after_xla_step(
       (``_no_update_after_bad_labels``): weights, optimizer slots and step counter unchanged;
     * right after the step returns to Python, ``fit``/``evaluate``/``*_on_batch`` raise
       ``InvalidArgumentError`` with the recorded value (``_raise_recorded_bad_labels``, run by
-      ``tf_jacbp.route.after_each_step``) and reset the record;
-    * for compiled steps called from a function of one's own, an assertion is placed in the
-      calling function, ordered before the call through the variable: its next call raises.
+      ``tf_jacbp.hooks.after_each_step``) and reset the record.
 
-    Does nothing outside XLA or under a ``tf.distribute`` strategy.
+    Does nothing outside such a step, and under a ``tf.distribute`` strategy. In a step compiled
+    with XLA that is not an attached model's (a model ``tf_jacbp.hooks.attach`` was not given, a
+    function of one's own), a bad label gives a NaN loss value there and a zero gradient, and
+    nothing stops.
     """
-    graph = tf.compat.v1.get_default_graph()
-    if not GraphOrParentsInXlaContext(graph) or tf.distribute.has_strategy():
+    step = hooks.running_step()
+    if step is None or not step.xla or tf.distribute.has_strategy():
         return
     record = loss._bad_label_record
     seen = tf.stack([1.0, tf.cast(first_bad, tf.float64), tf.cast(count, tf.float64)])
     record.assign(tf.where(all_ok, record, seen))
+    graph = tf.compat.v1.get_default_graph()
     _records_of_graph.setdefault(graph, []).append(record)
     _armed_losses.add(loss)
     loss._bad_label_message = message
-    outer = getattr(graph, "outer_graph", None)
-    if not isinstance(outer, FuncGraph):
-        return
-    with outer.as_default():
-        previous = record.read_value()
-        with tf.control_dependencies([previous]):
-            reset = record.assign(tf.zeros([3], tf.float64))
-        with tf.control_dependencies([reset]):  # reported once: reset even if it raises
-            check = tf.debugging.Assert(
-                tf.equal(previous[0], 0.0),
-                [
-                    f"{message}; found y_true =",
-                    previous[1],
-                    "(offending values:",
-                    previous[2],
-                    "). The batch came in a step compiled with XLA, which cannot stop itself: that "
-                    "step applied no update, and this, the next step, stopped before running.",
-                ],
-            )
-        with tf.control_dependencies([check]):
-            record.read_value()  # the next use of ``record``, the compiled step, waits for this
 
 
 def _raise_recorded_bad_labels(model: keras.Model) -> None:
@@ -191,19 +173,11 @@ def _no_update_after_bad_labels(apply: Callable) -> Callable:
         good = tf.reduce_all(tf.stack([tf.equal(r[0], 0.0) for r in records]))
         tf.cond(good, lambda: apply(self, grads, trainable_variables), lambda: None)
 
-    apply_unless_a_label_was_bad.tf_jacbp_wrapped = apply
     return apply_unless_a_label_was_bad
 
 
-def _stop_keras_on_bad_labels_under_xla() -> None:
-    """Wrap ``keras.optimizers.Optimizer.apply`` once and check after every Keras step."""
-    apply = keras.optimizers.Optimizer.apply
-    if not hasattr(apply, "tf_jacbp_wrapped"):
-        keras.optimizers.Optimizer.apply = _no_update_after_bad_labels(apply)
-    after_each_step(_raise_recorded_bad_labels)
-
-
-_stop_keras_on_bad_labels_under_xla()
+hooks.guard_optimizer_apply(_no_update_after_bad_labels)
+hooks.after_each_step(_raise_recorded_bad_labels)
 
 
 def _guard_unit_interval(y: tf.Tensor, loss: keras.losses.Loss, rank: int | None) -> _Guard:
