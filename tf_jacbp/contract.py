@@ -175,7 +175,10 @@ class JacobianMap:
 
     def backward(self, dy: Any, x: Any, y: Any, *args: Any) -> tuple[Any, list]:
         """``((J_x F)^T dy, [sum_i (J_p F(x_i))^T dy_i])``: ``vjp_input`` and ``vjp_params`` with
-        ``V = 1``. Shapes: ``dx`` like ``x``, each gradient like its parameter."""
+        ``V = 1``. Shapes: ``dx`` like ``x``, each gradient like its parameter. An upstream
+        ``dy`` of unknown rank (``output_gradients`` traced without a shape) gets ``y``'s."""
+        if getattr(dy.shape, "rank", 0) is None:
+            dy = ops.reshape(dy, ops.shape(y))
         m = ops.expand_dims(dy, 0)
         dx = self._input_products(m, x, y, args)
         grads = self._parameter_products(m, x, y, args, sum_batch=True)
