@@ -192,3 +192,18 @@ def test_bad_seed_names_seed():
 
 def test_dropout_is_built_at_construction_as_keras_dropout():
     assert layers.Dropout(0.5).built == keras.layers.Dropout(0.5).built is True
+
+
+def test_a_dropout_subclass_overriding_build_has_its_build_run():
+    """Issue 21 item 7: ``Dropout`` marked itself built in ``__init__``, so a subclass's
+    ``build`` never ran; it is built at construction only when ``build`` is not overridden."""
+
+    class Recording(layers.Dropout):
+        def build(self, shape):
+            self.seen = tuple(shape)
+            super().build(shape)
+
+    layer = Recording(0.5)
+    assert not layer.built
+    layer(np.zeros((2, 3)), training=True)
+    assert layer.built and layer.seen == (2, 3)

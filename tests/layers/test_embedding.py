@@ -251,13 +251,53 @@ def test_weights_argument_sets_the_initial_embeddings():
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "graph"])
-@pytest.mark.parametrize("bad", [V, -1])
+@pytest.mark.parametrize("bad", [V, -V - 1])
 def test_ids_outside_the_vocabulary_are_a_clear_error(bad, compiled):
     layer = Embedding(V, D)
     ids = tf.constant([[1, bad]])
     call = tf.function(layer) if compiled else layer
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r"must lie in \[0, input_dim\)"):
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match=r"must lie in \[-input_dim, input_dim\)"
+    ):
         call(ids)
+
+
+def _values_and_gradients(layer, ids, probe, route):
+    def run(ids):
+        with tf.GradientTape() as tape:
+            y = layer(ids)
+            loss = tf.reduce_sum(y * probe)
+        return y, tf.convert_to_tensor(tape.gradient(loss, layer.embeddings))
+
+    if route == "eager":
+        return run(ids)
+    return tf.function(run, jit_compile=route == "jit_compile")(ids)
+
+
+@pytest.mark.parametrize("route", ["eager", "graph", "jit_compile"])
+def test_negative_ids_count_from_the_end_as_stock(route):
+    """Issue 21 item 8: stock Keras (``ops.take``) reads id ``-k`` as row ``V - k`` on every
+    route; ours refused it eagerly and in a graph and read row 0 under XLA (which clamps). Values
+    and embedding gradients equal stock's for ids in ``[-V, V)``; under XLA, ids outside clamp
+    after the wrap, as stock's."""
+    ours, stock = Embedding(V, D, dtype="float64"), keras.layers.Embedding(V, D, dtype="float64")
+    for layer in (ours, stock):
+        layer.build((None, 4))
+    ours.set_weights([np.random.default_rng(4).normal(size=(V, D))])
+    stock.set_weights(ours.get_weights())
+    ids = tf.constant([[-1, 3, -V, -1], [6, -2, 0, -3]])
+    probe = tf.constant(np.random.default_rng(5).normal(size=(2, 4, D)))
+    got = _values_and_gradients(ours, ids, probe, route)
+    expected = _values_and_gradients(stock, ids, probe, route)
+    np.testing.assert_array_equal(got[0], np.asarray(ours.embeddings)[np.asarray(ids) % V])
+    for g, e in zip(got, expected, strict=True):
+        assert tolerances.relative_error(g, e) <= RTOL64
+    if route == "jit_compile":
+        outside = tf.constant([[-V - 1, V, 1, -1]])
+        np.testing.assert_array_equal(
+            tf.function(ours, jit_compile=True)(outside),
+            tf.function(stock, jit_compile=True)(outside),
+        )
 
 
 @pytest.mark.parametrize(

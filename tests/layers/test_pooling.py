@@ -75,7 +75,7 @@ def test_jacobian_equals_autodiff_and_its_transpose_is_the_backward(cls, input_s
         tape.watch(x)
         y = tf.reshape(layer.reference(x), [-1])
     expected = tf.reshape(tape.jacobian(y, x), [y.shape[0], -1])
-    jacobian = layer.jacobian(x[0])
+    jacobian = layer.input_jacobian(x[0])
     rtol = RTOL64
     assert tolerances.relative_error(jacobian, expected) <= rtol
     delta = tf.constant(rng.normal(size=y.shape))
@@ -92,7 +92,7 @@ def test_jacobian_equals_autodiff_and_its_transpose_is_the_backward(cls, input_s
 def test_average_pooling_same_divides_by_the_inputs_inside_each_window():
     """A 3 x 3 window at the corner of a "same" pooling covers 4 inputs: weights 1/4."""
     layer = _built(AveragePooling2D, (4, 4, 1), pool_size=3, strides=1, padding="same")
-    jacobian = np.asarray(layer.jacobian(np.ones((4, 4, 1))))
+    jacobian = np.asarray(layer.input_jacobian(np.ones((4, 4, 1))))
     np.testing.assert_allclose(jacobian.sum(axis=1), 1.0)
     np.testing.assert_array_equal(jacobian[0, [0, 1, 4, 5]], 0.25)
     np.testing.assert_array_equal(jacobian[5].reshape(4, 4)[:3, :3], 1 / 9)
@@ -164,7 +164,7 @@ def test_flatten_jacobian_is_the_identity_and_the_order_is_row_major():
     layer = Flatten(dtype="float64")
     x = np.arange(24.0).reshape(1, 2, 3, 4)
     np.testing.assert_array_equal(layer(x), np.arange(24.0)[None])
-    np.testing.assert_array_equal(layer.jacobian(x[0]), np.eye(24))
+    np.testing.assert_array_equal(layer.input_jacobian(x[0]), np.eye(24))
 
 
 def test_transpose_index_is_the_transpose_of_the_gather():
@@ -230,9 +230,11 @@ def test_tiled_max_pooling_backward_equals_the_gather_route(input_shape, kwargs,
     x = tf.constant(values.astype("float64"))
     y = layer.forward(x)
     dy = tf.constant(rng.normal(size=y.shape))
-    general = _Pooling.input_gradient(layer, dy, x, y)
-    np.testing.assert_array_equal(layer.input_gradient(dy, x, y), general)
-    np.testing.assert_array_equal(tf.function(layer.backward)(dy, x, y)[0], general)
+    m = tf.stack([dy, -2 * dy])  # V = 2 stacked vectors per sample
+    general = _Pooling.input_gradient(layer, m, x, y)
+    np.testing.assert_array_equal(layer.input_gradient(m, x, y), general)
+    np.testing.assert_array_equal(tf.function(layer.vjp_input)(m, x, y), general)
+    np.testing.assert_array_equal(tf.function(layer.backward)(dy, x, y)[0], general[0])
 
 
 # --- Agreement with the stock Keras layers (hypothesis-drawn arguments and shapes) ------------
@@ -333,7 +335,18 @@ def test_global_max_pooling_shares_ties_equally_and_propagates_nan_like_stock():
     has a NaN maximum and NaN gradients, exactly as the stock layer."""
     x = np.array([[[2.0, 1.0], [2.0, np.nan], [0.0, 3.0], [2.0, 0.0]]])
     layer = GlobalMaxPooling1D(dtype="float64")
-    np.testing.assert_array_equal(layer.jacobian(x[0])[0], [1 / 3, 0, 1 / 3, 0, 0, 0, 1 / 3, 0])
+    jacobian = np.asarray(layer.input_jacobian(x[0]))  # (C, N C), columns (n, c) row-major
+    np.testing.assert_array_equal(jacobian[0, 0::2], [1 / 3, 1 / 3, 0, 1 / 3])
+    assert np.isnan(jacobian[1, 1::2]).all()  # channel 1's entries are 0/0
+    # Row c is J^T e_c: the NaN channel's 0/0 entries times 0 spill NaN into row 0, exactly as
+    # stock's gradient for the upstream e_0.
+    stock = keras.layers.GlobalMaxPooling1D(dtype="float64")
+    probe = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(probe)
+        y = stock(probe)
+    e_0 = tape.gradient(y, probe, output_gradients=tf.constant([[1.0, 0.0]], tf.float64))
+    np.testing.assert_array_equal(jacobian[0], np.reshape(e_0, [-1]))
     _assert_equal_to_stock(layer, keras.layers.GlobalMaxPooling1D(dtype="float64"), tf.constant(x))
 
 
@@ -349,7 +362,12 @@ def test_masked_global_average_pooling_1d_equals_the_stock_layer(keepdims, trace
     ours = GlobalAveragePooling1D(dtype="float64", keepdims=keepdims)
     stock = keras.layers.GlobalAveragePooling1D(dtype="float64", keepdims=keepdims)
     _assert_equal_to_stock(ours, stock, x, traced, mask=mask)
-    jacobian = np.asarray(ours.jacobian(x[0], mask[0]))
+    # J_x y of the masked map at sample 0: the contract's rows with M = I (C = 2 rows).
+    mask = tf.cast(mask, "float64")
+    y = ours.forward(x[:1], mask[:1])
+    eye = tf.reshape(tf.eye(2, dtype="float64"), [1, 2, *y.shape[1:]])
+    rows, _ = ours.jacobian_rows(eye, x[:1], y, mask[:1])
+    jacobian = np.asarray(rows).reshape(2, -1)
     kept = np.asarray(mask[0], float)
     np.testing.assert_allclose(jacobian, np.kron(kept[None] / kept.sum(), np.eye(2)), rtol=1e-15)
 
@@ -543,3 +561,48 @@ def test_an_integer_input_keeps_its_keras_mask_in_global_average_pooling_1d():
     stock = keras.layers.GlobalAveragePooling1D(dtype="float64")(x)
     np.testing.assert_array_equal(stock, [[3.0, 4.0]])
     np.testing.assert_array_equal(ours, stock)
+
+
+@pytest.mark.parametrize(
+    "cls, input_shape",
+    [
+        (MaxPooling2D, (2, 4, 4, 1)),
+        (AveragePooling1D, (2, 4, 1)),
+        (GlobalAveragePooling1D, (2, 4, 1)),
+        (GlobalMaxPooling2D, (2, 3, 3, 1)),
+    ],
+)
+def test_a_subclass_overriding_build_has_its_build_run(cls, input_shape):
+    """Issue 21 item 7: the stateless pooling layers marked themselves built in ``__init__``, so
+    a subclass's ``build`` never ran; as Keras, they are built at construction only when
+    ``build`` is not overridden."""
+
+    class Recording(cls):
+        def build(self, shape):
+            self.seen = tuple(shape)
+            super().build(shape)
+
+    assert cls().built
+    layer = Recording()
+    assert not layer.built
+    layer(np.zeros(input_shape))
+    assert layer.built and layer.seen == input_shape
+
+
+@pytest.mark.parametrize(
+    "cls, permute",
+    [
+        (MaxPooling1D, r"Permute\(\(2, 1\)\)"),
+        (AveragePooling1D, r"Permute\(\(2, 1\)\)"),
+        (GlobalMaxPooling1D, r"Permute\(\(2, 1\)\)"),
+        (GlobalAveragePooling1D, r"Permute\(\(2, 1\)\)"),
+        (GlobalMaxPooling2D, r"Permute\(\(2, 3, 1\)\)"),
+        (MaxPooling2D, r"Permute\(\(2, 3, 1\)\)"),
+    ],
+)
+def test_channels_first_message_names_the_fix_for_the_layers_rank(cls, permute):
+    """Issue 21 item 7: the 1-D and global pooling layers suggested the 2-D layout and its
+    ``Permute((2, 3, 1))`` whatever their rank."""
+    layout = "batch, length, channels" if "1D" in cls.__name__ else "batch, height, width"
+    with pytest.raises(ValueError, match=rf"\({layout}.*{permute}"):
+        cls(data_format="channels_first")

@@ -102,7 +102,7 @@ def test_jacobian_equals_autodiff_and_its_transpose_is_the_backward(layer):
         tape.watch(x)
         y = layer.reference(x)
     flat = tf.reshape(y, [-1])
-    jacobian = layer.jacobian(x[0])
+    jacobian = layer.input_jacobian(x)[0]  # a batch of one (Reshape takes samples of any rank)
     assert tolerances.relative_error(jacobian, tf.reshape(tape.jacobian(y, x), [-1, 12])) == 0
     delta = tf.constant(rng.normal(size=y.shape))
     dx, params = layer.backward(delta, x, layer.forward(x))
@@ -116,7 +116,7 @@ def test_upsampling_and_padding_jacobians_are_the_documented_kronecker_products(
     """``J = (I_H (x) 1_{s_h}) (x) (I_W (x) 1_{s_w}) (x) I_C`` and ``J = P_h (x) P_w (x) I_C``,
     written out entry by entry here."""
     height, width, channels = 2, 3, 2
-    up = UpSampling2D((3, 2), dtype="float64").jacobian(np.zeros((height, width, channels)))
+    up = UpSampling2D((3, 2), dtype="float64").input_jacobian(np.zeros((height, width, channels)))
     expected = np.zeros((height * 3 * width * 2 * channels, height * width * channels))
     for i in range(height * 3):
         for j in range(width * 2):
@@ -124,7 +124,7 @@ def test_upsampling_and_padding_jacobians_are_the_documented_kronecker_products(
                 row = (i * width * 2 + j) * channels + c
                 expected[row, ((i // 3) * width + j // 2) * channels + c] = 1
     np.testing.assert_array_equal(up, expected)
-    pad = ZeroPadding2D(((1, 0), (2, 1)), dtype="float64").jacobian(np.zeros((2, 3, 1)))
+    pad = ZeroPadding2D(((1, 0), (2, 1)), dtype="float64").input_jacobian(np.zeros((2, 3, 1)))
     expected = np.zeros((3 * 6, 6))
     for i in range(2):
         for j in range(3):
@@ -191,6 +191,37 @@ def test_reshape_to_another_number_of_entries_is_an_error():
         keras.Sequential([keras.Input((3, 4)), Reshape((5, 2))])
 
 
+@pytest.mark.parametrize("target", [(5, -1), (5, 2)])
+def test_eager_reshape_to_another_number_of_entries_is_our_error(target):
+    """Issue 21 item 8: called eagerly, the layer gave TensorFlow's reshape error; it names the
+    layer, both shapes and the fix, as the symbolic call does."""
+    layer = Reshape(target, name="to_five")
+    pattern = (
+        r"Reshape 'to_five': cannot reshape samples of shape \(3, 4\) \(12 entries\) to "
+        rf"target_shape=\({target[0]}, {target[1]}\).*Give a target_shape of 12 entries"
+    )
+    with pytest.raises(ValueError, match=pattern):
+        layer(np.zeros((2, 3, 4)))
+
+
+def test_reshape_traced_for_any_batch_size_keeps_the_size_it_infers():
+    """Issue 21 item 8: traced with an unknown batch size, ``Reshape((-1, 8))`` gave
+    ``(None, None, 8)`` (stock: ``(None, 3, 8)``), and a ``Dense`` after ``Reshape((3, -1))``
+    could not be built (its input's last axis unknown)."""
+    spec = tf.TensorSpec((None, 24), tf.float64)
+    for target in ((-1, 8), (3, -1)):
+        ours, stock = (
+            Reshape(target, dtype="float64"),
+            keras.layers.Reshape(target, dtype="float64"),
+        )
+        for layer in (ours, stock):
+            traced = tf.function(layer).get_concrete_function(spec)
+            assert traced.output_shapes == tf.TensorShape([None, 3, 8]), (layer, target)
+    dense = Dense(2, dtype="float64")
+    head = tf.function(lambda x: dense(Reshape((3, -1), dtype="float64")(x)))
+    assert head.get_concrete_function(spec).output_shapes == tf.TensorShape([None, 3, 2])
+
+
 @pytest.mark.parametrize(
     "name, kwargs",
     [
@@ -253,3 +284,19 @@ def test_algorithm_1_through_the_reshaping_and_pooling_layers():
     assert tolerances.relative_error(jacobian.parameter_jacobian(model, x[:1])[0], expected) <= (
         RTOL64
     )
+
+
+def test_a_reshape_subclass_overriding_build_has_its_build_run():
+    """Issue 21 item 7: ``Reshape`` marked itself built in ``__init__``, so a subclass's
+    ``build`` never ran; it is built at construction only when ``build`` is not overridden."""
+
+    class Recording(Reshape):
+        def build(self, shape):
+            self.seen = tuple(shape)
+            super().build(shape)
+
+    assert Reshape((4,)).built
+    layer = Recording((4,))
+    assert not layer.built
+    layer(np.zeros((2, 2, 2)))
+    assert layer.built and layer.seen == (2, 2, 2)

@@ -7,9 +7,11 @@ drawn over ``noise_shape`` and broadcast to ``x``): ``y = x * k / (1 - r)``, so
 
 a diagonal of zeros and ``1 / (1 - r)``. Each training call draws a new mask, outside the custom
 gradient, and hands the diagonal ``d = k / (1 - r)`` to the layer's ``forward``, ``reference`` and
-``backward`` as a constant (not differentiated): ``y = x * d``, ``dx = delta * d``. Given the mask
-the map is elementwise, so per-sample Jacobians exist. Inference: no diagonal, ``y = x``,
-``J = I``.
+``vjp_input`` (``tf_jacbp.contract``) as a constant (not differentiated): ``y = x * d``,
+``(J_x y)^T m = m * d`` for each of the ``V`` stacked vectors ``m[v]``. Given the mask the map is
+elementwise, so per-sample Jacobians exist. Inference: no diagonal, ``y = x``, ``J = I``.
+``jacobian_ops(training=True)`` hands Algorithm 1's walk the training map with the mask of one
+drawn seed, ``DropoutMask``: the same contract, its diagonal drawn from that seed.
 
 The mask is drawn as Keras draws it: a seed from the layer's ``keras.random.SeedGenerator``
 (advanced once per training call; works in graph mode and under ``jit_compile=True``), then
@@ -27,8 +29,11 @@ import math
 import numbers
 from typing import Any
 
+from keras import ops
+
 from tf_jacbp._backend import keras, tf
-from tf_jacbp.layers.base import JacobianLayer, as_float_tensor
+from tf_jacbp.contract import JacobianMap
+from tf_jacbp.layers.base import JacobianLayer, as_float_tensor, build_at_construction
 from tf_jacbp.route import route
 
 
@@ -68,9 +73,9 @@ class Dropout(JacobianLayer):
     ``call(inputs, training=None)``: training drops, anything else is the identity. Input any shape,
     output the same shape.
 
-    ``jacobian_ops(training=True)`` returns a fresh-mask op: making it draws a new seed (advancing
-    the seed generator); its ``forward``, ``backward``, ``jacobian_rows`` and ``jacobian_factors``
-    all use the mask of that seed.
+    ``jacobian_ops(training=True)`` returns a ``DropoutMask``: making it draws a new seed
+    (advancing the seed generator); its ``forward``, ``vjp_input`` (and so everything derived
+    from the contract) and ``jacobian_factors`` all use the mask of that seed.
     """
 
     def __init__(
@@ -89,7 +94,7 @@ class Dropout(JacobianLayer):
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed) if 0 < rate < 1 else None
         self.supports_masking = True
-        self.built = True  # stateless: built at construction, as Keras' Dropout
+        build_at_construction(self, Dropout)  # stateless: built at construction, as Keras'
 
     def draw_seed(self) -> tf.Tensor:
         """The next seed of the generator, as Keras' dropout draws it (an int32 pair)."""
@@ -115,26 +120,21 @@ class Dropout(JacobianLayer):
         keep = tf.random.stateless_uniform(shape, seed=seed, dtype=x.dtype) >= self.rate
         return tf.cast(keep, x.dtype) * tf.constant(1 / (1 - self.rate), x.dtype)
 
-    # (a)-(c): training passes the diagonal d, inference nothing (the identity).
+    # The contract: training passes the diagonal d as a constant, inference nothing (identity).
 
     def forward(self, x: tf.Tensor, diagonal: tf.Tensor | None = None) -> tf.Tensor:
         """Training: ``y = x * d``; inference: ``y = x``."""
-        return tf.identity(x) if diagonal is None else x * diagonal
+        return ops.copy(x) if diagonal is None else x * diagonal
 
     def reference(self, x: tf.Tensor, diagonal: tf.Tensor | None = None) -> tf.Tensor:
         return tf.identity(x) if diagonal is None else tf.multiply(x, diagonal)
 
-    def backward(
-        self, dy: tf.Tensor, x: tf.Tensor, y: tf.Tensor, diagonal: tf.Tensor | None = None
-    ) -> tuple[tf.Tensor, list]:
-        """``(J_x y)^T delta = diag(d) delta = delta * d`` (training); ``I delta`` (inference)."""
-        return (dy if diagonal is None else dy * diagonal), []
-
-    def jacobian_rows(
+    def vjp_input(
         self, m: tf.Tensor, x: tf.Tensor, y: tf.Tensor, diagonal: tf.Tensor | None = None
-    ) -> tuple[tf.Tensor, list]:
-        """``M diag(d)`` for ``M`` ``(batch, k, ...)``: each row times its sample's diagonal."""
-        return (m if diagonal is None else m * tf.expand_dims(diagonal, 1)), []
+    ) -> tf.Tensor:
+        """``(J_x y)^T m = diag(d) m = m * d`` (training: ``d`` ``(batch, ...)`` broadcast over
+        the ``V`` axis of ``m``); ``I m`` (inference)."""
+        return m if diagonal is None else m * diagonal
 
     def jacobian_factors(
         self, x: tf.Tensor, diagonal: tf.Tensor | None = None
@@ -148,10 +148,10 @@ class Dropout(JacobianLayer):
         return {"diag(k / (1 - r))": tf.linalg.diag(tf.reshape(d, [-1]))}
 
     def jacobian_ops(self, training: bool = False) -> list:
-        """Inference: the identity (the layer). Training: ``_FreshMask``, the training map with a
-        seed drawn now (advancing the seed generator, as a training call does)."""
+        """Inference: the identity (the layer). Training: ``DropoutMask``, the training map with
+        a seed drawn now (advancing the seed generator, as a training call does)."""
         if training and 0 < self.rate:
-            return [(_FreshMask(self, self.draw_seed() if self.rate < 1 else None), [])]
+            return [(DropoutMask(self, self.draw_seed() if self.rate < 1 else None), [])]
         return [(self, [])]
 
     def call(self, inputs: tf.Tensor, training: bool | None = None) -> tf.Tensor:
@@ -170,26 +170,35 @@ class Dropout(JacobianLayer):
         return config
 
 
-class _FreshMask:
+class DropoutMask(JacobianMap):
     """A ``Dropout`` layer's training map with the mask of one ``seed``, for Algorithm 1's walk
-    (``tf_jacbp.jacobian``): every method draws the diagonal from ``seed`` and the input's shape
-    (the same tensor each time: the draw is stateless) and hands it to the layer's method."""
+    (``tf_jacbp.jacobian``): the contract with the diagonal ``d`` as the constant, drawn from
+    ``seed`` and the input's shape by every method (the same tensor each time: the draw is
+    stateless)."""
 
     def __init__(self, layer: Dropout, seed: tf.Tensor | None):
         self.layer = layer
         self.seed = seed
 
+    @property
+    def name(self) -> str:
+        """The layer's name (errors of the derived methods name it)."""
+        return self.layer.name
+
+    def diagonal(self, x: tf.Tensor) -> tf.Tensor:
+        """``d = k / (1 - r)`` of this seed for ``x``'s shape."""
+        return self.layer.diagonal(x, self.seed)
+
     def forward(self, x: tf.Tensor) -> tf.Tensor:
-        return self.layer.forward(x, self.layer.diagonal(x, self.seed))
+        """``y = x * d``."""
+        return self.layer.forward(x, self.diagonal(x))
 
     def reference(self, x: tf.Tensor) -> tf.Tensor:
-        return self.layer.reference(x, self.layer.diagonal(x, self.seed))
+        return self.layer.reference(x, self.diagonal(x))
 
-    def backward(self, dy: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, list]:
-        return self.layer.backward(dy, x, y, self.layer.diagonal(x, self.seed))
-
-    def jacobian_rows(self, m: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, list]:
-        return self.layer.jacobian_rows(m, x, y, self.layer.diagonal(x, self.seed))
+    def vjp_input(self, m: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        """``(J_x y)^T m = m * d``: ``(V, batch, ...)`` -> ``(V, batch, ...)``."""
+        return self.layer.vjp_input(m, x, y, self.diagonal(x))
 
     def jacobian_factors(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
         """At one sample ``x``: the diagonal a batch of one draws from ``seed``."""

@@ -7,21 +7,29 @@ embedding matrix ``E`` is ``V x D`` (``V = input_dim``, ``D = output_dim``) and 
 "One layer") applied at each position to the one-hot vector ``s_p = e_{x_p}``, with ``W = E``:
 
 * ``J_E y``: the rows of position ``p`` are ``[I_D (x) s_p^T]`` (columns in ``Vec(E)`` order,
-  column-major: ``E[v, d]`` at ``d V + v``), so ``(J_E y)^T delta = Vec(S(x)^T Delta)``. The
-  product ``S(x)^T Delta`` adds row ``p`` of ``Delta`` into row ``x_p``: a scatter-add
-  (``tf.math.unsorted_segment_sum``), ``O(P D)``; ``S(x)`` is never formed.
+  column-major: ``E[v, d]`` at ``d V + v``), so ``(J_E y)^T m = Vec(S(x)^T M)`` for ``m``
+  (``M``: ``P x D``). The product ``S(x)^T M`` adds row ``p`` of ``M`` into row ``x_p``: a
+  scatter-add (``keras.ops.segment_sum``), ``O(P D)``; ``S(x)`` is never formed. ``vjp_params``
+  does it for the ``K`` stacked vectors of every sample in one scatter-add, into ``K V`` rows
+  (summed over the batch) or ``K batch V`` rows (per sample).
 * There is no input Jacobian: the ids are integers (as real numbers the map is piecewise
-  constant, ``J_x y = 0``), and the backward pass returns zeros for them.
+  constant, ``J_x y = 0``), and ``vjp_input`` returns zeros for them.
 * Sample ``i``'s gradient ``g_i = S(x_i)^T Delta_i`` has
   ``||g_i||^2 = sum over distinct ids v of ||sum_{p: x_p = v} delta_p||^2``, which
-  ``per_example_squared_norms`` computes by sorting each sample's ids, ``O(P log P + P D)``,
-  without the ``V x D`` gradients.
+  ``squared_norms`` computes by sorting each sample's ids, ``O(P log P + P D)``, without the
+  ``V x D`` gradients.
+
+Ids: as stock Keras (``keras.ops.take``), a negative id ``-V <= x_p < 0`` counts from the end,
+row ``x_p + V``, eagerly, in a graph and under XLA.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
+
+from keras import ops
 
 from tf_jacbp._backend import keras, tf
 from tf_jacbp.layers.base import JacobianLayer, standardize_input
@@ -50,10 +58,12 @@ class Embedding(JacobianLayer):
         weights: optional initial ``E`` (``(V, D)``, or a list holding it), as Keras.
 
     Input: ids ``(batch, ...)`` of any rank, integer (other dtypes are cast to int32, as Keras
-    does). Output ``(batch, ..., D)`` in the compute dtype. An id outside ``[0, V)`` is an
-    ``InvalidArgumentError`` naming the layer, eagerly and in graph mode; under XLA
-    (``jit_compile=True``) TensorFlow compiles assertions away and XLA's gather clamps the id, as
-    for stock Keras: check ids in the input pipeline when compiling with XLA. Keras' deprecated
+    does). Output ``(batch, ..., D)`` in the compute dtype. A negative id ``-V <= x < 0`` selects
+    row ``x + V``, as stock Keras, eagerly, in a graph and under XLA. An id outside
+    ``[-V, V)`` is an ``InvalidArgumentError`` naming the layer, eagerly and in graph mode; under
+    XLA (``jit_compile=True``) TensorFlow compiles assertions away and XLA's gather clamps the
+    id (after the wrap), as for stock Keras: check ids in the input pipeline when compiling
+    with XLA. Keras' deprecated
     ``input_length`` gives Keras' warning and is ignored; ``lora_rank``, ``lora_alpha`` and
     ``quantization_config`` are refused with a ``ValueError``.
 
@@ -67,6 +77,8 @@ class Embedding(JacobianLayer):
 
     # The ids are integers: tf_jacbp.jacobian keeps them so (float16 holds integers only to 2048).
     takes_integer_ids = True
+    # One sample of a layer built without an input shape is a sequence of ids (the Jacobians).
+    sample_rank = 1
 
     def __init__(
         self,
@@ -109,8 +121,6 @@ class Embedding(JacobianLayer):
             regularizer=self.embeddings_regularizer,
             constraint=self.embeddings_constraint,
         )
-        if input_shape is not None:
-            self._sample_rank = len(input_shape) - 1
         self.built = True
 
     def jacobian_parameters(self) -> list[keras.Variable]:
@@ -125,25 +135,30 @@ class Embedding(JacobianLayer):
         return keras.layers.Layer.__call__(self, inputs, *args, **kwargs)
 
     def ids(self, x: tf.Tensor) -> tf.Tensor:
-        """``x`` as integer ids (int32 unless int32 or int64, as Keras), each checked to lie in
-        ``[0, input_dim)`` (an assertion the result depends on; compiled away under XLA)."""
+        """``x`` as row numbers of ``E``: integer ids (int32 unless int32 or int64, as Keras),
+        each checked to lie in ``[-V, V)`` (an assertion the result depends on; compiled away
+        under XLA), a negative id ``x`` becoming ``x + V`` as in stock Keras' ``ops.take``."""
+        x = tf.convert_to_tensor(x)
         if x.dtype not in (tf.int32, tf.int64):
             x = tf.cast(x, tf.int32)
+        vocabulary = tf.cast(self.input_dim, x.dtype)
         message = (
-            f"Embedding '{self.name}': every id must lie in [0, input_dim) = [0, "
-            f"{self.input_dim}) (an id outside has no row of the embeddings); check the "
-            "vocabulary size your ids come from against input_dim."
+            f"Embedding '{self.name}': every id must lie in [-input_dim, input_dim) = "
+            f"[-{self.input_dim}, {self.input_dim}) (ids are rows of the embeddings; a negative "
+            "id counts from the end, as in Keras); check the vocabulary size your ids come from "
+            "against input_dim."
         )
         checks = [
-            tf.debugging.assert_non_negative(x, message=message),
-            tf.debugging.assert_less(x, tf.cast(self.input_dim, x.dtype), message=message),
+            tf.debugging.assert_greater_equal(x, -vocabulary, message=message),
+            tf.debugging.assert_less(x, vocabulary, message=message),
         ]
         with tf.control_dependencies(checks):
-            return tf.identity(x)
+            return tf.where(x < 0, x + vocabulary, x)
 
     def forward(self, x: tf.Tensor, embeddings: tf.Tensor) -> tf.Tensor:
         """``Y = S(x) E``: row ``x_p`` of ``E`` at each position, ``(batch, ...)`` ->
-        ``(batch, ..., D)``."""
+        ``(batch, ..., D)``. (``tf.gather``: ``ops.take`` would wrap the wrapped ids again, and
+        under XLA an id below ``-V`` would read another row than stock's.)"""
         return tf.gather(embeddings, self.ids(x))
 
     def reference(self, x: tf.Tensor, embeddings: tf.Tensor) -> tf.Tensor:
@@ -154,105 +169,74 @@ class Embedding(JacobianLayer):
         rows = tf.gather_nd(embeddings, tf.reshape(ids, [1, -1, 1]))  # (1, batch P, D)
         return tf.reshape(rows, tf.concat([tf.shape(ids), [self.output_dim]], 0))
 
-    def backward(
-        self, dy: tf.Tensor, x: tf.Tensor, y: tf.Tensor, embeddings: tf.Tensor
-    ) -> tuple[tf.Tensor, list[tf.Tensor]]:
-        """``dE = S^T Delta`` over the batch: each row of ``Delta`` added into the row of its id
-        (a scatter-add); zeros for the ids."""
-        rows = tf.reshape(dy, [-1, self.output_dim])
-        ids = tf.reshape(self.ids(x), [-1])
-        return tf.zeros_like(x), [tf.math.unsorted_segment_sum(rows, ids, self.input_dim)]
+    def vjp_input(self, m: tf.Tensor, x: tf.Tensor, y: tf.Tensor, embeddings: tf.Tensor) -> Any:
+        """No input Jacobian (integer ids): zeros ``(K, batch, ...)`` of the ids' dtype."""
+        return ops.zeros((ops.shape(m)[0], *ops.shape(x)), dtype=x.dtype)
 
-    def per_example_backward(
-        self, dy: tf.Tensor, x: tf.Tensor, y: tf.Tensor, embeddings: tf.Tensor
-    ) -> tuple[tf.Tensor, list[tf.Tensor]]:
-        """``g_i = S(x_i)^T Delta_i`` for each sample, ``(batch, V, D)``: one scatter-add into
-        ``batch V`` rows, sample ``i``'s id ``v`` going to row ``i V + v``."""
-        batch = tf.shape(dy)[0]
-        ids = tf.reshape(self.ids(x), [batch, -1])
-        segments = ids + self.input_dim * tf.range(batch, dtype=ids.dtype)[:, None]
-        rows = tf.reshape(dy, [-1, self.output_dim])
-        g = tf.math.unsorted_segment_sum(rows, tf.reshape(segments, [-1]), batch * self.input_dim)
-        return tf.zeros_like(x), [tf.reshape(g, [batch, self.input_dim, self.output_dim])]
-
-    def per_example_squared_norms(
-        self, dy: tf.Tensor, x: tf.Tensor, y: tf.Tensor, embeddings: tf.Tensor
+    def vjp_params(
+        self, m: tf.Tensor, x: tf.Tensor, y: tf.Tensor, embeddings: tf.Tensor, sum_batch=True
     ) -> list[tf.Tensor]:
-        """``||S(x_i)^T Delta_i||^2 = sum_v ||sum_{p: x_p = v} delta_p||^2``, ``(batch,)``,
-        without the ``V x D`` gradients.
+        """``(J_E y)^T m = S(x_i)^T M_i`` for each of the ``K`` stacked vectors (``M_i``: ``m[k,
+        i]`` as ``P x D``): one scatter-add (``segment_sum``) of every row of ``m``.
 
-        Each sample's ids are sorted (a stable sort, static shapes, so XLA compiles it); the
-        ``delta`` rows of equal ids become neighbours, a cumulative sum of "the id changed"
-        numbers the groups ``0, 1, ...`` within the sample, and one scatter-add into
-        ``batch P`` rows sums each group: ``O(P log P + P D)`` per sample, independent of ``V``.
+        ``sum_batch``: sample ``i``'s id ``x_p`` of vector ``k`` goes to row ``k V + x_p``,
+        ``(K, V, D)``; else to row ``(k batch + i) V + x_p``, ``(K, batch, V, D)``.
         """
-        batch = tf.shape(dy)[0]
-        ids = tf.reshape(self.ids(x), [batch, -1])
-        rows = tf.reshape(dy, [batch, -1, self.output_dim])
-        positions = tf.shape(ids)[1]
-        order = tf.argsort(ids, axis=1, stable=True)
-        ids, rows = tf.gather(ids, order, batch_dims=1), tf.gather(rows, order, batch_dims=1)
-        changed = tf.cast(tf.not_equal(ids[:, 1:], ids[:, :-1]), tf.int32)
-        group = tf.cumsum(tf.pad(changed, [[0, 0], [1, 0]]), axis=1)  # 0, 0, 1, 2, 2, ...
-        segments = group + positions * tf.range(batch)[:, None]
-        sums = tf.math.unsorted_segment_sum(
-            tf.reshape(rows, [-1, self.output_dim]),
-            tf.reshape(segments, [-1]),
-            batch * positions,
+        vocabulary, d = self.input_dim, self.output_dim
+        k, batch = ops.shape(m)[0], ops.shape(m)[1]
+        ids = ops.reshape(self.ids(x), (1, batch, -1))  # (1, batch, P)
+        vectors = ops.reshape(ops.arange(k, dtype=ids.dtype), (-1, 1, 1))
+        if sum_batch:
+            segments, shape = ids + vocabulary * vectors, (k, vocabulary, d)
+        else:
+            samples = ops.reshape(ops.arange(batch, dtype=ids.dtype), (1, -1, 1))
+            segments = ids + vocabulary * (samples + batch * vectors)
+            shape = (k, batch, vocabulary, d)
+        rows = ops.segment_sum(
+            ops.reshape(m, (-1, d)),
+            ops.reshape(segments, (-1,)),
+            num_segments=math.prod(shape[:-1]),
         )
-        return [tf.reduce_sum(tf.reshape(tf.square(sums), [batch, -1]), axis=1)]
+        return [ops.reshape(rows, shape)]
 
-    def jacobian_rows(
+    def squared_norms(
         self, m: tf.Tensor, x: tf.Tensor, y: tf.Tensor, embeddings: tf.Tensor
-    ) -> tuple[tf.Tensor, list[tf.Tensor]]:
-        """``M [I_D (x) s_p^T]``: row ``r`` (``M_r`` as a ``P x D`` matrix) becomes
-        ``Vec(S(x)^T M_r)``, ``(batch, k, V D)``; zeros ``(batch, k, ...)`` for the ids."""
-        batch, k = tf.shape(m)[0], tf.shape(m)[1]
-        v, d = self.input_dim, self.output_dim
-        ids = tf.reshape(self.ids(x), [batch, 1, -1])
-        segments = ids + v * tf.reshape(tf.range(batch * k, dtype=ids.dtype), [batch, k, 1])
-        g = tf.math.unsorted_segment_sum(
-            tf.reshape(m, [-1, d]), tf.reshape(segments, [-1]), batch * k * v
+    ) -> list[tf.Tensor]:
+        """``||S(x_i)^T Delta_i||^2 = sum_v ||sum_{p: x_p = v} delta_p||^2`` (``delta = m[0]``),
+        ``(batch,)``, without the ``V x D`` gradients.
+
+        Each sample's ids are sorted (static shapes, so XLA compiles it); the ``delta`` rows of
+        equal ids become neighbours, a cumulative sum of "the id changed" numbers the groups
+        ``0, 1, ...`` within the sample, and one scatter-add into ``batch P`` rows sums each
+        group: ``O(P log P + P D)`` per sample, independent of ``V``.
+        """
+        batch = ops.shape(m)[1]
+        ids = ops.reshape(self.ids(x), (batch, -1))
+        rows = ops.reshape(m[0], (batch, -1, self.output_dim))
+        positions = ops.shape(ids)[1]
+        order = ops.argsort(ids, axis=1)
+        ids = ops.take_along_axis(ids, order, axis=1)
+        rows = ops.take_along_axis(rows, order[:, :, None], axis=1)
+        changed = ops.cast(ops.not_equal(ids[:, 1:], ids[:, :-1]), "int32")
+        group = ops.cumsum(ops.pad(changed, ((0, 0), (1, 0))), axis=1)  # 0, 0, 1, 2, 2, ...
+        segments = group + positions * ops.arange(batch, dtype="int32")[:, None]
+        sums = ops.segment_sum(
+            ops.reshape(rows, (-1, self.output_dim)),
+            ops.reshape(segments, (-1,)),
+            num_segments=batch * positions,
         )
-        g = tf.transpose(tf.reshape(g, [batch, k, v, d]), [0, 1, 3, 2])  # Vec: E[v, d] at d V + v
-        dx = tf.zeros(tf.concat([[batch, k], tf.shape(x)[1:]], 0), x.dtype)
-        return dx, [tf.reshape(g, [batch, k, v * d])]
+        return [ops.sum(ops.reshape(ops.square(sums), (batch, -1)), axis=1)]
 
     def selection_matrix(self, x: Any) -> tf.Tensor:
         """``S(x)``: one sample of ``P`` ids (any shape) -> ``(P, V)``, ``S[p, x_p] = 1``."""
-        ids = self.ids(tf.reshape(tf.convert_to_tensor(x), [-1]))
-        return tf.one_hot(ids, self.input_dim, dtype=self.compute_dtype)
-
-    def parameter_jacobian(self, x: Any) -> tf.Tensor:
-        """``J_E y``: one sample of ``P`` ids -> ``(P D, V D)``, the rows of position ``p``
-        (row-major, like ``y``) being ``[I_D (x) s_p^T]``; a batch of samples -> ``(batch, P D,
-        V D)``. Columns in ``Vec(E)`` order.
-
-        A sample has the rank of the ids the layer was built for without the batch axis (rank 1
-        if the layer was built without an input shape).
-        """
-        x = tf.convert_to_tensor(x)
-        rank = getattr(self, "_sample_rank", 1)
-        if x.shape.rank not in (rank, rank + 1):
-            raise ValueError(
-                f"Embedding.parameter_jacobian: x must be one sample of ids of rank {rank} or a "
-                f"batch of them (rank {rank + 1}), got x of shape {tuple(x.shape)}."
-            )
-        if x.shape.rank == rank:
-            return self._sample_parameter_jacobian(x)
-        return tf.stack([self._sample_parameter_jacobian(sample) for sample in x])
-
-    def _sample_parameter_jacobian(self, x: tf.Tensor) -> tf.Tensor:
-        s = self.selection_matrix(x)  # (P, V)
-        positions, d = s.shape[0], self.output_dim
-        eye = tf.eye(d, dtype=s.dtype)
-        # Row (p, j) holds s_p^T in column block j: eye[j, k] * s[p, v] at k V + v.
-        kron = eye[None, :, :, None] * s[:, None, None, :]  # (P, D, D, V)
-        return tf.reshape(kron, [positions * d, d * self.input_dim])
+        ids = self.ids(ops.reshape(ops.convert_to_tensor(x), (-1,)))
+        return ops.one_hot(ids, self.input_dim, dtype=self.compute_dtype)
 
     def jacobian_factors(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
-        """``{"S(x)": (P, V), "[I (x) s^T]": (P D, V D)}`` at one sample of ``P`` ids."""
-        return {"S(x)": self.selection_matrix(x), "[I (x) s^T]": self._sample_parameter_jacobian(x)}
+        """``{"S(x)": (P, V), "[I (x) s^T]": (P D, V D)}`` at one sample of ``P`` ids: ``S(x)``
+        and ``J_E y`` (``parameter_jacobian``, the rows of position ``p`` being
+        ``[I_D (x) s_p^T]``, columns in ``Vec(E)`` order)."""
+        return {"S(x)": self.selection_matrix(x), "[I (x) s^T]": self.parameter_jacobian(x)}
 
     def compute_mask(self, inputs: Any, mask: Any = None) -> Any:
         """``inputs != 0`` with ``mask_zero=True`` (id 0 is padding), else None; as Keras."""

@@ -3,7 +3,8 @@
 For a channels_last sample ``x`` of shape ``(H, W, C)`` (or any shape), ``vec(x)`` lists the entries
 in row-major order, which is exactly how ``tf_jacbp.layout`` numbers them. So the Jacobian is the
 identity ``I_N`` (``N`` = entries per sample): flattening changes the shape, not the numbering, and
-``(J_x y)^T delta = delta`` reshaped back to the input's shape. (With channels_first it would be a
+``(J_x y)^T m = m`` reshaped back to the input's shape (``vjp_input``, for each of the ``V``
+stacked vectors ``m[v, i]``). (With channels_first it would be a
 permutation; tf_jacbp is channels_last throughout.)
 """
 
@@ -12,9 +13,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from keras import ops
+
 from tf_jacbp._backend import keras, tf
 from tf_jacbp.geometry import check_channels_last
-from tf_jacbp.layers.base import JacobianLayer, as_float_tensor
+from tf_jacbp.layers.base import JacobianLayer
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
@@ -32,24 +35,23 @@ class Flatten(JacobianLayer):
         self.data_format = check_channels_last(data_format, "Flatten")
 
     def forward(self, x: tf.Tensor) -> tf.Tensor:
-        """``y = vec(x)`` per sample: ``(batch, ...)`` -> ``(batch, N)``."""
-        return tf.reshape(x, [tf.shape(x)[0], -1])
+        """``y = vec(x)`` per sample: ``(batch, ...)`` -> ``(batch, N)`` (``N`` static where the
+        sample shape is known, so a graph traced for any batch size keeps it)."""
+        rest = tuple(x.shape[1:])
+        size = -1 if None in rest else math.prod(rest)
+        return ops.reshape(x, (ops.shape(x)[0], size))
 
     def reference(self, x: tf.Tensor) -> tf.Tensor:
         return tf.reshape(x, [tf.shape(x)[0], -1])
 
-    def backward(self, dy: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, list]:
-        """``(J_x y)^T delta = I delta``, reshaped to ``x``'s shape."""
-        return tf.reshape(dy, tf.shape(x)), []
-
-    def jacobian(self, x: Any) -> tf.Tensor:
-        """``J_x y = I_N`` for one sample ``x`` (any shape, ``N`` entries): ``(N, N)``."""
-        x = as_float_tensor(x, self.compute_dtype)
-        return tf.eye(math.prod(x.shape), dtype=x.dtype)
+    def vjp_input(self, m: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        """``(J_x y)^T m = I m``: each ``m[v, i]`` (``N``) in ``x``'s sample shape,
+        ``(V, batch, N)`` -> ``(V, batch, *x.shape[1:])``."""
+        return ops.reshape(m, (ops.shape(m)[0], *ops.shape(x)))
 
     def jacobian_factors(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
-        """``{"J = I": I_N}`` at one sample ``x``."""
-        return {"J = I": self.jacobian(x)}
+        """``{"J = I": I_N}`` at one sample ``x`` (``N`` entries)."""
+        return {"J = I": self.input_jacobian(x)}
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         rest = input_shape[1:]

@@ -16,17 +16,20 @@ positions, ``x`` read row-major as ``(n, c)`` (``tf_jacbp.layout``), the output 
   every position; one containing NaN has ``y[c] = NaN``, equal to nothing, and a NaN gradient,
   both as in stock.
 
-The backward passes are broadcasts of ``delta`` (times the 0/1 indicator for max): no index maps,
-so any spatial size works, known or not.
+The products ``(J_x y)^T m`` (``vjp_input``, ``V`` stacked vectors ``m[v]`` per sample) are
+broadcasts of ``m`` (times the 0/1 indicator for max): no index maps, so any spatial size works,
+known or not.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from keras import ops
+
 from tf_jacbp._backend import keras, tf
 from tf_jacbp.geometry import check_channels_last
-from tf_jacbp.layers.base import JacobianLayer, as_float_tensor, route
+from tf_jacbp.layers.base import JacobianLayer, build_at_construction, route
 
 
 class _GlobalPooling(JacobianLayer):
@@ -37,44 +40,46 @@ class _GlobalPooling(JacobianLayer):
     def __init__(self, data_format: str | None = None, keepdims: bool = False, **kwargs: Any):
         super().__init__(**kwargs)
         owner = type(self).__name__
-        self.data_format = check_channels_last(data_format, owner)
+        self.data_format = check_channels_last(data_format, owner, self.rank)
         if not isinstance(keepdims, bool):
             raise ValueError(f"{owner}: keepdims must be True or False, got keepdims={keepdims!r}.")
         self.keepdims = keepdims
         self.input_spec = keras.layers.InputSpec(ndim=self.rank + 2)
-        self.built = True  # stateless: built at construction, as Keras builds it
+        build_at_construction(self, _GlobalPooling)
+
+    @property
+    def sample_rank(self) -> int:
+        """One sample is ``(*spatial, C)``: ``rank + 1`` axes."""
+        return self.rank + 1
 
     @property
     def axes(self) -> list[int]:
         """The spatial axes of a batch, ``[1, ..., rank]``."""
         return list(range(1, self.rank + 1))
 
-    def kept(self, dy: tf.Tensor) -> tf.Tensor:
-        """``dy`` ``(batch, C)`` or ``(batch, 1, ..., C)`` as ``(batch, 1, ..., 1, C)``."""
-        return dy if self.keepdims else tf.reshape(dy, [-1] + [1] * self.rank + [dy.shape[-1]])
+    def kept(self, t: tf.Tensor) -> tf.Tensor:
+        """``t`` ``(..., C)`` or ``(..., 1, ..., 1, C)`` as ``(..., 1, ..., 1, C)``: the output's
+        shape with ``keepdims``, for ``y`` ``(batch, ...)`` and ``m`` ``(V, batch, ...)``."""
+        if self.keepdims:
+            return t
+        for _ in range(self.rank):
+            t = ops.expand_dims(t, -2)
+        return t
 
     def entries(self, x: tf.Tensor, y: tf.Tensor, *mask: tf.Tensor) -> tf.Tensor:
         """``J``'s entries ``J[c, (n, c)]`` per sample, broadcastable to ``x``'s shape."""
         raise NotImplementedError
 
-    def backward(self, dy: tf.Tensor, x: tf.Tensor, y: tf.Tensor, *mask) -> tuple[tf.Tensor, list]:
-        """``(J^T dy, [])``: ``dy[c]`` times ``J[c, (n, c)]`` at every position ``n``."""
-        dx = self.entries(x, self.kept(y), *mask) * self.kept(dy)
-        return tf.broadcast_to(dx, tf.shape(x)), []
-
-    def jacobian(self, x: Any, *mask: Any) -> tf.Tensor:
-        """``J_x y`` for one sample ``x`` ``(*spatial, C)``: ``(C, N C)``, columns row-major.
-        ``mask`` (``GlobalAveragePooling1D``): ``(T,)`` of 0/1."""
-        x = as_float_tensor(x, self.compute_dtype)[None]
-        mask = [tf.cast(m, x.dtype)[None] for m in mask]
-        weights = self.entries(x, self.kept(self.forward(x, *mask)), *mask)  # (1, ..., C)
-        weights = tf.reshape(tf.broadcast_to(weights, tf.shape(x)), [-1, x.shape[-1]])  # (N, C)
-        eye = tf.eye(x.shape[-1], dtype=x.dtype)
-        return tf.reshape(tf.transpose(weights)[:, :, None] * eye[:, None, :], [x.shape[-1], -1])
+    def vjp_input(self, m: tf.Tensor, x: tf.Tensor, y: tf.Tensor, *mask: tf.Tensor) -> tf.Tensor:
+        """``(J_x y)^T m``: ``m[v, i, c]`` times ``J[c, (n, c)]`` at every position ``n``,
+        ``(V, batch, C)`` (or ``keepdims``' shape) -> ``(V, batch, *spatial, C)``."""
+        dx = self.entries(x, self.kept(y), *mask) * self.kept(m)
+        return ops.broadcast_to(dx, (ops.shape(m)[0], *ops.shape(x)))
 
     def jacobian_factors(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
-        """``{self.factor_name: J_x y}`` at one sample ``x``."""
-        return {self.factor_name: self.jacobian(x)}
+        """``{self.factor_name: J_x y}`` at one sample ``x`` ``(*spatial, C)``: ``(C, N C)``,
+        columns row-major."""
+        return {self.factor_name: self.input_jacobian(x)}
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         if self.keepdims:
@@ -90,15 +95,15 @@ class _GlobalAverage(_GlobalPooling):
 
     def forward(self, x: tf.Tensor) -> tf.Tensor:
         """``y[c] = (1 / N) sum_n x[n, c]``."""
-        return tf.reduce_mean(x, axis=self.axes, keepdims=self.keepdims)
+        return ops.mean(x, axis=self.axes, keepdims=self.keepdims)
 
     def reference(self, x: tf.Tensor) -> tf.Tensor:
         return tf.math.reduce_mean(x, axis=self.axes, keepdims=self.keepdims)
 
     def entries(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
         """``1 / N`` everywhere."""
-        count = tf.reduce_prod(tf.shape(x)[1:-1])
-        return tf.ones_like(y) / tf.cast(count, x.dtype)
+        count = ops.prod(ops.shape(x)[1:-1])
+        return ops.ones_like(y) / ops.cast(count, x.dtype)
 
 
 class _GlobalMax(_GlobalPooling):
@@ -106,15 +111,15 @@ class _GlobalMax(_GlobalPooling):
 
     def forward(self, x: tf.Tensor) -> tf.Tensor:
         """``y[c] = max_n x[n, c]``."""
-        return tf.reduce_max(x, axis=self.axes, keepdims=self.keepdims)
+        return ops.max(x, axis=self.axes, keepdims=self.keepdims)
 
     def reference(self, x: tf.Tensor) -> tf.Tensor:
         return tf.math.reduce_max(x, axis=self.axes, keepdims=self.keepdims)
 
     def entries(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
         """``[x[n, c] = y[c]] / k_c``, ``k_c`` the number of positions attaining ``y[c]``."""
-        attained = tf.cast(tf.equal(x, y), x.dtype)
-        return attained / tf.reduce_sum(attained, axis=self.axes, keepdims=True)
+        attained = ops.cast(ops.equal(x, y), x.dtype)
+        return attained / ops.sum(attained, axis=self.axes, keepdims=True)
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
@@ -193,9 +198,9 @@ class GlobalAveragePooling1D(_GlobalAverage):
         """``y[c] = sum_t m_t x[t, c] / sum_t m_t`` (``m = 1`` without a mask)."""
         if not mask:
             return super().forward(x)
-        kept = tf.cast(mask[0], x.dtype)[:, :, None]
-        total = tf.reduce_sum(tf.where(kept > 0, x, tf.zeros_like(x)), 1, keepdims=self.keepdims)
-        return total / tf.reduce_sum(kept, axis=1, keepdims=self.keepdims)
+        kept = ops.cast(mask[0], x.dtype)[:, :, None]
+        total = ops.sum(ops.where(kept > 0, x, ops.zeros_like(x)), 1, keepdims=self.keepdims)
+        return total / ops.sum(kept, axis=1, keepdims=self.keepdims)
 
     def reference(self, x: tf.Tensor, *mask: tf.Tensor) -> tf.Tensor:
         if not mask:
@@ -212,13 +217,14 @@ class GlobalAveragePooling1D(_GlobalAverage):
         (the stock layer's gradient there)."""
         if not mask:
             return super().entries(x, y)
-        kept = tf.cast(mask[0], x.dtype)[:, :, None]
-        return tf.math.divide_no_nan(kept, tf.reduce_sum(kept, axis=1, keepdims=True))
+        kept = ops.cast(mask[0], x.dtype)[:, :, None]
+        return ops.divide_no_nan(kept, ops.sum(kept, axis=1, keepdims=True))
 
-    def backward(self, dy: tf.Tensor, x: tf.Tensor, y: tf.Tensor, *mask) -> tuple[tf.Tensor, list]:
-        """``(J^T dy, [])``; with a mask, exactly 0 at masked steps whatever ``dy`` is (a fully
+    def vjp_input(self, m: tf.Tensor, x: tf.Tensor, y: tf.Tensor, *mask: tf.Tensor) -> tf.Tensor:
+        """``(J_x y)^T m``; with a mask, exactly 0 at masked steps whatever ``m`` is (a fully
         masked sample's NaN output sends NaN back: the stock layer's ``where`` stops it there)."""
-        dx, _ = super().backward(dy, x, y, *mask)
+        dx = super().vjp_input(m, x, y, *mask)
         if mask:
-            dx = tf.where(tf.cast(mask[0], tf.bool)[:, :, None], dx, tf.zeros_like(dx))
-        return dx, []
+            kept = ops.cast(mask[0], "bool")[:, :, None]
+            dx = ops.where(kept, dx, ops.zeros_like(dx))
+        return dx

@@ -80,14 +80,15 @@ class WindowMaps:
         ``fill``."""
         return _gather_windows(x, self.tensors["window_index"], fill)
 
-    def transpose(self, v: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
-        """``(batch, P, S, C)`` slot values -> ``x``'s shape, summed per input position: the
-        transpose of ``windows``, as a gather with ``input_index``."""
-        channels = x.shape[-1]
-        v = tf.reshape(v, [tf.shape(v)[0], -1, channels])
+    def transpose(self, v: tf.Tensor, shape: tf.Tensor) -> tf.Tensor:
+        """``(..., P, S, C)`` slot values -> ``shape`` (``(..., H, W, C)``), summed per input
+        position: the transpose of ``windows``, as a gather with ``input_index``. The leading
+        axes (the batch, and the contract's ``V``) are folded into one."""
+        channels = v.shape[-1]
+        v = tf.reshape(v, [-1, v.shape[-3] * v.shape[-2], channels])  # (N, P S, C)
         v = tf.concat([v, tf.zeros_like(v[:, :1])], axis=1)
-        gathered = tf.gather(v, self.tensors["input_index"], axis=1)  # (batch, H W, m, C)
-        return tf.reshape(tf.reduce_sum(gathered, axis=2), tf.shape(x))
+        gathered = tf.gather(v, self.tensors["input_index"], axis=1)  # (N, H W, m, C)
+        return tf.reshape(tf.reduce_sum(gathered, axis=2), shape)
 
 
 @functools.lru_cache(maxsize=16)
@@ -150,8 +151,10 @@ class DynamicWindowMaps:
         """As ``WindowMaps.windows``."""
         return _gather_windows(x, self.window_index, fill)
 
-    def transpose(self, v: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
+    def transpose(self, v: tf.Tensor, shape: tf.Tensor) -> tf.Tensor:
         """As ``WindowMaps.transpose``: ``dx[n] = sum of v over the slots with index n``."""
-        v = tf.transpose(v, [1, 2, 0, 3])  # (P, S, batch, C)
+        channels, slots = v.shape[-1], v.shape[-2]
+        v = tf.reshape(v, [-1, tf.shape(self.window_index)[0], slots, channels])  # (N, P, S, C)
+        v = tf.transpose(v, [1, 2, 0, 3])  # (P, S, N, C)
         summed = tf.math.unsorted_segment_sum(v, self.window_index, self.size + 1)[:-1]
-        return tf.reshape(tf.transpose(summed, [1, 0, 2]), tf.shape(x))
+        return tf.reshape(tf.transpose(summed, [1, 0, 2]), shape)

@@ -14,8 +14,9 @@ they ignore). Channels never mix, so ``J_x y`` is block diagonal over ``c``:
   window's positions inside the input, so "same" windows at the border average over fewer
   values, as ``tf.nn.avg_pool2d`` does.
 
-``(J_x y)^T delta`` sends each ``delta[o, c]`` back to the window's selected (max) or every
-(average) position and sums where windows overlap. Both backward passes are gathers with the
+``(J_x y)^T m`` (the contract's ``vjp_input``, for each of the ``V`` stacked vectors ``m[v]``)
+sends each ``m[v, o, c]`` back to the window's selected (max) or every (average) position and
+sums where windows overlap. Both products are gathers with the
 index maps of ``tf_jacbp.layers.pool_windows``: ``window_index`` (output -> its window's inputs)
 and its transpose ``input_index`` (input -> the window slots that read it), computed in NumPy
 once per image size (``window_maps``, cached: an input of unknown height or width,
@@ -42,7 +43,7 @@ from tf_jacbp.geometry import (
     output_size,
     spatial_shape,
 )
-from tf_jacbp.layers.base import JacobianLayer, as_float_tensor
+from tf_jacbp.layers.base import JacobianLayer, build_at_construction
 from tf_jacbp.layers.pool_windows import DynamicWindowMaps, WindowMaps, window_maps
 
 
@@ -69,11 +70,16 @@ class _Pooling(JacobianLayer):
             self.pool_size if strides is None else self.as_window(strides, "strides", owner)
         )
         self.padding = check_padding(padding, owner)
-        self.data_format = check_channels_last(data_format, owner)
+        self.data_format = check_channels_last(data_format, owner, self.rank)
         self._compiled_input_gradient = tf.function(
             self.input_gradient, jit_compile=True, autograph=False
         )
-        self.built = True  # stateless: built at construction, as Keras builds it
+        build_at_construction(self, _Pooling)
+
+    @property
+    def sample_rank(self) -> int:
+        """One sample is ``(*spatial, C)``: ``rank + 1`` axes."""
+        return self.rank + 1
 
     def as_window(self, value: Any, name: str, owner: str) -> tuple[int, ...]:
         """``value`` (an int or ``rank`` ints, >= 1) as one int per spatial axis."""
@@ -84,12 +90,14 @@ class _Pooling(JacobianLayer):
         """``(pool_size, strides)`` of the windows on the ``(H, W, C)`` image."""
         return self.pool_size, self.strides
 
-    def as_image(self, x: tf.Tensor) -> tf.Tensor:
-        """The input as ``(batch, H, W, C)``."""
+    def as_image(self, x: tf.Tensor, lead: int = 1) -> tf.Tensor:
+        """The input (after ``lead`` leading axes: the batch, or ``V`` and the batch) as
+        ``(..., H, W, C)``."""
         return x
 
-    def from_image(self, v: tf.Tensor) -> tf.Tensor:
-        """An image-shaped ``(batch, H, W, C)`` tensor in the layer's own shape."""
+    def from_image(self, v: tf.Tensor, lead: int = 1) -> tf.Tensor:
+        """An image-shaped ``(..., H, W, C)`` tensor (``lead`` leading axes) in the layer's own
+        shape."""
         return v
 
     def check_input(self, input_shape: tuple) -> None:
@@ -116,40 +124,35 @@ class _Pooling(JacobianLayer):
         """``(batch, P, S, C)``: the entry ``J[(o, c), (window slot s, c)]`` for each sample."""
         raise NotImplementedError
 
-    def input_gradient(self, dy: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
-        """``dx = J^T dy``: each ``dy[o, c]`` times its slots' weights, summed onto the inputs.
+    def input_gradient(self, m: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        """``(J^T m[v, i])``: each ``m[v, i, o, c]`` times its slots' weights, summed onto the
+        inputs.
 
-        ``dy`` ``(batch, H_out, W_out, C)``, ``x`` ``(batch, H, W, C)``, ``y = forward(x)``.
+        ``m`` ``(V, batch, H_out, W_out, C)``, ``x`` ``(batch, H, W, C)``, ``y = forward(x)``;
+        returns ``(V, batch, H, W, C)``. The weights depend on the sample only, not on ``v``.
         """
         maps = self.maps(x)
-        dy = tf.reshape(dy, [tf.shape(dy)[0], -1, 1, x.shape[-1]])
-        return maps.transpose(self.weights_per_slot(maps, x, y) * dy, x)
+        lead = tf.shape(m)[:2]
+        m = tf.reshape(m, tf.concat([lead, [-1, 1, x.shape[-1]]], 0))  # (V, batch, P, 1, C)
+        slots = self.weights_per_slot(maps, x, y) * m  # (V, batch, P, S, C)
+        return maps.transpose(slots, tf.concat([lead, tf.shape(x)[1:]], 0))
 
-    def backward(self, dy: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, list]:
-        """``(J^T dy, [])``. Traced into a graph (``model.fit``), ``input_gradient`` runs compiled
-        with XLA, which fuses its gathers, comparisons and products into a few loops (op by op
-        it is about 3x slower on CPU); executing eagerly it runs op by op, since compiling for
-        each new call site would cost more than it saves."""
-        args = (self.as_image(dy), self.as_image(x), self.as_image(y))
+    def vjp_input(self, m: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        """``(J_x y)^T m``: ``(V, batch, *y.shape[1:])`` -> ``(V, batch, *x.shape[1:])``.
+
+        Traced into a graph (``model.fit``), ``input_gradient`` runs compiled with XLA, which
+        fuses its gathers, comparisons and products into a few loops (op by op it is about 3x
+        slower on CPU); executing eagerly it runs op by op, since compiling for each new call
+        site would cost more than it saves."""
+        args = (self.as_image(m, lead=2), self.as_image(x), self.as_image(y))
         gradient = self.input_gradient if tf.executing_eagerly() else self._compiled_input_gradient
-        return self.from_image(gradient(*args)), []
-
-    def jacobian(self, x: Any) -> tf.Tensor:
-        """``J_x y`` for one sample ``x`` (``(H, W, C)``, or ``(T, C)`` for the 1-D layers):
-        ``(H_out W_out C, H W C)``, rows and columns row-major (``tf_jacbp.layout``)."""
-        x = self.as_image(as_float_tensor(x, self.compute_dtype)[None])
-        _, height, width, channels = x.shape
-        maps = self.maps(x)
-        weights = self.weights_per_slot(maps, x, self.as_image(self.forward(self.from_image(x))))
-        one_hot = tf.one_hot(maps.window_index, height * width + 1, dtype=x.dtype)[..., :-1]
-        per_channel = tf.einsum("psc,psn->pcn", weights[0], one_hot)  # (P, C, H W)
-        eye = tf.eye(channels, dtype=x.dtype)
-        blocks = per_channel[:, :, :, None] * eye[None, :, None, :]  # (P, C, H W, C)
-        return tf.reshape(blocks, [-1, height * width * channels])
+        return self.from_image(gradient(*args), lead=2)
 
     def jacobian_factors(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
-        """``{self.factor_name: J_x y}`` at one sample ``x``."""
-        return {self.factor_name: self.jacobian(x)}
+        """``{self.factor_name: J_x y}`` at one sample ``x`` (``(H, W, C)``, or ``(T, C)`` for
+        the 1-D layers): ``(H_out W_out C, H W C)``, rows and columns row-major
+        (``tf_jacbp.layout``)."""
+        return {self.factor_name: self.input_jacobian(x)}
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         self.check_input(input_shape)
@@ -184,11 +187,11 @@ class _Pooling1D(_Pooling):
     def window_2d(self) -> tuple[tuple[int, int], tuple[int, int]]:
         return (1, self.pool_size[0]), (1, self.strides[0])
 
-    def as_image(self, x: tf.Tensor) -> tf.Tensor:
-        return x[:, None]
+    def as_image(self, x: tf.Tensor, lead: int = 1) -> tf.Tensor:
+        return tf.expand_dims(x, lead)
 
-    def from_image(self, v: tf.Tensor) -> tf.Tensor:
-        return v[:, 0]
+    def from_image(self, v: tf.Tensor, lead: int = 1) -> tf.Tensor:
+        return tf.squeeze(v, lead)
 
 
 class _MaxSelection:
@@ -205,15 +208,15 @@ class _MaxSelection:
     def reference(self, x: tf.Tensor) -> tf.Tensor:
         return tf.nn.max_pool(x, self.pool_size, self.strides, self.padding.upper())
 
-    def input_gradient(self, dy: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
-        """``dx = J^T dy``. When the windows tile the input (``strides == pool_size``,
+    def input_gradient(self, m: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        """``J^T m[v, i]``. When the windows tile the input (``strides == pool_size``,
         ``"valid"``, the size known) they are axes of ``x`` reshaped to
         ``(batch, H_out, p_h, W_out, p_w, C)``: the same selection of each window's first
         maximum, by reshapes and comparisons instead of the gathers of ``windows`` (rows and
-        columns past the last window get zero)."""
+        columns past the last window get zero). ``m`` ``(V, batch, H_out, W_out, C)``."""
         maps = self.maps(x)
         if not maps.tiled:
-            return super().input_gradient(dy, x, y)
+            return super().input_gradient(m, x, y)
         (h_out, w_out), (p_h, p_w) = maps.output_hw, self.window_2d[0]
         (height, width), channels = maps.input_hw, x.shape[-1]
         x = tf.reshape(x[:, : h_out * p_h, : w_out * p_w], [-1, h_out, p_h, w_out, p_w, channels])
@@ -233,13 +236,15 @@ class _MaxSelection:
         first_slot = np.zeros((1, 1, p_h, 1, p_w, 1), bool)
         first_slot[..., 0, :, 0, :] = True
         selected = tf.logical_or(selected, tf.logical_and(tf.logical_not(taken), first_slot))
-        dy = tf.reshape(dy, [-1, h_out, 1, w_out, 1, channels])
-        dx = tf.reshape(
-            tf.where(selected, dy, tf.zeros([], dy.dtype)), [-1, h_out * p_h, w_out * p_w, channels]
-        )
+        lead = tf.shape(m)[:2]
+        m = tf.reshape(m, tf.concat([lead, [h_out, 1, w_out, 1, channels]], 0))
+        dx = tf.where(selected, m, tf.zeros([], m.dtype))  # (V, batch, H_out, p_h, W_out, p_w, C)
+        dx = tf.reshape(dx, tf.concat([lead, [h_out * p_h, w_out * p_w, channels]], 0))
         if (h_out * p_h, w_out * p_w) == (height, width):
             return dx
-        return tf.pad(dx, [[0, 0], [0, height - h_out * p_h], [0, width - w_out * p_w], [0, 0]])
+        return tf.pad(
+            dx, [[0, 0], [0, 0], [0, height - h_out * p_h], [0, width - w_out * p_w], [0, 0]]
+        )
 
     def weights_per_slot(self, maps, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
         """1 at the first slot of each window equal to its maximum ``y`` (the first slot inside

@@ -8,15 +8,19 @@ Each sample ``x`` is read row-major (``tf_jacbp.layout``), ``x`` ``(H, W, C)`` a
       J = E_h (x) E_w (x) I_C,    E_h = I_H (x) 1_{s_h}  (H s_h x H),  E_w = I_W (x) 1_{s_w},
 
   of shape ``(H s_h W s_w C) x (H W C)``: each input is copied into an ``s_h x s_w`` block.
-  ``J^T delta`` sums each block of ``delta``: a summation matrix.
+  ``J^T m`` sums each block of ``m``: a summation matrix.
 * ``ZeroPadding2D(padding=((t, b), (l, r)))``: ``y`` is ``x`` framed by zeros,
 
       J = P_h (x) P_w (x) I_C, P_h = [0_{t x H}; I_H; 0_{b x H}], P_w = [0_{l x W}; I_W; 0_{r x W}]
 
-  of shape ``((H + t + b) (W + l + r) C) x (H W C)``: a selection. ``J^T delta`` crops
-  ``delta`` back to the input's rows and columns.
+  of shape ``((H + t + b) (W + l + r) C) x (H W C)``: a selection. ``J^T m`` crops ``m`` back
+  to the input's rows and columns.
 * ``Reshape(target_shape)``: ``vec(y) = vec(x)`` (a reshape keeps the row-major numbering), so
-  ``J = I_N`` and ``J^T delta`` is ``delta`` in ``x``'s shape, like ``Flatten``.
+  ``J = I_N`` and ``J^T m`` is ``m`` in ``x``'s shape, like ``Flatten``.
+
+Each ``vjp_input`` (the contract of ``tf_jacbp.contract``) applies ``J^T`` to each of the ``V``
+stacked vectors ``m[v, i]`` of each sample: ``(V, batch, *y.shape[1:])`` ->
+``(V, batch, *x.shape[1:])``. The materialized ``J`` is the base's ``input_jacobian``.
 """
 
 from __future__ import annotations
@@ -25,33 +29,32 @@ import math
 from typing import Any
 
 import numpy as np
+from keras import ops
 
 from tf_jacbp._backend import keras, tf
 from tf_jacbp.geometry import as_pair, check_channels_last
-from tf_jacbp.layers.base import JacobianLayer, as_float_tensor
+from tf_jacbp.layers.base import JacobianLayer, build_at_construction
 
 
 class _Reshaping(JacobianLayer):
-    """The materialized Jacobian of a map ``vec(y) = J vec(x)`` with ``J`` from ``matrix``."""
+    """A map ``vec(y) = J vec(x)`` with a 0/1 matrix ``J``: its ``jacobian_factors``."""
 
     factor_name = "J"
 
-    def matrix(self, sample_shape: tuple) -> np.ndarray:
-        """``J`` for a sample of shape ``sample_shape``: ``(N_out, N_in)``."""
-        raise NotImplementedError
-
-    def jacobian(self, x: Any) -> tf.Tensor:
-        """``J_x y`` for one sample ``x``: ``(N_out, N_in)``, rows and columns row-major."""
-        x = as_float_tensor(x, self.compute_dtype)
-        return tf.constant(self.matrix(tuple(x.shape)), dtype=x.dtype)
-
     def jacobian_factors(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
-        """``{self.factor_name: J_x y}`` at one sample ``x``."""
-        return {self.factor_name: self.jacobian(x)}
+        """``{self.factor_name: J_x y}`` at one sample ``x``: ``(N_out, N_in)``, rows and columns
+        row-major."""
+        return {self.factor_name: self.input_jacobian(x)}
+
+
+class _Image(_Reshaping):
+    """A map of images ``(batch, H, W, C)``: one sample is ``(H, W, C)``."""
+
+    sample_rank = 3
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
-class UpSampling2D(_Reshaping):
+class UpSampling2D(_Image):
     """Nearest-neighbour upsampling by whole factors, like ``keras.layers.UpSampling2D``;
     ``J = (I_H (x) 1_{s_h}) (x) (I_W (x) 1_{s_w}) (x) I_C``.
 
@@ -99,17 +102,13 @@ class UpSampling2D(_Reshaping):
     def reference(self, x: tf.Tensor) -> tf.Tensor:
         return tf.repeat(tf.repeat(x, self.size[0], axis=1), self.size[1], axis=2)
 
-    def backward(self, dy: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, list]:
-        """``J^T dy``: ``dx[i, j, c]`` is the sum of ``dy``'s block ``(i, j)`` of channel ``c``."""
-        shape = tf.shape(x)
-        blocks = tf.reshape(dy, [shape[0], shape[1], self.size[0], shape[2], self.size[1], -1])
-        return tf.reduce_sum(blocks, axis=[2, 4]), []
-
-    def matrix(self, sample_shape: tuple) -> np.ndarray:
-        height, width, channels = sample_shape
-        copies_h = np.kron(np.eye(height), np.ones((self.size[0], 1)))
-        copies_w = np.kron(np.eye(width), np.ones((self.size[1], 1)))
-        return np.kron(np.kron(copies_h, copies_w), np.eye(channels))
+    def vjp_input(self, m: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        """``J^T m``: ``dx[v, i, h, w, c]`` is the sum of ``m[v, i]``'s block ``(h, w)`` of
+        channel ``c``, ``(V, batch, H s_h, W s_w, C)`` -> ``(V, batch, H, W, C)``."""
+        batch, height, width, channels = ops.shape(x)
+        (s_h, s_w), v = self.size, ops.shape(m)[0]
+        blocks = ops.reshape(m, (v, batch, height, s_h, width, s_w, channels))
+        return ops.sum(blocks, axis=(3, 5))
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         batch, height, width, channels = input_shape
@@ -151,7 +150,7 @@ def _as_padding(padding: Any) -> tuple[tuple[int, int], tuple[int, int]]:
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
-class ZeroPadding2D(_Reshaping):
+class ZeroPadding2D(_Image):
     """Zero rows and columns around each image, like ``keras.layers.ZeroPadding2D``;
     ``J = P_h (x) P_w (x) I_C``, a selection.
 
@@ -179,18 +178,12 @@ class ZeroPadding2D(_Reshaping):
     def reference(self, x: tf.Tensor) -> tf.Tensor:
         return tf.pad(x, [[0, 0], *self.padding, [0, 0]], mode="CONSTANT")
 
-    def backward(self, dy: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, list]:
-        """``J^T dy``: ``dy`` cropped to the input's rows and columns."""
+    def vjp_input(self, m: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        """``J^T m``: each ``m[v, i]`` cropped to the input's rows and columns,
+        ``(V, batch, H + t + b, W + l + r, C)`` -> ``(V, batch, H, W, C)``."""
         (top, _), (left, _) = self.padding
-        shape = tf.shape(x)
-        return tf.slice(dy, [0, top, left, 0], shape), []
-
-    def matrix(self, sample_shape: tuple) -> np.ndarray:
-        height, width, channels = sample_shape
-        (top, bottom), (left, right) = self.padding
-        rows = np.eye(top + height + bottom)[:, top : top + height]
-        columns = np.eye(left + width + right)[:, left : left + width]
-        return np.kron(np.kron(rows, columns), np.eye(channels))
+        _, height, width, _ = ops.shape(x)
+        return m[:, :, top : top + height, left : left + width]
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         batch, height, width, channels = input_shape
@@ -237,39 +230,44 @@ class Reshape(_Reshaping):
                 f"target_shape={target_shape!r}."
             )
         self.target_shape = tuple(int(n) for n in shape)
-        self.built = True  # stateless: built at construction, as Keras builds it
+        build_at_construction(self, Reshape)
 
     def resolved_shape(self, sample_shape: tuple) -> tuple:
         """``target_shape`` with ``-1`` resolved for a sample of ``sample_shape`` (``None`` when
-        unknown); a ValueError when the sizes do not match."""
+        unknown); a ValueError naming the layer, both shapes and the fix when the numbers of
+        entries cannot match."""
         if None in sample_shape:
             return tuple(None if n == -1 else n for n in self.target_shape)
         size, known = math.prod(sample_shape), math.prod(n for n in self.target_shape if n != -1)
         if (-1 in self.target_shape and size % known) or (
             -1 not in self.target_shape and size != known
         ):
+            need = (
+                f"a multiple of {known} entries" if -1 in self.target_shape else f"{known} entries"
+            )
             raise ValueError(
                 f"Reshape '{self.name}': cannot reshape samples of shape {tuple(sample_shape)} "
-                f"({size} entries) to target_shape={self.target_shape}; the number of entries "
-                "must be unchanged."
+                f"({size} entries) to target_shape={self.target_shape}, which needs {need}; a "
+                f"reshape keeps the number of entries. Give a target_shape of {size} entries "
+                "(one axis may be -1: the size the input leaves), or check the input shape "
+                "reaching this layer."
             )
         return tuple(size // known if n == -1 else n for n in self.target_shape)
 
     def forward(self, x: tf.Tensor) -> tf.Tensor:
-        """``vec(y) = vec(x)`` in ``target_shape``."""
-        return tf.reshape(x, [tf.shape(x)[0], *self.target_shape])
+        """``vec(y) = vec(x)`` in ``target_shape``, its ``-1`` resolved from ``x``'s static
+        shape where known (a traced graph then keeps the size it infers, as stock)."""
+        resolved = self.resolved_shape(tuple(x.shape[1:]))
+        return ops.reshape(x, (ops.shape(x)[0], *(-1 if n is None else n for n in resolved)))
 
     def reference(self, x: tf.Tensor) -> tf.Tensor:
         resolved = self.resolved_shape(tuple(x.shape[1:]))
         return tf.reshape(x, [tf.shape(x)[0], *(-1 if n is None else n for n in resolved)])
 
-    def backward(self, dy: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, list]:
-        """``J^T dy = dy`` in ``x``'s shape."""
-        return tf.reshape(dy, tf.shape(x)), []
-
-    def matrix(self, sample_shape: tuple) -> np.ndarray:
-        self.resolved_shape(sample_shape)
-        return np.eye(math.prod(sample_shape))
+    def vjp_input(self, m: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        """``J^T m = m``: each ``m[v, i]`` in ``x``'s sample shape, ``(V, batch, *target)`` ->
+        ``(V, batch, *x.shape[1:])``."""
+        return ops.reshape(m, (ops.shape(m)[0], *ops.shape(x)))
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         return (input_shape[0], *self.resolved_shape(tuple(input_shape[1:])))
