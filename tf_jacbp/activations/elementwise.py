@@ -26,7 +26,7 @@ from tf_jacbp.contract import JacobianMap
 def diagonal_matrix(d: Any) -> Any:
     """``diag(d)`` for each row: ``(..., n)`` -> ``(..., n, n)``, exactly zero off the diagonal
     (also where ``d`` is infinite or NaN: a ``where``, not a product with the identity)."""
-    n = d.shape[-1]
+    n = d.shape[-1] if d.shape[-1] is not None else ops.shape(d)[-1]
     eye = ops.cast(ops.eye(n), "bool")
     return ops.where(eye, ops.expand_dims(d, -2), ops.zeros((), d.dtype))
 
