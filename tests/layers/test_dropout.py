@@ -11,6 +11,7 @@ import tf_jacbp
 from tf_jacbp import jacobian, layers, tolerances
 from tf_jacbp.testing import check_layer as run_layer_test
 from tf_jacbp.testing import model_state, set_model_state
+from tf_jacbp.testing.contract import check_map
 
 
 @pytest.mark.parametrize(
@@ -207,3 +208,14 @@ def test_a_dropout_subclass_overriding_build_has_its_build_run():
     assert not layer.built
     layer(np.zeros((2, 3)), training=True)
     assert layer.built and layer.seen == (2, 3)
+
+
+@pytest.mark.parametrize("noise_shape", [None, (None, 1, 4)])
+def test_the_training_map_meets_the_contract(noise_shape):
+    """``DropoutMask`` (the training map with its mask as the constant): ``vjp_input`` for
+    ``V = 1`` and ``V = 3`` and the derived rows against autodiff of its ``reference``."""
+    layer = layers.Dropout(0.4, noise_shape=noise_shape, seed=1, dtype="float64")
+    x = tf.constant(np.random.default_rng(8).normal(size=(5, 3, 4)))
+    ((op, params),) = layer.jacobian_ops(training=True)
+    check_map(op, x, params, "Dropout (training)", seed=2)
+    check_map(layer, x, [], "Dropout (inference)", seed=3)

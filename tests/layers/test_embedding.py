@@ -20,6 +20,7 @@ from tf_jacbp import jacobian, tolerances
 from tf_jacbp.layers.dense import Dense
 from tf_jacbp.layers.embedding import Embedding
 from tf_jacbp.testing import assert_gradients_close, half_squared_error, model_gradients
+from tf_jacbp.testing.contract import check_contract
 
 RTOL64 = tolerances.rtol("float64")
 V, D, T = 7, 3, 5  # vocabulary, embedding size, positions
@@ -338,3 +339,11 @@ def test_large_ids_survive_the_jacobian_walk_under_mixed_float16():
     x, t = np.array([[4097, 5]], "int32"), np.zeros((1, 2, 1), "float32")
     (rows,) = jacobian.per_example_gradients(model, x, t, loss=half_squared_error, flatten=False)
     np.testing.assert_array_equal(np.flatnonzero(np.asarray(rows[0, :, 0])), [5, 4097])
+
+
+def test_the_contract_products_equal_autodiff_of_the_reference_route():
+    """``vjp_params`` for ``V = 1`` and ``V = 3`` (summed and per sample), ``squared_norms`` and
+    the derived rows against autodiff of ``reference``, with repeated and negative ids."""
+    layer = _model("float64").layers[0]
+    ids = tf.constant([[3, 3, -1, 0, 6], [2, -7, 5, 5, 5], [1, 1, 1, 1, 1]])
+    check_contract(layer, ids, seed=7)
