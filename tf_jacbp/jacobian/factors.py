@@ -12,26 +12,6 @@ from tf_jacbp.jacobian.walk import forward
 from tf_jacbp.layers.activation import Activation
 
 
-def _activation_factor(
-    op: activations.Elementwise | activations.Softmax, z: tf.Tensor
-) -> tf.Tensor:
-    """``D = J_z f(z)`` at one sample ``z`` (any shape, batch axis of 1), ``(d, d)``,
-    ``d = size(z)``, rows and columns in the row-major order of ``z``.
-
-    Elementwise: ``diag(f'(z))``. Softmax acts on the last axis (the channels of an image, at
-    each position ``p``): ``D`` is block diagonal, one block ``diag(s_p) - s_p s_p^T`` per
-    position.
-    """
-    if not isinstance(op, activations.Softmax):
-        return op.jacobian(tf.reshape(z, [-1]))
-    channels = int(z.shape[-1])
-    blocks = op.jacobian(tf.reshape(z, [-1, channels]))  # (P, C, C)
-    positions = int(blocks.shape[0])
-    eye = tf.eye(positions, dtype=blocks.dtype)
-    d = eye[:, None, :, None] * blocks[:, :, None, :]  # (P, C, P', C'): zero unless p = p'
-    return tf.reshape(d, [positions * channels, positions * channels])
-
-
 def layer_jacobians(model: keras.Model, x: Any) -> dict[str, tf.Tensor]:
     """The factors of step 2 for one sample, as named matrices, in model order.
 
@@ -56,7 +36,8 @@ def layer_jacobians(model: keras.Model, x: Any) -> dict[str, tf.Tensor]:
     for r in records:
         op = r.op.activation if isinstance(r.op, Activation) else r.op
         if isinstance(op, activations.Elementwise | activations.Softmax):
-            named = {"D": _activation_factor(op, r.x)}
+            # D = J_z f(z): diag(f'(z)), or one softmax block per position (row-major z)
+            named = {"D": op.jacobian_at_positions(r.x)[0]}
         else:
             named = r.op.jacobian_factors([a[0] for a in r.x] if isinstance(r.x, list) else r.x[0])
         suffix = f" (call {r.call + 1})" if r.call else ""

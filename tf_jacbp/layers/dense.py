@@ -232,18 +232,3 @@ def _kron_eye(positions: int, kernel: tf.Tensor) -> tf.Tensor:
     eye = tf.eye(positions, dtype=kernel.dtype)
     blocks = eye[:, None, :, None] * tf.transpose(kernel)[None, :, None, :]  # (P, m, P', n)
     return tf.reshape(blocks, [positions * m, positions * n])
-
-
-def _activation_matrix(activation: Any, z: tf.Tensor) -> tf.Tensor:
-    """``D = J_z f(z)`` for each sample of ``z`` ``(batch, P, m)``: ``(batch, P m, P m)``.
-
-    Elementwise: ``diag(f'(z))``. Softmax acts on the last axis: one block
-    ``diag(s_p) - s_p s_p^T`` per position, zero between positions.
-    """
-    batch, positions, m = z.shape
-    if not isinstance(activation, activations.Softmax):
-        return activation.jacobian(tf.reshape(z, [batch, positions * m]))
-    blocks = activation.jacobian(z)  # (batch, P, m, m)
-    eye = tf.eye(positions, dtype=z.dtype)
-    d = eye[None, :, None, :, None] * blocks[:, :, :, None, :]  # (batch, P, m, P', m')
-    return tf.reshape(d, [batch, positions * m, positions * m])
