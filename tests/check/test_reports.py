@@ -9,11 +9,15 @@
 * Clear errors: an unwritable ``log_dir``, an unbatched ``tf.data`` probe, a model without layers
   or without trainable variables.
 * Logs: the worst variable is named in the summary and records, never a float index in ``logs``.
+* The criterion is stated once (``tf_jacbp.check.criterion.STATEMENT``, numbers from
+  ``tf_jacbp.tolerances``): ``GradientCheck``'s docstring includes it, docs/gradient_check.md's
+  copy equals it.
 """
 
 from __future__ import annotations
 
 import math
+import pathlib
 import warnings
 
 import keras
@@ -22,13 +26,14 @@ import pytest
 import tensorflow as tf
 from planted import InfDense
 
-from tf_jacbp import layers, losses
+from tf_jacbp import layers, losses, tolerances
 from tf_jacbp.callbacks import (
     LOG_KEYS,
     GradientCheck,
     GradientCheckCoverageWarning,
     GradientMismatchError,
 )
+from tf_jacbp.check import criterion
 
 N_FEATURES, N_CLASSES = 6, 3
 
@@ -255,3 +260,22 @@ def test_logs_hold_no_float_index_and_the_summary_names_the_worst_variable():
     worst = max(check.records, key=lambda r: r.ratio)
     assert f"Worst: variable '{worst.variable}'" in check.summary()
     assert math.isfinite(worst.ratio)
+
+
+def test_the_criterion_is_stated_once_with_the_numbers_of_tolerances():
+    statement = criterion.normalized(criterion.STATEMENT)
+    docs = pathlib.Path(__file__).parents[2] / "docs" / "gradient_check.md"
+    assert statement in criterion.normalized(docs.read_text()), (
+        "docs/gradient_check.md's criterion differs from tf_jacbp.check.criterion.STATEMENT; "
+        "paste STATEMENT (with single backticks) into it:\n" + criterion.STATEMENT
+    )
+    assert statement in criterion.normalized(GradientCheck.__doc__)
+    assert "{criterion}" not in GradientCheck.__doc__
+    for number in (
+        tolerances.rtol("float64"),
+        tolerances.rtol("float32"),
+        tolerances.FLOOR_MIN_ULPS,
+        tolerances.FINITE_DIFFERENCE_RTOL,
+    ):
+        assert f"{number:g}" in statement
+    assert f"<= {tolerances.FLOOR_RATIO:g} * floor" in statement

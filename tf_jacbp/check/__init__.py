@@ -10,17 +10,20 @@ loss in stock TensorFlow ops inside ``tf_jacbp.reference_mode()``, differentiate
 loss plus regularization losses) on one fixed probe batch. The two routes are compared twice:
 
 * in float64, on a float64 twin of the model (same layers, weights, batch statistics and dropout
-  masks), where correct formulas agree to about 1e-12 whatever dtype training uses: this checks
-  the formulas;
+  masks), where rounding is negligible: this checks the formulas;
 * in the training dtype, where the Jacobian route must stay within a small multiple of the
   rounding error the reference route itself makes there (measured against the float64 twin):
   this checks what training applies, without a guessed per-dtype tolerance.
 
-A third, optional witness is a directional central finite difference in float64.
+Optional or conditional witnesses: a directional central finite difference in float64, and, for a
+model trained with DP-SGD, the per-example gradient norms its first pass clips with. The bounds
+are stated once, in ``criterion`` (with ``tf_jacbp.tolerances``' numbers).
 
 * ``callback``: ``GradientCheck``, the Keras callback; its hooks only decide *when* to check.
 * ``witnesses``: *what* a check computes: the model's two routes, its float64 twin's, the
   criterion turning their statistics into records, and finite differences.
+* ``criterion``: the criterion in words, ``STATEMENT``, stated once.
+* ``norms``: the per-example norm witness of a model that clips per example (DP-SGD).
 * ``routes``: the compiled gradient functions and the statistics they are reduced to.
 * ``twin``: the float64 twin of a model (same weights, batch statistics and dropout masks).
 * ``probe``: the probe batch (validation, finiteness, the re-check's perturbation), ``log_dir``.
@@ -36,6 +39,7 @@ from tf_jacbp.check.records import (
     FIXED_RTOL,
     LOG_KEYS,
     ON_MISMATCH,
+    PER_EXAMPLE_NORMS,
     REFERENCE,
     ROUNDING_FLOOR,
     GradientCheckCoverageWarning,
@@ -50,6 +54,7 @@ __all__ = [
     "FIXED_RTOL",
     "LOG_KEYS",
     "ON_MISMATCH",
+    "PER_EXAMPLE_NORMS",
     "REFERENCE",
     "ROUNDING_FLOOR",
     "GradientCheck",

@@ -1,20 +1,21 @@
 """``GradientCheck``, the Keras callback: its hooks decide *when* to check; ``Witnesses`` what.
 
-The criterion, the witnesses and the reports are described in the class docstring and in
-``tf_jacbp.check``'s.
+The witnesses and the reports are described in the class docstring and in ``tf_jacbp.check``'s;
+the criterion is stated once, in ``tf_jacbp.check.criterion`` (the class docstring includes it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import textwrap
 import warnings
 from typing import Any
 
 import numpy as np
 
 from tf_jacbp._backend import keras, tf
-from tf_jacbp.check import report
+from tf_jacbp.check import criterion, report
 from tf_jacbp.check.probe import (
     perturbed,
     probe_tensors,
@@ -61,36 +62,23 @@ class GradientCheck(keras.callbacks.Callback):
       copied at every check) and the model's dropout masks (drawn in the model's dtype from the
       same seeds, then applied in float64).
 
-    Per variable it records (``GradientCheckRecord``)
+    Per variable it records (``GradientCheckRecord``) ``rel_err`` (``g`` against ``g_ref``),
+    the reference route's own rounding error ``floor`` and ``float64_rel_err`` (``h`` against
+    ``h64``). The criterion, ``tf_jacbp.check.criterion.STATEMENT`` (its numbers are
+    ``tf_jacbp.tolerances``'s, where the measurements behind them are given):
 
-        ``rel_err = ||g - g_ref|| / max(||g_ref||, tiny)``,
-        ``floor = max(||g_ref - h64|| / max(||g_ref||, tiny), FLOOR_MIN_ULPS * eps)``,
-        ``float64_rel_err = ||h - h64|| / max(||h64||, tiny)``,
+    {criterion}
 
-    and the variable passes when all gradients are finite and
-
-        ``float64_rel_err <= tolerances.rtol("float64")``  (the formulas, in float64), and
-        ``rel_err <= tolerances.FLOOR_RATIO * floor``      (the training dtype).
-
-    The first compares formulas where rounding is negligible: a wrong Jacobian shows at full size
-    (a 1% error as 1e-2 against 1e-12) in any training dtype. The second needs no guessed
-    per-dtype tolerance: ``floor`` is how far the reference route itself is from float64 in the
-    training dtype, on this model, probe and machine, so a correct Jacobian route (as far from
-    float64 as the reference route, give or take a small factor) never alarms on rounding, while
-    non-finite values and errors much larger than rounding (a dtype-specific bug) still fail.
-    ``tiny`` is ``max(TINY[dtype], NOISE_FLOOR[dtype] * scale)``, ``scale`` the largest reference
-    norm of the check (gradients that are zero in exact arithmetic are measured against the
-    rounding noise of the whole gradient); ``eps`` is the training dtype's machine epsilon.
-    A model that trains in float64 throughout is its own twin: then ``rel_err`` must be at most
-    ``tolerances.rtol("float64")``.
-
-    Fixed tolerances instead: ``rtol`` given replaces ``FLOOR_RATIO * floor`` by ``rtol`` (the
-    float64 formula comparison still runs); ``atol`` given also requires ``abs_err = max |g -
-    g_ref| <= atol``. Without a twin (a model that does not round-trip through ``get_config``,
-    or a random layer other than dropout, whose noise the twin cannot replay) the training-dtype
-    bound is ``tolerances.rtol(dtype)`` per variable, which can false-alarm on deep models; a
-    ``GradientCheckCoverageWarning`` says so at the start of ``fit``. ``dtype`` is the least
-    precise of the owning layer's compute dtype and the compiled loss's dtype.
+    The float64 bound compares formulas where rounding is negligible: a wrong Jacobian shows at
+    full size whatever the training dtype. The training-dtype bound needs no guessed per-dtype
+    tolerance: ``floor`` is how far the reference route itself is from float64 in the training
+    dtype, on this model, probe and machine, so a correct Jacobian route never alarms on
+    rounding, while non-finite values and errors much larger than rounding (a dtype-specific
+    bug) still fail. Without a twin (a model that does not round-trip through ``get_config``,
+    or a random layer other than dropout, whose noise the twin cannot replay) the fixed bound
+    can false-alarm on deep models: a ``GradientCheckCoverageWarning`` says so at the start of
+    ``fit``. ``dtype`` is the least precise of the owning layer's compute dtype and the
+    compiled loss's dtype.
 
     What is checked: the reference route is an independent witness only for variables of
     tf_jacbp layers (their Jacobian formulas against autodiff). A variable of a stock Keras layer
@@ -111,15 +99,19 @@ class GradientCheck(keras.callbacks.Callback):
     show callbacks the training batches.
 
     Finite differences (``finite_differences=True``): per variable ``theta_i`` of the float64
-    twin, with a random unit direction ``v`` (fixed seed, drawn once),
+    twin, with a random unit direction ``v`` (fixed seed, drawn once), ``fd = (L(theta + eps v)
+    - L(theta - eps v)) / (2 eps)`` (``eps = tolerances.FINITE_DIFFERENCE_DELTA``) is compared
+    with ``h . v``. This witness differentiates nothing, so it also checks stock layers and
+    custom gradients. Needs a compiled loss that is a ``keras.losses.Loss``, a loss name or a
+    function ``(y_true, y_pred)``.
 
-        ``fd = (L(theta + eps v) - L(theta - eps v)) / (2 eps)`` is compared with ``h . v``:
-
-    ``rel_err = |fd - h . v| / max(||h||, tiny)`` must be at most
-    ``tolerances.FINITE_DIFFERENCE_RTOL``, with ``eps = tolerances.FINITE_DIFFERENCE_DELTA``.
-    This witness differentiates nothing, so it also checks stock layers and custom gradients.
-    Needs a compiled loss that is a ``keras.losses.Loss``, a loss name or a function
-    ``(y_true, y_pred)``.
+    Per-example norms (a model that clips per example: one with an ``l2_norm_clip``, as
+    ``tf_jacbp.privacy.DPModel``; ``tf_jacbp.check.norms``): DP-SGD clips with the norms of its
+    first pass, ``tf_jacbp.jacobian.per_example_gradient_norms`` (the layers' ``squared_norms``
+    formulas), which training's gradient never uses. Each check also compares them, per
+    variable and on the first probe samples, with the norms of per-sample gradients that
+    ``tf.GradientTape`` takes through the reference route, in float64 on the twin (witness
+    ``"per_example_norms"``). A plain model runs nothing of it.
 
     Cost: the twin's two routes run in float64, so a check costs about three to six times the
     two training-dtype routes alone (measured: ``DEFAULT_EVERY_N_BATCHES``).
@@ -128,8 +120,9 @@ class GradientCheck(keras.callbacks.Callback):
     ``rel_err`` of the reference witness over the epoch's checks; NaN if any was not finite),
     ``grad_check_mismatches`` (failed comparisons in the epoch, an int),
     ``grad_check_independent_variables`` (variables checked against an independent witness, an
-    int), with a twin ``grad_check_float64_max_rel_err`` and, with finite differences,
-    ``grad_check_fd_max_rel_err``. The worst variable is named in ``summary()`` (its record has
+    int), with a twin ``grad_check_float64_max_rel_err``, with finite differences
+    ``grad_check_fd_max_rel_err`` and for a model that clips per example
+    ``grad_check_norms_max_rel_err``. The worst variable is named in ``summary()`` (its record has
     its ``variable`` path). History and the progress bar show the logs;
     ``keras.callbacks.TensorBoard`` does when it comes *after* this callback in the
     ``callbacks`` list. With ``log_dir``, each check also writes
@@ -150,8 +143,8 @@ class GradientCheck(keras.callbacks.Callback):
             samples shaped like one training batch.
         every_n_batches: a positive int: check after this many training batches since the last
             check.
-        rtol: a fixed relative tolerance for ``rel_err`` of every variable, instead of
-            ``FLOOR_RATIO * floor``; ``None``: derived from the rounding floor, see above.
+        rtol: a fixed relative tolerance for ``rel_err`` of every variable, instead of the
+            bound derived from the rounding floor (``None``); see the criterion above.
         atol: optional bound on ``abs_err``, required in addition.
         on_mismatch: ``"raise"`` (stop training with ``GradientMismatchError``), ``"warn"``
             (``warnings.warn`` a ``GradientMismatchWarning`` and go on) or ``"log"`` (only
@@ -344,6 +337,12 @@ class GradientCheck(keras.callbacks.Callback):
                     self._writer.flush()
                 raise GradientMismatchError(message, failed)
             warnings.warn(message, GradientMismatchWarning, stacklevel=2)
+
+
+if GradientCheck.__doc__:  # None under python -OO
+    GradientCheck.__doc__ = GradientCheck.__doc__.replace(
+        "    {criterion}\n", textwrap.indent(criterion.STATEMENT, "    ") + "\n"
+    )
 
 
 def same(a: list, b: list) -> bool:

@@ -25,11 +25,12 @@ WITNESSES = (REFERENCE, FINITE_DIFFERENCES, PER_EXAMPLE_NORMS)
 """Every ``GradientCheckRecord.witness``."""
 
 ROUNDING_FLOOR = "rounding_floor"
-"""``GradientCheckRecord.criterion``: ``rel_err <= tolerances.FLOOR_RATIO * floor``."""
+"""``GradientCheckRecord.criterion``: the bound on ``rel_err`` is derived from the rounding
+``floor`` (``tf_jacbp.check.criterion``)."""
 
 FIXED_RTOL = "rtol"
-"""``GradientCheckRecord.criterion``: ``rel_err <= rtol``, a fixed tolerance (given, or per
-dtype when no float64 twin could be built)."""
+"""``GradientCheckRecord.criterion``: the bound on ``rel_err`` is a fixed tolerance (given, per
+dtype, or float64's: ``tf_jacbp.check.criterion``)."""
 
 LOG_KEYS = (
     "grad_check_max_rel_err",
@@ -85,24 +86,25 @@ class GradientCheckRecord:
             max(||n_ref||, tiny)`` over the samples (per-example norms); NaN if not finite.
         cosine: ``<g, g_ref> / (||g|| ||g_ref||)`` (1 when both are zero, 0 when one is);
             ``None`` for the other witnesses. Reported, not a pass criterion.
-        rtol: the bound applied to ``rel_err``: ``FLOOR_RATIO * floor`` under the
-            ``"rounding_floor"`` criterion, else the fixed tolerance.
+        rtol: the bound applied to ``rel_err`` (``tf_jacbp.check.criterion``): derived from
+            ``floor`` under the ``"rounding_floor"`` criterion, else the fixed tolerance.
         atol: the absolute tolerance applied to ``abs_err``, or ``None``.
         tolerance_dtype: the least precise dtype the gradient passed through (e.g.
             ``"float16"`` under ``mixed_float16``): whose rounding ``floor`` measures.
         gradient_dtype: the dtype the gradients were compared in (the variable's, e.g.
-            ``"float32"`` under ``mixed_float16``; ``"float64"`` for finite differences).
-        passed: every criterion below holds (both sides finite, ``rel_err <= rtol``,
+            ``"float32"`` under ``mixed_float16``; ``"float64"`` for finite differences and,
+            on a float64 twin, the per-example norms).
+        passed: ``tf_jacbp.check.criterion`` holds (both sides finite, ``rel_err <= rtol``,
             ``abs_err <= atol`` if set, ``float64_rel_err <= float64_rtol`` if measured).
-        criterion: ``"rounding_floor"`` or ``"rtol"`` (fixed; finite differences too).
-        floor: the reference route's own rounding error in the training dtype,
-            ``max(||g_ref - g64|| / max(||g_ref||, tiny), FLOOR_MIN_ULPS * eps(dtype))`` with
-            ``g64`` the float64 twin's reference gradient; ``None`` without a twin.
+        criterion: ``"rounding_floor"`` or ``"rtol"`` (fixed; the other witnesses too).
+        floor: the reference route's own rounding error in the training dtype (its distance
+            to the float64 twin's reference gradient, ``tf_jacbp.check.criterion``); ``None``
+            without a twin.
         ratio: ``rel_err / floor``: how many rounding floors apart the two routes are.
         float64_rel_err: the float64 twin's Jacobian route against its reference route,
             ``||h - h_ref|| / max(||h_ref||, tiny)`` (the formula witness); ``None`` without
             a twin (e.g. the model trains in float64: then ``rel_err`` is that comparison).
-        float64_rtol: the bound on ``float64_rel_err`` (``tolerances.rtol("float64")``).
+        float64_rtol: the bound on ``float64_rel_err``.
         independent: the witness computes this gradient with other code than training: True
             for variables of tf_jacbp layers (their Jacobian formulas against autodiff) and for
             finite differences; False for stock layers (autodiff against itself).

@@ -2,10 +2,10 @@
 
 ``Witnesses(model, ...)`` traces the Jacobian and reference routes of the model and, unless the
 model trains in float64 throughout, of its float64 twin; ``run(probe)`` (one ``tf.function``)
-returns their statistics, and ``records`` turns them into one ``GradientCheckRecord`` per
-variable by the criterion of ``tf_jacbp.tolerances`` (float64 formulas at ``rtol("float64")``,
-the training dtype within ``FLOOR_RATIO`` rounding floors). ``finite_difference_records`` adds
-the directional finite differences on the twin.
+returns their statistics (``Comparison``), and ``records`` turns them into one
+``GradientCheckRecord`` per variable by ``tf_jacbp.check.criterion``, then the per-example norm
+records of a model that clips per example (``tf_jacbp.check.norms``).
+``finite_difference_records`` adds the directional finite differences on the twin.
 """
 
 from __future__ import annotations
@@ -191,35 +191,31 @@ class Witnesses:
                     cosine = 1.0 if row.norm == row.ref_norm else 0.0
                 else:
                     cosine = row.dot / (row.norm * row.ref_norm)
-            fields: dict[str, Any] = {"criterion": FIXED_RTOL, "rtol": self.fixed_rtol(dtype)}
+            criterion, rtol = FIXED_RTOL, self.fixed_rtol(dtype)
+            floor_i = ratio = float64_rel_err = float64_rtol = None
             ok = finite
             if row64 is not None and not self.all_float64:
                 finite64 = bool(row64.finite and row64.ref_finite)
-                fields["float64_rtol"] = tolerances.rtol("float64")
-                fields["float64_rel_err"] = math.nan
+                float64_rtol, float64_rel_err = tolerances.rtol("float64"), math.nan
                 if finite64:
-                    fields["float64_rel_err"] = tolerances.relative_error_from_norms(
+                    float64_rel_err = tolerances.relative_error_from_norms(
                         row64.diff_norm, row64.ref_norm, "float64", scale64
                     )
-                ok = ok and finite64 and fields["float64_rel_err"] <= fields["float64_rtol"]
+                ok = ok and finite64 and float64_rel_err <= float64_rtol
                 if finite and finite64:
                     denominator = tolerances.relative_error_from_norms(
                         1.0, row.ref_norm, dtype, scale
                     )
-                    fields["floor"] = max(
+                    floor_i = max(
                         float(floor[i]) * denominator,
                         tolerances.FLOOR_MIN_ULPS * tolerances.EPS[dtype],
                     )
-                    fields["ratio"] = rel_err / fields["floor"]
+                    ratio = rel_err / floor_i
                     if self.rtol is None and self.replays_noise:
-                        fields["criterion"] = ROUNDING_FLOOR
-                        fields["rtol"] = tolerances.FLOOR_RATIO * fields["floor"]
+                        criterion, rtol = ROUNDING_FLOOR, tolerances.FLOOR_RATIO * floor_i
                 if not finite64 and finite:
                     finite = False  # reported through ``cause``
-            ok = ok and rel_err <= fields["rtol"] and (self.atol is None or abs_err <= self.atol)
-            cause = None
-            if not finite:
-                cause = cause_of(probe_finite, losses_finite, row, row64)
+            ok = ok and rel_err <= rtol and (self.atol is None or abs_err <= self.atol)
             records.append(
                 self._record(
                     i,
@@ -230,8 +226,13 @@ class Witnesses:
                     dtype,
                     keras.backend.standardize_dtype(self.variables[i].dtype),
                     bool(ok),
-                    cause=cause,
-                    **fields,
+                    criterion=criterion,
+                    rtol=rtol,
+                    floor=floor_i,
+                    ratio=ratio,
+                    float64_rel_err=float64_rel_err,
+                    float64_rtol=float64_rtol,
+                    cause=None if finite else cause_of(probe_finite, losses_finite, row, row64),
                 )
             )
         if self.norms is not None:
