@@ -33,6 +33,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from keras import ops
 
 from tf_jacbp._backend import keras, tf
 from tf_jacbp.geometry import (
@@ -201,9 +202,7 @@ class _MaxSelection:
 
     def forward(self, x: tf.Tensor) -> tf.Tensor:
         """``y[o, c] = max_{n in S_o} x[n, c]``."""
-        pool_size, strides = self.window_2d
-        y = tf.nn.max_pool2d(self.as_image(x), pool_size, strides, self.padding.upper())
-        return self.from_image(y)
+        return ops.max_pool(x, self.pool_size, self.strides, self.padding, "channels_last")
 
     def reference(self, x: tf.Tensor) -> tf.Tensor:
         return tf.nn.max_pool(x, self.pool_size, self.strides, self.padding.upper())
@@ -270,9 +269,7 @@ class _Averaging:
 
     def forward(self, x: tf.Tensor) -> tf.Tensor:
         """``y[o, c] = (1 / |S_o|) sum_{n in S_o} x[n, c]``."""
-        pool_size, strides = self.window_2d
-        y = tf.nn.avg_pool2d(self.as_image(x), pool_size, strides, self.padding.upper())
-        return self.from_image(y)
+        return ops.average_pool(x, self.pool_size, self.strides, self.padding, "channels_last")
 
     def reference(self, x: tf.Tensor) -> tf.Tensor:
         return tf.nn.avg_pool(x, self.pool_size, self.strides, self.padding.upper())

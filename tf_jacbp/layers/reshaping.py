@@ -92,12 +92,11 @@ class UpSampling2D(_Image):
 
     def forward(self, x: tf.Tensor) -> tf.Tensor:
         """Each ``x[i, j, c]`` broadcast to an ``s_h x s_w`` block of ``y``."""
-        (s_h, s_w), shape = self.size, tf.shape(x)
-        blocks = tf.broadcast_to(
-            x[:, :, None, :, None, :],
-            [shape[0], shape[1], s_h, shape[2], s_w, shape[3]],
+        (s_h, s_w), (batch, height, width, channels) = self.size, ops.shape(x)
+        blocks = ops.broadcast_to(
+            x[:, :, None, :, None, :], (batch, height, s_h, width, s_w, channels)
         )
-        return tf.reshape(blocks, [shape[0], shape[1] * s_h, shape[2] * s_w, shape[3]])
+        return ops.reshape(blocks, (batch, height * s_h, width * s_w, channels))
 
     def reference(self, x: tf.Tensor) -> tf.Tensor:
         return tf.repeat(tf.repeat(x, self.size[0], axis=1), self.size[1], axis=2)
@@ -173,7 +172,7 @@ class ZeroPadding2D(_Image):
 
     def forward(self, x: tf.Tensor) -> tf.Tensor:
         """``x`` framed by zeros."""
-        return tf.pad(x, [[0, 0], *self.padding, [0, 0]])
+        return ops.pad(x, ((0, 0), *self.padding, (0, 0)))
 
     def reference(self, x: tf.Tensor) -> tf.Tensor:
         return tf.pad(x, [[0, 0], *self.padding, [0, 0]], mode="CONSTANT")
