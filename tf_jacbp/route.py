@@ -3,16 +3,18 @@
 A map ``y = F(x; p_1, ..., p_k)`` (a layer, an activation, a fused loss) is an object with
 
 * ``forward(x, *params, *constants) -> y``, its forward computation;
-* ``reference(x, *params, *constants) -> y``, the same map in stock TensorFlow ops (the witness);
+* ``reference(x, *params, *constants) -> y``, the same map in stock ops (the witness);
 * ``backward(dy, x, y, *params, *constants) -> (dx, [dp_1, ..., dp_k])``, the Jacobian-transpose
-  products ``dx = (J_x F)^T dy`` and ``dp_i = (J_{p_i} F)^T dy``, each shaped like its tensor.
+  products ``dx = (J_x F)^T dy`` and ``dp_i = (J_{p_i} F)^T dy``, each shaped like its tensor
+  (derived from the contract's ``vjp_input`` and ``vjp_params``, ``tf_jacbp.contract``).
 
 ``params`` are differentiated (one gradient each, in order); ``constants`` are not: values the map
 depends on but whose gradient nobody needs (Dropout's mask, a loss's labels). ``x`` is one tensor
 or, for a map of several inputs (``Add``), a list, and then ``dx`` is a list too.
 
-``route(op, x, params)`` applies the map by its **Jacobian route**: one ``tf.custom_gradient``
-whose backward pass is ``op.backward``, with what that needs (``x``, ``y``, ``params``,
+``route(op, x, params)`` applies the map by its **Jacobian route**: one custom gradient
+(``keras.ops.custom_gradient``, TensorFlow's ``tf.custom_gradient`` on that backend) whose
+backward pass is ``op.backward``, with what that needs (``x``, ``y``, ``params``,
 ``constants``, and ``z`` when an activation is fused) held by the custom gradient's closure. Inside
 ``reference_mode()`` it takes the **reference route**: ``op.reference``, differentiated by
 autodiff. ``route(op, x, params, activation=f)`` is ``a = f(F(x))`` on one custom gradient: its
@@ -37,7 +39,9 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
-from tf_jacbp._backend import tf
+from keras import ops
+
+Tensor = Any  # a tensor of Keras' backend
 
 # A process-wide depth counter, not a thread-local: tf.distribute traces each replica's function
 # in its own thread, and those threads must see the mode the caller set.
@@ -73,22 +77,22 @@ def in_reference_mode() -> bool:
 class JacobianOp(Protocol):
     """A map with its forward pass, its reference route and its Jacobian-transpose products."""
 
-    def forward(self, x: Any, *args: Any) -> tf.Tensor: ...
+    def forward(self, x: Any, *args: Any) -> Tensor: ...
 
-    def reference(self, x: Any, *args: Any) -> tf.Tensor: ...
+    def reference(self, x: Any, *args: Any) -> Tensor: ...
 
     def backward(
-        self, dy: tf.Tensor, x: Any, y: tf.Tensor, *args: Any
-    ) -> tuple[Any, Sequence[tf.Tensor]]: ...
+        self, dy: Tensor, x: Any, y: Tensor, *args: Any
+    ) -> tuple[Any, Sequence[Tensor]]: ...
 
 
 def route(
     op: JacobianOp,
-    x: tf.Tensor | Sequence[tf.Tensor],
-    params: Sequence[tf.Tensor] = (),
+    x: Tensor | Sequence[Tensor],
+    params: Sequence[Tensor] = (),
     constants: Sequence[Any] = (),
     activation: JacobianOp | None = None,
-) -> tf.Tensor:
+) -> Tensor:
     """``a = f(F(x; params))`` by the Jacobian route, or the reference route in
     ``reference_mode()``.
 
@@ -109,7 +113,7 @@ def route(
     several = isinstance(x, (list, tuple))
     xs = list(x) if several else [x]
 
-    @tf.custom_gradient
+    @ops.custom_gradient
     def jacobian_route(*args):
         inputs, values = list(args[: len(xs)]), args[len(xs) :]
         given = inputs if several else inputs[0]
@@ -127,7 +131,7 @@ def route(
                     f"{len(dparams)} parameter gradients for {len(inputs)} inputs and "
                     f"{len(values)} parameters; return one per tensor, in order."
                 )
-            return [tf.cast(g, t.dtype) for g, t in zip([*dxs, *dparams], args, strict=True)]
+            return [ops.cast(g, t.dtype) for g, t in zip([*dxs, *dparams], args, strict=True)]
 
         return a, grad
 

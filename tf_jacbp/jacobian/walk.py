@@ -20,7 +20,7 @@ from tf_jacbp._backend import keras, tf
 from tf_jacbp.contract import JacobianMap, squared_norms_of
 from tf_jacbp.jacobian.graph import graph, validated_variables
 from tf_jacbp.jacobian.inputs import check_x, check_y, loss_function
-from tf_jacbp.layers.base import JacobianLayer, rows
+from tf_jacbp.layers.base import JacobianLayer
 
 
 @dataclasses.dataclass
@@ -110,9 +110,7 @@ def _in_float32(op: Any, delta: Any, x: Any, y: Any, params: list) -> tuple:
 def _product(op: Any, product: str, m: Any, x: Any, y: Any, params: list, shared: bool) -> tuple:
     """``(M J_x, [what product asks of each parameter])`` for one map."""
     if product == "rows":
-        return rows(op, m, x, y, params)
-    if not hasattr(op, "per_example_backward"):  # TRANSITION: unported activations
-        return op.backward(m, x, y)
+        return op.jacobian_rows(m, x, y, *params)
     if product == "gradients" or shared or not params:
         return op.per_example_backward(m, x, y, *params)
     if hasattr(op, "vjp_input") and type(op).vjp_input is not JacobianMap.vjp_input:

@@ -26,10 +26,14 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from tf_jacbp import activations
-from tf_jacbp._backend import keras, tf
+from keras import ops
+
+from tf_jacbp import activations, backend
+from tf_jacbp._backend import keras
 from tf_jacbp.contract import JacobianMap, squared_norms_of
 from tf_jacbp.route import JacobianOp, route
+
+Tensor = Any  # a tensor of Keras' backend
 
 __all__ = ["JacobianLayer", "JacobianMap", "JacobianOp", "Jacobians", "as_float_tensor", "route"]
 
@@ -41,31 +45,27 @@ class Jacobians(NamedTuple):
     parameters: Any
 
 
-def rows(op: Any, m: Any, x: Any, y: Any, params: list) -> tuple[Any, list]:
-    """``op.jacobian_rows(m, x, y, *params)``, for every map of a layer's ``jacobian_ops``."""
-    if hasattr(op, "jacobian_rows"):
-        return op.jacobian_rows(m, x, y, *params)
-    dx, _ = op.backward(m, x[:, None], y[:, None])  # TRANSITION: unported activations
-    return dx, []
-
-
 def _dtype_of(x: Any, default: Any) -> Any:
     """The dtype the parameters are cast to at input ``x``: ``x``'s, or ``default`` (the compute
     dtype) for integer ids (``Embedding``, whose ids ``_jacobian_batch`` keeps integers)."""
     dtype = (x[0] if isinstance(x, (list, tuple)) else x).dtype
-    return dtype if dtype.is_floating else default
+    return dtype if _is_float(dtype) else default
 
 
-def _identity_rows(y: tf.Tensor) -> tf.Tensor:
+def _is_float(dtype: Any) -> bool:
+    return keras.backend.is_float_dtype(keras.backend.standardize_dtype(dtype))
+
+
+def _identity_rows(y: Tensor) -> Tensor:
     """``M = I`` as rows at the output ``y`` ``(batch, *shape)``: ``(batch, size, *shape)``."""
     size = int(np_prod(y.shape[1:]))
-    eye = tf.reshape(tf.eye(size, dtype=y.dtype), [1, size, *y.shape[1:]])
-    return tf.tile(eye, [tf.shape(y)[0], 1, *([1] * (len(y.shape) - 1))])
+    eye = ops.reshape(ops.eye(size, dtype=y.dtype), (1, size, *y.shape[1:]))
+    return ops.tile(eye, (ops.shape(y)[0], 1, *([1] * (len(y.shape) - 1))))
 
 
-def _as_matrix(r: tf.Tensor, single: bool) -> tf.Tensor:
+def _as_matrix(r: Tensor, single: bool) -> Tensor:
     """Rows ``(batch, k, *x_shape)`` as ``(batch, k, size(x))``, or its one sample."""
-    matrix = tf.reshape(r, [tf.shape(r)[0], r.shape[1], -1])
+    matrix = ops.reshape(r, (ops.shape(r)[0], r.shape[1], -1))
     return matrix[0] if single else matrix
 
 
@@ -91,13 +91,13 @@ def np_prod(shape: Any) -> int:
     return size
 
 
-def as_float_tensor(x: object, default_dtype: str) -> tf.Tensor:
+def as_float_tensor(x: object, default_dtype: str) -> Tensor:
     """``x`` as a tensor: floating inputs keep their dtype, others get ``default_dtype``.
 
     The teaching accessors use it, so that a float64 NumPy array gives float64 Jacobians.
     """
-    x = tf.convert_to_tensor(x)
-    return x if x.dtype.is_floating else tf.cast(x, default_dtype)
+    x = ops.convert_to_tensor(x)
+    return x if _is_float(x.dtype) else ops.cast(x, default_dtype)
 
 
 def standardize_input(x: object, dtype: str, name: str) -> object:
@@ -105,19 +105,15 @@ def standardize_input(x: object, dtype: str, name: str) -> object:
     Keras layers compute with them the same way), keeping the Keras mask the input carries (its
     ``_keras_mask``, as Keras' own input cast keeps it); a ``SparseTensor`` or ``RaggedTensor`` is
     an error that names the conversion (the Jacobian formulas are dense)."""
-    if isinstance(x, tf.SparseTensor | tf.RaggedTensor):
-        raise TypeError(
-            f"Layer '{name}' got a {type(x).__name__} input; tf_jacbp layers take dense tensors "
-            "(their Jacobians are dense formulas). Convert it first: tf.sparse.to_dense(x) for "
-            "a SparseTensor, x.to_tensor() for a RaggedTensor (in the model or the input pipeline)."
-        )
+    backend.refuse_sparse_input(x, name)
     if isinstance(x, keras.KerasTensor) or x is None:
         return x
     mask = getattr(x, "_keras_mask", None)  # a Keras mask the input carries
-    x = tf.convert_to_tensor(x)
-    if not (x.dtype.is_integer or x.dtype.is_bool):
+    x = ops.convert_to_tensor(x)
+    kind = keras.backend.standardize_dtype(x.dtype)
+    if not (kind == "bool" or "int" in kind):
         return x
-    cast = tf.cast(x, dtype)
+    cast = ops.cast(x, dtype)
     if mask is not None:  # the cast is a new tensor: it carries the mask on, as Keras' own cast
         cast._keras_mask = mask
     return cast
@@ -147,7 +143,7 @@ class JacobianLayer(keras.layers.Layer, JacobianMap):
                 return x * s
 
             def reference(self, x, s):
-                return tf.multiply(x, s)
+                return keras.ops.multiply(x, s)
 
             def vjp_input(self, m, x, y, s):
                 # J_x y = diag(s): (V, batch, d) -> (V, batch, d)
@@ -167,7 +163,7 @@ class JacobianLayer(keras.layers.Layer, JacobianMap):
         """The variables the backward pass differentiates, in theta order. Default: none."""
         return []
 
-    def jacobian_ops(self, training: bool = False) -> list[tuple[JacobianOp, list[tf.Tensor]]]:
+    def jacobian_ops(self, training: bool = False) -> list[tuple[JacobianOp, list[Tensor]]]:
         """The maps this layer applies in order, each with its parameter tensors.
 
         Algorithm 1 walks these (``tf_jacbp.jacobian``). Default: the layer itself. A layer with
@@ -178,7 +174,7 @@ class JacobianLayer(keras.layers.Layer, JacobianMap):
         """
         return [(self, self.read_parameters())]
 
-    def jacobian_factors(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
+    def jacobian_factors(self, x: Tensor) -> dict[str, Tensor]:
         """(d) The named matrices of this layer's Jacobians at one sample ``x`` (no batch axis).
 
         ``tf_jacbp.jacobian.layer_jacobians`` collects them (Algorithm 1, step 2).
@@ -187,11 +183,9 @@ class JacobianLayer(keras.layers.Layer, JacobianMap):
             f"{type(self).__name__} must implement jacobian_factors(x) for layer_jacobians."
         )
 
-    def read_parameters(self) -> list[tf.Tensor]:
+    def read_parameters(self) -> list[Tensor]:
         """The values of ``jacobian_parameters()`` as tensors of the compute dtype."""
-        return [
-            tf.cast(tf.convert_to_tensor(v), self.compute_dtype) for v in self.jacobian_parameters()
-        ]
+        return [ops.cast(v, self.compute_dtype) for v in self.jacobian_parameters()]
 
     def jacobian(self, x: Any) -> Jacobians:
         """The layer's Jacobians at ``x``, one sample or a batch (derived from the contract).
@@ -210,28 +204,28 @@ class JacobianLayer(keras.layers.Layer, JacobianMap):
         xs, single = self._jacobian_batch(x)
         records, a = [], xs
         for op, params in self.jacobian_ops(False):
-            params = [tf.cast(p, _dtype_of(a, self.compute_dtype)) for p in params]
+            params = [ops.cast(p, _dtype_of(a, self.compute_dtype)) for p in params]
             y = op.forward(a, *params)
             records.append((op, a, y, params))
             a = y
         m = _identity_rows(a)
         for op, a_in, y, params in reversed(records):
-            m, _ = rows(op, m, a_in, y, params)
+            m, _ = op.jacobian_rows(m, a_in, y, *params)
         if isinstance(m, list):
             return [_as_matrix(r, single) for r in m]
         return _as_matrix(m, single)
 
-    def parameter_jacobian(self, x: Any) -> tf.Tensor:
+    def parameter_jacobian(self, x: Any) -> Tensor:
         """``J_theta z`` of the map before a fused activation at ``x``
         (``jacobian(x).parameters``): ``(out_size, theta_size)``, columns in theta order."""
         xs, single = self._jacobian_batch(x)
         op, params = self.jacobian_ops(False)[0]
         if not params:
             return None
-        params = [tf.cast(p, _dtype_of(xs, self.compute_dtype)) for p in params]
+        params = [ops.cast(p, _dtype_of(xs, self.compute_dtype)) for p in params]
         z = op.forward(xs, *params)
-        _, blocks = rows(op, _identity_rows(z), xs, z, params)
-        theta = tf.concat(blocks, axis=-1)
+        _, blocks = op.jacobian_rows(_identity_rows(z), xs, z, *params)
+        theta = ops.concatenate(blocks, axis=-1)
         return theta[0] if single else theta
 
     def _jacobian_batch(self, x: Any) -> tuple[Any, bool]:
@@ -239,7 +233,7 @@ class JacobianLayer(keras.layers.Layer, JacobianMap):
         layer was built for; an unbuilt layer is built for a batch of ``x``)."""
         several = isinstance(x, (list, tuple))
         if getattr(self, "takes_integer_ids", False):  # ids stay integers (float16: up to 2048)
-            xs = [tf.convert_to_tensor(t) for t in (x if several else [x])]
+            xs = [ops.convert_to_tensor(t) for t in (x if several else [x])]
         else:
             xs = [as_float_tensor(t, self.compute_dtype) for t in (x if several else [x])]
         built = _built_rank(self)
@@ -266,7 +260,7 @@ class JacobianLayer(keras.layers.Layer, JacobianMap):
         )
         return super().__call__(inputs, *args, **kwargs)
 
-    def call(self, inputs: tf.Tensor) -> tf.Tensor:
+    def call(self, inputs: Tensor) -> Tensor:
         """``y = F(inputs; params)`` by ``route``: its backward pass is ``backward``."""
         return route(self, inputs, self.read_parameters())
 
@@ -312,7 +306,7 @@ class _KernelBiasLayer(JacobianLayer):
         """``[kernel, bias]`` (theta order), or ``[kernel]`` without a bias."""
         return [self.kernel] + ([self.bias] if self.bias is not None else [])
 
-    def call(self, inputs: tf.Tensor) -> tf.Tensor:
+    def call(self, inputs: Tensor) -> Tensor:
         """``a = f(z)``, ``z = forward(inputs, kernel, bias)``, on one route: the backward pass
         applies ``D = J_z f(z)`` (``self.activation.backward``), then ``backward``. TensorFlow can
         then fuse the forward's product, bias and activation into one kernel."""
@@ -338,7 +332,7 @@ class _KernelBiasLayer(JacobianLayer):
 squared_norms = squared_norms_of  # TRANSITION: layers still import it under this name
 
 
-def patch_product_squared_norms(a: tf.Tensor, d: tf.Tensor) -> tf.Tensor:
+def patch_product_squared_norms(a: Tensor, d: Tensor) -> Tensor:
     """``||A_i^T D_i||_F^2`` for each sample, ``A`` ``(batch, P, M)``, ``D`` ``(batch, P, F)``.
 
     ``A_i^T D_i`` (``M x F``) is sample ``i``'s kernel gradient when ``A_i`` holds the ``P``
@@ -354,7 +348,7 @@ def patch_product_squared_norms(a: tf.Tensor, d: tf.Tensor) -> tf.Tensor:
     """
     positions, m, f = a.shape[1], a.shape[2], d.shape[2]
     if None not in (positions, m, f) and positions * (m + f) < m * f:
-        gram_a = tf.matmul(a, a, transpose_b=True)  # (batch, P, P)
-        gram_d = tf.matmul(d, d, transpose_b=True)
-        return tf.reduce_sum(gram_a * gram_d, axis=[1, 2])
-    return squared_norms(tf.matmul(a, d, transpose_a=True))  # (batch, M, F)
+        gram_a = ops.einsum("bpm,bqm->bpq", a, a)  # (batch, P, P)
+        gram_d = ops.einsum("bpf,bqf->bpq", d, d)
+        return ops.sum(gram_a * gram_d, axis=(1, 2))
+    return squared_norms(ops.einsum("bpm,bpf->bmf", a, d))  # (batch, M, F)
