@@ -4,8 +4,9 @@ Every planted-bug layer of the test suite is defined here, with the small classi
 planted in (``Input(6) -> Dense(4, tanh) "first" -> middle -> Dense(3) "last"``, named "net") and
 its data; ``tests/layers/test_planted_bugs.py`` holds the tests about them, and the other test
 modules import the layers they need from here. A planted bug is a user-written layer on the
-public base classes that overrides ``backward`` (or ``backward_toeplitz``, or BatchNormalization's
-``training_map``).
+public base classes that overrides a product of the contract (``vjp_input`` or ``vjp_params``,
+``tf_jacbp.contract``), or BatchNormalization's ``training_map``: training's backward pass, the
+per-example rows and the norms are all derived from those.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from keras import ops
 
 from tf_jacbp import layers, losses, toeplitz
 from tf_jacbp.callbacks import GradientCheck, GradientMismatchError
@@ -26,53 +28,63 @@ N_FEATURES, N_CLASSES = 6, 3
 OFF = 1.01
 
 
-def one_percent_off(cls: type, method: str = "backward", into: str = "dx") -> type:
-    """``cls`` with ``method``'s result 1% off: ``into="param"`` scales the first parameter
-    gradient, ``"dx"`` the input gradient (every input's, for ``Add``). ``method="training_map"``
-    (BatchNormalization): the map it returns has its ``vjp_params`` (``vjp_input``) 1% off."""
+def one_percent_off(cls: type, method: str = "vjp", into: str = "dx") -> type:
+    """``cls`` with one product 1% off: ``into="param"`` scales the first parameter product
+    (``vjp_params``), ``"dx"`` the input product (``vjp_input``, every input's for ``Add``).
+    ``method="training_map"`` (BatchNormalization): the map it returns has its ``vjp_params``
+    (``vjp_input``) 1% off."""
     if method == "training_map":
         return _training_map_off(cls, into)
+    if into == "param":
 
-    def off(self, *args):
-        dx, grads = getattr(super(planted, self), method)(*args)
-        if into == "param":
-            return dx, [OFF * grads[0], *grads[1:]]
-        return ([OFF * d for d in dx] if isinstance(dx, list) else OFF * dx), grads
+        def off(self, *args, **kwargs):
+            grads = super(planted, self).vjp_params(*args, **kwargs)
+            return [OFF * grads[0], *grads[1:]]
 
-    planted = type(f"OnePercentOff{cls.__name__}", (cls,), {method: off})
+        body = {"vjp_params": off}
+    else:
+
+        def off(self, *args):
+            dx = super(planted, self).vjp_input(*args)
+            return [OFF * d for d in dx] if isinstance(dx, list) else OFF * dx
+
+        body = {"vjp_input": off}
+    planted = type(f"OnePercentOff{cls.__name__}", (cls,), body)
     return planted
 
 
 class ScaledDense(layers.Dense):
     """Every Jacobian-transpose product scaled by 1.01."""
 
-    def backward(self, dz, a, z, kernel, bias=None):
-        dx, grads = super().backward(dz, a, z, kernel, bias)
-        return 1.01 * dx, [1.01 * g for g in grads]
+    def vjp_input(self, *args):
+        return 1.01 * super().vjp_input(*args)
+
+    def vjp_params(self, *args, **kwargs):
+        return [1.01 * g for g in super().vjp_params(*args, **kwargs)]
 
 
 class TransposedDense(layers.Dense):
     """The kernel gradient transposed: ``(A^T Delta)^T`` (a square kernel keeps the shape)."""
 
-    def backward(self, dz, a, z, kernel, bias=None):
-        dx, grads = super().backward(dz, a, z, kernel, bias)
-        return dx, [tf.transpose(grads[0]), *grads[1:]]
+    def vjp_params(self, *args, **kwargs):
+        grads = super().vjp_params(*args, **kwargs)
+        return [ops.swapaxes(grads[0], -1, -2), *grads[1:]]
 
 
 class FlippedSignDense(layers.Dense):
     """The kernel gradient with the wrong sign."""
 
-    def backward(self, dz, a, z, kernel, bias=None):
-        dx, grads = super().backward(dz, a, z, kernel, bias)
-        return dx, [-grads[0], *grads[1:]]
+    def vjp_params(self, *args, **kwargs):
+        grads = super().vjp_params(*args, **kwargs)
+        return [-grads[0], *grads[1:]]
 
 
 class NoBiasTermDense(layers.Dense):
     """``J_{W,b} z = [I (x) a^T]`` without the ``| I`` block: the bias gradient is zero."""
 
-    def backward(self, dz, a, z, kernel, bias=None):
-        dx, grads = super().backward(dz, a, z, kernel, bias)
-        return dx, [grads[0], tf.zeros_like(bias)]
+    def vjp_params(self, *args, **kwargs):
+        grads = super().vjp_params(*args, **kwargs)
+        return [grads[0], ops.zeros_like(grads[1])]
 
 
 class WrongDerivativeTanh(layers.Activation):
@@ -82,25 +94,28 @@ class WrongDerivativeTanh(layers.Activation):
         kwargs.pop("activation", None)
         super().__init__("tanh", **kwargs)
 
-    def backward(self, dy, z, a):
-        return (1 - z * z) * dy, []
+    def vjp_input(self, m, z, a):
+        return (1 - z * z) * m
 
 
 class SkipDroppingAdd(layers.Add):
     """Sends ``delta`` back along the first input only: the skip path's term is lost."""
 
-    def backward(self, dy, xs, y):
-        dxs, grads = super().backward(dy, xs, y)
-        return [dxs[0]] + [tf.zeros_like(d) for d in dxs[1:]], grads
+    def vjp_input(self, m, xs, y, *args):
+        dxs = super().vjp_input(m, xs, y, *args)
+        return [dxs[0]] + [ops.zeros_like(d) for d in dxs[1:]]
 
 
 class InfDense(layers.Dense):
     """The kernel gradient has ``inf`` in one entry."""
 
-    def backward(self, dz, a, z, kernel, bias=None):
-        dx, grads = super().backward(dz, a, z, kernel, bias)
-        mask = tf.scatter_nd([[0, 0]], [True], tf.shape(grads[0]))
-        return dx, [tf.where(mask, tf.constant(np.inf, grads[0].dtype), grads[0]), *grads[1:]]
+    def vjp_params(self, *args, **kwargs):
+        grads = super().vjp_params(*args, **kwargs)
+        n, m = grads[0].shape[-2:]
+        first = np.zeros((n, m), bool)
+        first[0, 0] = True
+        inf = ops.where(first, np.inf, grads[0])
+        return [ops.cast(inf, grads[0].dtype), *grads[1:]]
 
 
 def _training_map_off(cls: type, into: str) -> type:
@@ -132,7 +147,7 @@ class OffByOneStrideConv2D(layers.Conv2D):
     the shapes fit and only the index map is off by one.
     """
 
-    def backward_toeplitz(self, dz, x, t, bias=None):
+    def vjp_input(self, m, x, y, kernel, bias=None):
         wrong = toeplitz.conv_index(
             tuple(self.kernel.shape),
             self.conv_index.input_shape,
@@ -140,8 +155,9 @@ class OffByOneStrideConv2D(layers.Conv2D):
             self.padding,
             self.dilation_rate,
         )
-        kernel = tf.cast(tf.convert_to_tensor(self.kernel), self.compute_dtype)
-        return super().backward_toeplitz(dz, x, wrong.transpose_matrix(kernel), bias)
+        rows = ops.reshape(m, (-1, wrong.shape[0]))
+        dx = toeplitz.toeplitz_product(rows, wrong.transpose_matrix(kernel), transpose=True)
+        return ops.reshape(dx, (m.shape[0], *x.shape))
 
 
 class _NoVarianceTermMap(BatchStatistics):
@@ -165,17 +181,16 @@ class NoVarianceTerm(layers.BatchNormalization):
 class WrongKernelGradient(layers.Dense):
     """A Dense whose backward pass doubles the kernel gradient."""
 
-    def backward(self, dz, a, z, kernel, bias=None):
-        dx, (dw, *rest) = super().backward(dz, a, z, kernel, bias)
-        return dx, [2 * dw, *rest]
+    def vjp_params(self, *args, **kwargs):
+        dw, *rest = super().vjp_params(*args, **kwargs)
+        return [2 * dw, *rest]
 
 
 class MissingBias(layers.Dense):
     """A Dense whose backward pass returns no bias gradient (one parameter gradient of two)."""
 
-    def backward(self, dz, a, z, kernel, bias=None):
-        dx, grads = super().backward(dz, a, z, kernel, bias)
-        return dx, grads[:1]
+    def vjp_params(self, *args, **kwargs):
+        return super().vjp_params(*args, **kwargs)[:1]
 
 
 BACKWARD_SCALE = 3.0
@@ -185,9 +200,11 @@ BACKWARD_SCALE = 3.0
 class ScaledBackwardDense(layers.Dense):
     """A Dense layer whose backward pass is ``BACKWARD_SCALE`` times the true one (a marker)."""
 
-    def backward(self, dz, a, z, kernel, bias=None):
-        dx, grads = super().backward(dz, a, z, kernel, bias)
-        return BACKWARD_SCALE * dx, [BACKWARD_SCALE * g for g in grads]
+    def vjp_input(self, *args):
+        return BACKWARD_SCALE * super().vjp_input(*args)
+
+    def vjp_params(self, *args, **kwargs):
+        return [BACKWARD_SCALE * g for g in super().vjp_params(*args, **kwargs)]
 
 
 # GradientCheck's witness test (tests/check/test_witness.py): a factor per layer slot, planted in
@@ -206,10 +223,10 @@ class _Slotted:
         super().__init__(*args, **kwargs)
         self.slot = slot
 
-    def backward(self, *args):
-        dx, dparams = super().backward(*args)
+    def vjp_params(self, *args, **kwargs):
+        grads = super().vjp_params(*args, **kwargs)
         factors = tf.convert_to_tensor(FACTORS)[self.slot]
-        return dx, [g * tf.cast(factors[i], g.dtype) for i, g in enumerate(dparams)]
+        return [g * tf.cast(factors[i], g.dtype) for i, g in enumerate(grads)]
 
     def get_config(self):
         return {**super().get_config(), "slot": self.slot}

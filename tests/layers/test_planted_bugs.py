@@ -1,7 +1,8 @@
-"""Every public layer's documented ``backward`` is the one training applies.
+"""Every public layer's documented products are the ones training applies.
 
-For each layer class of ``tf_jacbp.layers`` a subclass overrides the documented backward pass
-(``backward``; for BatchNormalization in training the map of ``training_map``) 1% off:
+For each layer class of ``tf_jacbp.layers`` a subclass overrides one product of the contract
+(``vjp_input`` or ``vjp_params``; for BatchNormalization in training the map of ``training_map``)
+1% off:
 the first parameter gradient for a layer with trainable parameters, the input gradient otherwise.
 Then
 
@@ -103,112 +104,112 @@ CASES = {
     "Dense": (
         lambda c: mlp(c(4, activation="relu", name="middle")),
         layers.Dense,
-        "backward",
+        "vjp",
         "param",
         "middle/kernel",
     ),
     "Conv2D": (
         lambda c: image_model(c(2, 3, activation="relu", name="middle")),
         layers.Conv2D,
-        "backward",
+        "vjp",
         "param",
         "middle/kernel",
     ),
     "Conv1D": (
         lambda c: sequence_model(c(2, 3, padding="same", activation="relu", name="middle")),
         layers.Conv1D,
-        "backward",
+        "vjp",
         "param",
         "middle/kernel",
     ),
     "LayerNormalization": (
         lambda c: mlp(c(name="middle")),
         layers.LayerNormalization,
-        "backward",
+        "vjp",
         "param",
         "middle/gamma",
     ),
     "Conv2DTranspose": (
         lambda c: image_model(c(2, 3, strides=2, padding="same", activation="relu", name="middle")),
         layers.Conv2DTranspose,
-        "backward",
+        "vjp",
         "param",
         "middle/kernel",
     ),
     "MaxPooling2D": (
         lambda c: image_model(c(2, name="middle")),
         layers.MaxPooling2D,
-        "backward",
+        "vjp",
         "dx",
         "first/kernel",
     ),
     "AveragePooling2D": (
         lambda c: image_model(c(2, name="middle")),
         layers.AveragePooling2D,
-        "backward",
+        "vjp",
         "dx",
         "first/kernel",
     ),
     "MaxPooling1D": (
         lambda c: sequence_model(c(3, strides=2, padding="same", name="middle")),
         pooling.MaxPooling1D,
-        "backward",
+        "vjp",
         "dx",
         "first/kernel",
     ),
     "AveragePooling1D": (
         lambda c: sequence_model(c(2, name="middle")),
         pooling.AveragePooling1D,
-        "backward",
+        "vjp",
         "dx",
         "first/kernel",
     ),
     "GlobalMaxPooling1D": (
         lambda c: sequence_model(c(keepdims=True, name="middle")),
         global_pooling.GlobalMaxPooling1D,
-        "backward",
+        "vjp",
         "dx",
         "first/kernel",
     ),
     "GlobalAveragePooling1D": (
         lambda c: sequence_model(c(name="middle")),
         global_pooling.GlobalAveragePooling1D,
-        "backward",
+        "vjp",
         "dx",
         "first/kernel",
     ),
     "GlobalMaxPooling2D": (
         lambda c: image_model(c(name="middle")),
         global_pooling.GlobalMaxPooling2D,
-        "backward",
+        "vjp",
         "dx",
         "first/kernel",
     ),
     "GlobalAveragePooling2D": (
         lambda c: image_model(c(name="middle")),
         global_pooling.GlobalAveragePooling2D,
-        "backward",
+        "vjp",
         "dx",
         "first/kernel",
     ),
     "UpSampling2D": (
         lambda c: image_model(c((2, 1), name="middle")),
         reshaping.UpSampling2D,
-        "backward",
+        "vjp",
         "dx",
         "first/kernel",
     ),
     "ZeroPadding2D": (
         lambda c: image_model(c(((1, 0), (2, 1)), name="middle")),
         reshaping.ZeroPadding2D,
-        "backward",
+        "vjp",
         "dx",
         "first/kernel",
     ),
     "Reshape": (
         lambda c: image_model(c((-1, 2), name="middle")),
         reshaping.Reshape,
-        "backward",
+        "vjp",
         "dx",
         "first/kernel",
     ),
@@ -222,56 +223,56 @@ CASES = {
     "BatchNormalization (inference)": (
         lambda c: mlp(frozen_batchnorm(c)),
         layers.BatchNormalization,
-        "backward",
+        "vjp",
         "dx",
         "first/kernel",
     ),
     "Dropout": (
         lambda c: mlp(c(0.3, seed=3, name="middle")),
         layers.Dropout,
-        "backward",
+        "vjp",
         "dx",
         "first/kernel",
     ),
     "Flatten": (
         lambda c: image_model(None, c(name="middle")),
         layers.Flatten,
-        "backward",
+        "vjp",
         "dx",
         "first/kernel",
     ),
     "Add": (
         lambda c: residual(c(name="middle_add")),
         layers.Add,
-        "backward",
+        "vjp",
         "dx",
         "first/kernel",
     ),
     "Multiply": (
         lambda c: residual(c(name="middle_add")),
         layers.Multiply,
-        "backward",
+        "vjp",
         "dx",
         "first/kernel",
     ),
     "Concatenate": (
         lambda c: residual(c(name="middle_add")),
         layers.Concatenate,
-        "backward",
+        "vjp",
         "dx",
         "first/kernel",
     ),
     "Embedding": (
         embedding_model,
         layers.Embedding,
-        "backward",
+        "vjp",
         "param",
         "middle/embeddings",
     ),
     "Activation": (
         lambda c: mlp(c("tanh", name="middle")),
         layers.Activation,
-        "backward",
+        "vjp",
         "dx",
         "first/kernel",
     ),
@@ -290,7 +291,7 @@ for _name in (
     CASES[_name] = (
         lambda c: mlp(c(name="middle")),
         getattr(layers, _name),
-        "backward",
+        "vjp",
         "dx",
         "first/kernel",
     )
@@ -472,7 +473,8 @@ def test_harness_catches_a_planted_bug(modes, tmp_path):
 
 
 def test_harness_without_modes_runs_the_formula_checks_only(monkeypatch):
-    """``modes=False`` skips checks 3-5 (fit modes, mixed precision, saving) and runs 1, 2, 6."""
+    """``modes=False`` skips checks 3-5 (fit modes, mixed precision, saving) and runs 1, 2, 6
+    and 7 (the contract)."""
     ran = []
     for name in (
         "_check_routes_agree",
@@ -481,10 +483,16 @@ def test_harness_without_modes_runs_the_formula_checks_only(monkeypatch):
         "_check_mixed_precision",
         "_check_saving",
         "_check_per_example_rows",
+        "_check_contract",
     ):
         monkeypatch.setattr(testing, name, lambda *args, name=name: ran.append(name))
     run_layer_test(lambda dtype: layers.Dense(2, dtype=dtype), (3,), modes=False)
-    assert ran == ["_check_routes_agree", "_check_finite_differences", "_check_per_example_rows"]
+    assert ran == [
+        "_check_routes_agree",
+        "_check_finite_differences",
+        "_check_per_example_rows",
+        "_check_contract",
+    ]
 
 
 def test_backward_with_a_missing_parameter_gradient_is_an_error():
