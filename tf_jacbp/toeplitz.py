@@ -254,8 +254,11 @@ class ToeplitzProducts:
         reshaped to ``(M, F)``, no copy) reads at output position ``p`` of image ``(v, b)``, zero
         in the padding (``stored_patch_index``); the last row ``m = M`` is the constant 1 that the
         tied bias multiplies (``J_b z = I_F`` stacked ``P`` times is the patch of 1). Without
-        ``bias_row`` that row is left out: ``(V, M, P, batch)``. For one image,
-        ``[X_patch | 1]^T`` with ``J_{Vec(K)} (T(K) vec(x)) = I_F (x) X_patch`` (Lemma 3).
+        ``bias_row`` that row is left out: ``(V, M, P, batch)``. For one image this is
+        ``[X_patch | 1]^T`` with ``J_{Vec(K)} (T(K) vec(x)) = I_F (x) X_patch`` (Lemma 3). The
+        batch goes last: one gather of whole rows, and the product over samples and positions
+        is one matmul ``(M + 1, P batch)`` (measured faster, per sample too, than gathering
+        batch-major, which gathers along an inner axis).
         """
         stacks, batch = tf.shape(images)[0], tf.shape(images)[1]
         columns = tf.transpose(tf.reshape(images, [stacks, batch, -1]), [0, 2, 1])  # (V, N, b)
@@ -274,18 +277,22 @@ class ToeplitzProducts:
         the product is ``[X_patch | 1]^T M_{v, b}`` (``stored_patches``, ``M_{v, b}`` the
         ``P x F`` matrix of ``m[v, b]``): rows ``(p, q, c)`` are ``dK[p, q, c, :]`` (``K``
         reshaped to ``(M, F)``), row ``M`` is the tied bias' ``db`` (``M_{v, b}`` summed over
-        positions). Summed over the batch it is one matmul ``(M + 1, P batch) x (P batch, V F)``
-        with no transposes of the patch matrix; per sample ``"mpb,vbpf->vbmf"``.
+        positions). The ``V`` vectors ride along with the filters (``V F`` columns; moving the
+        axis of ``V = 1`` copies nothing): summed over the batch one matmul
+        ``(M + 1, P batch) x (P batch, V F)``, per sample one batched product ``"mpb,bpg->bmg"``.
         """
         patches = self.stored_patches(x[None])[0]  # (M + 1, P, batch)
         entries, positions = patches.shape[0], self.output_shape[0] * self.output_shape[1]
         filters, stacks = self.kernel_shape[3], static_size(m, 0)
         delta = ops.reshape(m, (stacks, -1, positions, filters))  # (V, batch, P, F)
-        if not sum_batch:
-            return ops.einsum("mpb,vbpf->vbmf", patches, delta)
-        rows = ops.reshape(ops.transpose(delta, (2, 1, 0, 3)), (-1, stacks * filters))
-        products = ops.matmul(ops.reshape(patches, (entries, -1)), rows)  # (M + 1, V F)
-        return ops.transpose(ops.reshape(products, (entries, stacks, filters)), (1, 0, 2))
+        if sum_batch:
+            rows = ops.reshape(ops.transpose(delta, (2, 1, 0, 3)), (-1, stacks * filters))
+            products = ops.matmul(ops.reshape(patches, (entries, -1)), rows)  # (M + 1, V F)
+            return ops.transpose(ops.reshape(products, (entries, stacks, filters)), (1, 0, 2))
+        rows = ops.reshape(ops.transpose(delta, (1, 2, 0, 3)), (-1, positions, stacks * filters))
+        products = ops.einsum("mpb,bpg->bmg", patches, rows)  # (batch, M + 1, V F)
+        products = ops.reshape(products, (-1, entries, stacks, filters))
+        return ops.transpose(products, (2, 0, 1, 3))
 
     def kernel_gradient(
         self, x: tf.Tensor, delta: tf.Tensor, tied_bias: bool = False

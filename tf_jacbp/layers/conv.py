@@ -15,8 +15,18 @@ so the Dense formulas apply. For one sample, with ``x = vec(X)`` (``N = H W C``)
   ``(H_out, W_out, F)``): ``J_{Vec(B)} z`` is the permutation from ``Vec`` (column-major) to the
   row-major order of ``z``, and the gradient is ``delta`` itself, reshaped.
 
-Batches are rows: ``Z = X T(K)^T + b`` for ``X`` of shape ``(batch, N)``; ``dX = Delta T(K)``;
-``dK`` sums the per-sample products in one matmul (``ConvIndex.kernel_gradient``).
+Batches are rows: ``Z = X T(K)^T + b`` for ``X`` of shape ``(batch, N)``. The contract
+(``tf_jacbp.contract``) stacks ``V`` upstream vectors per sample, ``m`` ``(V, batch, ...)``:
+
+* ``vjp_input``: ``dX = Delta T(K)`` for the ``V batch`` rows ``Delta`` of ``m``, one product;
+* ``vjp_params``: ``Vec(X_patch^T M_v)`` and the tied bias' ``1^T M_v`` from one patch product
+  (``ConvIndex.kernel_products``): summed over the batch one matmul, per sample a batched one;
+* ``squared_norms``: ``||X_patch,i^T Delta_i||^2`` in its Gram or outer form, never forming the
+  per-sample gradients (DP-SGD's first pass).
+
+Training's backward pass, Algorithm 1's per-example gradients and rows, and the materialized
+Jacobians (``input_jacobian`` ``= D T(K)``, ``parameter_jacobian`` ``= [I_F (x) X_patch | J_b]``)
+are derived from these by ``tf_jacbp.contract`` and ``tf_jacbp.layers.base``.
 
 ``T(K)`` depends on the input's spatial size. A layer built for ``keras.Input((None, None, C))``
 builds one ``ConvIndex`` per static size it is called with (each under the memory guard) and

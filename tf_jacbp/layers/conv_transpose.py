@@ -14,7 +14,7 @@ for one sample:
 * ``J_x y = T(K)^T``, so ``(J_x y)^T delta = T(K) delta``: the same matrix, read the other way;
 * ``y_k = x^T T(K) e_k`` is the convolution of ``e_k`` (an image of the output's shape) paired
   with ``x``, so ``(J_{Vec(K)} y)^T delta`` is the convolution's kernel gradient with the roles of
-  input and upstream gradient swapped: ``ConvIndex.kernel_gradient(delta, x)``;
+  input and upstream gradient swapped: the patch matrix of ``delta`` times ``x`` (``vjp_params``);
 * ``(J_b y)^T delta`` is ``delta`` summed over the output positions.
 
 Batches are rows: ``Y = X T(K) + b``, ``dX = Delta T(K)^T``, ``dK`` summed over the batch in the
@@ -258,21 +258,24 @@ class Conv2DTranspose(_ToeplitzIndexed):
         ``dK[..., c] = M_patch,v^T x[..., c]`` (``M_patch,v`` ``(P, M)``, the patch matrix of
         ``m[v]``, ``P = H W``, ``M = kh kw F`` in ``K``'s storage order, ``stored_patches``),
         summed over the batch (one matmul ``(V, M, P batch) x (P batch, C)``) or per sample
-        (``"vmpb,bpc->vbmc"``); the bias' ``m`` summed over positions.
+        (``"npb,bpc->bnc"`` over the ``V M`` rows ``n``); the bias' ``m`` summed over positions.
 
         Shapes ``(V, *p.shape)`` each, or ``(V, batch, *p.shape)`` without ``sum_batch``.
         """
         index, _ = self.index_for(x)
         stacks, batch = static_size(m, 0), static_size(x, 0)
         patches = index.stored_patches(m, bias_row=False)  # (V, M, P, batch)
+        entries = patches.shape[1]
         values = ops.reshape(x, (batch, -1, self._channels))  # (batch, P, C): T's upstream
         if sum_batch:
             rows = ops.reshape(ops.transpose(values, (1, 0, 2)), (-1, self._channels))
-            entries = patches.shape[1]
             products = ops.matmul(ops.reshape(patches, (stacks, entries, -1)), rows)
             grads = [ops.reshape(products, (stacks, *kernel.shape))]
             return grads + ([ops.sum(m, axis=(1, 2, 3))] if bias is not None else [])
-        products = ops.einsum("vmpb,bpc->vbmc", patches, values)
+        # The V vectors ride along with the rows (V M); moving the axis of V = 1 copies nothing.
+        stacked = ops.reshape(patches, (stacks * entries, -1, batch))  # (V M, P, batch)
+        products = ops.einsum("npb,bpc->bnc", stacked, values)  # (batch, V M, C)
+        products = ops.transpose(ops.reshape(products, (batch, stacks, entries, -1)), (1, 0, 2, 3))
         grads = [ops.reshape(products, (stacks, batch, *kernel.shape))]
         return grads + ([ops.sum(m, axis=(2, 3))] if bias is not None else [])
 
