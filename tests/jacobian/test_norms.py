@@ -239,8 +239,11 @@ class Scale(layers.JacobianLayer):
     def reference(self, x, s):
         return tf.multiply(x, s)
 
-    def backward(self, dy, x, y, s):
-        return dy * s, [tf.reduce_sum(dy * x, axis=0)]
+    def vjp_input(self, m, x, y, s):
+        return m * s
+
+    def vjp_params(self, m, x, y, s, sum_batch=True):
+        return [tf.einsum("vbd,bd->vd" if sum_batch else "vbd,bd->vbd", m, x)]
 
 
 def test_layer_without_norm_formula_falls_back_to_its_rows():
