@@ -347,3 +347,12 @@ def test_the_contract_products_equal_autodiff_of_the_reference_route():
     layer = _model("float64").layers[0]
     ids = tf.constant([[3, 3, -1, 0, 6], [2, -7, 5, 5, 5], [1, 1, 1, 1, 1]])
     check_contract(layer, ids, seed=7)
+
+
+def test_the_jacobians_of_an_unbuilt_embedding_build_it():
+    """``parameter_jacobian`` on a fresh layer builds it first (as Dense's does); each sample
+    position selects one row: ``J_E y`` has a single one per output entry."""
+    layer = Embedding(5, 2, dtype="float64")
+    jacobian = np.asarray(layer.parameter_jacobian(np.array([1, 2, 1])))
+    assert layer.built and jacobian.shape == (6, 10)
+    np.testing.assert_array_equal(jacobian.sum(axis=1), np.ones(6))

@@ -251,6 +251,8 @@ class JacobianLayer(keras.layers.Layer, JacobianMap):
             single = len(xs[0].shape) == built - 1
         if single:
             xs = [t[None] for t in xs]
+        if not self.built:  # a layer that knows a sample's rank without a build shape
+            self.build([t.shape for t in xs] if several else xs[0].shape)
         return (xs if several else xs[0]), single
 
     def __call__(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
@@ -273,6 +275,34 @@ def build_at_construction(layer: keras.layers.Layer, stateless_class: type) -> N
     (or the one it inherits) is the one that needs no call."""
     if type(layer).build is stateless_class.build:
         layer.built = True
+
+
+# Keras' weight-layer arguments that tf_jacbp refuses: the paper's Jacobians are those of the
+# full-precision W and b (Dense, the convolutions, Embedding).
+_UNSUPPORTED = {
+    "lora_rank": "LoRA adds two low-rank matrices to W",
+    "lora_alpha": "LoRA adds two low-rank matrices to W",
+    "quantization_config": "quantization replaces W by integers and scales",
+}
+
+
+def refuse_unsupported(owner: str, kwargs: dict[str, Any]) -> None:
+    """Pop Keras' LoRA and quantization arguments (``lora_rank``, ``lora_alpha``,
+    ``quantization_config``) from ``kwargs``; any that is not None is a ``ValueError`` naming it
+    and the fix (tf_jacbp's formulas differentiate the full-precision weights).
+
+    Args:
+        owner: the layer class's name (``"Dense"``), for the message and the stock layer to use.
+        kwargs: the layer's ``**kwargs``, changed in place.
+    """
+    for name, why in _UNSUPPORTED.items():
+        value = kwargs.pop(name, None)
+        if value is not None:
+            raise ValueError(
+                f"{owner}: {name}={value!r} is not supported: {why}, and tf_jacbp's explicit "
+                f"Jacobians are those of the full-precision weights. Remove {name}, or use the "
+                f"stock keras.layers.{owner} (its gradient is then autodiff's, not checked)."
+            )
 
 
 _WEIGHT_OPTIONS = {
