@@ -21,18 +21,12 @@ from typing import Any
 from keras import ops
 
 from tf_jacbp import activations
-from tf_jacbp._backend import keras, tf
+from tf_jacbp._backend import keras
 from tf_jacbp.contract import JacobianMap
 from tf_jacbp.layers.base import JacobianLayer, as_float_tensor, build_at_construction
 from tf_jacbp.route import route
 
-
-def activation_vjp(activation: Any, m: Any, z: Any, a: Any) -> Any:
-    """``(J_z f)^T m`` of a ``tf_jacbp.activations`` object for ``V`` stacked vectors ``m``
-    ``(V, batch, ...)``, ``z`` and ``a = f(z)`` ``(batch, ...)``: ``(V, batch, ...)``."""
-    if hasattr(activation, "vjp_input"):
-        return activation.vjp_input(m, z, a)
-    return activation.backward(m, z, a)[0]  # TRANSITION: its formula broadcasts over V
+Tensor = Any  # a tensor of Keras' backend
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
@@ -47,7 +41,7 @@ class Activation(JacobianLayer):
             ``"log_sigmoid"``, ``"tanh_shrink"``, ``"soft_shrink"``, ``"hard_shrink"``,
             ``"sparse_plus"``, ``"sparse_sigmoid"``, ``"squareplus"``, ``"softmax"``,
             ``"linear"``), Keras' function for one of them (``keras.activations.relu``,
-            ``keras.ops.gelu``, ``tf.nn.relu``, ...), or a ``tf_jacbp.activations`` object.
+            ``keras.ops.gelu``, ...), or a ``tf_jacbp.activations`` object.
 
     Example:
         >>> layer = tf_jacbp.layers.Activation(keras.activations.hard_silu, dtype="float64")
@@ -61,17 +55,18 @@ class Activation(JacobianLayer):
         self.supports_masking = True
         build_at_construction(self, Activation)  # no weights: built now, as Keras' are
 
-    def forward(self, z: tf.Tensor) -> tf.Tensor:
+    def forward(self, z: Tensor) -> Tensor:
         """``a = f(z)``, any shape."""
         return self.activation.forward(z)
 
-    def reference(self, z: tf.Tensor) -> tf.Tensor:
+    def reference(self, z: Tensor) -> Tensor:
+        """The activation's stock route (``tf_jacbp.activations``)."""
         return self.activation.reference(z)
 
     def vjp_input(self, m: Any, z: Any, a: Any) -> Any:
         """``(J_z f)^T m``: ``f'(z) * m`` (elementwise), ``s * (m - <s, m>)`` (softmax, over the
         last axis); ``m`` ``(V, batch, ...)`` -> ``(V, batch, ...)``."""
-        return activation_vjp(self.activation, m, z, a)
+        return self.activation.vjp_input(m, z, a)
 
     def input_jacobian(self, z: Any) -> Any:
         """``J_z f(z)`` of each sample, flattened: one sample ``(d,)`` -> ``(d, d)``, a batch
@@ -82,7 +77,7 @@ class Activation(JacobianLayer):
             return super().input_jacobian(z[None])[0]
         return super().input_jacobian(z)
 
-    def jacobian_factors(self, z: tf.Tensor) -> dict[str, tf.Tensor]:
+    def jacobian_factors(self, z: Tensor) -> dict[str, Tensor]:
         """``{"D": J_z f(z)}`` at one sample ``z`` (any shape), flattened: ``(N, N)``."""
         return {"D": super().input_jacobian(z[None])[0]}
 
@@ -264,7 +259,7 @@ class Softmax(_FixedActivation):
                 "the axis last (e.g. with keras.layers.Permute) or use axis=-1."
             )
 
-    def call(self, inputs: tf.Tensor, mask: tf.Tensor | None = None) -> tf.Tensor:
+    def call(self, inputs: Tensor, mask: Tensor | None = None) -> Tensor:
         """``softmax(inputs)``, or with ``mask`` the masked softmax (class docstring)."""
         self._check_axis(len(inputs.shape))
         if mask is None:
@@ -309,10 +304,12 @@ class MaskedSoftmax(JacobianMap):
         s = ops.softmax(ops.where(mask, z, ops.cast(_large_negative(z.dtype), z.dtype)), axis=-1)
         return ops.where(mask, s, ops.zeros_like(s))
 
-    def reference(self, z: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
-        large_negative = tf.cast(_large_negative(z.dtype), z.dtype)
-        s = tf.nn.softmax(tf.where(mask, z, large_negative), axis=-1)
-        return tf.where(mask, s, tf.zeros_like(s))
+    def reference(self, z: Tensor, mask: Tensor) -> Tensor:
+        """Stock ops: ``keras.ops.softmax`` of the logits with the dropped ones replaced, the
+        dropped outputs set to 0."""
+        large_negative = ops.full_like(z, _large_negative(z.dtype))
+        s = ops.softmax(ops.where(mask, z, large_negative), axis=-1)
+        return ops.where(mask, s, ops.zeros_like(s))
 
     def vjp_input(self, m: Any, z: Any, s: Any, mask: Any) -> Any:
         """``(diag(s) - s s^T) m = s * (m - <s, m>)`` (the matrix is symmetric), ``m``

@@ -27,32 +27,20 @@ from typing import Any
 from keras import ops
 
 from tf_jacbp import activations
-from tf_jacbp._backend import keras, tf
+from tf_jacbp._backend import keras
 from tf_jacbp.layers.base import (
+    _UNSUPPORTED,
     _KernelBiasLayer,
     patch_product_squared_norms,
+    refuse_unsupported,
     squared_norms,
 )
 
-# Keras' Dense arguments that tf_jacbp refuses: the paper's Jacobians are those of W and b.
-_UNSUPPORTED = {
-    "lora_rank": "LoRA adds two low-rank matrices to W",
-    "lora_alpha": "LoRA adds two low-rank matrices to W",
-    "quantization_config": "quantization replaces W by integers and scales",
-}
+Tensor = Any  # a tensor of Keras' backend
 
-
-def refuse_unsupported(owner: str, kwargs: dict[str, Any]) -> None:
-    """Pop Keras' LoRA and quantization arguments from ``kwargs``; any that is not None is a
-    ``ValueError`` naming it (tf_jacbp's formulas differentiate the full-precision weights)."""
-    for name, why in _UNSUPPORTED.items():
-        value = kwargs.pop(name, None)
-        if value is not None:
-            raise ValueError(
-                f"{owner}: {name}={value!r} is not supported: {why}, and tf_jacbp's explicit "
-                f"Jacobians are those of the full-precision weights. Remove {name}, or use the "
-                f"stock keras.layers.{owner} (its gradient is then autodiff's, not checked)."
-            )
+# TRANSITION: re-exported for the modules that still import them from here (the convolutions,
+# Embedding); their home is tf_jacbp.layers.base.
+__all__ = ["Dense", "_UNSUPPORTED", "refuse_unsupported"]
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
@@ -140,16 +128,19 @@ class Dense(_KernelBiasLayer):
         self.add_kernel_and_bias((n, self.units), (self.units,) if self.use_bias else None)
         self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: n})
 
-    def forward(self, a: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None) -> tf.Tensor:
+    def forward(self, a: Tensor, kernel: Tensor, bias: Tensor | None = None) -> Tensor:
         """``Z = A W + b``: ``(batch, ..., n)`` -> ``(batch, ..., m)``, positions as rows."""
         z = ops.matmul(a, kernel)
         return z + bias if bias is not None else z
 
-    def reference(
-        self, a: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None
-    ) -> tf.Tensor:
-        z = tf.matmul(a, kernel) if a.shape.rank == 2 else tf.tensordot(a, kernel, [[-1], [0]])
-        return tf.nn.bias_add(z, bias) if bias is not None else z
+    def reference(self, a: Tensor, kernel: Tensor, bias: Tensor | None = None) -> Tensor:
+        """Stock ops: ``keras.ops.tensordot`` over the last axis of ``a`` (``matmul`` for a
+        batch of vectors), then the bias added."""
+        if len(a.shape) == 2:
+            z = ops.matmul(a, kernel)
+        else:
+            z = ops.tensordot(a, kernel, axes=[[len(a.shape) - 1], [0]])
+        return ops.add(z, bias) if bias is not None else z
 
     def vjp_input(self, m, a, z, kernel, bias=None):
         """``(J_a z)^T m = (I_P (x) W^T)^T m``: each position's ``W m_p``,
@@ -194,16 +185,16 @@ class Dense(_KernelBiasLayer):
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         return (*input_shape[:-1], self.units)
 
-    def jacobian_factors(self, a: tf.Tensor) -> dict[str, tf.Tensor]:
+    def jacobian_factors(self, a: Tensor) -> dict[str, Tensor]:
         """``{"W^T": (m, n), "[I (x) a^T | I]": (m, n m + m)}`` at one sample ``a`` (``(n,)``).
 
         A sample of ``P`` positions (``(..., n)``): ``{"I_P (x) W^T": (P m, P n),
         "[I (x) a^T | I]": (P m, n m + m)}`` (position ``p``'s rows ``[I_m (x) a_p^T | I_m]``).
         """
-        kernel = tf.cast(self.read_parameters()[0], a.dtype)
+        kernel = ops.cast(self.read_parameters()[0], a.dtype)
         jacobian = self.parameter_jacobian(a)
-        if a.shape.rank == 1:
-            return {"W^T": tf.transpose(kernel), "[I (x) a^T | I]": jacobian}
+        if len(a.shape) == 1:
+            return {"W^T": ops.transpose(kernel), "[I (x) a^T | I]": jacobian}
         positions = math.prod(a.shape[:-1])
         return {"I_P (x) W^T": _kron_eye(positions, kernel), "[I (x) a^T | I]": jacobian}
 
@@ -220,15 +211,15 @@ class Dense(_KernelBiasLayer):
         return config
 
 
-def _positions(t: tf.Tensor) -> tf.Tensor:
+def _positions(t: Tensor) -> Tensor:
     """``(batch, ..., d)`` -> ``(batch, P, d)``: each sample's positions as rows (row-major)."""
     return ops.reshape(t, (ops.shape(t)[0], -1, t.shape[-1]))
 
 
-def _kron_eye(positions: int, kernel: tf.Tensor) -> tf.Tensor:
+def _kron_eye(positions: int, kernel: Tensor) -> Tensor:
     """``I_P (x) W^T``: ``(P m, P n)`` for ``W`` ``(n, m)``, the input Jacobian of ``z`` at ``P``
     positions (``W^T`` itself for ``P = 1``)."""
     n, m = kernel.shape
-    eye = tf.eye(positions, dtype=kernel.dtype)
-    blocks = eye[:, None, :, None] * tf.transpose(kernel)[None, :, None, :]  # (P, m, P', n)
-    return tf.reshape(blocks, [positions * m, positions * n])
+    eye = ops.eye(positions, dtype=kernel.dtype)
+    blocks = eye[:, None, :, None] * ops.transpose(kernel)[None, :, None, :]  # (P, m, P', n)
+    return ops.reshape(blocks, (positions * m, positions * n))

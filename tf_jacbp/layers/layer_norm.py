@@ -37,7 +37,7 @@ from typing import Any
 
 from keras import ops
 
-from tf_jacbp._backend import keras, tf
+from tf_jacbp._backend import keras
 from tf_jacbp.layers.base import as_float_tensor, route
 from tf_jacbp.layers.normalization_base import _Normalization
 
@@ -248,16 +248,18 @@ class LayerNormalization(_Normalization):
         return y if beta is None else y + beta
 
     def reference(self, x: Any, *params: Any) -> Any:
-        """Stock ops: ``tf.nn.moments`` and ``tf.nn.batch_normalization`` over the normalized
-        axes (``rms_scaling``: ``tf.math.reduce_variance`` and ``tf.math.rsqrt``)."""
-        axes = self.normalized_axes(x.shape.rank)
+        """Stock ops: ``keras.ops.moments`` and ``keras.ops.batch_normalization`` over the
+        normalized axes (``rms_scaling``: ``keras.ops.var`` and ``keras.ops.rsqrt``)."""
+        axes = self.normalized_axes(len(x.shape))
         gamma, beta = self._split(x, params)
         if self.rms_scaling:
-            variance = tf.math.reduce_variance(x, axis=axes, keepdims=True)
-            y = x * tf.math.rsqrt(variance + self.epsilon)
+            variance = ops.var(x, axis=axes, keepdims=True)
+            y = x * ops.rsqrt(variance + self.epsilon)
             return y if gamma is None else y * gamma
-        mean, variance = tf.nn.moments(x, axes=axes, keepdims=True)
-        return tf.nn.batch_normalization(x, mean, variance, beta, gamma, self.epsilon)
+        mean, variance = ops.moments(x, axes=axes, keepdims=True)
+        return ops.batch_normalization(
+            x, mean, variance, axis=-1, offset=beta, scale=gamma, epsilon=self.epsilon
+        )
 
     def vjp_input(self, m: Any, x: Any, y: Any, *params: Any) -> Any:
         """``(J_x y)^T m = (1/s) (g - mean(g) - xhat mean(g * xhat))``, ``g = gamma * m``

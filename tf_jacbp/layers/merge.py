@@ -32,7 +32,7 @@ from typing import Any
 
 from keras import ops
 
-from tf_jacbp._backend import keras, tf
+from tf_jacbp._backend import keras
 from tf_jacbp.layers.base import JacobianLayer, route
 from tf_jacbp.layers.merge_masks import (
     broadcast_shape,
@@ -45,6 +45,26 @@ from tf_jacbp.layers.merge_masks import (
     union,
     unmasked_as_one,
 )
+
+Tensor = Any  # a tensor of Keras' backend
+
+
+def _broadcast_size(a: Any, b: Any) -> Any:
+    """The broadcast of two sizes along one axis (each the other's or 1): an int when both are
+    known, else a scalar tensor."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a if b == 1 else b
+    return ops.where(ops.equal(b, 1), a, b)
+
+
+def _broadcast_all(xs: Sequence[Tensor]) -> list[Tensor]:
+    """Each input broadcast to the inputs' common shape with ``keras.ops.broadcast_to`` (the
+    reference routes' explicit copies ``R_k^T x_k``); sizes unknown at trace time included."""
+    shape = functools.reduce(
+        lambda a, b: [_broadcast_size(i, j) for i, j in zip(a, b, strict=True)],
+        [list(ops.shape(x)) for x in xs],
+    )
+    return [ops.broadcast_to(x, shape) for x in xs]
 
 
 class _Merge(JacobianLayer):
@@ -113,9 +133,9 @@ class Add(_Broadcasting):
         """``y = x_1 + ... + x_n`` (broadcast)."""
         return functools.reduce(ops.add, xs)
 
-    def reference(self, xs: Sequence[tf.Tensor]) -> tf.Tensor:
-        shape = functools.reduce(tf.broadcast_dynamic_shape, [tf.shape(x) for x in xs])
-        return tf.add_n([tf.broadcast_to(x, shape) for x in xs])
+    def reference(self, xs: Sequence[Tensor]) -> Tensor:
+        """Stock ops: the inputs broadcast, stacked and summed."""
+        return ops.sum(ops.stack(_broadcast_all(xs)), axis=0)
 
     def vjp_input(self, m: Any, xs: Sequence[Any], y: Any) -> list:
         """``(J_{x_k} y)^T m = R_k m``: ``m`` ``(V, batch, *y_shape)`` for each input, summed over
@@ -156,18 +176,19 @@ class Multiply(_Broadcasting):
         kept = union(masks)
         return y if kept is None else ops.where(kept, y, ops.zeros_like(y))
 
-    def reference(self, xs: Sequence[tf.Tensor], masks: Sequence[Any] | None = None) -> tf.Tensor:
+    def reference(self, xs: Sequence[Tensor], masks: Sequence[Any] | None = None) -> Tensor:
+        """Stock ops: masked entries set to 1, the inputs broadcast and multiplied, the output
+        set to 0 outside the union of the masks (when every input has one)."""
         if masks is not None:
             xs = [
-                x if m is None else tf.where(tf.cast(m, tf.bool)[..., None], x, tf.ones_like(x))
+                x if m is None else ops.where(ops.cast(m, "bool")[..., None], x, ops.ones_like(x))
                 for x, m in zip(xs, masks, strict=True)
             ]
-        shape = functools.reduce(tf.broadcast_dynamic_shape, [tf.shape(x) for x in xs])
-        y = functools.reduce(tf.math.multiply, [tf.broadcast_to(x, shape) for x in xs])
+        y = functools.reduce(ops.multiply, _broadcast_all(xs))
         if masks is None or any(m is None for m in masks):
             return y
-        kept = functools.reduce(tf.logical_or, [tf.cast(m, tf.bool) for m in masks])
-        return tf.where(kept[..., None], y, 0.0 * y)
+        kept = functools.reduce(ops.logical_or, [ops.cast(m, "bool") for m in masks])
+        return ops.where(kept[..., None], y, 0.0 * y)
 
     def vjp_input(
         self, m: Any, xs: Sequence[Any], y: Any, masks: Sequence[Any] | None = None
@@ -239,7 +260,8 @@ class Concatenate(_Merge):
             raise ValueError(
                 f"Concatenate: axis={self.axis} is the batch axis; tf_jacbp layers map each "
                 "sample on its own (per-sample Jacobians). Concatenate along another axis, or "
-                "concatenate batches outside the model (tf.concat / the input pipeline)."
+                "concatenate batches outside the model (keras.ops.concatenate, or in the input "
+                "pipeline)."
             )
         return axis
 
@@ -260,8 +282,9 @@ class Concatenate(_Merge):
         """``y = [x_1; ...; x_n]`` along ``axis``."""
         return ops.concatenate(list(xs), axis=self._axis(len(xs[0].shape)))
 
-    def reference(self, xs: Sequence[tf.Tensor]) -> tf.Tensor:
-        return tf.concat(list(xs), axis=self.axis)
+    def reference(self, xs: Sequence[Tensor]) -> Tensor:
+        """Stock ops: ``keras.ops.concatenate`` along ``axis``."""
+        return ops.concatenate(list(xs), axis=self.axis)
 
     def vjp_input(self, m: Any, xs: Sequence[Any], y: Any) -> list:
         """``(J_{x_k} y)^T m``: the slice of ``m`` ``(V, batch, *y_shape)`` where ``x_k`` sits

@@ -34,12 +34,13 @@ With a Keras mask (``call(..., mask=...)``, shape ``(batch, ...)``), training ta
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
 from keras import ops
 
-from tf_jacbp._backend import keras, tf
+from tf_jacbp._backend import keras
 from tf_jacbp.contract import JacobianMap
 from tf_jacbp.layers.base import as_float_tensor, route
 from tf_jacbp.layers.normalization_base import _Normalization
@@ -199,11 +200,13 @@ class BatchNormalization(_Normalization):
         return affine(self.moving_normalized(x)[0], *self.split_parameters(params))
 
     def reference(self, x: Any, *params: Any) -> Any:
-        """Inference in stock TensorFlow: ``tf.nn.batch_normalization`` with the moving
+        """Inference in stock ops: ``keras.ops.batch_normalization`` with the moving
         statistics."""
         mean, variance = self.moving_statistics(x.dtype)
         gamma, beta = self.split_parameters(params)
-        return tf.nn.batch_normalization(x, mean, variance, beta, gamma, self.epsilon)
+        return ops.batch_normalization(
+            x, mean, variance, axis=-1, offset=beta, scale=gamma, epsilon=self.epsilon
+        )
 
     def vjp_input(self, m: Any, x: Any, y: Any, *params: Any) -> Any:
         """Inference: ``J_x y = diag(gamma / sqrt(v + eps))`` per entry, so ``(J_x y)^T m =
@@ -312,7 +315,7 @@ class BatchNormalization(_Normalization):
         if not self.built:
             self.build(tuple(x.shape))
         channels = int(x.shape[-1])
-        entries = int(x.shape.num_elements()) // channels  # N
+        entries = math.prod(int(d) for d in x.shape) // channels  # N
         params = [ops.cast(p, x.dtype) for p in self.read_parameters()]
         rows = ops.reshape(ops.eye(entries, dtype=x.dtype), (entries, *x.shape[:-1], 1))
         rows = rows * ops.ones_like(x)  # (N, *x.shape): e_n in every channel

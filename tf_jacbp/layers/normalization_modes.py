@@ -22,7 +22,6 @@ from typing import Any
 
 from keras import ops
 
-from tf_jacbp._backend import tf
 from tf_jacbp.contract import JacobianMap
 from tf_jacbp.layers.batch_moments import masked_input_product, masked_moments
 
@@ -81,11 +80,13 @@ class _BatchMap(JacobianMap):
         return affine(self.normalized(x, *constants)[0], *self.split(params))
 
     def reference(self, x: Any, *args: Any) -> Any:
-        """The same map in stock TensorFlow: the moments, then ``tf.nn.batch_normalization``."""
+        """The same map in stock ops: the moments, then ``keras.ops.batch_normalization``."""
         params, constants = self._params_and_constants(args)
         mean, variance = self.reference_moments(x, *constants)
         gamma, beta = self.split(params)
-        return tf.nn.batch_normalization(x, mean, variance, beta, gamma, self.epsilon)
+        return ops.batch_normalization(
+            x, mean, variance, axis=-1, offset=beta, scale=gamma, epsilon=self.epsilon
+        )
 
     def reference_moments(self, x: Any, *constants: Any) -> tuple[Any, Any]:
         raise NotImplementedError
@@ -117,8 +118,8 @@ class BatchStatistics(_BatchMap):
         return mean, ops.mean(ops.square(x - mean), axis=axes)
 
     def reference_moments(self, x: Any) -> tuple[Any, Any]:
-        """``tf.nn.moments`` over all axes but the last."""
-        return tf.nn.moments(x, axes=list(range(len(x.shape) - 1)))
+        """``keras.ops.moments`` over all axes but the last."""
+        return ops.moments(x, axes=list(range(len(x.shape) - 1)))
 
     def vjp_input(self, m: Any, x: Any, y: Any, *params: Any) -> Any:
         """``J^T m = (gamma / s) (m - mean(m) 1 - mean(m * xhat) xhat)`` per channel, the means
