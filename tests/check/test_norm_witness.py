@@ -58,7 +58,7 @@ def data(n=32, dtype="float32", seed=0):
     return rng.normal(size=(n, N_FEATURES)).astype(dtype), rng.integers(0, N_CLASSES, size=n)
 
 
-def test_a_dp_model_with_correct_layers_passes_and_records_the_norm_witness():
+def test_a_dp_model_with_correct_layers_passes_and_records_the_norm_witness(tmp_path):
     model = private(net(dropout=0.25))
     x, y = data()
     check = GradientCheck((x[:16], y[:16]), every_n_batches=2, verbose=0)
@@ -78,6 +78,8 @@ def test_a_dp_model_with_correct_layers_passes_and_records_the_norm_witness():
     assert "grad_check_norms_max_rel_err" in LOG_KEYS
     summary = check.summary()
     assert WITNESS in summary and "0 mismatches" in summary
+    check.plot(tmp_path / "norms.png")
+    assert (tmp_path / "norms.png").stat().st_size > 0
 
 
 def test_the_norm_witness_equals_norms_of_independent_per_sample_gradients():

@@ -26,7 +26,7 @@ dtype, against the fixed tolerance of that dtype.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -148,7 +148,7 @@ class PerExampleNorms:
         self,
         stats: NormStatistics,
         probe_finite: bool,
-        record: Any,
+        record: Callable[..., GradientCheckRecord],
         tolerance: float | None,
     ) -> list[GradientCheckRecord]:
         """One ``PER_EXAMPLE_NORMS`` record per checked variable. ``record(i, witness, ...)``

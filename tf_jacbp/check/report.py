@@ -106,13 +106,17 @@ CAUSES = {
 WITNESS_NAMES = {
     REFERENCE: "the reference route (tf.GradientTape in tf_jacbp.reference_mode())",
     FINITE_DIFFERENCES: "a float64 directional finite difference",
-    PER_EXAMPLE_NORMS: "the norms of per-sample autodiff gradients (DP-SGD's first pass, "
-    "per_example_gradient_norms, checked: the layers' squared_norms)",
+    PER_EXAMPLE_NORMS: "the norms of per-sample autodiff gradients (what DP-SGD's first pass, "
+    "per_example_gradient_norms, computes from the layers' squared_norms)",
 }
 """How ``mismatch_message`` names each witness."""
 
-PLOT_LABELS = {REFERENCE: "{}", FINITE_DIFFERENCES: "{} (finite differences)"}
-PLOT_LABELS[PER_EXAMPLE_NORMS] = "{} (per-example norms)"
+PLOT_LABELS = {
+    REFERENCE: "{}",
+    FINITE_DIFFERENCES: "{} (finite differences)",
+    PER_EXAMPLE_NORMS: "{} (per-example norms)",
+}
+"""``plot``'s legend label of a layer's line, per witness."""
 
 
 def mismatch_message(failed: Sequence[GradientCheckRecord], total: int) -> str:
