@@ -110,6 +110,10 @@ def standardize_input(x: object, dtype: str, name: str) -> object:
         return x
     mask = getattr(x, "_keras_mask", None)  # a Keras mask the input carries
     x = ops.convert_to_tensor(x)
+    if isinstance(x, keras.Variable) or hasattr(x, "assign"):
+        # keras.ops.convert_to_tensor returns a variable as is: read its value, or the custom
+        # gradient captures the variable and TensorFlow refuses its grad_fn.
+        x = ops.copy(x)
     kind = keras.backend.standardize_dtype(x.dtype)
     if not (kind == "bool" or "int" in kind):
         return x
