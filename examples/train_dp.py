@@ -107,7 +107,8 @@ def plot(points: list[tuple[float, float]], path: str, title: str) -> str:
     return path
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; the defaults are the published Fashion-MNIST run."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="fashion-mnist", help="fashion-mnist, mnist, or a path")
     parser.add_argument("--epochs", type=int, default=40)
@@ -138,7 +139,11 @@ def main(argv: list[str] | None = None) -> dict:
         "--check-every", type=int, default=200, help="GradientCheck every N batches (0: off)"
     )
     parser.add_argument("--verbose", type=int, default=1, help="0 silent, 1 progress bar, 2 lines")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     if args.quick:
         args.epochs, args.batch_size, args.train_samples = 1, 128, args.train_samples or 512
         args.learning_rate = min(args.learning_rate, 1.0)

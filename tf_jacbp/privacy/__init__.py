@@ -46,9 +46,12 @@ from tf_jacbp.privacy.accounting import (
     RDP_CONVERSIONS,
     EpsilonLogger,
     compute_epsilon,
+    epsilon_of_ledger,
     noise_multiplier_for_epsilon,
 )
-from tf_jacbp.privacy.dpsgd import DPModel, clipped_gradients, make_private, poisson_batches
+from tf_jacbp.privacy.dpsgd import clip_groups, clipped_gradients, poisson_batches
+from tf_jacbp.privacy.model import DPModel, make_private
+from tf_jacbp.privacy.noise import fresh_seed, secure_standard_normal
 from tf_jacbp.privacy.statement import epsilon_once_per_epoch, privacy_statement
 
 __all__ = [
@@ -56,11 +59,15 @@ __all__ = [
     "DPModel",
     "EpsilonLogger",
     "RDP_CONVERSIONS",
+    "clip_groups",
     "clipped_gradients",
     "compute_epsilon",
+    "epsilon_of_ledger",
     "epsilon_once_per_epoch",
+    "fresh_seed",
     "make_private",
     "noise_multiplier_for_epsilon",
     "poisson_batches",
     "privacy_statement",
+    "secure_standard_normal",
 ]

@@ -192,64 +192,140 @@ class _quiet_absl:
         self.logger.setLevel(self.level)
 
 
+def epsilon_of_ledger(
+    ledger: list[tuple[float | None, float, int]],
+    delta: float,
+    accountant: str = "rdp",
+    rdp_conversion: str = "improved",
+) -> float:
+    """epsilon of a whole training: the composition, over the ledger's rows ``(q, sigma,
+    steps)``, of ``steps`` Poisson-subsampled Gaussian mechanisms at rate ``q`` and noise
+    ``sigma`` (``DPModel.privacy_ledger``; one row gives ``compute_epsilon``'s number).
+
+    A row with steps at an unknown rate (``q`` None) raises: give the rate to ``make_private``
+    (``sampling_rate=``) or to ``EpsilonLogger``.
+    """
+    delta = _check_delta(delta)
+    _check_accountant(accountant, rdp_conversion)
+    rows = [(q, float(s), _check_steps(n)) for q, s, n in ledger if n > 0]
+    if any(q is None for q, _, _ in rows):
+        raise ValueError(
+            "The privacy ledger has steps at an unknown sampling rate: pass sampling_rate to "
+            "make_private (or DPModel), or use an EpsilonLogger(sampling_rate, delta) from the "
+            "first fit on."
+        )
+    if not rows:
+        return 0.0
+    if len(rows) == 1:
+        q, sigma, steps = rows[0]
+        return compute_epsilon(sigma, q, steps, delta, accountant, rdp_conversion)
+    if any(sigma == 0 for _, sigma, _ in rows):
+        return math.inf
+    dp_accounting = _dp_accounting()
+    events = [
+        dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(
+                check_sampling_rate(q), dp_accounting.GaussianDpEvent(sigma)
+            ),
+            steps,
+        )
+        for q, sigma, steps in rows
+    ]
+    accountant_ = _make_accountant(dp_accounting, accountant, rdp_conversion)
+    with _quiet_absl():
+        accountant_.compose(dp_accounting.ComposedDpEvent(events))
+        return float(accountant_.get_epsilon(delta))
+
+
 class EpsilonLogger(keras.callbacks.Callback):
-    """Adds ``epsilon`` (spent so far) to the logs at the end of each epoch of a DP fit.
+    """Adds ``epsilon`` (spent by the whole training so far) to the logs at each epoch's end.
 
     Args:
-        sampling_rate: ``q``, the probability that a step includes a sample: ``B / N`` for
-            batches of ``B`` out of ``N`` training samples (see the module docstring for what
-            the number then means), or the rate given to ``poisson_batches``.
+        sampling_rate: ``q``, the probability that a step includes a sample: the rate given to
+            ``poisson_batches``, or ``B / N`` for shuffled batches of ``B`` out of ``N`` (see the
+            module docstring for what the number then means). None: the ``DPModel``'s own
+            ``sampling_rate``.
         delta: the ``delta`` of ``(epsilon, delta)``, e.g. ``1e-5`` or below ``1 / N``.
-        noise_multiplier: default the ``DPModel``'s.
+        noise_multiplier: only for a model that is not a ``DPModel`` (steps then counted while
+            this callback is attached); a ``DPModel``'s own sigma and ledger are used.
         accountant, rdp_conversion: as for ``compute_epsilon``.
 
-    Steps are the updates the optimizer applied while this callback was attached (counted across
-    ``fit`` calls). ``epsilon`` reaches ``History`` and the progress bar; list this callback
-    before a TensorBoard callback for it to log the value too. ``history`` keeps ``(epoch,
-    steps, epsilon)``.
+    On a ``DPModel`` the steps and sigma come from its privacy ledger, which is saved and
+    restored with the model (``save``, ``save_weights``, ``BackupAndRestore``): after
+    ``load_model`` epsilon is for the whole training, not the resumed part alone. The logger
+    gives the model its sampling rate (a new rate starts a new ledger segment). ``epsilon``
+    reaches ``History`` and the progress bar; list this callback before a TensorBoard callback
+    for it to log the value too. ``history`` keeps ``(epoch, steps, epsilon)``.
     """
 
     def __init__(
         self,
-        sampling_rate: float,
+        sampling_rate: float | None,
         delta: float,
         noise_multiplier: float | None = None,
         accountant: str = "rdp",
         rdp_conversion: str = "improved",
     ):
         super().__init__()
-        self.sampling_rate = check_sampling_rate(sampling_rate)
-        self.delta = check_positive("delta", delta)
+        self.sampling_rate = None if sampling_rate is None else check_sampling_rate(sampling_rate)
+        self.delta = _check_delta(delta)
         self.noise_multiplier = noise_multiplier
-        self.accountant = accountant
-        self.rdp_conversion = rdp_conversion
-        self.steps = 0
-        self.history: list[tuple[int, int, float]] = []
         if accountant not in ACCOUNTANTS or rdp_conversion not in RDP_CONVERSIONS:
             raise ValueError(
                 f"EpsilonLogger: accountant must be one of {ACCOUNTANTS} and rdp_conversion one "
                 f"of {RDP_CONVERSIONS}, got {accountant!r} and {rdp_conversion!r}."
             )
+        self.accountant = accountant
+        self.rdp_conversion = rdp_conversion
+        self.steps = 0
+        self.history: list[tuple[int, int, float]] = []
+
+    def _ledgered(self) -> bool:
+        return hasattr(self.model, "privacy_ledger")
 
     def on_train_begin(self, logs: dict | None = None) -> None:
+        if self._ledgered():
+            if self.noise_multiplier is not None and (
+                self.noise_multiplier != self.model.noise_multiplier
+            ):
+                raise ValueError(
+                    f"EpsilonLogger: noise_multiplier={self.noise_multiplier} differs from the "
+                    f"DPModel's {self.model.noise_multiplier}; leave it out (the model's ledger "
+                    "knows the sigma of every step)."
+                )
+            if self.sampling_rate is not None:
+                self.model.sampling_rate = self.sampling_rate
+            return
+        if self.sampling_rate is None:
+            raise ValueError(
+                "EpsilonLogger: sampling_rate=None needs a DPModel (which knows its rate); pass "
+                "the sampling rate q = B / N."
+            )
         self._fit_start = int(self.model.optimizer.iterations)
         self._steps_before = self.steps
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        # The optimizer's own count of updates: batch callbacks come once per several steps
-        # under steps_per_execution, and their indices may run past the last step.
-        self.steps = self._steps_before + int(self.model.optimizer.iterations) - self._fit_start
-        sigma = self.noise_multiplier
-        if sigma is None:
-            sigma = getattr(self.model, "noise_multiplier", None)
-        if sigma is None:
-            raise ValueError(
-                "EpsilonLogger: the model is not a DPModel; pass noise_multiplier=... (and train "
-                "with DP-SGD: a model trained without it has no privacy guarantee)."
+        if self._ledgered():
+            self.steps = self.model.privacy_steps
+            epsilon = self.model.privacy_spent(self.delta, self.accountant, self.rdp_conversion)
+        else:
+            # The optimizer's own count of updates: batch callbacks come once per several steps
+            # under steps_per_execution, and their indices may run past the last step.
+            done = int(self.model.optimizer.iterations) - self._fit_start
+            self.steps = self._steps_before + done
+            if self.noise_multiplier is None:
+                raise ValueError(
+                    "EpsilonLogger: the model is not a DPModel; pass noise_multiplier=... (and "
+                    "train with DP-SGD: a model trained without it has no privacy guarantee)."
+                )
+            epsilon = compute_epsilon(
+                self.noise_multiplier,
+                self.sampling_rate,
+                self.steps,
+                self.delta,
+                self.accountant,
+                self.rdp_conversion,
             )
-        epsilon = compute_epsilon(
-            sigma, self.sampling_rate, self.steps, self.delta, self.accountant, self.rdp_conversion
-        )
         self.history.append((epoch, self.steps, epsilon))
         if logs is not None:
             logs["epsilon"] = epsilon

@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
-import secrets
+import copy
+import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -15,6 +17,7 @@ import numpy as np
 from tf_jacbp._backend import keras, tf
 from tf_jacbp.jacobian import output_delta, parameter_variables, squared_gradient_norms
 from tf_jacbp.privacy.arguments import check_positive, check_sampling_rate
+from tf_jacbp.privacy.noise import gaussian_noise
 
 
 def _check_model(model: keras.Model) -> list[keras.Variable]:
@@ -48,14 +51,96 @@ def _check_loss(loss: Any) -> Any:
         )
     loss = keras.losses.get(loss)
     reduction = getattr(loss, "reduction", "sum_over_batch_size")
-    if reduction != "sum_over_batch_size":
+    if reduction not in ("sum_over_batch_size", "mean"):  # "mean" is the same reduction
         raise ValueError(
             f"DP-SGD averages clipped per-sample gradients over the batch itself, so the loss "
-            f"must have reduction='sum_over_batch_size' (Keras' default), got "
+            f"must have reduction='sum_over_batch_size' (Keras' default, or 'mean'), got "
             f"reduction={reduction!r}. Per-sample values l_i come from the loss's call; pass the "
             "loss with its default reduction."
         )
     return loss
+
+
+def clip_groups(
+    model: keras.Model, l2_norm_clip: float | Mapping[Any, float]
+) -> tuple[list[tuple[list[str], float]] | None, float]:
+    """Per-layer clipping's groups ``[(layer names, C_g)]`` and the total clip ``C``.
+
+    ``l2_norm_clip`` a number: one group of everything (``None``), ``C`` itself. A mapping from
+    a layer name, or a tuple of layer names (a group), to ``C_g > 0``: every layer with trainable
+    variables must be in exactly one group; ``C = sqrt(sum_g C_g^2)`` bounds the clipped
+    gradient's norm and scales the noise (Opacus' per-layer clipping). A list of
+    ``[names, C_g]`` pairs (``DPModel.get_config``'s form) is accepted too.
+    """
+    if not isinstance(l2_norm_clip, (Mapping, list, tuple)):
+        return None, check_positive("l2_norm_clip", l2_norm_clip)
+    pairs = l2_norm_clip.items() if isinstance(l2_norm_clip, Mapping) else l2_norm_clip
+    groups = []
+    for key, clip in pairs:
+        names = [key] if isinstance(key, str) else list(key)
+        groups.append((names, check_positive(f"l2_norm_clip[{key!r}]", clip)))
+    if not groups:
+        raise ValueError("l2_norm_clip: a per-layer mapping needs at least one group.")
+    owners = {v.path: layer.name for layer in model.layers for v in layer.trainable_variables}
+    needed = sorted(set(owners.values()))
+    listed = [name for names, _ in groups for name in names]
+    unknown = sorted(set(listed) - set(needed))
+    twice = sorted({n for n in listed if listed.count(n) > 1})
+    missing = sorted(set(needed) - set(listed))
+    if unknown or twice or missing:
+        raise ValueError(
+            "l2_norm_clip: per-layer clipping needs each layer with trainable variables in "
+            f"exactly one group; layers {needed}; unknown {unknown}, listed twice {twice}, "
+            f"missing {missing}. Give a clip norm per layer name (or per tuple of names)."
+        )
+    return groups, float(np.sqrt(sum(c * c for _, c in groups)))
+
+
+def _wide(t: Any) -> Any:
+    """``t`` (or each of a list's) in float32 if it is a 16-bit floating tensor."""
+    if isinstance(t, (list, tuple)):
+        return type(t)(_wide(u) for u in t)
+    return tf.cast(t, tf.float32) if t is not None and t.dtype in (tf.float16, tf.bfloat16) else t
+
+
+def _widened(records: Any, delta: tf.Tensor) -> tuple[Any, tf.Tensor]:
+    """The records with 16-bit floating tensors in float32 (a 16-bit model): the norms that set
+    the clip factors, and the clipped sum, are then float32 computations."""
+    if delta.dtype not in (tf.float16, tf.bfloat16):
+        return records, delta
+    out = copy.copy(records)  # keeps the records' type and attributes
+    out[:] = [
+        dataclasses.replace(r, params=_wide(r.params), x=_wide(r.x), y=_wide(r.y)) for r in records
+    ]
+    return out, _wide(delta)
+
+
+def _pad_empty(x: Any, y: Any) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """``(x, y, B, keep)``: an empty batch (``B = 0``, Poisson sampling) gets one dummy sample
+    of zeros (label 0) whose weight in ``keep`` is 0, so the losses and layers see a batch and
+    the step is the noise alone; ``keep`` is ``B`` ones otherwise (the batch unchanged)."""
+    x, y = tf.convert_to_tensor(x), tf.convert_to_tensor(y)
+    batch = tf.shape(x)[0]
+    pad = tf.maximum(1 - batch, 0)  # 1 for an empty batch, else 0
+    x = tf.concat([x, tf.zeros(tf.concat([[pad], tf.shape(x)[1:]], 0), x.dtype)], 0)
+    y = tf.concat([y, tf.zeros(tf.concat([[pad], tf.shape(y)[1:]], 0), y.dtype)], 0)
+    keep = tf.concat([tf.ones([batch]), tf.zeros([pad])], 0)
+    return x, y, batch, keep
+
+
+def _sample_weight(sample_weight: Any, values: tf.Tensor) -> tf.Tensor | None:
+    """``w`` ``(B,)`` in the loss's dtype; a ValueError for another shape."""
+    if sample_weight is None:
+        return None
+    w = tf.cast(tf.convert_to_tensor(sample_weight), values.dtype)
+    if w.shape.rank == 2 and w.shape[1] == 1:
+        w = w[:, 0]
+    if w.shape.rank != 1:
+        raise ValueError(
+            f"DP-SGD: sample_weight must have one weight per sample, shape (batch,), got shape "
+            f"{tuple(w.shape)}. Weight samples, not positions."
+        )
+    return w
 
 
 @tf.autograph.experimental.do_not_convert  # traced as plain Python: loops over the layers
@@ -63,226 +148,121 @@ def clipped_gradients(
     model: keras.Model,
     x: Any,
     y: Any,
-    l2_norm_clip: float,
+    l2_norm_clip: float | Mapping[Any, float],
     noise_multiplier: float = 0.0,
     loss: Any = None,
     expected_batch_size: int | float | None = None,
     seed: Any = None,
     training: bool = True,
+    sample_weight: Any = None,
+    secure_mode: bool = False,
 ) -> tuple[list[tf.Tensor], dict[str, tf.Tensor]]:
     """DP-SGD's gradient ``(1/B') [sum_i min(1, C/||g_i||) g_i + N(0, (sigma C)^2 I)]``.
 
     Args:
         model: a Sequential or functional model of tf_jacbp layers.
-        x, y: a batch ``(B, ...)``.
-        l2_norm_clip: ``C > 0``, the bound on each sample's gradient norm.
+        x, y: a batch ``(B, ...)``; ``B = 0`` (an empty Poisson batch) gives the noise alone.
+        l2_norm_clip: ``C > 0``, the bound on each sample's gradient norm; or a mapping from
+            layer names (or tuples of them) to ``C_g`` for per-layer clipping (``clip_groups``:
+            each group's part of ``g_i`` is clipped to ``C_g``, ``C = sqrt(sum_g C_g^2)``).
         noise_multiplier: ``sigma >= 0``; the noise's standard deviation is ``sigma C`` per entry
             of the summed gradient (0: clipping only, no privacy).
-        loss: the per-sample loss (default: the compiled one); reduction "sum_over_batch_size".
-        expected_batch_size: ``B'``; None divides by the actual batch size ``B``.
+        loss: the per-sample loss (default: the compiled one); reduction "sum_over_batch_size"
+            (or "mean", the same). A sample's loss over positions is their mean, as Keras'.
+        expected_batch_size: ``B'``; None divides by the actual batch size (at least 1).
         seed: for the noise: a ``keras.random.SeedGenerator`` (a new draw each call, DPModel's),
-            an int (the same draw for the same int) or None (TensorFlow's global generator).
+            an int (the same draw for the same int: tests only) or None (TensorFlow's global
+            generator).
         training: the layers' training-mode maps (Dropout draws masks; a BatchNormalization that
             is not frozen raises: its batch statistics couple the samples).
+        sample_weight: ``w`` ``(B,)``: sample ``i``'s loss is ``w_i l_i`` and its gradient
+            ``w_i g_i`` is what is clipped (TensorFlow Privacy's order): the bound ``C`` holds
+            whatever the weights.
+        secure_mode: noise from ``os.urandom`` (``tf_jacbp.privacy.noise``); ``seed`` unused.
 
     Returns:
         ``(gradients, info)``: one tensor per ``model.trainable_variables`` (same order and
-        shapes; regularizers not included), and ``info`` with ``"loss"`` (per sample, ``(B,)``),
-        ``"norms"`` (``||g_i||``, ``(B,)``), ``"clip_factors"`` (``c_i``), ``"y_pred"``.
+        shapes; regularizers not included), and ``info`` with ``"loss"`` (per sample,
+        ``w_i l_i``, ``(B,)``), ``"norms"`` (``||w_i g_i||``, ``(B,)``; per-layer clipping:
+        ``(B, groups)``), ``"clip_factors"`` (``c_i``, same shape), ``"y_pred"``.
     """
-    l2_norm_clip = check_positive("l2_norm_clip", l2_norm_clip)
+    groups, total_clip = clip_groups(model, l2_norm_clip)
     noise_multiplier = check_positive("noise_multiplier", noise_multiplier, allow_zero=True)
     loss = _check_loss(loss if loss is not None else getattr(model, "loss", None))
     trainable = _check_model(model)
+    x, y, batch, keep = _pad_empty(x, y)
     records, output_key, out, values, delta = output_delta(
         model, x, y, loss, training, "clipped_gradients"
     )
+    w = _sample_weight(sample_weight, values)
+    w = keep if w is None else tf.concat([w, tf.cast(keep[batch:], w.dtype)], 0)  # dummy: 0
+    values = values * tf.cast(w, values.dtype)  # the gradient of w_i l_i is w_i g_i
+    delta = delta * tf.cast(tf.reshape(w, [-1] + [1] * (delta.shape.rank - 1)), delta.dtype)
+    records, delta = _widened(records, delta)
     # Pass 1: ||g_i||^2 over the trainable variables, from the layers' norm formulas; the walk
     # keeps the delta rows that reach each map.
     trainable_ids = {id(v) for v in trainable}
     deltas: list = []
-    squared = [
-        s
+    squared = {
+        id(v): tf.cast(s, tf.float64 if s.dtype == tf.float64 else tf.float32)
         for v, s in squared_gradient_norms(model, records, output_key, delta, deltas)
         if id(v) in trainable_ids
+    }
+    owner = {id(v): layer.name for layer in model.layers for v in layer.trainable_variables}
+    group_names = [None] if groups is None else [names for names, _ in groups]
+    clips = [total_clip] if groups is None else [c for _, c in groups]
+    in_group = [
+        [s for i, s in squared.items() if names is None or owner.get(i) in names]
+        for names in group_names
     ]
-    norms = tf.sqrt(tf.add_n(squared))
-    factors = tf.minimum(tf.ones_like(norms), l2_norm_clip / tf.maximum(norms, 1e-300))
+    norms = tf.stack([tf.sqrt(tf.add_n(g)) for g in in_group], axis=1)  # (B, groups)
+    tiny = tf.constant(1e-300 if norms.dtype == tf.float64 else 1e-30, norms.dtype)
+    factors = tf.minimum(
+        tf.ones_like(norms), tf.constant(clips, norms.dtype) / tf.maximum(norms, tiny)
+    )
     factors = tf.stop_gradient(factors)
+    group_of = {
+        name: k for k, names in enumerate(group_names) if names is not None for name in names
+    }
     # Pass 2: the batch backward pass of sum_i c_i l_i. Every map acts on each sample alone and
     # backward is linear in delta, so scaling delta[L]'s row i by c_i scales row i of the delta
     # reaching every map by c_i: each map's parameter gradient is its batch backward applied to
-    # the rows pass 1 saw, scaled (the input-gradient chain need not run again).
+    # the rows pass 1 saw, scaled (the input-gradient chain need not run again). Per-layer
+    # clipping scales each layer's rows by its group's factor.
     sums: dict[int, tf.Tensor] = {}
     for layer, op, rows, a, out_rows, params in deltas:
-        scaled = rows * tf.reshape(factors, [-1] + [1] * (rows.shape.rank - 1))
+        rows, a, out_rows, params = _wide([rows, a, out_rows, params])  # 16 bits: in float32
+        factor = tf.cast(factors[:, group_of.get(layer.name, 0)], rows.dtype)
+        scaled = rows * tf.reshape(factor, [-1] + [1] * (rows.shape.rank - 1))
         _, grads = op.backward(scaled, a, out_rows, *params)
         for v, g in zip(layer.jacobian_parameters(), grads, strict=True):
             sums[id(v)] = sums[id(v)] + g if id(v) in sums else g
-    if expected_batch_size is None:
-        divisor = tf.cast(tf.shape(delta)[0], delta.dtype)
+    if expected_batch_size is None:  # an empty batch divides its noise by 1, not 0
+        divisor = tf.cast(tf.maximum(batch, 1), tf.float64)
     else:
-        divisor = tf.constant(check_positive("expected_batch_size", expected_batch_size))
+        divisor = tf.constant(
+            check_positive("expected_batch_size", expected_batch_size), tf.float64
+        )
     sums = [sums[id(v)] for v in trainable]
     if noise_multiplier > 0:  # one draw for all entries: one state update of the generator
         sizes = [int(np.prod(v.shape)) for v in trainable]
-        std = noise_multiplier * l2_norm_clip
         wide = any(g.dtype == tf.float64 for g in sums)
         dtype = tf.float64 if wide else tf.float32  # at least float32, cast to each gradient's
-        if seed is None:
-            noise = tf.random.normal([sum(sizes)], stddev=std, dtype=dtype)
-        else:
-            noise = keras.random.normal([sum(sizes)], stddev=std, dtype=dtype, seed=seed)
+        noise = gaussian_noise(sum(sizes), noise_multiplier * total_clip, dtype, seed, secure_mode)
         pieces = tf.split(noise, sizes)
         sums = [
-            g + tf.cast(tf.reshape(n, v.shape), g.dtype)
+            tf.cast(g, dtype) + tf.reshape(n, v.shape)
             for g, n, v in zip(sums, pieces, trainable, strict=True)
         ]
     gradients = [
         tf.cast(g / tf.cast(divisor, g.dtype), v.dtype)
         for g, v in zip(sums, trainable, strict=True)
     ]
+    if groups is None:
+        norms, factors = norms[:, 0], factors[:, 0]
     info = {"loss": values, "norms": norms, "clip_factors": factors, "y_pred": out}
+    info = {k: v[:batch] for k, v in info.items()}  # without an empty batch's dummy sample
     return gradients, info
-
-
-@keras.saving.register_keras_serializable(package="tf_jacbp")
-class DPModel(keras.Model):
-    """A functional Keras model trained by DP-SGD: ``fit``, callbacks and saving work as usual.
-
-    ``train_step`` replaces the batch gradient by ``clipped_gradients`` (per-sample clipping to
-    ``l2_norm_clip``, Gaussian noise of standard deviation ``noise_multiplier * l2_norm_clip``,
-    divided by the batch size or ``expected_batch_size``) and hands it to the optimizer.
-    Evaluation and prediction are unchanged. Build one with ``make_private(model, ...)`` or as a
-    functional model, ``DPModel(inputs, outputs, l2_norm_clip=1.0, noise_multiplier=1.1)``.
-
-    Args:
-        l2_norm_clip: ``C > 0``.
-        noise_multiplier: ``sigma >= 0`` (0 trains with clipping only: no privacy; epsilon is
-            infinite).
-        expected_batch_size: divide the noisy sum by this (Poisson sampling: ``q N``) instead of
-            the actual batch size (shuffled fixed-size batches: None, the default).
-        seed: seeds the noise (an int; None draws a random seed).
-
-    The loss must be per-sample with Keras' default reduction ("sum_over_batch_size");
-    ``sample_weight`` is refused. The logged loss is the batch's ordinary (non-private) mean loss.
-    Stock Keras losses work as well as tf_jacbp's; after a Softmax or Sigmoid output a stock cross
-    entropy is computed on the probabilities (clipped to ``[eps, 1 - eps]``, as Keras does
-    eagerly), not on logits read off the graph as Keras' own graph-mode ``fit`` does.
-    ``tf_jacbp.callbacks.GradientCheck`` still works during a DP fit: it checks the layers' batch
-    gradient formulas (the ones both passes are made of) against autodiff, not the noisy update.
-    """
-
-    def __init__(
-        self,
-        *args: Any,
-        l2_norm_clip: float = 1.0,
-        noise_multiplier: float = 1.0,
-        expected_batch_size: float | None = None,
-        seed: int | None = None,
-        **kwargs: Any,
-    ):
-        super().__init__(*args, **kwargs)
-        self.l2_norm_clip = check_positive("l2_norm_clip", l2_norm_clip)
-        self.noise_multiplier = check_positive("noise_multiplier", noise_multiplier, True)
-        self.expected_batch_size = (
-            None
-            if expected_batch_size is None
-            else check_positive("expected_batch_size", expected_batch_size)
-        )
-        self.seed = seed
-        # Fresh entropy from the operating system unless a seed is given (tests only): never
-        # Python's global generator, which keras.utils.set_random_seed fixes.
-        initial = seed if seed is not None else secrets.randbits(62)
-        self.noise_seed = keras.random.SeedGenerator(initial, name="dp_noise_seed")
-
-    @tf.autograph.experimental.do_not_convert  # Python loops over the layers, as Keras' own
-    def train_step(self, data: Any) -> dict[str, Any]:
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
-            raise ValueError(
-                "DPModel: a LossScaleOptimizer (mixed precision) would unscale gradients that "
-                "DP-SGD never scaled. Train a DPModel with a plain optimizer."
-            )
-        if sample_weight is not None:
-            raise ValueError(
-                "DPModel: sample_weight is not supported: a weighted per-sample loss changes what "
-                "clipping bounds. Drop sample_weight (or class_weight) from fit."
-            )
-        gradients, info = clipped_gradients(
-            self,
-            x,
-            y,
-            self.l2_norm_clip,
-            self.noise_multiplier,
-            loss=self.loss,
-            expected_batch_size=self.expected_batch_size,
-            seed=self.noise_seed,
-        )
-        variables = self.trainable_variables
-        batch = tf.shape(info["loss"])[0]  # 0 happens under Poisson sampling
-        loss = tf.math.divide_no_nan(
-            tf.reduce_sum(info["loss"]), tf.cast(batch, info["loss"].dtype)
-        )
-        penalties = [(v, v.regularizer) for v in variables if v.regularizer is not None]
-        if penalties:  # data-independent: added after the noise, at no privacy cost
-            with tf.GradientTape() as tape:
-                terms = [r(v) for v, r in penalties]  # each in its variable's dtype
-            extra = tape.gradient(terms, [v for v, _ in penalties])
-            penalty = tf.add_n([tf.cast(t, loss.dtype) for t in terms])
-            by_id = {id(v): g for (v, _), g in zip(penalties, extra, strict=True)}
-            gradients = [
-                g + tf.cast(by_id.get(id(v), 0), g.dtype)
-                for g, v in zip(gradients, variables, strict=True)
-            ]
-            loss = loss + penalty
-        self.optimizer.apply_gradients(zip(gradients, variables, strict=True))
-        tracker = getattr(self, "_loss_tracker", None)
-        if tracker is not None:  # what Keras' own train_step reports as "loss"
-            tracker.update_state(loss, sample_weight=batch)
-        return self.compute_metrics(x, y, info["y_pred"], sample_weight=None)
-
-    def get_config(self) -> dict[str, Any]:
-        config = super().get_config()
-        config.update(
-            {
-                "l2_norm_clip": self.l2_norm_clip,
-                "noise_multiplier": self.noise_multiplier,
-                "expected_batch_size": self.expected_batch_size,
-                "seed": self.seed,
-            }
-        )
-        return config
-
-
-def make_private(
-    model: keras.Model,
-    l2_norm_clip: float,
-    noise_multiplier: float,
-    expected_batch_size: float | None = None,
-    seed: int | None = None,
-) -> DPModel:
-    """A ``DPModel`` over ``model``'s layers (the same layers and variables, not copies).
-
-    ``model``: a built Sequential or functional model of tf_jacbp layers. Compile the result
-    and ``fit`` it as usual; see ``DPModel`` for the arguments and the module docstring for what
-    the guarantee assumes.
-    """
-    if not isinstance(model, keras.Model) or not getattr(model, "built", False):
-        raise ValueError(
-            "make_private needs a built keras.Model (give a Sequential model a keras.Input, or "
-            f"build it); got {type(model).__name__}."
-        )
-    parameter_variables(model)  # tf_jacbp layers only, one input and one output
-    return DPModel(
-        model.inputs[0],
-        model.outputs[0],
-        name=f"{model.name}_dp",
-        l2_norm_clip=l2_norm_clip,
-        noise_multiplier=noise_multiplier,
-        expected_batch_size=expected_batch_size,
-        seed=seed,
-    )
 
 
 def poisson_batches(
