@@ -56,3 +56,28 @@ def test_attach_hooks_only_the_model_it_is_given():
 def test_the_paper_models_come_attached():
     assert tf_jacbp.hooks.attached(tf_jacbp.models.lenet_300_100())
     assert tf_jacbp.hooks.attached(tf_jacbp.models.resnet_mnist())
+
+
+def test_gradient_check_attaches_the_model_it_checks():
+    """A model in a fit with GradientCheck is attached before Keras makes its train function:
+    a reference-mode fit after a normal one retraces (the planted layer's doubled kernel
+    gradient is on the Jacobian route only)."""
+    from planted import WrongKernelGradient
+
+    x, y = np.ones((8, 3), "float32"), np.zeros((8, 2), "float32")
+
+    def update(model):
+        model.set_weights(start)
+        model.fit(x, y, batch_size=8, verbose=0, callbacks=[check])
+        return start[0] - model.get_weights()[0]
+
+    model = keras.Sequential([keras.Input((3,)), WrongKernelGradient(2)])
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    start = model.get_weights()
+    check = tf_jacbp.callbacks.GradientCheck((x, y), on_mismatch="log")
+    update(model)
+    assert tf_jacbp.hooks.attached(model)
+    jacobian_step = update(model)
+    with tf_jacbp.reference_mode():
+        reference_step = update(model)
+    np.testing.assert_allclose(jacobian_step, 2 * reference_step, rtol=1e-2)

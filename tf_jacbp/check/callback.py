@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from tf_jacbp import hooks
 from tf_jacbp._backend import keras, tf
 from tf_jacbp.check import criterion, report
 from tf_jacbp.check.probe import (
@@ -193,6 +194,13 @@ class GradientCheck(keras.callbacks.Callback):
         self._built_for: tuple | None = None
         self._writer = None
         self._witnesses: Witnesses | None = None
+
+    def set_model(self, model: keras.Model) -> None:
+        """Keras' ``set_model``, and ``tf_jacbp.hooks.attach(model)``: the model's step
+        functions follow ``reference_mode()`` and its XLA steps stop on a bad label. Keras sets
+        the callbacks' model before it makes the train function, so this ``fit`` has both."""
+        super().set_model(model)
+        hooks.attach(model)
 
     @property
     def tracing_counts(self) -> dict[str, int]:
