@@ -174,7 +174,7 @@ class ToeplitzConv(_ToeplitzIndexed):
             # Lemma 3's b = vec(B) (row-major, like z): tied, b_f repeated at every position.
             positions = index.shape[0] // self.filters
             b = ops.tile(bias, (positions,)) if self.bias_mode == "tied" else ops.reshape(bias, -1)
-            z = z + b  # fused into the matmul by TensorFlow's graph optimizer
+            z = tf.nn.bias_add(z, b)  # fused into the matmul by TensorFlow's graph optimizer
         return ops.reshape(z, (-1, *index.output_shape[2 - self.rank :]))
 
     def vjp_input(self, m, x, y, kernel, bias=None):

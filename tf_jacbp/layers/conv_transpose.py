@@ -241,7 +241,8 @@ class Conv2DTranspose(_ToeplitzIndexed):
         rows = ops.reshape(x, (-1, index.shape[0]))
         y = toeplitz_product(rows, self.build_toeplitz(kernel, x), transpose=True)
         if bias is not None:
-            y = y + ops.tile(bias, (index.shape[1] // self.filters,))  # b_f at every position
+            # b_f at every position; BiasAdd is fused into the matmul by TensorFlow's optimizer
+            y = tf.nn.bias_add(y, ops.tile(bias, (index.shape[1] // self.filters,)))
         return ops.reshape(y, (-1, *index.input_shape))
 
     def vjp_input(self, m, x, y, kernel, bias=None):
