@@ -18,29 +18,18 @@ tuned on one machine; the tests of single layers use them, and ``GradientCheck``
 them only when it cannot build a float64 twin of the model.
 
 ``GradientCheck``'s criterion in the training dtype is derived from the check's own numbers
-instead. Deep, batch-normalized networks amplify rounding (and a ReLU kink or a max-pooling
-argmax can flip between two correct implementations), so a fixed rtol per dtype false-alarms on
-another CPU: a correct residual CNN reached 1.4e-4 in float32 against 1e-4, and 0.28 under
-``mixed_bfloat16`` against 0.1. With ``g64`` the reference route of the model's float64 twin,
-the reference route's own rounding error in the training dtype,
-
-    floor = max(||g_ref - g64|| / max(||g_ref||, tiny), FLOOR_MIN_ULPS * EPS[dtype]),
-
-bounds what rounding does on this model, probe and machine, and the Jacobian route passes when
-
-    relative_error(g, g_ref) <= FLOOR_RATIO * floor.
-
-``FLOOR_RATIO = 10``: over 20 seeds x 2 models (LeNet-5, the residual CNN) x 3 policies (float32,
-``mixed_float16``, ``mixed_bfloat16``) with 64-sample Fashion-MNIST probes, ``relative_error /
-floor`` was at most 2.8 (median 0.03-0.4) apart from one ReLU/max-pool flip (263, float32);
-10 leaves a margin of more than 3x. ``FLOOR_MIN_ULPS = 4``: a reference route that happens to
-land within a few units in the last place of float64 must not make the bound vanish.
-A comparison that fails with finite values is repeated once on the probe times ``1 +
-RECHECK_PERTURBATION * N(0, 1)``: a flip (an input of a ReLU or a max within rounding of the
+instead; it is stated once, in ``tf_jacbp.check.criterion``. What chose its constants: deep,
+batch-normalized networks amplify rounding (and a ReLU kink or a max-pooling argmax can flip
+between two correct implementations), so a fixed rtol per dtype false-alarms on another CPU (a
+correct residual CNN reached 1.4e-4 in float32 against 1e-4, and 0.28 under ``mixed_bfloat16``
+against 0.1). ``FLOOR_RATIO = 10``: over 20 seeds x 2 models (LeNet-5, the residual CNN) x 3
+policies (float32, ``mixed_float16``, ``mixed_bfloat16``) with 64-sample Fashion-MNIST probes,
+``relative_error / floor`` was at most 2.8 (median 0.03-0.4) apart from one ReLU/max-pool flip
+(263, float32); 10 leaves a margin of more than 3x. ``FLOOR_MIN_ULPS = 4``: a reference route
+that happens to land within a few units in the last place of float64 must not make the bound
+vanish. ``RECHECK_PERTURBATION``: a flip (an input of a ReLU or a max within rounding of the
 kink or the tie) moves away under a relative change of 2^-10, far above the rounding of any of
-these dtypes, while a wrong formula or a dtype bug stays; the comparison fails only if it fails
-again. Formulas themselves are compared in float64 on the twin, against ``RTOL["float64"]``,
-where a 1% error shows as 1e-2 against 1e-12 whatever the training dtype.
+these dtypes, while a wrong formula or a dtype bug stays.
 
 ``tf_jacbp.callbacks.GradientCheck`` and the tests both read these constants from here.
 """
