@@ -6,10 +6,10 @@ product ``f'(z) * delta``. Softmax ``s = softmax(z)`` (over the last axis) has
 ``J_z s = diag(s) - s s^T`` and ``(J_z s)^T delta = s * (delta - <s, delta>)``.
 
 Each activation is a map without parameters of the one contract
-(``tf_jacbp.contract.JacobianMap``): ``forward`` and ``reference`` both use the stock TensorFlow
-ops of ``keras.activations`` (the forward is not what is under test), ``vjp_input(m, z, a)`` is
-the formula in ``keras.ops`` for ``V`` stacked vectors ``m`` (``(V, batch, ...)``; ``backward``
-and ``jacobian_rows`` are derived from it), ``derivative`` gives ``f'(z)`` (elementwise ones),
+(``tf_jacbp.contract.JacobianMap``): ``forward`` and ``reference`` both use the stock ``keras.ops``
+of ``keras.activations`` (the forward is not what is under test), ``vjp_input(m, z, a)`` is the
+formula in ``keras.ops`` for ``V`` stacked vectors ``m`` (``(V, batch, ...)``; ``backward`` and
+``jacobian_rows`` are derived from it), ``derivative`` gives ``f'(z)`` (elementwise ones),
 ``jacobian(z)`` the materialized matrix of each row and ``jacobian_at_positions(z)`` the matrix
 ``D = J_z f(z)`` of whole samples, ``(batch, P, m)`` -> ``(batch, P m, P m)``.
 ``elementwise.py`` has the smooth ones, ``piecewise.py`` the ones with kinks (where ``f'`` is

@@ -1,14 +1,14 @@
 """Smooth elementwise activations ``a = f(z)`` with ``J_z f(z) = diag(f'(z))`` (docs/math.md).
 
-Each class gives ``reference(z)`` (the stock TensorFlow ops Keras' ``keras.activations.<name>``
-runs, so ``forward`` is not what is under test) and ``derivative(z, a) = f'(z)`` (the formula in
-``keras.ops``, given ``z`` and ``a = f(z)``). The contract's product (``tf_jacbp.contract``) is
-then ``vjp_input(m, z, a) = f'(z) * m`` for ``V`` stacked vectors ``m`` (``backward`` and the rest
-are derived from it), ``jacobian`` the materialized ``diag(f'(z))`` and
-``jacobian_at_positions`` the one of a whole sample. Where TensorFlow's own gradient kernel
-decides a kink or an underflow (ELU and SELU at the points where ``e^z - 1`` rounds to zero),
-``f'`` is what that kernel gives, so that float64 gradients equal autodiff's of
-``keras.activations``.
+Each class gives ``reference(z)`` (the stock ops Keras' ``keras.activations.<name>`` runs, in
+``keras.ops``: TensorFlow's kernels on that backend, so ``forward`` is not what is under test) and
+``derivative(z, a) = f'(z)`` (the formula in ``keras.ops``, given ``z`` and ``a = f(z)``). The
+contract's product (``tf_jacbp.contract``) is then ``vjp_input(m, z, a) = f'(z) * m`` for ``V``
+stacked vectors ``m`` (``backward`` and the rest are derived from it), ``jacobian`` the
+materialized ``diag(f'(z))`` and ``jacobian_at_positions`` the one of a whole sample. Where
+TensorFlow's own gradient kernel decides a kink or an underflow (ELU and SELU at the points where
+``e^z - 1`` rounds to zero), ``f'`` is what that kernel gives, so that float64 gradients equal
+autodiff's of ``keras.activations``.
 The piecewise linear ones (ReLU and the hard functions) are in ``piecewise.py``.
 """
 
@@ -19,8 +19,9 @@ from typing import Any
 
 from keras import ops
 
-from tf_jacbp._backend import tf
 from tf_jacbp.contract import JacobianMap
+
+Tensor = Any
 
 
 def diagonal_matrix(d: Any) -> Any:
@@ -34,7 +35,7 @@ def diagonal_matrix(d: Any) -> Any:
 class Elementwise(JacobianMap):
     """An elementwise activation ``a = f(z)`` with ``J_z f(z) = diag(f'(z))``.
 
-    Subclasses set ``name`` and implement ``reference(z)`` (stock TensorFlow) and
+    Subclasses set ``name`` and implement ``reference(z)`` (stock ``keras.ops``) and
     ``derivative(z, a)`` (``f'(z)``, given ``z`` and ``a = f(z)``). Calling the object applies
     ``f`` (``forward``), as a ``keras.activations`` function does. A map without parameters in
     the contract of ``tf_jacbp.contract``: ``vjp_input`` is its one formula.
@@ -46,19 +47,19 @@ class Elementwise(JacobianMap):
         """Arguments that rebuild this activation with ``get(config)``."""
         return {}
 
-    def reference(self, z: tf.Tensor) -> tf.Tensor:
-        """``f(z)`` in stock TensorFlow ops (autodiff differentiates this route)."""
+    def reference(self, z: Tensor) -> Tensor:
+        """``f(z)`` in stock ops (autodiff differentiates this route)."""
         raise NotImplementedError
 
-    def derivative(self, z: tf.Tensor, a: tf.Tensor) -> tf.Tensor:
+    def derivative(self, z: Tensor, a: Tensor) -> Tensor:
         """``f'(z)``, same shape as ``z``."""
         raise NotImplementedError
 
-    def forward(self, z: tf.Tensor) -> tf.Tensor:
+    def forward(self, z: Tensor) -> Tensor:
         """``a = f(z)``, any shape."""
         return self.reference(z)
 
-    def __call__(self, z: Any) -> tf.Tensor:
+    def __call__(self, z: Any) -> Tensor:
         """``f(z)``, like the ``keras.activations`` function (``forward``)."""
         return self.forward(ops.convert_to_tensor(z))
 
@@ -101,7 +102,7 @@ class Linear(Elementwise):
     name = "linear"
 
     def reference(self, z):
-        return tf.identity(z)
+        return ops.copy(z)  # a new tensor (TensorFlow's identity), not z itself
 
     def derivative(self, z, a):
         return ops.ones_like(z)
@@ -113,7 +114,7 @@ class Sigmoid(Elementwise):
     name = "sigmoid"
 
     def reference(self, z):
-        return tf.math.sigmoid(z)
+        return ops.sigmoid(z)
 
     def derivative(self, z, a):
         return a * (1 - a)
@@ -125,7 +126,7 @@ class Tanh(Elementwise):
     name = "tanh"
 
     def reference(self, z):
-        return tf.math.tanh(z)
+        return ops.tanh(z)
 
     def derivative(self, z, a):
         return 1 - a * a
@@ -144,8 +145,8 @@ class ELU(Elementwise):
 
     def reference(self, z):
         if self.alpha == 1.0:
-            return tf.nn.elu(z)
-        return tf.where(z > 0, z, self.alpha * tf.math.expm1(z))
+            return ops.elu(z)
+        return ops.where(z > 0, z, self.alpha * ops.expm1(z))
 
     def derivative(self, z, a):
         return ops.where(z > 0, ops.ones_like(z), a + self.alpha)
@@ -157,7 +158,7 @@ SELU_SCALE = 1.0507009873554804934193349852946
 
 
 class SELU(Elementwise):
-    """``f(z) = scale z`` for ``z > 0``, else ``scale alpha (e^z - 1)`` (``tf.nn.selu``);
+    """``f(z) = scale z`` for ``z > 0``, else ``scale alpha (e^z - 1)`` (``keras.ops.selu``);
     ``f'(z) = scale alpha e^z = a + scale alpha`` where ``a < 0``, else ``scale``.
 
     The condition is on ``a``, as in TensorFlow's gradient kernel: at ``z = 0``, and at tiny
@@ -167,7 +168,7 @@ class SELU(Elementwise):
     name = "selu"
 
     def reference(self, z):
-        return tf.nn.selu(z)
+        return ops.selu(z)
 
     def derivative(self, z, a):
         return ops.where(a < 0, a + SELU_SCALE * SELU_ALPHA, SELU_SCALE * ops.ones_like(z))
@@ -179,7 +180,7 @@ class Softplus(Elementwise):
     name = "softplus"
 
     def reference(self, z):
-        return tf.math.softplus(z)
+        return ops.softplus(z)
 
     def derivative(self, z, a):
         return ops.sigmoid(z)
@@ -191,7 +192,7 @@ class Softsign(Elementwise):
     name = "softsign"
 
     def reference(self, z):
-        return tf.nn.softsign(z)
+        return ops.softsign(z)
 
     def derivative(self, z, a):
         return 1 / ops.square(1 + ops.abs(z))
@@ -203,7 +204,7 @@ class Exponential(Elementwise):
     name = "exponential"
 
     def reference(self, z):
-        return tf.exp(z)
+        return ops.exp(z)
 
     def derivative(self, z, a):
         return a
@@ -221,11 +222,12 @@ class GELU(Elementwise):
         return {"approximate": self.approximate}
 
     def reference(self, z):
-        # Not tf.nn.gelu: it rounds its constants through float32, off by 1e-9 in float64.
+        # Not ops.gelu (TensorFlow's gelu): it rounds its constants through float32, off by 1e-9
+        # in float64.
         if self.approximate:
             c = math.sqrt(2 / math.pi)
-            return 0.5 * z * (1 + tf.math.tanh(c * (z + 0.044715 * z**3)))
-        return 0.5 * z * tf.math.erfc(-z / math.sqrt(2))
+            return 0.5 * z * (1 + ops.tanh(c * (z + 0.044715 * z**3)))
+        return 0.5 * z * ops.erfc(-z / math.sqrt(2))
 
     def derivative(self, z, a):
         if self.approximate:
@@ -244,7 +246,7 @@ class Swish(Elementwise):
     name = "swish"
 
     def reference(self, z):
-        return tf.nn.silu(z)
+        return ops.silu(z)
 
     def derivative(self, z, a):
         s = ops.sigmoid(z)
@@ -258,7 +260,7 @@ class Mish(Elementwise):
     name = "mish"
 
     def reference(self, z):
-        return z * tf.math.tanh(tf.math.softplus(z))
+        return z * ops.tanh(ops.softplus(z))
 
     def derivative(self, z, a):
         t = ops.tanh(ops.softplus(z))
@@ -283,7 +285,7 @@ class CELU(Elementwise):
         return {"alpha": self.alpha}
 
     def reference(self, z):
-        return tf.maximum(z, 0.0) + self.alpha * tf.math.expm1(tf.minimum(z, 0.0) / self.alpha)
+        return ops.maximum(z, 0.0) + self.alpha * ops.expm1(ops.minimum(z, 0.0) / self.alpha)
 
     def derivative(self, z, a):
         above = ops.cast(z >= 0, z.dtype)
@@ -297,7 +299,7 @@ class LogSigmoid(Elementwise):
     name = "log_sigmoid"
 
     def reference(self, z):
-        return tf.math.log_sigmoid(z)
+        return ops.log_sigmoid(z)
 
     def derivative(self, z, a):
         return ops.sigmoid(-z)
@@ -309,7 +311,7 @@ class TanhShrink(Elementwise):
     name = "tanh_shrink"
 
     def reference(self, z):
-        return z - tf.math.tanh(z)
+        return z - ops.tanh(z)
 
     def derivative(self, z, a):
         return ops.square(ops.tanh(z))
@@ -327,7 +329,7 @@ class Squareplus(Elementwise):
         return {"b": self.b}
 
     def reference(self, z):
-        return (z + tf.sqrt(tf.square(z) + tf.cast(self.b, z.dtype))) / 2
+        return (z + ops.sqrt(ops.square(z) + ops.cast(self.b, z.dtype))) / 2
 
     def derivative(self, z, a):
         return (1 + z / ops.sqrt(ops.square(z) + ops.cast(self.b, z.dtype))) / 2

@@ -4,7 +4,9 @@
 activation. ``tf_jacbp.activations.get`` accepts the same callables and returns the tf_jacbp
 activation with the same definition (and the same default arguments: ``keras.ops.gelu`` is the
 tanh approximation, ``keras.activations.gelu`` the exact one). The table holds names and
-arguments only, so it imports no activation class.
+arguments only, so it imports no activation class. ``keras.activations`` and ``keras.ops`` are
+named here; the backend's own functions (``tf.nn.relu``, ``tf.math.sigmoid``, ...) come from
+``tf_jacbp.backend.tensorflow_activation_functions``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from tf_jacbp._backend import keras, tf
+from tf_jacbp import backend
+from tf_jacbp._backend import keras
 
 # (module, attribute) -> (tf_jacbp name, keyword arguments). Attributes a version lacks are skipped.
 _TABLE: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
@@ -31,19 +34,8 @@ for _name in (
     _TABLE["keras.ops", _name] = (_name, {})
 _TABLE["keras.ops", "gelu"] = ("gelu", {"approximate": True})  # keras.ops.gelu's default
 _TABLE["keras.ops", "exp"] = ("exponential", {})
-for _name in "relu relu6 leaky_relu elu selu softplus softsign silu swish gelu softmax".split():
-    _TABLE["tf.nn", _name] = (_name, {})
-for _module in ("tf.nn", "tf.math", "tf"):
-    _TABLE[_module, "tanh"] = ("tanh", {})
-    _TABLE[_module, "sigmoid"] = ("sigmoid", {})
-_TABLE["tf.math", "softplus"] = ("softplus", {})
-_TABLE["tf.math", "log_sigmoid"] = ("log_sigmoid", {})
-_TABLE["tf.math", "exp"] = ("exponential", {})
-_TABLE["tf", "exp"] = ("exponential", {})
-_TABLE["tf", "identity"] = ("linear", {})
 
-_MODULES = {"keras.activations": keras.activations, "keras.ops": keras.ops, "tf.nn": tf.nn}
-_MODULES.update({"tf.math": tf.math, "tf": tf})
+_MODULES = {"keras.activations": keras.activations, "keras.ops": keras.ops}
 
 
 def _present() -> list[tuple[str, Callable, str, dict[str, Any]]]:
@@ -53,7 +45,7 @@ def _present() -> list[tuple[str, Callable, str, dict[str, Any]]]:
         function = getattr(_MODULES[module], attribute, None)
         if function is not None:
             rows.append((f"{module}.{attribute}", function, name, kwargs))
-    return rows
+    return rows + backend.tensorflow_activation_functions()
 
 
 @functools.cache

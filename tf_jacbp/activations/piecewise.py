@@ -14,7 +14,6 @@ from typing import Any
 
 from keras import ops
 
-from tf_jacbp._backend import tf
 from tf_jacbp.activations.elementwise import Elementwise
 
 
@@ -78,27 +77,27 @@ class ReLU(Elementwise):
         return self.max_value is None and self.negative_slope == 0 and self.threshold == 0
 
     def _leaky(self) -> bool:
-        """Keras' ``tf.nn.leaky_relu`` case: a slope, no threshold, no maximum."""
+        """The case Keras hands to ``keras.ops.leaky_relu``: a slope, no threshold, no maximum."""
         return self.max_value is None and self.negative_slope != 0 and self.threshold == 0
 
     def _relu6(self) -> bool:
-        """Keras' ``tf.nn.relu6`` case: ``M = 6``, no threshold."""
+        """The case Keras hands to ``keras.ops.relu6``: ``M = 6``, no threshold."""
         return self.max_value == 6 and self.threshold == 0
 
     def reference(self, z):
         """Keras' composition of stock ops (``keras.activations.relu``), exact in float64."""
         if self._plain():
-            return tf.nn.relu(z)
+            return ops.relu(z)
         s = self.negative_slope
-        if self._leaky():  # not tf.nn.leaky_relu: its slope is a float32 attribute
-            return tf.where(z > 0, z, s * z)
+        if self._leaky():  # not ops.leaky_relu: TensorFlow's slope is a float32 attribute
+            return ops.where(z > 0, z, s * z)
         if self._relu6():
-            a = tf.nn.relu6(z)
-        else:  # Keras casts t and M through float32 (tf.cast of a Python float)
-            a = tf.where(z > tf.cast(self.threshold, z.dtype), z, tf.zeros_like(z))
+            a = ops.relu6(z)
+        else:  # Keras casts t and M through float32 (TensorFlow's cast of a Python float)
+            a = ops.where(z > ops.cast(self.threshold, z.dtype), z, ops.zeros_like(z))
             if self.max_value is not None:
-                a = tf.minimum(a, tf.cast(self.max_value, z.dtype))
-        return a - s * tf.nn.relu(-z + self.threshold) if s != 0 else a  # t exact, as Keras
+                a = ops.minimum(a, ops.cast(self.max_value, z.dtype))
+        return a - s * ops.relu(-z + self.threshold) if s != 0 else a  # t exact, as Keras
 
     def vjp_input(self, m: Any, z: Any, a: Any) -> Any:
         """``f'(z) * m``, ``(V, batch, ...)``. The plain ReLU reads its 0/1 diagonal from
@@ -139,8 +138,8 @@ class LeakyReLU(Elementwise):
         return {"negative_slope": self.negative_slope}
 
     def reference(self, z):
-        # Not tf.nn.leaky_relu: its slope is a float32 attribute, off by 1e-8 in float64.
-        return tf.where(z > 0, z, self.negative_slope * z)
+        # Not ops.leaky_relu: TensorFlow's slope is a float32 attribute, off by 1e-8 in float64.
+        return ops.where(z > 0, z, self.negative_slope * z)
 
     def derivative(self, z, a):
         return ops.where(z > 0, ops.ones_like(z), self.negative_slope * ops.ones_like(z))
@@ -172,7 +171,7 @@ class HardSigmoid(Elementwise):
     name = "hard_sigmoid"
 
     def reference(self, z):
-        return tf.nn.relu6(z + 3) / 6
+        return ops.relu6(z + 3) / 6
 
     def derivative(self, z, a):
         u = z + 3
@@ -208,7 +207,7 @@ class HardTanh(Elementwise):
     name = "hard_tanh"
 
     def reference(self, z):
-        return tf.clip_by_value(z, -1.0, 1.0)
+        return ops.clip(z, -1.0, 1.0)
 
     def derivative(self, z, a):
         return _indicator(ops.logical_and(z >= -1, z <= 1), z)
@@ -228,7 +227,7 @@ class SoftShrink(Elementwise):
 
     def reference(self, z):
         t = self.threshold
-        return tf.where(z > t, z - t, tf.where(z < -t, z + t, tf.zeros_like(z)))
+        return ops.where(z > t, z - t, ops.where(z < -t, z + t, ops.zeros_like(z)))
 
     def derivative(self, z, a):
         t = self.threshold
@@ -248,7 +247,7 @@ class HardShrink(Elementwise):
         return {"threshold": self.threshold}
 
     def reference(self, z):
-        return tf.where(tf.abs(z) > self.threshold, z, tf.zeros_like(z))
+        return ops.where(ops.abs(z) > self.threshold, z, ops.zeros_like(z))
 
     def derivative(self, z, a):
         return _indicator(ops.abs(z) > self.threshold, z)
@@ -261,7 +260,8 @@ class SparsePlus(Elementwise):
     name = "sparse_plus"
 
     def reference(self, z):
-        return tf.where(z <= -1, tf.zeros_like(z), tf.where(z < 1, (1 / 4) * tf.pow(z + 1, 2), z))
+        zero = ops.zeros_like(z)
+        return ops.where(z <= -1, zero, ops.where(z < 1, (1 / 4) * ops.power(z + 1, 2), z))
 
     def derivative(self, z, a):
         zero, one = ops.zeros_like(z), ops.ones_like(z)
@@ -275,8 +275,8 @@ class SparseSigmoid(Elementwise):
     name = "sparse_sigmoid"
 
     def reference(self, z):
-        zero, one = tf.zeros_like(z), tf.ones_like(z)
-        return tf.where(z <= -1, zero, tf.where(z >= 1, one, 0.5 * (z + 1)))
+        zero, one = ops.zeros_like(z), ops.ones_like(z)
+        return ops.where(z <= -1, zero, ops.where(z >= 1, one, 0.5 * (z + 1)))
 
     def derivative(self, z, a):
         return 0.5 * _indicator(ops.logical_and(z > -1, z < 1), z)

@@ -6,9 +6,10 @@ from typing import Any
 
 from keras import ops
 
-from tf_jacbp._backend import tf
 from tf_jacbp.activations.elementwise import _check_positions, diagonal_matrix
 from tf_jacbp.contract import JacobianMap
+
+Tensor = Any
 
 
 class Softmax(JacobianMap):
@@ -23,13 +24,15 @@ class Softmax(JacobianMap):
     def get_config(self) -> dict[str, Any]:
         return {}
 
-    def reference(self, z: tf.Tensor) -> tf.Tensor:
-        return tf.nn.softmax(z, axis=-1)
+    def reference(self, z: Tensor) -> Tensor:
+        """``softmax(z)`` over the last axis, the stock op (autodiff differentiates it)."""
+        return ops.softmax(z, axis=-1)
 
-    def forward(self, z: tf.Tensor) -> tf.Tensor:
-        return tf.nn.softmax(z, axis=-1)
+    def forward(self, z: Tensor) -> Tensor:
+        """``s = softmax(z)`` over the last axis, any shape."""
+        return ops.softmax(z, axis=-1)
 
-    def __call__(self, z: Any) -> tf.Tensor:
+    def __call__(self, z: Any) -> Tensor:
         """``softmax(z)`` over the last axis (``forward``)."""
         return self.forward(ops.convert_to_tensor(z))
 

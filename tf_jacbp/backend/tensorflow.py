@@ -32,8 +32,175 @@ __all__ += ["refuse_sparse_input"]
 
 # --- activations and losses: label checks, assertions --------------------------------------
 
+
+def tensorflow_activation_functions() -> list[tuple[str, object, str, dict]]:
+    """TensorFlow's own activation functions that ``tf_jacbp.activations.get`` accepts:
+    ``[("tf.nn.relu", tf.nn.relu, "relu", {}), ...]`` (qualified name, function, tf_jacbp
+    name, keyword arguments), for the attributes this TensorFlow has. ``tf.nn.relu`` and its kin
+    are TensorFlow's functions, not Keras': only this backend can name them."""
+    table: dict[tuple[str, str], tuple[str, dict]] = {}
+    for name in "relu relu6 leaky_relu elu selu softplus softsign silu swish gelu softmax".split():
+        table["tf.nn", name] = (name, {})
+    for module in ("tf.nn", "tf.math", "tf"):
+        table[module, "tanh"] = ("tanh", {})
+        table[module, "sigmoid"] = ("sigmoid", {})
+    table["tf.math", "softplus"] = ("softplus", {})
+    table["tf.math", "log_sigmoid"] = ("log_sigmoid", {})
+    table["tf.math", "exp"] = ("exponential", {})
+    table["tf", "exp"] = ("exponential", {})
+    table["tf", "identity"] = ("linear", {})
+    modules = {"tf.nn": tf.nn, "tf.math": tf.math, "tf": tf}
+    rows = []
+    for (module, attribute), (name, kwargs) in table.items():
+        function = getattr(modules[module], attribute, None)
+        if function is not None:
+            rows.append((f"{module}.{attribute}", function, name, kwargs))
+    return rows
+
+
+def executing_eagerly() -> bool:
+    """Whether ops run now (eager), not into a graph being traced (``tf.function``, Keras' step
+    functions). A label check raises a Python error eagerly and builds an assertion in a
+    graph; Keras has no public test for the two."""
+    return tf.executing_eagerly()
+
+
+def assert_before(condition: object, data: list, *tensors: object) -> tuple:
+    """``tensors``, each made to depend on ``tf.debugging.Assert(condition, data)``: whatever
+    is computed from them (a loss, its gradient) waits for the assertion, which raises
+    ``InvalidArgumentError`` with ``data`` (strings and tensors, printed in order) when
+    ``condition`` (a boolean scalar) is false as the graph runs. A run-time assertion has no
+    ``keras.ops`` form. XLA compiles it away (``tf_jacbp.losses.labels`` handles that case)."""
+    check = tf.debugging.Assert(condition, data)
+    with tf.control_dependencies([check]):
+        return tuple(tf.identity(t) for t in tensors)
+
+
+def label_record() -> object:
+    """A new non-trainable float64 variable of three zeros, ``[flag, value, count]``, where a
+    loss records a bad label seen in a step compiled with XLA (``tf_jacbp.losses.labels``).
+    Made in ``tf.init_scope``, outside any graph being traced (a variable created while a
+    ``tf.function`` traces makes it trace twice), which Keras has no form of."""
+    with tf.init_scope():
+        return tf.Variable(tf.zeros([3], tf.float64), trainable=False, name="bad_label")
+
+
+def traced_graphs() -> list:
+    """The graph being traced now (the default graph) followed by the graphs it is nested in
+    (a ``tf.cond`` branch's function graph, then the ``tf.function``'s, ...): what a label
+    record written while tracing a step is keyed by, so that the optimizer's ``apply`` traced in
+    the same step finds it. Graphs are TensorFlow's; Keras has no such notion."""
+    graphs, graph = [], tf.compat.v1.get_default_graph()
+    while graph is not None:
+        graphs.append(graph)
+        graph = getattr(graph, "outer_graph", None)
+    return graphs
+
+
+def has_distribution_strategy() -> bool:
+    """Whether a ``tf.distribute`` strategy is in scope (TensorFlow's distribution, which has no
+    ``keras.ops`` test): there the replicas' steps cannot share one label record."""
+    return tf.distribute.has_strategy()
+
+
+def label_error(message: str) -> Exception:
+    """The error a bad label raises after a step: TensorFlow's ``InvalidArgumentError``, the
+    type a graph-mode assertion (``assert_before``) raises, so that callers catch one type
+    whether the step ran as a graph or under XLA."""
+    return tf.errors.InvalidArgumentError(None, None, message)
+
+
+__all__ += [
+    "assert_before",
+    "executing_eagerly",
+    "has_distribution_strategy",
+    "label_error",
+    "label_record",
+    "tensorflow_activation_functions",
+    "traced_graphs",
+]
+
 # --- dense, merges, normalization ----------------------------------------------------------
 
 # --- convolutions: Toeplitz products (sparse fallback, unknown sizes) ----------------------
 
 # --- pooling, reshaping, dropout, embedding ------------------------------------------------
+
+
+def xla_function(function: object) -> object:
+    """``function`` compiled with XLA (``tf.function(jit_compile=True, autograph=False)``):
+    the pooling layers run their gathers, comparisons and products as a few fused loops when
+    traced into a graph. Keras compiles whole step functions only; it has no ``keras.ops`` form
+    that compiles one function."""
+    return tf.function(function, jit_compile=True, autograph=False)
+
+
+def dynamic_window_index(
+    x: object, pool_size: tuple, strides: tuple, padding: str
+) -> tuple[object, object, object, tuple]:
+    """The window index maps of pooling (``tf_jacbp.layers.pool_windows.WindowMaps``) for an
+    input ``x`` ``(batch, n_1, ..., n_k, C)`` whose spatial sizes a traced graph knows only when
+    it runs: ``(window_index, inside, size, output_sizes)``.
+
+    Along axis ``a`` output ``o`` reads ``o s_a - pad_before + t`` (``t < p_a``;
+    ``tf_jacbp.geometry.axis_taps``), ``-1`` where that falls in the padding.
+    ``window_index`` ``(P, S)`` int32: the row-major input position of slot ``s`` (row-major
+    over the taps) of window ``o`` (row-major over the outputs), or ``size = n_1 ... n_k`` for a
+    slot in the padding; ``inside`` ``(P, S)`` bool; ``output_sizes`` the ``k`` output sizes
+    (scalar tensors). Sizes known only at run time make a graph of ``tf.shape``, ``tf.range``
+    and ``tf.where`` that has no ``keras.ops`` form (``keras.ops.arange`` needs Python ints)."""
+    rank = len(pool_size)
+    sizes = [tf.shape(x)[1 + a] for a in range(rank)]
+    taps, outputs = [], []
+    for a in range(rank):
+        size, kernel, stride = sizes[a], pool_size[a], strides[a]
+        if padding == "same":
+            out = (size + stride - 1) // stride
+            before = tf.maximum((out - 1) * stride + kernel - size, 0) // 2
+        else:
+            out, before = (size - kernel) // stride + 1, 0
+        tap = tf.range(out)[:, None] * stride - before + tf.range(kernel)[None, :]
+        shape = [1] * (2 * rank)
+        shape[a], shape[rank + a] = -1, kernel
+        taps.append(tf.reshape(tf.where((tap >= 0) & (tap < size), tap, -1), shape))
+        outputs.append(out)
+    inside, flat, step = None, 0, 1
+    for a in reversed(range(rank)):
+        inside = taps[a] >= 0 if inside is None else inside & (taps[a] >= 0)
+        flat = flat + taps[a] * step
+        step = step * sizes[a]
+    slots = 1
+    for kernel in pool_size:
+        slots *= kernel
+    window = tf.where(inside, flat, step)
+    return (
+        tf.reshape(window, [-1, slots]),
+        tf.reshape(inside, [-1, slots]),
+        step,
+        tuple(outputs),
+    )
+
+
+def checked_ids(ids: object, input_dim: int, message: str) -> object:
+    """``ids`` (an integer tensor) made to depend on assertions that every id lies in
+    ``[-input_dim, input_dim)``: an ``InvalidArgumentError`` with ``message`` eagerly and when
+    a graph runs (XLA compiles the assertions away). Run-time assertions have no ``keras.ops``
+    form."""
+    vocabulary = tf.cast(input_dim, ids.dtype)
+    checks = [
+        tf.debugging.assert_greater_equal(ids, -vocabulary, message=message),
+        tf.debugging.assert_less(ids, vocabulary, message=message),
+    ]
+    with tf.control_dependencies(checks):
+        return tf.identity(ids)
+
+
+def gather_rows(table: object, ids: object) -> object:
+    """``table[ids]``: row ``ids[...]`` of ``table`` at each position, ``tf.gather`` exactly
+    (no wrapping of negative ids; under XLA an id outside ``[0, len(table))`` is clamped).
+    ``keras.ops.take`` wraps negative ids first, so an Embedding's already wrapped ids would be
+    wrapped again and, under XLA, an id below ``-V`` read another row than stock Keras'."""
+    return tf.gather(table, ids)
+
+
+__all__ += ["checked_ids", "dynamic_window_index", "gather_rows", "xla_function"]

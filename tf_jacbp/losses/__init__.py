@@ -39,18 +39,22 @@ cross entropies: values in ``[0, 1]``) are checked on every call:
   runs a compiled ``tf.debugging.Assert`` and ``check_numerics`` as no-ops), the step cannot stop
   itself. It gets an exactly zero gradient with respect to ``y_pred`` (every position, not just
   the bad one) and a NaN value at the offending positions, and the label is recorded in a
-  variable of the loss (``tf_jacbp.losses.labels``). The optimizer's ``apply`` in that step is
-  conditional on the record (tf_jacbp wraps ``keras.optimizers.Optimizer.apply``): the step
-  applies nothing, so weights, optimizer slots (momentum, Adam's moments) and step counter stay
-  bit-identical. Right after the step, ``fit``, ``evaluate`` and the ``*_on_batch`` methods raise
-  ``InvalidArgumentError`` naming the label and ``C`` (the last batch included). A compiled step
-  called from a loop of one's own raises at its next call instead.
+  variable of the loss (``tf_jacbp.losses.labels``). In the step of a model given to
+  ``tf_jacbp.hooks.attach`` (the builders of ``tf_jacbp.models``, ``GradientCheck`` and the DP
+  models attach theirs), the optimizer's ``apply`` is conditional on the record (``hooks`` wraps
+  that model's optimizer's ``apply``, no other): the step applies nothing, so weights, optimizer
+  slots (momentum, Adam's moments) and step counter stay bit-identical. Right after the step,
+  ``fit``, ``evaluate`` and the ``*_on_batch`` methods raise ``InvalidArgumentError`` naming the
+  label and ``C`` (the last batch included). A model that is not attached, or a compiled
+  function of one's own, gets the NaN loss and the zero gradient for that step and goes on.
 
 In graph mode the optimizer's step counter (``optimizer.iterations``) may count the stopped step:
 its increment does not wait for the gradient, in stock Keras either.
 
-Inside ``tf_jacbp.reference_mode()`` each loss computes the same value with stock TensorFlow ops
-and autodiff differentiates it (the label checks are the same on both routes).
+Inside ``tf_jacbp.reference_mode()`` each loss computes the same value with stock ``keras.ops``
+(TensorFlow's kernels on that backend) and autodiff differentiates it (the label checks are the
+same on both routes). The losses are written in ``keras.ops``; the assertion and the other
+TensorFlow pieces of the label checks are in ``tf_jacbp.backend``.
 """
 
 from tf_jacbp.losses import labels  # noqa: F401, I001  (installs the XLA bad-label stop)

@@ -6,7 +6,8 @@ probability clip.
 a map of the contract (``tf_jacbp.contract``) whose product is the formula ``grad_z l`` (shape
 ``y_pred.shape``) scaled per position by the vectors that reach the loss (the upstream gradient
 of the reduction in training); in ``reference_mode()`` a stock-op reference is differentiated by
-autodiff.
+autodiff. Everything is written in ``keras.ops``; the bad-label record comes from
+``tf_jacbp.backend``.
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ from typing import Any
 
 from keras import ops
 
-from tf_jacbp._backend import keras, tf
+from tf_jacbp import backend
+from tf_jacbp._backend import keras
 from tf_jacbp.contract import JacobianMap
 from tf_jacbp.losses.labels import _guard_unit_interval
 from tf_jacbp.route import route
 
 # ``f(y, z)``: labels first, then the predictions, as the losses' formulas are written.
 LabelFunction = Callable[[Any, Any], Any]
+Tensor = Any
 
 
 class Table1Map(JacobianMap):
@@ -40,7 +43,7 @@ class Table1Map(JacobianMap):
         return self.value(y, z)
 
     def reference(self, z: Any, y: Any) -> Any:
-        """The same loss in stock TensorFlow ops (autodiff differentiates it)."""
+        """The same loss in stock ops (autodiff differentiates it)."""
         return self.stock(y, z)
 
     def vjp_input(self, m: Any, z: Any, loss: Any, y: Any) -> Any:
@@ -51,12 +54,12 @@ class Table1Map(JacobianMap):
 
 
 def _fused(
-    y: tf.Tensor,
-    z: tf.Tensor,
+    y: Tensor,
+    z: Tensor,
     value: LabelFunction,
     gradient: LabelFunction,
     reference: LabelFunction,
-) -> tf.Tensor:
+) -> Tensor:
     """Per-position loss ``value(y, z)``, shape ``z.shape[:-1]``, whose backward pass is
     ``gradient(y, z)``, shape ``z.shape``: ``grad_z L = u[..., None] * gradient(y, z)`` for the
     upstream ``u`` (shape ``z.shape[:-1]``, one scalar per position, from the reduction).
@@ -67,7 +70,7 @@ def _fused(
     return route(Table1Map(value, gradient, reference), z, constants=[y])
 
 
-def _match_ranks(y_true: tf.Tensor, y_pred: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+def _match_ranks(y_true: Tensor, y_pred: Tensor) -> tuple[Tensor, Tensor]:
     """Keras' rank matching of ``y_true`` and ``y_pred`` (``squeeze_or_expand_to_same_rank``).
 
     When the ranks differ by one and the larger tensor's last axis is 1, that axis is squeezed,
@@ -75,17 +78,17 @@ def _match_ranks(y_true: tf.Tensor, y_pred: tf.Tensor) -> tuple[tf.Tensor, tf.Te
     ``(batch, 1)``; ``(batch, T)`` labels with ``(batch, T, 1)`` predictions give two
     ``(batch, T)`` (the loss then reduces over ``T``, exactly as stock Keras does).
     """
-    true_rank, pred_rank = y_true.shape.rank, y_pred.shape.rank
+    true_rank, pred_rank = ops.ndim(y_true), ops.ndim(y_pred)
     if true_rank == pred_rank + 1 and y_true.shape[-1] == 1:
         if pred_rank == 1:
-            y_pred = y_pred[..., None]
+            y_pred = ops.expand_dims(y_pred, -1)
         else:
-            y_true = tf.squeeze(y_true, -1)
+            y_true = ops.squeeze(y_true, -1)
     elif pred_rank == true_rank + 1 and y_pred.shape[-1] == 1:
         if true_rank == 1:
-            y_true = y_true[..., None]
+            y_true = ops.expand_dims(y_true, -1)
         else:
-            y_pred = tf.squeeze(y_pred, -1)
+            y_pred = ops.squeeze(y_pred, -1)
     return y_true, y_pred
 
 
@@ -96,9 +99,16 @@ def _check_axis(axis: int, name: str) -> None:
         )
 
 
-def _check_same_shape(y: tf.Tensor, p: tf.Tensor, name: str, hint: str) -> None:
-    if y.shape.rank is not None and p.shape.rank is not None:
-        if not y.shape.is_compatible_with(p.shape):
+def _compatible(a: tuple, b: tuple) -> bool:
+    """Whether two static shapes (``None`` for a size unknown at trace time) can be equal."""
+    if len(a) != len(b):
+        return False
+    return all(i is None or j is None or i == j for i, j in zip(a, b, strict=True))
+
+
+def _check_same_shape(y: Tensor, p: Tensor, name: str, hint: str) -> None:
+    if ops.ndim(y) is not None and ops.ndim(p) is not None:
+        if not _compatible(tuple(y.shape), tuple(p.shape)):
             raise ValueError(
                 f"{name}: y_true has shape {tuple(y.shape)} but y_pred has shape "
                 f"{tuple(p.shape)}; they must match. {hint}"
@@ -117,12 +127,9 @@ class _Table1Loss(keras.losses.Loss):
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.from_logits = bool(from_logits)
-        # A bad label seen under XLA (``_report_after_xla_step``). Made here, not when first
-        # needed: a variable created while a tf.function traces makes it trace twice.
-        with tf.init_scope():
-            self._bad_label_record = tf.Variable(
-                tf.zeros([3], tf.float64), trainable=False, name="bad_label"
-            )
+        # A bad label seen under XLA (``labels._report_after_xla_step``). Made here, not when
+        # first needed: a variable created while a step function traces makes it trace twice.
+        self._bad_label_record = backend.label_record()
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "from_logits": self.from_logits}
@@ -166,20 +173,20 @@ class _SmoothedLoss(_Table1Loss):
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "label_smoothing": self.label_smoothing}
 
-    def classes(self, y_pred: tf.Tensor) -> Any:
+    def classes(self, y_pred: Tensor) -> Any:
         """``d`` of the smoothing ``a / d``: how many values one label spreads ``a`` over."""
         raise NotImplementedError(f"{type(self).__name__} must implement classes(y_pred).")
 
-    def smooth(self, y: tf.Tensor, classes: Any) -> tf.Tensor:
+    def smooth(self, y: Tensor, classes: Any) -> Tensor:
         """Keras' label smoothing ``y (1 - a) + a / d``, ``a = label_smoothing``,
         ``d = classes``; ``y`` any shape."""
         return y * (1 - self.label_smoothing) + self.label_smoothing / classes
 
-    def call(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+    def call(self, y_true: Tensor, y_pred: Tensor) -> Tensor:
         """The loss per position, shape ``y_pred.shape[:-1]`` (class docstring)."""
         y_true, y_pred = _match_ranks(y_true, y_pred)
         _check_same_shape(y_true, y_pred, type(self).__name__, self.shape_hint)
-        guard = _guard_unit_interval(y_true, self, y_pred.shape.rank - 1)
+        guard = _guard_unit_interval(y_true, self, ops.ndim(y_pred) - 1)
         y = guard.y
         if self.label_smoothing:
             y = self.smooth(y, self.classes(y_pred))
@@ -187,7 +194,7 @@ class _SmoothedLoss(_Table1Loss):
         return guard.finish(_fused(y, y_pred, value, gradient, reference))
 
 
-def _clip_mask(p: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+def _clip_mask(p: Tensor) -> tuple[Tensor, Tensor]:
     """``(clip(p, eps, 1 - eps), inside)``: Keras' clip and where autodiff of it passes (1) or
     stops (0) the gradient (``p`` outside ``[eps, 1 - eps]``)."""
     eps = keras.config.epsilon()

@@ -7,43 +7,54 @@ clipped probabilities, and the model's Sigmoid layer applies its own Jacobian.
 
 from __future__ import annotations
 
+from typing import Any
+
 from keras import ops
 
-from tf_jacbp._backend import keras, tf
+from tf_jacbp._backend import keras
 from tf_jacbp.losses.base import _clip_mask, _SmoothedLoss
 
+Tensor = Any
 
-def _sigmoid_cross_entropy(y: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
+
+def _sigmoid_cross_entropy(y: Tensor, z: Tensor) -> Tensor:
     """``mean_i [max(z,0) - z y + log(1 + e^{-|z|})]``: ``-y log s - (1-y) log(1-s)``, stable."""
     return ops.mean(ops.relu(z) - z * y + ops.log1p(ops.exp(-ops.abs(z))), axis=-1)
 
 
-def _sigmoid_cross_entropy_grad(y: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
+def _sigmoid_cross_entropy_grad(y: Tensor, z: Tensor) -> Tensor:
     """Table 1: ``grad_z l = -(y - sigmoid(z))``, divided by ``d`` for the mean over outputs."""
     return -(y - ops.sigmoid(z)) / ops.cast(ops.shape(z)[-1], z.dtype)
 
 
-def _binary_cross_entropy(y: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
+def _binary_cross_entropy(y: Tensor, p: Tensor) -> Tensor:
     """``mean_i [-y_i log c_i - (1 - y_i) log(1 - c_i)]``, ``c = clip(p)``."""
     c, _ = _clip_mask(p)
     return -ops.mean(y * ops.log(c) + (1 - y) * ops.log(1 - c), axis=-1)
 
 
-def _binary_cross_entropy_grad(y: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
+def _binary_cross_entropy_grad(y: Tensor, p: Tensor) -> Tensor:
     """``grad_p l = -(y / c - (1 - y) / (1 - c)) / d`` (zero where the clip is active)."""
     c, inside = _clip_mask(p)
     d = ops.cast(ops.shape(p)[-1], p.dtype)
     return -(y / c - (1 - y) / (1 - c)) / d * inside
 
 
-def _reference_sigmoid_cross_entropy(y: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
-    return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=z), -1)
+def _reference_sigmoid_cross_entropy(y: Tensor, z: Tensor) -> Tensor:
+    """TensorFlow's ``sigmoid_cross_entropy_with_logits``, composed of the same stock ops
+    (``where`` on ``z >= 0``, so autodiff gives ``s - y`` at ``z = 0`` too), averaged over the
+    last axis. Not ``keras.ops.binary_crossentropy``: it would take a sigmoid's input as the
+    logits when ``y_pred`` comes out of a ``Sigmoid`` op."""
+    positive = z >= 0
+    relu_z = ops.where(positive, z, ops.zeros_like(z))
+    minus_abs_z = ops.where(positive, -z, z)
+    return ops.mean(relu_z - z * y + ops.log1p(ops.exp(minus_abs_z)), axis=-1)
 
 
-def _reference_binary_cross_entropy(y: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
+def _reference_binary_cross_entropy(y: Tensor, p: Tensor) -> Tensor:
     eps = keras.config.epsilon()
-    c = tf.clip_by_value(p, eps, 1 - eps)
-    return -tf.reduce_mean(y * tf.math.log(c) + (1 - y) * tf.math.log(1 - c), -1)
+    c = ops.clip(p, eps, 1 - eps)
+    return -ops.mean(y * ops.log(c) + (1 - y) * ops.log(1 - c), axis=-1)
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
@@ -70,6 +81,6 @@ class BinaryCrossentropy(_SmoothedLoss):
         _reference_binary_cross_entropy,
     )
 
-    def classes(self, y_pred: tf.Tensor) -> int:
+    def classes(self, y_pred: Tensor) -> int:
         """2: smoothing moves each label towards ``1/2``."""
         return 2

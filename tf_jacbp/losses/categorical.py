@@ -21,10 +21,11 @@ from typing import Any
 
 from keras import ops
 
-from tf_jacbp._backend import keras, tf
+from tf_jacbp._backend import keras
 from tf_jacbp.losses.base import (
     _check_axis,
     _clip_mask,
+    _compatible,
     _fused,
     _match_ranks,
     _SmoothedLoss,
@@ -33,24 +34,26 @@ from tf_jacbp.losses.base import (
 from tf_jacbp.losses.labels import _guard_labels
 from tf_jacbp.route import in_reference_mode
 
+Tensor = Any
+
 # Softmax + cross entropy on logits (Table 1, row 2).
 
 
-def _softmax_cross_entropy(y: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
+def _softmax_cross_entropy(y: Tensor, z: Tensor) -> Tensor:
     """``-sum_i y_i log softmax(z)_i = sum(y) logsumexp(z) - <y, z>``, stable for any ``|z|``."""
     return ops.sum(y, axis=-1) * ops.logsumexp(z, axis=-1) - ops.sum(y * z, axis=-1)
 
 
-def _softmax_cross_entropy_grad(y: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
+def _softmax_cross_entropy_grad(y: Tensor, z: Tensor) -> Tensor:
     """Table 1: ``grad_z l = -(y - sum(y) softmax(z))``, ``-(y - yhat)`` for labels summing to 1."""
     return -(y - ops.sum(y, axis=-1, keepdims=True) * ops.softmax(z, axis=-1))
 
 
-def _reference_softmax_cross_entropy(y: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
-    return -tf.reduce_sum(y * tf.nn.log_softmax(z, axis=-1), axis=-1)
+def _reference_softmax_cross_entropy(y: Tensor, z: Tensor) -> Tensor:
+    return -ops.sum(y * ops.log_softmax(z, axis=-1), axis=-1)
 
 
-def _one_hot_softmax_cross_entropy(y: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
+def _one_hot_softmax_cross_entropy(y: Tensor, z: Tensor) -> Tensor:
     """Softmax + cross entropy for one-hot rows ``y`` (integer labels): ``logsumexp(z) - z_y``,
     with Table 1's ``grad_z l = -(y - softmax(z))`` as the backward pass.
 
@@ -60,18 +63,21 @@ def _one_hot_softmax_cross_entropy(y: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
     position. ``y``, ``z``: ``(..., C)``; value ``(...)``. It is the one custom gradient not made
     by ``route``, whose backward receives only the inputs and the output: sharing ``e`` and ``s``
     between forward and backward is what saves the ops (the MLP step's parity with stock Keras).
+    ``keras.ops.custom_gradient`` (``tf.custom_gradient`` on TensorFlow).
     """
 
-    @tf.custom_gradient
+    @ops.custom_gradient
     def loss(z):
-        m = tf.reduce_max(z, -1, keepdims=True)
-        e = tf.exp(z - m)
-        s = tf.reduce_sum(e, -1, keepdims=True)
-        value = m + tf.math.log(s) - tf.reduce_sum(y * z, -1, keepdims=True)
+        m = ops.max(z, axis=-1, keepdims=True)
+        e = ops.exp(z - m)
+        s = ops.sum(e, axis=-1, keepdims=True)
+        value = m + ops.log(s) - ops.sum(y * z, axis=-1, keepdims=True)
 
-        def grad(upstream):
-            u = tf.cast(upstream, z.dtype)[..., None]  # (..., 1): the divisions stay per position
-            return tf.cast(e * (u / s) - y * u, z.dtype)
+        def grad(*args, upstream=None):
+            if upstream is None:  # TensorFlow passes it positionally, JAX by keyword
+                (upstream,) = args
+            u = ops.expand_dims(ops.cast(upstream, z.dtype), -1)  # (..., 1): per position
+            return ops.cast(e * (u / s) - y * u, z.dtype)
 
         return value[..., 0], grad
 
@@ -81,14 +87,14 @@ def _one_hot_softmax_cross_entropy(y: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
 # Cross entropy on probabilities, as Keras computes it.
 
 
-def _probability_cross_entropy(y: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
+def _probability_cross_entropy(y: Tensor, p: Tensor) -> Tensor:
     """Keras' categorical cross entropy on probabilities: ``-sum_i y_i log clip(q)_i`` with
     ``q = p / sum_i p_i`` (rows renormalized to sum to one). ``y``, ``p``: ``(..., d)``."""
     c, _ = _clip_mask(p / ops.sum(p, axis=-1, keepdims=True))
     return -ops.sum(y * ops.log(c), axis=-1)
 
 
-def _probability_cross_entropy_grad(y: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
+def _probability_cross_entropy_grad(y: Tensor, p: Tensor) -> Tensor:
     """``grad_p l = (g - <g, q>) / S`` with ``S = sum_i p_i``, ``q = p / S`` and ``g = grad_q l =
     -y / q`` (zero where the clip is active): ``J_p q = (I - q 1^T) / S``, transposed. For a
     softmax output ``S = 1`` and ``<g, q> = -sum(y)``: ``grad_p l = -y / p + sum(y)``, whose
@@ -100,29 +106,29 @@ def _probability_cross_entropy_grad(y: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
     return (g - ops.sum(g * q, axis=-1, keepdims=True)) / s
 
 
-def _reference_probability_cross_entropy(y: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
+def _reference_probability_cross_entropy(y: Tensor, p: Tensor) -> Tensor:
     eps = keras.config.epsilon()
-    q = tf.clip_by_value(p / tf.reduce_sum(p, -1, keepdims=True), eps, 1 - eps)
-    return -tf.reduce_sum(y * tf.math.log(q), -1)
+    q = ops.clip(p / ops.sum(p, axis=-1, keepdims=True), eps, 1 - eps)
+    return -ops.sum(y * ops.log(q), axis=-1)
 
 
-def _sparse_probability_cross_entropy(y: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
+def _sparse_probability_cross_entropy(y: Tensor, p: Tensor) -> Tensor:
     """Keras' sparse cross entropy on probabilities, ``-log softmax(log c)_y = log sum_i c_i -
     log c_y`` with ``c = clip(p)`` (clipped first, then renormalized). ``y`` one-hot."""
     c, _ = _clip_mask(p)
     return ops.log(ops.sum(c, axis=-1)) - ops.sum(y * ops.log(c), axis=-1)
 
 
-def _sparse_probability_cross_entropy_grad(y: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
+def _sparse_probability_cross_entropy_grad(y: Tensor, p: Tensor) -> Tensor:
     """``grad_p l = (1 / sum_i c_i - y / c)``, zero where the clip is active."""
     c, inside = _clip_mask(p)
     return (1 / ops.sum(c, axis=-1, keepdims=True) - y / c) * inside
 
 
-def _reference_sparse_probability_cross_entropy(y: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
+def _reference_sparse_probability_cross_entropy(y: Tensor, p: Tensor) -> Tensor:
     eps = keras.config.epsilon()
-    log_c = tf.math.log(tf.clip_by_value(p, eps, 1 - eps))
-    return -tf.reduce_sum(y * tf.nn.log_softmax(log_c, axis=-1), -1)
+    log_c = ops.log(ops.clip(p, eps, 1 - eps))
+    return -ops.sum(y * ops.log_softmax(log_c, axis=-1), axis=-1)
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
@@ -153,10 +159,10 @@ class CategoricalCrossentropy(_SmoothedLoss):
         _reference_probability_cross_entropy,
     )
 
-    def classes(self, y_pred: tf.Tensor) -> tf.Tensor:
+    def classes(self, y_pred: Tensor) -> Tensor:
         """``d = y_pred.shape[-1]``, in ``y_pred``'s dtype: smoothing moves each row towards the
         uniform ``1/d``."""
-        return tf.cast(tf.shape(y_pred)[-1], y_pred.dtype)
+        return ops.cast(ops.shape(y_pred)[-1], y_pred.dtype)
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
@@ -194,39 +200,38 @@ class SparseCategoricalCrossentropy(_Table1Loss):
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "ignore_class": None}
 
-    def call(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+    def call(self, y_true: Tensor, y_pred: Tensor) -> Tensor:
         name = "SparseCategoricalCrossentropy"
         y_true, y_pred = _match_ranks(y_true, y_pred)
-        if y_true.shape.rank == y_pred.shape.rank and y_true.shape[-1] == 1:
-            y_true = tf.squeeze(y_true, -1)
-        if y_true.shape.rank is not None and y_true.shape.rank != y_pred.shape.rank - 1:
+        if ops.ndim(y_true) == ops.ndim(y_pred) and y_true.shape[-1] == 1:
+            y_true = ops.squeeze(y_true, -1)
+        if ops.ndim(y_true) is not None and ops.ndim(y_true) != ops.ndim(y_pred) - 1:
             raise ValueError(
                 f"{name}: y_true must hold one integer class per position, shape "
                 f"{tuple(y_pred.shape[:-1])} or {(*y_pred.shape[:-1], 1)}, but has shape "
                 f"{tuple(y_true.shape)} for y_pred of shape {tuple(y_pred.shape)}. For one-hot "
                 "labels use CategoricalCrossentropy."
             )
-        if not y_true.shape.is_compatible_with(y_pred.shape[:-1]):
+        if not _compatible(tuple(y_true.shape), tuple(y_pred.shape[:-1])):
             raise ValueError(
                 f"{name}: y_true has shape {tuple(y_true.shape)} but y_pred of shape "
                 f"{tuple(y_pred.shape)} needs one class label per position, shape "
                 f"{tuple(y_pred.shape[:-1])}."
             )
         d = y_pred.shape[-1]
-        classes = tf.shape(y_pred)[-1] if d is None else d
-        c = tf.cast(classes, y_true.dtype)
-        if y_true.dtype.is_floating:
-            ok = (y_true >= 0) & (y_true < c) & (tf.math.floor(y_true) == y_true)
-        else:
-            ok = (y_true >= 0) & (y_true < c)
+        classes = ops.shape(y_pred)[-1]  # d, or a scalar tensor when d is unknown
+        c = ops.cast(classes, y_true.dtype)
+        ok = ops.logical_and(y_true >= 0, y_true < c)
+        if keras.backend.is_float_dtype(keras.backend.standardize_dtype(y_true.dtype)):
+            ok = ops.logical_and(ok, ops.floor(y_true) == y_true)
         rule = (
             f"integer class indices in [0, {d - 1}] (y_pred has {d} classes)"
             if d is not None
             else "integer class indices in [0, C - 1] (C = y_pred.shape[-1])"
         )
         guard = _guard_labels(y_true, ok, self, rule)
-        labels = tf.cast(tf.where(ok, guard.y, tf.zeros_like(guard.y)), tf.int32)
-        y = tf.one_hot(labels, classes, dtype=y_pred.dtype)
+        labels = ops.cast(ops.where(ok, guard.y, ops.zeros_like(guard.y)), "int64")
+        y = ops.one_hot(labels, classes, dtype=y_pred.dtype)
         if self.from_logits and not in_reference_mode():
             loss = _one_hot_softmax_cross_entropy(y, y_pred)
         elif self.from_logits:

@@ -8,16 +8,18 @@ from typing import Any
 
 from keras import ops
 
-from tf_jacbp._backend import keras, tf
+from tf_jacbp._backend import keras
 from tf_jacbp.losses.base import _check_same_shape, _fused, _match_ranks
 
+Tensor = Any
 
-def _squared_error(y: tf.Tensor, yhat: tf.Tensor) -> tf.Tensor:
+
+def _squared_error(y: Tensor, yhat: Tensor) -> Tensor:
     """``||y - yhat||^2`` over the last axis."""
     return ops.sum(ops.square(y - yhat), axis=-1)
 
 
-def _squared_error_grad(y: tf.Tensor, yhat: tf.Tensor) -> tf.Tensor:
+def _squared_error_grad(y: Tensor, yhat: Tensor) -> Tensor:
     """Table 1: ``grad_yhat l = -2 (y - yhat)``."""
     return -2 * (y - yhat)
 
@@ -29,7 +31,7 @@ class _Squared(keras.losses.Loss):
 
     mean = False
 
-    def call(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+    def call(self, y_true: Tensor, y_pred: Tensor) -> Tensor:
         name = type(self).__name__
         y_true, y_pred = _match_ranks(y_true, y_pred)
         _check_same_shape(y_true, y_pred, name, "Give one target per output.")
@@ -42,7 +44,7 @@ class _Squared(keras.losses.Loss):
             y_pred,
             lambda y, yhat: scale * _squared_error(y, yhat),
             lambda y, yhat: scale * _squared_error_grad(y, yhat),
-            lambda y, yhat: scale * tf.reduce_sum(tf.math.squared_difference(y, yhat), -1),
+            lambda y, yhat: scale * ops.sum(ops.square(ops.subtract(y, yhat)), axis=-1),
         )
 
 
