@@ -149,7 +149,7 @@ def _raise_recorded_bad_labels(model: keras.Model) -> None:
     compiled = keras.tree.flatten(getattr(model, "loss", None))
     for loss in [loss for loss in list(_armed_losses) if any(loss is c for c in compiled)]:
         record = loss._bad_label_record
-        flag, value, count = record.numpy()
+        flag, value, count = ops.convert_to_numpy(record)
         if flag:
             record.assign(ops.zeros((3,), "float64"))
             raise backend.label_error(
