@@ -36,7 +36,7 @@ PADDINGS = ("valid", "same")
 PADDINGS_1D = ("valid", "same", "causal")
 """The paddings of 1-D convolution (Keras' ``Conv1D``)."""
 
-_AXES = {1: ("length",), 2: ("height", "width")}
+_AXES = {1: ("length",), 2: ("height", "width"), 3: ("depth", "height", "width")}
 
 
 def _axis_names(rank: int) -> tuple[str, ...]:

@@ -98,6 +98,19 @@ def frozen_batchnorm(cls):
     return layer
 
 
+def volume_model(middle: keras.layers.Layer):
+    """``Input(4, 4, 4, 1) -> Dense(2, tanh) "first" -> middle -> Flatten -> Dense(3)``."""
+    return keras.Sequential(
+        [
+            keras.Input((4, 4, 4, 1)),
+            layers.Dense(2, activation="tanh", name="first"),
+            middle,
+            layers.Flatten(),
+            layers.Dense(3, name="last"),
+        ]
+    )
+
+
 # name: (model from the layer class, layer class, planted method, where the 1% goes, variable
 # whose update shows it).
 CASES = {
@@ -160,6 +173,20 @@ CASES = {
     "AveragePooling1D": (
         lambda c: sequence_model(c(2, name="middle")),
         pooling.AveragePooling1D,
+        "vjp",
+        "dx",
+        "first/kernel",
+    ),
+    "MaxPooling3D": (
+        lambda c: volume_model(c(2, strides=(1, 2, 1), padding="same", name="middle")),
+        pooling.MaxPooling3D,
+        "vjp",
+        "dx",
+        "first/kernel",
+    ),
+    "AveragePooling3D": (
+        lambda c: volume_model(c((2, 3, 2), strides=1, padding="same", name="middle")),
+        pooling.AveragePooling3D,
         "vjp",
         "dx",
         "first/kernel",

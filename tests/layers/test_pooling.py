@@ -429,7 +429,7 @@ def test_pooling_takes_inputs_of_any_size(cls, input_shape, kwargs):
         np.testing.assert_array_equal(compiled(x, delta), expected)
     before = window_maps.cache_info()
     image = (1, shape[1]) if layer.rank == 1 else shape[1:3]  # the last size met: cached
-    window_maps(*image, *layer.window_2d, layer.padding)
+    window_maps(*image, *layer.image_window, layer.padding)
     assert window_maps.cache_info().hits == before.hits + 1
 
 

@@ -32,8 +32,10 @@ from tf_jacbp.layers.normalization import BatchNormalization
 from tf_jacbp.layers.pooling import (
     AveragePooling1D,
     AveragePooling2D,
+    AveragePooling3D,
     MaxPooling1D,
     MaxPooling2D,
+    MaxPooling3D,
 )
 from tf_jacbp.layers.reshaping import Reshape, UpSampling2D, ZeroPadding2D
 
@@ -42,6 +44,7 @@ __all__ = [
     "Add",
     "AveragePooling1D",
     "AveragePooling2D",
+    "AveragePooling3D",
     "BatchNormalization",
     "Concatenate",
     "Conv1D",
@@ -62,6 +65,7 @@ __all__ = [
     "LeakyReLU",
     "MaxPooling1D",
     "MaxPooling2D",
+    "MaxPooling3D",
     "Multiply",
     "ReLU",
     "Reshape",

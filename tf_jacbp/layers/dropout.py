@@ -14,9 +14,10 @@ elementwise, so per-sample Jacobians exist. Inference: no diagonal, ``y = x``, `
 drawn seed, ``DropoutMask``: the same contract, its diagonal drawn from that seed.
 
 The mask is drawn as Keras draws it: a seed from the layer's ``keras.random.SeedGenerator``
-(advanced once per training call; works in graph mode and under ``jit_compile=True``), then
-``tf.random.stateless_uniform(noise_shape, seed) >= r``, the uniforms that
-``tf.nn.experimental.stateless_dropout`` samples (the tests check the masks agree), so the layer and
+(advanced once per training call, its state saved with the layer; works in graph mode and under
+``jit_compile=True``), then ``keras.random.uniform(noise_shape, seed) >= r`` drawn from that one
+seed (on TensorFlow the stateless uniforms that ``keras.layers.Dropout``'s
+``stateless_dropout`` samples; the tests check the masks agree), so the layer and
 ``keras.layers.Dropout`` with the same seed state drop the same entries. Compiled with XLA, the
 stateless random ops give other numbers than TensorFlow's own kernels for the same seed (measured
 on CPU, even with an explicit ``alg``), so an XLA-compiled call draws another mask than an eager
@@ -31,10 +32,28 @@ from typing import Any
 
 from keras import ops
 
-from tf_jacbp._backend import keras, tf
+from tf_jacbp._backend import keras
 from tf_jacbp.contract import JacobianMap
 from tf_jacbp.layers.base import JacobianLayer, as_float_tensor, build_at_construction
 from tf_jacbp.route import route
+
+Tensor = Any  # a tensor of Keras' backend
+
+_INT32_SEED_MODULUS = 2**31 - 2  # Keras' TensorFlow backend folds int64 seeds into int32 so
+
+
+class _DrawnSeed(keras.random.SeedGenerator):
+    """A seed already drawn, as the ``SeedGenerator`` that ``keras.random`` draws from: its
+    ``next()`` gives that seed every time and advances nothing, so every method of a training
+    map draws the same mask from it (the draw from a given seed is stateless). It holds no
+    state variable (``SeedGenerator.__init__`` is not run): nothing to save or advance."""
+
+    def __init__(self, seed: Tensor):  # noqa: D107 - no state variable, unlike the base
+        self._drawn = seed
+
+    def next(self, ordered: bool = True) -> Tensor:
+        """The drawn seed."""
+        return self._drawn
 
 
 def _check_noise_shape(noise_shape: Any) -> tuple | None:
@@ -96,56 +115,56 @@ class Dropout(JacobianLayer):
         self.supports_masking = True
         build_at_construction(self, Dropout)  # stateless: built at construction, as Keras'
 
-    def draw_seed(self) -> tf.Tensor:
-        """The next seed of the generator, as Keras' dropout draws it (an int32 pair)."""
+    def draw_seed(self) -> Tensor:
+        """The next seed of the generator (advancing it), as Keras' dropout draws it: an int32
+        pair (an int64 state folded by ``floormod(seed, 2^31 - 2)``, as Keras' TensorFlow
+        backend folds it)."""
         seed = self.seed_generator.next()
-        if seed.dtype == tf.int32:
+        if keras.backend.standardize_dtype(seed.dtype) == "int32":
             return seed
-        return tf.cast(tf.math.floormod(seed, tf.int32.max - 1), tf.int32)
+        return ops.cast(ops.mod(seed, _INT32_SEED_MODULUS), "int32")
 
-    def mask_shape(self, x: tf.Tensor) -> tf.Tensor:
+    def mask_shape(self, x: Tensor) -> tuple:
         """``noise_shape`` with its None entries filled from ``x``'s shape."""
+        shape = ops.shape(x)
         if self.noise_shape is None:
-            return tf.shape(x)
-        return tf.stack(
-            [tf.shape(x)[i] if d is None else d for i, d in enumerate(self.noise_shape)]
-        )
+            return tuple(shape)
+        return tuple(shape[i] if d is None else d for i, d in enumerate(self.noise_shape))
 
-    def diagonal(self, x: tf.Tensor, seed: tf.Tensor | None) -> tf.Tensor:
-        """``d = k / (1 - r)``, shaped like ``noise_shape``: ``k = stateless_uniform(noise_shape,
-        seed) >= r``; zeros for ``rate = 1`` (``seed`` None)."""
+    def diagonal(self, x: Tensor, seed: Tensor | None) -> Tensor:
+        """``d = k / (1 - r)``, shaped like ``noise_shape``: ``k = uniform(noise_shape, seed)
+        >= r`` (``keras.random.uniform`` from the drawn ``seed``: the same ``k`` for the same
+        seed); zeros for ``rate = 1`` (``seed`` None)."""
         shape = self.mask_shape(x)
         if seed is None:
-            return tf.zeros(shape, x.dtype)
-        keep = tf.random.stateless_uniform(shape, seed=seed, dtype=x.dtype) >= self.rate
-        return tf.cast(keep, x.dtype) * tf.constant(1 / (1 - self.rate), x.dtype)
+            return ops.zeros(shape, x.dtype)
+        uniform = keras.random.uniform(shape, dtype=x.dtype, seed=_DrawnSeed(seed))
+        keep = ops.greater_equal(uniform, self.rate)
+        scale = ops.convert_to_tensor(1 / (1 - self.rate), dtype=x.dtype)  # exact in float64
+        return ops.cast(keep, x.dtype) * scale
 
     # The contract: training passes the diagonal d as a constant, inference nothing (identity).
 
-    def forward(self, x: tf.Tensor, diagonal: tf.Tensor | None = None) -> tf.Tensor:
+    def forward(self, x: Tensor, diagonal: Tensor | None = None) -> Tensor:
         """Training: ``y = x * d``; inference: ``y = x``."""
         return ops.copy(x) if diagonal is None else x * diagonal
 
-    def reference(self, x: tf.Tensor, diagonal: tf.Tensor | None = None) -> tf.Tensor:
-        return tf.identity(x) if diagonal is None else tf.multiply(x, diagonal)
+    def reference(self, x: Tensor, diagonal: Tensor | None = None) -> Tensor:
+        return ops.copy(x) if diagonal is None else ops.multiply(x, diagonal)
 
-    def vjp_input(
-        self, m: tf.Tensor, x: tf.Tensor, y: tf.Tensor, diagonal: tf.Tensor | None = None
-    ) -> tf.Tensor:
+    def vjp_input(self, m: Tensor, x: Tensor, y: Tensor, diagonal: Tensor | None = None) -> Tensor:
         """``(J_x y)^T m = diag(d) m = m * d`` (training: ``d`` ``(batch, ...)`` broadcast over
         the ``V`` axis of ``m``); ``I m`` (inference)."""
         return m if diagonal is None else m * diagonal
 
-    def jacobian_factors(
-        self, x: tf.Tensor, diagonal: tf.Tensor | None = None
-    ) -> dict[str, tf.Tensor]:
+    def jacobian_factors(self, x: Tensor, diagonal: Tensor | None = None) -> dict[str, Tensor]:
         """One sample ``x`` (``n`` entries): ``{"J = I": I_n}`` (inference), or
         ``{"diag(k / (1 - r))": (n, n)}`` for the diagonal of a batch of one ``(1, ...)``."""
         x = as_float_tensor(x, self.compute_dtype)
         if diagonal is None:
-            return {"J = I": tf.eye(math.prod(x.shape), dtype=x.dtype)}
-        d = tf.broadcast_to(tf.cast(diagonal[0], x.dtype), tf.shape(x))
-        return {"diag(k / (1 - r))": tf.linalg.diag(tf.reshape(d, [-1]))}
+            return {"J = I": ops.eye(math.prod(x.shape), dtype=x.dtype)}
+        d = ops.broadcast_to(ops.cast(diagonal[0], x.dtype), ops.shape(x))
+        return {"diag(k / (1 - r))": ops.diag(ops.reshape(d, (-1,)))}
 
     def jacobian_ops(self, training: bool = False) -> list:
         """Inference: the identity (the layer). Training: ``DropoutMask``, the training map with
@@ -154,7 +173,7 @@ class Dropout(JacobianLayer):
             return [(DropoutMask(self, self.draw_seed() if self.rate < 1 else None), [])]
         return [(self, [])]
 
-    def call(self, inputs: tf.Tensor, training: bool | None = None) -> tf.Tensor:
+    def call(self, inputs: Tensor, training: bool | None = None) -> Tensor:
         """Training: a mask drawn now, its diagonal passed to ``route`` as a constant."""
         if training and self.rate > 0:
             seed = self.draw_seed() if self.rate < 1 else None
@@ -176,7 +195,7 @@ class DropoutMask(JacobianMap):
     ``seed`` and the input's shape by every method (the same tensor each time: the draw is
     stateless)."""
 
-    def __init__(self, layer: Dropout, seed: tf.Tensor | None):
+    def __init__(self, layer: Dropout, seed: Tensor | None):
         self.layer = layer
         self.seed = seed
 
@@ -185,22 +204,22 @@ class DropoutMask(JacobianMap):
         """The layer's name (errors of the derived methods name it)."""
         return self.layer.name
 
-    def diagonal(self, x: tf.Tensor) -> tf.Tensor:
+    def diagonal(self, x: Tensor) -> Tensor:
         """``d = k / (1 - r)`` of this seed for ``x``'s shape."""
         return self.layer.diagonal(x, self.seed)
 
-    def forward(self, x: tf.Tensor) -> tf.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         """``y = x * d``."""
         return self.layer.forward(x, self.diagonal(x))
 
-    def reference(self, x: tf.Tensor) -> tf.Tensor:
+    def reference(self, x: Tensor) -> Tensor:
         return self.layer.reference(x, self.diagonal(x))
 
-    def vjp_input(self, m: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+    def vjp_input(self, m: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """``(J_x y)^T m = m * d``: ``(V, batch, ...)`` -> ``(V, batch, ...)``."""
         return self.layer.vjp_input(m, x, y, self.diagonal(x))
 
-    def jacobian_factors(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
+    def jacobian_factors(self, x: Tensor) -> dict[str, Tensor]:
         """At one sample ``x``: the diagonal a batch of one draws from ``seed``."""
         x = as_float_tensor(x, self.layer.compute_dtype)
         return self.layer.jacobian_factors(x, self.layer.diagonal(x[None], self.seed))

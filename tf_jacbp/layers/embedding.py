@@ -31,9 +31,12 @@ from typing import Any
 
 from keras import ops
 
-from tf_jacbp._backend import keras, tf
-from tf_jacbp.layers.base import JacobianLayer, standardize_input
+from tf_jacbp import backend
+from tf_jacbp._backend import keras
+from tf_jacbp.layers.base import JacobianLayer
 from tf_jacbp.layers.dense import refuse_unsupported
+
+Tensor = Any  # a tensor of Keras' backend
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -130,52 +133,48 @@ class Embedding(JacobianLayer):
     def __call__(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
         """Keras' ``__call__`` with the ids kept as integers (other tf_jacbp layers cast integer
         inputs to floats); sparse and ragged ids are refused as by every tf_jacbp layer."""
-        if isinstance(inputs, tf.SparseTensor | tf.RaggedTensor):
-            standardize_input(inputs, self.compute_dtype, self.name)  # raises, naming the fix
+        backend.refuse_sparse_input(inputs, self.name)  # dense ids only, naming the fix
         return keras.layers.Layer.__call__(self, inputs, *args, **kwargs)
 
-    def ids(self, x: tf.Tensor) -> tf.Tensor:
+    def ids(self, x: Tensor) -> Tensor:
         """``x`` as row numbers of ``E``: integer ids (int32 unless int32 or int64, as Keras),
         each checked to lie in ``[-V, V)`` (an assertion the result depends on; compiled away
         under XLA), a negative id ``x`` becoming ``x + V`` as in stock Keras' ``ops.take``."""
-        x = tf.convert_to_tensor(x)
-        if x.dtype not in (tf.int32, tf.int64):
-            x = tf.cast(x, tf.int32)
-        vocabulary = tf.cast(self.input_dim, x.dtype)
+        x = ops.convert_to_tensor(x)
+        if keras.backend.standardize_dtype(x.dtype) not in ("int32", "int64"):
+            x = ops.cast(x, "int32")
         message = (
             f"Embedding '{self.name}': every id must lie in [-input_dim, input_dim) = "
             f"[-{self.input_dim}, {self.input_dim}) (ids are rows of the embeddings; a negative "
             "id counts from the end, as in Keras); check the vocabulary size your ids come from "
             "against input_dim."
         )
-        checks = [
-            tf.debugging.assert_greater_equal(x, -vocabulary, message=message),
-            tf.debugging.assert_less(x, vocabulary, message=message),
-        ]
-        with tf.control_dependencies(checks):
-            return tf.where(x < 0, x + vocabulary, x)
+        x = backend.checked_ids(x, self.input_dim, message)
+        return ops.where(x < 0, x + self.input_dim, x)
 
-    def forward(self, x: tf.Tensor, embeddings: tf.Tensor) -> tf.Tensor:
+    def forward(self, x: Tensor, embeddings: Tensor) -> Tensor:
         """``Y = S(x) E``: row ``x_p`` of ``E`` at each position, ``(batch, ...)`` ->
-        ``(batch, ..., D)``. (``tf.gather``: ``ops.take`` would wrap the wrapped ids again, and
-        under XLA an id below ``-V`` would read another row than stock's.)"""
-        return tf.gather(embeddings, self.ids(x))
+        ``(batch, ..., D)``. (``backend.gather_rows``, not ``keras.ops.take``: ``take`` would
+        wrap the wrapped ids again, and under XLA an id below ``-V`` would read another row than
+        stock's.)"""
+        return backend.gather_rows(embeddings, self.ids(x))
 
-    def reference(self, x: tf.Tensor, embeddings: tf.Tensor) -> tf.Tensor:
-        """``Y = S(x) E`` by ``tf.gather_nd``, whose autodiff gradient is a dense ``scatter_nd``
-        (``tf.gather``'s is ``IndexedSlices``, which gradient comparisons cannot read as arrays;
-        the indices keep rank 3 so that TensorFlow does not pick ``IndexedSlices`` either)."""
+    def reference(self, x: Tensor, embeddings: Tensor) -> Tensor:
+        """``Y = S(x) E`` as written: the one-hot rows ``S(x)`` (``keras.ops.one_hot``) times
+        ``E`` (``keras.ops.matmul``), whose autodiff gradient ``S(x)^T M`` is a dense matrix
+        product, independent of ``vjp_params``' scatter-add (a gather's gradient on TensorFlow
+        is ``IndexedSlices``, which gradient comparisons cannot read as arrays). It forms the
+        ``batch P x V`` selection, so it is for checking, not for large vocabularies."""
         ids = self.ids(x)
-        rows = tf.gather_nd(embeddings, tf.reshape(ids, [1, -1, 1]))  # (1, batch P, D)
-        return tf.reshape(rows, tf.concat([tf.shape(ids), [self.output_dim]], 0))
+        return ops.matmul(ops.one_hot(ids, self.input_dim, dtype=embeddings.dtype), embeddings)
 
-    def vjp_input(self, m: tf.Tensor, x: tf.Tensor, y: tf.Tensor, embeddings: tf.Tensor) -> Any:
+    def vjp_input(self, m: Tensor, x: Tensor, y: Tensor, embeddings: Tensor) -> Any:
         """No input Jacobian (integer ids): zeros ``(K, batch, ...)`` of the ids' dtype."""
         return ops.zeros((ops.shape(m)[0], *ops.shape(x)), dtype=x.dtype)
 
     def vjp_params(
-        self, m: tf.Tensor, x: tf.Tensor, y: tf.Tensor, embeddings: tf.Tensor, sum_batch=True
-    ) -> list[tf.Tensor]:
+        self, m: Tensor, x: Tensor, y: Tensor, embeddings: Tensor, sum_batch=True
+    ) -> list[Tensor]:
         """``(J_E y)^T m = S(x_i)^T M_i`` for each of the ``K`` stacked vectors (``M_i``: ``m[k,
         i]`` as ``P x D``): one scatter-add (``segment_sum``) of every row of ``m``.
 
@@ -199,9 +198,7 @@ class Embedding(JacobianLayer):
         )
         return [ops.reshape(rows, shape)]
 
-    def squared_norms(
-        self, m: tf.Tensor, x: tf.Tensor, y: tf.Tensor, embeddings: tf.Tensor
-    ) -> list[tf.Tensor]:
+    def squared_norms(self, m: Tensor, x: Tensor, y: Tensor, embeddings: Tensor) -> list[Tensor]:
         """``||S(x_i)^T Delta_i||^2 = sum_v ||sum_{p: x_p = v} delta_p||^2`` (``delta = m[0]``),
         ``(batch,)``, without the ``V x D`` gradients.
 
@@ -227,12 +224,12 @@ class Embedding(JacobianLayer):
         )
         return [ops.sum(ops.reshape(ops.square(sums), (batch, -1)), axis=1)]
 
-    def selection_matrix(self, x: Any) -> tf.Tensor:
+    def selection_matrix(self, x: Any) -> Tensor:
         """``S(x)``: one sample of ``P`` ids (any shape) -> ``(P, V)``, ``S[p, x_p] = 1``."""
         ids = self.ids(ops.reshape(ops.convert_to_tensor(x), (-1,)))
         return ops.one_hot(ids, self.input_dim, dtype=self.compute_dtype)
 
-    def jacobian_factors(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
+    def jacobian_factors(self, x: Tensor) -> dict[str, Tensor]:
         """``{"S(x)": (P, V), "[I (x) s^T]": (P D, V D)}`` at one sample of ``P`` ids: ``S(x)``
         and ``J_E y`` (``parameter_jacobian``, the rows of position ``p`` being
         ``[I_D (x) s_p^T]``, columns in ``Vec(E)`` order)."""

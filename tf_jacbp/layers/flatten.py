@@ -15,9 +15,11 @@ from typing import Any
 
 from keras import ops
 
-from tf_jacbp._backend import keras, tf
+from tf_jacbp._backend import keras
 from tf_jacbp.geometry import check_channels_last
 from tf_jacbp.layers.base import JacobianLayer
+
+Tensor = Any  # a tensor of Keras' backend
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
@@ -34,22 +36,22 @@ class Flatten(JacobianLayer):
         super().__init__(**kwargs)
         self.data_format = check_channels_last(data_format, "Flatten")
 
-    def forward(self, x: tf.Tensor) -> tf.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         """``y = vec(x)`` per sample: ``(batch, ...)`` -> ``(batch, N)`` (``N`` static where the
         sample shape is known, so a graph traced for any batch size keeps it)."""
         rest = tuple(x.shape[1:])
         size = -1 if None in rest else math.prod(rest)
         return ops.reshape(x, (ops.shape(x)[0], size))
 
-    def reference(self, x: tf.Tensor) -> tf.Tensor:
-        return tf.reshape(x, [tf.shape(x)[0], -1])
+    def reference(self, x: Tensor) -> Tensor:
+        return ops.reshape(x, (ops.shape(x)[0], -1))
 
-    def vjp_input(self, m: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+    def vjp_input(self, m: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """``(J_x y)^T m = I m``: each ``m[v, i]`` (``N``) in ``x``'s sample shape,
         ``(V, batch, N)`` -> ``(V, batch, *x.shape[1:])``."""
         return ops.reshape(m, (ops.shape(m)[0], *ops.shape(x)))
 
-    def jacobian_factors(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
+    def jacobian_factors(self, x: Tensor) -> dict[str, Tensor]:
         """``{"J = I": I_N}`` at one sample ``x`` (``N`` entries)."""
         return {"J = I": self.input_jacobian(x)}
 

@@ -11,10 +11,10 @@ positions, ``x`` read row-major as ``(n, c)`` (``tf_jacbp.layout``), the output 
   ``J_x y = (m^T / |m|) (x) I_C`` with ``|m| = sum_t m_t``: masked steps get no gradient.
 * max: ``y[c] = max_n x[n, c]`` and ``J[c, (n, c)] = 1 / k_c`` for the ``k_c`` positions ``n``
   where ``x[n, c] = y[c]``, else 0: ties share the gradient equally, which is the gradient
-  TensorFlow gives ``tf.reduce_max`` and so the stock Keras layer (unlike windowed max pooling,
-  whose ``MaxPoolGrad`` picks the first maximum). A channel that is ``-inf`` everywhere ties at
-  every position; one containing NaN has ``y[c] = NaN``, equal to nothing, and a NaN gradient,
-  both as in stock.
+  autodiff gives ``keras.ops.max`` (TensorFlow's ``reduce_max``) and so the stock Keras layer
+  (unlike windowed max pooling, whose ``MaxPoolGrad`` picks the first maximum). A channel that
+  is ``-inf`` everywhere ties at every position; one containing NaN has ``y[c] = NaN``, equal to
+  nothing, and a NaN gradient, both as in stock.
 
 The products ``(J_x y)^T m`` (``vjp_input``, ``V`` stacked vectors ``m[v]`` per sample) are
 broadcasts of ``m`` (times the 0/1 indicator for max): no index maps, so any spatial size works,
@@ -27,9 +27,11 @@ from typing import Any
 
 from keras import ops
 
-from tf_jacbp._backend import keras, tf
+from tf_jacbp._backend import keras
 from tf_jacbp.geometry import check_channels_last
 from tf_jacbp.layers.base import JacobianLayer, build_at_construction, route
+
+Tensor = Any  # a tensor of Keras' backend
 
 
 class _GlobalPooling(JacobianLayer):
@@ -57,7 +59,7 @@ class _GlobalPooling(JacobianLayer):
         """The spatial axes of a batch, ``[1, ..., rank]``."""
         return list(range(1, self.rank + 1))
 
-    def kept(self, t: tf.Tensor) -> tf.Tensor:
+    def kept(self, t: Tensor) -> Tensor:
         """``t`` ``(..., C)`` or ``(..., 1, ..., 1, C)`` as ``(..., 1, ..., 1, C)``: the output's
         shape with ``keepdims``, for ``y`` ``(batch, ...)`` and ``m`` ``(V, batch, ...)``."""
         if self.keepdims:
@@ -66,17 +68,17 @@ class _GlobalPooling(JacobianLayer):
             t = ops.expand_dims(t, -2)
         return t
 
-    def entries(self, x: tf.Tensor, y: tf.Tensor, *mask: tf.Tensor) -> tf.Tensor:
+    def entries(self, x: Tensor, y: Tensor, *mask: Tensor) -> Tensor:
         """``J``'s entries ``J[c, (n, c)]`` per sample, broadcastable to ``x``'s shape."""
         raise NotImplementedError
 
-    def vjp_input(self, m: tf.Tensor, x: tf.Tensor, y: tf.Tensor, *mask: tf.Tensor) -> tf.Tensor:
+    def vjp_input(self, m: Tensor, x: Tensor, y: Tensor, *mask: Tensor) -> Tensor:
         """``(J_x y)^T m``: ``m[v, i, c]`` times ``J[c, (n, c)]`` at every position ``n``,
         ``(V, batch, C)`` (or ``keepdims``' shape) -> ``(V, batch, *spatial, C)``."""
         dx = self.entries(x, self.kept(y), *mask) * self.kept(m)
         return ops.broadcast_to(dx, (ops.shape(m)[0], *ops.shape(x)))
 
-    def jacobian_factors(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
+    def jacobian_factors(self, x: Tensor) -> dict[str, Tensor]:
         """``{self.factor_name: J_x y}`` at one sample ``x`` ``(*spatial, C)``: ``(C, N C)``,
         columns row-major."""
         return {self.factor_name: self.input_jacobian(x)}
@@ -93,14 +95,14 @@ class _GlobalPooling(JacobianLayer):
 class _GlobalAverage(_GlobalPooling):
     factor_name = "J = (1/N) 1^T (x) I (averaging)"
 
-    def forward(self, x: tf.Tensor) -> tf.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         """``y[c] = (1 / N) sum_n x[n, c]``."""
         return ops.mean(x, axis=self.axes, keepdims=self.keepdims)
 
-    def reference(self, x: tf.Tensor) -> tf.Tensor:
-        return tf.math.reduce_mean(x, axis=self.axes, keepdims=self.keepdims)
+    def reference(self, x: Tensor) -> Tensor:
+        return ops.mean(x, axis=self.axes, keepdims=self.keepdims)
 
-    def entries(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+    def entries(self, x: Tensor, y: Tensor) -> Tensor:
         """``1 / N`` everywhere."""
         count = ops.prod(ops.shape(x)[1:-1])
         return ops.ones_like(y) / ops.cast(count, x.dtype)
@@ -109,14 +111,14 @@ class _GlobalAverage(_GlobalPooling):
 class _GlobalMax(_GlobalPooling):
     factor_name = "J (the tied maxima, shared equally)"
 
-    def forward(self, x: tf.Tensor) -> tf.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         """``y[c] = max_n x[n, c]``."""
         return ops.max(x, axis=self.axes, keepdims=self.keepdims)
 
-    def reference(self, x: tf.Tensor) -> tf.Tensor:
-        return tf.math.reduce_max(x, axis=self.axes, keepdims=self.keepdims)
+    def reference(self, x: Tensor) -> Tensor:
+        return ops.max(x, axis=self.axes, keepdims=self.keepdims)
 
-    def entries(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+    def entries(self, x: Tensor, y: Tensor) -> Tensor:
         """``[x[n, c] = y[c]] / k_c``, ``k_c`` the number of positions attaining ``y[c]``."""
         attained = ops.cast(ops.equal(x, y), x.dtype)
         return attained / ops.sum(attained, axis=self.axes, keepdims=True)
@@ -184,17 +186,17 @@ class GlobalAveragePooling1D(_GlobalAverage):
         super().__init__(data_format, keepdims, **kwargs)
         self.supports_masking = True
 
-    def call(self, inputs: tf.Tensor, mask: tf.Tensor | None = None) -> tf.Tensor:
+    def call(self, inputs: Tensor, mask: Tensor | None = None) -> Tensor:
         """``y = forward(inputs)`` or, with a mask, ``forward(inputs, m)`` (``m`` a constant of
         the route: not differentiated)."""
         if mask is None:
             return route(self, inputs)
-        return route(self, inputs, constants=[tf.cast(mask, self.compute_dtype)])
+        return route(self, inputs, constants=[ops.cast(mask, self.compute_dtype)])
 
-    def compute_mask(self, inputs: tf.Tensor, mask: tf.Tensor | None = None) -> None:
+    def compute_mask(self, inputs: Tensor, mask: Tensor | None = None) -> None:
         return None
 
-    def forward(self, x: tf.Tensor, *mask: tf.Tensor) -> tf.Tensor:
+    def forward(self, x: Tensor, *mask: Tensor) -> Tensor:
         """``y[c] = sum_t m_t x[t, c] / sum_t m_t`` (``m = 1`` without a mask)."""
         if not mask:
             return super().forward(x)
@@ -202,17 +204,15 @@ class GlobalAveragePooling1D(_GlobalAverage):
         total = ops.sum(ops.where(kept > 0, x, ops.zeros_like(x)), 1, keepdims=self.keepdims)
         return total / ops.sum(kept, axis=1, keepdims=self.keepdims)
 
-    def reference(self, x: tf.Tensor, *mask: tf.Tensor) -> tf.Tensor:
+    def reference(self, x: Tensor, *mask: Tensor) -> Tensor:
         if not mask:
             return super().reference(x)
-        kept = tf.cast(mask[0], tf.bool)[:, :, None]
-        total = tf.math.reduce_sum(
-            tf.where(kept, x, tf.zeros_like(x)), axis=1, keepdims=self.keepdims
-        )
-        count = tf.math.reduce_sum(tf.cast(kept, x.dtype), axis=1, keepdims=self.keepdims)
+        kept = ops.cast(mask[0], "bool")[:, :, None]
+        total = ops.sum(ops.where(kept, x, ops.zeros_like(x)), axis=1, keepdims=self.keepdims)
+        count = ops.sum(ops.cast(kept, x.dtype), axis=1, keepdims=self.keepdims)
         return total / count
 
-    def entries(self, x: tf.Tensor, y: tf.Tensor, *mask: tf.Tensor) -> tf.Tensor:
+    def entries(self, x: Tensor, y: Tensor, *mask: Tensor) -> Tensor:
         """``m_t / |m|`` (``1 / T`` without a mask); 0 where ``m_t = 0``, even when ``|m| = 0``
         (the stock layer's gradient there)."""
         if not mask:
@@ -220,7 +220,7 @@ class GlobalAveragePooling1D(_GlobalAverage):
         kept = ops.cast(mask[0], x.dtype)[:, :, None]
         return ops.divide_no_nan(kept, ops.sum(kept, axis=1, keepdims=True))
 
-    def vjp_input(self, m: tf.Tensor, x: tf.Tensor, y: tf.Tensor, *mask: tf.Tensor) -> tf.Tensor:
+    def vjp_input(self, m: Tensor, x: Tensor, y: Tensor, *mask: Tensor) -> Tensor:
         """``(J_x y)^T m``; with a mask, exactly 0 at masked steps whatever ``m`` is (a fully
         masked sample's NaN output sends NaN back: the stock layer's ``where`` stops it there)."""
         dx = super().vjp_input(m, x, y, *mask)

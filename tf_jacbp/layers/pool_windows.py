@@ -1,28 +1,35 @@
 """The index maps of pooling windows: which inputs each window reads, and the transpose.
 
-For an image of ``H x W`` positions pooled by windows of ``S = p_h p_w`` slots (the taps of
+For an input of ``N = n_1 ... n_k`` positions (``k`` spatial axes: ``(H, W)`` for images,
+``(D, H, W)`` for volumes) pooled by windows of ``S = p_1 ... p_k`` slots (the taps of
 ``tf_jacbp.geometry.axis_taps`` along each axis), ``window_index`` ``(P, S)`` lists, for each of
-the ``P = H_out W_out`` windows, the row-major input position ``i W + j`` of each slot, or ``H W``
-for a slot in the "same" padding. Gathering ``x`` (with a fill value appended at position
-``H W``) by it gives every window's inputs, ``(batch, P, S, C)``; the transpose of that gather,
-which sums each slot's value onto the input it read, is ``J^T`` for a pooling layer's Jacobian
-``J`` of entries per slot (``tf_jacbp.layers.pooling``).
+the ``P = o_1 ... o_k`` windows (row-major over the outputs), the row-major input position of
+each slot (row-major over the taps), or ``N`` for a slot in the "same" padding. Gathering ``x``
+(with a fill value appended at position ``N``) by it gives every window's inputs,
+``(batch, P, S, C)``; the transpose of that gather, which sums each slot's value onto the input
+it read, is ``J^T`` for a pooling layer's Jacobian ``J`` of entries per slot
+(``tf_jacbp.layers.pooling``).
 
-``WindowMaps`` computes the maps once in NumPy for a known size (``window_maps`` caches one per
+``WindowMaps`` computes the maps once in NumPy for known sizes (``window_maps`` caches one per
 size and configuration) and sums by a second gather with ``transpose_index``;
-``DynamicWindowMaps`` computes the same ``window_index`` with TensorFlow ops when a traced graph
-does not know the size, and sums with a segment sum.
+``DynamicWindowMaps`` takes the same ``window_index`` from ``tf_jacbp.backend`` when a traced
+graph does not know the sizes, and sums with a segment sum.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+from typing import Any
 
 import numpy as np
+from keras import ops
 
-from tf_jacbp._backend import tf
+from tf_jacbp import backend
 from tf_jacbp.geometry import axis_taps
 from tf_jacbp.toeplitz import IndexTensors
+
+Tensor = Any  # a tensor of Keras' backend
 
 
 def transpose_index(index: np.ndarray, size: int) -> np.ndarray:
@@ -43,28 +50,36 @@ def transpose_index(index: np.ndarray, size: int) -> np.ndarray:
 
 
 class WindowMaps:
-    """The index maps of pooling windows over one ``(H, W)`` image, computed once in NumPy.
+    """The index maps of pooling windows over one input of spatial ``sizes``, computed once in
+    NumPy.
 
-    ``window_index`` ``(P, S)``: input position (row-major ``(i, j)``) of slot ``s`` of window
-    ``o``, or ``H W`` for a slot in the padding; ``P = H_out W_out`` windows of ``S = p_h p_w``
-    slots. ``inside`` ``(P, S)`` marks the slots inside the input.
+    ``window_index`` ``(P, S)``: input position (row-major over ``sizes``) of slot ``s`` of
+    window ``o``, or ``N = prod(sizes)`` for a slot in the padding; ``P = prod(output_sizes)``
+    windows of ``S = prod(pool_size)`` slots. ``inside`` ``(P, S)`` marks the slots inside the
+    input.
     """
 
-    def __init__(self, height: int, width: int, pool_size: tuple, strides: tuple, padding: str):
-        taps_h = axis_taps(height, pool_size[0], strides[0], padding)
-        taps_w = axis_taps(width, pool_size[1], strides[1], padding)
-        self.input_hw, self.output_hw = (height, width), (taps_h.shape[0], taps_w.shape[0])
-        inside = (taps_h[:, None, :, None] >= 0) & (taps_w[None, :, None, :] >= 0)
-        window = np.where(
-            inside, taps_h[:, None, :, None] * width + taps_w[None, :, None, :], height * width
-        )
-        self.window_index = window.reshape(self.output_hw[0] * self.output_hw[1], -1)
-        self.inside = inside.reshape(self.window_index.shape)
+    def __init__(self, sizes: tuple, pool_size: tuple, strides: tuple, padding: str):
+        rank = len(sizes)
+        taps = [
+            axis_taps(n, p, s, padding) for n, p, s in zip(sizes, pool_size, strides, strict=True)
+        ]
+        self.input_sizes = tuple(sizes)
+        self.output_sizes = tuple(t.shape[0] for t in taps)
+        inside, flat, step = True, 0, 1
+        for a in reversed(range(rank)):  # taps[a] on axes a (outputs) and rank + a (slots)
+            shape = [1] * (2 * rank)
+            shape[a], shape[rank + a] = taps[a].shape
+            tap = taps[a].reshape(shape)
+            inside, flat, step = inside & (tap >= 0), flat + tap * step, step * sizes[a]
+        size = math.prod(sizes)
+        self.window_index = np.where(inside, flat, size).reshape(math.prod(self.output_sizes), -1)
+        self.inside = np.broadcast_to(inside, np.shape(flat)).reshape(self.window_index.shape)
         # The windows tile the input (no overlap, no padding): its reshape holds them as axes.
-        self.tiled = strides == pool_size and padding == "valid"
+        self.tiled = tuple(strides) == tuple(pool_size) and padding == "valid"
         self.tensors = IndexTensors(
             window_index=self.window_index.astype(np.int32),
-            input_index=lambda: transpose_index(self.window_index, height * width).astype(np.int32),
+            input_index=lambda: transpose_index(self.window_index, size).astype(np.int32),
         )
 
     def first_inside(self) -> np.ndarray:
@@ -75,86 +90,75 @@ class WindowMaps:
         """``(P, S)``: ``1 / |S_o|`` at the slots inside the input, 0 in the padding."""
         return self.inside / self.inside.sum(axis=1, keepdims=True)
 
-    def windows(self, x: tf.Tensor, fill: float) -> tf.Tensor:
-        """``(batch, H, W, C)`` -> ``(batch, P, S, C)``, every window's inputs; padding reads
+    def windows(self, x: Tensor, fill: float) -> Tensor:
+        """``(batch, *sizes, C)`` -> ``(batch, P, S, C)``, every window's inputs; padding reads
         ``fill``."""
         return _gather_windows(x, self.tensors["window_index"], fill)
 
-    def transpose(self, v: tf.Tensor, shape: tf.Tensor) -> tf.Tensor:
-        """``(..., P, S, C)`` slot values -> ``shape`` (``(..., H, W, C)``), summed per input
+    def transpose(self, v: Tensor, shape: tuple) -> Tensor:
+        """``(..., P, S, C)`` slot values -> ``shape`` (``(..., *sizes, C)``), summed per input
         position: the transpose of ``windows``, as a gather with ``input_index``. The leading
         axes (the batch, and the contract's ``V``) are folded into one."""
         channels = v.shape[-1]
-        v = tf.reshape(v, [-1, v.shape[-3] * v.shape[-2], channels])  # (N, P S, C)
-        v = tf.concat([v, tf.zeros_like(v[:, :1])], axis=1)
-        gathered = tf.gather(v, self.tensors["input_index"], axis=1)  # (N, H W, m, C)
-        return tf.reshape(tf.reduce_sum(gathered, axis=2), shape)
+        v = ops.reshape(v, (-1, v.shape[-3] * v.shape[-2], channels))  # (N, P S, C)
+        v = ops.concatenate([v, ops.zeros_like(v[:, :1])], axis=1)
+        gathered = ops.take(v, self.tensors["input_index"], axis=1)  # (N, prod(sizes), m, C)
+        return ops.reshape(ops.sum(gathered, axis=2), shape)
 
 
 @functools.lru_cache(maxsize=16)
-def window_maps(
-    height: int, width: int, pool_size: tuple, strides: tuple, padding: str
-) -> WindowMaps:
-    """``WindowMaps`` for one image size and configuration, cached (the 16 most recent)."""
-    return WindowMaps(height, width, pool_size, strides, padding)
+def window_maps(*sizes_and_windows: Any) -> WindowMaps:
+    """``WindowMaps`` for one input size and configuration, cached (the 16 most recent):
+    ``window_maps(n_1, ..., n_k, pool_size, strides, padding)`` (``k`` spatial sizes, then the
+    window's ``k``-tuples and the padding), e.g. ``window_maps(H, W, (2, 2), (2, 2), "valid")``."""
+    *sizes, pool_size, strides, padding = sizes_and_windows
+    return WindowMaps(tuple(sizes), tuple(pool_size), tuple(strides), padding)
 
 
-def _gather_windows(x: tf.Tensor, window_index: tf.Tensor, fill: float) -> tf.Tensor:
-    """``x`` ``(batch, H, W, C)`` -> ``(batch, P, S, C)`` by ``window_index``; index ``H W``
-    reads ``fill``."""
+def _gather_windows(x: Tensor, window_index: Tensor, fill: float) -> Tensor:
+    """``x`` ``(batch, *sizes, C)`` -> ``(batch, P, S, C)`` by ``window_index``; index
+    ``prod(sizes)`` reads ``fill``."""
     channels = x.shape[-1]
-    flat = tf.reshape(x, [tf.shape(x)[0], -1, channels])
-    flat = tf.concat([flat, tf.fill([tf.shape(flat)[0], 1, channels], tf.cast(fill, x.dtype))], 1)
-    return tf.gather(flat, window_index, axis=1)
-
-
-def _axis_taps_tf(size: tf.Tensor, kernel: int, stride: int, padding: str) -> tf.Tensor:
-    """``axis_taps`` in TensorFlow ops for a size known only when the graph runs."""
-    if padding == "same":
-        out = (size + stride - 1) // stride
-        before = tf.maximum((out - 1) * stride + kernel - size, 0) // 2
-    else:
-        out, before = (size - kernel) // stride + 1, 0
-    taps = tf.range(out)[:, None] * stride - before + tf.range(kernel)[None, :]
-    return tf.where((taps >= 0) & (taps < size), taps, -1)
+    flat = ops.reshape(x, (ops.shape(x)[0], -1, channels))
+    flat = ops.concatenate([flat, ops.full_like(flat[:, :1], fill)], axis=1)
+    return ops.take(flat, window_index, axis=1)
 
 
 class DynamicWindowMaps:
-    """``WindowMaps``' maps for an image whose size a traced graph does not know: the same
-    ``window_index`` from TensorFlow ops, and its transpose as a segment sum over it."""
+    """``WindowMaps``' maps for an input whose sizes a traced graph does not know: the same
+    ``window_index`` from ``tf_jacbp.backend.dynamic_window_index``, and its transpose as a
+    segment sum over it."""
 
-    def __init__(self, x: tf.Tensor, pool_size: tuple, strides: tuple, padding: str):
-        height, width = tf.shape(x)[1], tf.shape(x)[2]
-        taps_h = _axis_taps_tf(height, pool_size[0], strides[0], padding)
-        taps_w = _axis_taps_tf(width, pool_size[1], strides[1], padding)
-        inside = (taps_h[:, None, :, None] >= 0) & (taps_w[None, :, None, :] >= 0)
-        window = tf.where(
-            inside, taps_h[:, None, :, None] * width + taps_w[None, :, None, :], height * width
+    def __init__(self, x: Tensor, pool_size: tuple, strides: tuple, padding: str):
+        index, inside, size, outputs = backend.dynamic_window_index(
+            x, tuple(pool_size), tuple(strides), padding
         )
-        slots = pool_size[0] * pool_size[1]
-        self.window_index = tf.reshape(window, [-1, slots])
-        self.inside = tf.reshape(inside, [-1, slots])
-        self.size = height * width
+        self.window_index, self.inside, self.size = index, inside, size
+        self.output_sizes = outputs
         self.tiled = False
 
-    def first_inside(self) -> tf.Tensor:
+    def first_inside(self) -> Tensor:
         """``(P, S)``: True at each window's first slot inside the input."""
-        first = tf.argmax(tf.cast(self.inside, tf.int32), axis=1, output_type=tf.int32)
-        return tf.range(self.inside.shape[1])[None, :] == first[:, None]
+        first = ops.argmax(ops.cast(self.inside, "int32"), axis=1)
+        return ops.expand_dims(ops.arange(self.inside.shape[1]), 0) == ops.cast(
+            ops.expand_dims(first, 1), "int32"
+        )
 
-    def averaging(self) -> tf.Tensor:
+    def averaging(self) -> Tensor:
         """``(P, S)``: ``1 / |S_o|`` at the slots inside the input, 0 in the padding."""
-        inside = tf.cast(self.inside, tf.float64)
-        return inside / tf.reduce_sum(inside, axis=1, keepdims=True)
+        inside = ops.cast(self.inside, "float64")
+        return inside / ops.sum(inside, axis=1, keepdims=True)
 
-    def windows(self, x: tf.Tensor, fill: float) -> tf.Tensor:
+    def windows(self, x: Tensor, fill: float) -> Tensor:
         """As ``WindowMaps.windows``."""
         return _gather_windows(x, self.window_index, fill)
 
-    def transpose(self, v: tf.Tensor, shape: tf.Tensor) -> tf.Tensor:
+    def transpose(self, v: Tensor, shape: tuple) -> Tensor:
         """As ``WindowMaps.transpose``: ``dx[n] = sum of v over the slots with index n``."""
         channels, slots = v.shape[-1], v.shape[-2]
-        v = tf.reshape(v, [-1, tf.shape(self.window_index)[0], slots, channels])  # (N, P, S, C)
-        v = tf.transpose(v, [1, 2, 0, 3])  # (P, S, N, C)
-        summed = tf.math.unsorted_segment_sum(v, self.window_index, self.size + 1)[:-1]
-        return tf.reshape(tf.transpose(summed, [1, 0, 2]), shape)
+        v = ops.reshape(v, (-1, ops.shape(self.window_index)[0], slots, channels))  # (N, P, S, C)
+        v = ops.transpose(v, (1, 2, 0, 3))  # (P, S, N, C)
+        v = ops.reshape(v, (-1, ops.shape(v)[2], channels))  # (P S, N, C)
+        segments = ops.reshape(self.window_index, (-1,))
+        summed = ops.segment_sum(v, segments, num_segments=self.size + 1)[:-1]  # (size, N, C)
+        return ops.reshape(ops.transpose(summed, (1, 0, 2)), shape)

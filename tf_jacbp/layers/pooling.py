@@ -1,31 +1,40 @@
 """Max and average pooling with explicit Jacobians: a selection and an averaging matrix.
 
-For one sample ``x`` of shape ``(H, W, C)`` and output ``y`` of shape ``(H_out, W_out, C)``, each
-output ``y[o, c]`` (``o`` an output position) reads the window ``S_o`` of input positions (the
-taps of ``tf_jacbp.geometry.axis_taps``; "same" windows may stick out into the padding, which
-they ignore). Channels never mix, so ``J_x y`` is block diagonal over ``c``:
+For one sample ``x`` of shape ``(*spatial, C)`` (``(H, W, C)``; ``(D, H, W, C)`` for the 3-D
+layers) and output ``y`` of shape ``(*spatial_out, C)``, each output ``y[o, c]`` (``o`` an output
+position) reads the window ``S_o`` of input positions (the taps of
+``tf_jacbp.geometry.axis_taps`` along each axis; "same" windows may stick out into the padding,
+which they ignore). Channels never mix, so ``J_x y`` is block diagonal over ``c``:
 
 * max: ``J[(o, c), (n, c)] = 1`` if ``n`` is the first position of ``S_o`` (row-major within the
   window) where ``x[., c]`` attains the maximum, else 0: a selection by the arg-max, ties to the
   first maximum, like TensorFlow's ``MaxPoolGrad``. A window with no maximum to select (all its
-  inputs ``-inf`` or NaN: ``tf.nn.max_pool2d`` then returns the lowest finite value, equal to
+  inputs ``-inf`` or NaN: TensorFlow's max pooling then returns the lowest finite value, equal to
   none of them) selects its first position inside the input, as ``MaxPoolGrad`` does.
 * average: ``J[(o, c), (n, c)] = 1 / |S_o|`` for ``n`` in ``S_o``, else 0. ``|S_o|`` counts the
   window's positions inside the input, so "same" windows at the border average over fewer
-  values, as ``tf.nn.avg_pool2d`` does.
+  values, as ``keras.ops.average_pool`` does.
 
 ``(J_x y)^T m`` (the contract's ``vjp_input``, for each of the ``V`` stacked vectors ``m[v]``)
 sends each ``m[v, o, c]`` back to the window's selected (max) or every (average) position and
-sums where windows overlap. Both products are gathers with the
-index maps of ``tf_jacbp.layers.pool_windows``: ``window_index`` (output -> its window's inputs)
-and its transpose ``input_index`` (input -> the window slots that read it), computed in NumPy
-once per image size (``window_maps``, cached: an input of unknown height or width,
-``keras.Input((None, None, C))``, gets the maps of each size it meets), static shapes,
-XLA-friendly. A graph traced for an unknown size computes the same
-``window_index`` with TensorFlow ops (``DynamicWindowMaps``) and sums with a segment sum.
+sums where windows overlap. Both products are gathers with the index maps of
+``tf_jacbp.layers.pool_windows``: ``window_index`` (output -> its window's inputs) and its
+transpose ``input_index`` (input -> the window slots that read it), computed in NumPy once per
+input size (``window_maps``, cached: an input of unknown sizes, ``keras.Input((None, None, C))``,
+gets the maps of each size it meets), static shapes, XLA-friendly. A graph traced for an
+unknown size takes the same ``window_index`` from ``tf_jacbp.backend`` (``DynamicWindowMaps``)
+and sums with a segment sum.
 
 The 1-D layers pool a sequence ``(T, C)`` as the image ``(1, T, C)`` with windows ``(1, p)``:
-the same matrices, rows and columns in the same row-major order.
+the same matrices, rows and columns in the same row-major order. The 3-D layers use the same
+maps over ``(D, H, W)``.
+
+Forward passes are ``keras.ops.max_pool``/``average_pool``, except in 3-D for dtypes without a
+TensorFlow 3-D pooling kernel (float64), where the window gathers compute them. The reference
+routes (autodiff's witness) are ``keras.ops.max_pool``/``average_pool`` in 1-D and 2-D; in 3-D,
+where TensorFlow has no float64 kernel and its float32 ``MaxPool3DGrad`` misroutes near-ties,
+an independent computation: the window's slots as strided slices of the padded input, the max
+picked by ``keras.ops.argmax`` (the first maximum) or the mean over the slots inside the input.
 """
 
 from __future__ import annotations
@@ -35,23 +44,31 @@ from typing import Any
 import numpy as np
 from keras import ops
 
-from tf_jacbp._backend import keras, tf
+from tf_jacbp import backend
+from tf_jacbp._backend import keras
 from tf_jacbp.geometry import (
     as_tuple,
     check_channels_last,
     check_padding,
     check_window_fits,
     output_size,
+    padding_amounts,
     spatial_shape,
 )
 from tf_jacbp.layers.base import JacobianLayer, build_at_construction
 from tf_jacbp.layers.pool_windows import DynamicWindowMaps, WindowMaps, window_maps
 
+Tensor = Any  # a tensor of Keras' backend
+
+# The dtypes TensorFlow's 3-D pooling kernels take (no float64).
+_POOL3D_DTYPES = ("float16", "bfloat16", "float32")
+
 
 class _Pooling(JacobianLayer):
     """Arguments, validation, window maps and Jacobian assembly shared by the pooling layers.
 
-    The maps work on ``(batch, H, W, C)``; the 1-D layers override ``as_image``/``from_image``.
+    The maps work on ``(batch, *image, C)`` (``image`` the ``(H, W)`` or ``(D, H, W)`` sizes);
+    the 1-D layers override ``as_image``/``from_image``.
     """
 
     rank = 2
@@ -72,9 +89,7 @@ class _Pooling(JacobianLayer):
         )
         self.padding = check_padding(padding, owner)
         self.data_format = check_channels_last(data_format, owner, self.rank)
-        self._compiled_input_gradient = tf.function(
-            self.input_gradient, jit_compile=True, autograph=False
-        )
+        self._compiled_input_gradient = backend.xla_function(self.input_gradient)
         build_at_construction(self, _Pooling)
 
     @property
@@ -87,18 +102,18 @@ class _Pooling(JacobianLayer):
         return as_tuple(value, self.rank, name, owner)
 
     @property
-    def window_2d(self) -> tuple[tuple[int, int], tuple[int, int]]:
-        """``(pool_size, strides)`` of the windows on the ``(H, W, C)`` image."""
+    def image_window(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``(pool_size, strides)`` of the windows on the image ``(*image, C)``."""
         return self.pool_size, self.strides
 
-    def as_image(self, x: tf.Tensor, lead: int = 1) -> tf.Tensor:
+    def as_image(self, x: Tensor, lead: int = 1) -> Tensor:
         """The input (after ``lead`` leading axes: the batch, or ``V`` and the batch) as
-        ``(..., H, W, C)``."""
+        ``(..., *image, C)``."""
         return x
 
-    def from_image(self, v: tf.Tensor, lead: int = 1) -> tf.Tensor:
-        """An image-shaped ``(..., H, W, C)`` tensor (``lead`` leading axes) in the layer's own
-        shape."""
+    def from_image(self, v: Tensor, lead: int = 1) -> Tensor:
+        """An image-shaped ``(..., *image, C)`` tensor (``lead`` leading axes) in the layer's
+        own shape."""
         return v
 
     def check_input(self, input_shape: tuple) -> None:
@@ -109,36 +124,36 @@ class _Pooling(JacobianLayer):
         if None not in sizes:
             check_window_fits(sizes, self.pool_size, self.padding, owner, "pool_size")
 
-    def call(self, inputs: tf.Tensor) -> tf.Tensor:
+    def call(self, inputs: Tensor) -> Tensor:
         """``check_input``, then ``y = forward(inputs)`` by ``route``."""
         self.check_input(inputs.shape)
         return super().call(inputs)
 
-    def maps(self, x: tf.Tensor) -> WindowMaps | DynamicWindowMaps:
-        """The window maps of ``x``'s image size (``(batch, H, W, C)``)."""
-        height, width = x.shape[1], x.shape[2]
-        if height is None or width is None:
-            return DynamicWindowMaps(x, *self.window_2d, self.padding)
-        return window_maps(height, width, *self.window_2d, self.padding)
+    def maps(self, x: Tensor) -> WindowMaps | DynamicWindowMaps:
+        """The window maps of ``x``'s image size (``(batch, *image, C)``)."""
+        sizes = tuple(x.shape[1:-1])
+        if None in sizes:
+            return DynamicWindowMaps(x, *self.image_window, self.padding)
+        return window_maps(*sizes, *self.image_window, self.padding)
 
-    def weights_per_slot(self, maps, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+    def weights_per_slot(self, maps, x: Tensor, y: Tensor) -> Tensor:
         """``(batch, P, S, C)``: the entry ``J[(o, c), (window slot s, c)]`` for each sample."""
         raise NotImplementedError
 
-    def input_gradient(self, m: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+    def input_gradient(self, m: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """``(J^T m[v, i])``: each ``m[v, i, o, c]`` times its slots' weights, summed onto the
         inputs.
 
-        ``m`` ``(V, batch, H_out, W_out, C)``, ``x`` ``(batch, H, W, C)``, ``y = forward(x)``;
-        returns ``(V, batch, H, W, C)``. The weights depend on the sample only, not on ``v``.
+        ``m`` ``(V, batch, *image_out, C)``, ``x`` ``(batch, *image, C)``, ``y = forward(x)``;
+        returns ``(V, batch, *image, C)``. The weights depend on the sample only, not on ``v``.
         """
         maps = self.maps(x)
-        lead = tf.shape(m)[:2]
-        m = tf.reshape(m, tf.concat([lead, [-1, 1, x.shape[-1]]], 0))  # (V, batch, P, 1, C)
+        lead = tuple(ops.shape(m)[:2])
+        m = ops.reshape(m, (*lead, -1, 1, x.shape[-1]))  # (V, batch, P, 1, C)
         slots = self.weights_per_slot(maps, x, y) * m  # (V, batch, P, S, C)
-        return maps.transpose(slots, tf.concat([lead, tf.shape(x)[1:]], 0))
+        return maps.transpose(slots, (*lead, *ops.shape(x)[1:]))
 
-    def vjp_input(self, m: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+    def vjp_input(self, m: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """``(J_x y)^T m``: ``(V, batch, *y.shape[1:])`` -> ``(V, batch, *x.shape[1:])``.
 
         Traced into a graph (``model.fit``), ``input_gradient`` runs compiled with XLA, which
@@ -146,13 +161,13 @@ class _Pooling(JacobianLayer):
         slower on CPU); executing eagerly it runs op by op, since compiling for each new call
         site would cost more than it saves."""
         args = (self.as_image(m, lead=2), self.as_image(x), self.as_image(y))
-        gradient = self.input_gradient if tf.executing_eagerly() else self._compiled_input_gradient
+        eager = backend.executing_eagerly()
+        gradient = self.input_gradient if eager else self._compiled_input_gradient
         return self.from_image(gradient(*args), lead=2)
 
-    def jacobian_factors(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
-        """``{self.factor_name: J_x y}`` at one sample ``x`` (``(H, W, C)``, or ``(T, C)`` for
-        the 1-D layers): ``(H_out W_out C, H W C)``, rows and columns row-major
-        (``tf_jacbp.layout``)."""
+    def jacobian_factors(self, x: Tensor) -> dict[str, Tensor]:
+        """``{self.factor_name: J_x y}`` at one sample ``x`` (``(*spatial, C)``):
+        ``(N_out C, N C)``, rows and columns row-major (``tf_jacbp.layout``)."""
         return {self.factor_name: self.input_jacobian(x)}
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
@@ -185,14 +200,71 @@ class _Pooling1D(_Pooling):
         super().__init__(pool_size, strides, padding, **kwargs)
 
     @property
-    def window_2d(self) -> tuple[tuple[int, int], tuple[int, int]]:
+    def image_window(self) -> tuple[tuple[int, int], tuple[int, int]]:
         return (1, self.pool_size[0]), (1, self.strides[0])
 
-    def as_image(self, x: tf.Tensor, lead: int = 1) -> tf.Tensor:
-        return tf.expand_dims(x, lead)
+    def as_image(self, x: Tensor, lead: int = 1) -> Tensor:
+        return ops.expand_dims(x, lead)
 
-    def from_image(self, v: tf.Tensor, lead: int = 1) -> tf.Tensor:
-        return tf.squeeze(v, lead)
+    def from_image(self, v: Tensor, lead: int = 1) -> Tensor:
+        return ops.squeeze(v, lead)
+
+
+class _Pooling3D(_Pooling):
+    """A volume ``(batch, D, H, W, C)`` pooled by windows ``(p_d, p_h, p_w)``."""
+
+    rank = 3
+
+    def __init__(
+        self,
+        pool_size: Any = (2, 2, 2),
+        strides: Any = None,
+        padding: str = "valid",
+        data_format: str | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(pool_size, strides, padding, data_format, **kwargs)
+
+    def has_kernel(self, x: Tensor) -> bool:
+        """Whether TensorFlow's 3-D pooling kernels take ``x``'s dtype (not float64)."""
+        return keras.backend.standardize_dtype(x.dtype) in _POOL3D_DTYPES
+
+    def window_forward(self, x: Tensor) -> Tensor:
+        """``y`` from the window gathers (``pool_windows``: the max or mean over the slots),
+        ``(batch, D, H, W, C)`` -> ``(batch, D_out, H_out, W_out, C)``."""
+        maps = self.maps(x)
+        y = self.pool_windows(maps, x)  # (batch, P, C)
+        return ops.reshape(y, (ops.shape(x)[0], *maps.output_sizes, x.shape[-1]))
+
+    def strided_windows(self, x: Tensor, fill: float) -> Tensor:
+        """Every window's inputs as strided slices of the padded input (no index maps):
+        ``(batch, D, H, W, C)`` -> ``(batch, D_out, H_out, W_out, C, S)``, slot ``s`` (row-major
+        over the window) the slice starting at its offset; padding reads ``fill``. The
+        reference routes' window extraction, independent of ``tf_jacbp.layers.pool_windows``."""
+        sizes = tuple(x.shape[1:-1])
+        if None in sizes:
+            raise ValueError(
+                f"{type(self).__name__} '{self.name}': the reference route needs known depth, "
+                f"height and width, got input shape {tuple(x.shape)}; give keras.Input the full "
+                "shape to run it."
+            )
+        pads = [
+            padding_amounts(n, k, s, self.padding)
+            for n, k, s in zip(sizes, self.pool_size, self.strides, strict=True)
+        ]
+        padded = ops.pad(x, ((0, 0), *pads, (0, 0)), constant_values=fill)
+        outs = [
+            output_size(n, k, s, self.padding)
+            for n, k, s in zip(sizes, self.pool_size, self.strides, strict=True)
+        ]
+        slots = []
+        for offset in np.ndindex(*self.pool_size):
+            index = tuple(
+                slice(t, t + (o - 1) * s + 1, s)
+                for t, o, s in zip(offset, outs, self.strides, strict=True)
+            )
+            slots.append(padded[(slice(None), *index)])
+        return ops.stack(slots, axis=-1)
 
 
 class _MaxSelection:
@@ -200,66 +272,83 @@ class _MaxSelection:
 
     factor_name = "J (selection by the arg-max)"
 
-    def forward(self, x: tf.Tensor) -> tf.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         """``y[o, c] = max_{n in S_o} x[n, c]``."""
+        if self.rank == 3 and not self.has_kernel(x):
+            return self.window_forward(x)
         return ops.max_pool(x, self.pool_size, self.strides, self.padding, "channels_last")
 
-    def reference(self, x: tf.Tensor) -> tf.Tensor:
-        return tf.nn.max_pool(x, self.pool_size, self.strides, self.padding.upper())
+    def reference(self, x: Tensor) -> Tensor:
+        """Stock ``keras.ops.max_pool`` (1-D, 2-D); in 3-D each window's first maximum
+        (``keras.ops.argmax``) among its strided slices, picked by ``where``."""
+        if self.rank != 3:
+            return ops.max_pool(x, self.pool_size, self.strides, self.padding, "channels_last")
+        windows = self.strided_windows(x, -np.inf)  # (batch, *out, C, S)
+        first = ops.one_hot(ops.argmax(windows, axis=-1), windows.shape[-1], dtype="bool")
+        return ops.sum(ops.where(first, windows, ops.zeros_like(windows)), axis=-1)
 
-    def input_gradient(self, m: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
-        """``J^T m[v, i]``. When the windows tile the input (``strides == pool_size``,
-        ``"valid"``, the size known) they are axes of ``x`` reshaped to
-        ``(batch, H_out, p_h, W_out, p_w, C)``: the same selection of each window's first
-        maximum, by reshapes and comparisons instead of the gathers of ``windows`` (rows and
-        columns past the last window get zero). ``m`` ``(V, batch, H_out, W_out, C)``."""
+    def pool_windows(self, maps, x: Tensor) -> Tensor:
+        """``(batch, P, C)``: each window's maximum over its gathered inputs."""
+        return ops.max(maps.windows(x, -np.inf), axis=2)
+
+    def input_gradient(self, m: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """``J^T m[v, i]``. When the windows tile an image (``strides == pool_size``,
+        ``"valid"``, the sizes known; 1-D and 2-D) they are axes of ``x`` reshaped to
+        ``(batch, o_1, p_1, ..., o_k, p_k, C)``: the same selection of each window's first
+        maximum, by reshapes and comparisons instead of the gathers of ``windows`` (positions
+        past the last window get zero). ``m`` ``(V, batch, *image_out, C)``."""
         maps = self.maps(x)
-        if not maps.tiled:
-            return super().input_gradient(m, x, y)
-        (h_out, w_out), (p_h, p_w) = maps.output_hw, self.window_2d[0]
-        (height, width), channels = maps.input_hw, x.shape[-1]
-        x = tf.reshape(x[:, : h_out * p_h, : w_out * p_w], [-1, h_out, p_h, w_out, p_w, channels])
-        y = tf.reshape(y, [-1, h_out, 1, w_out, 1, channels])
-        taken = tf.zeros_like(y, dtype=tf.bool)
-        rows = []
-        for s in range(p_h):  # slots in row-major order within the window, as ``windows``
-            row = []
-            for t in range(p_w):
-                first = tf.logical_and(
-                    tf.equal(x[:, :, s : s + 1, :, t : t + 1], y), tf.logical_not(taken)
-                )
-                taken = tf.logical_or(taken, first)
-                row.append(first)
-            rows.append(tf.concat(row, axis=4))
-        selected = tf.concat(rows, axis=2)  # J's entries, (batch, H_out, p_h, W_out, p_w, C)
-        first_slot = np.zeros((1, 1, p_h, 1, p_w, 1), bool)
-        first_slot[..., 0, :, 0, :] = True
-        selected = tf.logical_or(selected, tf.logical_and(tf.logical_not(taken), first_slot))
-        lead = tf.shape(m)[:2]
-        m = tf.reshape(m, tf.concat([lead, [h_out, 1, w_out, 1, channels]], 0))
-        dx = tf.where(selected, m, tf.zeros([], m.dtype))  # (V, batch, H_out, p_h, W_out, p_w, C)
-        dx = tf.reshape(dx, tf.concat([lead, [h_out * p_h, w_out * p_w, channels]], 0))
-        if (h_out * p_h, w_out * p_w) == (height, width):
-            return dx
-        return tf.pad(
-            dx, [[0, 0], [0, 0], [0, height - h_out * p_h], [0, width - w_out * p_w], [0, 0]]
-        )
+        if not maps.tiled or len(maps.input_sizes) > 2:  # (3-D: TensorFlow's kernels take at
+            return super().input_gradient(m, x, y)  # most 5 broadcast axes, and rank 6 pads)
+        pool, outs, sizes = self.image_window[0], maps.output_sizes, maps.input_sizes
+        channels, rank = x.shape[-1], len(pool)
+        covered = [o * p for o, p in zip(outs, pool, strict=True)]
+        split = [d for o, p in zip(outs, pool, strict=True) for d in (o, p)]
+        x = ops.reshape(x[(slice(None), *(slice(0, n) for n in covered))], (-1, *split, channels))
+        y = ops.reshape(y, (-1, *(d for o in outs for d in (o, 1)), channels))
+        taken = ops.zeros_like(y, dtype="bool")
 
-    def weights_per_slot(self, maps, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        def select(axis: int, offset: tuple) -> Tensor:
+            """The selection of the slots under ``offset`` (row-major, as ``windows``)."""
+            nonlocal taken
+            if axis == rank:
+                index = [slice(None)] * len(x.shape)
+                for a, t in enumerate(offset):
+                    index[2 + 2 * a] = slice(t, t + 1)
+                first = ops.logical_and(ops.equal(x[tuple(index)], y), ops.logical_not(taken))
+                taken = ops.logical_or(taken, first)
+                return first
+            parts = [select(axis + 1, (*offset, t)) for t in range(pool[axis])]
+            return ops.concatenate(parts, axis=2 + 2 * axis)
+
+        selected = select(0, ())  # J's entries, (batch, o_1, p_1, ..., o_k, p_k, C)
+        first_slot = np.zeros((1, *(d for p in pool for d in (1, p)), 1), bool)
+        first_slot[(slice(None), *(d for _ in pool for d in (slice(None), 0)))] = True
+        selected = ops.logical_or(selected, ops.logical_and(ops.logical_not(taken), first_slot))
+        lead = tuple(ops.shape(m)[:2])
+        m = ops.reshape(m, (*lead, *(d for o in outs for d in (o, 1)), channels))
+        dx = ops.where(selected, m, ops.zeros((), m.dtype))  # (V, batch, o_1, p_1, ..., C)
+        dx = ops.reshape(dx, (*lead, *covered, channels))
+        if tuple(covered) == tuple(sizes):
+            return dx
+        pads = [(0, n - c) for n, c in zip(sizes, covered, strict=True)]
+        return ops.pad(dx, ((0, 0), (0, 0), *pads, (0, 0)))
+
+    def weights_per_slot(self, maps, x: Tensor, y: Tensor) -> Tensor:
         """1 at the first slot of each window equal to its maximum ``y`` (the first slot inside
         the input if none is), else 0. Padding reads NaN, which equals nothing."""
         windows = maps.windows(x, np.nan)  # (batch, P, S, C)
-        y = tf.reshape(y, [tf.shape(y)[0], -1, x.shape[-1]])
-        taken = tf.zeros_like(y, dtype=tf.bool)
+        y = ops.reshape(y, (ops.shape(y)[0], -1, x.shape[-1]))
+        taken = ops.zeros_like(y, dtype="bool")
         selected = []
         for slot in range(windows.shape[2]):
-            first = tf.logical_and(tf.equal(windows[:, :, slot], y), tf.logical_not(taken))
-            taken = tf.logical_or(taken, first)
+            first = ops.logical_and(ops.equal(windows[:, :, slot], y), ops.logical_not(taken))
+            taken = ops.logical_or(taken, first)
             selected.append(first)
-        fallback = tf.logical_and(
-            tf.logical_not(taken)[:, :, None, :], maps.first_inside()[None, :, :, None]
+        fallback = ops.logical_and(
+            ops.logical_not(taken)[:, :, None, :], maps.first_inside()[None, :, :, None]
         )
-        return tf.cast(tf.logical_or(tf.stack(selected, axis=2), fallback), x.dtype)
+        return ops.cast(ops.logical_or(ops.stack(selected, axis=2), fallback), x.dtype)
 
 
 class _Averaging:
@@ -267,16 +356,29 @@ class _Averaging:
 
     factor_name = "J (averaging)"
 
-    def forward(self, x: tf.Tensor) -> tf.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         """``y[o, c] = (1 / |S_o|) sum_{n in S_o} x[n, c]``."""
+        if self.rank == 3 and not self.has_kernel(x):
+            return self.window_forward(x)
         return ops.average_pool(x, self.pool_size, self.strides, self.padding, "channels_last")
 
-    def reference(self, x: tf.Tensor) -> tf.Tensor:
-        return tf.nn.avg_pool(x, self.pool_size, self.strides, self.padding.upper())
+    def reference(self, x: Tensor) -> Tensor:
+        """Stock ``keras.ops.average_pool`` (1-D, 2-D); in 3-D the sum of each window's strided
+        slices over the number of them inside the input."""
+        if self.rank != 3:
+            return ops.average_pool(x, self.pool_size, self.strides, self.padding, "channels_last")
+        total = ops.sum(self.strided_windows(x, 0.0), axis=-1)
+        count = ops.sum(self.strided_windows(ops.ones_like(x[:1, ..., :1]), 0.0), axis=-1)
+        return total / count
 
-    def weights_per_slot(self, maps, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+    def pool_windows(self, maps, x: Tensor) -> Tensor:
+        """``(batch, P, C)``: each window's mean over its inputs inside the input."""
+        weights = ops.cast(maps.averaging(), x.dtype)[None, :, :, None]
+        return ops.sum(maps.windows(x, 0.0) * weights, axis=2)
+
+    def weights_per_slot(self, maps, x: Tensor, y: Tensor) -> Tensor:
         """``1 / |S_o|`` at every slot inside the input, 0 at slots in the padding."""
-        return tf.cast(maps.averaging(), x.dtype)[None, :, :, None]
+        return ops.cast(maps.averaging(), x.dtype)[None, :, :, None]
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
@@ -334,4 +436,38 @@ class AveragePooling1D(_Averaging, _Pooling1D):
         data_format: ``None`` or ``"channels_last"``.
 
     Input ``(batch, T, C)`` with ``C`` known (``T`` may be None); output ``(batch, T_out, C)``.
+    """
+
+
+@keras.saving.register_keras_serializable(package="tf_jacbp")
+class MaxPooling3D(_MaxSelection, _Pooling3D):
+    """3-D max pooling with ``J`` the selection of each window's (first) arg-max, row-major
+    within the ``p_d x p_h x p_w`` window.
+
+    Args (as ``keras.layers.MaxPooling3D``):
+        pool_size: ``(p_d, p_h, p_w)`` or one int, >= 1.
+        strides: ``(s_d, s_h, s_w)``, one int, or ``None`` for ``pool_size``.
+        padding: ``"valid"`` or ``"same"`` (padding never wins the max).
+        data_format: ``None`` or ``"channels_last"``.
+
+    Input ``(batch, D, H, W, C)`` with ``C`` known (``D``, ``H``, ``W`` may be None: maps per
+    size met); output ``(batch, D_out, H_out, W_out, C)``. float64 works (the forward pass then
+    takes each window's maximum from the window gathers: TensorFlow's 3-D pooling has no float64
+    kernel).
+    """
+
+
+@keras.saving.register_keras_serializable(package="tf_jacbp")
+class AveragePooling3D(_Averaging, _Pooling3D):
+    """3-D average pooling with ``J`` the averaging matrix (``1 / |S_o|`` over each window).
+
+    Args (as ``keras.layers.AveragePooling3D``):
+        pool_size: ``(p_d, p_h, p_w)`` or one int, >= 1.
+        strides: ``(s_d, s_h, s_w)``, one int, or ``None`` for ``pool_size``.
+        padding: ``"valid"`` or ``"same"`` ("same" divides by the inputs inside each window).
+        data_format: ``None`` or ``"channels_last"``.
+
+    Input ``(batch, D, H, W, C)`` with ``C`` known (``D``, ``H``, ``W`` may be None); output
+    ``(batch, D_out, H_out, W_out, C)``. float64 works (the forward pass then averages the
+    window gathers: TensorFlow's 3-D pooling has no float64 kernel).
     """

@@ -31,9 +31,11 @@ from typing import Any
 import numpy as np
 from keras import ops
 
-from tf_jacbp._backend import keras, tf
+from tf_jacbp._backend import keras
 from tf_jacbp.geometry import as_pair, check_channels_last
 from tf_jacbp.layers.base import JacobianLayer, build_at_construction
+
+Tensor = Any  # a tensor of Keras' backend
 
 
 class _Reshaping(JacobianLayer):
@@ -41,7 +43,7 @@ class _Reshaping(JacobianLayer):
 
     factor_name = "J"
 
-    def jacobian_factors(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
+    def jacobian_factors(self, x: Tensor) -> dict[str, Tensor]:
         """``{self.factor_name: J_x y}`` at one sample ``x``: ``(N_out, N_in)``, rows and columns
         row-major."""
         return {self.factor_name: self.input_jacobian(x)}
@@ -84,13 +86,13 @@ class UpSampling2D(_Image):
             raise ValueError(
                 f"UpSampling2D: only interpolation='nearest' is supported, got "
                 f"interpolation={interpolation!r}. (Keras' other modes go through "
-                "tf.image.resize, which computes in float32 whatever the input's dtype; their "
-                "Jacobians are not implemented here.)"
+                "keras.ops.image.resize, which computes in float32 whatever the input's dtype; "
+                "their Jacobians are not implemented here.)"
             )
         self.interpolation = "nearest"
         self.input_spec = keras.layers.InputSpec(ndim=4)
 
-    def forward(self, x: tf.Tensor) -> tf.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         """Each ``x[i, j, c]`` broadcast to an ``s_h x s_w`` block of ``y``."""
         (s_h, s_w), (batch, height, width, channels) = self.size, ops.shape(x)
         blocks = ops.broadcast_to(
@@ -98,10 +100,10 @@ class UpSampling2D(_Image):
         )
         return ops.reshape(blocks, (batch, height * s_h, width * s_w, channels))
 
-    def reference(self, x: tf.Tensor) -> tf.Tensor:
-        return tf.repeat(tf.repeat(x, self.size[0], axis=1), self.size[1], axis=2)
+    def reference(self, x: Tensor) -> Tensor:
+        return ops.repeat(ops.repeat(x, self.size[0], axis=1), self.size[1], axis=2)
 
-    def vjp_input(self, m: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+    def vjp_input(self, m: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """``J^T m``: ``dx[v, i, h, w, c]`` is the sum of ``m[v, i]``'s block ``(h, w)`` of
         channel ``c``, ``(V, batch, H s_h, W s_w, C)`` -> ``(V, batch, H, W, C)``."""
         batch, height, width, channels = ops.shape(x)
@@ -170,14 +172,14 @@ class ZeroPadding2D(_Image):
         self.data_format = check_channels_last(data_format, "ZeroPadding2D")
         self.input_spec = keras.layers.InputSpec(ndim=4)
 
-    def forward(self, x: tf.Tensor) -> tf.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         """``x`` framed by zeros."""
         return ops.pad(x, ((0, 0), *self.padding, (0, 0)))
 
-    def reference(self, x: tf.Tensor) -> tf.Tensor:
-        return tf.pad(x, [[0, 0], *self.padding, [0, 0]], mode="CONSTANT")
+    def reference(self, x: Tensor) -> Tensor:
+        return ops.pad(x, ((0, 0), *self.padding, (0, 0)), mode="constant")
 
-    def vjp_input(self, m: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+    def vjp_input(self, m: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """``J^T m``: each ``m[v, i]`` cropped to the input's rows and columns,
         ``(V, batch, H + t + b, W + l + r, C)`` -> ``(V, batch, H, W, C)``."""
         (top, _), (left, _) = self.padding
@@ -253,17 +255,17 @@ class Reshape(_Reshaping):
             )
         return tuple(size // known if n == -1 else n for n in self.target_shape)
 
-    def forward(self, x: tf.Tensor) -> tf.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         """``vec(y) = vec(x)`` in ``target_shape``, its ``-1`` resolved from ``x``'s static
         shape where known (a traced graph then keeps the size it infers, as stock)."""
         resolved = self.resolved_shape(tuple(x.shape[1:]))
         return ops.reshape(x, (ops.shape(x)[0], *(-1 if n is None else n for n in resolved)))
 
-    def reference(self, x: tf.Tensor) -> tf.Tensor:
+    def reference(self, x: Tensor) -> Tensor:
         resolved = self.resolved_shape(tuple(x.shape[1:]))
-        return tf.reshape(x, [tf.shape(x)[0], *(-1 if n is None else n for n in resolved)])
+        return ops.reshape(x, (ops.shape(x)[0], *(-1 if n is None else n for n in resolved)))
 
-    def vjp_input(self, m: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+    def vjp_input(self, m: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """``J^T m = m``: each ``m[v, i]`` in ``x``'s sample shape, ``(V, batch, *target)`` ->
         ``(V, batch, *x.shape[1:])``."""
         return ops.reshape(m, (ops.shape(m)[0], *ops.shape(x)))
