@@ -151,3 +151,25 @@ def test_secure_mode_draws_standard_normals_from_the_operating_system():
         noises.append(step_noise(model, x, y, LR))
     assert not np.allclose(noises[0], noises[1])
     assert np.std(noises[0]) == pytest.approx(SIGMA * CLIP, rel=0.5)
+
+
+def test_checkpoints_move_between_plain_and_private_models(tmp_path):
+    """The DP state has its own entry in the file: a DP checkpoint loads into the plain model of
+    the same layers (deployment), and a plain checkpoint into a DPModel (private fine-tuning),
+    whose noise state and ledger stay its own."""
+    model = _model(sampling_rate=0.25)
+    x, y = data(model, 8)
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    path = os.path.join(tmp_path, "dp.weights.h5")
+    model.save_weights(path)
+    plain = mlp()
+    plain.load_weights(path)
+    np.testing.assert_array_equal(flat(plain.get_weights()), flat(model.get_weights()))
+    plain_path = os.path.join(tmp_path, "plain.weights.h5")
+    plain.save_weights(plain_path)
+    private = _model(seed=12)
+    state = private.noise_seed.state.numpy()
+    private.load_weights(plain_path)
+    np.testing.assert_array_equal(flat(private.get_weights()), flat(model.get_weights()))
+    np.testing.assert_array_equal(private.noise_seed.state.numpy(), state)
+    assert private.privacy_steps == 0 and model.privacy_steps == 2

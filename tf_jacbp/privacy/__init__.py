@@ -6,7 +6,7 @@ Each training step of a ``DPModel`` computes, for a batch of ``B`` samples,
 
 where ``g_i = grad_theta l(y_i, yhat_i)`` is sample ``i``'s gradient of its own loss term (the
 loss's per-sample value, before the batch reduction), ``C`` is ``l2_norm_clip``, ``sigma`` is
-``noise_multiplier`` and ``B'`` is the batch size: the actual one by default, or
+``noise_multiplier`` and ``B'`` is the batch size: the actual one by default (at least 1), or
 ``expected_batch_size`` when batches are Poisson-sampled (``poisson_batches``; dividing by the
 actual size would leak it). The optimizer then applies ``g_tilde`` as it would any gradient.
 
@@ -20,25 +20,33 @@ The clipped sum takes two passes over one forward pass, and never forms a per-sa
    pass 1's rows scaled by ``c_i``: the second pass is each layer's parameter product
    (``A^T (c * Delta)`` for a Dense kernel) on the rows pass 1 already computed.
 
-What the privacy guarantee assumes. ``compute_epsilon`` and ``EpsilonLogger`` account for the
-Poisson-subsampled Gaussian mechanism: every step includes each of the ``N`` training samples
-independently with probability ``q`` (the sampling rate), and the noise is Gaussian with standard
-deviation ``sigma C`` on a sum of gradients each clipped to norm ``C``, under add/remove-one
-adjacency. ``poisson_batches`` implements that sampling. Training on shuffled fixed-size batches
+What the privacy guarantee assumes. ``compute_epsilon``, ``EpsilonLogger`` and
+``DPModel.privacy_spent`` account for the Poisson-subsampled Gaussian mechanism: every step
+includes each of the ``N`` training samples independently with probability ``q`` (the sampling
+rate), and the noise is Gaussian with standard deviation ``sigma C`` on a sum of gradients each
+clipped to norm ``C``, under add/remove-one adjacency. ``poisson_batches`` implements that
+sampling (an empty batch is a step of noise alone). Training on shuffled fixed-size batches
 (``model.fit(x, y, batch_size=B)``) is the common practice, also of TensorFlow Privacy's
 tutorials, and its epsilon computed with ``q = B / N`` is then what Poisson sampling would give,
-not a proven guarantee for shuffling. The noise comes from TensorFlow's pseudo-random generator,
-not a cryptographically secure one; floating point effects on the Gaussian mechanism are not
-accounted for (as in TensorFlow Privacy and Opacus' default mode).
+not a proven guarantee for shuffling; ``privacy_statement`` prints both that number and the bound
+that holds without the assumption. The noise comes from a pseudo-random generator seeded from
+the operating system's entropy (a fixed ``seed`` is for tests only), or with ``secure_mode``
+from ``os.urandom``; floating-point effects on the Gaussian mechanism are not accounted for (as in
+TensorFlow Privacy and Opacus). The generator's state and the privacy ledger (steps at each
+``q`` and ``sigma``) are saved with the model: a resumed run continues the noise sequence and
+its epsilon is for the whole training. ``docs/privacy.md`` has the details and a reproduced run.
 
 Only what the per-sample gradient covers is private: weight regularizers (their gradient does not
-depend on the data) are added after the noise; activity regularizers, ``sample_weight`` and
-losses without per-sample values raise an error, as does a model with trainable variables that
-no tf_jacbp layer accounts for. Nothing falls back to non-private training.
+depend on the data) are added after the noise; ``sample_weight`` weights each sample's loss
+before it is clipped; activity regularizers and losses without per-sample values raise an
+error, as does a model with trainable variables that no tf_jacbp layer accounts for. Nothing
+falls back to non-private training.
 
-The package's modules: ``dpsgd`` (``clipped_gradients``, ``DPModel``, ``make_private``,
-``poisson_batches``) and ``accounting`` (``compute_epsilon``, ``EpsilonLogger``); every public
-name is importable from ``tf_jacbp.privacy``.
+The package's modules: ``dpsgd`` (``clipped_gradients``, ``clip_groups``, ``poisson_batches``),
+``model`` (``DPModel``, ``make_private``), ``noise`` (``fresh_seed``, the secure mode),
+``accounting`` (``compute_epsilon``, ``epsilon_of_ledger``, ``noise_multiplier_for_epsilon``,
+``EpsilonLogger``) and ``statement`` (``privacy_statement``, ``epsilon_once_per_epoch``); every
+public name is importable from ``tf_jacbp.privacy``.
 """
 
 from tf_jacbp.privacy.accounting import (

@@ -1,7 +1,7 @@
-"""DP-SGD's training: the clipped, noisy gradient, a model that trains on it, Poisson batches.
+"""DP-SGD's gradient and batches: the clipped, noisy gradient and Poisson sampling.
 
 ``clipped_gradients`` computes DP-SGD's gradient in two passes over one forward pass (see
-``tf_jacbp.privacy``'s docstring); ``DPModel`` (or ``make_private``) trains on it with ``fit``;
+``tf_jacbp.privacy``'s docstring); ``tf_jacbp.privacy.model.DPModel`` trains on it with ``fit``;
 ``poisson_batches`` samples the batches the accountant assumes.
 """
 
@@ -279,8 +279,7 @@ def poisson_batches(
     ``round(1 / q)``, one pass in expectation) steps make an epoch; every epoch draws anew. Train a
     ``DPModel(expected_batch_size=q * N)`` on it: that is the sampling ``compute_epsilon``
     accounts for. An empty batch (probability ``(1 - q)^N``, about ``exp(-q N)``) is a step of
-    noise alone; tf_jacbp's losses do not accept empty batches yet, so keep ``q N`` large
-    (``exp(-50)`` at ``q N = 50``).
+    noise alone (``clipped_gradients`` gives the losses one dummy sample of weight 0).
     """
     q = check_sampling_rate(sampling_rate)
     if len(x) != len(y):

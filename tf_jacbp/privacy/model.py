@@ -4,10 +4,14 @@ travel with every checkpoint; ``make_private`` builds one (optionally calibratin
 from __future__ import annotations
 
 import sys
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+# Keras' saving walks a model's KerasSaveable attributes; the class is not exported publicly.
+from keras.src.saving.keras_saveable import KerasSaveable
 
 from tf_jacbp._backend import keras, tf
 from tf_jacbp.jacobian import parameter_variables
@@ -49,7 +53,13 @@ class _Ledger:
     ``DPModel.save_own_variables`` writes it into every checkpoint."""
 
     def __init__(self) -> None:
-        self.steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="dp_steps")
+        self.steps = tf.Variable(
+            0,
+            dtype=tf.int64,
+            trainable=False,
+            name="dp_steps",
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,  # one count per step
+        )
         self.rows: list[list[Any]] = []  # [q or None, sigma, steps]
         self.start = 0
 
@@ -68,6 +78,44 @@ class _Ledger:
             else:
                 merged.append([q, s, n])
         return [(q, s, int(n)) for q, s, n in merged]
+
+
+class _PrivacyState(KerasSaveable):
+    """The noise generator's state and the privacy ledger, as Keras' saving walks them: an
+    attribute of the DPModel that ``save``, ``save_weights`` (and so ``BackupAndRestore``) write
+    under its own path. A plain model has no such attribute and skips the entry, so a DP
+    checkpoint loads into the plain model of the same layers; a checkpoint without the entry (a
+    plain model's) loads into a DPModel, whose noise state and ledger then stay as they are."""
+
+    def __init__(self, model: DPModel):
+        self._owner = weakref.ref(model)  # not an attribute Keras' saving would walk into
+
+    def _obj_type(self) -> str:
+        return "Operation"  # one of the kinds Keras' saving accepts; only names attributes to skip
+
+    def save_own_variables(self, store: Any) -> None:
+        model = self._owner()
+        store[_NOISE_STATE] = np.asarray(model.noise_seed.state.numpy())
+        rows = model.privacy_ledger
+        store[_LEDGER] = np.array(
+            [[np.nan if q is None else q, s, n] for q, s, n in rows], np.float64
+        ).reshape(-1, 3)
+
+    def load_own_variables(self, store: Any) -> None:
+        model, keys = self._owner(), list(store.keys())
+        if _NOISE_STATE in keys:
+            model.noise_seed.state.assign(np.asarray(store[_NOISE_STATE]))
+        if _LEDGER in keys:
+            ledger = model._ledger
+            rows = np.asarray(store[_LEDGER], np.float64).reshape(-1, 3)
+            ledger.rows = [
+                [None if np.isnan(q) else float(q), float(s), int(n)] for q, s, n in rows
+            ]
+            total = int(sum(r[2] for r in ledger.rows))
+            ledger.steps.assign(total)
+            ledger.start = total
+            if model.sampling_rate is None and ledger.rows:
+                model._sampling_rate = ledger.rows[-1][0]
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
@@ -94,8 +142,8 @@ class DPModel(keras.Model):
 
     What is saved: ``save``, ``save_weights`` and ``BackupAndRestore`` keep, besides the weights,
     the noise generator's state (a resumed run continues the noise sequence; it never draws the
-    same noise again) and the privacy ledger, the steps taken at each (``q``, ``sigma``):
-    ``privacy_spent`` and ``EpsilonLogger`` then account for the whole training.
+    same noise again) and the privacy ledger (``_PrivacyState``), the steps taken at each
+    (``q``, ``sigma``): ``privacy_spent`` and ``EpsilonLogger`` then account for the whole training.
     ``keras.models.clone_model`` keeps the DP settings (not the ledger: the clone is untrained).
 
     The loss must be per-sample with Keras' default reduction; ``sample_weight`` weights each
@@ -143,6 +191,7 @@ class DPModel(keras.Model):
         self.seed = settings["seed"]
         initial = fresh_seed() if self.seed is None else int(self.seed)
         self.noise_seed = keras.random.SeedGenerator(initial, name="dp_noise_seed")
+        self.privacy_state = _PrivacyState(self)  # saved with the model (Keras walks it)
 
     @property
     def l2_norm_clip(self) -> Any:
@@ -244,34 +293,6 @@ class DPModel(keras.Model):
         if tracker is not None:  # what Keras' own train_step reports as "loss"
             tracker.update_state(loss, sample_weight=batch)
         return self.compute_metrics(x, y, info["y_pred"], sample_weight=sample_weight)
-
-    def save_own_variables(self, store: Any) -> None:
-        """Keras' variables, then the noise generator's state and the privacy ledger."""
-        super().save_own_variables(store)
-        store[_NOISE_STATE] = np.asarray(self.noise_seed.state.numpy())
-        rows = self.privacy_ledger
-        store[_LEDGER] = np.array(
-            [[np.nan if q is None else q, s, n] for q, s, n in rows], np.float64
-        ).reshape(-1, 3)
-
-    def load_own_variables(self, store: Any) -> None:
-        """Restores what ``save_own_variables`` wrote; a file saved before the noise state and
-        ledger were saved loads too (both then start afresh)."""
-        keys = list(store.keys())
-        own = {k: store[k] for k in keys if k not in (_NOISE_STATE, _LEDGER)}
-        super().load_own_variables(own)
-        if _NOISE_STATE in keys:
-            self.noise_seed.state.assign(np.asarray(store[_NOISE_STATE]))
-        if _LEDGER in keys:
-            rows = np.asarray(store[_LEDGER], np.float64).reshape(-1, 3)
-            self._ledger.rows = [
-                [None if np.isnan(q) else float(q), float(s), int(n)] for q, s, n in rows
-            ]
-            total = int(sum(r[2] for r in self._ledger.rows))
-            self._ledger.steps.assign(total)
-            self._ledger.start = total
-            if self._sampling_rate is None and self._ledger.rows:
-                self._sampling_rate = self._ledger.rows[-1][0]
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
