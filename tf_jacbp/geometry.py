@@ -119,6 +119,8 @@ def spatial_shape(
             if rank == 2
             else "Add a channel axis, e.g. x[..., None] or keras.layers.Reshape((steps, 1))."
         )
+        if rank == 3:
+            example = "Add a channel axis to volumes, e.g. x[..., None]."
         raise ValueError(
             f"{owner} expects inputs of shape (batch, {', '.join(names)}, channels), got input "
             f"shape {tuple(input_shape)} (rank {len(input_shape)}). {example}"
@@ -127,6 +129,8 @@ def spatial_shape(
     if sizes[-1] is None or (not allow_unknown and any(n is None for n in sizes)):
         known = "channel count" if allow_unknown else f"{', '.join(names)} and channel count"
         example = "(28, 28, 1)" if rank == 2 else "(100, 8)"
+        if rank == 3:
+            example = "(16, 16, 16, 1)"
         raise ValueError(
             f"{owner} needs a known {known}, got input shape {tuple(input_shape)}; the index "
             f"maps are built for fixed sizes. Give keras.Input a full shape, e.g. "

@@ -30,7 +30,8 @@ the same matrices, rows and columns in the same row-major order. The 3-D layers 
 maps over ``(D, H, W)``.
 
 Forward passes are ``keras.ops.max_pool``/``average_pool``, except in 3-D for dtypes without a
-TensorFlow 3-D pooling kernel (float64), where the window gathers compute them. The reference
+TensorFlow 3-D pooling kernel on every device (float64, float16), where the window gathers
+compute them. The reference
 routes (autodiff's witness) are ``keras.ops.max_pool``/``average_pool`` in 1-D and 2-D; in 3-D,
 where TensorFlow has no float64 kernel and its float32 ``MaxPool3DGrad`` misroutes near-ties,
 an independent computation: the window's slots as strided slices of the padded input, the max
@@ -52,7 +53,6 @@ from tf_jacbp.geometry import (
     check_padding,
     check_window_fits,
     output_size,
-    padding_amounts,
     spatial_shape,
 )
 from tf_jacbp.layers.base import JacobianLayer, build_at_construction
@@ -60,8 +60,9 @@ from tf_jacbp.layers.pool_windows import DynamicWindowMaps, WindowMaps, window_m
 
 Tensor = Any  # a tensor of Keras' backend
 
-# The dtypes TensorFlow's 3-D pooling kernels take (no float64).
-_POOL3D_DTYPES = ("float16", "bfloat16", "float32")
+# The dtypes TensorFlow's 3-D pooling kernels take on every device (no float64; float16 has
+# GPU and XLA kernels only).
+_POOL3D_DTYPES = ("bfloat16", "float32")
 
 
 class _Pooling(JacobianLayer):
@@ -226,7 +227,8 @@ class _Pooling3D(_Pooling):
         super().__init__(pool_size, strides, padding, data_format, **kwargs)
 
     def has_kernel(self, x: Tensor) -> bool:
-        """Whether TensorFlow's 3-D pooling kernels take ``x``'s dtype (not float64)."""
+        """Whether TensorFlow's 3-D pooling kernels take ``x``'s dtype on every device
+        (float32, bfloat16; not float64, and float16 not on CPU)."""
         return keras.backend.standardize_dtype(x.dtype) in _POOL3D_DTYPES
 
     def window_forward(self, x: Tensor) -> Tensor:
@@ -241,22 +243,19 @@ class _Pooling3D(_Pooling):
         ``(batch, D, H, W, C)`` -> ``(batch, D_out, H_out, W_out, C, S)``, slot ``s`` (row-major
         over the window) the slice starting at its offset; padding reads ``fill``. The
         reference routes' window extraction, independent of ``tf_jacbp.layers.pool_windows``."""
-        sizes = tuple(x.shape[1:-1])
-        if None in sizes:
-            raise ValueError(
-                f"{type(self).__name__} '{self.name}': the reference route needs known depth, "
-                f"height and width, got input shape {tuple(x.shape)}; give keras.Input the full "
-                "shape to run it."
-            )
-        pads = [
-            padding_amounts(n, k, s, self.padding)
-            for n, k, s in zip(sizes, self.pool_size, self.strides, strict=True)
-        ]
+        sizes = ops.shape(x)[1:-1]  # ints, or scalar tensors for sizes unknown when traced
+        pads, outs = [], []
+        for n, k, s in zip(sizes, self.pool_size, self.strides, strict=True):
+            if self.padding == "same":  # TensorFlow's rule (tf_jacbp.geometry.same_padding)
+                out = (n + s - 1) // s
+                total = (out - 1) * s + k - n
+                total = max(total, 0) if isinstance(total, int) else ops.maximum(total, 0)
+                pads.append((total // 2, total - total // 2))
+            else:
+                out = (n - k) // s + 1
+                pads.append((0, 0))
+            outs.append(out)
         padded = ops.pad(x, ((0, 0), *pads, (0, 0)), constant_values=fill)
-        outs = [
-            output_size(n, k, s, self.padding)
-            for n, k, s in zip(sizes, self.pool_size, self.strides, strict=True)
-        ]
         slots = []
         for offset in np.ndindex(*self.pool_size):
             index = tuple(
