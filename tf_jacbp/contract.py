@@ -46,7 +46,6 @@ __all__ = ["DERIVED", "JacobianMap", "check_shape", "squared_norms_of", "vec_row
 
 # The methods derived from the contract: a map that defines one of these is refused.
 DERIVED = ("backward", "per_example_backward", "per_example_squared_norms", "jacobian_rows")
-_STRICT = False  # TRANSITION: set True once every map is ported to the contract
 
 
 def check_shape(owner: Any, method: str, what: str, value: Any, expected: Sequence) -> None:
@@ -102,7 +101,7 @@ class JacobianMap:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         defined = [name for name in DERIVED if name in cls.__dict__]
-        if defined and _STRICT:
+        if defined:
             raise TypeError(
                 f"{cls.__name__} defines {', '.join(defined)}: these are derived from the "
                 "contract (tf_jacbp.contract) and must not be overridden. Implement "
@@ -187,8 +186,6 @@ class JacobianMap:
     def per_example_backward(self, dy: Any, x: Any, y: Any, *args: Any) -> tuple[Any, list]:
         """``backward`` without the sum over the batch: gradient ``i`` is
         ``(J_p F(x_i))^T dy_i``, ``(batch, *p.shape)`` per parameter."""
-        if _legacy(self):
-            return _legacy_per_example_backward(self, dy, x, y, *args)
         m = ops.expand_dims(dy, 0)
         dx = self._input_products(m, x, y, args)
         grads = self._parameter_products(m, x, y, args, sum_batch=False)
@@ -197,9 +194,6 @@ class JacobianMap:
     def per_example_squared_norms(self, dy: Any, x: Any, y: Any, *args: Any) -> list:
         """``[||(J_p F(x_i))^T dy_i||^2 (batch,) for p in params]``: the map's ``squared_norms``
         where it has one, else the squares of ``per_example_backward``'s rows."""
-        if _legacy(self):
-            _, grads = self.per_example_backward(dy, x, y, *args)
-            return [squared_norms_of(g) for g in grads]
         m = ops.expand_dims(dy, 0)
         if self.squared_norms is None:
             grads = self._parameter_products(m, x, y, args, sum_batch=False)
@@ -214,8 +208,6 @@ class JacobianMap:
         """Rows ``M J_x F`` and ``[M J_p F]`` for ``k`` rows per sample, ``M`` ``(batch, k,
         *y.shape[1:])``: ``(batch, k, *x.shape[1:])`` (a list for several inputs) and
         ``(batch, k, size(p))`` per parameter, columns in ``Vec`` order."""
-        if _legacy(self):
-            return _legacy_jacobian_rows(self, m, x, y, *args)
         stacked = ops.moveaxis(m, 1, 0)  # (k, batch, ...): the rows are the contract's V axis
         dx = self._input_products(stacked, x, y, args)
         grads = self._parameter_products(stacked, x, y, args, sum_batch=False)
@@ -233,38 +225,3 @@ def _first(dx: Any) -> Any:
 def _batch_size(x: Any) -> Any:
     first = x[0] if isinstance(x, (list, tuple)) else x
     return first.shape[0]
-
-
-# TRANSITION: maps not yet ported to the contract keep the old defaults, from their backward.
-
-
-def _legacy(op: Any) -> bool:
-    return type(op).vjp_input is JacobianMap.vjp_input
-
-
-def _legacy_per_example_backward(op, dy, x, y, *params):
-    import tensorflow as tf
-
-    if not params:
-        return op.backward(dy, x, y)
-
-    def one(args):
-        dy_i, x_i, y_i = (t[None] for t in args)
-        dx_i, dps = op.backward(dy_i, x_i, y_i, *params)
-        return dx_i[0], dps
-
-    return tf.vectorized_map(one, (dy, x, y))
-
-
-def _legacy_jacobian_rows(op, m, x, y, *params):
-    import tensorflow as tf
-
-    from tf_jacbp.layout import vec_parameter_batch
-
-    batch, k = tf.shape(m)[0], tf.shape(m)[1]
-    rows = tf.reshape(m, tf.concat([[batch * k], tf.shape(m)[2:]], 0))
-    dx, dps = op.per_example_backward(
-        rows, tf.repeat(x, k, axis=0), tf.repeat(y, k, axis=0), *params
-    )
-    dx = tf.reshape(dx, tf.concat([[batch, k], tf.shape(x)[1:]], 0))
-    return dx, [tf.reshape(vec_parameter_batch(g), [batch, k, -1]) for g in dps]

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import tf_jacbp
 from tf_jacbp import jacobian, layers, tolerances
-from tf_jacbp.layers.base import squared_norms
+from tf_jacbp.contract import squared_norms_of as squared_norms
 from tf_jacbp.layers.layer_norm import LayerNormalization
 from tf_jacbp.testing import check_layer as run_layer_test
 

@@ -17,7 +17,7 @@ import dataclasses
 from typing import Any
 
 from tf_jacbp._backend import keras, tf
-from tf_jacbp.contract import JacobianMap, squared_norms_of
+from tf_jacbp.contract import squared_norms_of
 from tf_jacbp.jacobian.graph import graph, validated_variables
 from tf_jacbp.jacobian.inputs import check_x, check_y, loss_function
 from tf_jacbp.layers.base import JacobianLayer
@@ -113,11 +113,8 @@ def _product(op: Any, product: str, m: Any, x: Any, y: Any, params: list, shared
         return op.jacobian_rows(m, x, y, *params)
     if product == "gradients" or shared or not params:
         return op.per_example_backward(m, x, y, *params)
-    if hasattr(op, "vjp_input") and type(op).vjp_input is not JacobianMap.vjp_input:
-        dx = op.vjp_input(m[None], x, y, *params)
-        dx = [d[0] for d in dx] if isinstance(dx, (list, tuple)) else dx[0]
-    else:  # TRANSITION: unported layers
-        dx, _ = op.backward(m, x, y, *params)
+    dx = op.vjp_input(m[None], x, y, *params)  # delta moves back; the norms need no sums
+    dx = [d[0] for d in dx] if isinstance(dx, (list, tuple)) else dx[0]
     return dx, op.per_example_squared_norms(m, x, y, *params)
 
 

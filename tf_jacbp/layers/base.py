@@ -363,9 +363,6 @@ class _KernelBiasLayer(JacobianLayer):
         }
 
 
-squared_norms = squared_norms_of  # TRANSITION: layers still import it under this name
-
-
 def patch_product_squared_norms(a: Tensor, d: Tensor) -> Tensor:
     """``||A_i^T D_i||_F^2`` for each sample, ``A`` ``(batch, P, M)``, ``D`` ``(batch, P, F)``.
 
@@ -385,4 +382,4 @@ def patch_product_squared_norms(a: Tensor, d: Tensor) -> Tensor:
         gram_a = ops.einsum("bpm,bqm->bpq", a, a)  # (batch, P, P)
         gram_d = ops.einsum("bpf,bqf->bpq", d, d)
         return ops.sum(gram_a * gram_d, axis=(1, 2))
-    return squared_norms(ops.einsum("bpm,bpf->bmf", a, d))  # (batch, M, F)
+    return squared_norms_of(ops.einsum("bpm,bpf->bmf", a, d))  # (batch, M, F)

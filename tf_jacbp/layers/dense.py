@@ -28,12 +28,12 @@ from keras import ops
 
 from tf_jacbp import activations
 from tf_jacbp._backend import keras
+from tf_jacbp.contract import squared_norms_of
 from tf_jacbp.layers.base import (
     _UNSUPPORTED,
     _KernelBiasLayer,
     patch_product_squared_norms,
     refuse_unsupported,
-    squared_norms,
 )
 
 Tensor = Any  # a tensor of Keras' backend
@@ -176,7 +176,7 @@ class Dense(_KernelBiasLayer):
             return norms + ([delta_squared] if bias is not None else [])
         a, delta = _positions(a), _positions(delta)
         norms = [patch_product_squared_norms(a, delta)]
-        return norms + ([squared_norms(ops.sum(delta, axis=1))] if bias is not None else [])
+        return norms + ([squared_norms_of(ops.sum(delta, axis=1))] if bias is not None else [])
 
     def jacobian_ops(self, training: bool = False) -> list:
         """``z = W^T a + b``, then ``a_out = f(z)``."""
