@@ -537,3 +537,30 @@ def test_a_layer_called_eagerly_at_one_size_takes_another_as_keras_does():
     untied(np.zeros((1, 8, 8, 1), "float32"))
     with pytest.raises(ValueError, match="expected axis 1 of input shape to have value 8"):
         untied(np.zeros((1, 9, 8, 1), "float32"))
+
+
+# The convolutions' modules are written in keras.ops: TensorFlow only through tf_jacbp.backend
+# (issue 21 item 2), and the Keras-argument refusal comes from layers.base, not dense.py (item 9).
+CONV_MODULES = ["conv", "conv1d", "conv3d", "conv_transpose", "toeplitz_layer"]
+
+
+@pytest.mark.parametrize("module", CONV_MODULES)
+def test_conv_module_does_not_use_tensorflow(module):
+    import ast
+    import importlib
+
+    source = importlib.import_module(f"tf_jacbp.layers.{module}").__file__
+    tree = ast.parse(open(source, encoding="utf-8").read())
+    uses = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            uses += [a.name for a in node.names if a.name.split(".")[0] == "tensorflow"]
+        elif isinstance(node, ast.ImportFrom):
+            names = [a.name for a in node.names]
+            if (node.module or "").split(".")[0] == "tensorflow" or "tf" in names:
+                uses.append(f"from {node.module} import {', '.join(names)}")
+            if node.module == "tf_jacbp.layers.dense":
+                uses.append(f"from tf_jacbp.layers.dense import {', '.join(names)}")
+        elif isinstance(node, ast.Name) and node.id == "tf":
+            uses.append(f"tf at line {node.lineno}")
+    assert not uses, f"tf_jacbp/layers/{module}.py uses TensorFlow or dense.py: {uses}"

@@ -124,6 +124,19 @@ __all__ += [
 
 # --- convolutions: Toeplitz products (sparse fallback, unknown sizes) ----------------------
 
+
+def bias_add(z: object, bias: object) -> object:
+    """``z + bias`` for ``z`` ``(rows, R)`` and ``bias`` ``(R,)``, as TensorFlow's ``BiasAdd``:
+    the convolutions' forward ``Z = X T(K)^T + b``. TensorFlow's graph optimizer (the remapper)
+    fuses ``MatMul`` followed by ``BiasAdd`` into one kernel, but not ``MatMul`` followed by the
+    ``AddV2`` that ``keras.ops.add`` emits (measured on LeNet-5's step), so the op is named here;
+    on another backend this is ``keras.ops.add``."""
+    return tf.nn.bias_add(z, bias)
+
+
+__all__ += ["bias_add"]
+
+
 # --- pooling, reshaping, dropout, embedding ------------------------------------------------
 
 

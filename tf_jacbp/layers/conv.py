@@ -44,12 +44,14 @@ base ``_ToeplitzIndexed`` (``tf_jacbp.layers.toeplitz_layer``), which ``Conv2DTr
 
 from __future__ import annotations
 
+import itertools
+import math
 from typing import Any
 
 from keras import ops
 
-from tf_jacbp import geometry, toeplitz
-from tf_jacbp._backend import keras, tf
+from tf_jacbp import backend, geometry, toeplitz
+from tf_jacbp._backend import keras
 from tf_jacbp.contract import squared_norms_of
 from tf_jacbp.layers.base import patch_product_squared_norms
 from tf_jacbp.layers.toeplitz_layer import _ToeplitzIndexed
@@ -58,15 +60,18 @@ from tf_jacbp.toeplitz_dynamic import DynamicConvIndex
 
 BIAS_MODES = ("tied", "untied")
 
+Tensor = Any  # a tensor of Keras' backend
+
 
 class ToeplitzConv(_ToeplitzIndexed):
-    """The convolution formulas of this module for ``rank`` spatial axes (1 or 2), on images.
+    """The convolution formulas of this module for ``rank`` spatial axes (1, 2 or 3).
 
-    Subclasses set ``rank`` and the paddings they accept. Every Toeplitz method works on the image
-    view ``(batch, H, W, C)`` of the input (a sequence ``(batch, T, C)`` is the image
-    ``(batch, 1, T, C)``) and on the kernel ``(kh, kw, C, F)`` (a 1-D kernel ``(k, C, F)`` is
-    ``(1, k, C, F)``); ``Vec`` of either is the same vector, and so are the row-major ``vec`` of
-    inputs and outputs, so ``T(K)``, its index maps and every Jacobian are shared unchanged.
+    Subclasses set ``rank`` and the paddings they accept. Every Toeplitz method works on the view
+    ``(batch, *spatial, C)`` of the input of at least two spatial axes (a sequence ``(batch, T,
+    C)`` is the image ``(batch, 1, T, C)``) and on the kernel ``(k_1, ..., C, F)`` (a 1-D kernel
+    ``(k, C, F)`` is ``(1, k, C, F)``); ``Vec`` of either is the same vector, and so are the
+    row-major ``vec`` of inputs and outputs, so ``T(K)``, its index maps and every Jacobian are
+    shared unchanged.
     """
 
     def __init__(
@@ -141,7 +146,7 @@ class ToeplitzConv(_ToeplitzIndexed):
                 f"{tuple(input_shape)}. Give keras.Input the full shape, or use bias='tied' (one "
                 "bias per filter) for inputs of varying size."
             )
-        return self.conv_index.output_shape[2 - self.rank :]
+        return self.conv_index.output_shape[len(self._lead) :]
 
     def _static_index(self, spatial: tuple[int, ...], owner: str) -> toeplitz.ConvIndex:
         """The window must fit (``geometry.check_window_fits``); then the layer's convolution on
@@ -154,16 +159,16 @@ class ToeplitzConv(_ToeplitzIndexed):
             "kernel_size",
             self.dilation_rate,
         )
-        return self._conv_index((1,) * (2 - self.rank) + spatial, owner)
+        return self._conv_index(self._lead + spatial, owner)
 
-    def _dynamic_index(self, x: tf.Tensor) -> DynamicConvIndex:
-        return self._dynamic_conv_index(tf.shape(x)[1], tf.shape(x)[2])
+    def _dynamic_index(self, x: Tensor) -> DynamicConvIndex:
+        return self._dynamic_conv_index(*ops.shape(x)[1:-1])
 
     def _size_fixed_by_weights(self) -> bool:
         """An untied bias has one entry per output entry: its shape fixes the input's size."""
         return self.use_bias and self.bias_mode == "untied"
 
-    def forward(self, x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None) -> tf.Tensor:
+    def forward(self, x: Tensor, kernel: Tensor, bias: Tensor | None = None) -> Tensor:
         """``Z = X T(K)^T + b``: ``(batch, *spatial, C)`` -> ``(batch, *spatial_out, F)``, with
         ``T(K)`` built for ``x``'s size (``build_toeplitz``; dense, or sparse over budget)."""
         image = self.image(x)
@@ -174,8 +179,8 @@ class ToeplitzConv(_ToeplitzIndexed):
             # Lemma 3's b = vec(B) (row-major, like z): tied, b_f repeated at every position.
             positions = index.shape[0] // self.filters
             b = ops.tile(bias, (positions,)) if self.bias_mode == "tied" else ops.reshape(bias, -1)
-            z = tf.nn.bias_add(z, b)  # fused into the matmul by TensorFlow's graph optimizer
-        return ops.reshape(z, (-1, *index.output_shape[2 - self.rank :]))
+            z = backend.bias_add(z, b)  # fused into the matmul by TensorFlow's graph optimizer
+        return ops.reshape(z, (-1, *index.output_shape[len(self._lead) :]))
 
     def vjp_input(self, m, x, y, kernel, bias=None):
         """``(J_x z)^T m = T(K)^T m`` for each of the ``V`` vectors of each sample: the rows
@@ -221,26 +226,31 @@ class ToeplitzConv(_ToeplitzIndexed):
         """
         x = self.image(x)
         index, _ = self.index_for(x)
-        height, width, channels = index.input_shape
-        out_h, out_w = index.output_shape[:2]
-        (kh, kw), (sh, sw), (dh, dw) = self._image_geometry()
+        *sizes, channels = index.input_shape
+        out = index.output_shape[:-1]
+        kernel_size, strides, dilation = self._image_geometry()
         dynamic = isinstance(index, DynamicConvIndex)  # P unknown when traced: outer form
         if dynamic:
-            pad_h, pad_w = index.paddings
+            pads = index.paddings
         else:
-            pad_h = geometry.padding_amounts(height, kh, sh, self.padding, dh)
-            pad_w = geometry.padding_amounts(width, kw, sw, self.padding, dw)
-        x = tf.pad(x, [[0, 0], list(pad_h), list(pad_w), [0, 0]])
-        views = [
-            x[
-                :,
-                p * dh : p * dh + (out_h - 1) * sh + 1 : sh,
-                q * dw : q * dw + (out_w - 1) * sw + 1 : sw,
+            pads = [
+                geometry.padding_amounts(n, k, s, self.padding, d)
+                for n, k, s, d in zip(sizes, kernel_size, strides, dilation, strict=True)
             ]
-            for p in range(kh)
-            for q in range(kw)
+        x = ops.pad(x, [(0, 0), *(tuple(p) for p in pads), (0, 0)])
+        views = [  # one strided, dilated view of the padded input per kernel tap
+            x[
+                (
+                    slice(None),
+                    *(
+                        slice(p * d, p * d + (n - 1) * s + 1, s)
+                        for p, n, s, d in zip(tap, out, strides, dilation, strict=True)
+                    ),
+                )
+            ]
+            for tap in itertools.product(*(range(k) for k in kernel_size))
         ]
-        batch, taps, positions = tf.shape(x)[0], kh * kw, out_h * out_w
+        batch, taps, positions = static_size(x, 0), len(views), math.prod(out)
         views = ops.reshape(ops.stack(views, axis=1), (batch, taps, positions, channels))
         delta = ops.reshape(m[0], (batch, positions, self.filters))
         entries, f = taps * channels, self.filters
@@ -250,7 +260,8 @@ class ToeplitzConv(_ToeplitzIndexed):
         elif channels == 1:  # outer form: (taps x P) (P x F) per sample
             norms = [squared_norms_of(ops.matmul(views[..., 0], delta))]
         else:  # outer form: (C x P) (P x F) per tap and sample
-            norms = [squared_norms_of(tf.matmul(views, delta[:, None], transpose_a=True))]
+            products = ops.matmul(ops.swapaxes(views, -1, -2), delta[:, None])  # adj_x folded
+            norms = [squared_norms_of(products)]
         if bias is not None:
             tied = self.bias_mode == "tied"
             norms.append(squared_norms_of(ops.sum(delta, axis=1) if tied else delta))
@@ -265,7 +276,7 @@ class ToeplitzConv(_ToeplitzIndexed):
         ]
         return (input_shape[0], *sizes, self.filters)
 
-    def toeplitz_matrix(self, input_shape: tuple | None = None) -> tf.Tensor:
+    def toeplitz_matrix(self, input_shape: tuple | None = None) -> Tensor:
         """``T(K)`` ``(R, N)`` for the current kernel, dense (``tf_jacbp.toeplitz.conv_matrix``).
 
         ``input_shape`` ``(H, W, C)`` defaults to the one the layer was built for (required
@@ -275,10 +286,10 @@ class ToeplitzConv(_ToeplitzIndexed):
         if input_shape is None:
             shape = self._index_or_built(None)[0].input_shape
         else:
-            shape = (1,) * (2 - self.rank) + tuple(input_shape)
+            shape = self._lead + tuple(input_shape)
         kernel_size, strides, dilation = self._image_geometry()
         return toeplitz.conv_matrix(
-            tf.reshape(kernel, [*kernel_size, *kernel.shape[-2:]]),
+            ops.reshape(kernel, (*kernel_size, *kernel.shape[-2:])),
             shape,
             strides,
             self.padding,
@@ -286,30 +297,27 @@ class ToeplitzConv(_ToeplitzIndexed):
             budget_bytes=self.toeplitz_budget_bytes,
         )
 
-    def jacobian_factors(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
+    def jacobian_factors(self, x: Tensor) -> dict[str, Tensor]:
         """``{"T(K)": (R, N), "[I (x) X_patch | J_b]": (R, |K| + |b|)}`` at one sample ``x``
         ``(*spatial, C)`` (Lemmas 2-3: the input and the parameter Jacobian of ``z``)."""
-        t = tf.cast(self.toeplitz_matrix(tuple(x.shape)), x.dtype)
+        t = ops.cast(self.toeplitz_matrix(tuple(x.shape)), x.dtype)
         return {"T(K)": t, "[I (x) X_patch | J_b]": self.parameter_jacobian(x)}
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "groups": self.groups, "bias": self.bias_mode}
 
-    def reference(
-        self, x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None
-    ) -> tf.Tensor:
-        """``tf.nn.convolution`` (stock ops), then the bias: tied ``tf.nn.bias_add``, untied
-        added. ``"causal"`` is Keras' padding: ``(k - 1) d`` zeros before, then ``"valid"``."""
-        padding = self.padding.upper()
-        if self.padding == "causal":
+    def reference(self, x: Tensor, kernel: Tensor, bias: Tensor | None = None) -> Tensor:
+        """``keras.ops.conv`` (the stock convolution, differentiated by autodiff), then the
+        bias added (tied ``(F,)`` broadcast over positions, untied its own shape). ``"causal"``
+        is Keras' padding: ``(k - 1) d`` zeros before, then ``"valid"``."""
+        padding = self.padding
+        if padding == "causal":
             left = (self.kernel_size[0] - 1) * self.dilation_rate[0]
-            x, padding = tf.pad(x, [[0, 0], [left, 0], [0, 0]]), "VALID"
-        z = tf.nn.convolution(
-            x, kernel, strides=self.strides, padding=padding, dilations=self.dilation_rate
+            x, padding = ops.pad(x, [(0, 0), (left, 0), (0, 0)]), "valid"
+        z = ops.conv(
+            x, kernel, strides=self.strides, padding=padding, dilation_rate=self.dilation_rate
         )
-        if bias is None:
-            return z
-        return tf.nn.bias_add(z, bias) if self.bias_mode == "tied" else z + bias
+        return z if bias is None else z + bias
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
@@ -336,7 +344,7 @@ class Conv2D(ToeplitzConv):
         activity_regularizer, kernel_constraint, bias_constraint: as in Keras.
         toeplitz_budget_bytes: the memory budget for ``T(K)`` (default: the process-wide
             ``tf_jacbp.toeplitz.get_budget_bytes()`` when the layer is built). A dense ``T`` over
-            budget is replaced by a ``tf.SparseTensor`` (``tf.sparse.sparse_dense_matmul``; not
+            budget is replaced by a sparse matrix (TensorFlow's sparse-dense product; not
             XLA-compatible, so not usable under ``jit_compile=True``); a sparse one over budget is
             a ValueError, which states the sizes and this setting.
 
@@ -348,7 +356,7 @@ class Conv2D(ToeplitzConv):
     1))``) ``T(K)`` is built and guarded at build; with ``keras.Input((None, None, C))`` it is
     built for each static size the layer is called with (``toeplitz_index``, guarded and cached).
     A traced function of unknown size (``model.fit`` after a second size, since Keras relaxes its
-    step to unknown sizes; a ``tf.function`` with such an ``input_signature``) computes the index
+    step to unknown sizes; a traced function with such an ``input_signature``) computes the index
     maps when it runs (``index_for``): ``T(K)`` stays dense, and the memory guard is a run-time
     assertion that the dense ``T`` of each batch fits the budget (an InvalidArgumentError naming
     the size and the budget; XLA skips it). ``bias="untied"`` needs a known size.

@@ -31,13 +31,15 @@ from typing import Any
 
 from keras import ops
 
-from tf_jacbp import toeplitz
-from tf_jacbp._backend import keras, tf
+from tf_jacbp import backend, toeplitz
+from tf_jacbp._backend import keras
 from tf_jacbp.contract import squared_norms_of
 from tf_jacbp.layers.base import patch_product_squared_norms
 from tf_jacbp.layers.toeplitz_layer import _ToeplitzIndexed
 from tf_jacbp.toeplitz import static_size, toeplitz_product
 from tf_jacbp.toeplitz_dynamic import DynamicConvIndex
+
+Tensor = Any  # a tensor of Keras' backend
 
 
 def transpose_output_size(
@@ -116,7 +118,7 @@ class Conv2DTranspose(_ToeplitzIndexed):
         kernel_initializer, bias_initializer, kernel_regularizer, bias_regularizer,
         activity_regularizer, kernel_constraint, bias_constraint: as in Keras.
         toeplitz_budget_bytes: the memory budget for ``T(K)``, as for ``Conv2D``: over budget a
-            ``tf.SparseTensor`` (with a warning; not XLA-compatible), or a ValueError when even
+            sparse matrix (with a warning; not XLA-compatible), or a ValueError when even
             that does not fit.
 
     ``groups`` (not a Keras argument here either) and Keras' LoRA and quantization arguments are
@@ -219,22 +221,22 @@ class Conv2DTranspose(_ToeplitzIndexed):
             )
         return index
 
-    def _dynamic_index(self, x: tf.Tensor) -> DynamicConvIndex:
+    def _dynamic_index(self, x: Tensor) -> DynamicConvIndex:
         """The same convolution from the output's size (``transpose_output_size`` of the runtime
         ``H, W``), with the check that it maps back to ``(H, W)`` asserted when the graph runs."""
-        height, width = tf.shape(x)[1], tf.shape(x)[2]
+        height, width = ops.shape(x)[1], ops.shape(x)[2]
         index = self._dynamic_conv_index(*self._output_sizes((height, width)))
-        maps_back = tf.reduce_all(tf.stack(index.output_shape[:2]) == tf.stack([height, width]))
+        maps_back = ops.all(ops.stack(index.output_shape[:2]) == ops.stack([height, width]))
         message = (
             f"{type(self).__name__} {self.name}: with output_padding={self.output_padding} no "
             "convolution maps the output's size back to the input's, so there is no transposed "
             "convolution; use output_padding=None. Input size:"
         )
-        with tf.control_dependencies([tf.debugging.Assert(maps_back, [message, height, width])]):
-            index.shape = (tf.identity(index.shape[0]), index.shape[1])
+        (rows,) = backend.assert_before(maps_back, [message, height, width], index.shape[0])
+        index.shape = (rows, index.shape[1])
         return index
 
-    def forward(self, x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None) -> tf.Tensor:
+    def forward(self, x: Tensor, kernel: Tensor, bias: Tensor | None = None) -> Tensor:
         """``Y = X T(K) + b``: ``(batch, H, W, C)`` -> ``(batch, H_out, W_out, F)``; per sample
         ``y = T(K)^T x + b``, ``T(K)`` built for ``x``'s size (``build_toeplitz``)."""
         index, _ = self.index_for(x)
@@ -242,7 +244,7 @@ class Conv2DTranspose(_ToeplitzIndexed):
         y = toeplitz_product(rows, self.build_toeplitz(kernel, x), transpose=True)
         if bias is not None:
             # b_f at every position; BiasAdd is fused into the matmul by TensorFlow's optimizer
-            y = tf.nn.bias_add(y, ops.tile(bias, (index.shape[1] // self.filters,)))
+            y = backend.bias_add(y, ops.tile(bias, (index.shape[1] // self.filters,)))
         return ops.reshape(y, (-1, *index.input_shape))
 
     def vjp_input(self, m, x, y, kernel, bias=None):
@@ -296,38 +298,34 @@ class Conv2DTranspose(_ToeplitzIndexed):
             norms.append(squared_norms_of(ops.sum(m[0], axis=(1, 2))))
         return norms
 
-    def reference(
-        self, x: tf.Tensor, kernel: tf.Tensor, bias: tf.Tensor | None = None
-    ) -> tf.Tensor:
-        """``tf.nn.conv2d_transpose`` (stock ops). TensorFlow's CPU kernel has no dilation, so a
-        dilated ``K`` is first spread out with zeros (``K'[p d_h, q d_w] = K[p, q]``, the kernel
-        ``(k - 1) d + 1`` wide that dilation means), then used undilated."""
+    def reference(self, x: Tensor, kernel: Tensor, bias: Tensor | None = None) -> Tensor:
+        """``keras.ops.conv_transpose`` (the stock transposed convolution, differentiated by
+        autodiff; its output size is Keras' rule with ``output_padding``), then the bias added.
+        TensorFlow's CPU kernel has no dilation, so a dilated ``K`` is first spread out with zeros
+        (``K'[p d_h, q d_w] = K[p, q]``, the kernel ``(k - 1) d + 1`` wide that dilation means),
+        then used undilated (Keras' output size depends on ``(k - 1) d + 1`` only)."""
         (d_h, d_w), (kh, kw, filters, channels) = self.dilation_rate, kernel.shape
         if d_h > 1 or d_w > 1:
-            spread = tf.pad(
-                tf.reshape(kernel, [kh, 1, kw, 1, filters, channels]),
-                [[0, 0], [0, d_h - 1], [0, 0], [0, d_w - 1], [0, 0], [0, 0]],
+            spread = ops.pad(
+                ops.reshape(kernel, (kh, 1, kw, 1, filters, channels)),
+                [(0, 0), (0, d_h - 1), (0, 0), (0, d_w - 1), (0, 0), (0, 0)],
             )
-            spread = tf.reshape(spread, [kh * d_h, kw * d_w, filters, channels])
+            spread = ops.reshape(spread, (kh * d_h, kw * d_w, filters, channels))
             kernel = spread[: (kh - 1) * d_h + 1, : (kw - 1) * d_w + 1]
-        # Static sizes where known (XLA needs a constant output shape), as Keras does.
-        batch, *spatial = (
-            n if n is not None else tf.shape(x)[i] for i, n in enumerate(x.shape[:3])
-        )
-        y = tf.nn.conv2d_transpose(
+        y = ops.conv_transpose(
             x,
             kernel,
-            tf.stack([batch, *self._output_sizes(spatial), filters]),
             strides=self.strides,
-            padding=self.padding.upper(),
+            padding=self.padding,
+            output_padding=self.output_padding,
         )
-        return y if bias is None else tf.nn.bias_add(y, bias)
+        return y if bias is None else y + bias
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         """``(batch, H_out, W_out, F)``, sizes by ``transpose_output_size`` (None stays None)."""
         return (input_shape[0], *self._output_sizes(tuple(input_shape[1:3])), self.filters)
 
-    def toeplitz_matrix(self, input_shape: tuple[int, int, int] | None = None) -> tf.Tensor:
+    def toeplitz_matrix(self, input_shape: tuple[int, int, int] | None = None) -> Tensor:
         """``T(K)^T`` ``(R, N)`` for the current kernel, dense: the matrix the forward pass
         multiplies by, the transpose of the convolution's ``T(K)``
         (``tf_jacbp.toeplitz.conv_matrix``, under the layer's memory budget).
@@ -343,12 +341,12 @@ class Conv2DTranspose(_ToeplitzIndexed):
             self.dilation_rate,
             budget_bytes=self.toeplitz_budget_bytes,
         )
-        return tf.transpose(t)
+        return ops.transpose(t)
 
-    def jacobian_factors(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
+    def jacobian_factors(self, x: Tensor) -> dict[str, Tensor]:
         """``{"T(K)^T": (R, N), "J_{Vec(K), b} y": (R, |K| + |b|)}`` at one sample ``x``
         ``(H, W, C)``: the input and the parameter Jacobian of ``y``."""
-        t = tf.cast(self.toeplitz_matrix(tuple(x.shape)), x.dtype)
+        t = ops.cast(self.toeplitz_matrix(tuple(x.shape)), x.dtype)
         return {"T(K)^T": t, "J_{Vec(K), b} y": self.parameter_jacobian(x)}
 
     def get_config(self) -> dict[str, Any]:

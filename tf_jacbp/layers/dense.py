@@ -38,9 +38,9 @@ from tf_jacbp.layers.base import (
 
 Tensor = Any  # a tensor of Keras' backend
 
-# TRANSITION: re-exported for the modules that still import them from here (the convolutions,
-# Embedding); their home is tf_jacbp.layers.base.
-__all__ = ["Dense", "_UNSUPPORTED", "refuse_unsupported"]
+# TRANSITION: _UNSUPPORTED re-exported for the modules that still import it from here; its home
+# is tf_jacbp.layers.base (as refuse_unsupported's, which Dense itself calls).
+__all__ = ["Dense", "_UNSUPPORTED"]
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")

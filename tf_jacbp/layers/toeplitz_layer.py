@@ -14,23 +14,27 @@ from __future__ import annotations
 
 from typing import Any
 
+from keras import ops
+
 from tf_jacbp import activations, geometry, toeplitz
-from tf_jacbp._backend import keras, tf
+from tf_jacbp._backend import keras
 from tf_jacbp.geometry import check_channels_last
-from tf_jacbp.layers.base import _KernelBiasLayer
-from tf_jacbp.layers.dense import refuse_unsupported
+from tf_jacbp.layers.base import _KernelBiasLayer, refuse_unsupported
 from tf_jacbp.toeplitz_dynamic import DynamicConvIndex
+
+Tensor = Any  # a tensor of Keras' backend
 
 
 class _ToeplitzIndexed(_KernelBiasLayer):
-    """A layer that multiplies by the Toeplitz matrix ``T(K)`` of a 2-D convolution (or by its
+    """A layer that multiplies by the Toeplitz matrix ``T(K)`` of a convolution (or by its
     transpose): the arguments, the index maps of ``T(K)`` for each input size and the memory
     guard, written once for ``ToeplitzConv`` (``T(K)`` of the layer's own convolution) and
     ``Conv2DTranspose`` (``T(K)`` of the convolution from its output's shape to its input's).
 
-    ``rank`` spatial axes (1 or 2) are read as an image ``(H, W)`` (a sequence is an image of
-    height 1, ``_image_geometry``). A subclass gives three small hooks: the kernel variable's
-    shape (``_kernel_shape``; ``T(K)``'s convolution reads it as ``(kh, kw, C_in, C_out)``), the
+    ``rank`` spatial axes (1, 2 or 3); a sequence (rank 1) is read as an image ``(1, T)`` of
+    height 1 (``_image_geometry``; ``view_rank`` is the rank ``T(K)``'s index sees, at least 2).
+    A subclass gives three small hooks: the kernel variable's shape (``_kernel_shape``; ``T(K)``'s
+    convolution reads it as ``(k_1, ..., k_view_rank, C_in, C_out)``), the
     convolution's ``ConvIndex`` for one static size (``_static_index``) and its
     ``DynamicConvIndex`` for a size known only when the graph runs (``_dynamic_index``).
     """
@@ -115,18 +119,28 @@ class _ToeplitzIndexed(_KernelBiasLayer):
         layer's rank), after the checks that the size fits the layer."""
         raise NotImplementedError
 
-    def _dynamic_index(self, x: tf.Tensor) -> DynamicConvIndex:
+    def _dynamic_index(self, x: Tensor) -> DynamicConvIndex:
         """The ``DynamicConvIndex`` of ``T(K)`` for the image batch ``x`` of unknown size."""
         raise NotImplementedError
 
-    def _image_geometry(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
-        """``(kernel_size, strides, dilation_rate)`` of the image view, each ``(height, width)``."""
-        lead = (1,) * (2 - self.rank)
+    @property
+    def view_rank(self) -> int:
+        """The number of spatial axes of the view ``T(K)``'s index reads: ``max(rank, 2)``."""
+        return max(self.rank, 2)
+
+    @property
+    def _lead(self) -> tuple[int, ...]:
+        """The unit sizes put before the layer's own axes in the view (``(1,)`` for rank 1)."""
+        return (1,) * (self.view_rank - self.rank)
+
+    def _image_geometry(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """``(kernel_size, strides, dilation_rate)`` of the view, ``view_rank`` entries each."""
+        lead = self._lead
         return lead + self.kernel_size, lead + self.strides, lead + self.dilation_rate
 
-    def _conv_kernel_shape(self) -> tuple[int, int, int, int]:
-        """``(kh, kw, C_in, C_out)``: the kernel as ``T(K)``'s convolution reads it."""
-        return (1,) * (2 - self.rank) + self._kernel_shape(self._channels)
+    def _conv_kernel_shape(self) -> tuple[int, ...]:
+        """``(k_1, ..., C_in, C_out)``: the kernel as ``T(K)``'s convolution reads it."""
+        return self._lead + self._kernel_shape(self._channels)
 
     def _budget_setting(self) -> str:
         """How to change the memory budget, for the guard's messages."""
@@ -135,19 +149,18 @@ class _ToeplitzIndexed(_KernelBiasLayer):
             "tf_jacbp.toeplitz.set_budget_bytes(...)"
         )
 
-    def _conv_index(self, sizes: tuple[int, int], owner: str) -> toeplitz.ConvIndex:
+    def _conv_index(self, sizes: tuple[int, ...], owner: str) -> toeplitz.ConvIndex:
         """``ConvIndex`` of ``T(K)``'s convolution on an image ``(*sizes, C_in)``."""
         kernel_shape = self._conv_kernel_shape()
         _, strides, dilation = self._image_geometry()
-        image = (*sizes, kernel_shape[2])
+        image = (*sizes, kernel_shape[-2])
         return toeplitz.conv_index(kernel_shape, image, strides, self.padding, dilation, owner)
 
-    def _dynamic_conv_index(self, height: tf.Tensor, width: tf.Tensor) -> DynamicConvIndex:
+    def _dynamic_conv_index(self, *sizes: Tensor) -> DynamicConvIndex:
         """``_conv_index`` for sizes known when the graph runs (``tf_jacbp.toeplitz_dynamic``)."""
         _, strides, dilation = self._image_geometry()
         return DynamicConvIndex(
-            height,
-            width,
+            *sizes,
             self._conv_kernel_shape(),
             strides,
             self.padding,
@@ -205,24 +218,22 @@ class _ToeplitzIndexed(_KernelBiasLayer):
             sparse = toeplitz.use_sparse(
                 index, self.compute_dtype, self._budget, owner, self._budget_setting()
             )
-            if sparse:  # tf.sparse.sparse_dense_matmul has no XLA kernel
+            if sparse:  # the sparse product has no XLA kernel
                 self.supports_jit = False
             self._indices[spatial] = (index, sparse)
         return self._indices[spatial]
 
-    def index_for(self, x: tf.Tensor) -> tuple[toeplitz.ToeplitzProducts, bool]:
-        """``(index, sparse)`` for the image batch ``x`` ``(batch, H, W, C)``: ``toeplitz_index``
-        when ``H, W`` are static (the guarded, cached NumPy maps), else a
-        ``tf_jacbp.toeplitz_dynamic.DynamicConvIndex`` computing the same maps from
-        ``tf.shape(x)`` when the graph runs (dense ``T``, its memory guard asserted then; for
+    def index_for(self, x: Tensor) -> tuple[toeplitz.ToeplitzProducts, bool]:
+        """``(index, sparse)`` for the image batch ``x`` ``(batch, *spatial, C)`` (the view):
+        ``toeplitz_index`` when the spatial sizes are static (the guarded, cached NumPy maps),
+        else a ``tf_jacbp.toeplitz_dynamic.DynamicConvIndex`` computing the same maps from
+        ``x``'s run-time shape when the graph runs (dense ``T``, its memory guard asserted then; for
         ``Conv2DTranspose`` also the check that the convolution maps back to ``(H, W)``)."""
-        if None not in tuple(x.shape[1:3]):
+        if None not in tuple(x.shape[1:-1]):
             return self.toeplitz_index(x.shape)
         return self._dynamic_index(x), False
 
-    def build_toeplitz(
-        self, kernel: tf.Tensor, input_shape: tuple | tf.Tensor | None = None
-    ) -> tf.Tensor | tf.SparseTensor:
+    def build_toeplitz(self, kernel: Tensor, input_shape: tuple | Tensor | None = None) -> Tensor:
         """``T(K)^T`` dense, or ``T(K)`` sparse over the memory budget, for inputs of shape
         ``input_shape`` (``toeplitz_index``; default: the size built for), or for the image batch
         given instead (``index_for``: any size, known or not when traced).
@@ -231,7 +242,7 @@ class _ToeplitzIndexed(_KernelBiasLayer):
         ``T(K)^T`` is ``(N, R)`` and ``T(K)`` ``(R, N)``; for ``Conv2DTranspose``
         (``y = T(K)^T vec(x)``) ``T(K)^T`` is ``(R, N)`` and ``T(K)`` ``(N, R)``.
         """
-        if isinstance(input_shape, tf.Tensor):
+        if ops.is_tensor(input_shape):
             index, sparse = self.index_for(input_shape)
         else:
             index, sparse = self._index_or_built(input_shape)
@@ -247,9 +258,10 @@ class _ToeplitzIndexed(_KernelBiasLayer):
             )
         return self.conv_index, self.sparse_toeplitz
 
-    def image(self, t: tf.Tensor) -> tf.Tensor:
-        """A batch ``(batch, *spatial, C)`` as images ``(batch, H, W, C)``: a sequence
-        ``(batch, T, C)`` is the image ``(batch, 1, T, C)`` of height 1 (same ``vec``)."""
+    def image(self, t: Tensor) -> Tensor:
+        """A batch ``(batch, *spatial, C)`` as the view ``(batch, *lead, *spatial, C)``: a
+        sequence ``(batch, T, C)`` is the image ``(batch, 1, T, C)`` of height 1 (same ``vec``);
+        images and volumes are their own view."""
         return t[:, None] if self.rank == 1 else t
 
     def jacobian_ops(self, training: bool = False) -> list:
