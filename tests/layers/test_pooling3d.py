@@ -168,8 +168,12 @@ def test_bad_arguments_name_the_argument(cls, kwargs, match):
 def test_pool_larger_than_a_valid_input_and_bad_ranks(cls):
     with pytest.raises(ValueError, match=r"pool_size \(3, 3, 3\).*depth.*padding='same'"):
         keras.Sequential([keras.Input((2, 5, 5, 1)), cls(3)])
-    with pytest.raises(ValueError, match=r"\(batch, depth, height, width, channels\)"):
+    with pytest.raises(
+        ValueError, match=r"\(batch, depth, height, width, channels\).*x\[\.\.\., None\]"
+    ):
         keras.Sequential([keras.Input((8, 8, 8)), cls(2)])
+    with pytest.raises(ValueError, match=r"channel count.*keras\.Input\(\(16, 16, 16, 1\)\)"):
+        keras.Sequential([keras.Input((4, 4, 4, None)), cls(2)])
 
 
 @pytest.mark.parametrize(
