@@ -246,3 +246,129 @@ def test_dynamic_index_guard_and_window_check_run_when_the_graph_runs():
         t(tf.zeros((1, 7, 7, 1), "float64"))  # 50 x 49 x 8 = 19600 bytes
     with pytest.raises(tf.errors.InvalidArgumentError, match="padding valid has no output"):
         t(tf.zeros((1, 2, 5, 1), "float64"))
+
+
+# --- n spatial axes: 1-D and 3-D indices against independent computations ------------------
+
+
+@st.composite
+def conv3d_configs(draw, max_size=5):
+    """A 3-D convolution: kernel 1-3 per axis, strides 1-2, dilation 1-2, both paddings, sizes
+    that fit, 1-3 channels in and out."""
+    kernel = tuple(draw(st.integers(1, 3)) for _ in range(3))
+    strides = tuple(draw(st.integers(1, 2)) for _ in range(3))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(3))
+    padding = draw(st.sampled_from(geometry.PADDINGS))
+    sizes = tuple(
+        draw(st.integers(1 if padding == "same" else (k - 1) * d + 1, max_size + (k - 1) * d))
+        for k, d in zip(kernel, dilation, strict=True)
+    )
+    c_in, c_out = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    seed = draw(st.integers(0, 2**16))
+    return (*kernel, c_in, c_out), (*sizes, c_in), strides, padding, dilation, seed
+
+
+def _dilated(kernel, dilation):
+    """The kernel with ``d - 1`` zeros between taps (differentiable): a dilated convolution is
+    the plain one of this kernel (TensorFlow's CPU Conv3D has no dilation)."""
+    spread = []
+    for k, d in zip(kernel.shape[:3], dilation, strict=True):
+        spread.append(np.eye((k - 1) * d + 1)[::d][:k])  # (k, (k - 1) d + 1): row p at p d
+    return tf.einsum("pqrcf,pi,qj,rk->ijkcf", kernel, *spread)
+
+
+def _conv3d(x, kernel, strides, padding, dilation):
+    return tf.nn.conv3d(x, _dilated(kernel, dilation), (1, *strides, 1), padding.upper())
+
+
+@settings(derandomize=True, max_examples=25, deadline=None)
+@given(conv3d_configs())
+def test_3d_index_products_equal_conv3d_and_its_autodiff_gradients(config):
+    """For a volume ``(D, H, W, C)``: ``X T(K)^T`` equals ``tf.nn.conv3d``; ``Delta T(K)``
+    equals its input gradient and ``kernel_gradient`` its kernel gradient (autodiff), with the
+    tied bias' ``sum delta``; per sample (``kernel_products(sum_batch=False)``) for ``V = 2``
+    each vector's own gradient; the sparse ``T`` and the entry definition agree. float64."""
+    kernel_shape, input_shape, strides, padding, dilation, seed = config
+    rng = np.random.default_rng(seed)
+    kernel = tf.constant(rng.normal(size=kernel_shape))
+    x = tf.constant(rng.normal(size=(2, *input_shape)))
+    index = toeplitz.conv_index(kernel_shape, input_shape, strides, padding, dilation)
+    delta = tf.constant(rng.normal(size=(2, *index.output_shape)))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([x, kernel])
+        expected = _conv3d(x, kernel, strides, padding, dilation)
+        loss = tf.reduce_sum(delta * expected)
+    assert index.output_shape == tuple(expected.shape[1:])
+    t_transpose = index.transpose_matrix(kernel)
+    rtol = tolerances.rtol("float64")
+    z = toeplitz.toeplitz_product(tf.reshape(x, [2, -1]), t_transpose)
+    assert tolerances.relative_error(z, tf.reshape(expected, [2, -1])) <= rtol
+    dx = toeplitz.toeplitz_product(tf.reshape(delta, [2, -1]), t_transpose, transpose=True)
+    assert tolerances.relative_error(dx, tf.reshape(tape.gradient(loss, x), [2, -1])) <= rtol
+    dk, db = index.kernel_gradient(x, delta, tied_bias=True)
+    assert tolerances.relative_error(dk, tape.gradient(loss, kernel)) <= rtol
+    np.testing.assert_allclose(db, tf.reduce_sum(delta, [0, 1, 2, 3]), rtol=1e-12, atol=1e-12)
+    m = tf.stack([delta, 2.0 * delta])  # V = 2
+    per_sample = index.kernel_products(x, m, sum_batch=False)  # (V, batch, M + 1, F)
+    for b in range(2):
+        with tf.GradientTape() as one:
+            one.watch(kernel)
+            y = tf.reduce_sum(delta[b] * _conv3d(x[b : b + 1], kernel, strides, padding, dilation))
+        g = one.gradient(y, kernel)
+        got = tf.reshape(per_sample[1, b, :-1], kernel_shape)
+        assert tolerances.relative_error(got, 2.0 * g) <= rtol
+    sparse = tf.sparse.to_dense(index.sparse_matrix(kernel))
+    np.testing.assert_array_equal(sparse, tf.transpose(t_transpose))
+    source = np.concatenate([vec_parameter(kernel).numpy(), [0.0]])
+    np.testing.assert_array_equal(t_transpose, source[index.entry_index].T)
+    assert index.nnz == np.count_nonzero(t_transpose)
+
+
+@settings(derandomize=True, max_examples=30, deadline=None)
+@given(conv_configs(max_size=9), st.booleans())
+def test_1d_index_is_the_2d_index_of_height_1_and_equals_conv1d(config, causal):
+    """A sequence's index (kernel ``(k, C, F)``, input ``(T, C)``) builds the same ``T(K)``, maps
+    and patches as the image ``(1, T, C)`` with kernel ``(1, k, C, F)`` (Conv1D's view), and
+    ``X T(K)^T`` equals ``tf.nn.conv1d`` (causal: the sequence padded before)."""
+    (_, kw, c_in, c_out), (_, width, _), strides, padding, dilation, seed = config
+    padding = "causal" if causal else padding
+    rng = np.random.default_rng(seed)
+    kernel = tf.constant(rng.normal(size=(kw, c_in, c_out)))
+    one = toeplitz.conv_index((kw, c_in, c_out), (width, c_in), strides[1], padding, dilation[1])
+    two = toeplitz.conv_index(
+        (1, kw, c_in, c_out), (1, width, c_in), (1, strides[1]), padding, (1, dilation[1])
+    )
+    assert one.shape == two.shape and one.output_shape == two.output_shape[1:]
+    np.testing.assert_array_equal(one.entry_index, two.entry_index)
+    np.testing.assert_array_equal(one.patch_index, two.patch_index)
+    np.testing.assert_array_equal(one.stored_patch_index, two.stored_patch_index)
+    t = one.transpose_matrix(kernel)
+    np.testing.assert_array_equal(t, two.transpose_matrix(kernel[None]))
+    x = rng.normal(size=(2, width, c_in))
+    conv_padding = padding.upper()
+    if causal:
+        x_padded = np.pad(x, ((0, 0), ((kw - 1) * dilation[1], 0), (0, 0)))
+        conv_padding = "VALID"
+    else:
+        x_padded = x
+    expected = tf.nn.conv1d(x_padded, kernel, strides[1], conv_padding, dilations=dilation[1])
+    z = toeplitz.toeplitz_product(tf.reshape(x, [2, -1]), t)
+    err = tolerances.relative_error(z, tf.reshape(expected, [2, -1]))
+    assert err <= tolerances.rtol("float64")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"input_shape": (6, 6, 1)}, r"input_shape.*3 known positive spatial sizes"),
+        ({"strides": (1, 2)}, r"depth, height, width.*strides=\(1, 2\)"),
+        ({"dilation_rate": (1, 1, 0)}, r"dilation_rate=\(1, 1, 0\)"),
+        ({"padding": "causal"}, "padding='causal'"),
+        ({"input_shape": (6, 2, 6, 1)}, "along the height"),
+        ({"kernel": np.ones((3, 1))}, "kernel must have shape"),
+    ],
+)
+def test_3d_bad_arguments_name_the_argument(kwargs, match):
+    args = {"kernel": np.ones((3, 3, 3, 1, 2)), "input_shape": (6, 6, 6, 1), **kwargs}
+    with pytest.raises(ValueError, match=match):
+        toeplitz.conv_matrix(**args)

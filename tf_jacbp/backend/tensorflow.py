@@ -125,6 +125,65 @@ __all__ += [
 # --- convolutions: Toeplitz products (sparse fallback, unknown sizes) ----------------------
 
 
+class IndexTensors:
+    """Named integer index maps (NumPy, computed once) handed to TensorFlow as tensors.
+
+    Each map is given as an array or as a function computing it, called on first use (so a
+    layer holds only the maps its route reads). ``maps[name]`` is a constant of the graph being
+    traced (one per graph, however often it is read), so that traced functions, custom gradients
+    and exported SavedModels hold the map itself (a custom gradient that captures an eager tensor
+    cannot be exported); executing eagerly, it is a tensor created once and cached. No
+    ``keras.ops`` form: which graph is being traced is TensorFlow's notion.
+    """
+
+    def __init__(self, **arrays: object):
+        import weakref
+
+        self._sources = arrays
+        self.arrays: dict = {}
+        self._eager: dict = {}
+        self._graphs = weakref.WeakKeyDictionary()
+
+    def array(self, name: str) -> object:
+        """The NumPy map ``name``, computed on first use."""
+        if name not in self.arrays:
+            source = self._sources[name]
+            self.arrays[name] = source() if callable(source) else source
+        return self.arrays[name]
+
+    def __getitem__(self, name: str) -> object:
+        if tf.executing_eagerly():
+            cache = self._eager
+        else:  # one constant per graph, however often the graph reads the map
+            cache = self._graphs.setdefault(tf.compat.v1.get_default_graph(), {})
+        if name not in cache:
+            cache[name] = tf.constant(self.array(name))
+        return cache[name]
+
+
+def sparse_matrix(indices: object, values: object, shape: tuple) -> object:
+    """A ``tf.SparseTensor`` of ``shape`` with ``values`` at the int64 ``(row, column)``
+    ``indices`` (sorted row-major): the sparse ``T(K)`` of the memory guard's fallback. Keras
+    has no sparse tensor type of its own."""
+    return tf.SparseTensor(indices, values, shape)
+
+
+def is_sparse(t: object) -> bool:
+    """Whether ``t`` is a ``tf.SparseTensor`` (the sparse ``T(K)``)."""
+    return isinstance(t, tf.SparseTensor)
+
+
+def sparse_product(t: object, rows: object, transpose: bool = False) -> object:
+    """``rows T^T`` (``transpose``: ``rows T``) for a sparse ``T`` ``(R, N)``, through the adjoint:
+    ``(T rows^T)^T`` and ``(T^T rows^T)^T`` by ``tf.sparse.sparse_dense_matmul`` (no XLA kernel;
+    the memory guard turns XLA off for such layers). ``rows`` ``(n, N)`` (``(n, R)``)."""
+    product = tf.sparse.sparse_dense_matmul(t, rows, adjoint_a=transpose, adjoint_b=True)
+    return tf.transpose(product)
+
+
+__all__ += ["IndexTensors", "is_sparse", "sparse_matrix", "sparse_product"]
+
+
 def bias_add(z: object, bias: object) -> object:
     """``z + bias`` for ``z`` ``(rows, R)`` and ``bias`` ``(R,)``, as TensorFlow's ``BiasAdd``:
     the convolutions' forward ``Z = X T(K)^T + b``. TensorFlow's graph optimizer (the remapper)
@@ -135,7 +194,6 @@ def bias_add(z: object, bias: object) -> object:
 
 
 __all__ += ["bias_add"]
-
 
 # --- pooling, reshaping, dropout, embedding ------------------------------------------------
 
