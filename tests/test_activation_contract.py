@@ -220,38 +220,3 @@ def test_relu_with_a_threshold_float32_cannot_hold_equals_keras_in_float64(kwarg
     np.testing.assert_array_equal(fn.derivative(z, fn.forward(z)), expected)
     m = tf.ones([1, len(points)], tf.float64)
     np.testing.assert_array_equal(fn.vjp_input(m, z, fn.forward(z))[0], expected)
-
-
-def _tensorflow_uses(path):
-    """``(line, what)`` for each import of TensorFlow and each use of a name ``tf`` in the code
-    of ``path`` (docstrings and comments are not code)."""
-    import ast
-
-    uses = []
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            uses += [(node.lineno, a.name) for a in node.names if a.name.startswith("tensorflow")]
-        elif isinstance(node, ast.ImportFrom):
-            names = [a.name for a in node.names]
-            if (node.module or "").startswith("tensorflow") or "tf" in names:
-                uses.append((node.lineno, f"from {node.module} import {', '.join(names)}"))
-        elif isinstance(node, ast.Name) and node.id == "tf":
-            uses.append((node.lineno, "tf"))
-    return uses
-
-
-@pytest.mark.parametrize("package", ["activations", "losses"])
-def test_activations_and_losses_use_no_tensorflow_outside_the_backend(package):
-    """Issue 21, item 2: the activations and losses are written in ``keras.ops``; what has no
-    ``keras.ops`` form lives in ``tf_jacbp.backend``."""
-    from pathlib import Path
-
-    import tf_jacbp
-
-    folder = Path(tf_jacbp.__file__).parent / package
-    found = {
-        f"{path.name}:{line}": what
-        for path in sorted(folder.glob("*.py"))
-        for line, what in _tensorflow_uses(path)
-    }
-    assert not found, f"TensorFlow used in tf_jacbp/{package} outside the backend: {found}"

@@ -125,41 +125,6 @@ def test_the_refusal_lives_in_the_base_and_dense_re_exports_it():
     assert kwargs == {"units": 3}
 
 
-# The modules of Dense, the merges, the activation layers and the normalizations are written in
-# keras.ops: TensorFlow only through tf_jacbp.backend (issue 21 item 2).
-KERAS_OPS_MODULES = [
-    "dense",
-    "merge",
-    "merge_masks",
-    "activation",
-    "normalization",
-    "normalization_base",
-    "normalization_modes",
-    "layer_norm",
-    "batch_moments",
-]
-
-
-@pytest.mark.parametrize("module", KERAS_OPS_MODULES)
-def test_layer_module_does_not_use_tensorflow(module):
-    import ast
-    import importlib
-
-    source = importlib.import_module(f"tf_jacbp.layers.{module}").__file__
-    tree = ast.parse(open(source, encoding="utf-8").read())
-    uses = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            uses += [a.name for a in node.names if a.name.split(".")[0] == "tensorflow"]
-        elif isinstance(node, ast.ImportFrom):
-            names = [a.name for a in node.names]
-            if (node.module or "").split(".")[0] == "tensorflow" or "tf" in names:
-                uses.append(f"from {node.module} import {', '.join(names)}")
-        elif isinstance(node, ast.Name) and node.id == "tf":
-            uses.append(f"tf at line {node.lineno}")
-    assert not uses, f"tf_jacbp/layers/{module}.py uses TensorFlow: {uses}"
-
-
 # --- inputs of any rank: the kernel acts on the last axis at every position -------------------
 
 

@@ -606,37 +606,3 @@ def test_channels_first_message_names_the_fix_for_the_layers_rank(cls, permute):
     layout = "batch, length, channels" if "1D" in cls.__name__ else "batch, height, width"
     with pytest.raises(ValueError, match=rf"\({layout}.*{permute}"):
         cls(data_format="channels_first")
-
-
-def _tensorflow_uses(source: str) -> list[tuple[int, str]]:
-    """``(line, what)`` for each import of TensorFlow and each use of a name ``tf`` in the code
-    ``source`` (docstrings and comments are not code)."""
-    import ast
-
-    uses = []
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            uses += [(node.lineno, a.name) for a in node.names if a.name.startswith("tensorflow")]
-        elif isinstance(node, ast.ImportFrom):
-            names = [a.name for a in node.names]
-            if (node.module or "").startswith("tensorflow") or "tf" in names:
-                uses.append((node.lineno, f"from {node.module} import {', '.join(names)}"))
-        elif isinstance(node, ast.Name) and node.id == "tf":
-            uses.append((node.lineno, "tf"))
-    return uses
-
-
-@pytest.mark.parametrize(
-    "module",
-    ["pooling", "pool_windows", "global_pooling", "reshaping", "flatten", "dropout", "embedding"],
-)
-def test_the_module_uses_no_tensorflow_outside_the_backend(module):
-    """Issue 21, item 2: pooling, reshaping, Dropout and Embedding are written in ``keras.ops``;
-    what has no ``keras.ops`` form (the XLA-compiled gradient, index maps of unknown sizes, id
-    assertions, the gather) lives in ``tf_jacbp.backend``."""
-    from pathlib import Path
-
-    import tf_jacbp
-
-    path = Path(tf_jacbp.__file__).parent / "layers" / f"{module}.py"
-    assert not _tensorflow_uses(path.read_text()), _tensorflow_uses(path.read_text())
