@@ -1,4 +1,4 @@
-"""Checks shared by the convolution tests (Conv2D, Conv1D, Conv2DTranspose).
+"""Checks shared by the convolution tests (Conv2D, Conv1D, Conv3D, Conv2DTranspose).
 
 ``built`` draws a layer's weights; ``values_and_gradients`` runs it under a tape;
 ``assert_sparse_path_equals_dense``: the memory guard's sparse ``T`` changes nothing.

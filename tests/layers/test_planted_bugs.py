@@ -149,6 +149,13 @@ CASES = {
         "param",
         "middle/kernel",
     ),
+    "Conv3D": (
+        lambda c: volume_model(c(2, 2, padding="same", activation="relu", name="middle")),
+        layers.Conv3D,
+        "vjp",
+        "param",
+        "middle/kernel",
+    ),
     "MaxPooling2D": (
         lambda c: image_model(c(2, name="middle")),
         layers.MaxPooling2D,

@@ -15,6 +15,7 @@ from tf_jacbp.layers.activation import (
 from tf_jacbp.layers.base import JacobianLayer, route
 from tf_jacbp.layers.conv import Conv2D
 from tf_jacbp.layers.conv1d import Conv1D
+from tf_jacbp.layers.conv3d import Conv3D
 from tf_jacbp.layers.conv_transpose import Conv2DTranspose
 from tf_jacbp.layers.dense import Dense
 from tf_jacbp.layers.dropout import Dropout
@@ -50,6 +51,7 @@ __all__ = [
     "Conv1D",
     "Conv2D",
     "Conv2DTranspose",
+    "Conv3D",
     "Dense",
     "Dropout",
     "ELU",

@@ -36,8 +36,9 @@ the same maps with TensorFlow ops when the graph runs (``tf_jacbp.toeplitz_dynam
 is still materialized dense and multiplied by the same code, its memory guard asserted at run time
 (no sparse fallback; not under XLA, which drops assertions but compiles each concrete size).
 
-The formulas above are written once, for images, in ``ToeplitzConv``: ``Conv1D``
-(``tf_jacbp.layers.conv1d``) applies them to a sequence read as an image of height 1. The
+The formulas above are written once, for any number of spatial axes, in ``ToeplitzConv``:
+``Conv3D`` (``tf_jacbp.layers.conv3d``) applies them to volumes, ``Conv1D``
+(``tf_jacbp.layers.conv1d``) to a sequence read as an image of height 1. The
 arguments, the index maps per size and the memory guard are written once in ``ToeplitzConv``'s
 base ``_ToeplitzIndexed`` (``tf_jacbp.layers.toeplitz_layer``), which ``Conv2DTranspose`` shares.
 """

@@ -1,7 +1,8 @@
 """The base of the layers that multiply by a materialized Toeplitz matrix ``T(K)`` (docs/math.md,
-Lemmas 2-3): ``ToeplitzConv`` (``Conv2D``, ``Conv1D``; ``tf_jacbp.layers.conv``) multiplies by
-``T(K)`` of its own convolution, ``Conv2DTranspose`` (``tf_jacbp.layers.conv_transpose``) by the
-transpose of ``T(K)`` of the convolution from its output's shape to its input's.
+Lemmas 2-3): ``ToeplitzConv`` (``Conv2D``, ``Conv1D``, ``Conv3D``; ``tf_jacbp.layers.conv``)
+multiplies by ``T(K)`` of its own convolution, ``Conv2DTranspose``
+(``tf_jacbp.layers.conv_transpose``) by the transpose of ``T(K)`` of the convolution from its
+output's shape to its input's.
 
 What they share is written here once: the Keras arguments and their checks, the index maps of
 ``T(K)`` for each input size (``tf_jacbp.toeplitz.ConvIndex``, built once per static size and
@@ -159,6 +160,14 @@ class _ToeplitzIndexed(_KernelBiasLayer):
     def _dynamic_conv_index(self, *sizes: Tensor) -> DynamicConvIndex:
         """``_conv_index`` for sizes known when the graph runs (``tf_jacbp.toeplitz_dynamic``)."""
         _, strides, dilation = self._image_geometry()
+        if len(sizes) != 2:  # the run-time maps are written for images
+            owner = f"{type(self).__name__} '{self.name}'"
+            raise ValueError(
+                f"{owner}: the index maps of T(K) are computed when the graph runs for images "
+                f"only, and this layer's input has {self.rank} spatial axes of sizes unknown "
+                "when traced. Give keras.Input the full shape (e.g. keras.Input((16, 16, 16, 1)))"
+                ", or call the layer with sizes known when traced (one T(K) per size)."
+            )
         return DynamicConvIndex(
             *sizes,
             self._conv_kernel_shape(),
