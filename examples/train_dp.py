@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
         n,
         args.batch_size,
         sigma,
-        int(model.optimizer.iterations),
+        model.privacy_steps,  # the ledger: every DP step, over any resume
         args.delta,
         l2_norm_clip=args.l2_norm_clip,
         poisson=args.poisson,
