@@ -50,7 +50,7 @@ class _Ledger:
     """Steps taken at each (sampling rate, noise multiplier): closed rows and an open segment
     whose steps a variable counts inside ``train_step``. Not a Keras variable: it stays out of
     ``weights`` (``set_weights`` between plain and private models keeps working), and
-    ``DPModel.save_own_variables`` writes it into every checkpoint."""
+    ``_PrivacyState`` writes it into every checkpoint."""
 
     def __init__(self) -> None:
         self.steps = tf.Variable(
