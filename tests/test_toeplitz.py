@@ -372,3 +372,50 @@ def test_3d_bad_arguments_name_the_argument(kwargs, match):
     args = {"kernel": np.ones((3, 3, 3, 1, 2)), "input_shape": (6, 6, 6, 1), **kwargs}
     with pytest.raises(ValueError, match=match):
         toeplitz.conv_matrix(**args)
+
+
+@settings(derandomize=True, max_examples=10, deadline=None)
+@given(conv3d_configs(max_size=4), st.integers(1, 3))
+def test_dynamic_index_of_any_rank_equals_the_static_one(config, rank):
+    """``DynamicConvIndex(sizes, ...)`` for 1, 2 or 3 spatial axes (the first ``rank`` of a
+    drawn 3-D configuration) gives the static maps, ``T(K)^T``, patches and kernel gradient,
+    entry for entry, the sizes unknown when traced."""
+    kernel_shape, input_shape, strides, padding, dilation, seed = config
+    kernel_shape = (*kernel_shape[:rank], *kernel_shape[3:])
+    input_shape = (*input_shape[:rank], input_shape[3])
+    strides, dilation = strides[:rank], dilation[:rank]
+    index = toeplitz.conv_index(kernel_shape, input_shape, strides, padding, dilation)
+    rng = np.random.default_rng(seed)
+    kernel = tf.constant(rng.normal(size=kernel_shape))
+    x = tf.constant(rng.normal(size=(2, *input_shape)))
+    delta = tf.constant(rng.normal(size=(2, *index.output_shape)))
+    unknown = (None,) * (rank + 1)
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec((*unknown, input_shape[-1]), "float64"),
+            tf.TensorSpec((*unknown, None), "float64"),
+        ]
+    )
+    def dynamic(x, delta):
+        sizes = [tf.shape(x)[1 + a] for a in range(rank)]
+        maps = DynamicConvIndex(sizes, kernel_shape, strides, padding, dilation, 10**9)
+        names = ("kernel_rows", "block_rows", "patch_index", "stored_patch_index")
+        products = [
+            maps.transpose_matrix(kernel),
+            maps.patches(x),
+            *maps.kernel_gradient(x, delta, tied_bias=True),
+        ]
+        return [maps.index_map(name) for name in names], products
+
+    maps, products = dynamic(x, delta)
+    static_maps = [*(m.reshape(-1) for m in index.block_index), index.patch_index]
+    for got, want in zip(maps, [*static_maps, index.stored_patch_index], strict=True):
+        np.testing.assert_array_equal(got, want)
+    static = [
+        index.transpose_matrix(kernel),
+        index.patches(x),
+        *index.kernel_gradient(x, delta, tied_bias=True),
+    ]
+    for got, want in zip(products, static, strict=True):
+        np.testing.assert_array_equal(got, want)

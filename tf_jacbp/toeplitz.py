@@ -1,49 +1,42 @@
-"""The Toeplitz matrix of a convolution of any rank (docs/math.md, Lemmas 2 and 3), and its index
-maps.
+"""The Toeplitz matrix of a convolution of any rank (docs/math.md, Lemmas 2 and 3), and its maps.
 
 A convolution (the cross-correlation deep-learning frameworks compute: the kernel is not flipped)
-is linear in its input. For a channels_last input ``x`` of shape ``(s_1, ..., s_n, C)`` (``n``
-spatial axes: a sequence, an image ``(H, W, C)``, a volume ``(D, H, W, C)``) and a kernel ``K`` of
-shape ``(k_1, ..., k_n, C, F)``:
+is linear in its input. For a channels_last input ``x`` ``(s_1, ..., s_n, C)`` (``n`` spatial
+axes: a sequence, an image ``(H, W, C)``, a volume ``(D, H, W, C)``) and a kernel ``K``
+``(k_1, ..., k_n, C, F)``:
 
     vec(conv(x, K)) = T(K) vec(x),    T(K) of shape (o_1 ... o_n F) x (s_1 ... s_n C),
 
-``vec`` being the row-major flattening of ``tf_jacbp.layout``: row ``(i_1, ..., i_n, f)`` of ``T``
-is an output position, column ``(i'_1, ..., i'_n, c)`` an input position. Entry by entry, with
-strides ``s_a``, dilation ``d_a`` and the padding ``pad_a`` of ``tf_jacbp.geometry.padding_before``
-along each axis ``a``:
+``vec`` the row-major flattening of ``tf_jacbp.layout`` (docs/math.md, "Layouts"): row ``(i, f)``
+is an output position, column ``(i', c)`` an input position. With strides ``st_a``, dilation
+``d_a`` and padding ``pad_a`` (``tf_jacbp.geometry.padding_before``) along each axis ``a``:
 
-    T[(i, f), (i', c)] = K[p_1, ..., p_n, c, f]   if i'_a = i_a s_a - pad_a + p_a d_a
+    T[(i, f), (i', c)] = K[p_1, ..., p_n, c, f]   if i'_a = i_a st_a - pad_a + p_a d_a
                                                   (0 <= p_a < k_a) for every axis a,
                        = 0                        otherwise.
 
 Lemma 2's ``3 x 3`` input and ``2 x 2`` kernel give the ``4 x 9`` matrix of docs/math.md. The
-window arithmetic (taps, paddings, output sizes, argument checks) is ``tf_jacbp.geometry``'s,
-shared with the pooling layers; this module builds ``T`` from it, one axis at a time.
-
-The map from entries of ``T`` to entries of ``Vec(K)`` (``tf_jacbp.layout``: column-major over
-the kernel as stored) depends only on the shapes, so ``ConvIndex`` computes it once in NumPy
-(``conv_index`` caches one per configuration), and ``T`` is rebuilt from the current kernel by
-gathering from ``[Vec(K); 0]``, the appended zero serving every structural zero of ``T``; the
-products (``tf_jacbp.toeplitz_products``) are ``keras.ops``:
+window arithmetic is ``tf_jacbp.geometry``'s (shared with pooling), one axis at a time. The map
+from entries of ``T`` to ``Vec(K)`` (column-major over ``K`` as stored) depends only on the
+shapes, so ``ConvIndex`` computes it once in NumPy (``conv_index`` caches one per
+configuration), and ``T`` is rebuilt from the current kernel by gathering from ``[Vec(K); 0]``,
+the zero serving every structural zero; the products (``tf_jacbp.toeplitz_products``) are
+``keras.ops``:
 
 * ``ConvIndex.entry_index``: the definition, one ``Vec(K)`` position per entry of ``T``.
-* ``ConvIndex.transpose_matrix``: the same map factored, because ``T`` is block Toeplitz with
-  Toeplitz blocks. The block of ``T^T`` for leading input position ``i'`` and leading output
-  position ``i`` (all axes but the last) is the one-dimensional Toeplitz matrix, along the last
-  axis, of the kernel slice ``p`` with ``i'_a = i_a s_a - pad_a + p_a d_a`` (or zero), so ``T^T`` is
-  two gathers of whole rows: kernel rows ``K[p, q, c, :]`` into the blocks, then block rows into
-  ``T^T``. For LeNet-5's first layer (``T`` of ``4704 x 784``) one gather per entry takes about
-  70 ms on two CPU cores, the two row gathers 2-5 ms: this is what makes a new ``T`` at every
-  step affordable.
+* ``ConvIndex.transpose_matrix``: the same map factored, ``T`` being block Toeplitz with Toeplitz
+  blocks: the block of ``T^T`` for leading (all axes but the last) input and output positions
+  ``i'``, ``i`` is the 1-D Toeplitz matrix, along the last axis, of the kernel slice ``p`` with
+  ``i'_a = i_a st_a - pad_a + p_a d_a`` (or zero). So ``T^T`` is two gathers of whole rows:
+  kernel rows into the blocks, block rows into ``T^T`` (for LeNet-5's first layer, ``T`` of
+  ``4704 x 784``, 2-5 ms on two CPU cores against 70 ms for one gather per entry).
 * ``ConvIndex.sparse_matrix``: only the structural nonzeros, for the memory guard.
-* ``ConvIndex.patches``: the patch matrix (im2col), ``J_{Vec(K)} (T(K) vec(x))`` of Lemma 3.
-  ``ConvIndex.kernel_products`` (the kernel and tied bias products for ``V`` stacked upstream
-  vectors, summed over the batch or per sample) multiplies by the same matrix gathered with its
-  columns in ``K``'s storage order (``stored_patches``), plus the tied bias' row of ones.
+* ``ConvIndex.patches``: the patch matrix (im2col), ``J_{Vec(K)} (T(K) vec(x))`` of Lemma 3;
+  ``kernel_products`` (kernel and tied bias products for ``V`` stacked upstream vectors, summed
+  over the batch or per sample) uses it with columns in ``K``'s storage order plus a row of ones.
 
-Memory guard: ``tf_jacbp.toeplitz_budget`` (``set_budget_bytes``, ``use_sparse``, ...; its names
-are re-exported here). A size known only when a traced graph runs: ``tf_jacbp.toeplitz_dynamic``.
+Memory guard: ``tf_jacbp.toeplitz_budget`` (its names are re-exported here). A size known only
+when a traced graph runs: ``tf_jacbp.toeplitz_dynamic``.
 """
 
 from __future__ import annotations
@@ -67,7 +60,7 @@ from tf_jacbp.geometry import (
     check_window_fits,  # noqa: I001
 )
 from tf_jacbp.layout import vec_index, vec_parameter
-from tf_jacbp.toeplitz_budget import (
+from tf_jacbp.toeplitz_budget import (  # noqa: F401 (re-exported: the budget's names)
     DEFAULT_BUDGET_BYTES,
     GRAPH_CONSTANT_COPIES,
     SPARSE_INDEX_BYTES,
@@ -78,30 +71,14 @@ from tf_jacbp.toeplitz_budget import (
     dtype_size,
     get_budget_bytes,
     set_budget_bytes,
+    step_bytes,
     use_sparse,
 )
-from tf_jacbp.toeplitz_products import ToeplitzProducts, static_size, toeplitz_product
-
-__all__ = [
-    "DEFAULT_BUDGET_BYTES",
-    "GRAPH_CONSTANT_COPIES",
-    "SPARSE_INDEX_BYTES",
-    "SPARSE_STEP_BYTES_PER_NONZERO",
-    "STEP_OVERHEAD_BYTES",
-    "ConvIndex",
-    "IndexTensors",
-    "ToeplitzProducts",
-    "budget_error",
-    "check_budget",
-    "conv_index",
-    "conv_matrix",
-    "get_budget_bytes",
-    "set_budget_bytes",
-    "static_size",
-    "toeplitz_product",
-    "use_sparse",
-    "validate",
-]
+from tf_jacbp.toeplitz_products import (  # noqa: F401 (re-exported)
+    ToeplitzProducts,
+    static_size,
+    toeplitz_product,
+)
 
 Tensor = Any
 
@@ -160,16 +137,6 @@ class ConvIndex(ToeplitzProducts):
         valid = math.prod(int((t >= 0).sum()) for t in self.taps)
         self.nnz = valid * kernel_shape[-2] * kernel_shape[-1]
 
-    @property
-    def taps_h(self) -> np.ndarray:
-        """The taps of the height axis (the second to last spatial axis; 2-D and 3-D)."""
-        return self.taps[-2]
-
-    @property
-    def taps_w(self) -> np.ndarray:
-        """The taps of the width axis (the last spatial axis)."""
-        return self.taps[-1]
-
     def dense_bytes(self, dtype: Any) -> int:
         """Bytes of a dense ``T``: ``R N`` entries of ``dtype``."""
         return self.shape[0] * self.shape[1] * dtype_size(dtype)
@@ -179,39 +146,10 @@ class ConvIndex(ToeplitzProducts):
         return self.nnz * (dtype_size(dtype) + SPARSE_INDEX_BYTES)
 
     def step_bytes(self, dtype: Any, sparse: bool) -> int:
-        """The peak bytes a training step of one sample (forward and backward pass) adds for this
-        layer with a dense or a sparse ``T``: what the memory guard compares with its budget.
-
-        With ``s`` the bytes of ``dtype``, ``P`` positions, ``M`` entries per filter,
-        ``L = k_1 ... k_{n-1}``, ``W = s_n``:
-
-        * ``T``: dense, ``R N s`` plus its int32 index maps ``kernel_rows`` and ``block_rows``
-          (``(L C W + 1) o_n + N o_1 ... o_{n-1}`` entries); sparse, ``nnz (s +``
-          ``SPARSE_STEP_BYTES_PER_NONZERO)``;
-        * the int32 patch maps of the kernel gradient and of ``patches`` (``(2 M + 1) P``);
-        * every index map ``GRAPH_CONSTANT_COPIES`` times (graph constants) plus its NumPy array;
-        * one sample's ``x``, ``z``, their gradients and patch matrix
-          (``(2 (N + R) + (M + 1) P) s``), and ``STEP_OVERHEAD_BYTES``.
-
-        Each further sample of a batch adds about its share of the last item, as for any layer.
-        Measured with ``Model.train_on_batch`` (``tests/system/test_memory_guard.py``), the peak
-        growth of the process stays below this.
-        """
-        size = dtype_size(dtype)
-        width, channels = self.input_shape[-2:]
-        filters = self.kernel_shape[-1]
-        rows, columns = self.shape
-        positions, entries = rows // filters, math.prod(self.kernel_shape[:-1])
-        maps = 4 * (2 * entries + 1) * positions
-        if sparse:
-            matrix = self.nnz * (size + SPARSE_STEP_BYTES_PER_NONZERO)
-        else:
-            matrix = rows * columns * size
-            lead = math.prod(self.kernel_shape[:-3])
-            maps += 4 * ((lead * channels * width + 1) * self.output_shape[-2])
-            maps += 4 * columns * math.prod(self.output_shape[:-2])
-        one_sample = (2 * (columns + rows) + (entries + 1) * positions) * size
-        return matrix + (GRAPH_CONSTANT_COPIES + 1) * maps + one_sample + STEP_OVERHEAD_BYTES
+        """The peak bytes a training step of one sample adds for this layer with a dense or a
+        sparse ``T``: what the memory guard compares with its budget
+        (``tf_jacbp.toeplitz_budget.step_bytes``)."""
+        return step_bytes(self, dtype, sparse)
 
     @functools.cached_property
     def _sparse_arrays(self) -> tuple[np.ndarray, np.ndarray]:
@@ -264,12 +202,12 @@ class ConvIndex(ToeplitzProducts):
 
         * ``kernel_rows`` ``(L C W + 1, o_n)``: for block row ``(l, c, j')`` and output column
           ``j``, the row of ``K[l, q, c, :]`` in ``K`` reshaped to ``(M, F)`` (its storage order:
-          row ``(l k_n + q) C + c``), with ``j' = j s_n - pad_before + q d_n``; or ``M`` (an
+          row ``(l k_n + q) C + c``), with ``j' = j st_n - pad_before + q d_n``; or ``M`` (an
           appended zero row) where no tap ``q`` reads ``j'``. The last block row is all ``M``:
           the zero block.
         * ``block_rows`` ``(s_1, ..., s_{n-1}, W, C, o_1, ..., o_{n-1})``: for row
           ``(i', j', c)`` of ``T^T`` and leading output position ``i``, the block row
-          ``(l, c, j')`` (flattened) with ``i'_a = i_a s_a - pad_a + p_a d_a`` along each leading
+          ``(l, c, j')`` (flattened) with ``i'_a = i_a st_a - pad_a + p_a d_a`` along each leading
           axis; or ``L C W`` (the zero block row) where some ``p_a`` is no tap. With
           ``N o_1 ... o_{n-1}`` entries it is the largest map of the dense route, so it is built
           in place, in int32. For ``n = 1`` it is ``(W, C)``, a permutation.
@@ -427,14 +365,9 @@ def conv_index(
     owner: str = "conv_index",
 ) -> ConvIndex:
     """The (cached) ``ConvIndex`` of a configuration with ``n = len(kernel_shape) - 2`` spatial
-    axes (1-D, 2-D, 3-D, ...), after ``validate`` (errors name ``owner``).
-
-    Args:
-        kernel_shape: ``(k_1, ..., k_n, C_in, C_out)`` (Keras' kernel layout).
-        input_shape: ``(s_1, ..., s_n, C_in)`` of one channels_last input (no batch axis).
-        strides, dilation_rate: an int or ``n`` ints, all >= 1.
-        padding: ``"valid"``, ``"same"`` (TensorFlow's rule) or, for ``n <= 2``, ``"causal"``.
-    """
+    axes (1-D, 2-D, 3-D, ...), after ``validate`` (errors name ``owner``). Kernel
+    ``(k_1, ..., k_n, C_in, C_out)``, input ``(s_1, ..., s_n, C_in)`` (no batch axis), strides
+    and dilation an int or ``n`` ints, padding as ``conv_matrix``'s."""
     kernel_shape, input_shape, strides, padding, dilation_rate = validate(
         kernel_shape, input_shape, strides, padding, dilation_rate, owner
     )

@@ -11,6 +11,7 @@ below are the measured costs ``step_bytes`` adds up.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -129,3 +130,40 @@ def use_sparse(index: Any, dtype: Any, budget: int, owner: str, setting: str) ->
         stacklevel=3,
     )
     return True
+
+
+def step_bytes(index: Any, dtype: Any, sparse: bool) -> int:
+    """The peak bytes a training step of one sample (forward and backward pass) adds for a layer
+    multiplying by the ``T(K)`` of ``index`` (a ``tf_jacbp.toeplitz.ConvIndex``, ``n`` spatial
+    axes), dense or sparse: what the memory guard compares with its budget.
+
+    With ``s`` the bytes of ``dtype``, ``P`` positions, ``M`` entries per filter,
+    ``L = k_1 ... k_{n-1}``, ``W = s_n``:
+
+    * ``T``: dense, ``R N s`` plus its int32 index maps ``kernel_rows`` and ``block_rows``
+      (``(L C W + 1) o_n + N o_1 ... o_{n-1}`` entries); sparse, ``nnz (s +``
+      ``SPARSE_STEP_BYTES_PER_NONZERO)``;
+    * the int32 patch maps of the kernel gradient and of ``patches`` (``(2 M + 1) P``);
+    * every index map ``GRAPH_CONSTANT_COPIES`` times (graph constants) plus its NumPy array;
+    * one sample's ``x``, ``z``, their gradients and patch matrix
+      (``(2 (N + R) + (M + 1) P) s``), and ``STEP_OVERHEAD_BYTES``.
+
+    Each further sample of a batch adds about its share of the last item, as for any layer.
+    Measured with ``Model.train_on_batch`` (``tests/system/test_memory_guard.py``), the peak
+    growth of the process stays below this.
+    """
+    size = dtype_size(dtype)
+    width, channels = index.input_shape[-2:]
+    filters = index.kernel_shape[-1]
+    rows, columns = index.shape
+    positions, entries = rows // filters, math.prod(index.kernel_shape[:-1])
+    maps = 4 * (2 * entries + 1) * positions
+    if sparse:
+        matrix = index.nnz * (size + SPARSE_STEP_BYTES_PER_NONZERO)
+    else:
+        matrix = rows * columns * size
+        lead = math.prod(index.kernel_shape[:-3])
+        maps += 4 * ((lead * channels * width + 1) * index.output_shape[-2])
+        maps += 4 * columns * math.prod(index.output_shape[:-2])
+    one_sample = (2 * (columns + rows) + (entries + 1) * positions) * size
+    return matrix + (GRAPH_CONSTANT_COPIES + 1) * maps + one_sample + STEP_OVERHEAD_BYTES

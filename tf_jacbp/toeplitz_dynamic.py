@@ -1,13 +1,14 @@
-"""The index maps of ``T(K)`` for an image size known only when a traced graph runs.
+"""The index maps of ``T(K)`` for an input size known only when a traced graph runs.
 
 Keras' ``fit`` traces its step with ``reduce_retracing=True``: after a second image size it
 traces once more with the spatial sizes unknown (``keras.Input((None, None, C))``), and a
 ``tf.function`` with an ``input_signature`` of unknown size does the same. ``ConvIndex``
 (``tf_jacbp.toeplitz``) computes its maps in NumPy for one static size, so it cannot serve that
-trace. ``DynamicConvIndex`` computes the very same maps with TensorFlow ops from the runtime
-sizes ``H, W`` (``tf.shape(x)``), entry for entry (``tests/test_toeplitz.py`` compares them with
-the static maps exactly), and multiplies through ``ToeplitzProducts``, the code ``ConvIndex``
-runs: ``T(K)^T`` is still materialized dense by the two row gathers, then multiplied.
+trace. ``DynamicConvIndex`` computes the very same maps, for any number of spatial axes, with
+TensorFlow ops from the runtime sizes (``tf.shape(x)[1:-1]``), entry for entry
+(``tests/test_toeplitz.py`` compares them with the static maps exactly), and multiplies through
+``ToeplitzProducts``, the code ``ConvIndex`` runs: ``T(K)^T`` is still materialized dense by the
+two row gathers, then multiplied.
 
 The maps, along one axis with ``out`` outputs, stride ``s``, dilation ``d``, ``k`` taps and
 ``pad_before`` (``tf_jacbp.geometry``; "same" and "causal" need the size, so they are tensors):
@@ -23,6 +24,9 @@ runs, that the dense ``T`` (``R N`` entries) fits the layer's budget, an Invalid
 naming the size and the budget otherwise; there is no sparse fallback on this route. A "valid"
 window longer than the input is likewise a run-time InvalidArgumentError.
 
+This graph of unknown sizes stays TensorFlow (``tf.shape``, ``tf.debugging.Assert``, control
+dependencies): it is the backend-specific part of the index, kept in this module.
+
 XLA: ``jit_compile=True`` compiles one program per concrete input shape, where these maps are
 constants of the compiled program; the products compile and agree with the static route
 (``tests/layers/test_conv.py``). XLA ignores ``tf.debugging.Assert`` (TensorFlow logs "Ignoring
@@ -33,6 +37,7 @@ empty output instead of an error. Measured on TensorFlow 2.21.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from tf_jacbp._backend import tf
@@ -96,42 +101,69 @@ def inverse_taps(
     return tf.where(valid, tap, -1)
 
 
-class DynamicConvIndex(ToeplitzProducts):
-    """``ConvIndex``'s maps of ``T(K)`` computed with TensorFlow ops for runtime sizes.
+def _place(t: tf.Tensor, ndim: int, axes: tuple[int, ...]) -> tf.Tensor:
+    """``t`` (one axis per entry of ``axes``, increasing) viewed with ``ndim`` axes, its own at
+    ``axes`` and size 1 elsewhere, for broadcasting."""
+    shape = [1] * ndim
+    for i, axis in enumerate(axes):
+        shape[axis] = tf.shape(t)[i]
+    return tf.reshape(t, tf.stack(shape))
 
-    ``height``, ``width``: int32 scalar tensors (``tf.shape(x)[1:3]``); ``channels`` and the
-    kernel ``(kh, kw, C, F)`` static, as the configuration. ``input_shape``, ``output_shape``
-    and ``shape`` hold tensors where the size enters. ``budget``: the byte budget the dense
-    ``T`` is asserted against when ``transpose_matrix`` runs (None: no check); ``owner`` and
-    ``setting`` name the layer and the setting to raise in that message.
+
+class DynamicConvIndex(ToeplitzProducts):
+    """``ConvIndex``'s maps of ``T(K)`` computed with TensorFlow ops for runtime sizes, ``n``
+    spatial axes.
+
+    ``DynamicConvIndex(sizes, kernel_shape, strides, padding, dilation_rate, budget, owner,
+    setting)``, or for an image ``DynamicConvIndex(height, width, kernel_shape, ...)``:
+    ``sizes`` the ``n`` spatial sizes as int32 scalar tensors (``tf.shape(x)[1:-1]``); the
+    kernel ``(k_1, ..., k_n, C, F)``, strides and dilation (``n`` ints) static, as the
+    configuration. ``input_shape``, ``output_shape`` and ``shape`` hold tensors where the size
+    enters. ``budget``: the byte budget the dense ``T`` is asserted against when
+    ``transpose_matrix`` runs (None: no check); ``owner`` and ``setting`` name the layer and the
+    setting to raise in that message.
     """
 
-    def __init__(
+    def __init__(self, *args: Any, **kwargs: Any):
+        if isinstance(args[0], list | tuple):
+            sizes, rest = tuple(args[0]), args[1:]
+        else:  # (height, width, kernel_shape, ...)
+            sizes, rest = tuple(args[:2]), args[2:]
+        self._configure(sizes, *rest, **kwargs)
+
+    def _configure(
         self,
-        height: tf.Tensor,
-        width: tf.Tensor,
-        kernel_shape: tuple[int, int, int, int],
-        strides: tuple[int, int],
+        sizes: tuple[tf.Tensor, ...],
+        kernel_shape: tuple[int, ...],
+        strides: tuple[int, ...],
         padding: str,
-        dilation_rate: tuple[int, int],
+        dilation_rate: tuple[int, ...],
         budget: int | None = None,
         owner: str = "DynamicConvIndex",
         setting: str = "tf_jacbp.toeplitz.set_budget_bytes(...)",
-    ):
-        kh, kw, channels, filters = kernel_shape
-        height, width = tf.cast(height, tf.int32), tf.cast(width, tf.int32)
-        self.input_shape = (height, width, channels)
+    ) -> None:
+        channels, filters = kernel_shape[-2:]
+        sizes = tuple(tf.cast(n, tf.int32) for n in sizes)
+        if len(sizes) != len(kernel_shape) - 2:
+            raise ValueError(
+                f"{owner}: {len(sizes)} spatial sizes for a kernel of shape {kernel_shape} "
+                f"with {len(kernel_shape) - 2} spatial axes; give one size per spatial axis."
+            )
+        self.rank = len(sizes)
+        self.input_shape = (*sizes, channels)
         self.kernel_shape = tuple(kernel_shape)
         self.strides, self.padding, self.dilation_rate = strides, padding, dilation_rate
         self.budget, self.owner, self.setting = budget, owner, setting
-        self.taps_h, *pad_h = axis_taps(height, kh, strides[0], padding, dilation_rate[0])
-        self.taps_w, *pad_w = axis_taps(width, kw, strides[1], padding, dilation_rate[1])
-        self.paddings = (tuple(pad_h), tuple(pad_w))
-        self.output_shape = (tf.shape(self.taps_h)[0], tf.shape(self.taps_w)[0], filters)
-        self.shape = (
-            self.output_shape[0] * self.output_shape[1] * filters,
-            height * width * channels,
-        )
+        taps, paddings = [], []
+        for size, k, stride, dilation in zip(
+            sizes, kernel_shape[:-2], strides, dilation_rate, strict=True
+        ):
+            axis, *pad = axis_taps(size, k, stride, padding, dilation)
+            taps.append(axis)
+            paddings.append(tuple(pad))
+        self.taps, self.paddings = tuple(taps), tuple(paddings)
+        self.output_shape = (*(tf.shape(t)[0] for t in self.taps), filters)
+        self.shape = (math.prod(self.output_shape), math.prod(self.input_shape))
         self._maps: dict[str, tf.Tensor] = {}
 
     def dense_bytes(self, dtype: Any) -> tf.Tensor:
@@ -145,7 +177,7 @@ class DynamicConvIndex(ToeplitzProducts):
             return []
         size = self.dense_bytes(dtype)
         message = (
-            f"{self.owner}: for this batch's image size the dense Toeplitz matrix T(K) is over "
+            f"{self.owner}: for this batch's input size the dense Toeplitz matrix T(K) is over "
             f"the budget of {self.budget} bytes ({self.budget / 2**20:.1f} MiB). Raise it with "
             f"{self.setting}, or use smaller inputs (or a fixed input size, whose T is guarded "
             "when the model is built and may be kept sparse)."
@@ -165,75 +197,89 @@ class DynamicConvIndex(ToeplitzProducts):
         Everything of size ``T`` waits for the guard: the maps ``kernel_rows`` and
         ``block_rows`` and the inverse taps they are computed from are built inside its control
         dependencies (every op created there runs after the assertion), and so are the two
-        gathers. For a sequence (``H = 1``) the first gather and the inverse taps alone are as
-        large as ``T``, so guarding only the last gather (as for an image, whose first is small)
-        would let them allocate first."""
+        gathers. For a sequence the first gather and the inverse taps alone are as large as
+        ``T``, so guarding only the last gather (as for an image, whose first is small) would let
+        them allocate first."""
         with tf.control_dependencies(self.guard(kernel.dtype)):
             self.index_map("kernel_rows")
             self.index_map("block_rows")
             return super().transpose_matrix(kernel)
 
     def _inverse(self, axis: int) -> tf.Tensor:
-        """``inverse_taps`` along ``axis`` (0: height, 1: width), ``(size, out)``."""
-        taps, (before, _) = (self.taps_h, self.taps_w)[axis], self.paddings[axis]
-        kernel_size = self.kernel_shape[axis]
+        """``inverse_taps`` along spatial ``axis``, ``(size, out)``."""
+        taps, (before, _) = self.taps[axis], self.paddings[axis]
         return inverse_taps(
             self.input_shape[axis],
             tf.shape(taps)[0],
-            kernel_size,
+            self.kernel_shape[axis],
             self.strides[axis],
             before,
             self.dilation_rate[axis],
         )
 
+    def _lead_taps(self) -> int:
+        return math.prod(self.kernel_shape[:-3])
+
     def _kernel_rows(self) -> tf.Tensor:
-        """``(kh C W + 1) W_out``: for block row ``(p, c, j')`` and output column ``j`` the row
-        ``(p kw + q) C + c`` of ``K`` as ``(M, F)``, ``q`` the tap reading ``j'``, else ``M``."""
-        kh, kw, channels, _ = self.kernel_shape
-        entries = kh * kw * channels
-        q = self._inverse(1)[None, None]  # (1, 1, W, W_out)
-        p = tf.range(kh)[:, None, None, None]
+        """``(L C W + 1) o_n``: for block row ``(l, c, j')`` and output column ``j`` the row
+        ``(l k_n + q) C + c`` of ``K`` as ``(M, F)``, ``q`` the tap reading ``j'``, else ``M``
+        (``ConvIndex.block_index``)."""
+        kw, channels = self.kernel_shape[-3], self.kernel_shape[-2]
+        q = self._inverse(self.rank - 1)[None, None]  # (1, 1, W, o_n)
+        r = tf.range(self._lead_taps())[:, None, None, None]
         c = tf.range(channels)[None, :, None, None]
-        rows = tf.where(q >= 0, (p * kw + q) * channels + c, entries)  # (kh, C, W, W_out)
-        rows = tf.reshape(rows, [-1, self.output_shape[1]])
-        zero_block = tf.fill([1, self.output_shape[1]], entries)
+        rows = tf.where(q >= 0, (r * kw + q) * channels + c, self._entries())  # (L, C, W, o_n)
+        rows = tf.reshape(rows, [-1, self.output_shape[-2]])
+        zero_block = tf.fill([1, self.output_shape[-2]], self._entries())
         return tf.reshape(tf.concat([rows, zero_block], axis=0), [-1])
 
     def _block_rows(self) -> tf.Tensor:
-        """``H W C H_out``: for row ``(i', j', c)`` of ``T^T`` and output row ``i`` the block row
-        ``(p C + c) W + j'``, ``p`` the tap reading ``i'``, else ``kh C W`` (the zero block)."""
-        kh, _, channels, _ = self.kernel_shape
-        width = self.input_shape[1]
-        p = self._inverse(0)[:, None, None, :]  # (H, 1, 1, H_out)
-        c = tf.range(channels)[None, None, :, None]
-        j_in = tf.range(width)[None, :, None, None]
-        rows = tf.where(p >= 0, (p * channels + c) * width + j_in, kh * channels * width)
+        """``N o_1 ... o_{n-1}``: for row ``(i', j', c)`` of ``T^T`` and leading output position
+        ``i`` the block row ``(l C + c) W + j'``, ``l`` the flat leading taps reading ``i'``,
+        else ``L C W`` (the zero block; ``ConvIndex.block_index``)."""
+        n, (width, channels) = self.rank, self.input_shape[-2:]
+        ndim = 2 * n  # axes (s_1..s_{n-1}, W, C, o_1..o_{n-1})
+        flat, missing = tf.zeros([], tf.int32), None
+        for a in range(n - 1):
+            p = _place(self._inverse(a), ndim, (a, n + 1 + a))
+            flat = flat * self.kernel_shape[a] + tf.maximum(p, 0)
+            missing = p < 0 if missing is None else missing | (p < 0)
+        c = _place(tf.range(channels), ndim, (n,))
+        j_in = _place(tf.range(width), ndim, (n - 1,))
+        rows = (flat * channels + c) * width + j_in
+        if missing is not None:
+            rows = tf.where(missing, self._lead_taps() * channels * width, rows)
         return tf.reshape(rows, [-1])
 
     def _storage_patch_index(self, padding_reads: tf.Tensor) -> tf.Tensor:
-        """``(kh, kw, C, H_out, W_out)``: the input position ``(i' W + j') C + c`` that entry
-        ``(p, q, c)`` reads at output position ``(i, j)``, or ``padding_reads``."""
-        _, width, channels = self.input_shape
-        in_i = tf.transpose(self.taps_h)[:, None, None, :, None]
-        in_j = tf.transpose(self.taps_w)[None, :, None, None, :]
-        c = tf.range(channels)[None, None, :, None, None]
-        return tf.where(
-            (in_i >= 0) & (in_j >= 0), (in_i * width + in_j) * channels + c, padding_reads
-        )
+        """``(k_1, ..., k_n, C, o_1, ..., o_n)``: the input position (row-major
+        ``(i'_1, ..., i'_n, c)``) that entry ``(p, c)`` reads at output position ``i``, or
+        ``padding_reads``."""
+        n = self.rank
+        ndim = 2 * n + 1
+        index, missing = tf.zeros([], tf.int32), None
+        for a in range(n):
+            read = _place(tf.transpose(self.taps[a]), ndim, (a, n + 1 + a))
+            index = index * self.input_shape[a] + read
+            missing = read < 0 if missing is None else missing | (read < 0)
+        index = index * self.input_shape[-1] + _place(tf.range(self.input_shape[-1]), ndim, (n,))
+        return tf.where(missing, padding_reads, index)
 
     def _patch_index(self) -> tf.Tensor:
-        """``(M, P)``: ``ConvIndex.patch_index``, rows in ``Vec`` order ``m = p + kh (q + kw c)``
-        (the storage axes ``(p, q, c)`` reversed), padding reading ``N``."""
-        index = tf.transpose(self._storage_patch_index(self.shape[1]), [2, 1, 0, 3, 4])
+        """``(M, P)``: ``ConvIndex.patch_index``, rows in ``Vec`` order (the storage axes
+        ``(p_1, ..., p_n, c)`` reversed), padding reading ``N``."""
+        n = self.rank
+        perm = [*range(n, -1, -1), *range(n + 1, 2 * n + 1)]
+        index = tf.transpose(self._storage_patch_index(self.shape[1]), perm)
         return tf.reshape(index, [self._entries(), -1])
 
     def _stored_patch_index(self) -> tf.Tensor:
-        """``(M + 1, P)``: ``ConvIndex.stored_patch_index``, rows in storage order ``(p, q, c)``,
-        padding reading ``N + 1``, a last row reading ``N`` (the tied bias' constant 1)."""
+        """``(M + 1, P)``: ``ConvIndex.stored_patch_index``, rows in storage order
+        ``(p_1, ..., p_n, c)``, padding reading ``N + 1``, a last row reading ``N`` (the tied
+        bias' constant 1)."""
         index = tf.reshape(self._storage_patch_index(self.shape[1] + 1), [self._entries(), -1])
         ones = tf.fill([1, tf.shape(index)[1]], self.shape[1])
         return tf.concat([index, ones], axis=0)
 
     def _entries(self) -> int:
-        kh, kw, channels, _ = self.kernel_shape
-        return kh * kw * channels
+        return math.prod(self.kernel_shape[:-1])
