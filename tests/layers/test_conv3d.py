@@ -8,11 +8,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conv_checks import (
+    UpdatesMatchReference,
     assert_contract_is_autodiff,
     assert_input_jacobian_is_autodiff,
+    assert_one_trace_gives_the_reference_gradients,
     assert_parameter_jacobian_is_autodiff,
     assert_per_example_rows_sum_to_the_backward,
+    batches,
     built,
+    compiled_sgd,
+    dataset,
     values_and_gradients,
 )
 
@@ -227,18 +232,35 @@ def test_a_subclass_overriding_build_has_it_run():
     assert layer.noted == (1, 3, 3, 3, 1)
 
 
-def test_a_size_unknown_when_traced_is_refused_with_the_fix():
-    """Inputs of static sizes work at any size (one ``T(K)`` per size); a volume whose sizes are
-    unknown when a graph is traced is a ValueError giving the fix (full ``keras.Input`` shape)."""
-    layer = built(Conv3D, (None, None, None, 1), filters=2, kernel_size=2)
-    stock = keras.layers.Conv3D(2, 2, dtype="float64")
-    stock.build((None, None, None, None, 1))
-    stock.set_weights(layer.get_weights())
-    rng = np.random.default_rng(8)
-    for size in [(3, 3, 3), (4, 3, 2)]:
-        x = tf.constant(rng.normal(size=(2, *size, 1)))
-        assert tolerances.relative_error(layer(x), stock(x)) <= RTOL64
-    spec = tf.TensorSpec((None, None, None, None, 1), "float64")
-    traced = tf.function(layer, input_signature=[spec])
-    with pytest.raises(ValueError, match=r"3 spatial axes.*keras.Input the full shape"):
-        traced(tf.zeros((1, 3, 3, 3, 1), "float64"))
+@pytest.mark.parametrize("input_shape, kwargs", [c for c in CONTRACT_CASES if "bias" not in c[1]])
+def test_contract_products_for_an_unknown_size_are_autodiff(input_shape, kwargs):
+    """The same products traced for a volume of unknown size (the index maps computed when the
+    graph runs, ``tf_jacbp.toeplitz_dynamic``)."""
+    layer = built(Conv3D, (None, None, None, input_shape[-1]), **kwargs)
+    assert_contract_is_autodiff(layer, input_shape, unknown_size=True)
+
+
+def _volume_model():
+    return keras.Sequential(
+        [
+            keras.Input((None, None, None, 2), dtype="float64"),
+            Conv3D(2, 2, padding="same", activation="tanh", dtype="float64"),
+            Conv3D(1, (2, 1, 2), strides=(1, 2, 1), dtype="float64"),
+        ]
+    )
+
+
+def test_fit_on_volumes_of_three_sizes_applies_the_reference_gradients():
+    """One ``fit`` over a dataset whose batches have three volume sizes (traced once, sizes
+    unknown): each step's ``SGD(1.0)`` update is the reference route's gradient."""
+    model = compiled_sgd(_volume_model())
+    data = batches(model, [(3, 4, 3, 2), (4, 3, 2, 2), (2, 2, 4, 2)], seed=6)
+    check = UpdatesMatchReference(data)
+    model.fit(dataset(data), steps_per_epoch=3, verbose=0, shuffle=False, callbacks=[check])
+    assert len(check.errors) == 3 and max(check.errors) <= RTOL64
+    assert model.layers[0]._indices == {}
+
+
+def test_one_trace_of_unknown_size_gives_the_reference_gradients():
+    model = _volume_model()
+    assert_one_trace_gives_the_reference_gradients(model, [(3, 3, 3, 2), (2, 4, 3, 2)], seed=2)

@@ -57,6 +57,9 @@ class Conv3D(ToeplitzConv):
     the kernel ``K`` has Keras' shape ``(k_1, k_2, k_3, C, F)``, so weights copy to and from
     ``keras.layers.Conv3D``. ``T(K)`` has ``D_out H_out W_out F`` rows and ``D H W C`` columns:
     it grows fast with the volume, and the memory guard (``toeplitz_budget_bytes``) applies.
+    Volumes of varying size (``keras.Input((None, None, None, C))``) work as images do for
+    ``Conv2D``: one ``T(K)`` per static size, the index maps computed when the graph runs for sizes
+    unknown when traced (dense ``T``, its memory guard a run-time assertion).
 
     Example:
         >>> layer = tf_jacbp.layers.Conv3D(1, 2, use_bias=False)

@@ -160,16 +160,8 @@ class _ToeplitzIndexed(_KernelBiasLayer):
     def _dynamic_conv_index(self, *sizes: Tensor) -> DynamicConvIndex:
         """``_conv_index`` for sizes known when the graph runs (``tf_jacbp.toeplitz_dynamic``)."""
         _, strides, dilation = self._image_geometry()
-        if len(sizes) != 2:  # the run-time maps are written for images
-            owner = f"{type(self).__name__} '{self.name}'"
-            raise ValueError(
-                f"{owner}: the index maps of T(K) are computed when the graph runs for images "
-                f"only, and this layer's input has {self.rank} spatial axes of sizes unknown "
-                "when traced. Give keras.Input the full shape (e.g. keras.Input((16, 16, 16, 1)))"
-                ", or call the layer with sizes known when traced (one T(K) per size)."
-            )
         return DynamicConvIndex(
-            *sizes,
+            sizes,
             self._conv_kernel_shape(),
             strides,
             self.padding,
