@@ -14,6 +14,7 @@ from conv_checks import (
     assert_one_trace_gives_the_reference_gradients,
     assert_parameter_jacobian_is_autodiff,
     assert_per_example_rows_sum_to_the_backward,
+    assert_sparse_path_equals_dense,
     batches,
     built,
     compiled_sgd,
@@ -209,6 +210,14 @@ def test_get_config_round_trip_and_keras_config():
     ours = layer.get_config()
     for key in ("filters", "kernel_size", "strides", "padding", "dilation_rate", "groups"):
         assert ours[key] == stock[key], key
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_memory_guard_sparse_path_equals_dense(compiled):
+    """Over the budget the 3-D ``T(K)`` goes sparse with a warning; values and gradients are the
+    dense layer's (an ``8^3`` volume, whose dense step exceeds its sparse one)."""
+    kwargs = {"filters": 2, "kernel_size": 2, "padding": "same"}
+    assert_sparse_path_equals_dense(Conv3D, (8, 8, 8, 1), kwargs, compiled)
 
 
 def test_weights_copy_from_a_stock_conv3d_in_a_model():
