@@ -33,8 +33,7 @@ from keras import ops
 
 from tf_jacbp import backend
 from tf_jacbp._backend import keras
-from tf_jacbp.layers.base import JacobianLayer
-from tf_jacbp.layers.dense import refuse_unsupported
+from tf_jacbp.layers.base import JacobianLayer, refuse_unsupported
 
 Tensor = Any  # a tensor of Keras' backend
 
