@@ -419,3 +419,34 @@ def test_dynamic_index_of_any_rank_equals_the_static_one(config, rank):
     ]
     for got, want in zip(products, static, strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "kernel_shape, input_shape, padding",
+    [
+        ((3, 2, 4), (10, 2), "causal"),
+        ((3, 3, 2, 4), (9, 7, 2), "same"),
+        ((2, 3, 3, 2, 4), (5, 6, 7, 2), "valid"),
+    ],
+)
+def test_step_bytes_counts_the_maps_the_route_builds(kernel_shape, input_shape, padding):
+    """The memory guard's estimate (``step_bytes``) counts, for 1-D, 2-D and 3-D, exactly the
+    int32 entries of the maps each route builds: ``kernel_rows``, ``block_rows`` (dense only),
+    the two patch maps; and the dense and sparse ``T`` as ``R N`` and ``nnz`` values."""
+    index = toeplitz.conv_index(kernel_shape, input_shape, padding=padding)
+    size, copies = 8, toeplitz.GRAPH_CONSTANT_COPIES + 1
+    patch_maps = index.patch_index.size + index.stored_patch_index.size
+    dense_maps = sum(m.size for m in index.block_index)
+    rows, columns = index.shape
+    positions, entries = rows // kernel_shape[-1], int(np.prod(kernel_shape[:-1]))
+    rest = (2 * (rows + columns) + (entries + 1) * positions) * size
+    rest += toeplitz.STEP_OVERHEAD_BYTES
+    dense = rows * columns * size + copies * 4 * (patch_maps + dense_maps) + rest
+    sparse = index.nnz * (size + toeplitz.SPARSE_STEP_BYTES_PER_NONZERO)
+    assert index.step_bytes("float64", False) == dense
+    assert index.step_bytes("float64", True) == sparse + copies * 4 * patch_maps + rest
+    assert (
+        index.nnz
+        == len(index.nonzeros[0])
+        == np.count_nonzero(index.entry_index < np.prod(kernel_shape))
+    )
