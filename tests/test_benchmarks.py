@@ -60,10 +60,10 @@ def test_peak_bytes_counts_memory_the_call_takes_from_freed_heap_pages():
 
 
 def test_peak_mib_of_a_tensorflow_step_without_the_bfc_allocator():
-    """The test process runs TensorFlow's default CPU allocator, whose statistics cannot be
-    reset: the old allocator-based measure raised here."""
-    with pytest.raises(ValueError, match="Cannot reset memory stats"):
-        tf.config.experimental.reset_memory_stats("CPU:0")
+    """The measure reads the process, not TensorFlow's allocator: TensorFlow's default CPU
+    allocator keeps no resettable statistics on some machines (the old allocator-based measure
+    raised "Cannot reset memory stats" there) and does on others (seen on this project's
+    machines on 2026-12-04, same TensorFlow 2.21.0); the peak is right on both."""
 
     def step():
         x = tf.random.normal([1024, 4096])  # 16 MiB, then its 64 MiB product
