@@ -111,6 +111,12 @@ def mixed_model(image_layers: bool = True) -> keras.Model:
         h = layers.LayerNormalization(name="ln_sequence")(h)
         h = layers.Dense(4, name="dense_per_position")(h)  # Dense on (batch, T, d)
         pooled += [layers.GlobalMaxPooling1D()(h), layers.GlobalAveragePooling1D()(h)]
+        # the image read as a volume (8, 8, 2, 1): the 3-D convolution and pooling
+        v = layers.Reshape((8, 8, 2, 1), name="to_volume")(x)
+        v = layers.Conv3D(2, (2, 2, 1), activation="relu", name="conv_3d")(v)
+        v = layers.MaxPooling3D((2, 2, 1), name="max_pool_3d")(v)
+        v = layers.AveragePooling3D((2, 2, 1), strides=1, name="avg_pool_3d")(v)
+        pooled.append(layers.Flatten(name="flat_volume")(v))
     h = layers.Flatten()(h)
     h = layers.Dense(16, activation="swish")(h)
     if pooled:
