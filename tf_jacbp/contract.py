@@ -80,11 +80,12 @@ def squared_norms_of(g: Any) -> Any:
 
 
 def vec_rows(g: Any) -> Any:
-    """``Vec`` of each parameter in ``(batch, k, *p.shape)``: ``(batch, k, size(p))``, columns in
-    the column-major order of ``tf_jacbp.layout``."""
+    """The stacked products ``(V, batch, *p.shape)`` as rows per sample, each parameter in
+    ``Vec`` order: ``(batch, V, size(p))``, columns in the column-major order of
+    ``tf_jacbp.layout``. One transpose moves the ``V`` axis behind the batch and reverses the
+    parameter's axes (a row-major reshape of the reversed axes is the column-major ``Vec``)."""
     rank = len(g.shape)
-    if rank > 3:
-        g = ops.transpose(g, [0, 1, *range(rank - 1, 1, -1)])
+    g = ops.transpose(g, [1, 0, *range(rank - 1, 1, -1)])
     size = 1
     for d in g.shape[2:]:
         size *= int(d)
@@ -215,7 +216,7 @@ class JacobianMap:
             dx = [ops.moveaxis(d, 0, 1) for d in dx]
         else:
             dx = ops.moveaxis(dx, 0, 1)
-        return dx, [vec_rows(ops.moveaxis(g, 0, 1)) for g in grads]
+        return dx, [vec_rows(g) for g in grads]
 
 
 def _first(dx: Any) -> Any:
