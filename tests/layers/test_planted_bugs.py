@@ -50,7 +50,7 @@ from planted import (
 
 from tf_jacbp import layers, testing
 from tf_jacbp.callbacks import GradientCheck, GradientMismatchError
-from tf_jacbp.layers import global_pooling, pooling, reshaping
+from tf_jacbp.layers import global_pooling, pooling_nd, reshaping
 from tf_jacbp.testing import check_layer as run_layer_test
 
 
@@ -172,28 +172,28 @@ CASES = {
     ),
     "MaxPooling1D": (
         lambda c: sequence_model(c(3, strides=2, padding="same", name="middle")),
-        pooling.MaxPooling1D,
+        pooling_nd.MaxPooling1D,
         "vjp",
         "dx",
         "first/kernel",
     ),
     "AveragePooling1D": (
         lambda c: sequence_model(c(2, name="middle")),
-        pooling.AveragePooling1D,
+        pooling_nd.AveragePooling1D,
         "vjp",
         "dx",
         "first/kernel",
     ),
     "MaxPooling3D": (
         lambda c: volume_model(c(2, strides=(1, 2, 1), padding="same", name="middle")),
-        pooling.MaxPooling3D,
+        pooling_nd.MaxPooling3D,
         "vjp",
         "dx",
         "first/kernel",
     ),
     "AveragePooling3D": (
         lambda c: volume_model(c((2, 3, 2), strides=1, padding="same", name="middle")),
-        pooling.AveragePooling3D,
+        pooling_nd.AveragePooling3D,
         "vjp",
         "dx",
         "first/kernel",

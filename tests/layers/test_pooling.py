@@ -18,13 +18,8 @@ from tf_jacbp.layers.global_pooling import (
     GlobalMaxPooling2D,
 )
 from tf_jacbp.layers.pool_windows import transpose_index, window_maps
-from tf_jacbp.layers.pooling import (
-    AveragePooling1D,
-    AveragePooling2D,
-    MaxPooling1D,
-    MaxPooling2D,
-    _Pooling,
-)
+from tf_jacbp.layers.pooling import AveragePooling2D, MaxPooling2D, _Pooling
+from tf_jacbp.layers.pooling_nd import AveragePooling1D, MaxPooling1D
 from tf_jacbp.testing import check_layer as run_layer_test
 
 POOLS = [

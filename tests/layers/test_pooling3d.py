@@ -18,7 +18,7 @@ import pytest
 import tensorflow as tf
 
 from tf_jacbp import layers, tolerances
-from tf_jacbp.layers.pooling import AveragePooling3D, MaxPooling3D
+from tf_jacbp.layers.pooling_nd import AveragePooling3D, MaxPooling3D
 from tf_jacbp.testing import check_layer
 
 CONFIGS = [

@@ -13,7 +13,8 @@ import tf_jacbp
 from tf_jacbp import jacobian, tolerances
 from tf_jacbp.layers.dense import Dense
 from tf_jacbp.layers.global_pooling import GlobalMaxPooling1D
-from tf_jacbp.layers.pooling import AveragePooling1D, MaxPooling1D, MaxPooling2D
+from tf_jacbp.layers.pooling import MaxPooling2D
+from tf_jacbp.layers.pooling_nd import AveragePooling1D, MaxPooling1D
 from tf_jacbp.layers.reshaping import Reshape, UpSampling2D, ZeroPadding2D
 from tf_jacbp.testing import check_layer as run_layer_test
 from tf_jacbp.testing import half_squared_error

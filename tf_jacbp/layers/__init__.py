@@ -30,12 +30,11 @@ from tf_jacbp.layers.global_pooling import (
 from tf_jacbp.layers.layer_norm import LayerNormalization
 from tf_jacbp.layers.merge import Add, Concatenate, Multiply
 from tf_jacbp.layers.normalization import BatchNormalization
-from tf_jacbp.layers.pooling import (
+from tf_jacbp.layers.pooling import AveragePooling2D, MaxPooling2D
+from tf_jacbp.layers.pooling_nd import (
     AveragePooling1D,
-    AveragePooling2D,
     AveragePooling3D,
     MaxPooling1D,
-    MaxPooling2D,
     MaxPooling3D,
 )
 from tf_jacbp.layers.reshaping import Reshape, UpSampling2D, ZeroPadding2D
