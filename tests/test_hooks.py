@@ -9,7 +9,7 @@ import keras
 import numpy as np
 
 import tf_jacbp
-from tf_jacbp import layers
+from tf_jacbp import layers, privacy
 
 
 def test_importing_tf_jacbp_leaves_keras_untouched():
@@ -53,9 +53,12 @@ def test_attach_hooks_only_the_model_it_is_given():
     assert keras.Model.make_train_function is type(plain).make_train_function
 
 
-def test_the_paper_models_come_attached():
+def test_the_paper_models_and_dp_models_come_attached():
     assert tf_jacbp.hooks.attached(tf_jacbp.models.lenet_300_100())
     assert tf_jacbp.hooks.attached(tf_jacbp.models.resnet_mnist())
+    plain = keras.Sequential([keras.Input((3,)), layers.Dense(2)])
+    private = privacy.make_private(plain, l2_norm_clip=1.0, noise_multiplier=1.0, seed=0)
+    assert tf_jacbp.hooks.attached(private) and not tf_jacbp.hooks.attached(plain)
 
 
 def test_gradient_check_attaches_the_model_it_checks():

@@ -109,7 +109,8 @@ def per_example_gradients(
             statistics): it raises, and ``training=False`` uses the moving statistics.
 
     The batch gradient of the compiled loss with ``reduction="sum_over_batch_size"`` is the mean
-    of the rows (``"sum"``: their sum).
+    of the rows (``"sum"``: their sum, times the number of positions for outputs of several
+    positions, whose per-sample loss is the mean over them, as Keras reduces it).
     """
     records, output_key, _, _, delta = output_delta(
         model, x, y, loss, training, "per_example_gradients"

@@ -13,6 +13,7 @@ import numpy as np
 # Keras' saving walks a model's KerasSaveable attributes; the class is not exported publicly.
 from keras.src.saving.keras_saveable import KerasSaveable
 
+from tf_jacbp import hooks
 from tf_jacbp._backend import keras, tf
 from tf_jacbp.jacobian import parameter_variables
 from tf_jacbp.privacy.accounting import epsilon_of_ledger, noise_multiplier_for_epsilon
@@ -192,6 +193,7 @@ class DPModel(keras.Model):
         initial = fresh_seed() if self.seed is None else int(self.seed)
         self.noise_seed = keras.random.SeedGenerator(initial, name="dp_noise_seed")
         self.privacy_state = _PrivacyState(self)  # saved with the model (Keras walks it)
+        hooks.attach(self)  # reference_mode retracing and the XLA bad-label stop, this model only
 
     @property
     def l2_norm_clip(self) -> Any:
