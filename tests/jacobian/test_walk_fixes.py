@@ -106,3 +106,21 @@ def test_a_masked_functional_model_is_refused_naming_the_mask():
         ValueError, match=r"per_example_gradients: layer 'embedding.*makes a Keras mask"
     ):
         jacobian.per_example_gradients(model, x, y, loss=loss)
+
+
+def test_mixed_precision_dp_step_without_noise_is_the_clipped_mean(mixed_model):
+    """DP-SGD on the same layout (it crashed with a dtype mismatch): without noise and with a
+    clip no sample reaches, one step equals plain SGD on the float32 twin."""
+    from tf_jacbp import privacy
+
+    model, twin = mixed_model
+    x, _ = _data(8)
+    x, y = x.astype("float32"), np.arange(8) % 3
+    private = privacy.make_private(model, l2_norm_clip=1e6, noise_multiplier=0.0, seed=0)
+    loss = losses.SparseCategoricalCrossentropy(from_logits=True)
+    private.compile(keras.optimizers.SGD(0.1), loss)
+    twin.compile(keras.optimizers.SGD(0.1), loss)
+    private.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    twin.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    for a, b in zip(private.get_weights(), twin.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-2, atol=1e-3)
