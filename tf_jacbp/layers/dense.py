@@ -159,8 +159,13 @@ class Dense(_KernelBiasLayer):
             rows = ops.reshape(m, (m.shape[0], -1, units))  # (V, rows, m)
             grads = [ops.einsum("ri,vrj->vij", ops.reshape(a, (-1, n)), rows)]
             return grads + ([ops.sum(rows, axis=1)] if bias is not None else [])
-        if len(a.shape) == 2 and m.shape[0] == 1:  # per-example gradients a_i delta_i^T:
-            outer = ops.einsum("bi,bj->bij", a, m[0])[None]  # 2x faster than "bi,vbj->vbij"
+        if len(a.shape) == 2:  # one position: the outer products a_i m_vi^T
+            if m.shape[0] == 1:  # per-example gradients: 2x faster than "bi,vbj->vbij"
+                outer = ops.einsum("bi,bj->bij", a, m[0])[None]
+            else:  # rows: formed as (batch, V, m, n), the layout of their Vec (the derived
+                # jacobian_rows transposes back: TensorFlow's optimizer folds the two transposes)
+                by_sample = ops.transpose(m, (1, 0, 2))[:, :, :, None] * a[:, None, None, :]
+                outer = ops.transpose(by_sample, (1, 0, 3, 2))
             return [outer] + ([m] if bias is not None else [])
         batch = ops.shape(a)[0]
         rows = ops.reshape(m, (m.shape[0], batch, -1, units))  # (V, batch, P, m)
