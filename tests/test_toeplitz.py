@@ -199,31 +199,12 @@ def test_dynamic_index_maps_equal_the_static_ones_exactly(config, causal):
     rng = np.random.default_rng(seed + 4)
     x = tf.constant(rng.normal(size=(2, *input_shape)))
     delta = tf.constant(rng.normal(size=(2, *index.output_shape)))
-    unknown = tf.TensorSpec((None, None, None, input_shape[2]), "float64")
 
-    @tf.function(input_signature=[unknown, tf.TensorSpec((None, None, None, None), "float64")])
-    def dynamic(x, delta):
+    def maps_of(x):
         height, width = tf.shape(x)[1], tf.shape(x)[2]
-        maps = DynamicConvIndex(height, width, kernel_shape, strides, padding, dilation, 10**9)
-        names = ("kernel_rows", "block_rows", "patch_index", "stored_patch_index")
-        products = [
-            maps.transpose_matrix(kernel),
-            maps.patches(x),
-            *maps.kernel_gradient(x, delta, tied_bias=True),
-        ]
-        return [maps.index_map(name) for name in names], products
+        return DynamicConvIndex(height, width, kernel_shape, strides, padding, dilation, 10**9)
 
-    maps, products = dynamic(x, delta)
-    static_maps = [*(m.reshape(-1) for m in index.block_index), index.patch_index]
-    for got, want in zip(maps, [*static_maps, index.stored_patch_index], strict=True):
-        np.testing.assert_array_equal(got, want)
-    static = [
-        index.transpose_matrix(kernel),
-        index.patches(x),
-        *index.kernel_gradient(x, delta, tied_bias=True),
-    ]
-    for got, want in zip(products, static, strict=True):
-        np.testing.assert_array_equal(got, want)
+    _assert_dynamic_equals_static(index, kernel, x, delta, maps_of)
 
 
 def test_dynamic_index_guard_and_window_check_run_when_the_graph_runs():
@@ -389,36 +370,12 @@ def test_dynamic_index_of_any_rank_equals_the_static_one(config, rank):
     kernel = tf.constant(rng.normal(size=kernel_shape))
     x = tf.constant(rng.normal(size=(2, *input_shape)))
     delta = tf.constant(rng.normal(size=(2, *index.output_shape)))
-    unknown = (None,) * (rank + 1)
 
-    @tf.function(
-        input_signature=[
-            tf.TensorSpec((*unknown, input_shape[-1]), "float64"),
-            tf.TensorSpec((*unknown, None), "float64"),
-        ]
-    )
-    def dynamic(x, delta):
+    def maps_of(x):
         sizes = [tf.shape(x)[1 + a] for a in range(rank)]
-        maps = DynamicConvIndex(sizes, kernel_shape, strides, padding, dilation, 10**9)
-        names = ("kernel_rows", "block_rows", "patch_index", "stored_patch_index")
-        products = [
-            maps.transpose_matrix(kernel),
-            maps.patches(x),
-            *maps.kernel_gradient(x, delta, tied_bias=True),
-        ]
-        return [maps.index_map(name) for name in names], products
+        return DynamicConvIndex(sizes, kernel_shape, strides, padding, dilation, 10**9)
 
-    maps, products = dynamic(x, delta)
-    static_maps = [*(m.reshape(-1) for m in index.block_index), index.patch_index]
-    for got, want in zip(maps, [*static_maps, index.stored_patch_index], strict=True):
-        np.testing.assert_array_equal(got, want)
-    static = [
-        index.transpose_matrix(kernel),
-        index.patches(x),
-        *index.kernel_gradient(x, delta, tied_bias=True),
-    ]
-    for got, want in zip(products, static, strict=True):
-        np.testing.assert_array_equal(got, want)
+    _assert_dynamic_equals_static(index, kernel, x, delta, maps_of)
 
 
 @pytest.mark.parametrize(
@@ -450,3 +407,37 @@ def test_step_bytes_counts_the_maps_the_route_builds(kernel_shape, input_shape, 
         == len(index.nonzeros[0])
         == np.count_nonzero(index.entry_index < np.prod(kernel_shape))
     )
+
+
+def _assert_dynamic_equals_static(index, kernel, x, delta, maps_of):
+    """The index maps ``maps_of(x)`` builds in a graph traced with the sizes unknown (a
+    ``DynamicConvIndex``) equal ``index``'s static ones, and so do ``T(K)^T``, the patches and
+    the kernel gradient, entry for entry."""
+    unknown = (None,) * (len(x.shape) - 1)
+    signature = [
+        tf.TensorSpec((*unknown, x.shape[-1]), x.dtype),
+        tf.TensorSpec((*unknown, None), delta.dtype),
+    ]
+
+    @tf.function(input_signature=signature)
+    def dynamic(x, delta):
+        maps = maps_of(x)
+        names = ("kernel_rows", "block_rows", "patch_index", "stored_patch_index")
+        products = [
+            maps.transpose_matrix(kernel),
+            maps.patches(x),
+            *maps.kernel_gradient(x, delta, tied_bias=True),
+        ]
+        return [maps.index_map(name) for name in names], products
+
+    maps, products = dynamic(x, delta)
+    static_maps = [*(m.reshape(-1) for m in index.block_index), index.patch_index]
+    for got, want in zip(maps, [*static_maps, index.stored_patch_index], strict=True):
+        np.testing.assert_array_equal(got, want)
+    static = [
+        index.transpose_matrix(kernel),
+        index.patches(x),
+        *index.kernel_gradient(x, delta, tied_bias=True),
+    ]
+    for got, want in zip(products, static, strict=True):
+        np.testing.assert_array_equal(got, want)
