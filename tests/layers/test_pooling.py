@@ -19,7 +19,12 @@ from tf_jacbp.layers.global_pooling import (
 )
 from tf_jacbp.layers.pool_windows import transpose_index, window_maps
 from tf_jacbp.layers.pooling import AveragePooling2D, MaxPooling2D, _Pooling
-from tf_jacbp.layers.pooling_nd import AveragePooling1D, MaxPooling1D
+from tf_jacbp.layers.pooling_nd import (
+    AveragePooling1D,
+    AveragePooling3D,
+    MaxPooling1D,
+    MaxPooling3D,
+)
 from tf_jacbp.testing import check_layer as run_layer_test
 
 POOLS = [
@@ -565,6 +570,8 @@ def test_an_integer_input_keeps_its_keras_mask_in_global_average_pooling_1d():
         (AveragePooling1D, (2, 4, 1)),
         (GlobalAveragePooling1D, (2, 4, 1)),
         (GlobalMaxPooling2D, (2, 3, 3, 1)),
+        (MaxPooling3D, (2, 4, 4, 4, 1)),
+        (AveragePooling3D, (2, 4, 4, 4, 1)),
     ],
 )
 def test_a_subclass_overriding_build_has_its_build_run(cls, input_shape):
