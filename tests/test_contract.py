@@ -163,6 +163,7 @@ def test_defining_a_derived_method_is_refused():
     assert set(contract.DERIVED) == {
         "backward",
         "per_example_backward",
+        "input_backward",
         "per_example_squared_norms",
         "jacobian_rows",
     }

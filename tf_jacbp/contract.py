@@ -25,6 +25,8 @@ refuses a subclass that defines one):
   summed over the batch (``V = 1``);
 * ``per_example_backward(dy, x, y, *params)``: the same, each parameter gradient per sample
   (``(batch, *p.shape)``): Algorithm 1's per-example gradients;
+* ``input_backward(dy, x, y, *params)``: ``(J_x F)^T dy`` alone, for a walk that needs no
+  parameter products;
 * ``per_example_squared_norms(dy, x, y, *params)``: ``squared_norms`` where the map has one,
   else the squares of ``per_example_backward``'s rows; DP-SGD's first pass;
 * ``jacobian_rows(m, x, y, *params)``: rows ``M J_x`` and ``M J_p`` for ``M`` ``(batch, k,
@@ -45,7 +47,13 @@ from keras import ops
 __all__ = ["DERIVED", "JacobianMap", "check_shape", "squared_norms_of", "vec_rows"]
 
 # The methods derived from the contract: a map that defines one of these is refused.
-DERIVED = ("backward", "per_example_backward", "per_example_squared_norms", "jacobian_rows")
+DERIVED = (
+    "backward",
+    "per_example_backward",
+    "input_backward",
+    "per_example_squared_norms",
+    "jacobian_rows",
+)
 
 
 def check_shape(owner: Any, method: str, what: str, value: Any, expected: Sequence) -> None:
@@ -179,17 +187,22 @@ class JacobianMap:
         ``dy`` of unknown rank (``output_gradients`` traced without a shape) gets ``y``'s."""
         if getattr(dy.shape, "rank", 0) is None:
             dy = ops.reshape(dy, ops.shape(y))
-        m = ops.expand_dims(dy, 0)
-        dx = self._input_products(m, x, y, args)
-        grads = self._parameter_products(m, x, y, args, sum_batch=True)
-        return _first(dx), [g[0] for g in grads]
+        return self._one_vector(dy, x, y, args, sum_batch=True)
 
     def per_example_backward(self, dy: Any, x: Any, y: Any, *args: Any) -> tuple[Any, list]:
         """``backward`` without the sum over the batch: gradient ``i`` is
         ``(J_p F(x_i))^T dy_i``, ``(batch, *p.shape)`` per parameter."""
+        return self._one_vector(dy, x, y, args, sum_batch=False)
+
+    def input_backward(self, dy: Any, x: Any, y: Any, *args: Any) -> Any:
+        """``(J_x F)^T dy`` alone (``vjp_input`` with ``V = 1``): ``dy`` moves back without the
+        parameter products (the norms' walk needs none)."""
+        return _first(self._input_products(ops.expand_dims(dy, 0), x, y, args))
+
+    def _one_vector(self, dy: Any, x: Any, y: Any, args: Sequence, sum_batch: bool) -> tuple:
         m = ops.expand_dims(dy, 0)
         dx = self._input_products(m, x, y, args)
-        grads = self._parameter_products(m, x, y, args, sum_batch=False)
+        grads = self._parameter_products(m, x, y, args, sum_batch=sum_batch)
         return _first(dx), [g[0] for g in grads]
 
     def per_example_squared_norms(self, dy: Any, x: Any, y: Any, *args: Any) -> list:

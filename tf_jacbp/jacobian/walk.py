@@ -113,8 +113,7 @@ def _product(op: Any, product: str, m: Any, x: Any, y: Any, params: list, shared
         return op.jacobian_rows(m, x, y, *params)
     if product == "gradients" or shared or not params:
         return op.per_example_backward(m, x, y, *params)
-    dx = op.vjp_input(m[None], x, y, *params)  # delta moves back; the norms need no sums
-    dx = [d[0] for d in dx] if isinstance(dx, (list, tuple)) else dx[0]
+    dx = op.input_backward(m, x, y, *params)  # delta moves back; the norms need no sums
     return dx, op.per_example_squared_norms(m, x, y, *params)
 
 
