@@ -4,6 +4,9 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# On JAX (tests/backends under KERAS_BACKEND=jax) float64 is float64 only with x64 on; set before
+# JAX is imported. TensorFlow ignores it.
+os.environ.setdefault("JAX_ENABLE_X64", "1")
 
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402

@@ -58,7 +58,7 @@ def tensorflow_activation_functions() -> list[tuple[str, object, str, dict]]:
     return rows
 
 
-def executing_eagerly() -> bool:
+def executing_eagerly(*tensors: object) -> bool:
     """Whether ops run now (eager), not into a graph being traced (``tf.function``, Keras' step
     functions). A label check raises a Python error eagerly and builds an assertion in a
     graph; Keras has no public test for the two."""
@@ -275,3 +275,30 @@ def gather_rows(table: object, ids: object) -> object:
 
 
 __all__ += ["checked_ids", "dynamic_window_index", "gather_rows", "xla_function"]
+
+
+# --- autodiff and float64: the witnesses' tools ------------------------------------------
+
+
+def value_and_gradients(function: object, tensors: list) -> tuple[object, list]:
+    """``(f, [df/dt for t in tensors])`` for a scalar ``f = function(*tensors)``, by
+    TensorFlow's autodiff (``tf.GradientTape``): the witnesses' gradient. A tensor ``f`` does
+    not depend on gets a zero gradient."""
+    tensors = [tf.convert_to_tensor(t) for t in tensors]
+    with tf.GradientTape() as tape:
+        tape.watch(tensors)
+        value = function(*tensors)
+    grads = tape.gradient(value, tensors, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return value, list(grads)
+
+
+def float64_enabled() -> bool:
+    """Whether float64 computes in float64: always on TensorFlow."""
+    return True
+
+
+def require_float64(what: str) -> None:
+    """Nothing on TensorFlow, where float64 is always float64 (``float64_enabled``)."""
+
+
+__all__ += ["float64_enabled", "require_float64", "value_and_gradients"]

@@ -44,8 +44,6 @@ CLIP_ATTRIBUTE = "l2_norm_clip"
 ``l2_norm_clip``): ``GradientCheck`` then also checks the norms of DP-SGD's first pass. A model
 of your own whose ``train_step`` calls ``tf_jacbp.privacy.clipped_gradients`` can set it too."""
 
-ZERO = tf.UnconnectedGradients.ZERO
-
 NORM_SAMPLES = 8
 """Probe samples whose per-example norms are checked: each costs one forward and backward pass
 of one sample on the reference route, and the walk's norms are one more batch pass."""
@@ -132,7 +130,7 @@ class PerExampleNorms:
             with tf.GradientTape() as tape:
                 with reference_mode():
                     value = tf.reduce_mean(per_sample(yi, self.model(xi, training=False)))
-            grads = tape.gradient(value, checked, unconnected_gradients=ZERO)
+            grads = tape.gradient(value, checked, unconnected_gradients=tf.UnconnectedGradients.ZERO)
             rows.append(tf.stack([tf.norm(tf.cast(g, tf.float64)) for g in grads]))
         ref = tf.stack(rows)  # (count, num_checked)
         diff = walk - ref

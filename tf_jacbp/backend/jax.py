@@ -1,0 +1,262 @@
+"""The JAX pieces of tf_jacbp's layers, activations and losses (``tf_jacbp.backend`` when
+``KERAS_BACKEND=jax``): the same functions as ``tensorflow.py``, in the same sections.
+
+JAX traces every step with ``jax.jit`` and has no run-time assertion: a check whose values are
+concrete (eager) raises at once; a traced one cannot stop the step, and the callers say what
+happens instead (``tf_jacbp.losses.labels``, ``tf_jacbp.layers.embedding``). What has no JAX form
+(the sparse Toeplitz fallback, graphs whose sizes are known only when they run) raises a
+``NotImplementedError`` naming the alternative.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from keras import ops
+
+__all__: list[str] = []
+
+TENSORFLOW_ONLY = (
+    "{what} is TensorFlow-only (KERAS_BACKEND=tensorflow); on JAX {alternative} (docs/backends.md)."
+)
+
+
+def tensorflow_only(what: str, alternative: str) -> NotImplementedError:
+    """The error a TensorFlow-only feature raises on JAX: names the feature and the alternative."""
+    return NotImplementedError(TENSORFLOW_ONLY.format(what=what, alternative=alternative))
+
+
+def is_traced(*tensors: object) -> bool:
+    """Whether any of ``tensors`` is a JAX tracer (a value inside ``jax.jit``/``jax.grad``
+    being traced), whose value is not known now."""
+    return any(isinstance(t, jax.core.Tracer) for t in tensors)
+
+
+__all__ += ["is_traced", "tensorflow_only"]
+
+# --- inputs: sparse and ragged tensors -----------------------------------------------------
+
+
+def refuse_sparse_input(x: object, name: str) -> None:
+    """A ``TypeError`` naming the conversion if ``x`` is a JAX sparse array
+    (``jax.experimental.sparse``): the Jacobian formulas are dense."""
+    if type(x).__name__ in ("BCOO", "BCSR", "COO", "CSR", "CSC"):
+        raise TypeError(
+            f"Layer '{name}' got a sparse {type(x).__name__} input; tf_jacbp layers take dense "
+            "arrays (their Jacobians are dense formulas). Convert it first: x.todense()."
+        )
+
+
+__all__ += ["refuse_sparse_input"]
+
+# --- activations and losses: label checks, assertions --------------------------------------
+
+
+def tensorflow_activation_functions() -> list[tuple[str, object, str, dict]]:
+    """TensorFlow's own activation functions (``tf.nn.relu``, ...): none on JAX."""
+    return []
+
+
+def executing_eagerly(*tensors: object) -> bool:
+    """Whether ``tensors`` have values now (none is a tracer of ``jax.jit`` or ``jax.grad``):
+    a check on them can raise a Python error at once."""
+    return not is_traced(*tensors)
+
+
+def assert_before(condition: object, data: list, *tensors: object) -> tuple:
+    """``tensors`` unchanged. JAX has no run-time assertion inside a traced step: a concrete
+    ``condition`` that is false raises ``ValueError`` with ``data`` now; a traced one is the
+    caller's to report (``tf_jacbp.losses.labels`` records it on the host)."""
+    if not is_traced(condition) and not bool(np.asarray(condition)):
+        raise ValueError(" ".join(d if isinstance(d, str) else str(np.asarray(d)) for d in data))
+    return tensors
+
+
+class HostRecord:
+    """A bad-label record ``[flag, value, count]`` kept on the host: ``assign`` from a traced
+    step writes it through ``jax.debug.callback`` when the step runs (a Keras variable assigned
+    inside JAX's stateless train step is not returned unless the model owns it)."""
+
+    def __init__(self):
+        self.value = np.zeros(3)
+
+    def _store(self, value: object) -> None:
+        value = np.asarray(value, dtype=np.float64)
+        if value[0] and not self.value[0]:
+            self.value = value
+
+    def assign(self, value: object) -> None:
+        """Record ``value`` (``[flag, value, count]``) when the step runs; eagerly, at once."""
+        if is_traced(value):
+            jax.debug.callback(self._store, value)
+        else:
+            self.value = np.asarray(value, dtype=np.float64)
+
+    def __array__(self, dtype=None, copy=None):
+        return self.value if dtype is None else self.value.astype(dtype)
+
+    def __getitem__(self, i):
+        return self.value[i]
+
+
+def label_record() -> object:
+    """A new bad-label record of three zeros, ``[flag, value, count]`` (``HostRecord``)."""
+    return HostRecord()
+
+
+def traced_graphs() -> list:
+    """One key for the step being traced now: JAX has no graph objects, and a step's loss and
+    its optimizer ``apply`` are traced in the same Python call of the same step function, so
+    the key is that step (``tf_jacbp.hooks.running_step``)."""
+    from tf_jacbp import hooks
+
+    step = hooks.running_step()
+    return [step] if step is not None else []
+
+
+def has_distribution_strategy() -> bool:
+    """``tf.distribute`` strategies are TensorFlow's: never in scope on JAX."""
+    return False
+
+
+def label_error(message: str) -> Exception:
+    """The error a bad label raises after a step on JAX: ``ValueError``."""
+    return ValueError(message)
+
+
+__all__ += [
+    "assert_before",
+    "executing_eagerly",
+    "has_distribution_strategy",
+    "label_error",
+    "label_record",
+    "tensorflow_activation_functions",
+    "traced_graphs",
+]
+
+# --- convolutions: Toeplitz products (sparse fallback, unknown sizes) ----------------------
+
+
+class IndexTensors:
+    """Named integer index maps (NumPy, computed once) handed to JAX as arrays, each computed on
+    first use and cached (a JAX array made from NumPy is a constant inside ``jax.jit``)."""
+
+    def __init__(self, **arrays: object):
+        self._sources = arrays
+        self.arrays: dict = {}
+        self._tensors: dict = {}
+
+    def array(self, name: str) -> object:
+        """The NumPy map ``name``, computed on first use."""
+        if name not in self.arrays:
+            source = self._sources[name]
+            self.arrays[name] = source() if callable(source) else source
+        return self.arrays[name]
+
+    def __getitem__(self, name: str) -> object:
+        if name not in self._tensors:
+            with jax.ensure_compile_time_eval():
+                self._tensors[name] = jnp.asarray(self.array(name))
+        return self._tensors[name]
+
+
+def sparse_matrix(indices: object, values: object, shape: tuple) -> object:
+    """The sparse ``T(K)`` of the memory guard's fallback: TensorFlow-only."""
+    raise tensorflow_only(
+        "The sparse Toeplitz fallback (a T(K) over the memory budget)",
+        "raise the layer's toeplitz_budget, or use a smaller image or fewer channels",
+    )
+
+
+def is_sparse(t: object) -> bool:
+    """Never: the sparse ``T(K)`` exists on TensorFlow only."""
+    return False
+
+
+def sparse_product(t: object, rows: object, transpose: bool = False) -> object:
+    """The sparse ``T(K)`` product: TensorFlow-only (``sparse_matrix``)."""
+    raise tensorflow_only("The sparse Toeplitz product", "keep T(K) within the memory budget")
+
+
+__all__ += ["IndexTensors", "is_sparse", "sparse_matrix", "sparse_product"]
+
+
+def bias_add(z: object, bias: object) -> object:
+    """``z + bias`` for ``z`` ``(rows, R)`` and ``bias`` ``(R,)``: ``keras.ops.add`` (XLA fuses
+    it with the product on JAX)."""
+    return ops.add(z, bias)
+
+
+__all__ += ["bias_add"]
+
+# --- pooling, reshaping, dropout, embedding ------------------------------------------------
+
+
+def xla_function(function: object) -> object:
+    """``function`` compiled with XLA: ``jax.jit``."""
+    return jax.jit(function)
+
+
+def dynamic_window_index(
+    x: object, pool_size: tuple, strides: tuple, padding: str
+) -> tuple[object, object, object, tuple]:
+    """Pooling windows for sizes known only when a graph runs: TensorFlow-only (``jax.jit``
+    always knows every size when it traces)."""
+    raise tensorflow_only(
+        "Pooling over spatial sizes unknown at trace time",
+        "every size is known when jax.jit traces; give the Input its spatial sizes",
+    )
+
+
+def checked_ids(ids: object, input_dim: int, message: str) -> object:
+    """``ids``, checked to lie in ``[-input_dim, input_dim)``: a ``ValueError`` with ``message``
+    at once when they have values; inside a traced step an id out of range reads a row of NaN
+    (``gather_rows``), so the loss is NaN, not a wrong number."""
+    if not is_traced(ids):
+        values = np.asarray(ids)
+        if values.size and (values.min() < -input_dim or values.max() >= input_dim):
+            raise ValueError(message)
+    return ids
+
+
+def gather_rows(table: object, ids: object) -> object:
+    """``table[ids]``: row ``ids[...]`` of ``table`` at each position, no wrapping of negative
+    ids; an id outside ``[0, len(table))`` reads a row of NaN (``jnp.take``'s ``fill`` mode)."""
+    return jnp.take(table, ids, axis=0, mode="fill", fill_value=jnp.nan)
+
+
+__all__ += ["checked_ids", "dynamic_window_index", "gather_rows", "xla_function"]
+
+
+# --- autodiff and float64: the witnesses' tools ------------------------------------------
+
+
+def value_and_gradients(function: object, tensors: list) -> tuple[object, list]:
+    """``(f, [df/dt for t in tensors])`` for a scalar ``f = function(*tensors)``, by JAX's
+    autodiff (``jax.value_and_grad``): the witnesses' gradient. A tensor ``f`` does not depend
+    on gets a zero gradient."""
+    tensors = [jnp.asarray(t) for t in tensors]
+    value, grads = jax.value_and_grad(lambda ts: function(*ts))(tensors)
+    return value, list(grads)
+
+
+def float64_enabled() -> bool:
+    """Whether JAX computes float64 in float64: only with x64 enabled
+    (``jax.config.update("jax_enable_x64", True)`` or ``JAX_ENABLE_X64=1``); otherwise a
+    float64 array is silently float32."""
+    return bool(jax.config.jax_enable_x64)
+
+
+def require_float64(what: str) -> None:
+    """A ``RuntimeError`` naming ``what`` and how to enable x64 when JAX would compute float64
+    in float32 (``float64_enabled``): nothing compares in float32 while claiming float64."""
+    if not float64_enabled():
+        raise RuntimeError(
+            f"{what} computes in float64, but JAX has x64 disabled and would compute float32 "
+            "instead. Enable it before creating any array: "
+            'jax.config.update("jax_enable_x64", True), or set JAX_ENABLE_X64=1.'
+        )
+
+
+__all__ += ["float64_enabled", "require_float64", "value_and_gradients"]
