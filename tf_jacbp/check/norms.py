@@ -130,7 +130,9 @@ class PerExampleNorms:
             with tf.GradientTape() as tape:
                 with reference_mode():
                     value = tf.reduce_mean(per_sample(yi, self.model(xi, training=False)))
-            grads = tape.gradient(value, checked, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            grads = tape.gradient(
+                value, checked, unconnected_gradients=tf.UnconnectedGradients.ZERO
+            )
             rows.append(tf.stack([tf.norm(tf.cast(g, tf.float64)) for g in grads]))
         ref = tf.stack(rows)  # (count, num_checked)
         diff = walk - ref
