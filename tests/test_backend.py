@@ -1,5 +1,6 @@
-"""The layers, activations and losses are written in ``keras.ops``: TensorFlow only through
-``tf_jacbp.backend`` (issue 21, item 2), so that the layer library does not depend on it.
+"""The layers, activations and losses, the Toeplitz index (``toeplitz*.py``) and the window
+geometry are written in ``keras.ops`` and NumPy: TensorFlow only through ``tf_jacbp.backend``
+(issue 21, item 2), so that the layer library does not depend on it.
 
 The check reads the source: no ``import tensorflow`` (nor ``from tensorflow ...``), no import of
 the name ``tf`` from anywhere, and no use of a name ``tf`` in code. Docstrings may name a
@@ -17,9 +18,15 @@ import tf_jacbp
 
 PACKAGE = pathlib.Path(tf_jacbp.__file__).parent
 MODULES = sorted(
-    path.relative_to(PACKAGE).as_posix()
-    for folder in ("layers", "activations", "losses")
-    for path in (PACKAGE / folder).glob("*.py")
+    [
+        *(
+            path.relative_to(PACKAGE).as_posix()
+            for folder in ("layers", "activations", "losses")
+            for path in (PACKAGE / folder).glob("*.py")
+        ),
+        *(path.name for path in PACKAGE.glob("toeplitz*.py")),
+        "geometry.py",
+    ]
 )
 
 
@@ -51,6 +58,12 @@ def test_the_scan_finds_what_it_looks_for():
     code = "import tensorflow as tf\nfrom tf_jacbp._backend import tf\nx = tf.ones(3)\n"
     assert len(tensorflow_uses(code)) == 3
     assert tensorflow_uses('"""tf.nn.relu is accepted."""\nfrom keras import ops\n') == []
+
+
+def test_the_scan_covers_the_toeplitz_index_and_the_geometry():
+    """The Toeplitz index's modules (the run-time index included) and the geometry are read."""
+    index = {"toeplitz.py", "toeplitz_budget.py", "toeplitz_dynamic.py", "toeplitz_products.py"}
+    assert index | {"geometry.py", "layers/conv.py"} <= set(MODULES), MODULES
 
 
 @pytest.mark.parametrize("module", MODULES)

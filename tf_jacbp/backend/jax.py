@@ -260,3 +260,26 @@ def require_float64(what: str) -> None:
 
 
 __all__ += ["float64_enabled", "require_float64", "value_and_gradients"]
+
+
+# --- convolutions: the index of T(K) for sizes known only when the graph runs --------------
+
+
+def dynamic_conv_maps(
+    sizes: tuple,
+    kernel_shape: tuple[int, ...],
+    strides: tuple[int, ...],
+    padding: str,
+    dilation_rate: tuple[int, ...],
+) -> object:
+    """The index maps of ``T(K)`` for spatial sizes known only when a graph runs: TensorFlow-only
+    (``jax.jit`` knows every size when it traces, so the static ``tf_jacbp.toeplitz.ConvIndex``
+    serves every call)."""
+    raise tensorflow_only(
+        "A convolution's Toeplitz index over spatial sizes unknown at trace time "
+        "(tf_jacbp.toeplitz_dynamic.DynamicConvIndex)",
+        "every size is known when jax.jit traces; give the Input its spatial sizes",
+    )
+
+
+__all__ += ["dynamic_conv_maps"]

@@ -7,6 +7,8 @@ known only when it runs) and says why in its docstring.
 
 from __future__ import annotations
 
+import math
+
 from tf_jacbp._backend import tf
 
 __all__: list[str] = []
@@ -302,3 +304,224 @@ def require_float64(what: str) -> None:
 
 
 __all__ += ["float64_enabled", "require_float64", "value_and_gradients"]
+
+
+# --- convolutions: the index of T(K) for sizes known only when the graph runs --------------
+# (tf_jacbp.toeplitz_dynamic.DynamicConvIndex multiplies through these maps.)
+
+
+def _starts(outputs: object, stride: int, before: object) -> object:
+    """``(out,)``: the first input each output reads, ``o s - pad_before``."""
+    return tf.range(outputs) * stride - before
+
+
+def _dynamic_axis_taps(
+    size: object, kernel_size: int, stride: int, padding: str, dilation: int
+) -> tuple[object, object, object]:
+    """``tf_jacbp.geometry.axis_taps`` with TensorFlow ops for a run-time ``size`` (int32
+    scalar): ``(taps, pad_before, pad_after)``, ``taps`` ``(out, k)`` with ``taps[o, t] = o s -
+    pad_before + t d`` or -1 outside ``[0, size)``, the padding as
+    ``geometry.padding_amounts``. A "valid" axis shorter than the dilated kernel asserts when
+    the graph runs."""
+    extent = (kernel_size - 1) * dilation + 1
+    checks = []
+    if padding == "valid":
+        out = (size - extent) // stride + 1
+        before = after = tf.zeros([], tf.int32)
+        message = (
+            f"a kernel spanning {extent} (kernel_size {kernel_size}, dilation_rate {dilation}) "
+            "is longer than an input axis, so padding valid has no output; use padding "
+            "same, a smaller kernel_size or a larger input. Input size:"
+        )
+        checks.append(tf.debugging.Assert(size >= extent, [message, size]))
+    else:
+        out = (size + stride - 1) // stride
+        if padding == "same":
+            total = tf.maximum((out - 1) * stride + extent - size, 0)
+            before, after = total // 2, total - total // 2
+        else:  # causal
+            before, after = tf.constant((kernel_size - 1) * dilation), tf.zeros([], tf.int32)
+    with tf.control_dependencies(checks):
+        outputs = tf.identity(out)
+    taps = _starts(outputs, stride, before)[:, None] + tf.range(kernel_size)[None, :] * dilation
+    return tf.where((taps >= 0) & (taps < size), taps, -1), before, after
+
+
+def _dynamic_inverse_taps(
+    size: object, outputs: object, kernel_size: int, stride: int, before: object, dilation: int
+) -> object:
+    """``(size, out)``: for input ``i'`` and output ``o`` the tap ``t = (i' - o s +
+    pad_before) / d`` when that is an integer in ``[0, k)``, else -1
+    (``tf_jacbp.toeplitz._inverse_taps``). ``size x out`` entries, about as many as the dense
+    ``T`` has per channel pair along this axis: built only under the memory guard."""
+    offset = tf.range(size)[:, None] - _starts(outputs, stride, before)[None, :]
+    tap = offset // dilation
+    valid = (offset >= 0) & (offset % dilation == 0) & (tap < kernel_size)
+    return tf.where(valid, tap, -1)
+
+
+def _dynamic_place(t: object, ndim: int, axes: tuple[int, ...]) -> object:
+    """``t`` (one axis per entry of ``axes``, increasing) viewed with ``ndim`` axes, its own at
+    ``axes`` and size 1 elsewhere, for broadcasting."""
+    shape = [1] * ndim
+    for i, axis in enumerate(axes):
+        shape[axis] = tf.shape(t)[i]
+    return tf.reshape(t, tf.stack(shape))
+
+
+class DynamicConvMaps:
+    """The index maps of ``T(K)`` (``tf_jacbp.toeplitz.ConvIndex``'s, entry for entry) for ``n``
+    spatial sizes known only when a traced graph runs, computed by that graph
+    (``dynamic_conv_maps``).
+
+    ``sizes``: ``n`` int32 scalar tensors (``tf.shape(x)[1:-1]``); the kernel
+    ``(k_1, ..., k_n, C, F)``, strides and dilation (``n`` ints) and padding static.
+    ``input_shape`` ``(s_1, ..., s_n, C)``, ``output_shape`` ``(o_1, ..., o_n, F)`` and ``shape``
+    ``(R, N)`` hold tensors where a size enters; ``taps`` and ``paddings`` per axis as
+    ``_dynamic_axis_taps``. ``index_map(name)`` builds a map on first use and keeps it.
+    """
+
+    def __init__(
+        self,
+        sizes: tuple,
+        kernel_shape: tuple[int, ...],
+        strides: tuple[int, ...],
+        padding: str,
+        dilation_rate: tuple[int, ...],
+    ):
+        channels, filters = kernel_shape[-2:]
+        sizes = tuple(tf.cast(n, tf.int32) for n in sizes)
+        self.rank = len(sizes)
+        self.input_shape = (*sizes, channels)
+        self.kernel_shape = tuple(kernel_shape)
+        self.strides, self.padding, self.dilation_rate = strides, padding, dilation_rate
+        taps, paddings = [], []
+        for size, k, stride, dilation in zip(
+            sizes, kernel_shape[:-2], strides, dilation_rate, strict=True
+        ):
+            axis, *pad = _dynamic_axis_taps(size, k, stride, padding, dilation)
+            taps.append(axis)
+            paddings.append(tuple(pad))
+        self.taps, self.paddings = tuple(taps), tuple(paddings)
+        self.output_shape = (*(tf.shape(t)[0] for t in self.taps), filters)
+        self.shape = (math.prod(self.output_shape), math.prod(self.input_shape))
+        self._maps: dict[str, object] = {}
+
+    def dense_bytes(self, dtype: object) -> object:
+        """Bytes of a dense ``T``, ``R N`` entries of ``dtype``, as an int64 scalar tensor."""
+        rows, columns = (tf.cast(n, tf.int64) for n in self.shape)
+        return rows * columns * tf.as_dtype(dtype).size
+
+    def after_check(self, condition: object, data: list, build: object) -> object:
+        """``build()``, every op it creates running after ``tf.debugging.Assert(condition,
+        data)`` (an ``InvalidArgumentError`` printing ``data`` when the graph runs): the memory
+        guard of the dense ``T``, whose maps and gathers must not allocate before it passes."""
+        with tf.control_dependencies([tf.debugging.Assert(condition, data, summarize=8)]):
+            return build()
+
+    def index_map(self, name: str) -> object:
+        """The int32 map ``name`` (``kernel_rows``, ``block_rows``, ``patch_index``,
+        ``stored_patch_index``), flattened as ``ConvIndex``'s are read; built on first use."""
+        if name not in self._maps:
+            self._maps[name] = getattr(self, f"_{name}")()
+        return self._maps[name]
+
+    def _inverse(self, axis: int) -> object:
+        """``_dynamic_inverse_taps`` along spatial ``axis``, ``(size, out)``."""
+        taps, (before, _) = self.taps[axis], self.paddings[axis]
+        return _dynamic_inverse_taps(
+            self.input_shape[axis],
+            tf.shape(taps)[0],
+            self.kernel_shape[axis],
+            self.strides[axis],
+            before,
+            self.dilation_rate[axis],
+        )
+
+    def _lead_taps(self) -> int:
+        return math.prod(self.kernel_shape[:-3])
+
+    def _entries(self) -> int:
+        return math.prod(self.kernel_shape[:-1])
+
+    def _kernel_rows(self) -> object:
+        """``(L C W + 1) o_n``: for block row ``(l, c, j')`` and output column ``j`` the row
+        ``(l k_n + q) C + c`` of ``K`` as ``(M, F)``, ``q`` the tap reading ``j'``, else ``M``
+        (``ConvIndex.block_index``)."""
+        kw, channels = self.kernel_shape[-3], self.kernel_shape[-2]
+        q = self._inverse(self.rank - 1)[None, None]  # (1, 1, W, o_n)
+        r = tf.range(self._lead_taps())[:, None, None, None]
+        c = tf.range(channels)[None, :, None, None]
+        rows = tf.where(q >= 0, (r * kw + q) * channels + c, self._entries())  # (L, C, W, o_n)
+        rows = tf.reshape(rows, [-1, self.output_shape[-2]])
+        zero_block = tf.fill([1, self.output_shape[-2]], self._entries())
+        return tf.reshape(tf.concat([rows, zero_block], axis=0), [-1])
+
+    def _block_rows(self) -> object:
+        """``N o_1 ... o_{n-1}``: for row ``(i', j', c)`` of ``T^T`` and leading output position
+        ``i`` the block row ``(l C + c) W + j'``, ``l`` the flat leading taps reading ``i'``,
+        else ``L C W`` (the zero block; ``ConvIndex.block_index``)."""
+        n, (width, channels) = self.rank, self.input_shape[-2:]
+        ndim = 2 * n  # axes (s_1..s_{n-1}, W, C, o_1..o_{n-1})
+        flat, missing = tf.zeros([], tf.int32), None
+        for a in range(n - 1):
+            p = _dynamic_place(self._inverse(a), ndim, (a, n + 1 + a))
+            flat = flat * self.kernel_shape[a] + tf.maximum(p, 0)
+            missing = p < 0 if missing is None else missing | (p < 0)
+        c = _dynamic_place(tf.range(channels), ndim, (n,))
+        j_in = _dynamic_place(tf.range(width), ndim, (n - 1,))
+        rows = (flat * channels + c) * width + j_in
+        if missing is not None:
+            rows = tf.where(missing, self._lead_taps() * channels * width, rows)
+        return tf.reshape(rows, [-1])
+
+    def _storage_patch_index(self, padding_reads: object) -> object:
+        """``(k_1, ..., k_n, C, o_1, ..., o_n)``: the input position (row-major
+        ``(i'_1, ..., i'_n, c)``) that entry ``(p, c)`` reads at output position ``i``, or
+        ``padding_reads``."""
+        n = self.rank
+        ndim = 2 * n + 1
+        index, missing = tf.zeros([], tf.int32), None
+        for a in range(n):
+            read = _dynamic_place(tf.transpose(self.taps[a]), ndim, (a, n + 1 + a))
+            index = index * self.input_shape[a] + read
+            missing = read < 0 if missing is None else missing | (read < 0)
+        channels = _dynamic_place(tf.range(self.input_shape[-1]), ndim, (n,))
+        index = index * self.input_shape[-1] + channels
+        return tf.where(missing, padding_reads, index)
+
+    def _patch_index(self) -> object:
+        """``(M, P)``: ``ConvIndex.patch_index``, rows in ``Vec`` order (the storage axes
+        ``(p_1, ..., p_n, c)`` reversed), padding reading ``N``."""
+        n = self.rank
+        perm = [*range(n, -1, -1), *range(n + 1, 2 * n + 1)]
+        index = tf.transpose(self._storage_patch_index(self.shape[1]), perm)
+        return tf.reshape(index, [self._entries(), -1])
+
+    def _stored_patch_index(self) -> object:
+        """``(M + 1, P)``: ``ConvIndex.stored_patch_index``, rows in storage order
+        ``(p_1, ..., p_n, c)``, padding reading ``N + 1``, a last row reading ``N`` (the tied
+        bias' constant 1)."""
+        index = tf.reshape(self._storage_patch_index(self.shape[1] + 1), [self._entries(), -1])
+        ones = tf.fill([1, tf.shape(index)[1]], self.shape[1])
+        return tf.concat([index, ones], axis=0)
+
+
+def dynamic_conv_maps(
+    sizes: tuple,
+    kernel_shape: tuple[int, ...],
+    strides: tuple[int, ...],
+    padding: str,
+    dilation_rate: tuple[int, ...],
+) -> DynamicConvMaps:
+    """The index maps of ``T(K)`` for ``n`` spatial ``sizes`` known only when the traced graph
+    runs (``DynamicConvMaps``; ``tf_jacbp.toeplitz_dynamic.DynamicConvIndex`` multiplies through
+    them). Keras' ``fit`` traces its step with the sizes unknown after a second input size; the
+    maps are then a graph of ``tf.shape``, ``tf.range`` and ``tf.where`` computed from the sizes,
+    with ``tf.debugging.Assert`` checks (a "valid" window longer than the input, the memory
+    guard) run as the graph runs: no ``keras.ops`` form (``keras.ops.arange`` needs Python ints,
+    and Keras has no run-time assertion)."""
+    return DynamicConvMaps(sizes, kernel_shape, strides, padding, dilation_rate)
+
+
+__all__ += ["dynamic_conv_maps"]
