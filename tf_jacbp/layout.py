@@ -17,12 +17,15 @@ imported everywhere.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+from keras import ops
 
-from tf_jacbp._backend import tf
+Tensor = Any  # a tensor of the backend Keras runs on
 
 
-def vec_parameter(p: tf.Tensor) -> tf.Tensor:
+def vec_parameter(p: Tensor) -> Tensor:
     """``Vec(p)``: column-major flattening of a parameter of any rank (``p.shape`` ->
     ``(size,)``).
 
@@ -30,35 +33,35 @@ def vec_parameter(p: tf.Tensor) -> tf.Tensor:
     """
     rank = len(p.shape)
     if rank <= 1:
-        return tf.reshape(p, [-1])
-    return tf.reshape(tf.transpose(p, perm=list(range(rank - 1, -1, -1))), [-1])
+        return ops.reshape(p, (-1,))
+    return ops.reshape(ops.transpose(p, axes=list(range(rank - 1, -1, -1))), (-1,))
 
 
-def unvec_parameter(v: tf.Tensor, shape: tuple[int, ...]) -> tf.Tensor:
+def unvec_parameter(v: Tensor, shape: tuple[int, ...]) -> Tensor:
     """Inverse of ``vec_parameter``: ``(prod(shape),)`` -> ``shape``."""
     rank = len(shape)
     if rank <= 1:
-        return tf.reshape(v, shape)
-    reversed_shape = list(shape)[::-1]
-    return tf.transpose(tf.reshape(v, reversed_shape), perm=list(range(rank - 1, -1, -1)))
+        return ops.reshape(v, shape)
+    reversed_shape = tuple(shape)[::-1]
+    return ops.transpose(ops.reshape(v, reversed_shape), axes=list(range(rank - 1, -1, -1)))
 
 
-def vec_parameter_batch(p: tf.Tensor) -> tf.Tensor:
+def vec_parameter_batch(p: Tensor) -> Tensor:
     """``Vec`` applied to each entry of a batch: ``(batch, *shape)`` -> ``(batch, size)``."""
     rank = len(p.shape)
     if rank <= 2:
-        return tf.reshape(p, [tf.shape(p)[0], -1])
-    perm = [0] + list(range(rank - 1, 0, -1))
-    return tf.reshape(tf.transpose(p, perm=perm), [tf.shape(p)[0], -1])
+        return ops.reshape(p, (ops.shape(p)[0], -1))
+    axes = [0] + list(range(rank - 1, 0, -1))
+    return ops.reshape(ops.transpose(p, axes=axes), (ops.shape(p)[0], -1))
 
 
-def unvec_parameter_batch(v: tf.Tensor, shape: tuple[int, ...]) -> tf.Tensor:
+def unvec_parameter_batch(v: Tensor, shape: tuple[int, ...]) -> Tensor:
     """Inverse of ``vec_parameter_batch``: ``(batch, prod(shape))`` -> ``(batch, *shape)``."""
     rank = len(shape)
     if rank <= 1:
-        return tf.reshape(v, [-1, *shape])
-    v = tf.reshape(v, [-1, *shape[::-1]])
-    return tf.transpose(v, perm=[0] + list(range(rank, 0, -1)))
+        return ops.reshape(v, (-1, *shape))
+    v = ops.reshape(v, (-1, *tuple(shape)[::-1]))
+    return ops.transpose(v, axes=[0] + list(range(rank, 0, -1)))
 
 
 def vec_index(shape: tuple[int, ...]) -> np.ndarray:

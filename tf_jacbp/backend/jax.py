@@ -283,3 +283,53 @@ def dynamic_conv_maps(
 
 
 __all__ += ["dynamic_conv_maps"]
+
+
+# --- tf_jacbp.jacobian: sparse inputs, compiled functions, autodiff Jacobians ----------------
+
+
+def dense_conversion(x: object, name: str) -> str | None:
+    """How to make ``x`` dense if it is a JAX sparse array (``jax.experimental.sparse``:
+    ``x.todense()``), spelled with ``name``; None for a dense value."""
+    if type(x).__name__ in ("BCOO", "BCSR", "COO", "CSR", "CSC"):
+        return f"{name}.todense()"
+    return None
+
+
+def compiled_model_function(function: object, variables: object) -> object:
+    """``function(*tensors)`` compiled with ``jax.jit``, reading the current values of
+    ``variables()`` (a callable giving the Keras variables it uses) at each call: they enter the
+    compiled function as arguments, through a ``keras.StatelessScope`` (as Keras' own compiled
+    steps pass them), never as constants frozen at the first trace; a variable the function
+    assigns (a dropout seed) is written back after the call."""
+    from keras import StatelessScope
+
+    def stateless(values: list, *tensors: object) -> tuple:
+        held = variables()
+        with StatelessScope(state_mapping=list(zip(held, values, strict=True))) as scope:
+            result = function(*tensors)
+            updated = [scope.get_current_value(v) for v in held]
+        return result, [v if u is None else u for v, u in zip(values, updated, strict=True)]
+
+    compiled = jax.jit(stateless)
+
+    def call(*tensors: object) -> object:
+        held = variables()
+        result, values = compiled([v.value for v in held], *tensors)
+        for v, value in zip(held, values, strict=True):
+            if value is not v.value:
+                v.assign(value)
+        return result
+
+    return call
+
+
+def jacobians(function: object, tensors: list) -> list:
+    """``[J_t f for t in tensors]`` for a tensor ``f = function(*tensors)``, each of shape
+    ``f.shape + t.shape``, by JAX's reverse-mode autodiff (``jax.jacrev``): the tests'
+    reference for ``tf_jacbp.jacobian.parameter_jacobian``."""
+    tensors = [jnp.asarray(t) for t in tensors]
+    return list(jax.jacrev(lambda ts: function(*ts))(tensors))
+
+
+__all__ += ["compiled_model_function", "dense_conversion", "jacobians"]

@@ -4,15 +4,29 @@ from __future__ import annotations
 
 from typing import Any
 
-from tf_jacbp import activations
-from tf_jacbp._backend import keras, tf
+from keras import ops
+
+from tf_jacbp import activations, backend
+from tf_jacbp._backend import keras
 from tf_jacbp.jacobian.graph import graph
 from tf_jacbp.jacobian.inputs import input_shape
-from tf_jacbp.jacobian.walk import forward
+from tf_jacbp.jacobian.walk import Tensor, forward
 from tf_jacbp.layers.activation import Activation
 
 
-def layer_jacobians(model: keras.Model, x: Any) -> dict[str, tf.Tensor]:
+def _with_batch_axis(x: Any, rank: int) -> Any:
+    """``x`` with a batch axis of 1 if it is one sample (rank ``rank - 1``), else as it is: a
+    sparse or non-numeric ``x`` goes on to ``check_x``, whose error names the fix."""
+    if backend.dense_conversion(x, "x") is not None:
+        return x
+    try:
+        x = ops.convert_to_tensor(x)
+    except (TypeError, ValueError):
+        return x
+    return x[None] if len(x.shape) == rank - 1 else x
+
+
+def layer_jacobians(model: keras.Model, x: Any) -> dict[str, Tensor]:
     """The factors of step 2 for one sample, as named matrices, in model order.
 
     ``x``: one input, ``input_shape`` or ``(1, *input_shape)``. Keys are
@@ -23,9 +37,7 @@ def layer_jacobians(model: keras.Model, x: Any) -> dict[str, tf.Tensor]:
     ``jacobian_factors``).
     """
     graph(model)  # validates the model before x is read against its input shape
-    x = tf.convert_to_tensor(x) if not isinstance(x, tf.SparseTensor | tf.RaggedTensor) else x
-    if isinstance(x, tf.Tensor) and x.shape.rank == len(input_shape(model)) - 1:
-        x = x[None]
+    x = _with_batch_axis(x, len(input_shape(model)))
     records, _, _ = forward(model, x, owner="layer_jacobians")
     if records[0].x.shape[0] != 1:
         raise ValueError(

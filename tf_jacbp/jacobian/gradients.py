@@ -14,9 +14,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from keras import ops
 
-from tf_jacbp._backend import keras, tf
-from tf_jacbp.jacobian.walk import forward, output_delta, walk
+from tf_jacbp._backend import keras
+from tf_jacbp.jacobian.walk import Tensor, dtype_bytes, dtype_name, forward, output_delta, walk
 
 DEFAULT_MAX_BYTES = 2**30
 """``parameter_jacobian`` refuses to allocate more than this many bytes unless given
@@ -29,7 +30,7 @@ def parameter_jacobian(
     blocks: bool = False,
     max_bytes: int | None = None,
     training: bool = False,
-) -> tf.Tensor | dict[str, tf.Tensor]:
+) -> Tensor | dict[str, Tensor]:
     """``J_theta z[L]`` for each sample by the explicit chain of Algorithm 1, step 2.
 
     Args:
@@ -50,18 +51,18 @@ def parameter_jacobian(
     batch, n_out = int(out.shape[0]), int(np.prod(out.shape[1:]))
     n_params = sum(int(np.prod(v.shape)) for v in records.variables)
     largest = max(int(np.prod(r.y.shape[1:])) for r in records)
-    needed = batch * n_out * (n_params + 2 * largest) * out.dtype.size
+    needed = batch * n_out * (n_params + 2 * largest) * dtype_bytes(out.dtype)
     if needed > limit:
         raise ValueError(
             f"parameter_jacobian needs about {needed / 2**20:.1f} MiB ({batch} samples x "
-            f"{n_out} outputs x {n_params} parameters, {out.dtype.name}), more than "
+            f"{n_out} outputs x {n_params} parameters, {dtype_name(out.dtype)}), more than "
             f"max_bytes={limit}. Pass fewer samples or a larger max_bytes."
         )
     # M = I at the output: one row per output unit, for every sample.
-    eye = tf.reshape(tf.eye(n_out, dtype=out.dtype), [1, n_out, *out.shape[1:]])
-    m = tf.tile(eye, [batch] + [1] * (len(out.shape)))
+    eye = ops.reshape(ops.eye(n_out, dtype=out.dtype), (1, n_out, *out.shape[1:]))
+    m = ops.tile(eye, [batch] + [1] * (len(out.shape)))
     result = {v.path: block for v, block in walk(records, output_key, m, "rows")}
-    return result if blocks else tf.concat(list(result.values()), axis=-1)
+    return result if blocks else ops.concatenate(list(result.values()), axis=-1)
 
 
 def _check_max_bytes(max_bytes: Any) -> float:
@@ -90,7 +91,7 @@ def per_example_gradients(
     loss: Any = None,
     flatten: bool = True,
     training: bool = False,
-) -> tf.Tensor | list[tf.Tensor]:
+) -> Tensor | list[Tensor]:
     """One gradient per sample, ``grad_theta l(y_i, yhat_i)``, by Algorithm 1's step 4.
 
     ``delta[L]`` for each sample is the loss's gradient with respect to the output (Table 1 for
@@ -117,5 +118,5 @@ def per_example_gradients(
     )
     if flatten:  # one row, delta[L]^T, per sample: the blocks come in Vec order
         rows = walk(records, output_key, delta[:, None], "rows")
-        return tf.concat([g[:, 0] for _, g in rows], axis=-1)
+        return ops.concatenate([g[:, 0] for _, g in rows], axis=-1)
     return [g for _, g in walk(records, output_key, delta, "gradients")]

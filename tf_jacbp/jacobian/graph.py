@@ -12,8 +12,9 @@ import dataclasses
 from typing import Any
 
 import numpy as np
+from keras import ops
 
-from tf_jacbp._backend import keras, tf
+from tf_jacbp._backend import keras
 from tf_jacbp.layers.base import JacobianLayer
 from tf_jacbp.layout import unvec_parameter, vec_parameter
 
@@ -59,7 +60,7 @@ def check_no_masks(model: keras.Model, owner: str) -> None:
             "(mask_zero=True or Masking), and Algorithm 1 walks each layer's map without Keras "
             "masks, so the result would not be the masked model's. Use mask_zero=False (the "
             "padding id then has its own embedding row), or take the masked model's Jacobians "
-            "with tf.GradientTape."
+            "by autodiff (tf.GradientTape on TensorFlow, jax.jacrev on JAX)."
         )
 
 
@@ -166,30 +167,29 @@ def validated_variables(model: keras.Model) -> list[keras.Variable]:
     return [v for layer in _layers_once(_flat_layers(model)) for v in layer.jacobian_parameters()]
 
 
-def flatten_parameters(model: keras.Model) -> tf.Tensor:
+def flatten_parameters(model: keras.Model) -> Any:
     """``theta = [Vec(W[1]); b[1]; ...]``, shape ``(n_params,)``, ``Vec`` column-major."""
-    return tf.concat(
-        [vec_parameter(tf.convert_to_tensor(v)) for v in parameter_variables(model)], 0
-    )
+    return ops.concatenate([vec_parameter(v.value) for v in parameter_variables(model)], 0)
 
 
-def unflatten_parameters(model: keras.Model, theta: Any, assign: bool = False) -> list[tf.Tensor]:
+def unflatten_parameters(model: keras.Model, theta: Any, assign: bool = False) -> list[Any]:
     """Inverse of ``flatten_parameters``: ``(n_params,)`` -> one tensor per variable.
 
     With ``assign=True`` the values are also written into the model's variables.
     """
     variables = parameter_variables(model)
     sizes = [int(np.prod(v.shape)) for v in variables]
-    theta = tf.convert_to_tensor(theta)
-    if theta.shape != (sum(sizes),):
+    theta = ops.convert_to_tensor(theta)
+    if tuple(theta.shape) != (sum(sizes),):
         raise ValueError(
             f"theta must have shape ({sum(sizes)},) for this model, got {tuple(theta.shape)}."
         )
+    starts = np.cumsum([0, *sizes])
     values = [
-        unvec_parameter(piece, tuple(v.shape))
-        for piece, v in zip(tf.split(theta, sizes), variables, strict=True)
+        unvec_parameter(theta[start : start + size], tuple(v.shape))
+        for start, size, v in zip(starts.tolist(), sizes, variables, strict=False)
     ]
     if assign:
         for v, value in zip(variables, values, strict=True):
-            v.assign(tf.cast(value, v.dtype))
+            v.assign(ops.cast(value, v.dtype))
     return values

@@ -11,8 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from tf_jacbp._backend import keras, tf
+from keras import ops
+
+from tf_jacbp import backend
+from tf_jacbp._backend import keras
 from tf_jacbp.jacobian.graph import check_no_masks
+
+Tensor = Any  # a tensor of the backend Keras runs on
 
 
 def input_shape(model: keras.Model) -> tuple:
@@ -29,25 +34,32 @@ def input_shape(model: keras.Model) -> tuple:
     return tuple(inputs[0].shape)
 
 
-def check_x(model: keras.Model, x: Any, dtype: Any, owner: str) -> tf.Tensor:
+def _refuse_sparse(x: Any, name: str, owner: str) -> None:
+    """A TypeError naming the conversion if ``x`` is a sparse or ragged tensor of the backend."""
+    conversion = backend.dense_conversion(x, name)
+    if conversion is not None:
+        raise TypeError(
+            f"{owner}: {name} must be a dense array or tensor, got a {type(x).__name__}; "
+            f"convert it with {conversion}."
+        )
+
+
+def check_x(model: keras.Model, x: Any, dtype: Any, owner: str) -> Tensor:
     """``x`` as a tensor of ``dtype``, after checking it against the model's input shape.
 
     A batch ``(batch, *input_shape)``: the rank and every known size must match (a transposed
     image has the right number of entries and would otherwise run, silently wrong).
     """
-    if isinstance(x, tf.SparseTensor | tf.RaggedTensor):
-        raise TypeError(
-            f"{owner}: x must be a dense array or tensor, got a {type(x).__name__}; convert it "
-            "with tf.sparse.to_dense(x) or x.to_tensor()."
-        )
+    _refuse_sparse(x, "x", owner)
     try:
-        x = tf.convert_to_tensor(x)
+        x = ops.convert_to_tensor(x)
     except (TypeError, ValueError) as e:
         raise TypeError(
             f"{owner}: x must be a numeric array or tensor, got {type(x).__name__}."
         ) from e
-    if not (x.dtype.is_floating or x.dtype.is_integer or x.dtype.is_bool):
-        raise TypeError(f"{owner}: x must be numeric, got dtype {x.dtype.name}.")
+    kind = keras.backend.standardize_dtype(x.dtype)
+    if not ("float" in kind or "int" in kind or kind == "bool"):
+        raise TypeError(f"{owner}: x must be numeric, got dtype {kind}.")
     expected, got = input_shape(model), tuple(x.shape)
     if len(got) != len(expected) or any(
         e is not None and e != g for e, g in zip(expected[1:], got[1:], strict=True)
@@ -68,18 +80,16 @@ def check_x(model: keras.Model, x: Any, dtype: Any, owner: str) -> tf.Tensor:
             f"got x of shape {got}.{hint}"
         )
     check_no_masks(model, owner)
-    return tf.cast(x, dtype) if dtype is not None and x.dtype != dtype else x
+    if dtype is not None and kind != keras.backend.standardize_dtype(dtype):
+        return ops.cast(x, dtype)
+    return x
 
 
-def check_y(y: Any, batch: int, owner: str) -> tf.Tensor:
+def check_y(y: Any, batch: int, owner: str) -> Tensor:
     """``y`` as a tensor with one label (or target) per sample: a ValueError otherwise."""
-    if isinstance(y, tf.SparseTensor | tf.RaggedTensor):
-        raise TypeError(
-            f"{owner}: y must be a dense array or tensor, got a {type(y).__name__}; convert it "
-            "with tf.sparse.to_dense(y) or y.to_tensor()."
-        )
-    y = tf.convert_to_tensor(y)
-    if y.shape.rank == 0 or y.shape[0] != batch:
+    _refuse_sparse(y, "y", owner)
+    y = ops.convert_to_tensor(y)
+    if len(y.shape) == 0 or y.shape[0] != batch:
         raise ValueError(
             f"{owner}: y must have one label or target per sample of x (a leading axis of "
             f"{batch}), got y of shape {tuple(y.shape)} for x with {batch} samples."

@@ -12,18 +12,21 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
-from tf_jacbp._backend import keras, tf
+from keras import ops
+
+from tf_jacbp import backend
+from tf_jacbp._backend import keras
 from tf_jacbp.jacobian.graph import model_layers
-from tf_jacbp.jacobian.walk import Records, output_delta, walk
+from tf_jacbp.jacobian.walk import Records, Tensor, output_delta, walk
 
 
 def squared_gradient_norms(
     model: keras.Model,
     records: Records,
     output_key: Any,
-    delta: tf.Tensor,
+    delta: Tensor,
     deltas: list | None = None,
-) -> list[tuple[keras.Variable, tf.Tensor]]:
+) -> list[tuple[keras.Variable, Tensor]]:
     """``[(variable, ||g_i(variable)||^2 (batch,))]`` in theta order, from ``delta[L]``.
 
     The walk of Algorithm 1, step 4, with each map giving the squared norms of its parameters'
@@ -49,12 +52,14 @@ def squared_gradient_norms(
 
 def _norms(
     model: keras.Model, x: Any, y: Any, loss: Any, per_variable: bool, training: bool
-) -> tf.Tensor:
+) -> Tensor:
     records, output_key, _, _, delta = output_delta(
         model, x, y, loss, training, "per_example_gradient_norms"
     )
-    squared = tf.stack([s for _, s in squared_gradient_norms(model, records, output_key, delta)], 1)
-    return tf.sqrt(squared if per_variable else tf.reduce_sum(squared, axis=1))
+    squared = ops.stack(
+        [s for _, s in squared_gradient_norms(model, records, output_key, delta)], 1
+    )
+    return ops.sqrt(squared if per_variable else ops.sum(squared, axis=1))
 
 
 _COMPILED_NORMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -79,7 +84,7 @@ def per_example_gradient_norms(
     loss: Any = None,
     per_variable: bool = False,
     training: bool = False,
-) -> tf.Tensor:
+) -> Tensor:
     """``||grad_theta l(y_i, yhat_i)||_2`` for each sample, without forming the gradients.
 
     Sample ``i``'s gradient is the one ``per_example_gradients`` returns: the gradient of its own
@@ -96,8 +101,10 @@ def per_example_gradient_norms(
       entries, or a user's layer): its ``per_example_backward`` rows, squared and summed.
 
     A layer called several times (shared weights) gives per-example rows, added over its calls
-    before the norm is taken. Called eagerly, the computation runs as a ``tf.function`` cached
-    per model and arguments; inside a ``tf.function`` it is traced into the caller's graph.
+    before the norm is taken. Called eagerly, the computation runs compiled (a ``tf.function``
+    on TensorFlow, ``jax.jit`` on JAX, reading the variables' values at each call), cached per
+    model and arguments; inside a ``tf.function`` or ``jax.jit`` it is traced into the caller's
+    step.
 
     Args:
         model: a Sequential or functional model of tf_jacbp layers (skips through ``Add``).
@@ -111,15 +118,14 @@ def per_example_gradient_norms(
         ``(batch,)``, or ``(batch, n_vars)`` with ``per_variable=True``; the whole norm is the
         square root of the sum of the squared per-variable norms.
     """
-    if not tf.executing_eagerly():
+    if not backend.executing_eagerly(x, y):
         return _norms(model, x, y, loss, per_variable, training)
     key = (_read_at_trace(model, loss), per_variable, training)
     functions = _COMPILED_NORMS.setdefault(model, {})
     if key not in functions:
         ref = weakref.ref(model)  # the cache must not keep the model alive
-        functions[key] = tf.function(
+        functions[key] = backend.compiled_model_function(
             lambda x, y: _norms(ref(), x, y, loss, per_variable, training),
-            reduce_retracing=True,
-            autograph=False,  # plain Python control flow over the layers, traced once
+            lambda: ref().variables,
         )
     return functions[key](x, y)

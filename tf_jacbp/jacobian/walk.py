@@ -16,11 +16,17 @@ import collections
 import dataclasses
 from typing import Any
 
-from tf_jacbp._backend import keras, tf
+import numpy as np
+from keras import ops
+
+from tf_jacbp import backend
+from tf_jacbp._backend import keras
 from tf_jacbp.contract import squared_norms_of
 from tf_jacbp.jacobian.graph import graph, validated_variables
 from tf_jacbp.jacobian.inputs import check_x, check_y, loss_function
 from tf_jacbp.layers.base import JacobianLayer
+
+Tensor = Any  # a tensor of the backend Keras runs on
 
 
 @dataclasses.dataclass
@@ -29,11 +35,11 @@ class Record:
 
     layer: JacobianLayer
     op: Any
-    params: list[tf.Tensor]
+    params: list[Tensor]
     inputs: list[Any]
     output: Any
-    x: tf.Tensor | list[tf.Tensor]
-    y: tf.Tensor
+    x: Tensor | list[Tensor]
+    y: Tensor
     call: int  # how many times the layer was called before (shared layers)
 
     @property
@@ -51,7 +57,7 @@ class Records(list):
 
 def forward(
     model: keras.Model, x: Any, training: bool = False, owner: str = "tf_jacbp.jacobian"
-) -> tuple[Records, tf.Tensor, Any]:
+) -> tuple[Records, Tensor, Any]:
     """Run the model map by map (a layer's ``jacobian_ops``, e.g. Dense then its activation),
     recording each map with its input and output. Returns ``(records, z[L], key of z[L])``.
 
@@ -93,16 +99,33 @@ PRODUCTS = ("rows", "gradients", "squared_norms")
 """
 
 
+def dtype_name(dtype: Any) -> str:
+    """Keras' name of ``dtype`` (``"float32"``, ``"int64"``, ...), whatever the backend's type."""
+    return keras.backend.standardize_dtype(dtype)
+
+
+def is_floating(dtype: Any) -> bool:
+    """Whether ``dtype`` is a floating dtype (``float16``, ``bfloat16``, ``float32``, ...)."""
+    return "float" in dtype_name(dtype)
+
+
+def dtype_bytes(dtype: Any) -> int:
+    """The bytes of one entry of ``dtype``: 2 for ``float16`` or ``bfloat16``, 8 for ``float64``."""
+    name = dtype_name(dtype)
+    bits = "".join(c for c in name if c.isdigit())
+    return int(bits) // 8 if bits else 1  # bool
+
+
 def _autocast(t: Any, layer: Any) -> Any:
     """``t`` in ``layer``'s compute dtype if both are floating (Keras' input autocast)."""
-    dtype = tf.as_dtype(layer.compute_dtype)
-    return tf.cast(t, dtype) if t.dtype.is_floating and dtype.is_floating else t
+    dtype = layer.compute_dtype
+    return ops.cast(t, dtype) if is_floating(t.dtype) and is_floating(dtype) else t
 
 
 def _in_float32(op: Any, delta: Any, x: Any, y: Any, params: list) -> tuple:
     """The arguments of a 16-bit map's squared norms, in float32: a norm is a sum of squares,
     which float16 rounds (and overflows) where float32 does not."""
-    up = lambda t: tf.cast(t, tf.float32) if t.dtype.is_floating else t  # noqa: E731
+    up = lambda t: ops.cast(t, "float32") if is_floating(t.dtype) else t  # noqa: E731
     x = [up(t) for t in x] if isinstance(x, list) else up(x)
     return op, "squared_norms", up(delta), x, up(y), [up(p) for p in params]
 
@@ -120,10 +143,10 @@ def _product(op: Any, product: str, m: Any, x: Any, y: Any, params: list, shared
 def walk(
     records: Records,
     output_key: Any,
-    m: tf.Tensor,
+    m: Tensor,
     product: str = "rows",
     deltas: list | None = None,
-) -> list[tuple[keras.Variable, tf.Tensor]]:
+) -> list[tuple[keras.Variable, Tensor]]:
     """Algorithm 1 from the output: ``[(variable, product)]`` in theta order.
 
     ``M`` starts at the output and moves back through each map (``M <- M J_x``), each map
@@ -147,20 +170,20 @@ def walk(
     calls = collections.Counter(id(r.layer) for r in records if r.params)
     shared = {id(v) for r in records if calls[id(r.layer)] > 1 for v in r.variables}
     rows_at = {output_key: m}
-    blocks: dict[int, tf.Tensor] = {}
+    blocks: dict[int, Tensor] = {}
     for r in reversed(records):
-        delta = tf.cast(rows_at.pop(r.output), r.y.dtype)  # mixed precision: the map's dtype
+        delta = ops.cast(rows_at.pop(r.output), r.y.dtype)  # mixed precision: the map's dtype
         if r.params and deltas is not None:
             deltas.append((r.layer, r.op, delta, r.x, r.y, r.params))
         is_shared = calls[id(r.layer)] > 1
-        if product == "squared_norms" and r.params and r.y.dtype.size < 4:
+        if product == "squared_norms" and r.params and dtype_bytes(r.y.dtype) < 4:
             dx, products = _product(*_in_float32(r.op, delta, r.x, r.y, r.params), is_shared)
         else:
             dx, products = _product(r.op, product, delta, r.x, r.y, r.params, is_shared)
         for key, d in zip(r.inputs, dx if isinstance(r.x, list) else [dx], strict=True):
-            rows_at[key] = rows_at[key] + tf.cast(d, rows_at[key].dtype) if key in rows_at else d
+            rows_at[key] = rows_at[key] + ops.cast(d, rows_at[key].dtype) if key in rows_at else d
         for v, g in zip(r.variables, products, strict=True):
-            g = tf.cast(g, v.dtype)  # a float16 map's products reach its float32 variables
+            g = ops.cast(g, v.dtype)  # a float16 map's products reach its float32 variables
             blocks[id(v)] = blocks[id(v)] + g if id(v) in blocks else g
     result = [(v, blocks[id(v)]) for v in records.variables]
     if product == "squared_norms":
@@ -175,7 +198,7 @@ def output_delta(
     loss: Any,
     training: bool,
     owner: str = "tf_jacbp.jacobian",
-) -> tuple[list[Record], Any, tf.Tensor, tf.Tensor, tf.Tensor]:
+) -> tuple[list[Record], Any, Tensor, Tensor, Tensor]:
     """The forward records and, per sample, the loss ``l_i`` and ``delta[L]_i = grad_{z[L]_i} l_i``.
 
     The start of every per-example computation: ``per_example_gradients`` and
@@ -200,22 +223,27 @@ def output_delta(
     records, out, output_key = forward(model, x, training, owner)
     if out.shape[0] is not None:  # a traced batch of unknown size is not checked
         y = check_y(y, int(out.shape[0]), owner)
-    y = tf.cast(tf.convert_to_tensor(y), dtype or out.dtype)
-    with tf.GradientTape() as tape:  # only to read delta[L] off the loss (Table 1 for ours)
-        tape.watch(out)
+    y = ops.cast(ops.convert_to_tensor(y), dtype or out.dtype)
+
+    def per_sample_values(out: Tensor) -> Tensor:
+        """``l`` ``(batch,)``: the loss's values, averaged over any axes past the batch axis."""
         # A new tensor: in a graph stock Keras' cross entropies read the logits off the Softmax
         # or Sigmoid op that made their y_pred, which cuts the loss off from ``out`` (no
         # delta). On this tensor they compute what they compute eagerly, on probabilities.
-        out_cast = tf.identity(tf.cast(out, dtype) if dtype else out)
-        values = per_sample(y, out_cast)
-        if values.shape.rank == 0:
-            raise ValueError(
-                f"The loss {loss!r} returned one value for the whole batch; per-example gradients "
-                "need one value per sample. Pass a keras.losses.Loss (its call gives per-sample "
-                "values) or a function returning shape (batch,)."
-            )
-        if values.shape.rank > 1:  # the mean over positions, as Keras (and Opacus) reduce
-            values = tf.reduce_mean(values, axis=list(range(1, values.shape.rank)))
-        total = tf.reduce_sum(values)
-    delta = tf.cast(tape.gradient(total, out), out.dtype)
-    return records, output_key, out, values, delta
+        values = per_sample(y, ops.copy(ops.cast(out, dtype) if dtype else out))
+        if len(values.shape) > 1:  # the mean over positions, as Keras (and Opacus) reduce
+            # (a sum over a count: keras.ops.mean computes float64 in float32 on JAX)
+            axes = list(range(1, len(values.shape)))
+            values = ops.sum(values, axis=axes) / float(np.prod(values.shape[1:]))
+        return values
+
+    values = per_sample_values(out)
+    if len(values.shape) == 0:
+        raise ValueError(
+            f"The loss {loss!r} returned one value for the whole batch; per-example gradients "
+            "need one value per sample. Pass a keras.losses.Loss (its call gives per-sample "
+            "values) or a function returning shape (batch,)."
+        )
+    # delta[L] by the backend's autodiff, of the loss alone (Table 1 for the tf_jacbp losses)
+    _, (delta,) = backend.value_and_gradients(lambda o: ops.sum(per_sample_values(o)), [out])
+    return records, output_key, out, values, ops.cast(delta, out.dtype)
