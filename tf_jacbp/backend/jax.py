@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import keras
 import numpy as np
 from keras import ops
 
@@ -333,3 +334,204 @@ def jacobians(function: object, tensors: list) -> list:
 
 
 __all__ += ["compiled_model_function", "dense_conversion", "jacobians"]
+
+
+# --- privacy: DP-SGD's noise, step count and Poisson batches (tf_jacbp.privacy) ------------
+
+
+def do_not_convert(function: object) -> object:
+    """``function`` unchanged: JAX traces Python as Python (AutoGraph, which this keeps out on
+    TensorFlow, is TensorFlow's)."""
+    return function
+
+
+class NoiseSeed(keras.random.SeedGenerator):
+    """DP-SGD's noise generator on JAX: state ``[seed_high, seed_low, draws]`` (uint32), the
+    62-bit seed in two words and a draw count; draw ``k`` takes the Threefry key
+    ``fold_in([seed_high, seed_low], k)``, so no two seeds or draws share a key. Keras' own
+    ``SeedGenerator`` keeps one 32-bit word of seed on JAX (its state is the key itself).
+
+    A ``SeedGenerator``: a model holding one tracks its state with its ``variables`` (not its
+    ``weights``), and Keras' stateless JAX train step carries the state in and out."""
+
+    def __init__(self, seed: int, name: str | None = None):
+        self.name = name or "noise_seed"
+        self._initial_seed = seed
+        words = np.array([(seed >> 32) & 0xFFFFFFFF, seed & 0xFFFFFFFF, 0], np.uint32)
+        self.state = keras.Variable(
+            words, dtype="uint32", trainable=False, aggregation="none", name=f"{self.name}_state"
+        )
+
+    def next(self, ordered: bool = True) -> object:
+        """The key of the next draw, ``fold_in([seed_high, seed_low], draws)``; ``draws`` + 1."""
+        state = self.state.value
+        self.state.assign(state + jnp.array([0, 0, 1], jnp.uint32))
+        return jax.random.fold_in(state[:2], state[2])
+
+
+def noise_seed_generator(seed: int, name: str) -> object:
+    """DP-SGD's noise generator: a ``NoiseSeed`` (state ``[seed_high, seed_low, draws]``,
+    uint32), which keeps all 62 bits of ``seed`` where Keras' JAX ``SeedGenerator`` keeps 32."""
+    return NoiseSeed(seed, name=name)
+
+
+def noise_state(saved: object) -> object:
+    """A saved noise state in this backend's layout ``[seed_high, seed_low, draws]`` (uint32). A
+    TensorFlow checkpoint's ``[seed, draws]`` (int64) splits its seed in two words; the
+    generators differ (Threefry here, Philox on TensorFlow), so the draws after a resume on the
+    other backend are new ones, and the count keeps moving on, never back."""
+    saved = np.asarray(saved).astype(np.int64).ravel()
+    if saved.size == 2:
+        saved = np.array([saved[0] >> 32, saved[0] & 0xFFFFFFFF, saved[1]], np.int64)
+    return saved.astype(np.uint32)
+
+
+def host_normal(draw: object, size: int) -> object:
+    """``draw(size)``, a NumPy function of ``(size,)`` float64 normals run on the host at every
+    step (the secure mode's ``os.urandom``): ``jax.experimental.io_callback``, which a compiled
+    step calls anew each time it runs. float32 when x64 is disabled (``float64_enabled``)."""
+    from jax.experimental import io_callback
+
+    dtype = np.float64 if float64_enabled() else np.float32
+    shape = jax.ShapeDtypeStruct((int(size),), dtype)
+    return io_callback(lambda: np.asarray(draw(int(size)), dtype), shape, ordered=False)
+
+
+def unseeded_normal(size: int, std: float, dtype: object) -> object:
+    """``(size,)`` draws of ``N(0, std^2)`` from Keras' global seed generator, outside a traced
+    step only: a traced draw without a seed would be a constant of the compiled step, so it
+    raises a ``ValueError`` naming the fix."""
+    if not is_traced(jnp.ones(())):  # an array made now is a tracer inside a trace
+        return keras.random.normal([size], stddev=std, dtype=dtype)
+    raise ValueError(
+        "clipped_gradients(seed=None) inside a traced JAX step would add the same noise at "
+        "every step. Pass seed=keras.random.SeedGenerator(...) (DPModel passes its own)."
+    )
+
+
+class StepCounter(keras.random.SeedGenerator):
+    """The privacy ledger's step count on JAX: an int32 Keras variable behind ``numpy``,
+    ``assign`` and ``assign_add``. A ``SeedGenerator`` only to be tracked as one: a model that
+    holds it keeps the count among its ``variables`` (not its ``weights``), and Keras' stateless
+    JAX train step carries it in and out (once per step, also under ``DataParallel``)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._initial_seed = None
+        self.state = keras.Variable(
+            np.zeros((), np.int32), dtype="int32", trainable=False, aggregation="none", name=name
+        )
+
+    def next(self, ordered: bool = True) -> object:
+        """Never: a step count is no seed."""
+        raise TypeError(f"{self.name} counts steps; it is not a random seed.")
+
+    def numpy(self) -> np.ndarray:
+        """The count now (the variable's value)."""
+        return np.asarray(self.state.numpy())
+
+    def assign(self, value: object) -> None:
+        """Set the count (a resumed ledger's total)."""
+        self.state.assign(np.asarray(value, np.int32))
+
+    def assign_add(self, value: object) -> None:
+        """Add ``value`` steps; inside a stateless step, to the step's state."""
+        self.state.assign(self.state.value + value)
+
+
+def step_counter(name: str) -> object:
+    """The privacy ledger's step count: a ``StepCounter`` that the DP model holds, so Keras'
+    stateless JAX train step carries its variable (a Keras weight it is not)."""
+    return StepCounter(name)
+
+
+def pad_empty_batch(x: object, y: object) -> tuple[object, object, object, object]:
+    """``(x, y, B, keep)``: an empty batch (``B = 0``, Poisson sampling) gets one dummy sample
+    of zeros (label 0) whose weight in ``keep`` is 0, so the losses and layers see a batch and
+    the step is the noise alone; ``keep`` is ``B`` ones otherwise. ``B`` is an int: JAX knows
+    every size when it traces."""
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    batch = int(x.shape[0])
+    if batch:
+        return x, y, batch, jnp.ones([batch])
+    zeros = [jnp.zeros((1, *t.shape[1:]), t.dtype) for t in (x, y)]
+    return zeros[0], zeros[1], 0, jnp.zeros([1])
+
+
+class PoissonBatches(keras.utils.PyDataset):
+    """Poisson-sampled batches as a ``keras.utils.PyDataset`` (``poisson_dataset``): step ``j`` of
+    epoch ``e`` draws ``u ~ U(0, 1)^N`` from NumPy's generator seeded by ``(seed, e, j)`` and
+    takes the samples with ``u < q``; each epoch draws anew."""
+
+    def __init__(self, x: object, y: object, q: float, steps: int, seed: int, multiple: object):
+        super().__init__()
+        self.x, self.y, self.q, self.steps = np.asarray(x), np.asarray(y), q, steps
+        self.seed, self.multiple, self.epoch = seed, multiple, 0
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, index: int) -> tuple:
+        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+        chosen = np.flatnonzero(rng.random(len(self.x)) < self.q)
+        x, y = self.x[chosen], self.y[chosen]
+        if self.multiple is None:
+            return x, y
+        size, m = len(chosen), self.multiple
+        padded = max(-(-size // m), 1) * m
+
+        def pad(t: np.ndarray) -> np.ndarray:
+            return np.concatenate([t, np.zeros((padded - size, *t.shape[1:]), t.dtype)])
+
+        weights = np.concatenate([np.ones(size), np.zeros(padded - size)]).astype(np.float32)
+        return pad(x), pad(y), weights
+
+    def on_epoch_end(self) -> None:
+        self.epoch += 1
+
+
+def poisson_dataset(
+    x: object, y: object, q: float, steps: int, seed: int, pad_multiple: int | None
+) -> object:
+    """Poisson-sampled batches as a ``keras.utils.PyDataset`` (``PoissonBatches``).
+    ``pad_multiple``: an int ``m`` pads each batch with zero rows to a multiple of ``m`` (at
+    least ``m``) and gives ``(x, y, w)``, ``w`` 1 for a drawn sample and 0 for padding, so
+    ``jax.jit`` compiles one step per multiple, not one per batch size; None gives ``(x, y)``
+    of the drawn size."""
+    return PoissonBatches(x, y, q, steps, seed, pad_multiple)
+
+
+__all__ += [
+    "do_not_convert",
+    "host_normal",
+    "noise_seed_generator",
+    "noise_state",
+    "pad_empty_batch",
+    "poisson_dataset",
+    "step_counter",
+    "unseeded_normal",
+]
+
+
+# --- bad input in a compiled step: the record (tf_jacbp.hooks.report_bad_input) ------------
+
+
+def record_bad_input(record: HostRecord, all_ok: object, seen: object) -> object:
+    """Write ``seen`` (``[1, first offending value, count]``, float64) into ``record`` when the
+    step runs, if ``all_ok`` is false: ``jax.debug.callback`` hands the step's value to the host
+    (``HostRecord.store``), the only way out of a compiled step besides its outputs. Returns the
+    traced ``[flag, value, count]`` of this step (zeros when ``all_ok``), whose flag the
+    optimizer's guard reads in the same step."""
+    written = jnp.where(all_ok, jnp.zeros_like(seen), seen)
+    jax.debug.callback(record.store, written)
+    return written
+
+
+def read_record(record: HostRecord) -> object:
+    """``record``'s ``[flag, value, count]`` (NumPy) once every step dispatched so far has run
+    its callbacks (``jax.effects_barrier``: JAX runs steps asynchronously)."""
+    jax.effects_barrier()
+    return record.value.copy()
+
+
+__all__ += ["read_record", "record_bad_input", "report_bad_ids"]

@@ -563,3 +563,181 @@ def jacobians(function: object, tensors: list) -> list:
 
 
 __all__ += ["compiled_model_function", "dense_conversion", "jacobians"]
+
+
+# --- privacy: DP-SGD's noise, step count and Poisson batches (tf_jacbp.privacy) ------------
+
+
+def do_not_convert(function: object) -> object:
+    """``function`` kept out of AutoGraph (``tf.autograph.experimental.do_not_convert``): its
+    Python loops over the layers are traced as plain Python, as Keras' own train steps are."""
+    return tf.autograph.experimental.do_not_convert(function)
+
+
+def noise_seed_generator(seed: int, name: str) -> object:
+    """DP-SGD's noise generator: ``keras.random.SeedGenerator(seed)``, whose state ``[seed,
+    draws]`` (int64, the whole 62-bit seed) seeds TensorFlow's stateless Philox normals; each
+    draw moves ``draws`` on. Keras' own class: TensorFlow's seed holds the 62 bits in one word."""
+    import keras
+
+    return keras.random.SeedGenerator(seed, name=name)
+
+
+def noise_state(saved: object) -> object:
+    """A saved noise state in this backend's layout ``[seed, draws]`` (int64). A JAX
+    checkpoint's ``[seed_high, seed_low, draws]`` (uint32) joins its seed's halves; the
+    generators differ (Philox here, Threefry on JAX), so the draws after a resume on the other
+    backend are new ones, and the count keeps moving on, never back."""
+    import numpy as np
+
+    saved = np.asarray(saved).astype(np.int64).ravel()
+    if saved.size == 3:
+        saved = np.array([(saved[0] << 32) | saved[1], saved[2]], np.int64)
+    return saved
+
+
+def host_normal(draw: object, size: int) -> object:
+    """``draw(size)``, a NumPy function of ``(size,)`` float64 normals run on the host at every
+    step (the secure mode's ``os.urandom``): ``tf.numpy_function``, stateful, so a traced step
+    calls it anew each time it runs."""
+    z = tf.numpy_function(draw, [size], tf.float64, stateful=True)
+    return tf.reshape(z, [size])
+
+
+def unseeded_normal(size: int, std: float, dtype: object) -> object:
+    """``(size,)`` draws of ``N(0, std^2)`` from TensorFlow's global generator
+    (``tf.random.normal``): a new draw at every call, also inside a traced step."""
+    return tf.random.normal([size], stddev=std, dtype=dtype)
+
+
+def step_counter(name: str) -> object:
+    """The privacy ledger's step count: a ``tf.Variable`` (int64; not a Keras weight, so it
+    stays out of ``get_weights``), counted once per step under ``tf.distribute`` (only the
+    first replica's increment counts)."""
+    return tf.Variable(
+        0,
+        dtype=tf.int64,
+        trainable=False,
+        name=name,
+        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+    )
+
+
+def pad_empty_batch(x: object, y: object) -> tuple[object, object, object, object]:
+    """``(x, y, B, keep)``: an empty batch (``B = 0``, Poisson sampling) gets one dummy sample
+    of zeros (label 0) whose weight in ``keep`` is 0, so the losses and layers see a batch and
+    the step is the noise alone; ``keep`` is ``B`` ones otherwise. ``B`` is a tensor: a traced
+    step's batch size is known only when it runs."""
+    x, y = tf.convert_to_tensor(x), tf.convert_to_tensor(y)
+    batch = tf.shape(x)[0]
+    pad = tf.maximum(1 - batch, 0)  # 1 for an empty batch, else 0
+    x = tf.concat([x, tf.zeros(tf.concat([[pad], tf.shape(x)[1:]], 0), x.dtype)], 0)
+    y = tf.concat([y, tf.zeros(tf.concat([[pad], tf.shape(y)[1:]], 0), y.dtype)], 0)
+    keep = tf.concat([tf.ones([batch]), tf.zeros([pad])], 0)
+    return x, y, batch, keep
+
+
+def poisson_dataset(
+    x: object, y: object, q: float, steps: int, seed: int, pad_multiple: int | None
+) -> object:
+    """Poisson-sampled batches as a ``tf.data.Dataset``: step ``j`` draws ``u ~ U(0, 1)^N``
+    (stateless, from ``(seed, key_j)``, new keys every epoch) and takes the samples with
+    ``u < q``. ``pad_multiple``: None gives ``(x, y)`` of the drawn size (TensorFlow traces
+    one step for every size); an int ``m`` pads each batch with zero rows to a multiple of
+    ``m`` (at least ``m``) and gives ``(x, y, w)``, ``w`` 1 for a drawn sample, 0 for padding."""
+    images, labels, n = tf.constant(x), tf.constant(y), len(x)
+
+    def draw(key: object) -> tuple:
+        u = tf.random.stateless_uniform([n], seed=tf.stack([tf.constant(seed, tf.int64), key]))
+        chosen = tf.where(u < q)[:, 0]
+        batch_x, batch_y = tf.gather(images, chosen), tf.gather(labels, chosen)
+        if pad_multiple is None:
+            return batch_x, batch_y
+        size = tf.shape(chosen)[0]
+        pad = tf.maximum((size + pad_multiple - 1) // pad_multiple, 1) * pad_multiple - size
+
+        def padded(t: object) -> object:
+            return tf.concat([t, tf.zeros(tf.concat([[pad], tf.shape(t)[1:]], 0), t.dtype)], 0)
+
+        weights = tf.concat([tf.ones([size]), tf.zeros([pad])], 0)
+        return padded(batch_x), padded(batch_y), weights
+
+    keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).take(steps)
+    return keys.map(draw).prefetch(1)
+
+
+__all__ += [
+    "do_not_convert",
+    "host_normal",
+    "noise_seed_generator",
+    "noise_state",
+    "pad_empty_batch",
+    "poisson_dataset",
+    "step_counter",
+    "unseeded_normal",
+]
+
+
+# --- tf_jacbp.jacobian: sparse inputs, compiled functions, autodiff Jacobians ----------------
+
+
+def dense_conversion(x: object, name: str) -> str | None:
+    """How to make ``x`` dense if it is a ``tf.SparseTensor`` (``tf.sparse.to_dense(x)``) or a
+    ``tf.RaggedTensor`` (``x.to_tensor()``), spelled with ``name``; None for a dense value.
+    Sparse and ragged tensors are TensorFlow types, with no ``keras.ops`` test."""
+    if isinstance(x, tf.SparseTensor):
+        return f"tf.sparse.to_dense({name})"
+    if isinstance(x, tf.RaggedTensor):
+        return f"{name}.to_tensor()"
+    return None
+
+
+def compiled_model_function(function: object, variables: object) -> object:
+    """``function(*tensors)`` compiled once per input signature, reading the current values of
+    the variables it uses at each call (``tf.function(reduce_retracing=True,
+    autograph=False)``: plain Python control flow over the layers, traced once). ``variables``
+    (a callable giving them) is JAX's concern: a ``tf.function`` reads variables itself."""
+    return tf.function(function, reduce_retracing=True, autograph=False)
+
+
+def jacobians(function: object, tensors: list) -> list:
+    """``[J_t f for t in tensors]`` for a tensor ``f = function(*tensors)``, each of shape
+    ``f.shape + t.shape``, by TensorFlow's autodiff (``tf.GradientTape.jacobian``): the tests'
+    reference for ``tf_jacbp.jacobian.parameter_jacobian``. A tensor ``f`` does not depend on
+    gets a zero Jacobian."""
+    tensors = [tf.convert_to_tensor(t) for t in tensors]
+    with tf.GradientTape() as tape:
+        tape.watch(tensors)
+        value = function(*tensors)
+    grads = tape.jacobian(value, tensors, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return list(grads)
+
+
+__all__ += ["compiled_model_function", "dense_conversion", "jacobians"]
+
+
+# --- bad input in a compiled step: the record (tf_jacbp.hooks.report_bad_input) ------------
+
+
+def record_bad_input(record: object, all_ok: object, seen: object) -> object:
+    """Assign ``seen`` (``[1, first offending value, count]``, float64) to the record variable
+    ``record`` (``label_record``) when ``all_ok`` is false, keeping it otherwise; returns the
+    variable, whose flag the optimizer's guard reads when ``apply`` runs (in a loop of steps in
+    one function, a later step sees an earlier one's record). A variable written inside a step
+    compiled with XLA is how such a step reports; Keras has no form of it."""
+    record.assign(tf.where(all_ok, record, seen))
+    return record
+
+
+def report_bad_ids(owner: object, ids: object, input_dim: int, message: str) -> None:
+    """Nothing on TensorFlow: ``checked_ids``' assertions stop eager and graph steps, and under
+    XLA (which compiles them away) the gather clamps an id out of range, as stock Keras'
+    Embedding does (``tf_jacbp.layers.Embedding``'s docstring)."""
+
+
+def read_record(record: object) -> object:
+    """The record variable's ``[flag, value, count]`` now (NumPy), read after a step."""
+    return record.numpy()
+
+
+__all__ += ["read_record", "record_bad_input", "report_bad_ids"]

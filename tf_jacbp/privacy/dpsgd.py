@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from keras import ops
 
-from tf_jacbp._backend import keras, tf
+from tf_jacbp import backend
+from tf_jacbp._backend import BACKEND, keras
 from tf_jacbp.jacobian import output_delta, parameter_variables, squared_gradient_norms
 from tf_jacbp.privacy.arguments import check_positive, check_sampling_rate
 from tf_jacbp.privacy.noise import gaussian_noise
@@ -96,17 +99,26 @@ def clip_groups(
     return groups, float(np.sqrt(sum(c * c for _, c in groups)))
 
 
+Tensor = Any  # a tensor of the backend Keras runs on
+_HALF = ("float16", "bfloat16")
+
+
+def _dtype(t: Any) -> str:
+    """Keras' name of ``t``'s dtype (``"float32"``, ...), whatever the backend's type."""
+    return keras.backend.standardize_dtype(t.dtype)
+
+
 def _wide(t: Any) -> Any:
     """``t`` (or each of a list's) in float32 if it is a 16-bit floating tensor."""
     if isinstance(t, (list, tuple)):
         return type(t)(_wide(u) for u in t)
-    return tf.cast(t, tf.float32) if t is not None and t.dtype in (tf.float16, tf.bfloat16) else t
+    return ops.cast(t, "float32") if t is not None and _dtype(t) in _HALF else t
 
 
-def _widened(records: Any, delta: tf.Tensor) -> tuple[Any, tf.Tensor]:
+def _widened(records: Any, delta: Tensor) -> tuple[Any, Tensor]:
     """The records with 16-bit floating tensors in float32 (a 16-bit model): the norms that set
     the clip factors, and the clipped sum, are then float32 computations."""
-    if delta.dtype not in (tf.float16, tf.bfloat16):
+    if _dtype(delta) not in _HALF:
         return records, delta
     out = copy.copy(records)  # keeps the records' type and attributes
     out[:] = [
@@ -115,27 +127,14 @@ def _widened(records: Any, delta: tf.Tensor) -> tuple[Any, tf.Tensor]:
     return out, _wide(delta)
 
 
-def _pad_empty(x: Any, y: Any) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
-    """``(x, y, B, keep)``: an empty batch (``B = 0``, Poisson sampling) gets one dummy sample
-    of zeros (label 0) whose weight in ``keep`` is 0, so the losses and layers see a batch and
-    the step is the noise alone; ``keep`` is ``B`` ones otherwise (the batch unchanged)."""
-    x, y = tf.convert_to_tensor(x), tf.convert_to_tensor(y)
-    batch = tf.shape(x)[0]
-    pad = tf.maximum(1 - batch, 0)  # 1 for an empty batch, else 0
-    x = tf.concat([x, tf.zeros(tf.concat([[pad], tf.shape(x)[1:]], 0), x.dtype)], 0)
-    y = tf.concat([y, tf.zeros(tf.concat([[pad], tf.shape(y)[1:]], 0), y.dtype)], 0)
-    keep = tf.concat([tf.ones([batch]), tf.zeros([pad])], 0)
-    return x, y, batch, keep
-
-
-def _sample_weight(sample_weight: Any, values: tf.Tensor) -> tf.Tensor | None:
+def _sample_weight(sample_weight: Any, values: Tensor) -> Tensor | None:
     """``w`` ``(B,)`` in the loss's dtype; a ValueError for another shape."""
     if sample_weight is None:
         return None
-    w = tf.cast(tf.convert_to_tensor(sample_weight), values.dtype)
-    if w.shape.rank == 2 and w.shape[1] == 1:
+    w = ops.cast(ops.convert_to_tensor(sample_weight), values.dtype)
+    if len(w.shape) == 2 and w.shape[1] == 1:
         w = w[:, 0]
-    if w.shape.rank != 1:
+    if len(w.shape) != 1:
         raise ValueError(
             f"DP-SGD: sample_weight must have one weight per sample, shape (batch,), got shape "
             f"{tuple(w.shape)}. Weight samples, not positions."
@@ -143,7 +142,7 @@ def _sample_weight(sample_weight: Any, values: tf.Tensor) -> tf.Tensor | None:
     return w
 
 
-@tf.autograph.experimental.do_not_convert  # traced as plain Python: loops over the layers
+@backend.do_not_convert  # traced as plain Python: loops over the layers
 def clipped_gradients(
     model: keras.Model,
     x: Any,
@@ -156,7 +155,7 @@ def clipped_gradients(
     training: bool = True,
     sample_weight: Any = None,
     secure_mode: bool = False,
-) -> tuple[list[tf.Tensor], dict[str, tf.Tensor]]:
+) -> tuple[list[Tensor], dict[str, Tensor]]:
     """DP-SGD's gradient ``(1/B') [sum_i min(1, C/||g_i||) g_i + N(0, (sigma C)^2 I)]``.
 
     Args:
@@ -171,8 +170,8 @@ def clipped_gradients(
             (or "mean", the same). A sample's loss over positions is their mean, as Keras'.
         expected_batch_size: ``B'``; None divides by the actual batch size (at least 1).
         seed: for the noise: a ``keras.random.SeedGenerator`` (a new draw each call, DPModel's),
-            an int (the same draw for the same int: tests only) or None (TensorFlow's global
-            generator).
+            an int (the same draw for the same int: tests only) or None (the backend's global
+            generator: TensorFlow's; on JAX, Keras' and only outside a traced step).
         training: the layers' training-mode maps (Dropout draws masks; a BatchNormalization that
             is not frozen raises: its batch statistics couple the samples).
         sample_weight: ``w`` ``(B,)``: sample ``i``'s loss is ``w_i l_i`` and its gradient
@@ -190,21 +189,21 @@ def clipped_gradients(
     noise_multiplier = check_positive("noise_multiplier", noise_multiplier, allow_zero=True)
     loss = _check_loss(loss if loss is not None else getattr(model, "loss", None))
     trainable = _check_model(model)
-    x, y, batch, keep = _pad_empty(x, y)
+    x, y, batch, keep = backend.pad_empty_batch(x, y)  # B = 0: one dummy sample of weight 0
     records, output_key, out, values, delta = output_delta(
         model, x, y, loss, training, "clipped_gradients"
     )
     w = _sample_weight(sample_weight, values)
-    w = keep if w is None else tf.concat([w, tf.cast(keep[batch:], w.dtype)], 0)  # dummy: 0
-    values = values * tf.cast(w, values.dtype)  # the gradient of w_i l_i is w_i g_i
-    delta = delta * tf.cast(tf.reshape(w, [-1] + [1] * (delta.shape.rank - 1)), delta.dtype)
+    w = keep if w is None else ops.concatenate([w, ops.cast(keep[batch:], w.dtype)], 0)  # dummy
+    values = values * ops.cast(w, values.dtype)  # the gradient of w_i l_i is w_i g_i
+    delta = delta * ops.cast(ops.reshape(w, [-1] + [1] * (len(delta.shape) - 1)), delta.dtype)
     records, delta = _widened(records, delta)
     # Pass 1: ||g_i||^2 over the trainable variables, from the layers' norm formulas; the walk
     # keeps the delta rows that reach each map.
     trainable_ids = {id(v) for v in trainable}
     deltas: list = []
     squared = {
-        id(v): tf.cast(s, tf.float64 if s.dtype == tf.float64 else tf.float32)
+        id(v): ops.cast(s, "float64" if _dtype(s) == "float64" else "float32")
         for v, s in squared_gradient_norms(model, records, output_key, delta, deltas)
         if id(v) in trainable_ids
     }
@@ -215,12 +214,12 @@ def clipped_gradients(
         [s for i, s in squared.items() if names is None or owner.get(i) in names]
         for names in group_names
     ]
-    norms = tf.stack([tf.sqrt(tf.add_n(g)) for g in in_group], axis=1)  # (B, groups)
-    tiny = tf.constant(1e-300 if norms.dtype == tf.float64 else 1e-30, norms.dtype)
-    factors = tf.minimum(
-        tf.ones_like(norms), tf.constant(clips, norms.dtype) / tf.maximum(norms, tiny)
+    norms = ops.stack([ops.sqrt(functools.reduce(ops.add, g)) for g in in_group], axis=1)
+    tiny = 1e-300 if _dtype(norms) == "float64" else 1e-30  # (B, groups) above
+    factors = ops.minimum(
+        ops.ones_like(norms), ops.convert_to_tensor(clips, norms.dtype) / ops.maximum(norms, tiny)
     )
-    factors = tf.stop_gradient(factors)
+    factors = ops.stop_gradient(factors)
     group_of = {
         name: k for k, names in enumerate(group_names) if names is not None for name in names
     }
@@ -229,33 +228,31 @@ def clipped_gradients(
     # reaching every map by c_i: each map's parameter gradient is its batch backward applied to
     # the rows pass 1 saw, scaled (the input-gradient chain need not run again). Per-layer
     # clipping scales each layer's rows by its group's factor.
-    sums: dict[int, tf.Tensor] = {}
+    sums: dict[int, Tensor] = {}
     for layer, op, rows, a, out_rows, params in deltas:
         rows, a, out_rows, params = _wide([rows, a, out_rows, params])  # 16 bits: in float32
-        factor = tf.cast(factors[:, group_of.get(layer.name, 0)], rows.dtype)
-        scaled = rows * tf.reshape(factor, [-1] + [1] * (rows.shape.rank - 1))
+        factor = ops.cast(factors[:, group_of.get(layer.name, 0)], rows.dtype)
+        scaled = rows * ops.reshape(factor, [-1] + [1] * (len(rows.shape) - 1))
         _, grads = op.backward(scaled, a, out_rows, *params)
         for v, g in zip(layer.jacobian_parameters(), grads, strict=True):
             sums[id(v)] = sums[id(v)] + g if id(v) in sums else g
     if expected_batch_size is None:  # an empty batch divides its noise by 1, not 0
-        divisor = tf.cast(tf.maximum(batch, 1), tf.float64)
+        divisor = ops.maximum(batch, 1)
     else:
-        divisor = tf.constant(
-            check_positive("expected_batch_size", expected_batch_size), tf.float64
-        )
+        divisor = check_positive("expected_batch_size", expected_batch_size)
     sums = [sums[id(v)] for v in trainable]
     if noise_multiplier > 0:  # one draw for all entries: one state update of the generator
         sizes = [int(np.prod(v.shape)) for v in trainable]
-        wide = any(g.dtype == tf.float64 for g in sums)
-        dtype = tf.float64 if wide else tf.float32  # at least float32, cast to each gradient's
+        wide = any(_dtype(g) == "float64" for g in sums)
+        dtype = "float64" if wide else "float32"  # at least float32, cast to each gradient's
         noise = gaussian_noise(sum(sizes), noise_multiplier * total_clip, dtype, seed, secure_mode)
-        pieces = tf.split(noise, sizes)
+        ends = np.cumsum(sizes).tolist()
         sums = [
-            tf.cast(g, dtype) + tf.reshape(n, v.shape)
-            for g, n, v in zip(sums, pieces, trainable, strict=True)
+            ops.cast(g, dtype) + ops.reshape(noise[end - size : end], v.shape)
+            for g, size, end, v in zip(sums, sizes, ends, trainable, strict=True)
         ]
     gradients = [
-        tf.cast(g / tf.cast(divisor, g.dtype), v.dtype)
+        ops.cast(g / ops.cast(divisor, g.dtype), v.dtype)
         for g, v in zip(sums, trainable, strict=True)
     ]
     if groups is None:
@@ -271,7 +268,8 @@ def poisson_batches(
     sampling_rate: float,
     steps_per_epoch: int | None = None,
     seed: int = 0,
-) -> tf.data.Dataset:
+    pad_multiple: int | None | str = "auto",
+) -> Any:
     """Batches that include each sample independently with probability ``q`` (Poisson sampling).
 
     Each step draws ``u_j ~ U(0, 1)`` for each of the ``N`` samples and takes those with
@@ -280,6 +278,19 @@ def poisson_batches(
     ``DPModel(expected_batch_size=q * N)`` on it: that is the sampling ``compute_epsilon``
     accounts for. An empty batch (probability ``(1 - q)^N``, about ``exp(-q N)``) is a step of
     noise alone (``clipped_gradients`` gives the losses one dummy sample of weight 0).
+
+    ``pad_multiple``: an int ``m`` pads each batch with rows of zeros to a multiple of ``m`` (at
+    least ``m`` rows) and yields ``(x, y, w)``, ``w_i`` 1 for a drawn sample and 0 for a padding
+    row: a row of weight 0 adds nothing to the clipped sum (``w_i g_i = 0``) nor to the metrics,
+    and the update is the unpadded batch's (the noise is added once, the sum divided by
+    ``expected_batch_size``); the logged loss averages over the padded rows, as Keras' loss
+    over zero-weight samples. None yields ``(x, y)`` of the drawn size. ``"auto"`` (default):
+    None on TensorFlow, which traces one step for batches of any size; on JAX, whose ``jax.jit``
+    compiles a step for every batch shape, ``m = max(1, round(sqrt(q N)))`` (about one standard
+    deviation of the batch size: a handful of compiled steps).
+
+    Returns a ``tf.data.Dataset`` on TensorFlow, a ``keras.utils.PyDataset`` on JAX; either
+    goes to ``fit`` as is.
     """
     q = check_sampling_rate(sampling_rate)
     if len(x) != len(y):
@@ -287,12 +298,14 @@ def poisson_batches(
     steps = int(round(1 / q)) if steps_per_epoch is None else int(steps_per_epoch)
     if steps <= 0:
         raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}.")
-    images, labels, n = tf.constant(x), tf.constant(y), len(x)
-
-    def draw(key: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        u = tf.random.stateless_uniform([n], seed=tf.stack([tf.constant(seed, tf.int64), key]))
-        chosen = tf.where(u < q)[:, 0]
-        return tf.gather(images, chosen), tf.gather(labels, chosen)
-
-    keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).take(steps)
-    return keys.map(draw).prefetch(1)
+    if isinstance(pad_multiple, str):
+        if pad_multiple != "auto":
+            raise ValueError(f'pad_multiple must be an int, None or "auto", got {pad_multiple!r}.')
+        pad_multiple = None if BACKEND == "tensorflow" else max(1, round(np.sqrt(q * len(x))))
+    elif pad_multiple is not None:
+        if isinstance(pad_multiple, bool) or not isinstance(pad_multiple, (int, np.integer)):
+            raise TypeError(f"pad_multiple must be an int, got {pad_multiple!r}.")
+        if pad_multiple <= 0:
+            raise ValueError(f"pad_multiple must be positive, got pad_multiple={pad_multiple}.")
+        pad_multiple = int(pad_multiple)
+    return backend.poisson_dataset(x, y, q, steps, int(seed), pad_multiple)

@@ -3,18 +3,20 @@ travel with every checkpoint; ``make_private`` builds one (optionally calibratin
 
 from __future__ import annotations
 
+import functools
 import sys
 import weakref
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from keras import ops
 
 # Keras' saving walks a model's KerasSaveable attributes; the class is not exported publicly.
 from keras.src.saving.keras_saveable import KerasSaveable
 
-from tf_jacbp import hooks
-from tf_jacbp._backend import keras, tf
+from tf_jacbp import backend, hooks
+from tf_jacbp._backend import BACKEND, keras
 from tf_jacbp.jacobian import parameter_variables
 from tf_jacbp.privacy.accounting import epsilon_of_ledger, noise_multiplier_for_epsilon
 from tf_jacbp.privacy.arguments import check_positive, check_sampling_rate
@@ -49,29 +51,31 @@ def _cloned_from() -> Any:
 
 class _Ledger:
     """Steps taken at each (sampling rate, noise multiplier): closed rows and an open segment
-    whose steps a variable counts inside ``train_step``. Not a Keras variable: it stays out of
-    ``weights`` (``set_weights`` between plain and private models keeps working), and
-    ``_PrivacyState`` writes it into every checkpoint."""
+    whose steps a counter counts inside ``train_step`` (``tf_jacbp.backend.step_counter``: a
+    ``tf.Variable`` on TensorFlow, a variable the model carries through JAX's stateless step).
+    Not a Keras weight: it stays out of ``weights`` (``set_weights`` between plain and private
+    models keeps working), and ``_PrivacyState`` writes it into every checkpoint. ``sync``
+    brings a JAX fit's step state back to the model's variables before the count is read."""
 
-    def __init__(self) -> None:
-        self.steps = tf.Variable(
-            0,
-            dtype=tf.int64,
-            trainable=False,
-            name="dp_steps",
-            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,  # one count per step
-        )
+    def __init__(self, sync: Any) -> None:
+        self.steps = backend.step_counter("dp_steps")
+        self.sync = sync
         self.rows: list[list[Any]] = []  # [q or None, sigma, steps]
         self.start = 0
 
+    def count(self) -> int:
+        """The steps counted so far (restored with the model)."""
+        self.sync()
+        return int(self.steps.numpy())
+
     def close(self, rate: float | None, sigma: float) -> None:
-        count = int(self.steps.numpy())
+        count = self.count()
         if count > self.start:
             self.rows.append([rate, sigma, count - self.start])
         self.start = count
 
     def all(self, rate: float | None, sigma: float) -> list[tuple[float | None, float, int]]:
-        open_steps = int(self.steps.numpy()) - self.start
+        open_steps = self.count() - self.start
         merged: list[list[Any]] = []
         for q, s, n in self.rows + ([[rate, sigma, open_steps]] if open_steps else []):
             if merged and merged[-1][:2] == [q, s]:  # e.g. before and after a resume
@@ -96,6 +100,7 @@ class _PrivacyState(KerasSaveable):
 
     def save_own_variables(self, store: Any) -> None:
         model = self._owner()
+        model._sync_jax_state()
         store[_NOISE_STATE] = np.asarray(model.noise_seed.state.numpy())
         rows = model.privacy_ledger
         store[_LEDGER] = np.array(
@@ -105,7 +110,8 @@ class _PrivacyState(KerasSaveable):
     def load_own_variables(self, store: Any) -> None:
         model, keys = self._owner(), list(store.keys())
         if _NOISE_STATE in keys:
-            model.noise_seed.state.assign(np.asarray(store[_NOISE_STATE]))
+            model._sync_jax_state()
+            model.noise_seed.state.assign(backend.noise_state(store[_NOISE_STATE]))
         if _LEDGER in keys:
             ledger = model._ledger
             rows = np.asarray(store[_LEDGER], np.float64).reshape(-1, 3)
@@ -176,7 +182,9 @@ class DPModel(keras.Model):
         source = _cloned_from() if any(v is _UNSET for v in given.values()) else None
         base = _DEFAULTS if source is None else source.get_config()
         settings = {k: base[k] if v is _UNSET else v for k, v in given.items()}
-        self._ledger = _Ledger()
+        self._ledger = _Ledger(self._sync_jax_state)
+        if BACKEND == "jax":  # a model attribute: Keras carries its state through the step
+            self._dp_steps = self._ledger.steps
         self._clip_groups, self._total_clip = clip_groups(self, settings["l2_norm_clip"])
         self._l2_norm_clip = settings["l2_norm_clip"]
         self._noise_multiplier = check_positive(
@@ -191,7 +199,7 @@ class DPModel(keras.Model):
         self.secure_mode = bool(settings["secure_mode"])
         self.seed = settings["seed"]
         initial = fresh_seed() if self.seed is None else int(self.seed)
-        self.noise_seed = keras.random.SeedGenerator(initial, name="dp_noise_seed")
+        self.noise_seed = backend.noise_seed_generator(initial, "dp_noise_seed")
         self.privacy_state = _PrivacyState(self)  # saved with the model (Keras walks it)
         hooks.attach(self)  # reference_mode retracing and the XLA bad-label stop, this model only
 
@@ -234,7 +242,15 @@ class DPModel(keras.Model):
     @property
     def privacy_steps(self) -> int:
         """The DP-SGD steps of the whole training (restored with the model)."""
-        return int(self._ledger.steps.numpy())
+        return self._ledger.count()
+
+    def _sync_jax_state(self) -> None:
+        """On JAX, inside ``fit``, the step's state back in the model's variables (Keras'
+        ``jax_state_sync``, as its callbacks do before reading the model); nothing on
+        TensorFlow, whose step updates the variables themselves."""
+        sync = getattr(self, "jax_state_sync", None)
+        if sync is not None:
+            sync()
 
     def privacy_spent(
         self, delta: float, accountant: str = "rdp", rdp_conversion: str = "improved"
@@ -250,9 +266,11 @@ class DPModel(keras.Model):
         )
         return super().make_train_function(force)
 
-    @tf.autograph.experimental.do_not_convert  # Python loops over the layers, as Keras' own
-    def train_step(self, data: Any) -> dict[str, Any]:
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    def _dp_update(self, x: Any, y: Any, sample_weight: Any) -> tuple[list, Any, dict]:
+        """``(gradients, loss, info)`` of one DP-SGD step on the variables' current values:
+        ``clipped_gradients``' noisy gradient (times ``compile(loss_weights=w)``'s ``w``) plus
+        the weight regularizers' gradients, added after the noise at no privacy cost (they do
+        not depend on the data); ``loss`` is ``w mean_i w_i l_i`` plus the penalties."""
         if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
             raise ValueError(
                 "DPModel: a LossScaleOptimizer (mixed precision) would unscale gradients that "
@@ -271,30 +289,76 @@ class DPModel(keras.Model):
             secure_mode=self.secure_mode,
         )
         variables = self.trainable_variables
-        batch = tf.shape(info["loss"])[0]  # 0 happens under Poisson sampling
-        loss = tf.reduce_sum(info["loss"]) / tf.cast(tf.maximum(batch, 1), info["loss"].dtype)
+        batch = ops.shape(info["loss"])[0]  # 0 happens under Poisson sampling
+        loss = ops.sum(info["loss"]) / ops.cast(ops.maximum(batch, 1), info["loss"].dtype)
         weight = getattr(self, "_dp_loss_weight", 1.0)
         if weight != 1.0:  # compile(loss_weights=w): the loss is w L, the update w g, noise too
             loss = loss * weight
-            gradients = [g * tf.cast(weight, g.dtype) for g in gradients]
+            gradients = [g * ops.cast(weight, g.dtype) for g in gradients]
         penalties = [(v, v.regularizer) for v in variables if v.regularizer is not None]
         if penalties:  # data-independent: added after the noise, at no privacy cost
-            with tf.GradientTape() as tape:
-                terms = [r(v) for v, r in penalties]  # each in its variable's dtype
-            extra = tape.gradient(terms, [v for v, _ in penalties])
-            penalty = tf.add_n([tf.cast(t, loss.dtype) for t in terms])
+
+            def total(*values: Any) -> Any:  # each term in its variable's dtype, summed
+                terms = [r(t) for (_, r), t in zip(penalties, values, strict=True)]
+                return functools.reduce(ops.add, [ops.cast(t, loss.dtype) for t in terms])
+
+            penalty, extra = backend.value_and_gradients(total, [v.value for v, _ in penalties])
             by_id = {id(v): g for (v, _), g in zip(penalties, extra, strict=True)}
             gradients = [
-                g + tf.cast(by_id.get(id(v), 0), g.dtype)
+                g + ops.cast(by_id[id(v)], g.dtype) if id(v) in by_id else g
                 for g, v in zip(gradients, variables, strict=True)
             ]
             loss = loss + penalty
-        self.optimizer.apply_gradients(zip(gradients, variables, strict=True))
-        self._ledger.steps.assign_add(1)
+        return gradients, loss, info
+
+    def _dp_logs(self, loss: Any, x: Any, y: Any, info: dict, sample_weight: Any) -> dict:
+        """The step's logs: the loss tracker (what Keras' own train step reports as "loss",
+        weighted by the batch size) and the compiled metrics."""
         tracker = getattr(self, "_loss_tracker", None)
-        if tracker is not None:  # what Keras' own train_step reports as "loss"
-            tracker.update_state(loss, sample_weight=batch)
+        if tracker is not None:
+            tracker.update_state(loss, sample_weight=ops.shape(info["loss"])[0])
         return self.compute_metrics(x, y, info["y_pred"], sample_weight=sample_weight)
+
+    @backend.do_not_convert  # Python loops over the layers, as Keras' own
+    def _tensorflow_train_step(self, data: Any) -> dict[str, Any]:
+        """TensorFlow's train step: the DP-SGD update applied to the variables themselves."""
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        gradients, loss, info = self._dp_update(x, y, sample_weight)
+        self.optimizer.apply_gradients(zip(gradients, self.trainable_variables, strict=True))
+        self._ledger.steps.assign_add(1)
+        return self._dp_logs(loss, x, y, info, sample_weight)
+
+    def _jax_train_step(self, state: tuple, data: Any) -> tuple[dict[str, Any], tuple]:
+        """JAX's stateless train step (Keras' ``JAXTrainer.train_step(state, data)``): ``state``
+        is ``(trainable, non_trainable, optimizer, metrics)`` variable values, and the step
+        returns ``(logs, new state)``. The DP-SGD update runs in a ``StatelessScope`` mapping the
+        model's variables to ``state``; the layers' formulas read the values from it (no
+        autodiff), and what the step assigns (the noise generator's draw count, the ledger's
+        step count, a Dropout's seed) comes back as the new non-trainable values. The optimizer
+        applies the gradients statelessly, and the metrics update in a scope of their own."""
+        trainable, non_trainable, optimizer_variables, metrics_variables = state
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        mapping = list(
+            zip(
+                self.trainable_variables + self.non_trainable_variables,
+                list(trainable) + list(non_trainable),
+                strict=True,
+            )
+        )
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            gradients, loss, info = self._dp_update(x, y, sample_weight)
+            self._ledger.steps.assign_add(1)
+        non_trainable = [scope.get_current_value(v) for v in self.non_trainable_variables]
+        trainable, optimizer_variables = self.optimizer.stateless_apply(
+            optimizer_variables, gradients, trainable
+        )
+        mapping = list(zip(self.metrics_variables, metrics_variables, strict=True))
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            logs = self._dp_logs(loss, x, y, info, sample_weight)
+        metrics_variables = [scope.get_current_value(v) for v in self.metrics_variables]
+        return logs, (trainable, non_trainable, optimizer_variables, metrics_variables)
+
+    train_step = _jax_train_step if BACKEND == "jax" else _tensorflow_train_step
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()

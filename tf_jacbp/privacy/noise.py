@@ -1,8 +1,10 @@
 """DP-SGD's Gaussian noise: fresh seeds, the seeded generator, and the secure mode.
 
-Default: ``keras.random.normal`` from a ``keras.random.SeedGenerator`` (Philox, a counter-based
-pseudo-random generator) whose seed comes from the operating system's entropy (``secrets``) and
-whose state (seed, counter) is saved with the model, so a resumed run continues the sequence.
+Default: ``keras.random.normal`` from a seed generator (``tf_jacbp.backend.noise_seed_generator``:
+on TensorFlow Keras' ``SeedGenerator``, Philox; on JAX a ``SeedGenerator`` keeping the 62-bit
+seed in two words, Threefry; both counter-based pseudo-random generators) whose seed comes from
+the operating system's entropy (``secrets``) and whose state (seed, counter) is saved with the
+model, so a resumed run continues the sequence.
 ``secure_mode``: every draw reads fresh bytes from ``os.urandom`` (the operating system's
 cryptographically secure generator), turns them into normals by the Box-Muller transform in
 float64, and sums four draws of standard deviation ``std / 2`` (as Opacus' ``secure_mode``,
@@ -14,10 +16,13 @@ from __future__ import annotations
 
 import os
 import secrets
+from typing import Any
 
 import numpy as np
+from keras import ops
 
-from tf_jacbp._backend import keras, tf
+from tf_jacbp import backend
+from tf_jacbp._backend import keras
 
 
 def fresh_seed() -> int:
@@ -46,20 +51,20 @@ def secure_standard_normal(size: int) -> np.ndarray:
 def gaussian_noise(
     size: int,
     std: float,
-    dtype: tf.DType,
+    dtype: Any,
     seed: keras.random.SeedGenerator | int | None,
     secure: bool,
-) -> tf.Tensor:
+) -> Any:
     """``size`` draws of ``N(0, std^2)`` in ``dtype``, shape ``(size,)``.
 
-    ``secure``: from ``os.urandom`` (``secure_standard_normal``, through ``tf.numpy_function``:
-    it runs eagerly inside ``fit``'s graph). Otherwise from ``seed``: a ``SeedGenerator`` (a new
-    draw each call; its state moves on), an int (the same draw for the same int) or None
-    (TensorFlow's global generator).
+    ``secure``: from ``os.urandom`` (``secure_standard_normal``, run on the host at every step:
+    ``tf.numpy_function`` on TensorFlow, ``io_callback`` on JAX). Otherwise from ``seed``: a
+    ``SeedGenerator`` (a new draw each call; its state moves on), an int (the same draw for the
+    same int) or None (the backend's global generator; on JAX only outside a traced step).
     """
     if secure:
-        z = tf.numpy_function(secure_standard_normal, [size], tf.float64, stateful=True)
-        return tf.cast(tf.reshape(z, [size]) * std, dtype)
+        z = backend.host_normal(secure_standard_normal, size)
+        return ops.cast(z * std, dtype)
     if seed is None:
-        return tf.random.normal([size], stddev=std, dtype=dtype)
+        return backend.unseeded_normal(size, std, dtype)
     return keras.random.normal([size], stddev=std, dtype=dtype, seed=seed)
