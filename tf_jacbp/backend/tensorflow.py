@@ -741,3 +741,104 @@ def read_record(record: object) -> object:
 
 
 __all__ += ["read_record", "record_bad_input", "report_bad_ids"]
+
+
+# --- GradientCheck: compiled routes, per-sample autodiff, summaries (tf_jacbp.check) -------
+
+
+def _restoring(state: list, function: object) -> object:
+    """``function``, with the values of the variables ``state`` read before and assigned back
+    after it (a ``tf.function`` assigns its variables for real)."""
+
+    def run(*args):
+        saved = [tf.identity(v.value) for v in state]
+        out = function(*args)
+        for v, value in zip(state, saved, strict=True):
+            v.assign(value)
+        return out
+
+    return run
+
+
+def compile_gradients(
+    function: object, variables: list, state: list, reads: list, jit_compile: bool
+) -> object:
+    """A ``tf.function`` ``(*args) -> (f, [df/dv for v in variables])`` for a scalar
+    ``f = function(*args)``, by ``tf.GradientTape`` (a variable ``f`` does not depend on gets a
+    zero gradient); the variables ``state`` are restored after it. ``reads`` is JAX's (a
+    ``tf.function`` reads variables as they are when it runs)."""
+
+    def gradients(*args):
+        with tf.GradientTape() as tape:
+            value = function(*args)
+        grads = tape.gradient(
+            value, list(variables), unconnected_gradients=tf.UnconnectedGradients.ZERO
+        )
+        return value, grads
+
+    # autograph=False: the control flow is Python's, over variables and layers (AutoGraph's
+    # source transformation would only add tracing time).
+    return tf.function(_restoring(state, gradients), jit_compile=jit_compile, autograph=False)
+
+
+def compile_loss(function: object, state: list, reads: list, jit_compile: bool) -> object:
+    """A ``tf.function`` ``(*args) -> function(*args)`` that restores the variables ``state``
+    after it (``reads`` is JAX's)."""
+    return tf.function(_restoring(state, function), jit_compile=jit_compile, autograph=False)
+
+
+def compile_check(function: object) -> object:
+    """``function`` as one ``tf.function`` (no AutoGraph: its control flow is Python's): a
+    check's routes, the twin's weight copy and the statistics run as one graph."""
+    return tf.function(function, autograph=False)
+
+
+def tracing_count(function: object) -> int:
+    """How often a ``tf.function`` was traced (``experimental_get_tracing_count``)."""
+    return int(function.experimental_get_tracing_count())
+
+
+def variable_gradients(function: object, variables: list) -> tuple[object, list]:
+    """``(f, [df/dv for v in variables])`` for a scalar ``f = function()`` of Keras variables,
+    by ``tf.GradientTape`` (eagerly or inside the caller's graph; zero for a variable ``f``
+    does not depend on)."""
+    with tf.GradientTape() as tape:
+        value = function()
+    grads = tape.gradient(
+        value, list(variables), unconnected_gradients=tf.UnconnectedGradients.ZERO
+    )
+    return value, list(grads)
+
+
+def is_dataset(value: object) -> bool:
+    """Whether ``value`` is a ``tf.data.Dataset``."""
+    return isinstance(value, tf.data.Dataset)
+
+
+def call_errors() -> tuple[type, ...]:
+    """The exceptions a model or loss raises on input that does not fit it, besides
+    ``ValueError`` and ``TypeError``: TensorFlow's ``InvalidArgumentError``."""
+    return (tf.errors.InvalidArgumentError,)
+
+
+def summary_module(what: str) -> object:
+    """``tf.summary``, which writes TensorBoard event files for ``what``."""
+    return tf.summary
+
+
+def compile_statistics(function: object) -> object:
+    """``function`` as it is: it runs inside the check's ``tf.function`` (``compile_check``)."""
+    return function
+
+
+__all__ += [
+    "call_errors",
+    "compile_check",
+    "compile_gradients",
+    "compile_loss",
+    "compile_statistics",
+    "is_dataset",
+    "summary_module",
+    "tracing_count",
+    "variable_gradients",
+]

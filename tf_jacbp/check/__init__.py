@@ -2,12 +2,14 @@
 
 Training applies the Jacobian route: every tf_jacbp layer's ``backward`` (the paper's
 ``(J_x F)^T delta`` and ``(J_theta F)^T delta``, docs/math.md "Algorithm 1") and every Table 1
-loss's ``grad_{z[L]} l``, chained by ``tf.custom_gradient``; stock Keras layers in the same model
-are differentiated by autodiff as usual. The witness is the reference route: the same model and
-loss in stock TensorFlow ops inside ``tf_jacbp.reference_mode()``, differentiated by
-``tf.GradientTape``. Both are gradients of the model's compiled training loss
-``L(theta) = model.compute_loss(x, y, model(x, training=True), sample_weight)`` (the compiled
-loss plus regularization losses) on one fixed probe batch. The two routes are compared twice:
+loss's ``grad_{z[L]} l``, chained by ``keras.ops.custom_gradient``; stock Keras layers in the
+same model are differentiated by autodiff as usual. The witness is the reference route: the same
+model and loss in stock ops inside ``tf_jacbp.reference_mode()``, differentiated by autodiff
+(``tf.GradientTape`` on TensorFlow; on JAX ``jax.value_and_grad`` over the values of the
+model's variables, mapped in statelessly as Keras' JAX ``train_step`` does). Both are gradients
+of the model's compiled training loss ``L(theta) = model.compute_loss(x, y, model(x,
+training=True), sample_weight)`` (the compiled loss plus regularization losses) on one fixed
+probe batch. The two routes are compared twice:
 
 * in float64, on a float64 twin of the model (same layers, weights, batch statistics and dropout
   masks), where rounding is negligible: this checks the formulas;

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from tf_jacbp import hooks
-from tf_jacbp._backend import keras, tf
+from tf_jacbp import backend, hooks
+from tf_jacbp._backend import keras
 from tf_jacbp.check import criterion, report
 from tf_jacbp.check.probe import (
     perturbed,
@@ -55,8 +55,9 @@ class GradientCheck(keras.callbacks.Callback):
     scale) with respect to every trainable variable, four times:
 
     * ``g``: the Jacobian route, what training applies (the tf_jacbp layers' ``backward``);
-    * ``g_ref``: the reference route, inside ``tf_jacbp.reference_mode()``, by
-      ``tf.GradientTape``;
+    * ``g_ref``: the reference route, inside ``tf_jacbp.reference_mode()``, by autodiff:
+      ``tf.GradientTape`` on TensorFlow, ``jax.value_and_grad`` over the model's variables'
+      values (a stateless call, as Keras' JAX ``train_step``) on JAX;
     * ``h`` and ``h64 = h_ref``: the same two routes on the float64 twin, a copy of the model with
       every layer in float64 (rebuilt by ``get_config``/``from_config``), the compiled loss in
       float64, the model's weights (batch-norm statistics and dropout seed states included,
@@ -93,10 +94,11 @@ class GradientCheck(keras.callbacks.Callback):
     loss (the probe, the loss value, or a reference route that is non-finite too) or from a
     layer's backward pass (the reference route is finite, the Jacobian route is not).
 
-    Each route is one ``tf.function`` (with ``jit_compile`` as the model's), traced once and
-    reused (``tracing_counts``). The forward pass's side effects (batch-norm statistics, dropout
-    seeds, loss-tracking metrics) are undone after each route, so all routes see the same dropout
-    mask and training is not disturbed. The probe is the callback's own batch: Keras does not
+    Each route is one ``tf.function`` (``jax.jit`` on JAX; with ``jit_compile`` as the
+    model's), traced once and reused (``tracing_counts``). The forward pass's side effects
+    (batch-norm statistics, dropout seeds, loss-tracking metrics) are undone after each route
+    (never applied, on JAX), so all routes see the same dropout mask and training is not
+    disturbed. The probe is the callback's own batch: Keras does not
     show callbacks the training batches.
 
     Finite differences (``finite_differences=True``): per variable ``theta_i`` of the float64
@@ -111,7 +113,8 @@ class GradientCheck(keras.callbacks.Callback):
     first pass, ``tf_jacbp.jacobian.per_example_gradient_norms`` (the layers' ``squared_norms``
     formulas), which training's gradient never uses. Each check also compares them, per
     variable and on the first probe samples, with the norms of per-sample gradients that
-    ``tf.GradientTape`` takes through the reference route, in float64 on the twin (witness
+    autodiff (``tf.GradientTape``; ``jax.value_and_grad`` on JAX) takes through the reference
+    route, in float64 on the twin (witness
     ``"per_example_norms"``). A plain model runs nothing of it.
 
     Cost: the twin's two routes run in float64, so a check costs about three to six times the
@@ -177,7 +180,7 @@ class GradientCheck(keras.callbacks.Callback):
             require_tensorboard()
             require_writable(os.fspath(log_dir))
         self.probe = probe_tensors(probe)
-        self._probe_is_dataset = isinstance(probe, tf.data.Dataset)
+        self._probe_is_dataset = backend.is_dataset(probe)
         self.every_n_batches = every_n_batches
         self.rtol = None if rtol is None else float(rtol)
         self.atol = None if atol is None else float(atol)
@@ -246,7 +249,8 @@ class GradientCheck(keras.callbacks.Callback):
         for note in notes:
             warnings.warn(f"GradientCheck: {note}.", GradientCheckCoverageWarning, stacklevel=2)
         if self.log_dir is not None:
-            self._writer = tf.summary.create_file_writer(self.log_dir)
+            self._summary = backend.summary_module("GradientCheck(log_dir=...)")
+            self._writer = self._summary.create_file_writer(self.log_dir)
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         """Check at the start of training (unless these weights were checked already)."""
@@ -322,6 +326,9 @@ class GradientCheck(keras.callbacks.Callback):
         if it fails there too: see ``tolerances.RECHECK_PERTURBATION``.
         """
         probe = self.probe if probe is None else probe
+        # Reading the model property makes Keras' JAX fit write its mid-epoch state (kept apart
+        # from the variables between steps) back to the variables; a no-op on TensorFlow.
+        _ = self.model
         w = self._witnesses
         out = w.run(*probe)
         new = w.records(out, probe)
@@ -336,7 +343,7 @@ class GradientCheck(keras.callbacks.Callback):
         if self._writer is not None:
             with self._writer.as_default():
                 for r in new:
-                    tf.summary.scalar(f"grad_check/{r.witness}/{r.variable}", r.rel_err, r.step)
+                    self._summary.scalar(f"grad_check/{r.witness}/{r.variable}", r.rel_err, r.step)
         failed = [r for r in new if not r.passed]
         if failed and self.on_mismatch != "log":
             message = report.mismatch_message(failed, len(new))

@@ -13,7 +13,8 @@ samples of the probe and per variable ``v``,
     ``n_ref_i(v) = ||grad_v l(y_i, yhat_i)||``,
 
 ``l_i`` sample ``i``'s own loss term (the compiled loss's per-sample value, its mean over
-positions; no sample weight, no regularization), differentiated by ``tf.GradientTape`` through
+positions; no sample weight, no regularization), differentiated by autodiff (``tf.GradientTape``
+on TensorFlow, ``jax.value_and_grad`` on JAX: ``tf_jacbp.backend.variable_gradients``) through
 the reference route (``tf_jacbp.reference_mode()``), one sample at a time, in inference mode
 (dropout off, batch normalization on its moving statistics: the layers' formulas, not the
 noise). Both run on the float64 twin (or on the model when it computes in float64 throughout),
@@ -30,9 +31,10 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
+from keras import ops
 
-from tf_jacbp import tolerances
-from tf_jacbp._backend import keras, tf
+from tf_jacbp import backend, tolerances
+from tf_jacbp._backend import keras
 from tf_jacbp.check.records import FIXED_RTOL, PER_EXAMPLE_NORMS, GradientCheckRecord
 from tf_jacbp.check.routes import largest
 from tf_jacbp.check.twin import Float64Twin
@@ -121,27 +123,29 @@ class PerExampleNorms:
             x = keras.tree.map_structure(_to_float64, x)
         loss = self.model.loss
         walk = per_example_gradient_norms(self.model, x, y, loss=loss, per_variable=True)
-        walk = tf.cast(tf.gather(walk, self.columns, axis=1), tf.float64)
+        walk = ops.cast(ops.take(walk, self.columns, axis=1), "float64")
         per_sample = _per_sample_loss(loss)
         checked = [self.variables[i] for i in self.indices]
         rows = []
         for i in range(count):
             xi, yi = keras.tree.map_structure(lambda t, i=i: t[i : i + 1], (x, y))
-            with tf.GradientTape() as tape:
+
+            def value(xi=xi, yi=yi):
                 with reference_mode():
-                    value = tf.reduce_mean(per_sample(yi, self.model(xi, training=False)))
-            grads = tape.gradient(
-                value, checked, unconnected_gradients=tf.UnconnectedGradients.ZERO
-            )
-            rows.append(tf.stack([tf.norm(tf.cast(g, tf.float64)) for g in grads]))
-        ref = tf.stack(rows)  # (count, num_checked)
+                    terms = per_sample(yi, self.model(xi, training=False))
+                # the mean as sum / size (Keras' ops.mean reduces float64 in float32 on JAX)
+                return ops.sum(terms) / ops.cast(ops.size(terms), terms.dtype)
+
+            _, grads = backend.variable_gradients(value, checked)
+            rows.append(ops.stack([_norm(ops.cast(g, "float64")) for g in grads]))
+        ref = ops.stack(rows)  # (count, num_checked)
         diff = walk - ref
         return NormStatistics(
-            tf.cast(tf.reduce_all(tf.math.is_finite(walk), axis=0), tf.float64),
-            tf.cast(tf.reduce_all(tf.math.is_finite(ref), axis=0), tf.float64),
-            tf.reduce_max(tf.abs(diff), axis=0),
-            tf.norm(diff, axis=0),
-            tf.norm(ref, axis=0),
+            ops.cast(ops.all(ops.isfinite(walk), axis=0), "float64"),
+            ops.cast(ops.all(ops.isfinite(ref), axis=0), "float64"),
+            ops.max(ops.abs(diff), axis=0),
+            _norm(diff, axis=0),
+            _norm(ref, axis=0),
         )
 
     def records(
@@ -194,7 +198,14 @@ class PerExampleNorms:
 
 
 def _to_float64(t: Any) -> Any:
-    return tf.cast(t, tf.float64) if t.dtype.is_floating else t
+    floating = keras.backend.is_float_dtype(keras.backend.standardize_dtype(t.dtype))
+    return ops.cast(t, "float64") if floating else t
+
+
+def _norm(t: Any, axis: int | None = None) -> Any:
+    """``sqrt(sum t^2)`` over ``axis`` (all axes when ``None``), in ``t``'s dtype:
+    ``keras.ops.norm`` computes float64 in float32 on JAX."""
+    return ops.sqrt(ops.sum(ops.square(t), axis=axis))
 
 
 def _per_sample_loss(loss: Any) -> Any:

@@ -8,9 +8,10 @@ import os
 from typing import Any
 
 import numpy as np
+from keras import ops
 
-from tf_jacbp import tolerances
-from tf_jacbp._backend import keras, tf
+from tf_jacbp import backend, tolerances
+from tf_jacbp._backend import keras
 from tf_jacbp.check.records import ON_MISMATCH
 
 PERTURBATION_SEED = 0
@@ -90,7 +91,7 @@ def require_writable(log_dir: str) -> None:
 
 def probe_tensors(probe: Any) -> tuple:
     """``(x, y, sample_weight)`` as tensors (``sample_weight`` may be ``None``); validated."""
-    dataset = isinstance(probe, tf.data.Dataset)
+    dataset = backend.is_dataset(probe)
     if dataset:
         ranks = [spec.shape.rank for spec in keras.tree.flatten(probe.element_spec)]
         if 0 in ranks:
@@ -113,11 +114,10 @@ def probe_tensors(probe: Any) -> tuple:
         )
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(tuple(probe))
     x, y, sample_weight = (
-        None if t is None else keras.tree.map_structure(tf.convert_to_tensor, t)
-        for t in (x, y, sample_weight)
+        None if t is None else keras.tree.map_structure(_tensor, t) for t in (x, y, sample_weight)
     )
     sizes = {
-        name: [t.shape[0] if t.shape.rank else None for t in keras.tree.flatten(part)]
+        name: [t.shape[0] if len(t.shape) else None for t in keras.tree.flatten(part)]
         for name, part in (("x", x), ("y", y), ("sample_weight", sample_weight))
         if part is not None
     }
@@ -140,6 +140,14 @@ def probe_tensors(probe: Any) -> tuple:
     return x, y, sample_weight
 
 
+def _tensor(value: Any) -> Any:
+    """``value`` as a tensor of Keras' backend, its dtype kept (a ``tf.data`` element on JAX
+    goes through NumPy)."""
+    if keras.backend.backend() != "tensorflow" and not keras.ops.is_tensor(value):
+        value = np.asarray(value)
+    return ops.convert_to_tensor(value)
+
+
 def shapes(structure: Any) -> Any:
     return keras.tree.map_structure(lambda t: tuple(t.shape), structure)
 
@@ -149,7 +157,7 @@ def validate_probe_fits(model: keras.Model, probe: tuple, from_dataset: bool = F
     x, y, sample_weight = probe
     try:
         y_pred = model(x, training=False)
-    except (ValueError, TypeError, tf.errors.InvalidArgumentError) as err:
+    except (ValueError, TypeError, *backend.call_errors()) as err:
         try:
             expected = f", but model '{model.name}' expects inputs of shape {model.input_shape}"
         except (AttributeError, ValueError):
@@ -166,7 +174,7 @@ def validate_probe_fits(model: keras.Model, probe: tuple, from_dataset: bool = F
         ) from err
     try:
         model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False)
-    except (ValueError, TypeError, tf.errors.InvalidArgumentError) as err:
+    except (ValueError, TypeError, *backend.call_errors()) as err:
         weights = "" if sample_weight is None else f", sample_weight {shapes(sample_weight)}"
         raise ValueError(
             f"GradientCheck: the compiled loss of model '{model.name}' failed on probe (y has "
@@ -184,15 +192,19 @@ def _one_axis_short(model: keras.Model, x: Any) -> bool:
         return False
     shape = shape[0] if isinstance(shape, list) else shape
     first = keras.tree.flatten(x)[0]
-    return isinstance(shape, tuple) and first.shape.rank == len(shape) - 1
+    return isinstance(shape, tuple) and len(first.shape) == len(shape) - 1
 
 
 def is_finite(probe: tuple) -> bool:
     """Every floating value of the probe is finite."""
     for t in keras.tree.flatten(probe):
-        if t is not None and t.dtype.is_floating and not np.all(np.isfinite(t.numpy())):
+        if t is not None and _floating(t) and not np.all(np.isfinite(ops.convert_to_numpy(t))):
             return False
     return True
+
+
+def _floating(t: Any) -> bool:
+    return keras.backend.is_float_dtype(keras.backend.standardize_dtype(t.dtype))
 
 
 def perturbed(probe: tuple) -> tuple:
@@ -202,9 +214,10 @@ def perturbed(probe: tuple) -> tuple:
     rng = np.random.default_rng(PERTURBATION_SEED)
 
     def perturb(t):
-        if not t.dtype.is_floating:
+        if not _floating(t):
             return t
         noise = 1 + tolerances.RECHECK_PERTURBATION * rng.normal(size=tuple(t.shape))
-        return tf.cast(tf.cast(t, tf.float64) * noise, t.dtype)
+        # the product in float64 (NumPy's, on every backend), then rounded to t's dtype
+        return ops.cast(ops.convert_to_numpy(t).astype(np.float64) * noise, t.dtype)
 
     return keras.tree.map_structure(perturb, x), y, sample_weight

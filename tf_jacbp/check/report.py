@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from tf_jacbp import tolerances
+from tf_jacbp._backend import BACKEND
 from tf_jacbp.check.records import (
     FINITE_DIFFERENCES,
     FIXED_RTOL,
@@ -104,7 +105,9 @@ CAUSES = {
 }
 
 WITNESS_NAMES = {
-    REFERENCE: "the reference route (tf.GradientTape in tf_jacbp.reference_mode())",
+    REFERENCE: "the reference route ("
+    + ("tf.GradientTape" if BACKEND == "tensorflow" else "jax.value_and_grad")
+    + " in tf_jacbp.reference_mode())",
     FINITE_DIFFERENCES: "a float64 directional finite difference",
     PER_EXAMPLE_NORMS: "the norms of per-sample autodiff gradients (what DP-SGD's first pass, "
     "per_example_gradient_norms, computes from the layers' squared_norms)",

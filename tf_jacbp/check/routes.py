@@ -1,10 +1,12 @@
 """The two routes as compiled gradient functions, and what is known about each variable.
 
 ``gradient_function`` traces ``(x, y, sample_weight) -> (L, dL/dtheta)`` of the compiled
-training loss once; traced inside ``tf_jacbp.reference_mode()`` it is the reference route, else
-the Jacobian route. ``statistics`` reduces two routes' gradients to the norms the criterion needs
-(``GradientStatistics``, in float64, inside the same graph), ``floor_statistics`` the reference
-route's distance to the float64 twin.
+training loss once (``tf.GradientTape`` in a ``tf.function`` on TensorFlow,
+``jax.value_and_grad`` under ``jax.jit`` on JAX: ``tf_jacbp.backend.compile_gradients``);
+traced inside ``tf_jacbp.reference_mode()`` it is the reference route, else the Jacobian route.
+``statistics`` reduces two routes' gradients to the norms the criterion needs
+(``GradientStatistics``, in float64; inside the same graph on TensorFlow),
+``floor_statistics`` the reference route's distance to the float64 twin.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
+from keras import ops
 
-from tf_jacbp import tolerances
-from tf_jacbp._backend import keras, tf
+from tf_jacbp import backend, tolerances
+from tf_jacbp._backend import keras
 from tf_jacbp.layers.base import JacobianLayer
 
 
@@ -68,17 +71,16 @@ def state_variables(model: keras.Model) -> list:
     return state
 
 
-def restoring(state: Sequence, fn: Callable) -> Callable:
-    """``fn``, with the values of ``state`` read before and assigned back after it."""
-
-    def run(*args):
-        saved = [tf.identity(v.value) for v in state]
-        out = fn(*args)
-        for v, value in zip(state, saved, strict=True):
-            v.assign(value)
-        return out
-
-    return run
+def read_variables(model: keras.Model, variables: Sequence) -> list:
+    """Every variable of ``model`` (its weights, state and metrics) except ``variables``: what
+    a compiled route reads besides the variables it differentiates (on JAX they are passed to
+    the compiled function, which would otherwise freeze their values when it traces)."""
+    seen, reads = {id(v) for v in variables}, []
+    for v in [*model.variables, *model.metrics_variables]:
+        if id(v) not in seen:
+            seen.add(id(v))
+            reads.append(v)
+    return reads
 
 
 # --- the witnesses -----------------------------------------------------------------------------
@@ -113,39 +115,43 @@ class GradientStatistics(NamedTuple):
         return GradientStatistics(*(float(t[i]) for t in self))
 
 
-def statistics(grads: Sequence[tf.Tensor], refs: Sequence[tf.Tensor]) -> GradientStatistics:
+def _flat64(t: Any) -> Any:
+    return ops.reshape(ops.cast(t, "float64"), [-1])
+
+
+def _norm(t: Any) -> Any:
+    """``||t||`` of a flat float64 tensor, ``sqrt(sum t^2)`` (``keras.ops.norm`` computes in
+    float32 on JAX)."""
+    return ops.sqrt(ops.sum(ops.square(t)))
+
+
+def statistics(grads: Sequence[Any], refs: Sequence[Any]) -> GradientStatistics:
     """``GradientStatistics`` of the gradients ``g = grads`` and ``g_ref = refs`` (one tensor
-    per variable each, any dtype), computed in float64 inside the caller's graph."""
+    per variable each, any dtype), computed in float64 (inside the caller's graph on
+    TensorFlow)."""
     rows = []
     for g, ref in zip(grads, refs, strict=True):
-        g = tf.reshape(tf.cast(g, tf.float64), [-1])
-        ref = tf.reshape(tf.cast(ref, tf.float64), [-1])
+        g, ref = _flat64(g), _flat64(ref)
         diff = g - ref
         rows.append(
             (
-                tf.cast(tf.reduce_all(tf.math.is_finite(g)), tf.float64),
-                tf.cast(tf.reduce_all(tf.math.is_finite(ref)), tf.float64),
-                tf.reduce_max(tf.abs(tf.concat([diff, tf.zeros([1], tf.float64)], 0))),
-                tf.norm(diff),
-                tf.norm(ref),
-                tf.norm(g),
-                tf.reduce_sum(g * ref),
+                ops.cast(ops.all(ops.isfinite(g)), "float64"),
+                ops.cast(ops.all(ops.isfinite(ref)), "float64"),
+                ops.max(ops.abs(ops.concatenate([diff, ops.zeros([1], "float64")], 0))),
+                _norm(diff),
+                _norm(ref),
+                _norm(g),
+                ops.sum(g * ref),
             )
         )
-    return GradientStatistics(*(tf.stack(column) for column in zip(*rows, strict=True)))
+    return GradientStatistics(*(ops.stack(column) for column in zip(*rows, strict=True)))
 
 
-def floor_statistics(refs: Sequence[tf.Tensor], refs64: Sequence[tf.Tensor]) -> tf.Tensor:
+def floor_statistics(refs: Sequence[Any], refs64: Sequence[Any]) -> Any:
     """``||g_ref - h64||`` per variable, ``(num_variables,)`` in float64: the reference route's
     rounding error in the training dtype (``h64``: the float64 twin's reference gradient)."""
-    return tf.stack(
-        [
-            tf.norm(
-                tf.reshape(tf.cast(ref, tf.float64), [-1])
-                - tf.reshape(tf.cast(ref64, tf.float64), [-1])
-            )
-            for ref, ref64 in zip(refs, refs64, strict=True)
-        ]
+    return ops.stack(
+        [_norm(_flat64(ref) - _flat64(ref64)) for ref, ref64 in zip(refs, refs64, strict=True)]
     )
 
 
@@ -155,7 +161,7 @@ def largest(norms: np.ndarray, finite: np.ndarray | None = None) -> float:
     return float(np.max(norms[ok], initial=0.0))
 
 
-def training_loss(model: keras.Model, x, y, sample_weight) -> tf.Tensor:
+def training_loss(model: keras.Model, x, y, sample_weight) -> Any:
     """``model.compute_loss`` on ``model(x, training=True)``: what ``train_step`` differentiates."""
     y_pred = model(x, training=True)
     return model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
@@ -163,29 +169,28 @@ def training_loss(model: keras.Model, x, y, sample_weight) -> tf.Tensor:
 
 def gradient_function(
     model: keras.Model, variables: Sequence, state: Sequence, jit_compile: bool
-) -> tf.types.experimental.PolymorphicFunction:
-    """A ``tf.function`` ``(x, y, sample_weight) -> (L, [dL/dv for v in variables])``.
+) -> Callable:
+    """A compiled ``(x, y, sample_weight) -> (L, [dL/dv for v in variables])``: a
+    ``tf.function`` differentiated by ``tf.GradientTape`` on TensorFlow, ``jax.value_and_grad``
+    over the variables' values (statelessly, ``jax.jit``) on JAX
+    (``tf_jacbp.backend.compile_gradients``). The variables ``state`` are as before after it.
 
-    The route is fixed when it is first traced (inside ``reference_mode()`` or not).
+    The route is fixed when it is traced (inside ``reference_mode()`` or not).
     """
 
-    def gradients(x, y, sample_weight):
-        with tf.GradientTape() as tape:
-            loss = training_loss(model, x, y, sample_weight)
-        grads = tape.gradient(
-            loss, list(variables), unconnected_gradients=tf.UnconnectedGradients.ZERO
-        )
-        return loss, grads
+    def loss(x, y, sample_weight):
+        return training_loss(model, x, y, sample_weight)
 
-    # autograph=False: the control flow is Python's, over variables and layers (AutoGraph's
-    # source transformation would only add tracing time).
-    return tf.function(restoring(state, gradients), jit_compile=jit_compile, autograph=False)
+    reads = read_variables(model, variables)
+    return backend.compile_gradients(loss, list(variables), list(state), reads, jit_compile)
 
 
-def loss_function(
-    model: keras.Model, state: Sequence, jit_compile: bool
-) -> tf.types.experimental.PolymorphicFunction:
-    """A ``tf.function`` ``(x, y, sample_weight) -> L(theta)`` at the current weights (compiled
-    as the gradient functions are, so that dropout draws the same masks)."""
-    fn = restoring(state, lambda x, y, sw: training_loss(model, x, y, sw))
-    return tf.function(fn, jit_compile=jit_compile, autograph=False)
+def loss_function(model: keras.Model, state: Sequence, jit_compile: bool) -> Callable:
+    """A compiled ``(x, y, sample_weight) -> L(theta)`` at the current weights (compiled as the
+    gradient functions are, so that dropout draws the same masks)."""
+
+    def loss(x, y, sample_weight):
+        return training_loss(model, x, y, sample_weight)
+
+    reads = read_variables(model, [])
+    return backend.compile_loss(loss, list(state), reads, jit_compile)

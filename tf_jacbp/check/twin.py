@@ -4,6 +4,8 @@ Every layer is rebuilt in float64 by ``get_config``/``from_config``; dropout lay
 ``ReplayedDropout``, which draws the model's own mask (in the model's dtype, from the same seed
 state) and applies it in float64; the compiled loss is computed in float64. ``synchronize()``
 copies the model's weights (trainable ones, batch-norm statistics, seed states) into the twin.
+On JAX the twin needs x64 enabled (``tf_jacbp.backend.require_float64``): else its float64 would
+silently be float32.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from tf_jacbp._backend import keras, tf
+from keras import ops
+
+from tf_jacbp import backend
+from tf_jacbp._backend import keras
 from tf_jacbp.check.routes import gradient_function, layers_of, state_variables
 from tf_jacbp.layers.dropout import Dropout as JacobianDropout
 
@@ -73,14 +78,14 @@ class _ReplayedDropout(keras.layers.Layer):
         if not self.source.built:
             self.source.build(input_shape)
 
-    def call(self, inputs: tf.Tensor, training: bool | None = None) -> tf.Tensor:
+    def call(self, inputs: Any, training: bool | None = None) -> Any:
         if not training or self.rate == 0:
             return inputs
         if self.rate >= 1:
-            return inputs * tf.zeros([], inputs.dtype)
-        ones = tf.ones(tf.shape(inputs), self.source.compute_dtype)
-        kept = tf.cast(tf.not_equal(self.source(ones, training=True), 0), inputs.dtype)
-        return inputs * kept * tf.constant(1 / (1 - self.rate), inputs.dtype)
+            return inputs * ops.zeros([], inputs.dtype)
+        ones = ops.ones(ops.shape(inputs), self.source.compute_dtype)
+        kept = ops.cast(ops.not_equal(self.source(ones, training=True), 0), inputs.dtype)
+        return inputs * kept * ops.convert_to_tensor(1 / (1 - self.rate), inputs.dtype)
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         return tuple(input_shape)
@@ -91,7 +96,8 @@ class Float64Twin:
     ``_ReplayedDropout``), the compiled loss in float64, and its two gradient routes.
 
     ``synchronize()`` copies every weight of the model (trainable ones, batch-norm statistics,
-    seed states) into the twin; call it inside the compiled check, before the twin's routes.
+    seed states) into the twin; call it inside the compiled check (on JAX: eagerly, between the
+    compiled routes), before the twin's routes.
     ``unreplayed_noise`` lists layers with random state other than dropout (their noise differs
     in the twin, so only the twin's own two routes are comparable).
 
@@ -106,6 +112,7 @@ class Float64Twin:
         jit_compile: bool,
         replay_dropout: bool = True,
     ):
+        backend.require_float64("GradientCheck's float64 twin")
         layers = list(layers_of(model))
         self.unreplayed_noise = [
             layer.name
@@ -150,6 +157,11 @@ class Float64Twin:
             isinstance(layer, _ReplayedDropout) for layer in layers_of(clone)
         )
         self.pairs = list(zip(ours, theirs, strict=True))
+        dtypes = [target.dtype for target in theirs]
+        # one compiled cast of every weight on JAX (in the check's graph on TensorFlow)
+        self._cast = backend.compile_statistics(
+            lambda values: [ops.cast(v, d) for v, d in zip(values, dtypes, strict=True)]
+        )
         self.variables = [theirs[by_id[id(v)]] for v in variables]
         self.state = state_variables(clone)
         self.jacobian_fn = gradient_function(clone, self.variables, self.state, jit_compile)
@@ -157,5 +169,6 @@ class Float64Twin:
 
     def synchronize(self) -> None:
         """Copy the model's weights into the twin (cast to the twin's dtypes)."""
-        for source, target in self.pairs:
-            target.assign(tf.cast(source.value, target.dtype))
+        values = self._cast([source.value for source, _ in self.pairs])
+        for (_, target), value in zip(self.pairs, values, strict=True):
+            target.assign(value)

@@ -1,11 +1,12 @@
 """The witnesses of one model, built once and reused by every check.
 
 ``Witnesses(model, ...)`` traces the Jacobian and reference routes of the model and, unless the
-model trains in float64 throughout, of its float64 twin; ``run(probe)`` (one ``tf.function``)
-returns their statistics (``Comparison``), and ``records`` turns them into one
-``GradientCheckRecord`` per variable by ``tf_jacbp.check.criterion``, then the per-example norm
-records of a model that clips per example (``tf_jacbp.check.norms``).
-``finite_difference_records`` adds the directional finite differences on the twin.
+model trains in float64 throughout, of its float64 twin; ``run(probe)`` (one ``tf.function`` on
+TensorFlow; on JAX, Python calling the routes' ``jax.jit`` functions) returns their statistics
+(``Comparison``), and ``records`` turns them into one ``GradientCheckRecord`` per variable by
+``tf_jacbp.check.criterion``, then the per-example norm records of a model that clips per
+example (``tf_jacbp.check.norms``). ``finite_difference_records`` adds the directional finite
+differences on the twin.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import math
 from typing import Any, NamedTuple
 
 import numpy as np
+from keras import ops
 
-from tf_jacbp import tolerances
-from tf_jacbp._backend import keras, tf
+from tf_jacbp import backend, tolerances
+from tf_jacbp._backend import keras
 from tf_jacbp.check.norms import NormStatistics, PerExampleNorms, clips_per_example
 from tf_jacbp.check.probe import is_finite
 from tf_jacbp.check.records import (
@@ -52,13 +54,13 @@ class Comparison(NamedTuple):
     """What one compiled check returns (``Witnesses.run``): tensors, ``None`` where a witness
     does not run."""
 
-    losses: tf.Tensor
+    losses: Any
     """The loss of each route, float64: ``[L, L_ref]``, then the twin's ``[L64, L64_ref]``."""
     train: GradientStatistics
     """``g`` (Jacobian route) against ``g_ref`` (reference route), in the training dtype."""
     float64: GradientStatistics | None
     """``h`` against ``h64``, the float64 twin's two routes; ``None`` without a twin."""
-    floor: tf.Tensor | None
+    floor: Any | None
     """``||g_ref - h64||`` per variable (``floor_statistics``); ``None`` without a twin."""
     h: list | None
     """The twin's Jacobian-route gradients, for finite differences; else ``None``."""
@@ -86,7 +88,9 @@ class Witnesses:
         rtol: float | None,
         atol: float | None,
     ):
-        """Map variables to layers and tolerances; trace nothing yet (``run`` traces once)."""
+        """Map variables to layers and tolerances; trace nothing yet (``run`` traces once).
+        On JAX, x64 must be enabled: the statistics and the twin are float64."""
+        backend.require_float64("GradientCheck (its statistics and its float64 twin)")
         layers = list(layers_of(model))
         owner = owners(layers)
         loss_dtypes = [loss_dtype(loss) for loss in keras.tree.flatten(model.loss)]
@@ -132,7 +136,7 @@ class Witnesses:
             self.norms = PerExampleNorms(
                 model, variables, self.twin, self.all_float64, jit, fallback
             )
-        self.run = tf.function(self._comparison, autograph=False)  # Python control flow only
+        self.run = backend.compile_check(self._comparison)
 
     def _comparison(self, x, y, sample_weight) -> Comparison:
         """All routes' gradients reduced to statistics (traced once, as one graph).
@@ -152,13 +156,13 @@ class Witnesses:
             with reference_mode():
                 loss64_ref, h_ref = twin.reference_fn(x, y, sample_weight)
             losses += [loss64, loss64_ref]
-            float64 = statistics(h, h_ref)
-            floor = floor_statistics(refs, h_ref)
+            float64 = _statistics(h, h_ref)
+            floor = _floor_statistics(refs, h_ref)
         if self.norms is not None:
             norms = self.norms.statistics(x, y)
         return Comparison(
-            losses=tf.stack([tf.cast(v, tf.float64) for v in losses]),
-            train=statistics(grads, refs),
+            losses=_stack64(losses),
+            train=_statistics(grads, refs),
             float64=float64,
             floor=floor,
             h=h if self.finite_differences else None,
@@ -257,7 +261,7 @@ class Witnesses:
         for i, (variable, g, v) in enumerate(
             zip(self.twin.variables, grads, self.fd_directions, strict=True)
         ):
-            theta = variable.numpy()
+            theta = ops.convert_to_numpy(variable.value)
             variable.assign(theta + eps * v)
             plus = float(self.fd_loss_fn(x, y, sample_weight))
             variable.assign(theta - eps * v)
@@ -325,17 +329,25 @@ class Witnesses:
 
     def tracing_counts(self) -> dict[str, int]:
         """How often each compiled function was traced."""
+        count = backend.tracing_count
         counts = {
-            "jacobian": self.jacobian_fn.experimental_get_tracing_count(),
-            "reference": self.reference_fn.experimental_get_tracing_count(),
-            "comparison": self.run.experimental_get_tracing_count(),
+            "jacobian": count(self.jacobian_fn),
+            "reference": count(self.reference_fn),
+            "comparison": count(self.run),
         }
         if self.twin is not None:
-            counts["float64_jacobian"] = self.twin.jacobian_fn.experimental_get_tracing_count()
-            counts["float64_reference"] = self.twin.reference_fn.experimental_get_tracing_count()
+            counts["float64_jacobian"] = count(self.twin.jacobian_fn)
+            counts["float64_reference"] = count(self.twin.reference_fn)
         if self.finite_differences:
-            counts["finite_differences_loss"] = self.fd_loss_fn.experimental_get_tracing_count()
+            counts["finite_differences_loss"] = count(self.fd_loss_fn)
         return counts
+
+
+_statistics = backend.compile_statistics(statistics)
+_floor_statistics = backend.compile_statistics(floor_statistics)
+_stack64 = backend.compile_statistics(
+    lambda values: ops.stack([ops.cast(v, "float64") for v in values])
+)
 
 
 def rechecked(first: GradientCheckRecord, again: GradientCheckRecord) -> GradientCheckRecord:
