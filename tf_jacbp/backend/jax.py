@@ -75,41 +75,35 @@ def assert_before(condition: object, data: list, *tensors: object) -> tuple:
 
 
 class HostRecord:
-    """A bad-label record ``[flag, value, count]`` kept on the host: ``assign`` from a traced
-    step writes it through ``jax.debug.callback`` when the step runs (a Keras variable assigned
-    inside JAX's stateless train step is not returned unless the model owns it)."""
+    """A bad-input record ``[flag, value, count]`` kept on the host (``label_record``). A step
+    compiled with ``jax.jit`` writes it through ``jax.debug.callback`` when it runs
+    (``record_bad_input``): a Keras variable assigned inside Keras' stateless JAX step would be
+    dropped unless the model owned it. The first record with its flag set stays until reset."""
 
     def __init__(self):
         self.value = np.zeros(3)
 
-    def _store(self, value: object) -> None:
+    def store(self, value: object) -> None:
+        """Keep ``value`` (``[flag, value, count]``, from a step that ran) if its flag is set and
+        none is yet: the first bad input is the one reported."""
         value = np.asarray(value, dtype=np.float64)
         if value[0] and not self.value[0]:
             self.value = value
 
     def assign(self, value: object) -> None:
-        """Record ``value`` (``[flag, value, count]``) when the step runs; eagerly, at once."""
-        if is_traced(value):
-            jax.debug.callback(self._store, value)
-        else:
-            self.value = np.asarray(value, dtype=np.float64)
-
-    def __array__(self, dtype=None, copy=None):
-        return self.value if dtype is None else self.value.astype(dtype)
-
-    def __getitem__(self, i):
-        return self.value[i]
+        """Set the record now to ``value`` (three numbers; zeros reset it)."""
+        self.value = np.asarray(value, dtype=np.float64)
 
 
 def label_record() -> object:
-    """A new bad-label record of three zeros, ``[flag, value, count]`` (``HostRecord``)."""
+    """A new bad-input record of three zeros, ``[flag, value, count]`` (``HostRecord``)."""
     return HostRecord()
 
 
 def traced_graphs() -> list:
-    """One key for the step being traced now: JAX has no graph objects, and a step's loss and
-    its optimizer ``apply`` are traced in the same Python call of the same step function, so
-    the key is that step (``tf_jacbp.hooks.running_step``)."""
+    """The key of the step being traced now: JAX has no graph objects, and a step's loss and its
+    optimizer's ``stateless_apply`` are traced in the same call of the same step function, so
+    the key is that call's ``tf_jacbp.hooks.Step`` (compared by identity)."""
     from tf_jacbp import hooks
 
     step = hooks.running_step()
@@ -211,19 +205,52 @@ def dynamic_window_index(
 
 
 def checked_ids(ids: object, input_dim: int, message: str) -> object:
-    """``ids``, checked to lie in ``[-input_dim, input_dim)``: a ``ValueError`` with ``message``
-    at once when they have values; inside a traced step an id out of range reads a row of NaN
-    (``gather_rows``), so the loss is NaN, not a wrong number."""
+    """``ids``, checked to lie in ``[-input_dim, input_dim)``: with values (eager), a
+    ``ValueError`` with ``message`` and the first offending id at once. Traced (``jax.jit``,
+    Keras' default step) nothing can stop the step: an id out of range reads a row of NaN
+    (``gather_rows``), and ``report_bad_ids`` records it in an attached model's step."""
     if not is_traced(ids):
         values = np.asarray(ids)
         if values.size and (values.min() < -input_dim or values.max() >= input_dim):
-            raise ValueError(message)
+            bad = values[(values < -input_dim) | (values >= input_dim)]
+            raise ValueError(f"{message} Found id = {bad.flat[0]} ({bad.size} offending id(s)).")
     return ids
+
+
+def report_bad_ids(owner: object, ids: object, input_dim: int, message: str) -> None:
+    """In an attached model's step traced by ``jax.jit``, record the first id of ``ids`` outside
+    ``[-input_dim, input_dim)`` for ``owner`` (the layer; ``tf_jacbp.hooks.report_bad_input``):
+    the step applies no update and the loop raises ``ValueError`` with ``message`` right after
+    it. Called outside the layer's custom gradient, whose values are tracers of its own."""
+    if not is_traced(ids):
+        return
+    from tf_jacbp import hooks
+
+    flat = jnp.ravel(ids)
+    if flat.size == 0:
+        return
+    ok = (flat >= -input_dim) & (flat < input_dim)
+    first = jnp.argmin(ok)
+    hooks.report_bad_input(
+        owner, _record_of(owner), jnp.all(ok), flat[first], jnp.sum(~ok), f"{message} Found id"
+    )
+
+
+def _record_of(owner: object) -> HostRecord:
+    """``owner``'s bad-id record, made on first use (a plain attribute: Keras tracks none)."""
+    record = getattr(owner, "_bad_id_record", None)
+    if record is None:
+        record = HostRecord()
+        object.__setattr__(owner, "_bad_id_record", record)
+    return record
 
 
 def gather_rows(table: object, ids: object) -> object:
     """``table[ids]``: row ``ids[...]`` of ``table`` at each position, no wrapping of negative
-    ids; an id outside ``[0, len(table))`` reads a row of NaN (``jnp.take``'s ``fill`` mode)."""
+    ids: an id outside ``[0, len(table))`` reads a row of NaN (``jnp.take``'s ``fill`` mode,
+    which would wrap ``-len(table) <= id < 0`` itself, so negative ids are moved past the end
+    first)."""
+    ids = jnp.where(ids < 0, table.shape[0], ids)
     return jnp.take(table, ids, axis=0, mode="fill", fill_value=jnp.nan)
 
 

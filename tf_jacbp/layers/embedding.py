@@ -20,7 +20,8 @@ embedding matrix ``E`` is ``V x D`` (``V = input_dim``, ``D = output_dim``) and 
   ``V x D`` gradients.
 
 Ids: as stock Keras (``keras.ops.take``), a negative id ``-V <= x_p < 0`` counts from the end,
-row ``x_p + V``, eagerly, in a graph and under XLA.
+row ``x_p + V``, eagerly, in a graph and under XLA. An id outside ``[-V, V)`` is an error
+eagerly; in a compiled step it cannot stop the step (see the class docstring for each backend).
 """
 
 from __future__ import annotations
@@ -62,10 +63,19 @@ class Embedding(JacobianLayer):
     Input: ids ``(batch, ...)`` of any rank, integer (other dtypes are cast to int32, as Keras
     does). Output ``(batch, ..., D)`` in the compute dtype. A negative id ``-V <= x < 0`` selects
     row ``x + V``, as stock Keras, eagerly, in a graph and under XLA. An id outside
-    ``[-V, V)`` is an ``InvalidArgumentError`` naming the layer, eagerly and in graph mode; under
-    XLA (``jit_compile=True``) TensorFlow compiles assertions away and XLA's gather clamps the
-    id (after the wrap), as for stock Keras: check ids in the input pipeline when compiling
-    with XLA. Keras' deprecated
+    ``[-V, V)`` is an error naming the layer and the id: eagerly (``InvalidArgumentError`` on
+    TensorFlow, ``ValueError`` on JAX) and in a TensorFlow graph. In a compiled step:
+
+    * TensorFlow under XLA (``jit_compile=True``) compiles assertions away and XLA's gather
+      clamps the id (after the wrap), as for stock Keras: check ids in the input pipeline when
+      compiling with XLA;
+    * JAX (``jax.jit``, Keras' default there) reads a row of NaN for it, on both routes (stock
+      Keras clamps silently), so the output and the loss are NaN; in the step of an attached
+      model (``tf_jacbp.hooks.attach``) the step also applies no update and ``fit``,
+      ``evaluate`` and ``*_on_batch`` raise ``ValueError`` naming the layer and the id right
+      after it (``tf_jacbp.hooks.report_bad_input``).
+
+    Keras' deprecated
     ``input_length`` gives Keras' warning and is ignored; ``lora_rank``, ``lora_alpha`` and
     ``quantization_config`` are refused with a ``ValueError``.
 
@@ -135,20 +145,34 @@ class Embedding(JacobianLayer):
         backend.refuse_sparse_input(inputs, self.name)  # dense ids only, naming the fix
         return keras.layers.Layer.__call__(self, inputs, *args, **kwargs)
 
-    def ids(self, x: Tensor) -> Tensor:
-        """``x`` as row numbers of ``E``: integer ids (int32 unless int32 or int64, as Keras),
-        each checked to lie in ``[-V, V)`` (an assertion the result depends on; compiled away
-        under XLA), a negative id ``x`` becoming ``x + V`` as in stock Keras' ``ops.take``."""
+    def call(self, inputs: Tensor) -> Tensor:
+        """``Y = S(x) E`` by the route; first, in an attached model's step traced by
+        ``jax.jit``, an id out of range is recorded (``backend.report_bad_ids``), here because
+        the route's custom gradient traces ``forward`` apart from the step."""
+        backend.report_bad_ids(self, self._as_ids(inputs), self.input_dim, self._id_message())
+        return super().call(inputs)
+
+    def _as_ids(self, x: Tensor) -> Tensor:
+        """``x`` as an integer tensor: int32 unless int32 or int64, as Keras."""
         x = ops.convert_to_tensor(x)
         if keras.backend.standardize_dtype(x.dtype) not in ("int32", "int64"):
             x = ops.cast(x, "int32")
-        message = (
+        return x
+
+    def _id_message(self) -> str:
+        return (
             f"Embedding '{self.name}': every id must lie in [-input_dim, input_dim) = "
             f"[-{self.input_dim}, {self.input_dim}) (ids are rows of the embeddings; a negative "
             "id counts from the end, as in Keras); check the vocabulary size your ids come from "
             "against input_dim."
         )
-        x = backend.checked_ids(x, self.input_dim, message)
+
+    def ids(self, x: Tensor) -> Tensor:
+        """``x`` as row numbers of ``E``: integer ids (int32 unless int32 or int64, as Keras),
+        each checked to lie in ``[-V, V)`` (``backend.checked_ids``: an error eagerly, an
+        assertion in a TensorFlow graph; none in a compiled step), a negative id ``x`` becoming
+        ``x + V`` as in stock Keras' ``ops.take``."""
+        x = backend.checked_ids(self._as_ids(x), self.input_dim, self._id_message())
         return ops.where(x < 0, x + self.input_dim, x)
 
     def forward(self, x: Tensor, embeddings: Tensor) -> Tensor:
@@ -163,9 +187,12 @@ class Embedding(JacobianLayer):
         ``E`` (``keras.ops.matmul``), whose autodiff gradient ``S(x)^T M`` is a dense matrix
         product, independent of ``vjp_params``' scatter-add (a gather's gradient on TensorFlow
         is ``IndexedSlices``, which gradient comparisons cannot read as arrays). It forms the
-        ``batch P x V`` selection, so it is for checking, not for large vocabularies."""
+        ``batch P x V`` selection, so it is for checking, not for large vocabularies. An id out
+        of range reads what ``forward`` reads (``gather_rows`` of a column of zeros adds 0, or
+        NaN where ``forward`` reads NaN), not the zero row of its one-hot."""
         ids = self.ids(x)
-        return ops.matmul(ops.one_hot(ids, self.input_dim, dtype=embeddings.dtype), embeddings)
+        rows = ops.matmul(ops.one_hot(ids, self.input_dim, dtype=embeddings.dtype), embeddings)
+        return rows + backend.gather_rows(ops.zeros((self.input_dim, 1), embeddings.dtype), ids)
 
     def vjp_input(self, m: Tensor, x: Tensor, y: Tensor, embeddings: Tensor) -> Any:
         """No input Jacobian (integer ids): zeros ``(K, batch, ...)`` of the ids' dtype."""
