@@ -36,7 +36,8 @@ the zero serving every structural zero; the products (``tf_jacbp.toeplitz_produc
   over the batch or per sample) uses it with columns in ``K``'s storage order plus a row of ones.
 
 Memory guard: ``tf_jacbp.toeplitz_budget`` (its names are re-exported here). A size known only
-when a traced graph runs: ``tf_jacbp.toeplitz_dynamic``.
+when a traced TensorFlow graph runs: ``tf_jacbp.toeplitz_dynamic``, its maps computed by that
+graph (``tf_jacbp.backend.dynamic_conv_maps``).
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 Written once for any source of the index maps: ``tf_jacbp.toeplitz.ConvIndex`` (NumPy, computed
 once per size) and ``tf_jacbp.toeplitz_dynamic.DynamicConvIndex`` (maps computed when a traced
-graph runs, for a size unknown when traced), and for any number ``n`` of spatial axes. The maps
-are gathered with ``ops.take``; the sparse ``T`` of the memory guard is multiplied by the backend
-(``tf_jacbp.backend.sparse_product``).
+TensorFlow graph runs, for a size unknown when traced: ``tf_jacbp.backend.dynamic_conv_maps``),
+and for any number ``n`` of spatial axes. The maps are gathered with ``ops.take``; the sparse
+``T`` of the memory guard is multiplied by the backend (``tf_jacbp.backend.sparse_product``).
 """
 
 from __future__ import annotations
