@@ -568,7 +568,7 @@ __all__ += ["read_record", "record_bad_input", "report_bad_ids"]
 
 
 class CompiledRoute:
-    """A route of ``GradientCheck`` compiled with ``jax.jit`` (or run as it is): the body is a
+    """A route of ``GradientCheck`` compiled with ``jax.jit``: the body is a
     pure function of the values of ``variables`` and ``reads``, which are read from the
     variables at each call and mapped in by a ``keras.StatelessScope``. Whatever the body
     assigns (batch-norm statistics, seed states, metrics) stays in the scope, so the variables
@@ -582,7 +582,9 @@ class CompiledRoute:
             self.traces += 1
             return body(values, read_values, *args)
 
-        self.function = jax.jit(counted) if jit_compile else counted
+        # Always jax.jit: JAX has no graph without XLA (``jit_compile`` is TensorFlow's choice
+        # between its graph and XLA; unjitted JAX would run op by op).
+        self.function = jax.jit(counted)
 
     def __call__(self, *args: object) -> object:
         values = [v.value for v in self.variables]
@@ -590,8 +592,7 @@ class CompiledRoute:
         return self.function(values, read_values, *args)
 
     def experimental_get_tracing_count(self) -> int:
-        """How often the body was traced (called, when not compiled), as TensorFlow's
-        ``tf.function`` names it."""
+        """How often the body was traced, as TensorFlow's ``tf.function`` names it."""
         return self.traces
 
 
@@ -607,7 +608,7 @@ def compile_gradients(
 ) -> object:
     """``(*args) -> (f, [df/dv for v in variables])`` for a scalar ``f = function(*args)`` that
     reads the Keras variables ``variables`` and ``reads``, by ``jax.value_and_grad`` over their
-    values (``CompiledRoute``, ``jax.jit`` when ``jit_compile``). ``state`` (the variables
+    values (``CompiledRoute``: ``jax.jit`` whatever ``jit_compile``). ``state`` (the variables
     ``function`` may change) needs nothing on JAX: the call is stateless; ``reads`` must list
     every other variable ``function`` reads, or ``jax.jit`` freezes its value when it traces."""
 
@@ -624,7 +625,7 @@ def compile_gradients(
 
 def compile_loss(function: object, state: list, reads: list, jit_compile: bool) -> object:
     """``(*args) -> function(*args)`` at the current values of the variables ``reads`` (every
-    variable ``function`` reads), statelessly (``CompiledRoute``; ``jax.jit`` when
+    variable ``function`` reads), statelessly (``CompiledRoute``; ``jax.jit`` whatever
     ``jit_compile``): what ``function`` assigns is dropped, so ``state`` needs nothing."""
 
     def body(values, read_values, *args):
