@@ -708,3 +708,29 @@ __all__ += [
     "tracing_count",
     "variable_gradients",
 ]
+
+
+# --- float64: the ops Keras computes in float32 on JAX (tf_jacbp.numerics) -----------------
+# Keras 3.15.1's JAX ops cast float64 to float32 in tanh (result_type(x.dtype, float)), and
+# mean and var reduce in float32 (result_type(x.dtype, "float32")). jax.numpy keeps float64.
+
+
+def float64_tanh(x: object) -> object:
+    """``tanh(x)`` of a float64 ``x`` in float64 (``jnp.tanh``): Keras' ``ops.tanh`` returns
+    float32 on JAX even with x64 enabled."""
+    return jnp.tanh(x)
+
+
+def float64_mean(x: object, axis: object = None, keepdims: bool = False) -> object:
+    """``mean(x)`` over ``axis`` of a float64 ``x``, summed in float64 (``jnp.mean``): Keras'
+    ``ops.mean`` accumulates in float32 on JAX (about 1e-7 relative)."""
+    return jnp.mean(x, axis=axis, keepdims=keepdims)
+
+
+def float64_var(x: object, axis: object = None, keepdims: bool = False) -> object:
+    """``mean((x - mean(x))^2)`` over ``axis`` of a float64 ``x`` in float64 (``jnp.var``):
+    Keras' ``ops.var`` computes and returns float32 on JAX."""
+    return jnp.var(x, axis=axis, keepdims=keepdims)
+
+
+__all__ += ["float64_mean", "float64_tanh", "float64_var"]

@@ -842,3 +842,28 @@ __all__ += [
     "tracing_count",
     "variable_gradients",
 ]
+
+
+# --- float64: the ops Keras computes in float32 on JAX (tf_jacbp.numerics) -----------------
+# On TensorFlow, Keras' ops run TensorFlow's float64 kernels: these are the same kernels.
+
+
+def float64_tanh(x: object) -> object:
+    """``tanh(x)`` of a float64 ``x``: ``tf.math.tanh``, the kernel ``keras.ops.tanh`` runs
+    on TensorFlow (the JAX module's form keeps float64 where Keras would not)."""
+    return tf.math.tanh(x)
+
+
+def float64_mean(x: object, axis: object = None, keepdims: bool = False) -> object:
+    """``mean(x)`` over ``axis`` of a float64 ``x``: ``tf.reduce_mean``, the kernel
+    ``keras.ops.mean`` runs on TensorFlow, which reduces in float64."""
+    return tf.reduce_mean(x, axis=axis, keepdims=keepdims)
+
+
+def float64_var(x: object, axis: object = None, keepdims: bool = False) -> object:
+    """``mean((x - mean(x))^2)`` over ``axis`` of a float64 ``x``: ``tf.math.reduce_variance``,
+    the kernel ``keras.ops.var`` runs on TensorFlow, in float64."""
+    return tf.math.reduce_variance(x, axis=axis, keepdims=keepdims)
+
+
+__all__ += ["float64_mean", "float64_tanh", "float64_var"]
