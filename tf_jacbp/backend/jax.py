@@ -569,3 +569,175 @@ def read_record(record: HostRecord) -> object:
 
 
 __all__ += ["read_record", "record_bad_input", "report_bad_ids"]
+
+
+# --- GradientCheck: compiled routes, per-sample autodiff, summaries (tf_jacbp.check) -------
+
+
+class CompiledRoute:
+    """A route of ``GradientCheck`` compiled with ``jax.jit``: the body is a
+    pure function of the values of ``variables`` and ``reads``, which are read from the
+    variables at each call and mapped in by a ``keras.StatelessScope``. Whatever the body
+    assigns (batch-norm statistics, seed states, metrics) stays in the scope, so the variables
+    are unchanged after a call and every call sees the same dropout masks."""
+
+    def __init__(self, body: object, variables: list, reads: list, jit_compile: bool):
+        self.variables, self.reads = list(variables), list(reads)
+        self.traces = 0
+
+        def counted(values, read_values, *args):
+            self.traces += 1
+            return body(values, read_values, *args)
+
+        # Always jax.jit: JAX has no graph without XLA (``jit_compile`` is TensorFlow's choice
+        # between its graph and XLA; unjitted JAX would run op by op).
+        self.function = jax.jit(counted)
+
+    def __call__(self, *args: object) -> object:
+        values = [v.value for v in self.variables]
+        read_values = [v.value for v in self.reads]
+        return self.function(values, read_values, *args)
+
+    def experimental_get_tracing_count(self) -> int:
+        """How often the body was traced, as TensorFlow's ``tf.function`` names it."""
+        return self.traces
+
+
+def _stateless(variables: list, values: list, reads: list, read_values: list) -> object:
+    from keras import StatelessScope
+
+    mapping = [*zip(variables, values, strict=True), *zip(reads, read_values, strict=True)]
+    return StatelessScope(state_mapping=mapping, collect_losses=True)
+
+
+def compile_gradients(
+    function: object, variables: list, state: list, reads: list, jit_compile: bool
+) -> object:
+    """``(*args) -> (f, [df/dv for v in variables])`` for a scalar ``f = function(*args)`` that
+    reads the Keras variables ``variables`` and ``reads``, by ``jax.value_and_grad`` over their
+    values (``CompiledRoute``: ``jax.jit`` whatever ``jit_compile``). ``state`` (the variables
+    ``function`` may change) needs nothing on JAX: the call is stateless; ``reads`` must list
+    every other variable ``function`` reads, or ``jax.jit`` freezes its value when it traces."""
+
+    def body(values, read_values, *args):
+        def value_of(values):
+            with _stateless(variables, values, reads, read_values):
+                return function(*args)
+
+        value, grads = jax.value_and_grad(value_of)(values)
+        return value, list(grads)
+
+    return CompiledRoute(body, variables, reads, jit_compile)
+
+
+def compile_loss(function: object, state: list, reads: list, jit_compile: bool) -> object:
+    """``(*args) -> function(*args)`` at the current values of the variables ``reads`` (every
+    variable ``function`` reads), statelessly (``CompiledRoute``; ``jax.jit`` whatever
+    ``jit_compile``): what ``function`` assigns is dropped, so ``state`` needs nothing."""
+
+    def body(values, read_values, *args):
+        with _stateless([], [], reads, read_values):
+            return function(*args)
+
+    return CompiledRoute(body, [], reads, jit_compile)
+
+
+def compile_check(function: object) -> object:
+    """``function`` as it is: on JAX a check is Python calling its compiled routes
+    (``compile_gradients``), with the float64 twin's weights copied in between, eagerly."""
+    return function
+
+
+def tracing_count(function: object) -> int:
+    """How often a compiled route was traced (``CompiledRoute``); a plain Python function
+    (``compile_check``'s) is not traced: 1."""
+    count = getattr(function, "experimental_get_tracing_count", None)
+    return 1 if count is None else int(count())
+
+
+def variable_gradients(function: object, variables: list) -> tuple[object, list]:
+    """``(f, [df/dv for v in variables])`` for a scalar ``f = function()`` of Keras variables,
+    by ``jax.value_and_grad`` over their values mapped in by a ``keras.StatelessScope`` (what
+    ``function`` assigns is dropped); eager, for the per-example norm witness's samples."""
+    values = [v.value for v in variables]
+
+    def value_of(values):
+        with _stateless(variables, values, [], []):
+            return function()
+
+    value, grads = jax.value_and_grad(value_of)(values)
+    return value, list(grads)
+
+
+def is_dataset(value: object) -> bool:
+    """Whether ``value`` is a ``tf.data.Dataset`` (Keras on JAX trains on them too, when
+    TensorFlow is installed); never imports TensorFlow."""
+    import sys
+
+    tf = sys.modules.get("tensorflow")
+    return tf is not None and isinstance(value, tf.data.Dataset)
+
+
+def call_errors() -> tuple[type, ...]:
+    """The exceptions a model or loss raises on input that does not fit it, besides
+    ``ValueError`` and ``TypeError``: none more on JAX (shapes are checked when tracing)."""
+    return ()
+
+
+def summary_module(what: str) -> object:
+    """``tf.summary`` for ``what`` (TensorBoard event files), imported when asked: on JAX it
+    needs TensorFlow installed (``pip install tensorflow-cpu``), as Keras' own ``TensorBoard``
+    callback does."""
+    try:
+        import tensorflow as tf
+    except ImportError as err:
+        raise ImportError(
+            f"{what} writes TensorBoard event files with tf.summary, which on JAX needs "
+            "TensorFlow installed: pip install tensorflow-cpu (or pass log_dir=None)."
+        ) from err
+    return tf.summary
+
+
+def compile_statistics(function: object) -> object:
+    """``function`` (pure, of tensors) compiled with ``jax.jit``: the check's statistics run
+    as one program instead of a few eager ops per variable, each compiled for its shape."""
+    return jax.jit(function)
+
+
+__all__ += [
+    "call_errors",
+    "compile_check",
+    "compile_gradients",
+    "compile_loss",
+    "compile_statistics",
+    "is_dataset",
+    "summary_module",
+    "tracing_count",
+    "variable_gradients",
+]
+
+
+# --- float64: the ops Keras computes in float32 on JAX (tf_jacbp.numerics) -----------------
+# Keras 3.15.1's JAX ops cast float64 to float32 in tanh (result_type(x.dtype, float)), and
+# mean and var reduce in float32 (result_type(x.dtype, "float32")). jax.numpy keeps float64.
+
+
+def float64_tanh(x: object) -> object:
+    """``tanh(x)`` of a float64 ``x`` in float64 (``jnp.tanh``): Keras' ``ops.tanh`` returns
+    float32 on JAX even with x64 enabled."""
+    return jnp.tanh(x)
+
+
+def float64_mean(x: object, axis: object = None, keepdims: bool = False) -> object:
+    """``mean(x)`` over ``axis`` of a float64 ``x``, summed in float64 (``jnp.mean``): Keras'
+    ``ops.mean`` accumulates in float32 on JAX (about 1e-7 relative)."""
+    return jnp.mean(x, axis=axis, keepdims=keepdims)
+
+
+def float64_var(x: object, axis: object = None, keepdims: bool = False) -> object:
+    """``mean((x - mean(x))^2)`` over ``axis`` of a float64 ``x`` in float64 (``jnp.var``):
+    Keras' ``ops.var`` computes and returns float32 on JAX."""
+    return jnp.var(x, axis=axis, keepdims=keepdims)
+
+
+__all__ += ["float64_mean", "float64_tanh", "float64_var"]

@@ -703,8 +703,8 @@ def compiled_model_function(function: object, variables: object) -> object:
 def jacobians(function: object, tensors: list) -> list:
     """``[J_t f for t in tensors]`` for a tensor ``f = function(*tensors)``, each of shape
     ``f.shape + t.shape``, by TensorFlow's autodiff (``tf.GradientTape.jacobian``): the tests'
-    reference for ``tf_jacbp.jacobian.parameter_jacobian`` and ``per_example_gradients``. A
-    tensor ``f`` does not depend on gets a zero Jacobian."""
+    reference for ``tf_jacbp.jacobian.parameter_jacobian``. A tensor ``f`` does not depend on
+    gets a zero Jacobian."""
     tensors = [tf.convert_to_tensor(t) for t in tensors]
     with tf.GradientTape() as tape:
         tape.watch(tensors)
@@ -741,3 +741,129 @@ def read_record(record: object) -> object:
 
 
 __all__ += ["read_record", "record_bad_input", "report_bad_ids"]
+
+
+# --- GradientCheck: compiled routes, per-sample autodiff, summaries (tf_jacbp.check) -------
+
+
+def _restoring(state: list, function: object) -> object:
+    """``function``, with the values of the variables ``state`` read before and assigned back
+    after it (a ``tf.function`` assigns its variables for real)."""
+
+    def run(*args):
+        saved = [tf.identity(v.value) for v in state]
+        out = function(*args)
+        for v, value in zip(state, saved, strict=True):
+            v.assign(value)
+        return out
+
+    return run
+
+
+def compile_gradients(
+    function: object, variables: list, state: list, reads: list, jit_compile: bool
+) -> object:
+    """A ``tf.function`` ``(*args) -> (f, [df/dv for v in variables])`` for a scalar
+    ``f = function(*args)``, by ``tf.GradientTape`` (a variable ``f`` does not depend on gets a
+    zero gradient); the variables ``state`` are restored after it. ``reads`` is JAX's (a
+    ``tf.function`` reads variables as they are when it runs)."""
+
+    def gradients(*args):
+        with tf.GradientTape() as tape:
+            value = function(*args)
+        grads = tape.gradient(
+            value, list(variables), unconnected_gradients=tf.UnconnectedGradients.ZERO
+        )
+        return value, grads
+
+    # autograph=False: the control flow is Python's, over variables and layers (AutoGraph's
+    # source transformation would only add tracing time).
+    return tf.function(_restoring(state, gradients), jit_compile=jit_compile, autograph=False)
+
+
+def compile_loss(function: object, state: list, reads: list, jit_compile: bool) -> object:
+    """A ``tf.function`` ``(*args) -> function(*args)`` that restores the variables ``state``
+    after it (``reads`` is JAX's)."""
+    return tf.function(_restoring(state, function), jit_compile=jit_compile, autograph=False)
+
+
+def compile_check(function: object) -> object:
+    """``function`` as one ``tf.function`` (no AutoGraph: its control flow is Python's): a
+    check's routes, the twin's weight copy and the statistics run as one graph."""
+    return tf.function(function, autograph=False)
+
+
+def tracing_count(function: object) -> int:
+    """How often a ``tf.function`` was traced (``experimental_get_tracing_count``)."""
+    return int(function.experimental_get_tracing_count())
+
+
+def variable_gradients(function: object, variables: list) -> tuple[object, list]:
+    """``(f, [df/dv for v in variables])`` for a scalar ``f = function()`` of Keras variables,
+    by ``tf.GradientTape`` (eagerly or inside the caller's graph; zero for a variable ``f``
+    does not depend on)."""
+    with tf.GradientTape() as tape:
+        value = function()
+    grads = tape.gradient(
+        value, list(variables), unconnected_gradients=tf.UnconnectedGradients.ZERO
+    )
+    return value, list(grads)
+
+
+def is_dataset(value: object) -> bool:
+    """Whether ``value`` is a ``tf.data.Dataset``."""
+    return isinstance(value, tf.data.Dataset)
+
+
+def call_errors() -> tuple[type, ...]:
+    """The exceptions a model or loss raises on input that does not fit it, besides
+    ``ValueError`` and ``TypeError``: TensorFlow's ``InvalidArgumentError``."""
+    return (tf.errors.InvalidArgumentError,)
+
+
+def summary_module(what: str) -> object:
+    """``tf.summary``, which writes TensorBoard event files for ``what``."""
+    return tf.summary
+
+
+def compile_statistics(function: object) -> object:
+    """``function`` as it is: it runs inside the check's ``tf.function`` (``compile_check``)."""
+    return function
+
+
+__all__ += [
+    "call_errors",
+    "compile_check",
+    "compile_gradients",
+    "compile_loss",
+    "compile_statistics",
+    "is_dataset",
+    "summary_module",
+    "tracing_count",
+    "variable_gradients",
+]
+
+
+# --- float64: the ops Keras computes in float32 on JAX (tf_jacbp.numerics) -----------------
+# On TensorFlow, Keras' ops run TensorFlow's float64 kernels: these are the same kernels.
+
+
+def float64_tanh(x: object) -> object:
+    """``tanh(x)`` of a float64 ``x``: ``tf.math.tanh``, the kernel ``keras.ops.tanh`` runs
+    on TensorFlow (the JAX module's form keeps float64 where Keras would not)."""
+    return tf.math.tanh(x)
+
+
+def float64_mean(x: object, axis: object = None, keepdims: bool = False) -> object:
+    """``mean(x)`` over ``axis`` of a float64 ``x``: ``tf.reduce_mean``, the kernel
+    ``keras.ops.mean`` runs on TensorFlow, which reduces in float64."""
+    return tf.reduce_mean(x, axis=axis, keepdims=keepdims)
+
+
+def float64_var(x: object, axis: object = None, keepdims: bool = False) -> object:
+    """``mean((x - mean(x))^2)`` over ``axis`` of a float64 ``x``: ``tf.math.reduce_variance``,
+    the kernel ``keras.ops.var`` runs on TensorFlow, in float64."""
+    return tf.math.reduce_variance(x, axis=axis, keepdims=keepdims)
+
+
+__all__ += ["float64_mean", "float64_tanh", "float64_var"]
