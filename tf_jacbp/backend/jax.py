@@ -354,10 +354,11 @@ def compiled_model_function(function: object, variables: object) -> object:
 
 def jacobians(function: object, tensors: list) -> list:
     """``[J_t f for t in tensors]`` for a tensor ``f = function(*tensors)``, each of shape
-    ``f.shape + t.shape``, by JAX's reverse-mode autodiff (``jax.jacrev``): the tests'
-    reference for ``tf_jacbp.jacobian.parameter_jacobian``."""
+    ``f.shape + t.shape``, by JAX's reverse-mode autodiff (``jax.jacrev``, compiled with
+    ``jax.jit``: one program instead of one per op): the tests' reference for
+    ``tf_jacbp.jacobian.parameter_jacobian`` and ``per_example_gradients``."""
     tensors = [jnp.asarray(t) for t in tensors]
-    return list(jax.jacrev(lambda ts: function(*ts))(tensors))
+    return list(jax.jit(jax.jacrev(lambda ts: function(*ts)))(tensors))
 
 
 __all__ += ["compiled_model_function", "dense_conversion", "jacobians"]

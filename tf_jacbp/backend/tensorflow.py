@@ -552,8 +552,8 @@ def compiled_model_function(function: object, variables: object) -> object:
 def jacobians(function: object, tensors: list) -> list:
     """``[J_t f for t in tensors]`` for a tensor ``f = function(*tensors)``, each of shape
     ``f.shape + t.shape``, by TensorFlow's autodiff (``tf.GradientTape.jacobian``): the tests'
-    reference for ``tf_jacbp.jacobian.parameter_jacobian``. A tensor ``f`` does not depend on
-    gets a zero Jacobian."""
+    reference for ``tf_jacbp.jacobian.parameter_jacobian`` and ``per_example_gradients``. A
+    tensor ``f`` does not depend on gets a zero Jacobian."""
     tensors = [tf.convert_to_tensor(t) for t in tensors]
     with tf.GradientTape() as tape:
         tape.watch(tensors)

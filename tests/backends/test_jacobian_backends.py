@@ -1,0 +1,232 @@
+"""``tf_jacbp.jacobian`` on every backend: ``parameter_jacobian``, ``per_example_gradients`` and
+``per_example_gradient_norms`` of a small image model against the backend's autodiff through
+stock ops (``tf.GradientTape`` on TensorFlow, ``jax.jacrev``/``jax.value_and_grad`` on JAX, both
+through ``tf_jacbp.backend``), eagerly and compiled, in float64 (<= 1e-12) and float32.
+
+The model, ``Dense(sigmoid) -> Conv2D(relu) -> MaxPooling2D -> Flatten -> Dense``, with a softmax
+cross entropy on its logits, uses only ops Keras computes in float64 on JAX (not ``tanh`` or
+``mean``, which it computes in float32 there). The reference loss is our own float64
+``logsumexp(z) - z_y`` in ``keras.ops`` (max, exp, log, sum: float64 on both backends), not a
+stock Keras loss; its per-sample gradients come from the reference route (``reference_mode``,
+stock ops only) through ``model.stateless_call``, one sample at a time.
+"""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from tf_jacbp import backend, jacobian, layers, losses, tolerances
+from tf_jacbp.layout import vec_parameter_batch
+from tf_jacbp.mode import reference_mode
+
+BATCH, CLASSES = 3, 5
+LABELS = np.array([0, 3, 4])
+
+
+def image_model(dtype: str) -> keras.Sequential:
+    """Dense (on the channels) + Conv2D + max pooling + Flatten + Dense, logits ``(batch, 5)``."""
+    return keras.Sequential(
+        [
+            keras.Input((6, 6, 2), dtype=dtype),
+            layers.Dense(3, activation="sigmoid", dtype=dtype),
+            layers.Conv2D(4, 3, padding="same", activation="relu", dtype=dtype),
+            layers.MaxPooling2D(2, dtype=dtype),
+            layers.Flatten(dtype=dtype),
+            layers.Dense(CLASSES, dtype=dtype),
+        ]
+    )
+
+
+def images(dtype: str, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(BATCH, 6, 6, 2)).astype(dtype)
+
+
+def softmax_cross_entropy(z, labels):
+    """``l_i = logsumexp(z_i) - z_i[y_i]`` ``(batch,)`` in ``keras.ops`` (max, exp, log, sum:
+    float64 in float64 on both backends)."""
+    top = ops.max(z, axis=-1, keepdims=True)
+    lse = ops.log(ops.sum(ops.exp(z - top), axis=-1)) + top[:, 0]
+    return lse - ops.sum(z * ops.one_hot(labels, CLASSES, dtype=z.dtype), axis=-1)
+
+
+def stock_call(model, x):
+    """``f(*trainable values) = model(x)`` by the reference route (stock ops only)."""
+    fixed = [v.value for v in model.non_trainable_variables]
+
+    def call(*values):
+        with reference_mode():
+            return model.stateless_call(list(values), fixed, x)[0]
+
+    return call
+
+
+def reference_jacobian(model, x) -> np.ndarray:
+    """``J_theta z[L]`` ``(batch, n_out, n_params)`` by the backend's autodiff (``jacrev`` on
+    JAX, ``GradientTape.jacobian`` on TensorFlow), columns in theta order (``Vec``)."""
+    values = [v.value for v in model.trainable_variables]
+    blocks = backend.jacobians(stock_call(model, x), values)
+    return np.concatenate(
+        [
+            ops.convert_to_numpy(vec_parameter_batch(ops.reshape(j, (-1, *v.shape)))).reshape(
+                BATCH, CLASSES, -1
+            )
+            for j, v in zip(blocks, model.trainable_variables, strict=True)
+        ],
+        axis=-1,
+    )
+
+
+def reference_gradients(model, x, labels) -> np.ndarray:
+    """``(batch, n_params)``: sample ``i``'s gradient of its cross entropy, in theta order, by
+    the backend's autodiff: row ``i`` of the Jacobian of the per-sample losses ``(batch,)``
+    (sample ``i``'s loss depends on ``x_i`` alone: the model couples no samples)."""
+    values = [v.value for v in model.trainable_variables]
+    call = stock_call(model, x)
+    blocks = backend.jacobians(lambda *t: softmax_cross_entropy(call(*t), labels), values)
+    return np.concatenate([ops.convert_to_numpy(vec_parameter_batch(j)) for j in blocks], axis=1)
+
+
+def cross_entropy(dtype: str) -> losses.SparseCategoricalCrossentropy:
+    return losses.SparseCategoricalCrossentropy(from_logits=True, dtype=dtype)
+
+
+def assert_close(got, expected, dtype: str) -> None:
+    got = ops.convert_to_numpy(got)
+    assert got.shape == expected.shape, (got.shape, expected.shape)
+    assert keras.backend.standardize_dtype(got.dtype) == dtype
+    err = tolerances.relative_error(got, expected, dtype)
+    assert err <= tolerances.rtol(dtype), f"relative error {err:.3g} ({dtype})"
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_parameter_jacobian_is_autodiffs(dtype):
+    if dtype == "float64":
+        backend.require_float64("this float64 comparison")
+    model, x = image_model(dtype), images(dtype)
+    expected = reference_jacobian(model, x)
+    assert_close(jacobian.parameter_jacobian(model, x), expected, dtype)
+    blocks = jacobian.parameter_jacobian(model, x, blocks=True)
+    assert list(blocks) == [v.path for v in model.trainable_variables]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_per_example_gradients_and_norms_are_autodiffs(dtype):
+    if dtype == "float64":
+        backend.require_float64("this float64 comparison")
+    model, x = image_model(dtype), images(dtype)
+    expected = reference_gradients(model, x, LABELS)
+    loss = cross_entropy(dtype)
+    assert_close(jacobian.per_example_gradients(model, x, LABELS, loss=loss), expected, dtype)
+    per_variable = jacobian.per_example_gradients(model, x, LABELS, loss=loss, flatten=False)
+    flat = np.concatenate(
+        [ops.convert_to_numpy(vec_parameter_batch(g)) for g in per_variable], axis=1
+    )
+    assert_close(flat, expected, dtype)
+    norms = jacobian.per_example_gradient_norms(model, x, LABELS, loss=loss)
+    assert_close(norms, np.linalg.norm(expected, axis=1), dtype)
+    sizes = [int(np.prod(v.shape)) for v in model.trainable_variables]
+    pieces = np.split(expected, np.cumsum(sizes)[:-1], axis=1)
+    assert_close(
+        jacobian.per_example_gradient_norms(model, x, LABELS, loss=loss, per_variable=True),
+        np.stack([np.linalg.norm(p, axis=1) for p in pieces], axis=1),
+        dtype,
+    )
+
+
+def test_per_example_gradient_agrees_with_finite_differences():
+    """Sample 1's gradient, read through ``unflatten_parameters`` (theta's layout), against
+    central differences of its loss along a random direction, in float64."""
+    backend.require_float64("the finite differences")
+    model, x = image_model("float64"), images("float64")
+    g = ops.convert_to_numpy(
+        jacobian.per_example_gradients(model, x, LABELS, loss=cross_entropy("float64"))
+    )[1]
+    theta = ops.convert_to_numpy(jacobian.flatten_parameters(model))
+    direction = np.random.default_rng(3).normal(size=theta.shape)
+
+    def loss_at(t):
+        jacobian.unflatten_parameters(model, t, assign=True)
+        z = model(x[1:2])
+        return float(ops.convert_to_numpy(softmax_cross_entropy(z, LABELS[1:2]))[0])
+
+    eps = 1e-6
+    slope = (loss_at(theta + eps * direction) - loss_at(theta - eps * direction)) / (2 * eps)
+    loss_at(theta)
+    assert abs(slope - g @ direction) <= 1e-7 * max(1.0, abs(slope)), (slope, g @ direction)
+
+
+def test_the_public_functions_run_inside_a_compiled_step():
+    """``parameter_jacobian``, ``per_example_gradients`` and ``per_example_gradient_norms``
+    traced into one compiled function (``tf.function`` on TensorFlow; ``jax.jit`` over the
+    variables' values in a ``StatelessScope`` on JAX, as Keras' compiled steps call a model)
+    give the eager results; after new weights are assigned, the same compiled function gives the
+    new model's (the weights are read at each call, not frozen at the trace)."""
+    backend.require_float64("this float64 comparison")
+    model, x = image_model("float64"), images("float64")
+    loss = cross_entropy("float64")
+
+    def step(x, labels):
+        return (
+            jacobian.parameter_jacobian(model, x),
+            jacobian.per_example_gradients(model, x, labels, loss=loss),
+            jacobian.per_example_gradient_norms(model, x, labels, loss=loss),
+        )
+
+    compiled = backend.compiled_model_function(step, lambda: model.variables)
+    for _ in range(2):
+        expected = reference_gradients(model, x, LABELS)
+        jac, grads, norms = compiled(x, LABELS)
+        assert_close(jac, reference_jacobian(model, x), "float64")
+        assert_close(grads, expected, "float64")
+        assert_close(norms, np.linalg.norm(expected, axis=1), "float64")
+        for v in model.trainable_variables:
+            v.assign(ops.convert_to_numpy(v.value) * 1.5 + 0.1)
+
+
+def test_the_cached_compiled_norms_follow_the_weights():
+    """Called eagerly, ``per_example_gradient_norms`` runs a compiled function cached per model;
+    assigning new weights (as an optimizer step does) must change what it returns."""
+    backend.require_float64("this float64 comparison")
+    model, x = image_model("float64"), images("float64")
+    loss = cross_entropy("float64")
+    first = ops.convert_to_numpy(jacobian.per_example_gradient_norms(model, x, LABELS, loss=loss))
+    for v in model.trainable_variables:
+        v.assign(ops.convert_to_numpy(v.value) * 0.5 - 0.2)
+    second = jacobian.per_example_gradient_norms(model, x, LABELS, loss=loss)
+    expected = np.linalg.norm(reference_gradients(model, x, LABELS), axis=1)
+    assert_close(second, expected, "float64")
+    assert np.abs(first - expected).max() > 1e-3 * expected.max()
+
+
+def test_a_sparse_input_is_refused_naming_the_conversion(backend):
+    """The backend's sparse array (a ``tf.SparseTensor`` or a JAX ``BCOO``) is refused with the
+    conversion that makes it dense: the Jacobian formulas are dense."""
+    model = keras.Sequential([keras.Input((3,)), layers.Dense(2)])
+    x = np.array([[1.0, 0.0, 2.0]], dtype="float32")
+    if backend == "jax":
+        from jax.experimental import sparse
+
+        sparse_x, fix = sparse.BCOO.fromdense(x), r"x\.todense\(\)"
+    else:
+        import tensorflow as tf
+
+        sparse_x, fix = tf.sparse.from_dense(x), r"tf\.sparse\.to_dense\(x\)"
+    for call in (
+        lambda: jacobian.parameter_jacobian(model, sparse_x),
+        lambda: jacobian.per_example_gradient_norms(model, sparse_x, np.zeros((1, 2)), "mse"),
+        lambda: jacobian.layer_jacobians(model, sparse_x),
+    ):
+        with pytest.raises(TypeError, match=f"dense array or tensor.*{fix}"):
+            call()
+
+
+@pytest.mark.filterwarnings("ignore:.*does not support masking")
+def test_a_masked_model_is_refused_naming_autodiff():
+    """A model with a Keras mask has no per-layer walk: the error names the backend's autodiff
+    as the way to its Jacobians."""
+    x_in = keras.Input((4,), dtype="int32")
+    h = layers.Embedding(10, 3, mask_zero=True)(x_in)
+    model = keras.Model(x_in, layers.Dense(2)(layers.Flatten()(h)))
+    with pytest.raises(ValueError, match="mask_zero=True.*jax.jacrev"):
+        jacobian.parameter_jacobian(model, np.ones((2, 4), dtype="int32"))
