@@ -19,6 +19,7 @@ from typing import Any
 
 from keras import ops
 
+from tf_jacbp import numerics
 from tf_jacbp.contract import JacobianMap
 
 Tensor = Any
@@ -126,7 +127,7 @@ class Tanh(Elementwise):
     name = "tanh"
 
     def reference(self, z):
-        return ops.tanh(z)
+        return numerics.tanh(z)
 
     def derivative(self, z, a):
         return 1 - a * a
@@ -226,13 +227,13 @@ class GELU(Elementwise):
         # in float64.
         if self.approximate:
             c = math.sqrt(2 / math.pi)
-            return 0.5 * z * (1 + ops.tanh(c * (z + 0.044715 * z**3)))
+            return 0.5 * z * (1 + numerics.tanh(c * (z + 0.044715 * z**3)))
         return 0.5 * z * ops.erfc(-z / math.sqrt(2))
 
     def derivative(self, z, a):
         if self.approximate:
             c = math.sqrt(2 / math.pi)
-            t = ops.tanh(c * (z + 0.044715 * z**3))
+            t = numerics.tanh(c * (z + 0.044715 * z**3))
             return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * c * (1 + 3 * 0.044715 * z * z)
         cdf = 0.5 * (1 + ops.erf(z / math.sqrt(2)))
         pdf = ops.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
@@ -260,10 +261,10 @@ class Mish(Elementwise):
     name = "mish"
 
     def reference(self, z):
-        return z * ops.tanh(ops.softplus(z))
+        return z * numerics.tanh(ops.softplus(z))
 
     def derivative(self, z, a):
-        t = ops.tanh(ops.softplus(z))
+        t = numerics.tanh(ops.softplus(z))
         return t + z * (1 - t * t) * ops.sigmoid(z)
 
 
@@ -311,10 +312,10 @@ class TanhShrink(Elementwise):
     name = "tanh_shrink"
 
     def reference(self, z):
-        return z - ops.tanh(z)
+        return z - numerics.tanh(z)
 
     def derivative(self, z, a):
-        return ops.square(ops.tanh(z))
+        return ops.square(numerics.tanh(z))
 
 
 class Squareplus(Elementwise):

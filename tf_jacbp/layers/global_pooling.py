@@ -27,6 +27,7 @@ from typing import Any
 
 from keras import ops
 
+from tf_jacbp import numerics
 from tf_jacbp._backend import keras
 from tf_jacbp.geometry import check_channels_last
 from tf_jacbp.layers.base import JacobianLayer, build_at_construction, route
@@ -97,10 +98,10 @@ class _GlobalAverage(_GlobalPooling):
 
     def forward(self, x: Tensor) -> Tensor:
         """``y[c] = (1 / N) sum_n x[n, c]``."""
-        return ops.mean(x, axis=self.axes, keepdims=self.keepdims)
+        return numerics.mean(x, axis=self.axes, keepdims=self.keepdims)
 
     def reference(self, x: Tensor) -> Tensor:
-        return ops.mean(x, axis=self.axes, keepdims=self.keepdims)
+        return numerics.mean(x, axis=self.axes, keepdims=self.keepdims)
 
     def entries(self, x: Tensor, y: Tensor) -> Tensor:
         """``1 / N`` everywhere."""

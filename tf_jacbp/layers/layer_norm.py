@@ -37,6 +37,7 @@ from typing import Any
 
 from keras import ops
 
+from tf_jacbp import numerics
 from tf_jacbp._backend import keras
 from tf_jacbp.layers.base import as_float_tensor, route
 from tf_jacbp.layers.normalization_base import _Normalization
@@ -233,9 +234,9 @@ class LayerNormalization(_Normalization):
         """``(xhat, s, u)``: ``xhat = (x - mu) / s``, ``s = sqrt(sigma^2 + eps)`` (kept dims),
         ``u = x / s`` (the rms_scaling map's normalized input)."""
         axes = tuple(self.normalized_axes(len(x.shape)))
-        mean = ops.mean(x, axis=axes, keepdims=True)
+        mean = numerics.mean(x, axis=axes, keepdims=True)
         centered = x - mean
-        variance = ops.mean(ops.square(centered), axis=axes, keepdims=True)
+        variance = numerics.mean(ops.square(centered), axis=axes, keepdims=True)
         s = ops.sqrt(variance + self.epsilon)
         return centered / s, s, x / s
 
@@ -248,18 +249,22 @@ class LayerNormalization(_Normalization):
         return y if beta is None else y + beta
 
     def reference(self, x: Any, *params: Any) -> Any:
-        """Stock ops: ``keras.ops.moments`` and ``keras.ops.batch_normalization`` over the
-        normalized axes (``rms_scaling``: ``keras.ops.var`` and ``keras.ops.rsqrt``)."""
+        """Stock ops: ``keras.ops.moments`` over the normalized axes, then
+        ``(x - mu) rsqrt(sigma^2 + eps) gamma + beta`` (``rms_scaling``: the variance, then
+        ``x rsqrt(sigma^2 + eps) gamma``). The variance of ``rms_scaling`` is
+        ``tf_jacbp.numerics.var``: stock ``keras.ops.var`` on TensorFlow; on JAX, where Keras
+        computes it in float32, ``jax.numpy``'s float64 one for float64 inputs."""
         axes = self.normalized_axes(len(x.shape))
         gamma, beta = self._split(x, params)
         if self.rms_scaling:
-            variance = ops.var(x, axis=axes, keepdims=True)
+            variance = numerics.var(x, axis=axes, keepdims=True)
             y = x * ops.rsqrt(variance + self.epsilon)
             return y if gamma is None else y * gamma
         mean, variance = ops.moments(x, axes=axes, keepdims=True)
-        return ops.batch_normalization(
-            x, mean, variance, axis=-1, offset=beta, scale=gamma, epsilon=self.epsilon
-        )
+        # Not keras.ops.batch_normalization: on JAX it takes 1-D statistics of one axis only.
+        y = (x - mean) * ops.rsqrt(variance + self.epsilon)
+        y = y if gamma is None else y * gamma
+        return y if beta is None else y + beta
 
     def vjp_input(self, m: Any, x: Any, y: Any, *params: Any) -> Any:
         """``(J_x y)^T m = (1/s) (g - mean(g) - xhat mean(g * xhat))``, ``g = gamma * m``
@@ -270,9 +275,9 @@ class LayerNormalization(_Normalization):
         axes = tuple(a + 1 for a in self.normalized_axes(len(x.shape)))  # axes of m
         g = m if gamma is None else gamma * m
         if self.rms_scaling:
-            return (g - xhat * ops.mean(g * u, axis=axes, keepdims=True)) / s
-        mean_g = ops.mean(g, axis=axes, keepdims=True)
-        return (g - mean_g - xhat * ops.mean(g * xhat, axis=axes, keepdims=True)) / s
+            return (g - xhat * numerics.mean(g * u, axis=axes, keepdims=True)) / s
+        mean_g = numerics.mean(g, axis=axes, keepdims=True)
+        return (g - mean_g - xhat * numerics.mean(g * xhat, axis=axes, keepdims=True)) / s
 
     def vjp_params(self, m: Any, x: Any, y: Any, *params: Any, sum_batch: bool = True) -> list:
         """``[(J_gamma y)^T m, (J_beta y)^T m] = [sum m * xhat, sum m]`` (``rms_scaling``:
@@ -292,7 +297,7 @@ class LayerNormalization(_Normalization):
 
     def call(self, inputs: Any) -> Any:
         """``y`` by ``route``, in float32 at least, cast to the compute dtype."""
-        dtype = keras.backend.result_type(inputs.dtype, "float32")
+        dtype = numerics.result_type(inputs.dtype, "float32")
         x = ops.cast(inputs, dtype)
         y = route(self, x, [ops.cast(p, dtype) for p in self.read_parameters()])
         return ops.cast(y, self.compute_dtype)

@@ -11,6 +11,7 @@ from typing import Any
 
 from keras import ops
 
+from tf_jacbp import numerics
 from tf_jacbp._backend import keras
 from tf_jacbp.layers.base import _WEIGHT_OPTIONS, JacobianLayer
 
@@ -60,7 +61,7 @@ class _Normalization(JacobianLayer):
     def statistics_dtype(self) -> str:
         """The dtype the layer computes in: float32 at least, so float32 for float16/bfloat16
         compute dtypes (as Keras)."""
-        return keras.backend.result_type(self.compute_dtype, "float32")
+        return numerics.result_type(self.compute_dtype, "float32")
 
     def jacobian_parameters(self) -> list[keras.Variable]:
         """``[gamma, beta]`` (theta order), without those that do not exist."""

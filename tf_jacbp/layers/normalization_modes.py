@@ -22,6 +22,7 @@ from typing import Any
 
 from keras import ops
 
+from tf_jacbp import numerics
 from tf_jacbp.contract import JacobianMap
 from tf_jacbp.layers.batch_moments import masked_input_product, masked_moments
 
@@ -114,8 +115,8 @@ class BatchStatistics(_BatchMap):
     def moments(self, x: Any) -> tuple[Any, Any]:
         """``(mu, sigma^2)`` of each channel over all axes but the last, ``sigma^2`` biased."""
         axes = tuple(range(len(x.shape) - 1))
-        mean = ops.mean(x, axis=axes)
-        return mean, ops.mean(ops.square(x - mean), axis=axes)
+        mean = numerics.mean(x, axis=axes)
+        return mean, numerics.mean(ops.square(x - mean), axis=axes)
 
     def reference_moments(self, x: Any) -> tuple[Any, Any]:
         """``keras.ops.moments`` over all axes but the last."""
@@ -128,8 +129,8 @@ class BatchStatistics(_BatchMap):
         gamma, _ = self.split(params)
         xhat, s = self.normalized(x)
         axes = tuple(range(1, len(m.shape) - 1))
-        mean_m = ops.mean(m, axis=axes, keepdims=True)
-        mean_m_xhat = ops.mean(m * xhat, axis=axes, keepdims=True)
+        mean_m = numerics.mean(m, axis=axes, keepdims=True)
+        mean_m_xhat = numerics.mean(m * xhat, axis=axes, keepdims=True)
         return (m - mean_m - xhat * mean_m_xhat) * ((1.0 / s) if gamma is None else (gamma / s))
 
 

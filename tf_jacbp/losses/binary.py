@@ -11,6 +11,7 @@ from typing import Any
 
 from keras import ops
 
+from tf_jacbp import numerics
 from tf_jacbp._backend import keras
 from tf_jacbp.losses.base import _clip_mask, _SmoothedLoss
 
@@ -19,7 +20,7 @@ Tensor = Any
 
 def _sigmoid_cross_entropy(y: Tensor, z: Tensor) -> Tensor:
     """``mean_i [max(z,0) - z y + log(1 + e^{-|z|})]``: ``-y log s - (1-y) log(1-s)``, stable."""
-    return ops.mean(ops.relu(z) - z * y + ops.log1p(ops.exp(-ops.abs(z))), axis=-1)
+    return numerics.mean(ops.relu(z) - z * y + ops.log1p(ops.exp(-ops.abs(z))), axis=-1)
 
 
 def _sigmoid_cross_entropy_grad(y: Tensor, z: Tensor) -> Tensor:
@@ -30,7 +31,7 @@ def _sigmoid_cross_entropy_grad(y: Tensor, z: Tensor) -> Tensor:
 def _binary_cross_entropy(y: Tensor, p: Tensor) -> Tensor:
     """``mean_i [-y_i log c_i - (1 - y_i) log(1 - c_i)]``, ``c = clip(p)``."""
     c, _ = _clip_mask(p)
-    return -ops.mean(y * ops.log(c) + (1 - y) * ops.log(1 - c), axis=-1)
+    return -numerics.mean(y * ops.log(c) + (1 - y) * ops.log(1 - c), axis=-1)
 
 
 def _binary_cross_entropy_grad(y: Tensor, p: Tensor) -> Tensor:
@@ -48,13 +49,13 @@ def _reference_sigmoid_cross_entropy(y: Tensor, z: Tensor) -> Tensor:
     positive = z >= 0
     relu_z = ops.where(positive, z, ops.zeros_like(z))
     minus_abs_z = ops.where(positive, -z, z)
-    return ops.mean(relu_z - z * y + ops.log1p(ops.exp(minus_abs_z)), axis=-1)
+    return numerics.mean(relu_z - z * y + ops.log1p(ops.exp(minus_abs_z)), axis=-1)
 
 
 def _reference_binary_cross_entropy(y: Tensor, p: Tensor) -> Tensor:
     eps = keras.config.epsilon()
     c = ops.clip(p, eps, 1 - eps)
-    return -ops.mean(y * ops.log(c) + (1 - y) * ops.log(1 - c), axis=-1)
+    return -numerics.mean(y * ops.log(c) + (1 - y) * ops.log(1 - c), axis=-1)
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")

@@ -9,10 +9,10 @@ For a layer made by ``make_layer(dtype)`` it checks, in this order (each failure
 ``AssertionError`` naming the check, the variable and the numbers):
 
 1. the Jacobian route's gradients (with respect to the layer's input and every parameter) equal
-   ``tf.GradientTape`` through the reference route, in float64 and float32, to
-   ``tf_jacbp.tolerances.rtol(dtype)`` (float64: ``1e-12``);
-2. in float64, the same gradients equal central finite differences of the loss
-   (``tf.test.compute_gradient``), for every entry of every parameter;
+   the backend's autodiff (``tf.GradientTape`` or ``jax.value_and_grad``) through the reference
+   route, in float64 and float32, to ``tf_jacbp.tolerances.rtol(dtype)`` (float64: ``1e-12``);
+2. in float64, the same gradients equal central finite differences of the loss, for every entry
+   of every parameter;
 3. the update ``model.fit`` applies (one SGD step with learning rate 1, so the update *is* the
    gradient) equals the reference gradient when the model runs eagerly, as a graph, and with
    ``jit_compile=True``;
@@ -46,6 +46,12 @@ as the reference's do). With ``training=True`` the ``.keras`` check first runs o
 so that the saved moving statistics are not their initial values; check 6 runs in inference
 mode (a train-mode batch normalization couples the samples, so it has no per-sample gradient).
 
+It runs on Keras' TensorFlow and JAX backends. On JAX, float64 is float64 only with x64 enabled
+(``JAX_ENABLE_X64=1``): ``check_layer`` refuses to run without it
+(``tf_jacbp.backend.require_float64``), since checks 1, 2, 6 and 7 promise float64 agreement.
+Where Keras computes an op in float32 on JAX (``tanh``, ``mean``, ``var``: ``tf_jacbp.numerics``),
+the layers' reference routes use a float64 computation of their own there.
+
 The layer sits behind a stock ``InputScale`` layer (``x -> x * s``, ``s`` trainable, initialized
 to one) so that its input gradient reaches a variable, and the loss is
 ``0.5 * ||y - t||^2`` per sample, averaged over the batch.
@@ -58,6 +64,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from tf_jacbp import backend
 from tf_jacbp._backend import keras
 from tf_jacbp.testing.contract import check_contract
 from tf_jacbp.testing.harness import (
@@ -133,6 +140,7 @@ def check_layer(
             ``.keras`` round trip). ``False`` keeps checks 1, 2, 6 and 7 only: for another
             configuration of a layer class whose every mode was checked with other arguments.
     """
+    backend.require_float64("tf_jacbp.testing.check_layer")
     args = (make_layer, input_shape, batch_size, seed, input_fn, training)
     _check_routes_agree(*args)
     if finite_differences:

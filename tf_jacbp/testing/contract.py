@@ -4,7 +4,8 @@ For each map of the layer (``jacobian_ops()``: the layer, then a fused activatio
 on random vectors ``m`` of shape ``(V, batch, *y.shape[1:])`` for ``V = 1`` and ``V = 3``:
 
 * ``vjp_input(m, x, y, *params)`` equals ``sum_j m[v, j] grad_x F_j`` of the map's *reference*
-  route, by ``tf.GradientTape`` (each input of a map of several inputs);
+  route, by the backend's autodiff (``tf_jacbp.backend.value_and_gradients``: ``tf.GradientTape``
+  or ``jax.value_and_grad``; each input of a map of several inputs);
 * ``vjp_params(..., sum_batch=True)`` equals the same for each parameter, and
   ``vjp_params(..., sum_batch=False)`` equals, sample by sample, the reference route's gradient
   on that sample alone (``F`` applied to a batch of one);
@@ -19,28 +20,39 @@ the batch and input axes swapped in a map of several inputs) fails here.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from keras import ops
 
-from tf_jacbp import tolerances
-from tf_jacbp._backend import tf
+from tf_jacbp import backend, tolerances
+from tf_jacbp.testing.harness import compiled
+
+Tensor = Any
 
 VS = (1, 3)  # the numbers of stacked vectors the products are checked with
 
 
-def _reference_products(op: Any, m: tf.Tensor, x: Any, params: Sequence, constants: Sequence):
-    """``(d_x, d_p)`` of ``sum(m * reference(x, *params))``: ``m`` ``(batch, *y)``, one sum."""
-    xs = list(x) if isinstance(x, (list, tuple)) else [x]
-    with tf.GradientTape(persistent=True) as tape:
-        tape.watch(xs)
-        tape.watch(list(params))
-        y = op.reference(xs if isinstance(x, (list, tuple)) else xs[0], *params, *constants)
-        total = tf.reduce_sum(m * tf.cast(y, m.dtype))
-    dxs = tape.gradient(total, xs, unconnected_gradients="zero")
-    dps = tape.gradient(total, list(params), unconnected_gradients="zero")
-    return dxs, dps
+def _reference_products(op: Any, several: bool, integer_input: bool = False) -> Any:
+    """``(m, x, params) -> (d_x, d_p)``, the gradients of ``sum(m * reference(x, *params))`` by
+    the backend's autodiff: ``m`` ``(batch, *y)``, one sum; ``d_x`` is None for integer inputs
+    (ids: not differentiated). Compiled on JAX (``tf_jacbp.testing.harness.compiled``)."""
+
+    def products(m, x, params):
+        xs = list(x) if several else [x]
+        n = 0 if integer_input else len(xs)
+
+        def total(*tensors):
+            inputs = list(tensors[:n]) if n else xs
+            y = op.reference(inputs if several else inputs[0], *tensors[n:])
+            return ops.sum(m * ops.cast(y, m.dtype))
+
+        _, grads = backend.value_and_gradients(total, [*xs[:n], *params])
+        return (grads[:n] if n else None), grads[n:]
+
+    return compiled(products)
 
 
 def _close(got: Any, want: Any, what: str) -> None:
@@ -66,21 +78,28 @@ def check_map(
     Raises ``AssertionError`` naming ``name``, the product, ``V`` and the numbers.
     """
     rng = np.random.default_rng(seed)
-    xs = list(x) if isinstance(x, (list, tuple)) else [x]
+    several = isinstance(x, (list, tuple))
+    xs = list(x) if several else [x]
     batch = int(xs[0].shape[0])
-    y = op.forward(x, *params)
+    params = list(params)
+    y = compiled(op.forward)(x, *params)
+    reference = _reference_products(op, several, integer_input)
+    vjp_input, jacobian_rows = compiled(op.vjp_input), compiled(op.jacobian_rows)
+    summed_products = compiled(functools.partial(op.vjp_params, sum_batch=True))
+    per_sample_products = compiled(functools.partial(op.vjp_params, sum_batch=False))
+    squared_norms = compiled(op.per_example_squared_norms)
     for v in VS:
-        m = tf.constant(rng.normal(size=(v, *y.shape)), y.dtype)
-        refs = [_reference_products(op, m[k], x, params, ()) for k in range(v)]
+        m = ops.convert_to_tensor(rng.normal(size=(v, *y.shape)), y.dtype)
+        refs = [reference(m[k], x, params) for k in range(v)]
         if not integer_input:
-            dx = op.vjp_input(m, x, y, *params)
+            dx = vjp_input(m, x, y, *params)
             dxs = list(dx) if isinstance(dx, (list, tuple)) else [dx]
             assert len(dxs) == len(xs), f"{name}.vjp_input: {len(dxs)} products, {len(xs)} inputs"
             for j, d in enumerate(dxs):
                 want = np.stack([refs[k][0][j] for k in range(v)])
                 _close(d, want, f"{name}.vjp_input (input {j}, V={v})")
-            rows, _ = op.jacobian_rows(
-                tf.transpose(m, [1, 0, *range(2, len(m.shape))]), x, y, *params
+            rows, _ = jacobian_rows(
+                ops.transpose(m, [1, 0, *range(2, len(m.shape))]), x, y, *params
             )
             rows = list(rows) if isinstance(rows, (list, tuple)) else [rows]
             for j, r in enumerate(rows):
@@ -88,24 +107,24 @@ def check_map(
                 _close(r, want, f"{name}.jacobian_rows, input rows (input {j}, V={v})")
         if not params:
             continue
-        summed = op.vjp_params(m, x, y, *params, sum_batch=True)
+        summed = summed_products(m, x, y, *params)
         assert len(summed) == len(params), (
             f"{name}.vjp_params returned {len(summed)} products for {len(params)} parameters"
         )
         for p, g in enumerate(summed):
             want = np.stack([refs[k][1][p] for k in range(v)])
             _close(g, want, f"{name}.vjp_params(sum_batch=True) (parameter {p}, V={v})")
-        per_sample = op.vjp_params(m, x, y, *params, sum_batch=False)
+        per_sample = per_sample_products(m, x, y, *params)
         wants = [[None] * batch for _ in range(v)]
         for k in range(v):
             for i in range(batch):
                 mi = m[k, i : i + 1]
-                wants[k][i] = _reference_products(op, mi, _slice(x, i), params, ())[1]
+                wants[k][i] = reference(mi, _slice(x, i), params)[1]
         for p, g in enumerate(per_sample):
             want = np.stack([np.stack([wants[k][i][p] for i in range(batch)]) for k in range(v)])
             _close(g, want, f"{name}.vjp_params(sum_batch=False) (parameter {p}, V={v})")
         if v == 1:
-            norms = op.per_example_squared_norms(m[0], x, y, *params)
+            norms = squared_norms(m[0], x, y, *params)
             for p, s in enumerate(norms):
                 want = [np.sum(np.square(wants[0][i][p])) for i in range(batch)]
                 what = "squared_norms" if op.squared_norms is not None else "squared norms"
@@ -114,11 +133,13 @@ def check_map(
 
 def check_contract(layer: Any, x: Any, seed: int) -> None:
     """Check 7 on every map of ``layer.jacobian_ops()`` in turn, each at the input it receives
-    in the forward pass (``x``: float64, the layer's input batch)."""
+    in the forward pass (``x``: float64, the layer's input batch). On JAX it needs x64 enabled
+    (``tf_jacbp.backend.require_float64``): it compares at the float64 tolerance."""
+    backend.require_float64("tf_jacbp.testing.check_contract")
     integer = bool(getattr(layer, "takes_integer_ids", False))
     a = x
     for j, (op, params) in enumerate(layer.jacobian_ops(False)):
-        params = [tf.cast(p, tf.float64) for p in params]
+        params = [ops.cast(p, "float64") for p in params]
         name = f"{type(layer).__name__} '{layer.name}'" + (f" map {j}" if j else "")
         if not hasattr(op, "vjp_input"):
             raise AssertionError(

@@ -1,16 +1,26 @@
 """The harness of ``tf_jacbp.testing.check_layer``: the model around the layer, its data, and
-checks 1-6 (the module docstring of ``tf_jacbp.testing`` lists them)."""
+checks 1-6 (the module docstring of ``tf_jacbp.testing`` lists them).
+
+It runs on Keras' TensorFlow and JAX backends: gradients are the backend's autodiff
+(``tf_jacbp.backend.value_and_gradients``: ``tf.GradientTape`` or ``jax.value_and_grad``) through
+the model's ``stateless_call``, finite differences are central differences of the same loss
+(compiled with ``jax.jit`` on JAX), and data are ``keras.ops`` tensors.
+"""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+from keras import ops
 
-from tf_jacbp import jacobian, tolerances
-from tf_jacbp._backend import keras, tf
+from tf_jacbp import backend, jacobian, numerics, tolerances
+from tf_jacbp._backend import BACKEND, keras, tf
 from tf_jacbp.route import reference_mode
+
+Tensor = Any
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp.testing")
@@ -24,10 +34,10 @@ class InputScale(keras.layers.Layer):
         return x * keras.ops.cast(self.s, x.dtype)
 
 
-def half_squared_error(t: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
-    """``0.5 * ||y - t||^2`` per sample (stock ops)."""
+def half_squared_error(t: Tensor, y: Tensor) -> Tensor:
+    """``0.5 * ||y - t||^2`` per sample (stock ops): ``(batch, ...)`` -> ``(batch,)``."""
     axes = list(range(1, len(y.shape)))
-    return 0.5 * tf.reduce_sum(tf.square(tf.cast(y, t.dtype) - t), axis=axes)
+    return 0.5 * ops.sum(ops.square(ops.cast(y, t.dtype) - t), axis=axes)
 
 
 def several_inputs(input_shape: Sequence) -> bool:
@@ -54,33 +64,85 @@ def build_model(
     return keras.Model(inputs, make_layer(dtype)(scaled))
 
 
+def compiled(function: Callable) -> Callable:
+    """``function`` compiled by ``jax.jit`` on JAX, where eager code compiles every op on its
+    own (the checks would spend their time compiling); itself on TensorFlow (eager)."""
+    return backend.xla_function(function) if BACKEND == "jax" else function
+
+
+def _route(reference: bool):
+    """``reference_mode()`` for the reference route, nothing for the Jacobian route."""
+    return reference_mode() if reference else contextlib.nullcontext()
+
+
+def gradient_function(
+    model: keras.Model, reference: bool, training: bool | None = None, regularization: bool = True
+) -> Callable:
+    """``(values, state, x, t) -> (grads, new_state)``: the gradients of the mean loss (plus
+    regularization, as ``fit`` adds it, unless ``regularization=False``) with respect to the
+    trainable ``values``, by the backend's autodiff through ``model.stateless_call`` at the
+    non-trainable ``state``, and the state the call leaves (moving statistics, seed generator
+    states). Compiled on JAX (``compiled``): build it once, call it for each batch."""
+
+    def loss(values, state, x, t):
+        with _route(reference):
+            y, _, losses = model.stateless_call(
+                values, state, x, training=training, return_losses=True
+            )
+        total = numerics.mean(half_squared_error(t, y))
+        return total + sum(losses) if regularization else total
+
+    def gradients(values, state, x, t):
+        _, grads = backend.value_and_gradients(lambda *v: loss(list(v), state, x, t), list(values))
+        with _route(reference):
+            _, new_state = model.stateless_call(list(values), list(state), x, training=training)
+        return grads, new_state
+
+    return compiled(gradients)
+
+
 def loss_gradients(
-    model: keras.Model, x, t, reference: bool, training: bool | None = None
-) -> list[tf.Tensor]:
-    """Gradients of the mean loss (plus regularization, as ``fit`` adds it)."""
-    with tf.GradientTape() as tape:
-        if reference:
-            with reference_mode():
-                y = model(x, training=training)
-        else:
-            y = model(x, training=training)
-        loss = tf.reduce_mean(half_squared_error(t, y)) + sum(model.losses)
-    return tape.gradient(loss, model.trainable_variables)
+    model: keras.Model,
+    x,
+    t,
+    reference: bool,
+    training: bool | None = None,
+    *,
+    regularization: bool = True,
+) -> list[Tensor]:
+    """Gradients of the mean loss (plus regularization, as ``fit`` adds it, unless
+    ``regularization=False``) with respect to ``model.trainable_variables``, by the backend's
+    autodiff through ``model.stateless_call`` (``gradient_function``).
+
+    A training call updates the model's non-trainable state (moving statistics, seed generator
+    states) as ``model(x, training=True)`` does: the gradients are taken at the state before it.
+    """
+    values = [ops.convert_to_tensor(v) for v in model.trainable_variables]
+    state = [ops.convert_to_tensor(v) for v in model.non_trainable_variables]
+    function = gradient_function(model, reference, training, regularization)
+    grads, new_state = function(values, state, x, t)
+    if training:
+        set_model_state(model, new_state)
+    return grads
 
 
 def model_gradients(
-    model: keras.Model, x, t, reference: bool, training: bool | None = None
+    model: keras.Model,
+    x,
+    t,
+    reference: bool,
+    training: bool | None = None,
+    *,
+    regularization: bool = True,
 ) -> list[np.ndarray]:
-    """``loss_gradients``, eagerly, as NumPy arrays; each must exist."""
-    grads = loss_gradients(model, x, t, reference, training)
-    for g, v in zip(grads, model.trainable_variables, strict=True):
-        assert g is not None, f"no gradient reaches {v.path}"
-    return [np.asarray(g) for g in grads]
+    """``loss_gradients``, eagerly, as NumPy arrays."""
+    grads = loss_gradients(model, x, t, reference, training, regularization=regularization)
+    return [ops.convert_to_numpy(g) for g in grads]
 
 
 def model_state(model: keras.Model) -> list[np.ndarray]:
     """The values of the non-trainable variables (moving statistics, seed generator states)."""
-    return [np.asarray(v) for v in model.non_trainable_variables]
+    return [ops.convert_to_numpy(v) for v in model.non_trainable_variables]
 
 
 def set_model_state(model: keras.Model, state: Sequence[np.ndarray]) -> None:
@@ -108,14 +170,17 @@ def draw_inputs(input_shape: Sequence, batch_size: int, dtype: str, rng, input_f
     if several_inputs(input_shape):
         return [draw_inputs(shape, batch_size, dtype, rng, input_fn) for shape in input_shape]
     shape = (batch_size, *input_shape)
-    return tf.constant(input_fn(rng, shape) if input_fn else rng.normal(size=shape), dtype)
+    values = input_fn(rng, shape) if input_fn else rng.normal(size=shape)
+    return ops.convert_to_tensor(np.asarray(values), dtype)
 
 
 def _data(model: keras.Model, input_shape, batch_size: int, dtype: str, seed: int, input_fn):
     rng = np.random.default_rng(seed)
     x = draw_inputs(input_shape, batch_size, dtype, rng, input_fn)
-    t = rng.normal(size=model(x).shape)
-    return x, tf.constant(t, dtype)
+    shape = (batch_size, *model.outputs[0].shape[1:])
+    if None in shape:  # sizes the symbolic output leaves open: run the model
+        shape = model(x).shape
+    return x, ops.convert_to_tensor(rng.normal(size=shape), dtype)
 
 
 def _check_routes_agree(make_layer, input_shape, batch_size, seed, input_fn, training) -> None:
@@ -132,21 +197,33 @@ def _check_routes_agree(make_layer, input_shape, batch_size, seed, input_fn, tra
 def _check_finite_differences(
     make_layer, input_shape, batch_size, seed, input_fn, training
 ) -> None:
+    """Check 2: every entry of every parameter's gradient (Jacobian route) against the central
+    difference ``(L(w + delta e_j) - L(w - delta e_j)) / (2 delta)`` of the loss, in float64."""
     model = build_model(make_layer, input_shape, "float64")
     x, t = _data(model, input_shape, batch_size, "float64", seed, input_fn)
-    values = [tf.identity(v) for v in model.trainable_variables]
-    fixed = [tf.identity(v) for v in model.non_trainable_variables]
+    values = [ops.convert_to_numpy(v) for v in model.trainable_variables]
+    fixed = [ops.convert_to_tensor(v) for v in model.non_trainable_variables]
+
+    def loss(*trainable):
+        y, _ = model.stateless_call(list(trainable), fixed, x, training=training)
+        return numerics.mean(half_squared_error(t, y))
+
+    _, theoretical = compiled(lambda *values: backend.value_and_gradients(loss, list(values)))(
+        *values
+    )
+    evaluate = compiled(loss)
+    delta = tolerances.FINITE_DIFFERENCE_DELTA
     for i, v in enumerate(model.trainable_variables):
-
-        def loss_at(value, i=i):
-            trainable = values[:i] + [value] + values[i + 1 :]
-            y, _ = model.stateless_call(trainable, fixed, x, training=training)
-            return tf.reduce_mean(half_squared_error(t, y))
-
-        theoretical, numerical = tf.test.compute_gradient(
-            loss_at, [values[i]], delta=tolerances.FINITE_DIFFERENCE_DELTA
-        )
-        err = tolerances.relative_error(theoretical[0], numerical[0])
+        numerical = np.zeros(values[i].size)
+        for j in range(values[i].size):
+            ends = []
+            for step in (delta, -delta):
+                moved = values[i].copy().reshape(-1)
+                moved[j] += step
+                trainable = [*values[:i], moved.reshape(values[i].shape), *values[i + 1 :]]
+                ends.append(float(ops.convert_to_numpy(evaluate(*trainable))))
+            numerical[j] = (ends[0] - ends[1]) / (2 * delta)
+        err = tolerances.relative_error(ops.convert_to_numpy(theoretical[i]).reshape(-1), numerical)
         assert err <= tolerances.FINITE_DIFFERENCE_RTOL, (
             f"finite differences: gradient of {v.path} relative error {err:.3g} "
             f"> {tolerances.FINITE_DIFFERENCE_RTOL}"
@@ -156,9 +233,10 @@ def _check_finite_differences(
 def _fit_update(model: keras.Model, x, t, optimizer, **compile_args) -> list[np.ndarray]:
     """The update ``w_before - w_after`` of one ``train_on_batch`` step."""
     model.compile(optimizer=optimizer, loss=half_squared_error, **compile_args)
-    before = [np.asarray(v) for v in model.trainable_variables]
+    before = [ops.convert_to_numpy(v) for v in model.trainable_variables]
     model.train_on_batch(x, t)
-    return [b - np.asarray(v) for b, v in zip(before, model.trainable_variables, strict=True)]
+    after = [ops.convert_to_numpy(v) for v in model.trainable_variables]
+    return [b - a for b, a in zip(before, after, strict=True)]
 
 
 def _check_fit_modes(make_layer, input_shape, batch_size, seed, input_fn, training) -> None:
@@ -174,16 +252,17 @@ def _check_fit_modes(make_layer, input_shape, batch_size, seed, input_fn, traini
         "jit_compile": {"jit_compile": True},
     }
     for mode, compile_args in modes.items():
-        if training and mode != "eager":
-            # Under XLA the stateless random ops draw other numbers than eagerly (for
+        if training and mode != "eager" and BACKEND == "tensorflow":
+            # Under XLA TensorFlow's stateless random ops draw other numbers than eagerly (for
             # keras.layers.Dropout too): compare with the reference route compiled the same way.
+            # JAX's random numbers are the same compiled or not.
             set_model_state(template, state)
             compiled = tf.function(
                 lambda x, t: loss_gradients(template, x, t, reference=True, training=True),
                 jit_compile=compile_args["jit_compile"],
                 autograph=False,
             )
-            refs = [np.asarray(g) for g in compiled(x, t)]
+            refs = [ops.convert_to_numpy(g) for g in compiled(x, t)]
             state_after = model_state(template)
         model = build_model(make_layer, input_shape, "float32")
         model.set_weights(template.get_weights())
@@ -234,7 +313,7 @@ def _check_saving(make_layer, input_shape, batch_size, seed, input_fn, training,
     model.save(path)
     loaded = keras.models.load_model(path)
     assert type(loaded.layers[-1]) is type(model.layers[-1])
-    np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
+    np.testing.assert_array_equal(ops.convert_to_numpy(loaded(x)), ops.convert_to_numpy(model(x)))
     if training:  # .keras files do not keep seed generator states (Keras' choice): copy them
         set_model_state(loaded, model_state(model))
     for g, r in zip(
@@ -257,13 +336,13 @@ def _check_per_example_rows(make_layer, input_shape, batch_size, seed, input_fn,
     if not model.trainable_variables:
         return
     x, t = _data(model, input_shape, batch_size, "float64", seed, input_fn)
-    rows = jacobian.per_example_gradients(model, x, t, loss=half_squared_error, flatten=False)
+    rows = compiled(
+        lambda x, t: jacobian.per_example_gradients(
+            model, x, t, loss=half_squared_error, flatten=False
+        )
+    )(x, t)
     for i in range(batch_size):
-        with tf.GradientTape() as tape:
-            with reference_mode():
-                y = model(x[i : i + 1], training=False)
-            loss = tf.reduce_sum(half_squared_error(t[i : i + 1], y))
-        refs = tape.gradient(loss, model.trainable_variables)
+        refs = model_gradients(model, x[i : i + 1], t[i : i + 1], True, False, regularization=False)
         assert_gradients_close(
             [g[i] for g in rows],
             refs,
