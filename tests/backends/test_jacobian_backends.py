@@ -230,3 +230,47 @@ def test_a_masked_model_is_refused_naming_autodiff():
     model = keras.Model(x_in, layers.Dense(2)(layers.Flatten()(h)))
     with pytest.raises(ValueError, match="mask_zero=True.*jax.jacrev"):
         jacobian.parameter_jacobian(model, np.ones((2, 4), dtype="int32"))
+
+
+def test_layer_jacobians_chain_to_autodiffs_jacobians():
+    """Step 2's factors of one sample multiply out to the Jacobians: ``D2 W2^T D1 W1^T`` is
+    ``J_x z`` (the backend's autodiff through stock ops) and ``D2 W2^T D1 [I (x) a^T | I]``
+    the first layer's block of ``parameter_jacobian``, in float64."""
+    backend.require_float64("this float64 comparison")
+    model = keras.Sequential(
+        [
+            keras.Input((4,), dtype="float64"),
+            layers.Dense(5, activation="sigmoid", dtype="float64"),
+            layers.Dense(3, dtype="float64"),
+        ]
+    )
+    x = np.random.default_rng(2).normal(size=(1, 4))
+    f = {k: ops.convert_to_numpy(v) for k, v in jacobian.layer_jacobians(model, x[0]).items()}
+    head = f["dense_1: D"] @ f["dense_1: W^T"] @ f["dense: D"]
+
+    def z(x):
+        with reference_mode():
+            return model(x)
+
+    (j_x,) = backend.jacobians(z, [x])
+    assert_close(head @ f["dense: W^T"], ops.convert_to_numpy(j_x)[0, :, 0], "float64")
+    block = ops.convert_to_numpy(jacobian.parameter_jacobian(model, x))[0, :, :25]
+    assert_close(head @ f["dense: [I (x) a^T | I]"], block, "float64")
+
+
+def test_a_float64_model_without_x64_is_refused_naming_the_switch(backend, monkeypatch):
+    """On JAX a float64 model computes in float32 unless x64 is enabled: the functions refuse it
+    and say how to enable x64, instead of returning float32 numbers for a float64 model."""
+    if backend != "jax":
+        pytest.skip("TensorFlow always computes float64 in float64: there is no switch to name")
+    from tf_jacbp.backend import jax as jax_backend
+
+    monkeypatch.setattr(jax_backend, "float64_enabled", lambda: False)
+    model, x = image_model("float64"), images("float64")
+    for call in (
+        lambda: jacobian.parameter_jacobian(model, x),
+        lambda: jacobian.per_example_gradients(model, x, LABELS, loss=cross_entropy("float64")),
+        lambda: jacobian.per_example_gradient_norms(model, x, LABELS, cross_entropy("float64")),
+    ):
+        with pytest.raises(RuntimeError, match="jax_enable_x64"):
+            call()

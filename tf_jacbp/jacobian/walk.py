@@ -61,8 +61,12 @@ def forward(
     """Run the model map by map (a layer's ``jacobian_ops``, e.g. Dense then its activation),
     recording each map with its input and output. Returns ``(records, z[L], key of z[L])``.
 
-    ``x`` is checked against the model's input shape (``check_x``; errors name ``owner``)."""
+    ``x`` is checked against the model's input shape (``check_x``; errors name ``owner``). A
+    model with float64 layers needs float64 to be float64 (on JAX: x64 enabled), else a
+    RuntimeError says how to enable it (``backend.require_float64``)."""
     nodes, input_key, output_key = graph(model, owner)
+    if any(dtype_name(node.layer.compute_dtype) == "float64" for node in nodes):
+        backend.require_float64(f"{owner} on model '{model.name}' (float64 layers)")
     records = Records()
     records.variables = validated_variables(model)
     first = nodes[0].layer  # integer ids stay integers (float16 holds them only up to 2048)
