@@ -1,0 +1,209 @@
+"""The rest of Keras' stack with tf_jacbp layers, on each backend (issue 22 item 3).
+
+* ``.keras`` files cross backends: a model trained on one backend, saved, loads on the other
+  with the same weights (bit for bit), predicts the same and takes the same next training step,
+  in float32 and float64. The other backend runs in a subprocess (a process has one Keras
+  backend), this file being its script (``python test_stack_backends.py save|load ...``).
+* Mixed precision (``mixed_float16``, ``mixed_bfloat16``) trains, with float32 variables and
+  gradients within the compute dtype's tolerance of the float32 model's.
+* ``keras.distribution.DataParallel`` on two host devices (JAX; a subprocess with
+  ``XLA_FLAGS=--xla_force_host_platform_device_count=2``): a step on a batch split over the two
+  devices gives the single-device step's weights.
+* Importing tf_jacbp on JAX imports no TensorFlow, and what stays TensorFlow-only raises on JAX
+  an error naming the alternative (docs/backends.md).
+
+The cross-backend cases need both TensorFlow and JAX in one environment, as ``.ci/run``'s JAX
+part has (``tensorflow-cpu`` beside JAX there for this); the whole suite's TensorFlow-only
+environment skips them with that reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from tf_jacbp import backend as jb
+from tf_jacbp import layers, losses, tolerances
+
+HERE = Path(__file__).resolve()
+SUBPROCESS_TIMEOUT_S = 300
+BACKENDS = ("tensorflow", "jax")
+# A saved model's predictions on another backend: the same weights through other kernels, so
+# rounding only: a few units in the last place of the dtype, summed over a dozen layers.
+PREDICTION_RTOL = {"float32": 1e-6, "float64": tolerances.RTOL["float64"]}
+
+
+def installed(module: str) -> bool:
+    """Whether ``module`` can be imported in this environment."""
+    return importlib.util.find_spec(module) is not None
+
+
+def other_backend() -> str:
+    """The supported backend this process is not running on."""
+    return next(b for b in BACKENDS if b != keras.backend.backend())
+
+
+def needs_other_backend():
+    """Skip (naming where the case runs) when the other backend is not installed here."""
+    other = other_backend()
+    if not installed(other):
+        pytest.skip(
+            f"needs {other} installed beside {keras.backend.backend()}: runs in .ci/run's JAX "
+            "part, whose environment has both"
+        )
+
+
+def run_here_as_script(args: list[str], keras_backend: str, **env: str) -> None:
+    """Run this file as a script (``__main__`` below) on ``keras_backend`` in a fresh process."""
+    environment = {**os.environ, "KERAS_BACKEND": keras_backend, **env}
+    result = subprocess.run(
+        [sys.executable, str(HERE), *args],
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
+        env=environment,
+        cwd=HERE.parents[2],
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+
+def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    """``||actual - expected|| / ||expected||`` (Frobenius), as tf_jacbp.tolerances measures."""
+    actual, expected = np.asarray(actual, "float64"), np.asarray(expected, "float64")
+    return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-300))
+
+
+# --- .keras files across backends ------------------------------------------------------------
+
+
+def stack_model(dtype: str) -> keras.Model:
+    """A functional model of tf_jacbp layers on ``(8, 8, 2)`` images, ``dtype`` throughout:
+    convolutions (tied and untied bias, transposed), batch and layer normalization, a skip,
+    max and average pooling, Dense layers, a softmax."""
+    x = keras.Input((8, 8, 2), dtype=dtype)
+    h = layers.Conv2D(3, 3, padding="same", activation="relu", dtype=dtype)(x)
+    h = layers.BatchNormalization(dtype=dtype)(h)
+    skip = layers.Conv2D(3, 3, padding="same", use_bias=False, dtype=dtype)(h)
+    h = layers.Add(dtype=dtype)([skip, h])
+    h = layers.MaxPooling2D(2, dtype=dtype)(h)
+    h = layers.Conv2D(4, 2, bias="untied", activation="relu", dtype=dtype)(h)
+    h = layers.AveragePooling2D(2, strides=1, padding="same", dtype=dtype)(h)
+    h = layers.Conv2DTranspose(4, 3, padding="same", activation="relu", dtype=dtype)(h)
+    h = layers.Flatten(dtype=dtype)(h)
+    h = layers.Dense(16, activation="relu", dtype=dtype)(h)
+    h = layers.LayerNormalization(dtype=dtype)(h)
+    h = layers.Dense(5, dtype=dtype)(h)
+    h = layers.Softmax(dtype=dtype)(h)
+    return keras.Model(x, h, name=f"stack_{dtype}")
+
+
+def stack_data(dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """32 fixed images and labels of 5 classes."""
+    rng = np.random.default_rng(22)
+    return rng.normal(size=(32, 8, 8, 2)).astype(dtype), rng.integers(0, 5, size=32)
+
+
+@contextlib.contextmanager
+def floatx(dtype: str):
+    """Keras' default float dtype set to ``dtype`` for the block: ``fit`` and ``predict`` cast
+    float arrays to ``floatx()`` on every backend (float64 data would reach a float64 model
+    rounded to float32)."""
+    if dtype == "float64":
+        jb.require_float64("The float64 saving test")
+    before = keras.config.floatx()
+    keras.config.set_floatx(dtype)
+    try:
+        yield
+    finally:
+        keras.config.set_floatx(before)
+
+
+def save_trained(path: Path, dtype: str) -> None:
+    """Build, train two epochs and save ``path/model.keras``; then record the predictions and
+    the weights after one more step (``path/saved.npz``)."""
+    with floatx(dtype):
+        keras.utils.set_random_seed(0)
+        model = stack_model(dtype)
+        model.compile(
+            # binary fractions: Keras keeps the learning rate in a float32 variable and the
+            # momentum as a Python float, and the backends round 0.05 or 0.9 differently
+            # (1e-8 apart in float64); 2^-4 and 7/8 are exact in both.
+            optimizer=keras.optimizers.SGD(2**-4, momentum=0.875),
+            loss=losses.SparseCategoricalCrossentropy(),
+        )
+        x, y = stack_data(dtype)
+        model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+        model.save(path / "model.keras")
+        record(model, path / "saved.npz")
+
+
+def load_saved(path: Path, dtype: str) -> None:
+    """Load ``path/model.keras``; record its predictions and its weights after one more step
+    (``path/loaded.npz``)."""
+    with floatx(dtype):
+        model = keras.saving.load_model(path / "model.keras")
+        record(model, path / "loaded.npz")
+
+
+def record(model: keras.Model, file: Path) -> None:
+    """Save the model's predictions on the fixed data, its weights, and its weights after one
+    ``train_on_batch`` step, to ``file``."""
+    x, y = stack_data(model.inputs[0].dtype)
+    arrays = {"prediction": model.predict(x, verbose=0)}
+    arrays.update(
+        {f"weight_{i}": keras.ops.convert_to_numpy(w) for i, w in enumerate(model.weights)}
+    )
+    model.train_on_batch(x[:8], y[:8])
+    arrays.update(
+        {f"stepped_{i}": keras.ops.convert_to_numpy(w) for i, w in enumerate(model.weights)}
+    )
+    np.savez(file, **arrays)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("direction", ["saved_here", "saved_there"])
+def test_keras_file_moves_between_backends(direction, dtype, tmp_path):
+    """Trained and saved on one backend, loaded on the other: identical weights, predictions
+    within ``PREDICTION_RTOL`` (1e-6 float32, 1e-12 float64), and the next SGD-with-momentum
+    step (optimizer state restored: the update is ``-lr * (momentum * v + g)``) within the
+    dtype's gradient tolerance, variable by variable."""
+    needs_other_backend()
+    if direction == "saved_here":
+        save_trained(tmp_path, dtype)
+        run_here_as_script(["load", str(tmp_path), dtype], other_backend())
+    else:
+        run_here_as_script(["save", str(tmp_path), dtype], other_backend())
+        load_saved(tmp_path, dtype)
+    saved, loaded = np.load(tmp_path / "saved.npz"), np.load(tmp_path / "loaded.npz")
+    assert sorted(saved.files) == sorted(loaded.files)
+    for name in saved.files:
+        assert saved[name].dtype == loaded[name].dtype, name
+        if name.startswith("weight_"):
+            np.testing.assert_array_equal(loaded[name], saved[name], err_msg=name)
+    assert saved["prediction"].dtype == dtype
+    error = relative_error(loaded["prediction"], saved["prediction"])
+    assert error <= PREDICTION_RTOL[dtype], f"predictions differ by {error:.2e}"
+    for name in (n for n in saved.files if n.startswith("weight_")):
+        after = name.replace("weight_", "stepped_")
+        step, step_there = saved[after] - saved[name], loaded[after] - loaded[name]
+        error = relative_error(step_there, step)
+        assert error <= tolerances.RTOL[dtype], f"the step of {name}: {error:.2e}"
+
+
+if __name__ == "__main__":
+    command, where, *rest = sys.argv[1:]
+    if command == "save":
+        save_trained(Path(where), *rest)
+    elif command == "load":
+        load_saved(Path(where), *rest)
+    else:
+        raise SystemExit(f"unknown command {command!r}: save, load")
