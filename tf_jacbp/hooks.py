@@ -49,6 +49,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 from keras import ops
 
 from tf_jacbp import backend
@@ -265,17 +266,18 @@ def report_bad_input(
 
     ``record`` is ``owner``'s, made by ``tf_jacbp.backend.label_record`` outside any trace;
     ``all_ok`` (boolean scalar) is the check, ``first_bad`` the first offending value and
-    ``count`` how many there are. The step writes ``[1, first_bad, count]`` into ``record`` when
-    ``all_ok`` is false (``backend.record_bad_input``), the optimizer's update traced in the same
-    step is skipped, and after the step ``_raise_recorded_bad_input`` raises
-    ``backend.label_error`` with ``message`` (``"...; found y_true"``-like: ``" = value"``
-    follows). Does nothing outside such a step and under a ``tf.distribute`` strategy.
+    ``count`` how many there are. The step writes ``[1, first_bad, count]`` (float64; float32 on
+    JAX without x64) into ``record`` when ``all_ok`` is false (``backend.record_bad_input``), the
+    optimizer's update traced in the same step is skipped, and after the step
+    ``_raise_recorded_bad_input`` raises ``backend.label_error`` with ``message`` followed by
+    ``" = value"`` (so ``message`` ends like ``"...; found y_true"``). Does nothing outside such
+    a step and under a ``tf.distribute`` strategy.
     """
     step = running_step()
     if step is None or not step.xla or backend.has_distribution_strategy():
         return
-    values = (ops.ones((), "float64"), ops.cast(first_bad, "float64"), ops.cast(count, "float64"))
-    seen = ops.stack(values)
+    dtype = "float64" if backend.float64_enabled() else "float32"  # JAX without x64: float32
+    seen = ops.stack([ops.ones((), dtype), ops.cast(first_bad, dtype), ops.cast(count, dtype)])
     written = backend.record_bad_input(record, all_ok, seen)
     _records_of_trace.setdefault(backend.traced_graphs()[0], []).append(written)
     owners = _owners_of_model.setdefault(step.model, weakref.WeakKeyDictionary())
@@ -288,7 +290,7 @@ def _raise_recorded_bad_input(model: keras.Model) -> None:
     for record, message in list(_owners_of_model.get(model, {}).values()):
         flag, value, count = backend.read_record(record)
         if flag:
-            record.assign(ops.zeros((3,), "float64"))
+            record.assign(np.zeros(3))
             raise backend.label_error(
                 f"{message} = {value:g} ({count:g} offending value(s)). The batch came in a step "
                 "compiled with XLA, which cannot stop itself: that step applied no update "

@@ -19,6 +19,10 @@ stops a graph-mode ``fit``; on JAX it reads a row of NaN and stops the compiled 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -307,3 +311,51 @@ def test_an_unattached_jax_step_with_a_bad_id_has_a_nan_loss(backend):
     else:
         with pytest.raises(STEP_ERROR, match=r"every id must lie in .* = \[-5, 5\)"):
             model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False)
+
+
+DATA_PARALLEL = """
+import numpy as np, keras, tf_jacbp
+from tf_jacbp import layers, losses
+devices = keras.distribution.list_devices()
+assert len(devices) == 2, devices
+keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+keras.utils.set_random_seed(0)
+model = keras.Sequential([keras.Input((4,)), layers.Dense(6, activation="relu"), layers.Dense(3)])
+model.compile("adam", losses.SparseCategoricalCrossentropy(from_logits=True))
+tf_jacbp.hooks.attach(model)
+rng = np.random.default_rng(0)
+x = rng.normal(size=(16, 4)).astype("float32")
+y = rng.integers(0, 3, 16).astype("float32")
+model.fit(x[:8], y[:8], batch_size=8, verbose=0)
+before = [np.array(w) for w in model.get_weights()]
+y[13] = 9
+try:
+    model.fit(x[8:], y[8:], batch_size=8, verbose=0)
+    raise SystemExit("no error")
+except ValueError as err:
+    assert "found y_true = 9 " in str(err), err
+for b, a in zip(before, model.get_weights(), strict=True):
+    np.testing.assert_array_equal(a, b)
+assert int(np.array(model.optimizer.iterations)) == 1
+print("stopped")
+"""
+
+
+def test_a_data_parallel_jax_step_stops_on_a_bad_label(backend):
+    """``keras.distribution.DataParallel`` over two host devices (a subprocess: the device count
+    is fixed when JAX starts): the batch is split, the record still reaches the host once, the
+    step applies nothing and fit stops."""
+    if backend != "jax":
+        pytest.skip(
+            "keras.distribution is Keras' JAX distribution; TensorFlow's tf.distribute "
+            "steps do not record (tf_jacbp.hooks.report_bad_input)"
+        )
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": "jax",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", DATA_PARALLEL], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0 and "stopped" in result.stdout, result.stderr[-3000:]
