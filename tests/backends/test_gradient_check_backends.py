@@ -225,3 +225,33 @@ def test_on_jax_the_twin_refuses_float32_posing_as_float64(backend, monkeypatch)
         assert tb.float64_enabled()
         records = GradientCheck((x, y), verbose=0).check_now(model)
         assert all(r.passed for r in records)
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_dropout_masks_are_replayed_in_the_twin_under_each_policy(backend, policy):
+    """Keras' Dropout between tf_jacbp layers: the twin draws the model's own mask, so the
+    rounding-floor criterion applies (not the fixed tolerance) and every check passes, in the
+    policy's dtype as in float32."""
+    keras.utils.set_random_seed(4)
+    x, y = data(64)
+    model = keras.Sequential(
+        [
+            keras.Input((N_FEATURES,)),
+            layers.Dense(8, activation="tanh", name="first", dtype=policy),
+            keras.layers.Dropout(0.3, seed=1, dtype=policy),
+            layers.Dense(N_CLASSES, name="last", dtype=policy),
+        ],
+        name="dropped",
+    )
+    model.compile(
+        keras.optimizers.SGD(0.05), losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+    check = GradientCheck((x[:16], y[:16]), every_n_batches=2, verbose=0)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[check])
+    assert check._witnesses.twin.replays_dropout
+    assert len(check.records) == 3 * len(model.trainable_variables)  # steps 0, 2, 4
+    compute = "bfloat16" if policy == "mixed_bfloat16" else "float32"
+    for r in check.records:
+        assert r.passed and r.criterion == "rounding_floor", r
+        assert r.tolerance_dtype == compute and r.gradient_dtype == "float32"
+        assert r.float64_rel_err <= tolerances.rtol("float64"), r
