@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -79,6 +80,63 @@ def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
     """``||actual - expected|| / ||expected||`` (Frobenius), as tf_jacbp.tolerances measures."""
     actual, expected = np.asarray(actual, "float64"), np.asarray(expected, "float64")
     return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-300))
+
+
+# --- no TensorFlow on JAX -------------------------------------------------------------------
+
+IMPORT_EVERY_MODULE = """
+import importlib, importlib.abc, json, pkgutil, sys
+
+attempts = []
+
+
+class NoTensorFlow(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "tensorflow":
+            attempts.append(name)
+            raise ModuleNotFoundError(f"No module named {name!r} (the GPU machine has none)")
+        return None
+
+
+sys.meta_path.insert(0, NoTensorFlow())
+import tf_jacbp
+
+names = ["tf_jacbp"] + sorted(
+    m.name for m in pkgutil.walk_packages(tf_jacbp.__path__, "tf_jacbp.")
+    if m.name != "tf_jacbp.backend.tensorflow"
+)
+failures = {}
+for name in names:
+    try:
+        importlib.import_module(name)
+    except Exception as err:  # noqa: BLE001 - reported by name
+        failures[name] = f"{type(err).__name__}: {err}"
+    if attempts and "tensorflow" not in failures.get(name, ""):
+        failures[name] = f"tried to import {attempts[0]}" + (
+            f" ({failures[name]})" if name in failures else ""
+        )
+        attempts.clear()
+print(json.dumps({"modules": len(names), "failures": failures}))
+"""
+
+
+def test_every_module_imports_on_jax_without_tensorflow():
+    """With ``KERAS_BACKEND=jax`` and TensorFlow made uninstalled (the GPU machine has none),
+    every module of tf_jacbp imports and none tries to import TensorFlow; only
+    ``tf_jacbp.backend.tensorflow`` is TensorFlow's by design."""
+    if not installed("jax"):
+        pytest.skip("needs jax: runs in .ci/run's JAX part")
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORT_EVERY_MODULE],
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
+        env={**os.environ, "KERAS_BACKEND": "jax"},
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["modules"] > 50, report
+    assert report["failures"] == {}, json.dumps(report["failures"], indent=1)
 
 
 # --- .keras files across backends ------------------------------------------------------------
@@ -199,11 +257,93 @@ def test_keras_file_moves_between_backends(direction, dtype, tmp_path):
         assert error <= tolerances.RTOL[dtype], f"the step of {name}: {error:.2e}"
 
 
+# --- data parallelism: keras.distribution on two host devices -------------------------------
+
+
+def small_cnn(dtype: str) -> keras.Model:
+    """Conv2D, batch normalization (its batch moments must span the whole batch, not one
+    device's half), max pooling, Dense: the layers a data-parallel LeNet uses."""
+    return keras.Sequential(
+        [
+            keras.Input((8, 8, 2), dtype=dtype),
+            layers.Conv2D(4, 3, activation="relu", dtype=dtype),
+            layers.BatchNormalization(dtype=dtype),
+            layers.MaxPooling2D(2, dtype=dtype),
+            layers.Flatten(dtype=dtype),
+            layers.Dense(5, dtype=dtype),
+        ]
+    )
+
+
+def data_parallel_step(out: Path) -> None:
+    """One SGD(1) step on 8 examples without a distribution, then the same step from the same
+    weights under ``DataParallel`` over the two host devices (4 examples each); write the
+    variables' relative differences and the devices each variable lives on to ``out``."""
+    import jax
+
+    dtype = "float64"
+    with floatx(dtype):
+        x, y = stack_data(dtype)
+        x, y = x[:8], y[:8]
+        devices = jax.devices("cpu")
+
+        def step(model: keras.Model) -> list[np.ndarray]:
+            model.compile(
+                optimizer=keras.optimizers.SGD(1.0),
+                loss=losses.SparseCategoricalCrossentropy(from_logits=True),
+            )
+            model.train_on_batch(x, y)
+            return [keras.ops.convert_to_numpy(w) for w in model.weights]
+
+        keras.utils.set_random_seed(0)
+        single = small_cnn(dtype)
+        start = single.get_weights()
+        expected = step(single)
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+        parallel = small_cnn(dtype)
+        parallel.set_weights(start)
+        actual = step(parallel)
+        spans = [len(w.value.sharding.device_set) for w in parallel.weights]
+    result = {
+        "devices": len(devices),
+        "spans": spans,
+        "errors": [
+            relative_error(a - w0, e - w0) for a, e, w0 in zip(actual, expected, start, strict=True)
+        ],
+        "moved": [float(np.abs(e - w0).max()) for e, w0 in zip(expected, start, strict=True)],
+    }
+    out.write_text(json.dumps(result))
+
+
+@pytest.mark.slow
+def test_data_parallel_step_equals_the_single_device_step(backend, tmp_path):
+    """``keras.distribution.DataParallel`` over two host devices: every variable (kernels,
+    biases, batch normalization's scale, offset and moving moments) moves as in a step on one
+    device, to float64's tolerance, and lives on both devices. JAX's: TensorFlow's Keras has no
+    ``keras.distribution``; its data parallelism, ``tf.distribute``, is
+    tests/system/test_distribute.py's."""
+    if backend != "jax":
+        pytest.skip("keras.distribution is Keras' JAX API; TensorFlow: test_distribute.py")
+    out = tmp_path / "data_parallel.json"
+    run_here_as_script(
+        ["data-parallel", str(out)],
+        "jax",
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    )
+    result = json.loads(out.read_text())
+    assert result["devices"] == 2 and set(result["spans"]) == {2}, result
+    assert min(result["moved"]) > 0, "every variable must change in the step"
+    for i, error in enumerate(result["errors"]):
+        assert error <= tolerances.RTOL["float64"], f"variable {i}: {error:.2e}"
+
+
 if __name__ == "__main__":
     command, where, *rest = sys.argv[1:]
     if command == "save":
         save_trained(Path(where), *rest)
     elif command == "load":
         load_saved(Path(where), *rest)
+    elif command == "data-parallel":
+        data_parallel_step(Path(where))
     else:
-        raise SystemExit(f"unknown command {command!r}: save, load")
+        raise SystemExit(f"unknown command {command!r}: save, load, data-parallel")
