@@ -1,12 +1,14 @@
 """Planted-bug layers: tf_jacbp layers whose backward pass is deliberately wrong.
 
-Every planted-bug layer of the test suite is defined here, with the small classifier they are
-planted in (``Input(6) -> Dense(4, tanh) "first" -> middle -> Dense(3) "last"``, named "net") and
-its data; ``tests/layers/test_planted_bugs.py`` holds the tests about them, and the other test
-modules import the layers they need from here. A planted bug is a user-written layer on the
-public base classes that overrides a product of the contract (``vjp_input`` or ``vjp_params``,
-``tf_jacbp.contract``), or BatchNormalization's ``training_map``: training's backward pass, the
-per-example rows and the norms are all derived from those.
+Every planted-bug layer of the test suite is defined here, or, where written in ``keras.ops``
+only for the tests of both backends, in ``tests/planted_layers.py`` and imported here; with the
+small classifier they are planted in (``Input(6) -> Dense(4, tanh) "first" -> middle -> Dense(3)
+"last"``, named "net") and its data. ``tests/layers/test_planted_bugs.py`` holds the tests about
+them, and the other test modules import the layers they need from here. A planted bug is a
+user-written layer on the public base classes that overrides a product of the contract
+(``vjp_input`` or ``vjp_params``, ``tf_jacbp.contract``), or BatchNormalization's
+``training_map``: training's backward pass, the per-example rows and the norms are all derived
+from those.
 """
 
 from __future__ import annotations
@@ -18,39 +20,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from keras import ops
+from planted_layers import OFF, WrongKernelGradient, one_percent_off  # noqa: F401 (re-exported)
 
 from tf_jacbp import layers, losses, toeplitz
 from tf_jacbp.callbacks import GradientCheck, GradientMismatchError
 from tf_jacbp.layers.normalization_modes import BatchStatistics
 
 N_FEATURES, N_CLASSES = 6, 3
-
-OFF = 1.01
-
-
-def one_percent_off(cls: type, method: str = "vjp", into: str = "dx") -> type:
-    """``cls`` with one product 1% off: ``into="param"`` scales the first parameter product
-    (``vjp_params``), ``"dx"`` the input product (``vjp_input``, every input's for ``Add``).
-    ``method="training_map"`` (BatchNormalization): the map it returns has its ``vjp_params``
-    (``vjp_input``) 1% off."""
-    if method == "training_map":
-        return _training_map_off(cls, into)
-    if into == "param":
-
-        def off(self, *args, **kwargs):
-            grads = super(planted, self).vjp_params(*args, **kwargs)
-            return [OFF * grads[0], *grads[1:]]
-
-        body = {"vjp_params": off}
-    else:
-
-        def off(self, *args):
-            dx = super(planted, self).vjp_input(*args)
-            return [OFF * d for d in dx] if isinstance(dx, list) else OFF * dx
-
-        body = {"vjp_input": off}
-    planted = type(f"OnePercentOff{cls.__name__}", (cls,), body)
-    return planted
 
 
 class ScaledDense(layers.Dense):
@@ -118,28 +94,6 @@ class InfDense(layers.Dense):
         return [ops.cast(inf, grads[0].dtype), *grads[1:]]
 
 
-def _training_map_off(cls: type, into: str) -> type:
-    """``cls`` (a BatchNormalization) whose ``training_map`` has its first parameter product
-    (``into="param"``) or its input product 1% off."""
-
-    def training_map(self, masked=False):
-        inner = super(planted, self).training_map(masked)
-        if into == "param":
-
-            def product(op, *args, **kwargs):
-                grads = type(inner).vjp_params(op, *args, **kwargs)
-                return [OFF * grads[0], *grads[1:]]
-
-            body = {"vjp_params": product}
-        else:
-            body = {"vjp_input": lambda op, *args: OFF * type(inner).vjp_input(op, *args)}
-        off = type(f"OnePercentOff{type(inner).__name__}", (type(inner),), body)
-        return off(inner.epsilon, inner.scale, inner.center, inner.name)
-
-    planted = type(f"OnePercentOff{cls.__name__}", (cls,), {"training_map": training_map})
-    return planted
-
-
 class OffByOneStrideConv2D(layers.Conv2D):
     """The input gradient ``dX = Delta T(K)`` uses ``T(K)`` built for ``stride + 1``.
 
@@ -176,14 +130,6 @@ class NoVarianceTerm(layers.BatchNormalization):
 
     def training_map(self, masked=False):
         return _NoVarianceTermMap(self.epsilon, self.scale, self.center)
-
-
-class WrongKernelGradient(layers.Dense):
-    """A Dense whose backward pass doubles the kernel gradient."""
-
-    def vjp_params(self, *args, **kwargs):
-        dw, *rest = super().vjp_params(*args, **kwargs)
-        return [2 * dw, *rest]
 
 
 class MissingBias(layers.Dense):

@@ -6,6 +6,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from map_cases import ACTIVATION_NAMES as NAMES
+from map_cases import ACTIVATIONS as ALL
+from map_cases import activation_points
 
 from tf_jacbp import activations, tolerances
 from tf_jacbp.contract import DERIVED, JacobianMap
@@ -13,27 +16,11 @@ from tf_jacbp.losses import binary, categorical
 from tf_jacbp.losses.base import Table1Map
 
 RTOL64 = tolerances.rtol("float64")
-NAMES = list(activations._ACTIVATIONS)
-# Configurations with other kinks than the defaults (the plain ReLU reads D from ``a`` alone).
-CONFIGURED = {
-    "relu(max_value, slope, threshold)": lambda: activations.ReLU(1.5, 0.1, 0.2),
-    "relu(negative_slope)": lambda: activations.ReLU(negative_slope=0.25),
-    "elu(alpha)": lambda: activations.ELU(alpha=0.7),
-    "gelu(approximate)": lambda: activations.GELU(approximate=True),
-    "celu(alpha)": lambda: activations.CELU(alpha=2.0),
-}
-ALL = {**{name: (lambda n=name: activations.get(n)) for name in NAMES}, **CONFIGURED}
-# Every kink of the registry and one float64 ulp either side, then drawn points.
-KINKS = [-6.0, -3.0, -1.0, -0.5, -0.2, 0.0, 0.2, 0.5, 1.0, 1.5, 3.0, 6.0]
 
 
 def _points(shape, seed=0):
     """``shape`` float64 values: the kinks and their neighbours first, then normal draws."""
-    near = [v for p in KINKS for v in (np.nextafter(p, -np.inf), p, np.nextafter(p, np.inf))]
-    size = int(np.prod(shape))
-    drawn = 3 * np.random.default_rng(seed).normal(size=size)
-    values = np.concatenate([near, [1e-300, -1e-300], drawn])[:size]
-    return tf.constant(np.random.default_rng(seed + 1).permutation(values).reshape(shape))
+    return tf.constant(activation_points(shape, seed))
 
 
 def _autodiff_products(fn, z, m):

@@ -12,61 +12,17 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from keras import ops
+from planted_layers import (
+    QuarterNormsDense,
+    SignFlippedRowsDense,
+    SwappedAxesWeightedSum,
+    WeightedSum,
+)
 
 from tf_jacbp import contract, jacobian, layers, losses
 from tf_jacbp.testing import check_layer
 
 F64 = "float64"
-
-
-class SignFlippedRowsDense(layers.Dense):
-    """Per-sample products (``sum_batch=False``) with the sign flipped; the batch sum right."""
-
-    def vjp_params(self, m, a, z, kernel, bias=None, sum_batch=True):
-        grads = super().vjp_params(m, a, z, kernel, bias, sum_batch=sum_batch)
-        return grads if sum_batch else [-g for g in grads]
-
-
-class QuarterNormsDense(layers.Dense):
-    """A norm formula returning a quarter of the true squared norm."""
-
-    def squared_norms(self, m, a, z, kernel, bias=None):
-        return [s / 4 for s in super().squared_norms(m, a, z, kernel, bias)]
-
-
-class WeightedSum(layers.JacobianLayer):
-    """``y = x_0 + c x_1`` with a learned ``c`` of shape ``(d,)``: a layer of two inputs."""
-
-    def build(self, input_shape):
-        self.c = self.add_weight(name="c", shape=(input_shape[1][-1],), initializer="ones")
-
-    def jacobian_parameters(self):
-        return [self.c]
-
-    def forward(self, xs, c):
-        return xs[0] + c * xs[1]
-
-    def reference(self, xs, c):
-        return tf.add(xs[0], tf.multiply(c, xs[1]))
-
-    def vjp_input(self, m, xs, y, c):
-        return [m, m * c]
-
-    def vjp_params(self, m, xs, y, c, sum_batch=True):
-        return [ops.einsum("vbd,bd->vd" if sum_batch else "vbd,bd->vbd", m, xs[1])]
-
-    def compute_output_shape(self, input_shape):
-        return input_shape[0]
-
-
-class SwappedAxesWeightedSum(WeightedSum):
-    """The second input's product reads the batch axis where the input axis is meant: the
-    classic slip of a formula first written and tested at batch size = number of inputs."""
-
-    def vjp_input(self, m, xs, y, c):
-        both = ops.stack([m, m * c], axis=1)  # (V, 2, batch, d)
-        return [both[:, 0], ops.flip(both[:, 1], axis=1)]  # sample order reversed in input 1
 
 
 def _dense(cls, dtype):

@@ -4,6 +4,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from map_cases import LOSSES as CASES
+from map_cases import labels
+from map_cases import prediction as _prediction
 
 import tf_jacbp
 from tf_jacbp import layers, losses, tolerances
@@ -13,42 +16,7 @@ BATCH, D = 5, 4
 
 
 def _labels(kind: str) -> np.ndarray:
-    if kind == "sparse":
-        return RNG.integers(0, D, size=(BATCH,))
-    if kind == "onehot":
-        return np.eye(D)[RNG.integers(0, D, size=BATCH)]
-    if kind == "binary":
-        return RNG.uniform(size=(BATCH, D))
-    return RNG.normal(size=(BATCH, D))
-
-
-# (loss, label kind, the model's last layer when from_logits=False)
-CASES = {
-    "CCE logits": (lambda dt: losses.CategoricalCrossentropy(from_logits=True, dtype=dt), "onehot"),
-    "CCE probs": (lambda dt: losses.CategoricalCrossentropy(dtype=dt), "onehot"),
-    "CCE smoothing": (
-        lambda dt: losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1, dtype=dt),
-        "onehot",
-    ),
-    "SCCE logits": (
-        lambda dt: losses.SparseCategoricalCrossentropy(from_logits=True, dtype=dt),
-        "sparse",
-    ),
-    "SCCE probs": (lambda dt: losses.SparseCategoricalCrossentropy(dtype=dt), "sparse"),
-    "BCE logits": (lambda dt: losses.BinaryCrossentropy(from_logits=True, dtype=dt), "binary"),
-    "BCE probs": (lambda dt: losses.BinaryCrossentropy(dtype=dt), "binary"),
-    "SquaredError": (lambda dt: losses.SquaredError(dtype=dt), "real"),
-    "MeanSquaredError": (lambda dt: losses.MeanSquaredError(dtype=dt), "real"),
-}
-
-
-def _prediction(loss, z):
-    """Logits for ``from_logits`` losses, else probabilities through our activation layers."""
-    if getattr(loss, "from_logits", True):
-        return z
-    if isinstance(loss, losses.BinaryCrossentropy):
-        return layers.Sigmoid(dtype=z.dtype.name)(z)
-    return layers.Softmax(dtype=z.dtype.name)(z)
+    return labels(kind, RNG, BATCH, D)
 
 
 def _grad(loss, y, z, reference):

@@ -10,6 +10,11 @@ TensorFlow's own gradient kernel decides a kink or an underflow (ELU and SELU at
 ``e^z - 1`` rounds to zero), ``f'`` is what that kernel gives, so that float64 gradients equal
 autodiff's of ``keras.activations``.
 The piecewise linear ones (ReLU and the hard functions) are in ``piecewise.py``.
+
+``tanh`` (of ``Tanh``, ``Mish``, ``TanhShrink`` and the approximate ``GELU``) is
+``tf_jacbp.numerics.tanh``: ``keras.ops.tanh`` on TensorFlow; on JAX, where Keras computes it in
+float32, float64 inputs get ``jax.numpy``'s float64 tanh, so the float64 reference route there is
+that float64 computation, not stock Keras'.
 """
 
 from __future__ import annotations

@@ -117,10 +117,11 @@ class Dropout(JacobianLayer):
 
     def draw_seed(self) -> Tensor:
         """The next seed of the generator (advancing it), as Keras' dropout draws it: an int32
-        pair (an int64 state folded by ``floormod(seed, 2^31 - 2)``, as Keras' TensorFlow
-        backend folds it)."""
+        pair on TensorFlow (an int64 state folded by ``floormod(seed, 2^31 - 2)``, as Keras'
+        TensorFlow backend folds it); on JAX the generator's uint32 key data as it is (JAX's
+        random functions take no other)."""
         seed = self.seed_generator.next()
-        if keras.backend.standardize_dtype(seed.dtype) == "int32":
+        if keras.backend.standardize_dtype(seed.dtype) in ("int32", "uint32"):
             return seed
         return ops.cast(ops.mod(seed, _INT32_SEED_MODULUS), "int32")
 

@@ -101,6 +101,8 @@ class _GlobalAverage(_GlobalPooling):
         return numerics.mean(x, axis=self.axes, keepdims=self.keepdims)
 
     def reference(self, x: Tensor) -> Tensor:
+        """``keras.ops.mean`` over the positions (``tf_jacbp.numerics.mean``: on JAX, where Keras
+        sums float64 in float32, a float64 sum)."""
         return numerics.mean(x, axis=self.axes, keepdims=self.keepdims)
 
     def entries(self, x: Tensor, y: Tensor) -> Tensor:

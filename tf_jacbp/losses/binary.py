@@ -45,7 +45,8 @@ def _reference_sigmoid_cross_entropy(y: Tensor, z: Tensor) -> Tensor:
     """TensorFlow's ``sigmoid_cross_entropy_with_logits``, composed of the same stock ops
     (``where`` on ``z >= 0``, so autodiff gives ``s - y`` at ``z = 0`` too), averaged over the
     last axis. Not ``keras.ops.binary_crossentropy``: it would take a sigmoid's input as the
-    logits when ``y_pred`` comes out of a ``Sigmoid`` op."""
+    logits when ``y_pred`` comes out of a ``Sigmoid`` op. The mean is ``tf_jacbp.numerics.mean``
+    (``keras.ops.mean``, but summed in float64 for float64 on JAX, where Keras sums in float32)."""
     positive = z >= 0
     relu_z = ops.where(positive, z, ops.zeros_like(z))
     minus_abs_z = ops.where(positive, -z, z)
@@ -53,6 +54,9 @@ def _reference_sigmoid_cross_entropy(y: Tensor, z: Tensor) -> Tensor:
 
 
 def _reference_binary_cross_entropy(y: Tensor, p: Tensor) -> Tensor:
+    """Keras' clipped ``-y log c - (1 - y) log(1 - c)`` in stock ops, averaged over the last axis
+    by ``tf_jacbp.numerics.mean`` (float64 on JAX too, where ``keras.ops.mean`` sums in
+    float32)."""
     eps = keras.config.epsilon()
     c = ops.clip(p, eps, 1 - eps)
     return -numerics.mean(y * ops.log(c) + (1 - y) * ops.log(1 - c), axis=-1)
