@@ -1,14 +1,16 @@
-"""``tf_jacbp.jacobian`` on every backend: ``parameter_jacobian``, ``per_example_gradients`` and
-``per_example_gradient_norms`` of a small image model against the backend's autodiff through
-stock ops (``tf.GradientTape`` on TensorFlow, ``jax.jacrev``/``jax.value_and_grad`` on JAX, both
-through ``tf_jacbp.backend``), eagerly and compiled, in float64 (<= 1e-12) and float32.
+"""``tf_jacbp.jacobian`` and ``tf_jacbp.geometry`` on every backend.
+
+``parameter_jacobian``, ``per_example_gradients`` and ``per_example_gradient_norms`` of a small
+image model against the backend's autodiff through stock ops (``tf.GradientTape`` on TensorFlow,
+``jax.jacrev`` on JAX, both through ``tf_jacbp.backend.jacobians``), eagerly and compiled, in
+float64 (<= 1e-12) and float32; the window geometry against the backend's stock ``Conv1D``.
 
 The model, ``Dense(sigmoid) -> Conv2D(relu) -> MaxPooling2D -> Flatten -> Dense``, with a softmax
 cross entropy on its logits, uses only ops Keras computes in float64 on JAX (not ``tanh`` or
 ``mean``, which it computes in float32 there). The reference loss is our own float64
 ``logsumexp(z) - z_y`` in ``keras.ops`` (max, exp, log, sum: float64 on both backends), not a
-stock Keras loss; its per-sample gradients come from the reference route (``reference_mode``,
-stock ops only) through ``model.stateless_call``, one sample at a time.
+stock Keras loss; its per-sample gradients are the rows of the Jacobian of the per-sample losses
+through the reference route (``reference_mode``, stock ops only) and ``model.stateless_call``.
 """
 
 import keras
@@ -16,7 +18,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from tf_jacbp import backend, jacobian, layers, losses, tolerances
+from tf_jacbp import backend, geometry, jacobian, layers, losses, tolerances
 from tf_jacbp.layout import vec_parameter_batch
 from tf_jacbp.mode import reference_mode
 
@@ -274,3 +276,26 @@ def test_a_float64_model_without_x64_is_refused_naming_the_switch(backend, monke
     ):
         with pytest.raises(RuntimeError, match="jax_enable_x64"):
             call()
+
+
+@pytest.mark.parametrize("padding", ["valid", "same", "causal"])
+@pytest.mark.parametrize(
+    "size, kernel, stride, dilation", [(8, 2, 2, 1), (9, 3, 1, 2), (6, 4, 3, 1)]
+)
+def test_axis_taps_read_what_the_backends_conv1d_reads(padding, size, kernel, stride, dilation):
+    """Each output of stock ``keras.layers.Conv1D`` with a one-hot kernel tap reads the input at
+    ``geometry.axis_taps`` (0 where the tap falls in the padding), on this backend: JAX's
+    ``"SAME"`` padding splits the zeros as TensorFlow's does (the extra one after)."""
+    x = np.arange(1, size + 1, dtype="float64").reshape(1, size, 1)
+    taps = geometry.axis_taps(size, kernel, stride, padding, dilation)
+    for t in range(kernel):
+        conv = keras.layers.Conv1D(
+            1, kernel, stride, padding, dilation_rate=dilation, use_bias=False, dtype="float64"
+        )
+        conv.build((None, size, 1))
+        one_hot = np.zeros((kernel, 1, 1))
+        one_hot[t] = 1.0
+        conv.set_weights([one_hot])
+        y = ops.convert_to_numpy(conv(x))[0, :, 0]
+        np.testing.assert_array_equal(y, np.where(taps[:, t] >= 0, taps[:, t] + 1, 0))
+        assert len(y) == geometry.output_size(size, kernel, stride, padding, dilation)
