@@ -154,7 +154,8 @@ class GradientCheck(keras.callbacks.Callback):
             (``warnings.warn`` a ``GradientMismatchWarning`` and go on) or ``"log"`` (only
             record).
         finite_differences: also compare with directional finite differences in float64.
-        log_dir: a writable directory for per-variable ``tf.summary`` scalars, or ``None``.
+        log_dir: a writable directory for per-variable ``tf.summary`` scalars, or ``None``
+            (on JAX this needs TensorFlow installed, as Keras' ``TensorBoard`` callback does).
         verbose: 0 is silent; 1 prints ``summary()`` at the end of training.
 
     Example:
