@@ -371,3 +371,43 @@ def test_a_loss_scale_optimizer_is_refused():
     x, y = data(4)
     with pytest.raises(ValueError, match="plain optimizer"):
         model.train_on_batch(x, y)
+
+
+@pytest.mark.slow
+def test_a_short_dp_fit_on_mnist_digits_learns_with_the_norm_witness_passing(backend):
+    """40 DP-SGD steps (clip 1, sigma 0.5, batch 100) on 2,000 of the offline MNIST digits take
+    a 784-32-10 network from chance to over 75% test accuracy, while GradientCheck compares
+    every variable's per-example gradient norms (what DP-SGD clips with) and batch gradient
+    with autodiff at every 10th step, all passing. Measured on 2 shared cores: 82.9% on JAX
+    (32 s with the checks), 83% on TensorFlow."""
+    import warnings
+
+    from tf_jacbp import datasets
+    from tf_jacbp.callbacks import GradientCheck
+    from tf_jacbp.check.records import PER_EXAMPLE_NORMS
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the offline-fallback warning, tested in test_datasets
+        (x, y), (x_test, y_test) = datasets.load_mnist()
+    chosen = np.random.default_rng(0).permutation(len(x))[:2000]  # the file is in digit order
+    x, y = x[chosen].reshape(-1, 784).astype("float32") / 255, y[chosen].astype("int64")
+    x_test, y_test = x_test.reshape(-1, 784).astype("float32") / 255, y_test.astype("int64")
+    keras.utils.set_random_seed(0)
+    net = keras.Sequential(
+        [keras.Input((784,)), layers.Dense(32, activation="relu"), layers.Dense(10)]
+    )
+    model = privacy.make_private(net, 1.0, 0.5, seed=1)
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.5, momentum=0.9),
+        loss=losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    before = model.evaluate(x_test, y_test, verbose=0)[1]
+    check = GradientCheck((x[:8], y[:8]), every_n_batches=10, verbose=0)
+    model.fit(x, y, batch_size=100, epochs=2, verbose=0, callbacks=[check])
+    after = model.evaluate(x_test, y_test, verbose=0)[1]
+    assert before < 0.2 and after > 0.75, (backend, before, after)
+    assert model.privacy_steps == 40
+    norms = [r for r in check.records if r.witness == PER_EXAMPLE_NORMS]
+    assert {r.variable for r in norms} == {v.path for v in model.trainable_variables}
+    assert len(norms) >= 4 * 4 and all(r.passed for r in check.records)  # 4 or more checks
