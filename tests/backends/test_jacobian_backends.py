@@ -299,3 +299,61 @@ def test_axis_taps_read_what_the_backends_conv1d_reads(padding, size, kernel, st
         y = ops.convert_to_numpy(conv(x))[0, :, 0]
         np.testing.assert_array_equal(y, np.where(taps[:, t] >= 0, taps[:, t] + 1, 0))
         assert len(y) == geometry.output_size(size, kernel, stride, padding, dilation)
+
+
+def mlp(dtype: str | None = "float64", out_dtype: str | None = None) -> keras.Sequential:
+    return keras.Sequential(
+        [
+            keras.Input((4,)),
+            layers.Dense(5, activation="elu", dtype=dtype),
+            layers.Dense(3, dtype=out_dtype or dtype),
+        ]
+    )
+
+
+def test_cached_norms_follow_a_new_compiled_loss_and_a_new_activation():
+    """The compiled norms cached per model are traced again when what they froze changes: the
+    compiled loss, and an activation set after the first call (else stale numbers)."""
+    backend.require_float64("this float64 comparison")
+    model = mlp()
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(6, 4)), rng.normal(size=(6, 3))
+
+    def fresh(loss):  # from the per-example gradients: no cache
+        rows = ops.convert_to_numpy(jacobian.per_example_gradients(model, x, y, loss=loss))
+        return np.linalg.norm(rows, axis=1)
+
+    model.compile(loss=losses.MeanSquaredError(dtype="float64"))
+    first = ops.convert_to_numpy(jacobian.per_example_gradient_norms(model, x, y))
+    model.compile(loss=keras.losses.MeanAbsoluteError(dtype="float64"))
+    after = jacobian.per_example_gradient_norms(model, x, y)
+    assert_close(after, fresh(keras.losses.MeanAbsoluteError(dtype="float64")), "float64")
+    assert not np.allclose(ops.convert_to_numpy(after), first)
+    model.layers[0].activation = "sigmoid"
+    again = jacobian.per_example_gradient_norms(model, x, y)
+    assert_close(again, fresh(keras.losses.MeanAbsoluteError(dtype="float64")), "float64")
+    assert not np.allclose(ops.convert_to_numpy(again), ops.convert_to_numpy(after))
+
+
+def test_mixed_precision_products_match_the_float32_twin():
+    """Keras' mixed-precision layout (float16 compute, a float32 output layer): the products
+    come back in float32 and agree with a float32 twin to the float16 tolerance."""
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        model = mlp(dtype=None, out_dtype="float32")
+    finally:
+        keras.config.set_dtype_policy("float32")
+    twin = mlp(dtype="float32")
+    twin.set_weights(model.get_weights())
+    x = np.random.default_rng(1).normal(size=(6, 4)).astype("float32")
+    y = np.array([0, 1, 2, 0, 1, 2])
+    loss = losses.SparseCategoricalCrossentropy(from_logits=True)
+    for f in (
+        lambda m: jacobian.per_example_gradients(m, x, y, loss=loss),
+        lambda m: jacobian.per_example_gradient_norms(m, x, y, loss=loss),
+        lambda m: jacobian.parameter_jacobian(m, x[:2]),
+    ):
+        got, want = f(model), ops.convert_to_numpy(f(twin))
+        assert keras.backend.standardize_dtype(got.dtype) == "float32"
+        err = tolerances.relative_error(ops.convert_to_numpy(got), want, "float16")
+        assert err <= tolerances.rtol("float16"), err
