@@ -12,6 +12,8 @@ the DP step itself uses none (the layers' formulas, ``tf_jacbp.jacobian``'s walk
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -411,3 +413,55 @@ def test_a_short_dp_fit_on_mnist_digits_learns_with_the_norm_witness_passing(bac
     norms = [r for r in check.records if r.witness == PER_EXAMPLE_NORMS]
     assert {r.variable for r in norms} == {v.path for v in model.trainable_variables}
     assert len(norms) >= 4 * 4 and all(r.passed for r in check.records)  # 4 or more checks
+
+
+DATA_PARALLEL = """
+import numpy as np, keras
+from tf_jacbp import layers, losses, privacy
+devices = keras.distribution.list_devices()
+assert len(devices) == 2, devices
+rng = np.random.default_rng(0)
+x, y = rng.normal(size=(16, 5)), rng.integers(0, 4, 16)
+
+
+def train():
+    keras.utils.set_random_seed(3)
+    net = keras.Sequential([keras.Input((5,), dtype="float64"),
+                            layers.Dense(6, activation="relu", dtype="float64"),
+                            layers.Dense(4, dtype="float64")])
+    model = privacy.make_private(net, 0.5, 1.3, seed=11)
+    model.compile(keras.optimizers.SGD(0.1),
+                  losses.SparseCategoricalCrossentropy(from_logits=True, dtype="float64"))
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    return model
+
+
+alone = train()
+keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+parallel = train()
+for a, b in zip(alone.get_weights(), parallel.get_weights(), strict=True):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-12, atol=1e-14)
+assert parallel.privacy_steps == alone.privacy_steps == 2, parallel.privacy_steps
+state = [int(s) for s in parallel.noise_seed.state.numpy()]
+assert state == [int(s) for s in alone.noise_seed.state.numpy()] and state[-1] == 2, state
+print("same update")
+"""
+
+
+def test_a_data_parallel_jax_dp_step_is_the_single_device_step(backend):
+    """``keras.distribution.DataParallel`` over two host devices (a subprocess: the device count
+    is fixed when JAX starts): each device holds half the batch, yet the step is the single
+    device's to 1e-12 (one noise draw, not one per device), the ledger counts each step once
+    and the noise state moves on by one draw a step."""
+    if backend != "jax":
+        pytest.skip("keras.distribution.DataParallel is Keras' JAX distribution")
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": "jax",
+        "JAX_ENABLE_X64": "1",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", DATA_PARALLEL], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0 and "same update" in result.stdout, result.stderr[-3000:]
