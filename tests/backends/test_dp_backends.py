@@ -465,3 +465,30 @@ def test_a_data_parallel_jax_dp_step_is_the_single_device_step(backend):
         [sys.executable, "-c", DATA_PARALLEL], env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0 and "same update" in result.stdout, result.stderr[-3000:]
+
+
+def test_a_float16_model_clips_by_float32_norms():
+    """An all-float16 model: the norms that set the clip factors, and the clipped sum, are
+    float32 computations, so a clipped sample's gradient exceeds C only by the final float16
+    rounding of each entry (a factor of at most 1 + 2^-11)."""
+    keras.utils.set_random_seed(4)
+    net = keras.Sequential(
+        [
+            keras.Input((20,), dtype="float16"),
+            layers.Dense(16, activation="relu", dtype="float16"),
+            layers.Dense(4, dtype="float16"),
+        ]
+    )
+    model = privacy.make_private(net, 1.0, 0.0)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(8, 20)).astype("float16"), rng.integers(0, 4, 8)
+    loss = losses.SparseCategoricalCrossentropy(from_logits=True)
+    _, info = privacy.clipped_gradients(model, x, y, 1e6, loss=loss)
+    assert keras.backend.standardize_dtype(info["norms"].dtype) == "float32"
+    clip = float(np.median(ops.convert_to_numpy(info["norms"]))) / 2  # every sample clipped
+    worst = 0.0
+    for i in range(len(x)):
+        grads, _ = privacy.clipped_gradients(model, x[i : i + 1], y[i : i + 1], clip, loss=loss)
+        norm = np.sqrt(sum(np.sum(np.square(ops.convert_to_numpy(g).astype(F64))) for g in grads))
+        worst = max(worst, norm / clip)
+    assert 1 - 1e-3 <= worst <= 1 + 2.0**-11 + 1e-5, worst
