@@ -42,6 +42,17 @@ before it is clipped; activity regularizers and losses without per-sample values
 error, as does a model with trainable variables that no tf_jacbp layer accounts for. Nothing
 falls back to non-private training.
 
+Backends. Everything here runs on Keras' TensorFlow and JAX backends. On JAX, ``DPModel``'s
+train step is Keras' stateless ``train_step(state, data)``: the layers' formulas read the
+variables' values from the step's state, and what the step advances (the noise generator's draw
+count, the ledger's step count) returns with the new state, so it is saved, resumed and carried
+under ``keras.distribution.DataParallel`` as on TensorFlow. The noise generator keeps all 62
+bits of its seed on both (Philox on TensorFlow, Threefry on JAX); a checkpoint resumes on the
+other backend with new draws, never a replay. ``poisson_batches`` pads batches to a multiple on
+JAX (rows of weight 0), where ``jax.jit`` compiles one step for every batch shape.
+``clipped_gradients(seed=None)`` inside a compiled JAX step raises (an unseeded draw would be a
+constant of the step); give it a ``SeedGenerator``.
+
 The package's modules: ``dpsgd`` (``clipped_gradients``, ``clip_groups``, ``poisson_batches``),
 ``model`` (``DPModel``, ``make_private``), ``noise`` (``fresh_seed``, the secure mode),
 ``accounting`` (``compute_epsilon``, ``epsilon_of_ledger``, ``noise_multiplier_for_epsilon``,

@@ -157,6 +157,9 @@ class DPModel(keras.Model):
     sample's loss before clipping; ``compile(loss_weights=w)`` scales the update (and the logged
     loss) by ``w``, as it scales stock Keras' gradient. The logged loss is the batch's ordinary
     (non-private) mean loss. ``tf_jacbp.callbacks.GradientCheck`` still works during a DP fit.
+
+    Backends: ``train_step`` is TensorFlow's ``train_step(data)`` or, on JAX, Keras' stateless
+    ``train_step(state, data)`` (``_jax_train_step``); both compute the same update.
     """
 
     def __init__(
