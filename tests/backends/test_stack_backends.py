@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 
 from tf_jacbp import backend as jb
-from tf_jacbp import layers, losses, tolerances
+from tf_jacbp import layers, losses, reference_mode, tolerances
 from tf_jacbp.testing import assert_gradients_close, model_gradients
 
 HERE = Path(__file__).resolve()
@@ -310,6 +310,66 @@ def test_mixed_precision_trains(policy):
     )
     history = model.fit(x, y, batch_size=32, epochs=6, shuffle=False, verbose=0).history["loss"]
     assert np.isfinite(history).all() and history[-1] < 0.5 * history[0], history
+
+
+# --- model.export ----------------------------------------------------------------------------
+
+SAVED_MODEL_GRADIENTS = HERE.parents[1] / "system" / "workers" / "saved_model_gradients.py"
+
+
+@pytest.mark.slow
+def test_export_from_jax_keeps_the_custom_gradients(backend, tmp_path):
+    """``model.export`` on JAX (Keras converts with jax2tf, so TensorFlow must be installed):
+    the SavedModel, reloaded by TensorFlow in a fresh process, serves the model's outputs and
+    differentiates through the Jacobian route: with a Dense whose input product is planted 1%
+    off, its input gradient is the planted route's, not autodiff's. The batch size is fixed in
+    ``input_signature`` (docs/backends.md: a symbolic batch size stops at the contract's shape
+    checks). On TensorFlow, tests/system/test_saving.py exports with any batch size."""
+    if backend != "jax":
+        pytest.skip("TensorFlow's model.export is tests/system/test_saving.py's")
+    needs_other_backend()
+    from planted_layers import one_percent_off  # tests/ is on pytest's path, not the script's
+
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 2)),
+            layers.Conv2D(3, 3, activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.Flatten(),
+            one_percent_off(layers.Dense)(4),
+        ]
+    )
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(3, 8, 8, 2)).astype("float32")
+    upstream = rng.normal(size=(3, 4)).astype("float32")
+
+    def input_gradient(reference: bool) -> np.ndarray:
+        def loss(inputs):
+            return keras.ops.sum(model(inputs) * upstream)
+
+        with reference_mode() if reference else contextlib.nullcontext():
+            _, (dx,) = jb.value_and_gradients(loss, [x])
+        return keras.ops.convert_to_numpy(dx)
+
+    signature = [keras.InputSpec(shape=(3, 8, 8, 2), dtype="float32")]
+    model.export(tmp_path / "exported", verbose=False, input_signature=signature)
+    np.savez(tmp_path / "inputs.npz", x=x, upstream=upstream)
+    out = tmp_path / "served.npz"
+    result = subprocess.run(
+        [sys.executable, str(SAVED_MODEL_GRADIENTS), str(out), str(tmp_path / "exported")]
+        + [str(tmp_path / "inputs.npz")],
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
+        env={**os.environ, "KERAS_BACKEND": "tensorflow"},
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    served = np.load(out)
+    rtol = tolerances.RTOL["float32"]
+    assert relative_error(served["0/y"], keras.ops.convert_to_numpy(model(x))) <= rtol
+    jacobian_route, autodiff = input_gradient(False), input_gradient(True)
+    assert relative_error(served["0/dx"], jacobian_route) <= rtol
+    assert relative_error(served["0/dx"], autodiff) > 1e-3, "the export differentiated autodiff"
 
 
 # --- data parallelism: keras.distribution on two host devices -------------------------------
