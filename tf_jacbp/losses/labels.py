@@ -67,7 +67,7 @@ def _guard_labels(y: Tensor, ok: Tensor, loss: keras.losses.Loss, rule: str) -> 
         if not good.all():
             bad = np.asarray(y)[~good]
             raise ValueError(
-                f"{name}: y_true must hold {rule}; found y_true = {float(bad.flat[0]):g} "
+                f"{name}: y_true must hold {rule}; found y_true = {bad.flat[0]!r} "
                 f"({bad.size} offending value(s) of {good.size})."
             )
         return _Guard(y, None, None)
