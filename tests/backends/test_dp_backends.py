@@ -492,3 +492,14 @@ def test_a_float16_model_clips_by_float32_norms():
         norm = np.sqrt(sum(np.sum(np.square(ops.convert_to_numpy(g).astype(F64))) for g in grads))
         worst = max(worst, norm / clip)
     assert 1 - 1e-3 <= worst <= 1 + 2.0**-11 + 1e-5, worst
+
+
+def test_the_privacy_statement_names_this_backends_noise_generator(backend):
+    """The statement's accounting is the same on every backend; its noise line names the
+    generator the noise came from (Philox on TensorFlow, Threefry on JAX)."""
+    text = privacy.privacy_statement(60000, 256, 1.1, 1000, 1e-5, l2_norm_clip=1.0)
+    generator = {"tensorflow": "Philox", "jax": "Threefry"}[backend]
+    assert f"Noise: from a pseudo-random generator ({generator})" in text
+    rdp = privacy.compute_epsilon(1.1, 256 / 60000, 1000, 1e-5, rdp_conversion="classic")
+    line = next(t for t in text.splitlines() if "RDP, classic conversion" in t)
+    assert line.endswith(f"{rdp:10.3f}")  # the first such line: Poisson sampling's

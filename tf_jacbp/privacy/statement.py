@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+from tf_jacbp._backend import BACKEND
 from tf_jacbp.privacy.accounting import (
     _check_delta,
     _check_steps,
@@ -16,6 +17,7 @@ from tf_jacbp.privacy.accounting import (
 )
 from tf_jacbp.privacy.arguments import check_positive
 
+_GENERATOR = {"tensorflow": "Philox", "jax": "Threefry"}  # the noise's (tf_jacbp.privacy.noise)
 _ACCOUNTANTS = (
     ("RDP, classic conversion (TF Privacy's)", "rdp", "classic"),
     ("RDP, improved conversion (dp-accounting's)", "rdp", "improved"),
@@ -119,8 +121,9 @@ def privacy_statement(
         + (
             "from the operating system's cryptographically secure generator (secure_mode)."
             if secure_mode
-            else "from a pseudo-random generator (Philox), not a cryptographically secure "
-            "source; floating-point effects on the Gaussian mechanism are not accounted for."
+            else f"from a pseudo-random generator ({_GENERATOR[BACKEND]}), not a "
+            "cryptographically secure source; floating-point effects on the Gaussian mechanism "
+            "are not accounted for."
         ),
     ]
     if not poisson:
