@@ -29,6 +29,8 @@ of that model and of its optimizer only:
    out of the compiled step by ``jax.debug.callback``, read after a ``jax.effects_barrier()``, and
    a step function that raises first hands the state it was given (or returned) back to the
    model's variables, which Keras' JAX ``fit`` and ``evaluate`` hold outside them during a loop.
+   Reading a record waits for the step: an attached model whose step holds such a check runs
+   its steps one at a time (no asynchronous dispatch ahead), on both backends.
 
 ``GradientCheck`` (``set_model``), ``tf_jacbp.privacy``'s DP models and the builders of
 ``tf_jacbp.models`` attach the models they get; any other model of tf_jacbp layers can be
