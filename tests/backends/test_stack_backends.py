@@ -25,6 +25,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import keras
@@ -370,6 +371,58 @@ def test_export_from_jax_keeps_the_custom_gradients(backend, tmp_path):
     jacobian_route, autodiff = input_gradient(False), input_gradient(True)
     assert relative_error(served["0/dx"], jacobian_route) <= rtol
     assert relative_error(served["0/dx"], autodiff) > 1e-3, "the export differentiated autodiff"
+
+
+# --- what stays TensorFlow's ------------------------------------------------------------------
+
+
+def test_sparse_toeplitz_fallback_is_tensorflows(backend):
+    """A Conv2D whose dense ``T(K)`` step (86 MiB) is over its 32 MiB budget: TensorFlow falls
+    back to the sparse ``T`` (24.9 MiB) and computes what the dense layer computes; JAX has no
+    sparse product, and the layer stops with an error naming the alternative (the budget)."""
+    x = np.random.default_rng(6).normal(size=(2, 64, 64, 1)).astype("float32")
+
+    def conv(budget: int | None) -> keras.Model:
+        keras.utils.set_random_seed(0)
+        return keras.Sequential(
+            [keras.Input((64, 64, 1)), layers.Conv2D(1, 3, toeplitz_budget_bytes=budget)]
+        )
+
+    dense = keras.ops.convert_to_numpy(conv(None)(x))
+    if backend == "jax":
+        with pytest.raises(NotImplementedError, match="TensorFlow-only.*toeplitz_budget"):
+            with warnings.catch_warnings():  # the memory guard's "using a sparse T", if any
+                warnings.simplefilter("ignore", UserWarning)
+                conv(32 * 2**20)(x)
+    else:
+        with pytest.warns(UserWarning, match="using a sparse T instead"):
+            sparse = conv(32 * 2**20)
+        error = relative_error(keras.ops.convert_to_numpy(sparse(x)), dense)
+        assert error <= tolerances.RTOL["float32"], error
+
+
+@pytest.mark.slow
+def test_sizes_unknown_when_the_model_is_built(backend):
+    """``keras.Input((None, None, 2))``: on JAX every step is traced with its sizes known
+    (one trace per size, so TensorFlow's run-time index maps are not needed); on both backends
+    the Jacobian route's gradients at two image sizes agree with the reference route's."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((None, None, 2)),
+            layers.Conv2D(3, 3, activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.GlobalAveragePooling2D(),
+            layers.Dense(2),
+        ]
+    )
+    rng = np.random.default_rng(7)
+    for size in (8, 11):
+        x = rng.normal(size=(4, size, size, 2)).astype("float32")
+        t = rng.normal(size=(4, 2)).astype("float32")
+        grads = model_gradients(model, x, t, reference=False)
+        refs = model_gradients(model, x, t, reference=True)
+        assert_gradients_close(grads, refs, model.trainable_variables, "float32", f"size {size}")
 
 
 # --- data parallelism: keras.distribution on two host devices -------------------------------
