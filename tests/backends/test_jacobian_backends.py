@@ -242,22 +242,22 @@ def test_layer_jacobians_chain_to_autodiffs_jacobians():
     model = keras.Sequential(
         [
             keras.Input((4,), dtype="float64"),
-            layers.Dense(5, activation="sigmoid", dtype="float64"),
-            layers.Dense(3, dtype="float64"),
+            layers.Dense(5, activation="sigmoid", dtype="float64", name="first"),
+            layers.Dense(3, dtype="float64", name="second"),
         ]
     )
     x = np.random.default_rng(2).normal(size=(1, 4))
     f = {k: ops.convert_to_numpy(v) for k, v in jacobian.layer_jacobians(model, x[0]).items()}
-    head = f["dense_1: D"] @ f["dense_1: W^T"] @ f["dense: D"]
+    head = f["second: D"] @ f["second: W^T"] @ f["first: D"]
 
     def z(x):
         with reference_mode():
             return model(x)
 
     (j_x,) = backend.jacobians(z, [x])
-    assert_close(head @ f["dense: W^T"], ops.convert_to_numpy(j_x)[0, :, 0], "float64")
+    assert_close(head @ f["first: W^T"], ops.convert_to_numpy(j_x)[0, :, 0], "float64")
     block = ops.convert_to_numpy(jacobian.parameter_jacobian(model, x))[0, :, :25]
-    assert_close(head @ f["dense: [I (x) a^T | I]"], block, "float64")
+    assert_close(head @ f["first: [I (x) a^T | I]"], block, "float64")
 
 
 def test_a_float64_model_without_x64_is_refused_naming_the_switch(backend, monkeypatch):
