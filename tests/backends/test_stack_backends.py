@@ -9,8 +9,10 @@
 * ``keras.distribution.DataParallel`` on two host devices (JAX; a subprocess with
   ``XLA_FLAGS=--xla_force_host_platform_device_count=2``): a step on a batch split over the two
   devices gives the single-device step's weights.
-* Importing tf_jacbp on JAX imports no TensorFlow, and what stays TensorFlow-only raises on JAX
-  an error naming the alternative (docs/backends.md).
+* Importing tf_jacbp on JAX imports no TensorFlow; ``model.export`` on JAX keeps the Jacobian
+  route; sizes unknown when a model is built train on both (JAX traces each size). The sparse
+  Toeplitz fallback (TensorFlow's, refused on JAX naming the budget) is
+  test_layers_on_backends.py's.
 
 The cross-backend cases need both TensorFlow and JAX in one environment, as ``.ci/run``'s JAX
 part has (``tensorflow-cpu`` beside JAX there for this); the whole suite's TensorFlow-only
@@ -25,7 +27,6 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import keras
@@ -374,31 +375,6 @@ def test_export_from_jax_keeps_the_custom_gradients(backend, tmp_path):
 
 
 # --- what stays TensorFlow's ------------------------------------------------------------------
-
-
-def test_sparse_toeplitz_fallback_is_tensorflows(backend):
-    """A Conv2D whose dense ``T(K)`` step (86 MiB) is over its 32 MiB budget: TensorFlow falls
-    back to the sparse ``T`` (24.9 MiB) and computes what the dense layer computes; JAX has no
-    sparse product, and the layer stops with an error naming the alternative (the budget)."""
-    x = np.random.default_rng(6).normal(size=(2, 64, 64, 1)).astype("float32")
-
-    def conv(budget: int | None) -> keras.Model:
-        keras.utils.set_random_seed(0)
-        return keras.Sequential(
-            [keras.Input((64, 64, 1)), layers.Conv2D(1, 3, toeplitz_budget_bytes=budget)]
-        )
-
-    dense = keras.ops.convert_to_numpy(conv(None)(x))
-    if backend == "jax":
-        with pytest.raises(NotImplementedError, match="TensorFlow-only.*toeplitz_budget"):
-            with warnings.catch_warnings():  # the memory guard's "using a sparse T", if any
-                warnings.simplefilter("ignore", UserWarning)
-                conv(32 * 2**20)(x)
-    else:
-        with pytest.warns(UserWarning, match="using a sparse T instead"):
-            sparse = conv(32 * 2**20)
-        error = relative_error(keras.ops.convert_to_numpy(sparse(x)), dense)
-        assert error <= tolerances.RTOL["float32"], error
 
 
 @pytest.mark.slow
