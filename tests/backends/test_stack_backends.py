@@ -5,7 +5,7 @@
   in float32 and float64. The other backend runs in a subprocess (a process has one Keras
   backend), this file being its script (``python test_stack_backends.py save|load ...``).
 * Mixed precision (``mixed_float16``, ``mixed_bfloat16``) trains, with float32 variables and
-  gradients within the compute dtype's tolerance of the float32 model's.
+  gradients, the Jacobian route within the compute dtype's tolerance of the reference route.
 * ``keras.distribution.DataParallel`` on two host devices (JAX; a subprocess with
   ``XLA_FLAGS=--xla_force_host_platform_device_count=2``): a step on a batch split over the two
   devices gives the single-device step's weights.
