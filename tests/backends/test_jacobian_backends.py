@@ -357,3 +357,21 @@ def test_mixed_precision_products_match_the_float32_twin():
         assert keras.backend.standardize_dtype(got.dtype) == "float32"
         err = tolerances.relative_error(ops.convert_to_numpy(got), want, "float16")
         assert err <= tolerances.rtol("float16"), err
+
+
+def test_a_label_out_of_range_stops_the_norms_called_eagerly():
+    """Called eagerly, the norms run compiled; a label out of range must still stop them (on
+    TensorFlow the compiled assertion raises; on JAX, where the compiled loss is NaN at the bad
+    label and its gradient zero, the loss is checked again eagerly), never zero norms."""
+    model = keras.Sequential([keras.Input((4,)), layers.Dense(3)])
+    x, loss = np.ones((2, 4), "float32"), cross_entropy("float32")
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(jacobian.per_example_gradient_norms(model, x, [0, 2], loss)) > 0,
+        True,
+    )
+    for call in (
+        lambda: jacobian.per_example_gradient_norms(model, x, [0, 7], loss),
+        lambda: jacobian.per_example_gradients(model, x, [0, 7], loss),
+    ):
+        with pytest.raises(Exception, match=r"y_true must hold integer class indices.*7"):
+            call()

@@ -12,12 +12,13 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
+import numpy as np
 from keras import ops
 
 from tf_jacbp import backend
 from tf_jacbp._backend import keras
 from tf_jacbp.jacobian.graph import model_layers
-from tf_jacbp.jacobian.walk import Records, Tensor, output_delta, walk
+from tf_jacbp.jacobian.walk import Records, Tensor, loss_values, output_delta, walk
 
 
 def squared_gradient_norms(
@@ -52,14 +53,15 @@ def squared_gradient_norms(
 
 def _norms(
     model: keras.Model, x: Any, y: Any, loss: Any, per_variable: bool, training: bool
-) -> Tensor:
-    records, output_key, _, _, delta = output_delta(
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(norms, l, z[L])``: the norms, with the per-sample loss and the output they came from."""
+    records, output_key, out, values, delta = output_delta(
         model, x, y, loss, training, "per_example_gradient_norms"
     )
     squared = ops.stack(
         [s for _, s in squared_gradient_norms(model, records, output_key, delta)], 1
     )
-    return ops.sqrt(squared if per_variable else ops.sum(squared, axis=1))
+    return ops.sqrt(squared if per_variable else ops.sum(squared, axis=1)), values, out
 
 
 _COMPILED_NORMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -119,7 +121,7 @@ def per_example_gradient_norms(
         square root of the sum of the squared per-variable norms.
     """
     if not backend.executing_eagerly(x, y):
-        return _norms(model, x, y, loss, per_variable, training)
+        return _norms(model, x, y, loss, per_variable, training)[0]
     key = (_read_at_trace(model, loss), per_variable, training)
     functions = _COMPILED_NORMS.setdefault(model, {})
     if key not in functions:
@@ -128,4 +130,9 @@ def per_example_gradient_norms(
             lambda x, y: _norms(ref(), x, y, loss, per_variable, training),
             lambda: ref().variables,
         )
-    return functions[key](x, y)
+    norms, values, out = functions[key](x, y)
+    if not np.all(np.isfinite(ops.convert_to_numpy(values))):
+        # A compiled loss cannot stop on a bad label on JAX (its value is NaN there, its
+        # gradient zero): the loss at the same output, eagerly, raises the label's error.
+        loss_values(model, y, loss, out, "per_example_gradient_norms")
+    return norms

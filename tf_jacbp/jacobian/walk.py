@@ -223,8 +223,23 @@ def output_delta(
         the key of the output tensor, the output ``(batch, *output_shape)``, ``l`` ``(batch,)``
         and ``delta[L]`` ``(batch, *output_shape)`` in the output's dtype.
     """
-    per_sample, dtype = loss_function(model, loss)
     records, out, output_key = forward(model, x, training, owner)
+    values, total = loss_values(model, y, loss, out, owner)
+    # delta[L] by the backend's autodiff, of the loss alone (Table 1 for the tf_jacbp losses)
+    _, (delta,) = backend.value_and_gradients(total, [out])
+    return records, output_key, out, values, ops.cast(delta, out.dtype)
+
+
+def loss_values(
+    model: keras.Model, y: Any, loss: Any, out: Tensor, owner: str = "tf_jacbp.jacobian"
+) -> tuple[Tensor, Any]:
+    """``(l, total)``: the per-sample loss ``l`` ``(batch,)`` at the output ``out`` (the loss's
+    values before the batch reduction, averaged over any axes past the batch axis), and
+    ``total(z) = sum_i l_i(z_i)``, whose gradient at ``out`` is ``delta[L]``.
+
+    Called eagerly, the loss's own checks of ``y`` (a label out of range) raise here.
+    """
+    per_sample, dtype = loss_function(model, loss)
     if out.shape[0] is not None:  # a traced batch of unknown size is not checked
         y = check_y(y, int(out.shape[0]), owner)
     y = ops.cast(ops.convert_to_tensor(y), dtype or out.dtype)
@@ -248,6 +263,4 @@ def output_delta(
             "need one value per sample. Pass a keras.losses.Loss (its call gives per-sample "
             "values) or a function returning shape (batch,)."
         )
-    # delta[L] by the backend's autodiff, of the loss alone (Table 1 for the tf_jacbp losses)
-    _, (delta,) = backend.value_and_gradients(lambda o: ops.sum(per_sample_values(o)), [out])
-    return records, output_key, out, values, ops.cast(delta, out.dtype)
+    return values, lambda o: ops.sum(per_sample_values(o))
