@@ -678,44 +678,6 @@ __all__ += [
 ]
 
 
-# --- tf_jacbp.jacobian: sparse inputs, compiled functions, autodiff Jacobians ----------------
-
-
-def dense_conversion(x: object, name: str) -> str | None:
-    """How to make ``x`` dense if it is a ``tf.SparseTensor`` (``tf.sparse.to_dense(x)``) or a
-    ``tf.RaggedTensor`` (``x.to_tensor()``), spelled with ``name``; None for a dense value.
-    Sparse and ragged tensors are TensorFlow types, with no ``keras.ops`` test."""
-    if isinstance(x, tf.SparseTensor):
-        return f"tf.sparse.to_dense({name})"
-    if isinstance(x, tf.RaggedTensor):
-        return f"{name}.to_tensor()"
-    return None
-
-
-def compiled_model_function(function: object, variables: object) -> object:
-    """``function(*tensors)`` compiled once per input signature, reading the current values of
-    the variables it uses at each call (``tf.function(reduce_retracing=True,
-    autograph=False)``: plain Python control flow over the layers, traced once). ``variables``
-    (a callable giving them) is JAX's concern: a ``tf.function`` reads variables itself."""
-    return tf.function(function, reduce_retracing=True, autograph=False)
-
-
-def jacobians(function: object, tensors: list) -> list:
-    """``[J_t f for t in tensors]`` for a tensor ``f = function(*tensors)``, each of shape
-    ``f.shape + t.shape``, by TensorFlow's autodiff (``tf.GradientTape.jacobian``): the tests'
-    reference for ``tf_jacbp.jacobian.parameter_jacobian``. A tensor ``f`` does not depend on
-    gets a zero Jacobian."""
-    tensors = [tf.convert_to_tensor(t) for t in tensors]
-    with tf.GradientTape() as tape:
-        tape.watch(tensors)
-        value = function(*tensors)
-    grads = tape.jacobian(value, tensors, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    return list(grads)
-
-
-__all__ += ["compiled_model_function", "dense_conversion", "jacobians"]
-
-
 # --- bad input in a compiled step: the record (tf_jacbp.hooks.report_bad_input) ------------
 
 
