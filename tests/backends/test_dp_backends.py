@@ -11,6 +11,7 @@ the DP step itself uses none (the layers' formulas, ``tf_jacbp.jacobian``'s walk
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -503,3 +504,54 @@ def test_the_privacy_statement_names_this_backends_noise_generator(backend):
     rdp = privacy.compute_epsilon(1.1, 256 / 60000, 1000, 1e-5, rdp_conversion="classic")
     line = next(t for t in text.splitlines() if "RDP, classic conversion" in t)
     assert line.endswith(f"{rdp:10.3f}")  # the first such line: Poisson sampling's
+
+
+ACROSS_BACKENDS = """
+import sys
+
+import keras
+import numpy as np
+
+import tf_jacbp.privacy  # noqa: F401 - registers DPModel
+
+path, out, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+model = keras.models.load_model(path)
+state = [int(s) for s in np.ravel(model.noise_seed.state.numpy())]
+assert (state[0] if len(state) == 2 else (state[0] << 32) | state[1]) == seed, state
+assert state[-1] == 2 and model.privacy_steps == 2, (state, model.privacy_steps)
+saved = np.load(path + ".npz")
+for i, w in enumerate(model.get_weights()):
+    np.testing.assert_array_equal(np.asarray(w), saved[f"w{i}"])
+model.train_on_batch(saved["x"], saved["y"])
+model.save(out)
+print("resumed on", keras.backend.backend())
+"""
+
+
+def test_a_dp_checkpoint_resumes_on_the_other_backend(backend, tmp_path):
+    """A DP model saved after two steps loads on the other backend with its weights, its
+    62-bit seed, its draw count and its ledger (the state converted to that backend's layout),
+    takes a step there, and comes back with three: the count never goes back, so no draw of
+    either generator repeats (their streams differ: Philox and Threefry)."""
+    other = "jax" if backend == "tensorflow" else "tensorflow"
+    if importlib.util.find_spec(other) is None:
+        pytest.skip(f"needs {other} installed beside {backend}: runs in .ci/run's JAX part")
+    seed = 2**61 + 977
+    model = private(seed=seed)
+    x, y = data(8)
+    model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)
+    path, out = os.path.join(tmp_path, "dp.keras"), os.path.join(tmp_path, "back.keras")
+    model.save(path)
+    weights = {f"w{i}": np.asarray(w) for i, w in enumerate(model.get_weights())}
+    np.savez(path + ".npz", x=x, y=y, **weights)
+    result = subprocess.run(
+        [sys.executable, "-c", ACROSS_BACKENDS, path, out, str(seed)],
+        env={**os.environ, "KERAS_BACKEND": other, "JAX_ENABLE_X64": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0 and f"resumed on {other}" in result.stdout, result.stderr[-3000:]
+    back = keras.models.load_model(out)
+    assert _seed_of(back.noise_seed.state.numpy()) == seed
+    assert int(np.ravel(back.noise_seed.state.numpy())[-1]) == 3 and back.privacy_steps == 3
