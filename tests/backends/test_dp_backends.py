@@ -555,3 +555,19 @@ def test_a_dp_checkpoint_resumes_on_the_other_backend(backend, tmp_path):
     back = keras.models.load_model(out)
     assert _seed_of(back.noise_seed.state.numpy()) == seed
     assert int(np.ravel(back.noise_seed.state.numpy())[-1]) == 3 and back.privacy_steps == 3
+
+
+def test_a_bad_label_stops_a_dp_fit_and_changes_no_weight():
+    """A label out of range stops a DP fit after the step, with the weights unchanged, also in
+    JAX's compiled step (where no assertion can stop it: the loss records it, the DP model is
+    attached, its optimizer applies nothing). The ledger may count that step (on JAX its noise
+    was drawn): an over-count, never an under-count, of the steps released."""
+    model = private(model=None)
+    x, y = data(16)
+    model.fit(x[:8], y[:8], batch_size=8, verbose=0)
+    before, steps = flat(model.get_weights()), model.privacy_steps
+    y[13] = 9
+    with pytest.raises(Exception, match="y_true must hold integer class indices in \\[0, 3\\]"):
+        model.fit(x[8:], y[8:], batch_size=8, verbose=0)
+    np.testing.assert_array_equal(flat(model.get_weights()), before)
+    assert model.privacy_steps in (steps, steps + 1)
