@@ -12,8 +12,9 @@ On a machine with JAX and a GPU (and no TensorFlow) it
    architecture of ``keras.layers`` with the same weights, optimizer and batches, interleaved
    repetitions, the median of the per-repetition ratios ``ours / stock`` with the smallest and
    largest as spread; per model and batch size, one step inside ``model.fit`` (a 1-epoch
-   ``fit``'s time per step) and the compiled step alone (Keras' own ``train_function``, what
-   ``fit`` calls per batch, on a batch already on the device, ``block_until_ready``);
+   ``fit``'s time per step), Keras' compiled ``train_function`` alone (what ``fit`` calls per
+   batch, with tf_jacbp's after-step checks, on a batch already on the device) and
+   ``jax.jit(model.train_step)`` alone (the step's arithmetic, without those checks);
 4. runs the float64 agreement of every layer of ``tf_jacbp.layers``:
    ``tf_jacbp.testing.check_layer(..., modes=False)`` (the Jacobian route against autodiff through
    the reference route in float64 to ``1e-12`` and in float32, finite differences, per-example
@@ -523,10 +524,15 @@ def _fit_epoch(model: keras.Model, x: np.ndarray, y: np.ndarray, batch: int) -> 
     return lambda: model.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0)
 
 
-def _compiled_steps(model: keras.Model, x: np.ndarray, y: np.ndarray, steps: int) -> Callable:
-    """``steps`` calls of Keras' own compiled ``train_function`` (what ``fit`` calls per batch)
-    on one batch already on the device, then ``block_until_ready``; a copy of the state, so the
-    model's variables outlive the donated buffers."""
+def _compiled_steps(
+    model: keras.Model, x: np.ndarray, y: np.ndarray, steps: int, hooks: bool
+) -> Callable:
+    """``steps`` training steps on one batch already on the device, then ``block_until_ready``:
+    with ``hooks``, Keras' own ``train_function`` (what ``fit`` calls per batch; on a model of
+    ``tf_jacbp.models`` it runs the after-step checks of ``tf_jacbp.hooks``, which read the
+    step's bad-label record, a wait for the device), else ``jax.jit(model.train_step)`` alone
+    (the step's arithmetic). On a copy of the state, so that the model's variables outlive the
+    donated buffers."""
     model.train_on_batch(x, y)  # builds the optimizer and makes the train function
     data = (jax.device_put(x), jax.device_put(y))
     state = [
@@ -538,11 +544,20 @@ def _compiled_steps(model: keras.Model, x: np.ndarray, y: np.ndarray, steps: int
             model.metrics_variables,
         )
     ]
+    if hooks:
+
+        def step(state):
+            return model.train_function(state, iter([data]))
+    else:
+        jitted = jax.jit(model.train_step, donate_argnums=0)
+
+        def step(state):
+            return jitted(state, data)
 
     def run() -> None:
         nonlocal state
         for _ in range(steps):
-            _, state = model.train_function(state, iter([data]))
+            _, state = step(state)
         jax.block_until_ready(state)
 
     return run
@@ -575,7 +590,8 @@ def _ratio_row(model: str, variant: str, ours: list[float], stock: list[float], 
 
 
 def _timing_pair(name: str, batch: int, steps: int, repetitions: int) -> list[dict]:
-    """The two rows of one model and batch size: a step in ``fit``, the compiled step alone."""
+    """The rows of one model and batch size: a step in ``fit``, Keras' compiled train function
+    alone (with tf_jacbp's after-step checks), the jitted train step alone (without)."""
     rng = np.random.default_rng(0)
     shape = (28, 28) if name == "lenet_300_100" else (28, 28, 1)
     x = rng.random((steps * batch, *shape), dtype=np.float32)
@@ -585,14 +601,17 @@ def _timing_pair(name: str, batch: int, steps: int, repetitions: int) -> list[di
     times = _interleaved({k: _fit_epoch(m, x, y, batch) for k, m in pair}, repetitions)
     in_fit = f"batch {batch}, step in fit ({steps} steps)"
     rows = [_ratio_row(name, in_fit, times["ours"], times["stock"], steps)]
-    compiled = {k: _compiled_steps(m, x[:batch], y[:batch], steps) for k, m in pair}
-    times = _interleaved(compiled, repetitions)
-    alone = f"batch {batch}, compiled step alone"
-    return rows + [_ratio_row(name, alone, times["ours"], times["stock"], steps)]
+    for hooks, variant in ((True, "train_function alone"), (False, "jit(train_step) alone")):
+        run = {k: _compiled_steps(m, x[:batch], y[:batch], steps, hooks) for k, m in pair}
+        times = _interleaved(run, repetitions)
+        rows.append(
+            _ratio_row(name, f"batch {batch}, {variant}", times["ours"], times["stock"], steps)
+        )
+    return rows
 
 
 def timing_rows(quick: bool, deadline: float) -> list[dict]:
-    """Per model and batch size: a step in ``fit`` and the compiled step alone, ours / stock."""
+    """Per model and batch size, ``_timing_pair``'s three ratios ours / stock."""
     batches = (64,) if quick else (128, 1024)
     steps = 4 if quick else 50
     repetitions = 3 if quick else 7
@@ -660,7 +679,8 @@ def markdown(report: dict) -> str:
     lines = [
         f"Run on {report['machine']['date']} ({report['mode']} run, {report['seconds']:.0f} s): "
         f"{m['device']}, {m['cpu_count']} CPU cores, Python {m['python']}, JAX {m['jax']}, "
-        f"Keras {m['keras']}, tf_jacbp {m['tf_jacbp']}. Command: `{report['command']}`.",
+        f"{m['jax packages']}, Keras {m['keras']}, tf_jacbp {m['tf_jacbp']} at commit "
+        f"{m['commit']}. Command: `{report['command']}`.",
     ]
     for section, columns in SECTIONS.items():
         lines += ["", f"**{section}**", "", table(report[section], columns)]

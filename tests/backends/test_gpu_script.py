@@ -119,7 +119,7 @@ def test_quick_run_prints_the_ratio_table_against_stock_keras(quick_run, backend
     assert variants == {
         (model, variant)
         for model in ("lenet_300_100", "lenet5")
-        for variant in ("step in fit", "compiled step alone")
+        for variant in ("step in fit", "train_function alone", "jit(train_step) alone")
     }, variants
     for row in report["timing"]:
         assert row["result"] == "ok", row
