@@ -1,6 +1,8 @@
 """Every tf_jacbp layer, activation and Table 1 loss on the backend this run uses (TensorFlow or
 JAX), in float64 that is float64.
 
+* ``tf_jacbp.numerics`` (the ops Keras computes in float32 on JAX) gives float64 for float64.
+
 * ``tf_jacbp.testing.check_layer`` on one configuration of every public layer class
   (``layer_cases.py``; every mode for a few classes, the formula checks for the others): the
   Jacobian route's gradients equal the backend's autodiff through the reference route to 1e-12 in
@@ -32,7 +34,7 @@ from map_cases import ACTIVATIONS, LOSSES, labels, prediction
 
 import tf_jacbp
 from tf_jacbp import backend as tb
-from tf_jacbp import layers, tolerances
+from tf_jacbp import layers, numerics, tolerances
 from tf_jacbp.testing import check_layer
 
 RTOL64 = tolerances.rtol("float64")
@@ -66,6 +68,32 @@ def test_every_public_layer_class_has_a_case():
         and name not in ("JacobianLayer", "Embedding")  # Embedding: layer_cases.py says why
     }
     assert public == {case.cls.__name__ for case in CASES.values()}
+
+
+def test_numerics_compute_float64_in_float64():
+    """``tf_jacbp.numerics``' tanh, mean and var of float64 inputs are float64 and within a few
+    ulps of NumPy's (Keras' own are 1e-7 off on JAX), and result_type keeps float64."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(size=(4, 50)) * 3, np.full((4, 1), 1e-10)], axis=1)
+    t = ops.convert_to_tensor(x)
+    for got, want in [
+        (numerics.tanh(t), np.tanh(x)),
+        (numerics.mean(t, axis=1, keepdims=True), x.mean(axis=1, keepdims=True)),
+        (numerics.mean(t, axis=[0, 1]), x.mean()),
+        (numerics.var(t, axis=(1,)), x.var(axis=1)),
+    ]:
+        got = ops.convert_to_numpy(got)
+        assert got.dtype == np.float64
+        np.testing.assert_allclose(got, want, rtol=1e-14, atol=0)
+    assert numerics.result_type("float64", "float32") == "float64"
+    assert numerics.result_type("float16", "float32") == "float32"
+
+
+def test_numerics_leave_other_dtypes_to_keras():
+    x = ops.convert_to_tensor(np.random.default_rng(1).normal(size=(3, 5)), "float32")
+    np.testing.assert_array_equal(numerics.tanh(x), ops.tanh(x))
+    np.testing.assert_array_equal(numerics.mean(x, axis=0), ops.mean(x, axis=0))
+    np.testing.assert_array_equal(numerics.var(x, axis=1), ops.var(x, axis=1))
 
 
 @pytest.mark.parametrize("name", list(CASES))
