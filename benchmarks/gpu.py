@@ -60,10 +60,10 @@ from typing import Any
 
 def _environment() -> None:
     """Keras on JAX with float64 enabled, set before Keras or JAX is imported."""
-    backend = os.environ.get("KERAS_BACKEND", "jax")
-    if backend != "jax":
+    chosen = os.environ.get("KERAS_BACKEND", "jax")
+    if chosen != "jax":
         raise SystemExit(
-            f"benchmarks/gpu.py runs Keras on JAX, but KERAS_BACKEND={backend!r}: unset it or "
+            f"benchmarks/gpu.py runs Keras on JAX, but KERAS_BACKEND={chosen!r}: unset it or "
             "set KERAS_BACKEND=jax."
         )
     os.environ["KERAS_BACKEND"] = "jax"
@@ -89,7 +89,7 @@ PLANTED_ERROR = 1e-6
 """The relative error planted in a Dense kernel gradient: far above float64's ``1e-12``."""
 
 
-# --- the device --------------------------------------------------------------------------------
+# --- the device ----------------------------------------------------------------------------------
 
 
 def device_rows(allow_cpu: bool) -> list[dict]:
@@ -160,7 +160,7 @@ def _commit() -> str:
     return head + ("+changes" if dirty else "")
 
 
-# --- 2. the float64 agreement of every layer ---------------------------------------------------
+# --- the float64 agreement of every layer (item 4 of the docstring) ------------------------------
 
 
 class PlantedDense(layers.Dense):
@@ -326,7 +326,7 @@ def agreement_rows(quick: bool, deadline: float) -> list[dict]:
     return rows
 
 
-# --- 3. training with GradientCheck ------------------------------------------------------------
+# --- training with GradientCheck (item 2) --------------------------------------------------------
 
 
 def offline_digits() -> tuple:
@@ -472,7 +472,7 @@ def training_rows(
     return rows
 
 
-# --- 4. our train step against stock Keras' ----------------------------------------------------
+# --- our train step against stock Keras' (item 3) ------------------------------------------------
 
 
 def stock_twin(name: str) -> keras.Sequential:
@@ -626,7 +626,7 @@ def timing_rows(quick: bool, deadline: float) -> list[dict]:
     return rows
 
 
-# --- the report --------------------------------------------------------------------------------
+# --- the report ----------------------------------------------------------------------------------
 
 PHASES = ("training", "timing", "agreement")
 """In the order they run: what users are promised first (``fit`` with ``GradientCheck`` on the
