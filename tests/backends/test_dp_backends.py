@@ -449,6 +449,7 @@ print("same update")
 """
 
 
+@pytest.mark.slow  # another process
 def test_a_data_parallel_jax_dp_step_is_the_single_device_step(backend):
     """``keras.distribution.DataParallel`` over two host devices (a subprocess: the device count
     is fixed when JAX starts): each device holds half the batch, yet the step is the single
@@ -528,6 +529,7 @@ print("resumed on", keras.backend.backend())
 """
 
 
+@pytest.mark.slow  # another process
 def test_a_dp_checkpoint_resumes_on_the_other_backend(backend, tmp_path):
     """A DP model saved after two steps loads on the other backend with its weights, its
     62-bit seed, its draw count and its ledger (the state converted to that backend's layout),
