@@ -227,18 +227,26 @@ def test_on_jax_the_twin_refuses_float32_posing_as_float64(backend, monkeypatch)
         assert all(r.passed for r in records)
 
 
-@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
-def test_dropout_masks_are_replayed_in_the_twin_under_each_policy(backend, policy):
-    """Keras' Dropout between tf_jacbp layers: the twin draws the model's own mask, so the
-    rounding-floor criterion applies (not the fixed tolerance) and every check passes, in the
-    policy's dtype as in float32."""
+@pytest.mark.parametrize(
+    "dropout, policy",
+    [
+        (keras.layers.Dropout, "float32"),
+        (keras.layers.Dropout, "mixed_bfloat16"),
+        (layers.Dropout, "float32"),
+    ],
+    ids=["keras-float32", "keras-mixed_bfloat16", "tf_jacbp-float32"],
+)
+def test_dropout_masks_are_replayed_in_the_twin_under_each_policy(backend, dropout, policy):
+    """Keras' or tf_jacbp's Dropout between tf_jacbp layers: the twin draws the model's own
+    mask, so the rounding-floor criterion applies (not the fixed tolerance) and every check
+    passes, in the policy's dtype as in float32."""
     keras.utils.set_random_seed(4)
     x, y = data(64)
     model = keras.Sequential(
         [
             keras.Input((N_FEATURES,)),
             layers.Dense(8, activation="tanh", name="first", dtype=policy),
-            keras.layers.Dropout(0.3, seed=1, dtype=policy),
+            dropout(0.3, seed=1, dtype=policy),
             layers.Dense(N_CLASSES, name="last", dtype=policy),
         ],
         name="dropped",
