@@ -23,6 +23,19 @@ def test_every_backend_has_its_extras():
     assert extras["jax-cuda"] == ["jax[cuda13]>=0.11.2"]
 
 
+def test_ci_tests_the_jax_the_extra_names():
+    """.ci/run's JAX part installs exactly the version the ``jax`` extra starts from (the GPU
+    machine's) and runs tests/backends on it, as docs/backends.md says."""
+    run = (ROOT / ".ci" / "run").read_text()
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    version = config["options.extras_require"]["jax"].strip().removeprefix("jax>=")
+    assert f"jax=={version}" in run
+    command = "KERAS_BACKEND=jax python -m pytest -q -p no:cacheprovider -n 2 tests/backends"
+    assert command.replace("python", '"$venv/bin/python"') in run
+    assert command in (ROOT / "docs" / "backends.md").read_text().replace("\n", " ")
+
+
 def test_the_version_is_defined_once():
     """setup.cfg reads ``tf_jacbp.__version__``; the installed metadata carries the same."""
     import importlib.metadata
