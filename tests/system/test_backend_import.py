@@ -54,11 +54,14 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def import_tf_jacbp(blocked: tuple[str, ...], keras_backend: str | None, before: str = "") -> dict:
-    """Import tf_jacbp in a subprocess where ``blocked`` packages are absent; returns the import
-    error's message (None if it imported), the blocked packages something tried to import, and
-    whether Keras had been imported."""
-    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+def import_tf_jacbp(
+    blocked: tuple[str, ...], keras_backend: str | None, before: str = "", **env_vars: str
+) -> dict:
+    """Import tf_jacbp in a subprocess where ``blocked`` packages are absent (``env_vars`` added
+    to its environment); returns the import error's message (None if it imported), the backend
+    it runs on, the blocked packages something tried to import, and whether Keras was
+    imported."""
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"} | env_vars
     if keras_backend is not None:
         env["KERAS_BACKEND"] = keras_backend
     code = SCRIPT.format(blocked=blocked, before=before)
@@ -113,4 +116,12 @@ def test_the_backend_keras_already_runs_on_counts():
 def test_tensorflow_is_the_default_backend():
     """KERAS_BACKEND unset: tf_jacbp imports on TensorFlow (nothing blocked, nothing refused)."""
     out = import_tf_jacbp((), keras_backend=None)
+    assert out["error"] is None and out["backend"] == "tensorflow", out
+
+
+def test_tensorflow_stays_the_default_whatever_keras_json_says(tmp_path):
+    """A ``keras.json`` naming JAX (in ``KERAS_HOME``) and JAX absent: with ``KERAS_BACKEND``
+    unset tf_jacbp still imports on TensorFlow, as docs/backends.md says."""
+    (tmp_path / "keras.json").write_text('{"backend": "jax"}')
+    out = import_tf_jacbp(("jax", "jaxlib"), keras_backend=None, KERAS_HOME=str(tmp_path))
     assert out["error"] is None and out["backend"] == "tensorflow", out
