@@ -18,6 +18,8 @@ from typing import Any
 import keras
 import numpy as np
 
+from tf_jacbp import backend
+
 DEFAULT_BUDGET_BYTES = 256 * 2**20
 """The default budget, 256 MiB: a larger dense ``T(K)`` is kept sparse instead, and one whose
 sparse form is larger still is an error (``set_budget_bytes``,
@@ -113,13 +115,15 @@ def use_sparse(index: Any, dtype: Any, budget: int, owner: str, setting: str) ->
 
     False when a training step with a dense ``T`` fits ``budget`` (``ConvIndex.step_bytes``);
     True, with a warning, when only the sparse route fits (the backend's sparse product:
-    slower, and not XLA-compatible); a ValueError (``budget_error``, naming ``setting``) when
+    slower, and not XLA-compatible; on JAX, which has none, a NotImplementedError naming
+    ``setting``); a ValueError (``budget_error``, naming ``setting``) when
     neither does.
     """
     if index.step_bytes(dtype, sparse=False) <= budget:
         return False
     if index.step_bytes(dtype, sparse=True) > budget:
         raise budget_error(owner, index, dtype, budget, setting)
+    backend.require_sparse_product(owner, setting)  # JAX has no sparse product: it raises
     warnings.warn(
         f"{owner}: a training step with a dense T(K) of shape {index.shape} needs about "
         f"{index.step_bytes(dtype, sparse=False) / 2**20:.1f} MiB, over the Toeplitz budget of "

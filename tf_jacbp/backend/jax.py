@@ -160,7 +160,7 @@ def sparse_matrix(indices: object, values: object, shape: tuple) -> object:
     """The sparse ``T(K)`` of the memory guard's fallback: TensorFlow-only."""
     raise tensorflow_only(
         "The sparse Toeplitz fallback (a T(K) over the memory budget)",
-        "raise the layer's toeplitz_budget, or use a smaller image or fewer channels",
+        "raise the layer's toeplitz_budget_bytes, or use a smaller image or fewer channels",
     )
 
 
@@ -742,3 +742,19 @@ def float64_var(x: object, axis: object = None, keepdims: bool = False) -> objec
 
 
 __all__ += ["float64_mean", "float64_tanh", "float64_var"]
+
+
+# --- convolutions: the memory guard's sparse fallback --------------------------------------
+
+
+def require_sparse_product(owner: str, setting: str) -> None:
+    """The memory guard found that only a sparse ``T(K)`` fits the budget: on JAX, which has no
+    sparse product, a ``NotImplementedError`` naming ``owner`` and the ``setting`` to raise, at
+    build time (before any warning about a sparse route that will not run)."""
+    raise tensorflow_only(
+        f"{owner}: the sparse Toeplitz fallback (a dense T(K) over the memory budget)",
+        f"raise the budget with {setting}, or use a smaller image or fewer channels",
+    )
+
+
+__all__ += ["require_sparse_product"]

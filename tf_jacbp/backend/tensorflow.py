@@ -773,7 +773,7 @@ def variable_gradients(function: object, variables: list) -> tuple[object, list]
 
 
 def is_dataset(value: object) -> bool:
-    """Whether ``value`` is a ``tf.data.Dataset``."""
+    """Whether ``value`` is a ``tf.data.Dataset``, which Keras' ``fit`` accepts as data."""
     return isinstance(value, tf.data.Dataset)
 
 
@@ -829,3 +829,14 @@ def float64_var(x: object, axis: object = None, keepdims: bool = False) -> objec
 
 
 __all__ += ["float64_mean", "float64_tanh", "float64_var"]
+
+
+# --- convolutions: the memory guard's sparse fallback --------------------------------------
+
+
+def require_sparse_product(owner: str, setting: str) -> None:
+    """Nothing on TensorFlow: the sparse ``T(K)`` product exists here (``sparse_product``), so
+    the memory guard may fall back to it."""
+
+
+__all__ += ["require_sparse_product"]
