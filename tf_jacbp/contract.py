@@ -62,7 +62,7 @@ def check_shape(owner: Any, method: str, what: str, value: Any, expected: Sequen
     got = tuple(value.shape)
     expected = tuple(expected)
     same = len(got) == len(expected) and all(
-        g is None or e is None or int(g) == int(e) for g, e in zip(got, expected, strict=True)
+        g is None or e is None or g == e for g, e in zip(got, expected, strict=True)
     )
     if not same:
         raise ValueError(
