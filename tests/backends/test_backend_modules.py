@@ -28,8 +28,8 @@ def exported(module: str) -> set[str]:
 def test_both_backends_define_the_same_functions():
     tensorflow, jax = exported("tensorflow"), exported("jax")
     # the JAX module's own helpers for TensorFlow-only features and traced values
-    assert tensorflow == jax - {"is_traced", "tensorflow_only"}, (
-        tensorflow ^ (jax - {"is_traced", "tensorflow_only"})
+    assert tensorflow == jax - {"is_traced", "tensorflow_only"}, tensorflow ^ (
+        jax - {"is_traced", "tensorflow_only"}
     )
 
 
