@@ -46,7 +46,11 @@ cross entropies: values in ``[0, 1]``) are checked on every call:
   slots (momentum, Adam's moments) and step counter stay bit-identical. Right after the step,
   ``fit``, ``evaluate`` and the ``*_on_batch`` methods raise ``InvalidArgumentError`` naming the
   label and ``C`` (the last batch included). A model that is not attached, or a compiled
-  function of one's own, gets the NaN loss and the zero gradient for that step and goes on.
+  function of one's own, gets the NaN loss and the zero gradient for that step and goes on;
+* on JAX every step is compiled by ``jax.jit`` and behaves as under XLA: the record leaves the
+  step through ``jax.debug.callback``, an attached model's optimizer update of that step is
+  skipped (``stateless_apply`` gives back the values it was given) and the loop raises
+  ``ValueError`` right after the step (``tf_jacbp.hooks``; docs/backends.md).
 
 In graph mode the optimizer's step counter (``optimizer.iterations``) may count the stopped step:
 its increment does not wait for the gradient, in stock Keras either.
