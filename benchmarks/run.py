@@ -33,9 +33,24 @@ def main(argv: list[str] | None = None) -> None:
     print_table(rows)
     if args.markdown:
         command = " ".join(["python -m benchmarks", *(argv if argv is not None else sys.argv[1:])])
+        kept = kept_sections(args.markdown)
         with open(args.markdown, "w") as f:
-            f.write(markdown(rows, mode, command))
+            f.write(markdown(rows, mode, command) + kept)
         write_json(rows, os.path.splitext(args.markdown)[0] + ".json", mode)
+
+
+KEPT_FROM = "## The GPU run"
+"""The heading from which a regenerated page keeps what it held: the GPU run's section, which
+``benchmarks/gpu.py`` writes on another machine and this table cannot reproduce."""
+
+
+def kept_sections(path: str) -> str:
+    """What ``path`` holds from the line starting with ``KEPT_FROM`` on (``""`` if none)."""
+    if not os.path.exists(path):
+        return ""
+    text = open(path).read()
+    start = text.find("\n" + KEPT_FROM)
+    return "" if start < 0 else "\n" + text[start + 1 :]
 
 
 if __name__ == "__main__":
