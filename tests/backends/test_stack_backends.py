@@ -326,7 +326,8 @@ def test_export_from_jax_keeps_the_custom_gradients(backend, tmp_path):
     differentiates through the Jacobian route: with a Dense whose input product is planted 1%
     off, its input gradient is the planted route's, not autodiff's. The batch size is fixed in
     ``input_signature`` (docs/backends.md: with a symbolic one, TensorFlow 2.21 cannot load the
-    shape assertions of JAX 0.11.2's StableHLO). On TensorFlow, tests/system/test_saving.py exports with any batch size."""
+    shape assertions of JAX 0.11.2's StableHLO). On TensorFlow, tests/system/test_saving.py
+    exports with any batch size."""
     if backend != "jax":
         pytest.skip("TensorFlow's model.export is tests/system/test_saving.py's")
     needs_other_backend()
