@@ -49,3 +49,11 @@ def test_value_and_gradients_is_the_backends_autodiff():
     np.testing.assert_allclose(ops.convert_to_numpy(value), 3 * np.exp(x).sum(), rtol=1e-14)
     np.testing.assert_allclose(ops.convert_to_numpy(g), 3 * np.exp(x), rtol=1e-14)
     np.testing.assert_array_equal(ops.convert_to_numpy(unused), np.zeros(2))
+
+
+def test_every_backend_function_says_why_it_has_no_keras_ops_form():
+    """On the backend this run uses (so both modules are read across the two runs), each exported
+    function has a docstring of at least 8 words: why it cannot be ``keras.ops``."""
+    for name in tb.__all__:
+        doc = getattr(tb, name).__doc__
+        assert doc and len(doc.split()) >= 8, f"tf_jacbp.backend.{name} has no docstring"

@@ -170,7 +170,8 @@ def is_sparse(t: object) -> bool:
 
 
 def sparse_product(t: object, rows: object, transpose: bool = False) -> object:
-    """The sparse ``T(K)`` product: TensorFlow-only (``sparse_matrix``)."""
+    """The sparse ``T(K)`` product: TensorFlow-only, as the sparse matrix it multiplies by
+    (``sparse_matrix``)."""
     raise tensorflow_only("The sparse Toeplitz product", "keep T(K) within the memory budget")
 
 
@@ -189,7 +190,8 @@ __all__ += ["bias_add"]
 
 
 def xla_function(function: object) -> object:
-    """``function`` compiled with XLA: ``jax.jit``."""
+    """``function`` compiled with XLA: ``jax.jit``, which the pooling layers' input gradient
+    runs under when called op by op."""
     return jax.jit(function)
 
 
@@ -758,3 +760,15 @@ def require_sparse_product(owner: str, setting: str) -> None:
 
 
 __all__ += ["require_sparse_product"]
+
+
+# --- testing: a function compiled as a step is -------------------------------------------
+
+
+def compile_function(function: object, jit_compile: bool) -> object:
+    """``function`` compiled as Keras compiles a step on JAX: ``jax.jit`` (``jit_compile`` is
+    TensorFlow's choice between a graph and XLA; JAX's random numbers are the same either way)."""
+    return jax.jit(function)
+
+
+__all__ += ["compile_function"]

@@ -756,7 +756,8 @@ def compile_check(function: object) -> object:
 
 
 def tracing_count(function: object) -> int:
-    """How often a ``tf.function`` was traced (``experimental_get_tracing_count``)."""
+    """How often a ``tf.function`` was traced (``experimental_get_tracing_count``): the
+    check's test that one trace serves every call."""
     return int(function.experimental_get_tracing_count())
 
 
@@ -840,3 +841,16 @@ def require_sparse_product(owner: str, setting: str) -> None:
 
 
 __all__ += ["require_sparse_product"]
+
+
+# --- testing: a function compiled as a step is -------------------------------------------
+
+
+def compile_function(function: object, jit_compile: bool) -> object:
+    """``function`` compiled as Keras compiles a step: ``tf.function(autograph=False)``, with
+    XLA when ``jit_compile``. ``check_layer`` compiles its reference route this way, since
+    TensorFlow's random ops draw other numbers under XLA than op by op."""
+    return tf.function(function, jit_compile=jit_compile, autograph=False)
+
+
+__all__ += ["compile_function"]

@@ -17,7 +17,7 @@ import numpy as np
 from keras import ops
 
 from tf_jacbp import backend, jacobian, numerics, tolerances
-from tf_jacbp._backend import BACKEND, keras, tf
+from tf_jacbp._backend import BACKEND, keras
 from tf_jacbp.route import reference_mode
 
 Tensor = Any
@@ -257,10 +257,9 @@ def _check_fit_modes(make_layer, input_shape, batch_size, seed, input_fn, traini
             # keras.layers.Dropout too): compare with the reference route compiled the same way.
             # JAX's random numbers are the same compiled or not.
             set_model_state(template, state)
-            compiled = tf.function(
+            compiled = backend.compile_function(
                 lambda x, t: loss_gradients(template, x, t, reference=True, training=True),
                 jit_compile=compile_args["jit_compile"],
-                autograph=False,
             )
             refs = [ops.convert_to_numpy(g) for g in compiled(x, t)]
             state_after = model_state(template)
