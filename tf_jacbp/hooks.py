@@ -281,7 +281,7 @@ def report_bad_input(
     dtype = "float64" if backend.float64_enabled() else "float32"  # JAX without x64: float32
     seen = ops.stack([ops.ones((), dtype), ops.cast(first_bad, dtype), ops.cast(count, dtype)])
     written = backend.record_bad_input(record, all_ok, seen)
-    _records_of_trace.setdefault(backend.traced_graphs()[0], []).append(written)
+    _records_of_trace.setdefault(backend.traced_graphs(step)[0], []).append(written)
     owners = _owners_of_model.setdefault(step.model, weakref.WeakKeyDictionary())
     owners[owner] = (record, message)
 
@@ -305,7 +305,7 @@ after_each_step(_raise_recorded_bad_input)
 
 def _records_now() -> list | None:
     """The records written by the step being traced now (the innermost graph with any)."""
-    graphs = backend.traced_graphs()
+    graphs = backend.traced_graphs(running_step())
     return next((_records_of_trace[g] for g in graphs if g in _records_of_trace), None)
 
 

@@ -100,13 +100,11 @@ def label_record() -> object:
     return HostRecord()
 
 
-def traced_graphs() -> list:
+def traced_graphs(step: object = None) -> list:
     """The key of the step being traced now: JAX has no graph objects, and a step's loss and its
     optimizer's ``stateless_apply`` are traced in the same call of the same step function, so
-    the key is that call's ``tf_jacbp.hooks.Step`` (compared by identity)."""
-    from tf_jacbp import hooks
-
-    step = hooks.running_step()
+    the key is that call's ``step`` (the running ``tf_jacbp.hooks.Step``, compared by
+    identity); none outside a step."""
     return [step] if step is not None else []
 
 
@@ -210,7 +208,7 @@ def checked_ids(ids: object, input_dim: int, message: str) -> object:
     """``ids``, checked to lie in ``[-input_dim, input_dim)``: with values (eager), a
     ``ValueError`` with ``message`` and the first offending id at once. Traced (``jax.jit``,
     Keras' default step) nothing can stop the step: an id out of range reads a row of NaN
-    (``gather_rows``), and ``report_bad_ids`` records it in an attached model's step."""
+    (``gather_rows``), and ``bad_id_check`` gives what an attached model's step records."""
     if not is_traced(ids):
         values = np.asarray(ids)
         if values.size and (values.min() < -input_dim or values.max() >= input_dim):
@@ -219,23 +217,20 @@ def checked_ids(ids: object, input_dim: int, message: str) -> object:
     return ids
 
 
-def report_bad_ids(owner: object, ids: object, input_dim: int, message: str) -> None:
-    """In an attached model's step traced by ``jax.jit``, record the first id of ``ids`` outside
-    ``[-input_dim, input_dim)`` for ``owner`` (the layer; ``tf_jacbp.hooks.report_bad_input``):
-    the step applies no update and the loop raises ``ValueError`` with ``message`` right after
-    it. Called outside the layer's custom gradient, whose values are tracers of its own."""
+def bad_id_check(owner: object, ids: object, input_dim: int) -> tuple | None:
+    """In a step traced by ``jax.jit`` (``ids`` a tracer), the check of the ids of ``owner``
+    (the layer) for ``tf_jacbp.hooks.report_bad_input``: ``(record, all_ok, first_bad,
+    count)``, with ``owner``'s record, whether every id lies in ``[-input_dim, input_dim)``, the
+    first that does not, and how many do not; None for ids with values (``checked_ids`` raises
+    at once) or no ids. Computed outside the layer's custom gradient, whose values are tracers
+    of its own."""
     if not is_traced(ids):
-        return
-    from tf_jacbp import hooks
-
+        return None
     flat = jnp.ravel(ids)
     if flat.size == 0:
-        return
+        return None
     ok = (flat >= -input_dim) & (flat < input_dim)
-    first = jnp.argmin(ok)
-    hooks.report_bad_input(
-        owner, _record_of(owner), jnp.all(ok), flat[first], jnp.sum(~ok), f"{message} Found id"
-    )
+    return _record_of(owner), jnp.all(ok), flat[jnp.argmin(ok)], jnp.sum(~ok)
 
 
 def _record_of(owner: object) -> HostRecord:
@@ -571,7 +566,7 @@ def read_record(record: HostRecord) -> object:
     return record.value.copy()
 
 
-__all__ += ["read_record", "record_bad_input", "report_bad_ids"]
+__all__ += ["bad_id_check", "read_record", "record_bad_input"]
 
 
 # --- GradientCheck: compiled routes, per-sample autodiff, summaries (tf_jacbp.check) -------

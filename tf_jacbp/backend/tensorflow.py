@@ -87,11 +87,12 @@ def label_record() -> object:
         return tf.Variable(tf.zeros([3], tf.float64), trainable=False, name="bad_label")
 
 
-def traced_graphs() -> list:
+def traced_graphs(step: object = None) -> list:
     """The graph being traced now (the default graph) followed by the graphs it is nested in
     (a ``tf.cond`` branch's function graph, then the ``tf.function``'s, ...): what a label
     record written while tracing a step is keyed by, so that the optimizer's ``apply`` traced in
-    the same step finds it. Graphs are TensorFlow's; Keras has no such notion."""
+    the same step finds it. Graphs are TensorFlow's; Keras has no such notion. ``step`` (the
+    running ``tf_jacbp.hooks.Step``) is JAX's key, unused here."""
     graphs, graph = [], tf.compat.v1.get_default_graph()
     while graph is not None:
         graphs.append(graph)
@@ -691,10 +692,11 @@ def record_bad_input(record: object, all_ok: object, seen: object) -> object:
     return record
 
 
-def report_bad_ids(owner: object, ids: object, input_dim: int, message: str) -> None:
-    """Nothing on TensorFlow: ``checked_ids``' assertions stop eager and graph steps, and under
+def bad_id_check(owner: object, ids: object, input_dim: int) -> tuple | None:
+    """None on TensorFlow: ``checked_ids``' assertions stop eager and graph steps, and under
     XLA (which compiles them away) the gather clamps an id out of range, as stock Keras'
-    Embedding does (``tf_jacbp.layers.Embedding``'s docstring)."""
+    Embedding does (``tf_jacbp.layers.Embedding``'s docstring); nothing is recorded."""
+    return None
 
 
 def read_record(record: object) -> object:
@@ -702,7 +704,7 @@ def read_record(record: object) -> object:
     return record.numpy()
 
 
-__all__ += ["read_record", "record_bad_input", "report_bad_ids"]
+__all__ += ["bad_id_check", "read_record", "record_bad_input"]
 
 
 # --- GradientCheck: compiled routes, per-sample autodiff, summaries (tf_jacbp.check) -------

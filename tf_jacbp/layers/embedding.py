@@ -32,7 +32,7 @@ from typing import Any
 
 from keras import ops
 
-from tf_jacbp import backend
+from tf_jacbp import backend, hooks
 from tf_jacbp._backend import keras
 from tf_jacbp.layers.base import JacobianLayer, refuse_unsupported
 
@@ -147,9 +147,12 @@ class Embedding(JacobianLayer):
 
     def call(self, inputs: Tensor) -> Tensor:
         """``Y = S(x) E`` by the route; first, in an attached model's step traced by
-        ``jax.jit``, an id out of range is recorded (``backend.report_bad_ids``), here because
-        the route's custom gradient traces ``forward`` apart from the step."""
-        backend.report_bad_ids(self, self._as_ids(inputs), self.input_dim, self._id_message())
+        ``jax.jit``, an id out of range is recorded (``backend.bad_id_check``,
+        ``tf_jacbp.hooks.report_bad_input``), here because the route's custom gradient traces
+        ``forward`` apart from the step."""
+        check = backend.bad_id_check(self, self._as_ids(inputs), self.input_dim)
+        if check is not None:
+            hooks.report_bad_input(self, *check, f"{self._id_message()} Found id")
         return super().call(inputs)
 
     def _as_ids(self, x: Tensor) -> Tensor:
