@@ -15,12 +15,10 @@ import tensorflow as tf
 from planted_layers import (
     QuarterNormsDense,
     SignFlippedRowsDense,
-    SwappedAxesWeightedSum,
     WeightedSum,
 )
 
 from tf_jacbp import contract, jacobian, layers, losses
-from tf_jacbp.testing import check_layer
 
 F64 = "float64"
 
@@ -29,32 +27,8 @@ def _dense(cls, dtype):
     return cls(3, activation="tanh", dtype=dtype)
 
 
-def test_a_correct_layer_passes_the_contract_check():
-    check_layer(lambda dtype: _dense(layers.Dense, dtype), (4,), modes=False)
-
-
-def test_sign_flipped_per_sample_rows_fail_check_layer():
-    with pytest.raises(AssertionError, match=r"vjp_params\(sum_batch=False\)|per-example row"):
-        check_layer(lambda dtype: _dense(SignFlippedRowsDense, dtype), (4,), modes=False)
-
-
-def test_quarter_norms_fail_check_layer():
-    with pytest.raises(AssertionError, match=r"squared_norms"):
-        check_layer(lambda dtype: _dense(QuarterNormsDense, dtype), (4,), modes=False)
-
-
-def test_a_layer_of_two_inputs_passes_at_a_batch_size_other_than_two():
-    check_layer(lambda dtype: WeightedSum(dtype=dtype), [(4,), (4,)], batch_size=3, modes=False)
-
-
-def test_swapped_axes_in_a_layer_of_two_inputs_fail_check_layer():
-    with pytest.raises(AssertionError, match=r"vjp_input \(input 1|float64 route"):
-        check_layer(
-            lambda dtype: SwappedAxesWeightedSum(dtype=dtype),
-            [(4,), (4,)],
-            batch_size=3,
-            modes=False,
-        )
+# check_layer on the planted layers (sign-flipped rows, quarter norms, two inputs): on every
+# backend, tests/backends/test_planted_on_backends.py.
 
 
 def test_the_planted_errors_reach_the_consumers_unchecked_otherwise():

@@ -1,6 +1,5 @@
 """tf_jacbp.geometry: the window arithmetic of convolution and pooling against TensorFlow's."""
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -29,31 +28,6 @@ def test_same_padding_is_tensorflows_rule(size, kernel, stride, dilation, expect
     first_window = [i for i in range(-before, -before + (kernel - 1) * dilation + 1, dilation)]
     assert y[0, 0, 0, 0] == sum(i + 1 for i in first_window if 0 <= i < size)
     assert geometry.output_size(size, kernel, stride, "same", dilation) == y.shape[1]
-
-
-@pytest.mark.parametrize("padding", ["valid", "same", "causal"])
-@pytest.mark.parametrize(
-    "size, kernel, stride, dilation", [(7, 3, 1, 1), (8, 2, 2, 1), (9, 3, 1, 2), (5, 4, 3, 1)]
-)
-def test_axis_taps_read_what_keras_conv1d_reads(padding, size, kernel, stride, dilation):
-    """Each output of ``keras.layers.Conv1D`` with a one-hot kernel tap reads the input at
-    ``axis_taps`` (0 where the tap falls in the padding): the taps are Keras' geometry, causal
-    padding included."""
-    if padding == "valid" and (kernel - 1) * dilation + 1 > size:
-        pytest.skip("no output")  # check_window_fits' case, tested below
-    x = np.arange(1, size + 1, dtype="float64").reshape(1, size, 1)
-    taps = geometry.axis_taps(size, kernel, stride, padding, dilation)
-    for t in range(kernel):
-        conv = keras.layers.Conv1D(
-            1, kernel, stride, padding, dilation_rate=dilation, use_bias=False, dtype="float64"
-        )
-        conv.build((None, size, 1))
-        one_hot = np.zeros((kernel, 1, 1))
-        one_hot[t] = 1.0
-        conv.set_weights([one_hot])
-        y = np.asarray(conv(x))[0, :, 0]
-        np.testing.assert_array_equal(y, np.where(taps[:, t] >= 0, taps[:, t] + 1, 0))
-        assert len(y) == geometry.output_size(size, kernel, stride, padding, dilation)
 
 
 def test_window_longer_than_a_valid_axis_names_the_axis_and_the_fix():

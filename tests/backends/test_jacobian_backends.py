@@ -280,7 +280,8 @@ def test_a_float64_model_without_x64_is_refused_naming_the_switch(backend, monke
 
 @pytest.mark.parametrize("padding", ["valid", "same", "causal"])
 @pytest.mark.parametrize(
-    "size, kernel, stride, dilation", [(8, 2, 2, 1), (9, 3, 1, 2), (6, 4, 3, 1)]
+    "size, kernel, stride, dilation",
+    [(7, 3, 1, 1), (8, 2, 2, 1), (9, 3, 1, 2), (6, 4, 3, 1), (5, 4, 3, 1)],
 )
 def test_axis_taps_read_what_the_backends_conv1d_reads(padding, size, kernel, stride, dilation):
     """Each output of stock ``keras.layers.Conv1D`` with a one-hot kernel tap reads the input at
