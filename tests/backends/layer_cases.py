@@ -138,6 +138,11 @@ CASES = {
     "UpSampling2D": Case(
         reshaping.UpSampling2D, {"size": (2, 1)}, (2, 3, 2), INPUT, K.UpSampling2D
     ),
+    # No stock class: TensorFlow's bilinear resize computes float64 in float32. Its comparisons
+    # with stock Keras and NumPy are in test_upsampling_bilinear_backends.py.
+    "UpSampling2D (bilinear)": Case(
+        reshaping.UpSampling2D, {"size": (3, 2), "interpolation": "bilinear"}, (2, 3, 2), INPUT
+    ),
     "ZeroPadding2D": Case(
         reshaping.ZeroPadding2D, {"padding": ((1, 0), (2, 1))}, (2, 3, 2), INPUT, K.ZeroPadding2D
     ),

@@ -8,7 +8,9 @@ Each sample ``x`` is read row-major (``tf_jacbp.layout``), ``x`` ``(H, W, C)`` a
       J = E_h (x) E_w (x) I_C,    E_h = I_H (x) 1_{s_h}  (H s_h x H),  E_w = I_W (x) 1_{s_w},
 
   of shape ``(H s_h W s_w C) x (H W C)``: each input is copied into an ``s_h x s_w`` block.
-  ``J^T m`` sums each block of ``m``: a summation matrix.
+  ``J^T m`` sums each block of ``m``: a summation matrix. Bilinear (``interpolation=
+  "bilinear"``) is the one map here whose ``J`` is not 0/1: ``J = A_h (x) A_w (x) I_C`` with
+  the interpolation weights of ``_bilinear_matrix`` (two per row, summing to 1).
 * ``ZeroPadding2D(padding=((t, b), (l, r)))``: ``y`` is ``x`` framed by zeros,
 
       J = P_h (x) P_w (x) I_C, P_h = [0_{t x H}; I_H; 0_{b x H}], P_w = [0_{l x W}; I_W; 0_{r x W}]
@@ -55,19 +57,71 @@ class _Image(_Reshaping):
     sample_rank = 3
 
 
+def _bilinear_matrix(n: Any, s: int, dtype: str) -> Tensor:
+    """``A`` ``(n s, n)`` of bilinear upsampling by ``s`` along one axis of ``n`` pixels (Keras'
+    ``"bilinear"`` resize, half-pixel centers): ``A[i, k] = max(0, 1 - |u_i - k|)`` with
+
+        u_i = clip((i + 1/2) / s - 1/2, 0, n - 1),
+
+    the hat kernel at the source coordinate of output pixel ``i``: ``1 - f_i`` at ``floor(u_i)``
+    and ``f_i`` at ``floor(u_i) + 1``, ``f_i`` the fractional part of ``u_i``. Each row sums to 1.
+    Computed in integers, ``t_i = 2 s u_i = clip(2 i + 1 - s, 0, 2 s (n - 1))`` and ``A[i, k] =
+    max(0, 2 s - |t_i - 2 s k|) / (2 s)``, so each weight is one rounding of a fraction. ``n``
+    is an int or, for an axis unknown when traced, the runtime size (a scalar tensor)."""
+    t = ops.clip(2 * ops.arange(n * s) + 1 - s, 0, 2 * s * (n - 1))
+    k = 2 * s * ops.arange(n)
+    hat = ops.maximum(2 * s - ops.abs(t[:, None] - k[None, :]), 0)
+    return ops.cast(hat, dtype) / ops.cast(2 * s, dtype)
+
+
+def _lerp_along(x: Tensor, axis: int, s: int) -> Tensor:
+    """Stock-op linear interpolation of ``x`` by ``s`` along ``axis`` (float64), with TensorFlow's
+    resize rule (``ResizeBilinear``, half-pixel centers): output ``i`` reads source ``u = (i + 1/2)
+    / s - 1/2``, ``lo = max(floor(u), 0)``, ``hi = min(ceil(u), n - 1)``, ``y_i = x_lo (1 - l) +
+    x_hi l`` with ``l = u - floor(u)``. A gather, not the matrix ``A`` of the Jacobian route."""
+    n = ops.shape(x)[axis]
+    u = (ops.cast(ops.arange(n * s), "float64") + 0.5) / s - 0.5
+    lerp = u - ops.floor(u)
+    lo = ops.maximum(ops.cast(ops.floor(u), "int32"), 0)
+    hi = ops.minimum(ops.cast(ops.ceil(u), "int32"), n - 1)
+    shape = [1] * len(x.shape)
+    shape[axis] = -1
+    lerp = ops.reshape(ops.cast(lerp, x.dtype), shape)
+    return ops.take(x, lo, axis=axis) * (1 - lerp) + ops.take(x, hi, axis=axis) * lerp
+
+
+UPSAMPLING_INTERPOLATIONS = ("nearest", "bilinear")
+
+
 @keras.saving.register_keras_serializable(package="tf_jacbp")
 class UpSampling2D(_Image):
-    """Nearest-neighbour upsampling by whole factors, like ``keras.layers.UpSampling2D``;
-    ``J = (I_H (x) 1_{s_h}) (x) (I_W (x) 1_{s_w}) (x) I_C``.
+    """Upsampling by whole factors ``(s_h, s_w)``, like ``keras.layers.UpSampling2D``: a linear
+    map ``vec(y) = J vec(x)`` with ``J = A_h (x) A_w (x) I_C`` (Kronecker products), per channel
+    ``y[:, :, c] = A_h x[:, :, c] A_w^T``.
+
+    * ``interpolation="nearest"``: ``A_h = I_H (x) 1_{s_h}`` ``(H s_h, H)``, ``A_w = I_W (x)
+      1_{s_w}``: each ``x[i, j, c]`` is copied into an ``s_h x s_w`` block.
+    * ``interpolation="bilinear"`` (Keras' ``keras.ops.image.resize(..., "bilinear")``,
+      half-pixel centers): ``A[i, k] = max(0, 1 - |u_i - k|)``, ``u_i = clip((i + 1/2) / s -
+      1/2, 0, n - 1)`` (``_bilinear_matrix``): output row ``i`` mixes source rows ``floor(u_i)``
+      and ``floor(u_i) + 1`` with weights ``1 - frac(u_i)`` and ``frac(u_i)``; the edge rows copy
+      the edge. The forward pass and ``J^T m`` apply ``A_h``, ``A_w`` (or their transposes) as
+      two contractions, never forming ``J``; the matrices are built from the runtime size, so
+      ``H``, ``W`` may be unknown when traced.
 
     Args:
         size: ``(s_h, s_w)`` or one int, >= 1.
         data_format: ``None`` or ``"channels_last"``.
-        interpolation: ``"nearest"``. Keras' other modes (``"bilinear"``, ...) are an error:
-            TensorFlow's resize computes them in float32 whatever the input's dtype.
+        interpolation: ``"nearest"`` or ``"bilinear"``. Keras' other modes (``"bicubic"``,
+            ``"lanczos3"``, ...) are an error.
 
     Input ``(batch, H, W, C)`` (``H``, ``W`` may be unknown); output
     ``(batch, H s_h, W s_w, C)``.
+
+    The reference route is stock Keras': ``ops.repeat`` (nearest) or ``ops.image.resize``
+    (bilinear), except bilinear in float64, where TensorFlow's resize computes in float32
+    (1e-7 off): there it is stock ``ops.take`` of the two source rows and columns with
+    TensorFlow's resize weights (``_lerp_along``), float64 on both backends.
     """
 
     factor_name = "J = E_h (x) E_w (x) I (copies)"
@@ -82,18 +136,34 @@ class UpSampling2D(_Image):
         super().__init__(**kwargs)
         self.size = as_pair(size, "size", "UpSampling2D")
         self.data_format = check_channels_last(data_format, "UpSampling2D")
-        if not isinstance(interpolation, str) or interpolation.lower() != "nearest":
+        mode = interpolation.lower() if isinstance(interpolation, str) else None
+        if mode not in UPSAMPLING_INTERPOLATIONS:
             raise ValueError(
-                f"UpSampling2D: only interpolation='nearest' is supported, got "
-                f"interpolation={interpolation!r}. (Keras' other modes go through "
-                "keras.ops.image.resize, which computes in float32 whatever the input's dtype; "
-                "their Jacobians are not implemented here.)"
+                "UpSampling2D: interpolation must be 'nearest' or 'bilinear', got "
+                f"interpolation={interpolation!r}. (Keras' other modes, 'bicubic', 'lanczos3', "
+                "'lanczos5', 'area', have no Jacobian here; use one of the two.)"
             )
-        self.interpolation = "nearest"
+        self.interpolation = mode
+        if mode == "bilinear":
+            self.factor_name = "J = A_h (x) A_w (x) I (bilinear weights)"
         self.input_spec = keras.layers.InputSpec(ndim=4)
 
+    def _matrices(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(A_h, A_w)`` at ``x`` ``(batch, H, W, C)``: ``(H s_h, H)`` and ``(W s_w, W)``."""
+        _, height, width, _ = ops.shape(x)
+        dtype = keras.backend.standardize_dtype(x.dtype)
+        return (
+            _bilinear_matrix(height, self.size[0], dtype),
+            _bilinear_matrix(width, self.size[1], dtype),
+        )
+
     def forward(self, x: Tensor) -> Tensor:
-        """Each ``x[i, j, c]`` broadcast to an ``s_h x s_w`` block of ``y``."""
+        """Nearest: each ``x[i, j, c]`` broadcast to an ``s_h x s_w`` block of ``y``. Bilinear:
+        ``y[b, i, j, c] = sum_{h, w} A_h[i, h] x[b, h, w, c] A_w[j, w]``, two contractions."""
+        if self.interpolation == "bilinear":
+            a_h, a_w = self._matrices(x)
+            rows = ops.einsum("ih,bhwc->biwc", a_h, x)
+            return ops.einsum("jw,biwc->bijc", a_w, rows)
         (s_h, s_w), (batch, height, width, channels) = self.size, ops.shape(x)
         blocks = ops.broadcast_to(
             x[:, :, None, :, None, :], (batch, height, s_h, width, s_w, channels)
@@ -101,11 +171,23 @@ class UpSampling2D(_Image):
         return ops.reshape(blocks, (batch, height * s_h, width * s_w, channels))
 
     def reference(self, x: Tensor) -> Tensor:
-        return ops.repeat(ops.repeat(x, self.size[0], axis=1), self.size[1], axis=2)
+        s_h, s_w = self.size
+        if self.interpolation == "nearest":
+            return ops.repeat(ops.repeat(x, s_h, axis=1), s_w, axis=2)
+        if keras.backend.standardize_dtype(x.dtype) == "float64":
+            return _lerp_along(_lerp_along(x, 1, s_h), 2, s_w)
+        _, height, width, _ = ops.shape(x)
+        return ops.image.resize(x, (height * s_h, width * s_w), interpolation="bilinear")
 
     def vjp_input(self, m: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        """``J^T m``: ``dx[v, i, h, w, c]`` is the sum of ``m[v, i]``'s block ``(h, w)`` of
-        channel ``c``, ``(V, batch, H s_h, W s_w, C)`` -> ``(V, batch, H, W, C)``."""
+        """``J^T m`` for each of the ``V`` stacked ``m[v, b]``, ``(V, batch, H s_h, W s_w, C)`` ->
+        ``(V, batch, H, W, C)``. Nearest: the sum of ``m[v, b]``'s block ``(h, w)`` of channel
+        ``c``. Bilinear: ``dx[v, b, h, w, c] = sum_{i, j} A_h[i, h] m[v, b, i, j, c] A_w[j, w]``,
+        two contractions."""
+        if self.interpolation == "bilinear":
+            a_h, a_w = self._matrices(x)
+            rows = ops.einsum("ih,vbijc->vbhjc", a_h, m)
+            return ops.einsum("jw,vbhjc->vbhwc", a_w, rows)
         batch, height, width, channels = ops.shape(x)
         (s_h, s_w), v = self.size, ops.shape(m)[0]
         blocks = ops.reshape(m, (v, batch, height, s_h, width, s_w, channels))
