@@ -74,6 +74,17 @@ def _bilinear_matrix(n: Any, s: int, dtype: str) -> Tensor:
     return ops.cast(hat, dtype) / ops.cast(2 * s, dtype)
 
 
+def _along(a: Tensor, t: Tensor, axis: int) -> Tensor:
+    """``a`` ``(p, n)`` applied along ``axis`` of ``t`` (``n`` entries there):
+    ``out[..., i, ...] = sum_k a[i, k] t[..., k, ...]``, ``axis`` becoming ``p`` long. One
+    matrix product over ``t`` viewed as ``(rest before, n, rest after)`` (on TensorFlow about
+    twice as fast as the same ``einsum``)."""
+    shape = ops.shape(t)
+    after = math.prod(shape[axis + 1 :])
+    out = ops.matmul(a, ops.reshape(t, (-1, shape[axis], after)))
+    return ops.reshape(out, (*shape[:axis], -1, *shape[axis + 1 :]))
+
+
 def _lerp_along(x: Tensor, axis: int, s: int) -> Tensor:
     """Stock-op linear interpolation of ``x`` by ``s`` along ``axis`` (float64), with TensorFlow's
     resize rule (``ResizeBilinear``, half-pixel centers): output ``i`` reads source ``u = (i + 1/2)
@@ -162,8 +173,7 @@ class UpSampling2D(_Image):
         ``y[b, i, j, c] = sum_{h, w} A_h[i, h] x[b, h, w, c] A_w[j, w]``, two contractions."""
         if self.interpolation == "bilinear":
             a_h, a_w = self._matrices(x)
-            rows = ops.einsum("ih,bhwc->biwc", a_h, x)
-            return ops.einsum("jw,biwc->bijc", a_w, rows)
+            return _along(a_w, _along(a_h, x, 1), 2)
         (s_h, s_w), (batch, height, width, channels) = self.size, ops.shape(x)
         blocks = ops.broadcast_to(
             x[:, :, None, :, None, :], (batch, height, s_h, width, s_w, channels)
@@ -186,8 +196,7 @@ class UpSampling2D(_Image):
         two contractions."""
         if self.interpolation == "bilinear":
             a_h, a_w = self._matrices(x)
-            rows = ops.einsum("ih,vbijc->vbhjc", a_h, m)
-            return ops.einsum("jw,vbhjc->vbhwc", a_w, rows)
+            return _along(ops.transpose(a_w), _along(ops.transpose(a_h), m, 2), 3)
         batch, height, width, channels = ops.shape(x)
         (s_h, s_w), v = self.size, ops.shape(m)[0]
         blocks = ops.reshape(m, (v, batch, height, s_h, width, s_w, channels))
