@@ -250,7 +250,10 @@ def test_memory_guard_error_states_the_size_and_the_setting():
     budget = index.sparse_bytes("float32") - 1
     with pytest.raises(ValueError) as info:
         keras.Sequential(
-            [keras.Input((7, 6, 2)), Conv2D(3, 3, padding="same", toeplitz_budget_bytes=budget)]
+            [
+                keras.Input((7, 6, 2)),
+                Conv2D(3, 3, padding="same", toeplitz="materialize", toeplitz_budget_bytes=budget),
+            ]
         )
     message = str(info.value)
     assert f"{index.dense_bytes('float32')} bytes" in message
@@ -262,7 +265,7 @@ def test_memory_guard_reads_the_process_wide_budget_at_build():
     index = toeplitz.conv_index((3, 3, 2, 3), (32, 32, 2), padding="same")
     try:
         toeplitz.set_budget_bytes(index.step_bytes("float32", sparse=True))
-        layer = Conv2D(3, 3, padding="same")
+        layer = Conv2D(3, 3, padding="same", toeplitz="materialize")
         with pytest.warns(UserWarning, match="sparse T"):
             layer.build((None, 32, 32, 2))
         assert layer.sparse_toeplitz
@@ -383,7 +386,9 @@ def test_dynamic_toeplitz_matrix_equals_the_static_one_exactly(kwargs, size):
 def test_unknown_size_memory_guard_runs_when_the_graph_runs():
     """The budget cannot be checked when tracing an unknown size: a size whose dense ``T`` fits
     runs, a larger one is an error naming the budget, the setting and the size."""
-    layer = Conv2D(2, 3, padding="same", dtype="float64", toeplitz_budget_bytes=10**6)
+    layer = Conv2D(
+        2, 3, padding="same", dtype="float64", toeplitz="materialize", toeplitz_budget_bytes=10**6
+    )
     layer.build((None, None, None, 1))
     call = tf.function(layer, input_signature=[tf.TensorSpec((None, None, None, 1), "float64")])
     small = np.random.default_rng(4).normal(size=(1, 10, 10, 1))  # T: 200 x 100 float64
@@ -400,7 +405,7 @@ def test_unknown_size_memory_guard_runs_when_the_graph_runs():
 
 
 def test_unknown_size_checks_the_window_when_the_graph_runs():
-    layer = Conv2D(2, 5, dtype="float64")
+    layer = Conv2D(2, 5, dtype="float64", toeplitz="materialize")
     layer.build((None, None, None, 1))
     call = tf.function(layer, input_signature=[tf.TensorSpec((None, None, None, 1), "float64")])
     assert call(np.zeros((1, 6, 5, 1))).shape == (1, 2, 1, 2)
@@ -416,7 +421,7 @@ def test_variable_size_guards_each_size_when_it_is_seen():
     budget = toeplitz.conv_index((3, 3, 2, 3), (32, 32, 2), padding="same").step_bytes(
         "float64", sparse=True
     )
-    layer = Conv2D(toeplitz_budget_bytes=budget, **kwargs)
+    layer = Conv2D(toeplitz="materialize", toeplitz_budget_bytes=budget, **kwargs)
     layer.build((None, None, None, 2))
     reference = Conv2D(**kwargs)
     reference.build((None, None, None, 2))

@@ -276,7 +276,14 @@ def test_memory_guard_error_states_the_size_and_the_setting():
         keras.Sequential(
             [
                 keras.Input((4, 5, 2)),
-                Conv2DTranspose(3, 3, strides=2, padding="same", toeplitz_budget_bytes=budget),
+                Conv2DTranspose(
+                    3,
+                    3,
+                    strides=2,
+                    padding="same",
+                    toeplitz="materialize",
+                    toeplitz_budget_bytes=budget,
+                ),
             ]
         )
     message = str(info.value)
@@ -395,7 +402,9 @@ def test_autoencoder_fits_three_image_sizes_with_the_reference_gradients():
 def test_unknown_size_checks_output_padding_when_the_graph_runs():
     """``output_padding`` without a transposed convolution (``"same"``, even kernel, 0) cannot be
     refused at build for an unknown size: the traced function refuses it when it runs."""
-    layer = Conv2DTranspose(2, 2, strides=2, padding="same", output_padding=0, dtype="float64")
+    layer = Conv2DTranspose(
+        2, 2, strides=2, padding="same", output_padding=0, dtype="float64", toeplitz="materialize"
+    )
     layer.build((None, None, None, 1))
     call = tf.function(layer, input_signature=[tf.TensorSpec((None, None, None, 1), "float64")])
     with pytest.raises(tf.errors.InvalidArgumentError, match="output_padding=\\(0, 0\\)"):

@@ -75,7 +75,9 @@ def test_large_sparse_input_is_refused_when_its_step_needs_more_than_the_budget(
     index = toeplitz.conv_index((1, 1, 1, 1), (384, 384, 1))
     assert index.sparse_bytes("float32") < 8 * 2**20 < index.step_bytes("float32", True)
     with pytest.raises(ValueError, match="toeplitz_budget_bytes") as info:
-        Conv2D(1, 1, toeplitz_budget_bytes=8 * 2**20).build((None, 384, 384, 1))
+        Conv2D(1, 1, toeplitz="materialize", toeplitz_budget_bytes=8 * 2**20).build(
+            (None, 384, 384, 1)
+        )
     assert "training step" in str(info.value)
 
 
@@ -86,7 +88,13 @@ def _sparse_layer_budget() -> int:
 
 def test_sparse_fallback_warns_and_turns_off_xla():
     with pytest.warns(UserWarning, match=r"sparse T.*XLA.*toeplitz_budget_bytes"):
-        sparse = Conv2D(2, 3, padding="same", toeplitz_budget_bytes=_sparse_layer_budget())
+        sparse = Conv2D(
+            2,
+            3,
+            padding="same",
+            toeplitz="materialize",
+            toeplitz_budget_bytes=_sparse_layer_budget(),
+        )
         model = keras.Sequential([keras.Input((64, 64, 1)), sparse])
     assert sparse.sparse_toeplitz and not sparse.supports_jit
     assert not model_supports_jit(model)  # what fit(jit_compile="auto") consults
@@ -115,7 +123,7 @@ from tf_jacbp.layers import Conv1D, Conv2D
 
 config = json.loads(sys.argv[1])
 cls = {{"Conv1D": Conv1D, "Conv2D": Conv2D}}[config["layer"]]
-layer = cls(1, 3, padding="same", toeplitz_budget_bytes=config["budget"])
+layer = cls(1, 3, padding="same", toeplitz="materialize", toeplitz_budget_bytes=config["budget"])
 shape = tuple(config["shape"])
 layer.build((None, *(None,) * (len(shape) - 1), shape[-1]))
 spec = tf.TensorSpec((None, *(None,) * (len(shape) - 1), shape[-1]), "float32")

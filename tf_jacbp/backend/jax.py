@@ -767,3 +767,85 @@ def compile_function(function: object, jit_compile: bool) -> object:
 
 
 __all__ += ["compile_function"]
+
+
+# --- convolutions: T(K) applied without forming it (tf_jacbp.toeplitz_implicit) ------------
+
+
+def _spatial_letters(rank: int) -> str:
+    """The spatial letters of ``jax.lax`` dimension numbers for ``rank`` axes (``"DHW"``)."""
+    return "DHW"[3 - rank :]
+
+
+def _pads(sizes: tuple, kernel: tuple, strides: tuple, padding: str, dilation: tuple) -> list:
+    """``(before, after)`` zeros per axis of the forward convolution (``tf_jacbp.geometry``)."""
+    from tf_jacbp import geometry
+
+    return [
+        geometry.padding_amounts(int(n), k, s, padding, d)
+        for n, k, s, d in zip(sizes, kernel, strides, dilation, strict=True)
+    ]
+
+
+def conv_input_product(
+    delta: object,
+    kernel: object,
+    input_sizes: tuple,
+    strides: tuple[int, ...],
+    padding: str,
+    dilation: tuple[int, ...],
+) -> object:
+    """``T(K)^T delta`` for each sample without forming ``T(K)``: the transposed convolution,
+    ``(batch, o_1, ..., o_n, F)`` -> ``(batch, s_1, ..., s_n, C)`` for ``K``
+    ``(k_1, ..., k_n, C, F)``: ``delta`` dilated by the strides (``lhs_dilation``), convolved
+    with ``K`` flipped and read ``(k, F, C)``, padded ``(k' - 1 - before, k' - 1 - after + e)``
+    (``k' = (k - 1) d + 1``; ``e`` the inputs no window reads), as ``jax.lax`` differentiates
+    a convolution."""
+    rank = len(strides)
+    spatial = _spatial_letters(rank)
+    extents = [(k - 1) * d + 1 for k, d in zip(kernel.shape[:rank], dilation, strict=True)]
+    pads = _pads(input_sizes, kernel.shape[:rank], strides, padding, dilation)
+    padding_pairs = [
+        (e - 1 - before, e - 1 - after + (int(n) + before + after - e) % s)
+        for (before, after), e, n, s in zip(pads, extents, input_sizes, strides, strict=True)
+    ]
+    flipped = jnp.flip(kernel, axis=tuple(range(rank)))
+    return jax.lax.conv_general_dilated(
+        delta,
+        flipped,
+        window_strides=(1,) * rank,
+        padding=padding_pairs,
+        lhs_dilation=tuple(strides),
+        rhs_dilation=tuple(dilation),
+        dimension_numbers=(f"N{spatial}C", f"{spatial}OI", f"N{spatial}C"),
+    )
+
+
+def conv_kernel_product(
+    x: object,
+    delta: object,
+    kernel_shape: tuple[int, ...],
+    strides: tuple[int, ...],
+    padding: str,
+    dilation: tuple[int, ...],
+) -> object:
+    """``dK = sum_b X_patch,b^T Delta_b``, shaped like ``K`` ``(k_1, ..., k_n, C, F)``, never
+    forming ``T(K)`` nor the patches: ``dK[p, c, f] = sum_{b, o} x_pad[b, o s + p d, c]
+    delta[b, o, f]`` is a convolution of ``x`` (channels as its batch, the batch as its
+    channels) with ``delta`` as the kernel, window stride ``d`` and kernel dilation ``s``."""
+    rank = len(strides)
+    spatial = _spatial_letters(rank)
+    pads = _pads(x.shape[1:-1], kernel_shape[:rank], strides, padding, dilation)
+    product = jax.lax.conv_general_dilated(
+        x,
+        delta,
+        window_strides=tuple(dilation),
+        padding=[tuple(p) for p in pads],
+        rhs_dilation=tuple(strides),
+        dimension_numbers=(f"C{spatial}N", f"I{spatial}O", f"N{spatial}C"),
+    )  # (C, k'_1, ..., k'_n, F), k'_a >= k_a
+    product = product[(slice(None), *(slice(0, k) for k in kernel_shape[:rank]))]
+    return jnp.moveaxis(product, 0, -2)
+
+
+__all__ += ["conv_input_product", "conv_kernel_product"]

@@ -856,3 +856,71 @@ def compile_function(function: object, jit_compile: bool) -> object:
 
 
 __all__ += ["compile_function"]
+
+
+# --- convolutions: T(K) applied without forming it (tf_jacbp.toeplitz_implicit) ------------
+
+
+def _spread_kernel(kernel: object, dilation: tuple[int, ...]) -> object:
+    """``K`` with ``d_a - 1`` zeros between its taps along each spatial axis ``a``: the kernel
+    ``(k_a - 1) d_a + 1`` wide that dilation means (``K'[p d] = K[p]``). TensorFlow's CPU kernels
+    of the transposed convolution and of the kernel gradient take no dilation."""
+    for axis, d in enumerate(dilation):
+        if d == 1:
+            continue
+        k = kernel.shape[axis]
+        shape = list(kernel.shape)
+        spread = tf.expand_dims(kernel, axis + 1)
+        pads = [[0, 0]] * (len(shape) + 1)
+        pads[axis + 1] = [0, d - 1]
+        spread = tf.pad(spread, pads)
+        shape[axis] = k * d
+        kernel = tf.reshape(spread, shape)[(slice(None),) * axis + (slice(0, (k - 1) * d + 1),)]
+    return kernel
+
+
+def conv_input_product(
+    delta: object,
+    kernel: object,
+    input_sizes: tuple,
+    strides: tuple[int, ...],
+    padding: str,
+    dilation: tuple[int, ...],
+) -> object:
+    """``T(K)^T delta`` for each sample without forming ``T(K)``: the transposed convolution
+    (``tf.nn.conv_transpose``), ``(batch, o_1, ..., o_n, F)`` -> ``(batch, s_1, ..., s_n, C)``
+    for ``K`` ``(k_1, ..., k_n, C, F)``, ``n`` = 2 or 3, ``padding`` ``"valid"`` or ``"same"``
+    (TensorFlow's rule), ``input_sizes`` the ``s_a`` (ints or scalar tensors). A dilated ``K``
+    is spread out with zeros first (``_spread_kernel``)."""
+    kernel = _spread_kernel(kernel, dilation)
+    shape = tf.stack([tf.shape(delta)[0], *input_sizes, kernel.shape[-2]])
+    return tf.nn.conv_transpose(
+        delta, kernel, shape, strides=list(strides), padding=padding.upper()
+    )
+
+
+def conv_kernel_product(
+    x: object,
+    delta: object,
+    kernel_shape: tuple[int, ...],
+    strides: tuple[int, ...],
+    padding: str,
+    dilation: tuple[int, ...],
+) -> object:
+    """``dK = sum_b X_patch,b^T Delta_b``, shaped like ``K`` ``(k_1, ..., k_n, C, F)``: the
+    patch product of Lemma 3 summed over the batch, by TensorFlow's filter-gradient kernel
+    (``Conv2DBackpropFilter``, ``Conv3DBackpropFilterV2``), which forms patches in blocks and
+    never ``T(K)``. ``x`` ``(batch, s_1, ..., s_n, C)``, ``delta`` ``(batch, o_1, ..., o_n, F)``,
+    ``n`` = 2 or 3. With dilation ``d`` (then strides are 1) the product of the spread kernel
+    ``(k - 1) d + 1`` wide is taken at every ``d``-th tap: ``dK[p] = dK'[p d]``."""
+    extents = [(k - 1) * d + 1 for k, d in zip(kernel_shape[:-2], dilation, strict=True)]
+    shape = [*extents, *kernel_shape[-2:]]
+    step = [1, *strides, 1]
+    if len(extents) == 2:
+        product = tf.compat.v1.nn.conv2d_backprop_filter(x, shape, delta, step, padding.upper())
+    else:
+        product = tf.compat.v1.nn.conv3d_backprop_filter_v2(x, shape, delta, step, padding.upper())
+    return product[tuple(slice(None, None, d) for d in dilation)]
+
+
+__all__ += ["conv_input_product", "conv_kernel_product"]

@@ -95,6 +95,7 @@ class ToeplitzConv(_ToeplitzIndexed):
         kernel_constraint: Any = None,
         bias_constraint: Any = None,
         toeplitz_budget_bytes: int | None = None,
+        toeplitz: str = "auto",
         **kwargs: Any,
     ):
         super().__init__(
@@ -114,6 +115,7 @@ class ToeplitzConv(_ToeplitzIndexed):
             kernel_constraint=kernel_constraint,
             bias_constraint=bias_constraint,
             toeplitz_budget_bytes=toeplitz_budget_bytes,
+            toeplitz=toeplitz,
             **kwargs,
         )
         owner = type(self).__name__
@@ -171,8 +173,32 @@ class ToeplitzConv(_ToeplitzIndexed):
 
     def forward(self, x: Tensor, kernel: Tensor, bias: Tensor | None = None) -> Tensor:
         """``Z = X T(K)^T + b``: ``(batch, *spatial, C)`` -> ``(batch, *spatial_out, F)``, with
-        ``T(K)`` built for ``x``'s size (``build_toeplitz``; dense, or sparse over budget)."""
+        ``T(K)`` applied as ``route_for`` says: formed for ``x``'s size (``build_toeplitz``;
+        dense, or sparse over budget) and multiplied, or applied as the convolution
+        (``ImplicitConv.apply``). Under ``toeplitz="auto"`` a batch with a NaN or an infinity
+        takes the convolution, so that it stays in its receptive field as in stock Keras (a
+        dense ``T(K)`` multiplies it by every zero of its column: ``0 * NaN = NaN`` in every
+        output of its sample)."""
         image = self.image(x)
+        if self.route_for(image) == "implicit":
+            return self._implicit_forward(image, kernel, bias)
+        if self.toeplitz == "auto":
+            return ops.cond(
+                ops.all(ops.isfinite(image)),
+                lambda: self._materialized_forward(image, kernel, bias),
+                lambda: self._implicit_forward(image, kernel, bias),
+            )
+        return self._materialized_forward(image, kernel, bias)
+
+    def _layer_shape(self, z: Tensor) -> Tensor:
+        """The view's ``(batch, *lead, *spatial_out, F)`` as the layer's (lead axes dropped)."""
+        return z[:, 0] if self._lead else z
+
+    def _implicit_forward(self, image: Tensor, kernel: Tensor, bias: Tensor | None) -> Tensor:
+        z = self._layer_shape(self.implicit.apply(image, self.view_kernel(kernel)))
+        return z if bias is None else z + bias
+
+    def _materialized_forward(self, image: Tensor, kernel: Tensor, bias: Tensor | None) -> Tensor:
         index, _ = self.index_for(image)
         rows = ops.reshape(image, (-1, index.shape[1]))
         z = toeplitz_product(rows, self.build_toeplitz(kernel, image))
@@ -184,10 +210,31 @@ class ToeplitzConv(_ToeplitzIndexed):
         return ops.reshape(z, (-1, *index.output_shape[len(self._lead) :]))
 
     def vjp_input(self, m, x, y, kernel, bias=None):
-        """``(J_x z)^T m = T(K)^T m`` for each of the ``V`` vectors of each sample: the rows
-        ``Delta T(K)`` of one product, ``(V, batch, *spatial_out, F)`` -> ``(V, batch,
-        *spatial, C)``."""
+        """``(J_x z)^T m = T(K)^T m`` for each of the ``V`` vectors of each sample,
+        ``(V, batch, *spatial_out, F)`` -> ``(V, batch, *spatial, C)``: the rows
+        ``Delta T(K)`` of one product, or the transposed convolution of the ``V batch`` rows
+        (``ImplicitConv.apply_transpose``; under ``"auto"`` also for rows with a NaN or an
+        infinity, as ``forward``)."""
         image = self.image(x)
+        route = self.route_for(image)
+        if route == "implicit":
+            return self._implicit_vjp_input(m, x, image, kernel)
+        if self.toeplitz == "auto":
+            return ops.cond(
+                ops.all(ops.isfinite(m)),
+                lambda: self._materialized_vjp_input(m, x, image, kernel),
+                lambda: self._implicit_vjp_input(m, x, image, kernel),
+            )
+        return self._materialized_vjp_input(m, x, image, kernel)
+
+    def _implicit_vjp_input(self, m: Tensor, x: Tensor, image: Tensor, kernel: Tensor) -> Tensor:
+        out = self.compute_output_shape(tuple(x.shape))[1:]
+        rows = ops.reshape(m, (-1, *self._lead, *(static_size(m, 2 + a) for a in range(len(out)))))
+        sizes = tuple(static_size(image, 1 + a) for a in range(len(image.shape) - 2))
+        dx = self.implicit.apply_transpose(rows, self.view_kernel(kernel), sizes)
+        return ops.reshape(dx, (static_size(m, 0), *ops.shape(x)))
+
+    def _materialized_vjp_input(self, m: Tensor, x: Tensor, image: Tensor, kernel: Tensor):
         index, _ = self.index_for(image)
         rows = ops.reshape(m, (-1, index.shape[0]))  # (V batch, R)
         dx = toeplitz_product(rows, self.build_toeplitz(kernel, image), transpose=True)
@@ -197,14 +244,28 @@ class ToeplitzConv(_ToeplitzIndexed):
         """``(J_{Vec(K), b} z)^T m``: the kernel product ``Vec(X_patch^T M_v)`` and the tied
         bias' ``1^T M_v`` (``M_v`` the ``P x F`` matrix of vector ``v``) from one patch product
         (``ConvIndex.kernel_products``), summed over the batch or per sample; an untied bias'
-        product is ``m`` itself (``J_{Vec(B)} z`` is a permutation), summed or not.
+        product is ``m`` itself (``J_{Vec(B)} z`` is a permutation), summed or not. On the
+        implicit route one vector summed over the batch is the filter gradient
+        (``ImplicitConv.kernel_gradient``) and the tied bias ``m`` summed over the batch and
+        positions.
 
         Shapes ``(V, *p.shape)`` each, or ``(V, batch, *p.shape)`` without ``sum_batch``.
         """
         image = self.image(x)
-        index, _ = self.index_for(image)
+        stacks = static_size(m, 0)
+        if self.route_for(image) == "implicit" and sum_batch and stacks == 1:
+            delta = ops.reshape(m[0], (-1, *self._lead, *ops.shape(m)[2:]))
+            grads = [self.implicit.kernel_gradient(image, delta, self._conv_kernel_shape())]
+            grads = [ops.reshape(grads[0], (1, *kernel.shape))]
+            if bias is None:
+                return grads
+            axes = tuple(range(1, len(m.shape) - 1)) if self.bias_mode == "tied" else 1
+            return [*grads, ops.sum(m, axis=axes)]
+        index = self.plain_index(image) if self.route_for(image) == "implicit" else None
+        if index is None:
+            index, _ = self.index_for(image)
         products = index.kernel_products(image, m, sum_batch)  # (V, [batch,] M + 1, F)
-        lead = (static_size(m, 0),) if sum_batch else (static_size(m, 0), static_size(x, 0))
+        lead = (stacks,) if sum_batch else (stacks, static_size(x, 0))
         grads = [ops.reshape(products[..., :-1, :], (*lead, *kernel.shape))]
         if bias is None:
             return grads
@@ -226,7 +287,7 @@ class ToeplitzConv(_ToeplitzIndexed):
         ``||Delta_i||^2``.
         """
         x = self.image(x)
-        index, _ = self.index_for(x)
+        index = self.plain_index(x)
         *sizes, channels = index.input_shape
         out = index.output_shape[:-1]
         kernel_size, strides, dilation = self._image_geometry()

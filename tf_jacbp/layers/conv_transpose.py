@@ -158,6 +158,7 @@ class Conv2DTranspose(_ToeplitzIndexed):
         kernel_constraint: Any = None,
         bias_constraint: Any = None,
         toeplitz_budget_bytes: int | None = None,
+        toeplitz: str = "auto",
         **kwargs: Any,
     ):
         owner = type(self).__name__
@@ -184,6 +185,7 @@ class Conv2DTranspose(_ToeplitzIndexed):
             kernel_constraint=kernel_constraint,
             bias_constraint=bias_constraint,
             toeplitz_budget_bytes=toeplitz_budget_bytes,
+            toeplitz=toeplitz,
             **kwargs,
         )
         self.output_padding = check_output_padding(output_padding, self.strides, owner)
@@ -238,7 +240,26 @@ class Conv2DTranspose(_ToeplitzIndexed):
 
     def forward(self, x: Tensor, kernel: Tensor, bias: Tensor | None = None) -> Tensor:
         """``Y = X T(K) + b``: ``(batch, H, W, C)`` -> ``(batch, H_out, W_out, F)``; per sample
-        ``y = T(K)^T x + b``, ``T(K)`` built for ``x``'s size (``build_toeplitz``)."""
+        ``y = T(K)^T x + b``, ``T(K)`` formed for ``x``'s size (``build_toeplitz``) or applied
+        as the transposed convolution (``ImplicitConv.apply_transpose``), as ``route_for``
+        says; under ``toeplitz="auto"`` a batch with a NaN or an infinity takes the transposed
+        convolution (so it stays local, as in stock Keras)."""
+        if self.route_for(x) == "implicit":
+            return self._implicit_forward(x, kernel, bias)
+        if self.toeplitz == "auto":
+            return ops.cond(
+                ops.all(ops.isfinite(x)),
+                lambda: self._materialized_forward(x, kernel, bias),
+                lambda: self._implicit_forward(x, kernel, bias),
+            )
+        return self._materialized_forward(x, kernel, bias)
+
+    def _implicit_forward(self, x: Tensor, kernel: Tensor, bias: Tensor | None) -> Tensor:
+        sizes = self._output_sizes((static_size(x, 1), static_size(x, 2)))
+        y = self.implicit.apply_transpose(x, kernel, tuple(sizes))
+        return y if bias is None else y + bias
+
+    def _materialized_forward(self, x: Tensor, kernel: Tensor, bias: Tensor | None) -> Tensor:
         index, _ = self.index_for(x)
         rows = ops.reshape(x, (-1, index.shape[0]))
         y = toeplitz_product(rows, self.build_toeplitz(kernel, x), transpose=True)
@@ -249,7 +270,24 @@ class Conv2DTranspose(_ToeplitzIndexed):
 
     def vjp_input(self, m, x, y, kernel, bias=None):
         """``(J_x y)^T m = T(K) m`` for each of the ``V`` vectors of each sample: the rows
-        ``Delta T(K)^T``, ``(V, batch, H_out, W_out, F)`` -> ``(V, batch, H, W, C)``."""
+        ``Delta T(K)^T``, or the convolution of the ``V batch`` rows
+        (``ImplicitConv.apply``), ``(V, batch, H_out, W_out, F)`` -> ``(V, batch, H, W, C)``."""
+        if self.route_for(x) == "implicit":
+            return self._implicit_vjp_input(m, x, kernel)
+        if self.toeplitz == "auto":
+            return ops.cond(
+                ops.all(ops.isfinite(m)),
+                lambda: self._materialized_vjp_input(m, x, kernel),
+                lambda: self._implicit_vjp_input(m, x, kernel),
+            )
+        return self._materialized_vjp_input(m, x, kernel)
+
+    def _implicit_vjp_input(self, m: Tensor, x: Tensor, kernel: Tensor) -> Tensor:
+        rows = ops.reshape(m, (-1, *(static_size(m, a) for a in (2, 3, 4))))
+        dx = self.implicit.apply(rows, kernel)
+        return ops.reshape(dx, (static_size(m, 0), *ops.shape(x)))
+
+    def _materialized_vjp_input(self, m: Tensor, x: Tensor, kernel: Tensor) -> Tensor:
         index, _ = self.index_for(x)
         rows = ops.reshape(m, (-1, index.shape[1]))  # (V batch, R)
         dx = toeplitz_product(rows, self.build_toeplitz(kernel, x))
@@ -262,11 +300,17 @@ class Conv2DTranspose(_ToeplitzIndexed):
         ``m[v]``, ``P = H W``, ``M = kh kw F`` in ``K``'s storage order, ``stored_patches``),
         summed over the batch (one matmul ``(V, M, P batch) x (P batch, C)``) or per sample
         (``"npb,bpc->bnc"`` over the ``V M`` rows ``n``); the bias' ``m`` summed over positions.
+        On the implicit route one vector summed over the batch is the convolution's filter
+        gradient with the roles swapped (``ImplicitConv.kernel_gradient(m[0], x)``).
 
         Shapes ``(V, *p.shape)`` each, or ``(V, batch, *p.shape)`` without ``sum_batch``.
         """
-        index, _ = self.index_for(x)
         stacks, batch = static_size(m, 0), static_size(x, 0)
+        implicit = self.route_for(x) == "implicit"
+        if implicit and sum_batch and stacks == 1:
+            grads = [self.implicit.kernel_gradient(m[0], x, tuple(kernel.shape))[None]]
+            return grads + ([ops.sum(m, axis=(1, 2, 3))] if bias is not None else [])
+        index = self.plain_index(x) if implicit else self.index_for(x)[0]
         patches = index.stored_patches(m, bias_row=False)  # (V, M, P, batch)
         entries = patches.shape[1]
         values = ops.reshape(x, (batch, -1, self._channels))  # (batch, P, C): T's upstream
@@ -290,7 +334,7 @@ class Conv2DTranspose(_ToeplitzIndexed):
         ``patch_product_squared_norms`` takes its cheaper exact form (Gram or outer); the bias'
         is ``||sum over positions of m[0, i]||^2``.
         """
-        index, _ = self.index_for(x)
+        index = self.plain_index(x)
         patches = index.stored_patches(m[:1], bias_row=False)[0]  # (M, P, batch)
         values = ops.reshape(x, (static_size(x, 0), -1, self._channels))
         norms = [patch_product_squared_norms(ops.transpose(patches, (2, 1, 0)), values)]

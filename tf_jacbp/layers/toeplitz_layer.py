@@ -21,7 +21,9 @@ from tf_jacbp import activations, geometry, toeplitz
 from tf_jacbp._backend import keras
 from tf_jacbp.geometry import check_channels_last
 from tf_jacbp.layers.base import _KernelBiasLayer, refuse_unsupported
+from tf_jacbp.toeplitz_budget import check_budget
 from tf_jacbp.toeplitz_dynamic import DynamicConvIndex
+from tf_jacbp.toeplitz_implicit import ImplicitConv, check_route, choose_route
 
 Tensor = Any  # a tensor of Keras' backend
 
@@ -61,6 +63,7 @@ class _ToeplitzIndexed(_KernelBiasLayer):
         kernel_constraint: Any,
         bias_constraint: Any,
         toeplitz_budget_bytes: int | None,
+        toeplitz: str = "auto",
         **kwargs: Any,
     ):
         owner = type(self).__name__
@@ -88,7 +91,7 @@ class _ToeplitzIndexed(_KernelBiasLayer):
         self.toeplitz_budget_bytes = (
             None
             if toeplitz_budget_bytes is None
-            else toeplitz.check_budget(toeplitz_budget_bytes, f"{owner}(toeplitz_budget_bytes=...)")
+            else check_budget(toeplitz_budget_bytes, f"{owner}(toeplitz_budget_bytes=...)")
         )
         self.set_weight_options(
             kernel_initializer=kernel_initializer,
@@ -98,8 +101,11 @@ class _ToeplitzIndexed(_KernelBiasLayer):
             kernel_constraint=kernel_constraint,
             bias_constraint=bias_constraint,
         )
+        self.toeplitz = check_route(toeplitz, owner)
         self.conv_index: toeplitz.ConvIndex | None = None
         self.sparse_toeplitz = False
+        kernel_size, strides, dilation = self._image_geometry()
+        self.implicit = ImplicitConv(kernel_size, strides, self.padding, dilation)
 
     def _kernel_shape(self, channels: int) -> tuple[int, ...]:
         """The kernel variable's shape for ``channels`` input channels."""
@@ -181,6 +187,7 @@ class _ToeplitzIndexed(_KernelBiasLayer):
             else self.toeplitz_budget_bytes
         )
         self._indices: dict[tuple[int, ...], tuple[toeplitz.ConvIndex, bool]] = {}
+        self._routes: dict[tuple[int, ...], str] = {}
         if None not in spatial:  # the usual case: one size, its T(K) guarded now
             self.conv_index, self.sparse_toeplitz = self.toeplitz_index((None, *spatial, channels))
         self.add_kernel_and_bias(
@@ -216,13 +223,40 @@ class _ToeplitzIndexed(_KernelBiasLayer):
         spatial = tuple(int(n) for n in spatial)
         if spatial not in self._indices:
             index = self._static_index(spatial, owner)
-            sparse = toeplitz.use_sparse(
+            route = choose_route(self.toeplitz, index, self.compute_dtype, self._budget)
+            sparse = route == "materialize" and toeplitz.use_sparse(
                 index, self.compute_dtype, self._budget, owner, self._budget_setting()
             )
             if sparse:  # the sparse product has no XLA kernel
                 self.supports_jit = False
             self._indices[spatial] = (index, sparse)
+            self._routes[spatial] = route
         return self._indices[spatial]
+
+    def route_for(self, x: Tensor) -> str:
+        """``"materialize"`` or ``"implicit"``: how ``T(K)`` is applied to the image batch ``x``
+        (the view). A static size takes the route chosen when its index was built
+        (``tf_jacbp.toeplitz_implicit.choose_route``: ``toeplitz="auto"`` materializes a ``T(K)``
+        that fits and is cheaper); a size unknown when traced is implicit unless the layer was
+        made with ``toeplitz="materialize"``."""
+        if None not in tuple(x.shape[1:-1]):
+            self.toeplitz_index(x.shape)
+            return self._routes[tuple(int(n) for n in x.shape[1:-1])[-self.rank :]]
+        return "materialize" if self.toeplitz == "materialize" else "implicit"
+
+    def plain_index(self, x: Tensor) -> toeplitz.ToeplitzProducts:
+        """The index maps of ``T(K)`` for the image batch ``x`` without the memory guard of the
+        dense ``T``: the implicit route reads only the shapes and the patch maps (``M P``
+        entries, not ``R N``)."""
+        if None not in tuple(x.shape[1:-1]):
+            owner = f"{type(self).__name__} '{self.name}'"
+            return self._static_index(tuple(int(n) for n in x.shape[1:-1])[-self.rank :], owner)
+        return self._dynamic_index(x)
+
+    def view_kernel(self, kernel: Tensor) -> Tensor:
+        """``K`` as the view's convolution reads it: ``(*lead, *K.shape)`` (``(1, k, C, F)`` for
+        ``Conv1D``; no copy)."""
+        return ops.reshape(kernel, self._lead + tuple(kernel.shape)) if self._lead else kernel
 
     def index_for(self, x: Tensor) -> tuple[toeplitz.ToeplitzProducts, bool]:
         """``(index, sparse)`` for the image batch ``x`` ``(batch, *spatial, C)`` (the view):
@@ -284,6 +318,7 @@ class _ToeplitzIndexed(_KernelBiasLayer):
                 "use_bias": self.use_bias,
                 **self.weight_options_config(),
                 "toeplitz_budget_bytes": self.toeplitz_budget_bytes,
+                "toeplitz": self.toeplitz,
             }
         )
         return config

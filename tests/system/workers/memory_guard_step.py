@@ -33,6 +33,7 @@ def model(input_shape, budget, config):
         config["filters"],
         config["kernel_size"],
         padding=config["padding"],
+        toeplitz="materialize",
         toeplitz_budget_bytes=budget,
     )
     m = keras.Sequential([keras.Input(input_shape), layer])
