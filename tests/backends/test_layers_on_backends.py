@@ -310,9 +310,12 @@ def test_layer_equals_a_numpy_float64_computation(name):
 def test_a_convolution_over_its_budget_is_sparse_on_tensorflow_and_refused_on_jax(backend):
     """T(K) of a 32 x 32 image is 7 MiB dense, 0.3 MiB sparse: with a budget of 13 MiB the step
     fits only sparse. TensorFlow multiplies by the sparse T(K) (with a warning) and gives stock
-    Keras' convolution; JAX has no sparse fallback and says what to do instead."""
+    Keras' convolution; JAX has no sparse fallback and says what to do instead. (Under the default
+    ``toeplitz="auto"`` neither happens: the layer applies T(K) without forming it.)"""
     x = np.random.default_rng(0).normal(size=(1, 32, 32, 1))
-    layer = layers.Conv2D(2, 3, toeplitz_budget_bytes=13 * 2**20, dtype="float64")
+    layer = layers.Conv2D(
+        2, 3, toeplitz="materialize", toeplitz_budget_bytes=13 * 2**20, dtype="float64"
+    )
     if backend == "jax":
         with pytest.raises(NotImplementedError, match=r"TensorFlow-only.*toeplitz_budget"):
             layer(x)

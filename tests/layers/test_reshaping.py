@@ -166,7 +166,7 @@ def test_inputs_of_unknown_size(layer, input_shape):
 @pytest.mark.parametrize(
     "make, match",
     [
-        (lambda: UpSampling2D(interpolation="bilinear"), "interpolation='bilinear'"),
+        (lambda: UpSampling2D(interpolation="bicubic"), "interpolation='bicubic'"),
         (lambda: UpSampling2D(size=0), "size=0"),
         (lambda: UpSampling2D(size=(2, 2, 2)), r"size=\(2, 2, 2\)"),
         (lambda: UpSampling2D(data_format="channels_first"), "data_format='channels_first'"),

@@ -278,8 +278,8 @@ def _conv1d_channels_first():
     layers.Conv1D(2, 3, data_format="channels_first")
 
 
-def _upsampling_bilinear():
-    layers.UpSampling2D(2, interpolation="bilinear")
+def _upsampling_bicubic():
+    layers.UpSampling2D(2, interpolation="bicubic")
 
 
 def _concatenate_batch_axis():
@@ -343,7 +343,7 @@ CASES: list[tuple[str, Callable, type[Exception]]] = [
         tf.errors.InvalidArgumentError,
     ),
     ("Conv1D channels_first", _conv1d_channels_first, ValueError),
-    ("UpSampling2D interpolation='bilinear'", _upsampling_bilinear, ValueError),
+    ("UpSampling2D interpolation='bicubic'", _upsampling_bicubic, ValueError),
     ("Concatenate along the batch axis", _concatenate_batch_axis, ValueError),
 ]
 
