@@ -11,6 +11,7 @@ def _stock_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
     config = layer.get_config()
     config.pop("bias", None)  # tf_jacbp's Conv2D bias mode; the twin is "tied" only
     config.pop("toeplitz_budget_bytes", None)
+    config.pop("toeplitz", None)  # how T(K) is applied; stock has one route
     if "activation" in config:
         config["activation"] = activations.deserialize(config["activation"]).name
     if isinstance(layer, layers.JacobianLayer):
