@@ -1,8 +1,8 @@
 """Networks of the paper built from tf_jacbp layers, ready for ``compile`` and ``fit``.
 
-Each returns a ``keras.Sequential`` (``resnet_mnist``: a functional ``keras.Model``) that outputs
-logits ``z[L]`` (the paper fuses the last activation with the loss, Table 1): compile it with
-``tf_jacbp.losses.SparseCategoricalCrossentropy(from_logits=True)``. Pass
+Each returns a ``keras.Sequential`` (``resnet_mnist``, ``resnet20``: a functional ``keras.Model``)
+that outputs logits ``z[L]`` (the paper fuses the last activation with the loss, Table 1):
+compile it with ``tf_jacbp.losses.SparseCategoricalCrossentropy(from_logits=True)``. Pass
 ``output_activation="softmax"`` for probabilities instead (then ``from_logits=False``). Each
 model comes attached (``tf_jacbp.hooks.attach``): its Keras step functions follow
 ``reference_mode()``, and under XLA a bad label stops ``fit``.
@@ -197,3 +197,75 @@ def sequence_classifier(
             name="sequence_classifier",
         )
     )
+
+
+def resnet20(
+    input_shape: tuple[int, int, int] = (32, 32, 3),
+    num_classes: int = 10,
+    output_activation: str | None = None,
+    momentum: float = 0.9,
+    **layer_kwargs,
+) -> keras.Model:
+    """He et al. (2016)'s CIFAR ResNet-20 of tf_jacbp layers (``6 n + 2`` layers, ``n = 3``).
+
+    ``Conv2D(16, 3x3, same) -> BN -> ReLU``, then three stages of three basic blocks with 16, 32
+    and 64 filters; a block is ``h <- ReLU(s(h) + BN(Conv3x3(ReLU(BN(Conv3x3(h))))))``. The first
+    block of stages 2 and 3 halves the height and width (its first 3x3 convolution has stride 2)
+    and its shortcut ``s`` is a projection ``BN(Conv2D(filters, 1x1, stride 2)(h))`` (He et al.'s
+    option B); every other shortcut is the identity. Then ``GlobalAveragePooling2D ->
+    Dense(num_classes, output_activation)``. The convolutions have no bias (the batch
+    normalizations' ``beta`` takes that role) and He-normal kernels, as in the paper. Each
+    convolution applies its Toeplitz matrix ``T(K)`` (Lemmas 2-3; ``toeplitz="auto"`` forms it
+    only while it is small, else applies it by convolution); a skip's Jacobian is ``I``, so
+    ``delta`` reaching a block's input is the sum of the two paths' (``tf_jacbp.layers.Add``).
+
+    Shapes for the default input ``(batch, 32, 32, 3)``: ``(batch, 32, 32, 16)`` after the stem
+    and stage 1, ``(batch, 16, 16, 32)`` after stage 2, ``(batch, 8, 8, 64)`` after stage 3,
+    ``(batch, 64)`` after the pooling, and the output ``(batch, num_classes)``: logits (compile
+    with ``tf_jacbp.losses.SparseCategoricalCrossentropy(from_logits=True)``), or probabilities
+    with ``output_activation="softmax"`` (then ``from_logits=False``). Parameters for 3 channels
+    and 10 classes: 274,042 in all, 272,474 trainable and 1,568 moving statistics of the 784
+    normalized channels (the paper's 0.27M; the same counts as a stock ``keras.layers`` build).
+    ``momentum`` is the batch normalizations' (0.9, as in ``resnet_mnist``). ``layer_kwargs`` go
+    to every layer, e.g. ``dtype="float64"``.
+    """
+    if len(input_shape) != 3:
+        raise ValueError(
+            f"resnet20: input_shape={tuple(input_shape)} must be (height, width, channels); "
+            "add a channel axis to grayscale images, e.g. (32, 32, 1)."
+        )
+
+    def conv(h, filters: int, kernel_size: int, strides: int, name: str):
+        return layers.Conv2D(
+            filters,
+            kernel_size,
+            strides=strides,
+            padding="same",
+            use_bias=False,
+            kernel_initializer="he_normal",
+            name=name,
+            **layer_kwargs,
+        )(h)
+
+    def bn(h, name: str):
+        return layers.BatchNormalization(momentum=momentum, name=name, **layer_kwargs)(h)
+
+    def relu(h, name: str):
+        return layers.ReLU(name=name, **layer_kwargs)(h)
+
+    x = keras.Input(shape=input_shape)
+    h = relu(bn(conv(x, 16, 3, 1, "stem_conv"), "stem_bn"), "stem_relu")
+    for stage, filters in enumerate((16, 32, 64), start=1):
+        for block in range(1, 4):
+            name = f"stage{stage}_block{block}"
+            strides = 2 if stage > 1 and block == 1 else 1
+            r = relu(
+                bn(conv(h, filters, 3, strides, f"{name}_conv1"), f"{name}_bn1"), f"{name}_relu1"
+            )
+            r = bn(conv(r, filters, 3, 1, f"{name}_conv2"), f"{name}_bn2")
+            if strides != 1:
+                h = bn(conv(h, filters, 1, strides, f"{name}_shortcut_conv"), f"{name}_shortcut_bn")
+            h = relu(layers.Add(name=f"{name}_add", **layer_kwargs)([r, h]), f"{name}_relu2")
+    h = layers.GlobalAveragePooling2D(name="global_pool", **layer_kwargs)(h)
+    y = layers.Dense(num_classes, activation=output_activation, name="logits", **layer_kwargs)(h)
+    return attach(keras.Model(x, y, name="resnet20"))
