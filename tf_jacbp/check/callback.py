@@ -26,6 +26,7 @@ from tf_jacbp.check.probe import (
     validate_probe_fits,
 )
 from tf_jacbp.check.records import (
+    FINITE_DIFFERENCES,
     GradientCheckCoverageWarning,
     GradientCheckRecord,
     GradientMismatchError,
@@ -107,6 +108,17 @@ class GradientCheck(keras.callbacks.Callback):
     with ``h . v``. This witness differentiates nothing, so it also checks stock layers and
     custom gradients. Needs a compiled loss that is a ``keras.losses.Loss``, a loss name or a
     function ``(y_true, y_pred)``.
+
+    Convolutions on the implicit route (``toeplitz="implicit"``, or ``"auto"`` above the
+    crossover: ``layer.route_for(x)``) apply ``T(K)`` by the convolution, transposed-convolution
+    and filter-gradient kernels, which stock autodiff of the reference route runs too. For them
+    the reference route differentiates the product with the materialized ``T(K)`` (formed from
+    ``K`` by its index maps: a matrix product and gathers) where a training step with the dense
+    float64 ``T(K)`` on the probe fits the Toeplitz budget, and otherwise adds float64 finite
+    differences of every variable (as ``finite_differences=True``; the reference record of that
+    convolution then counts as not independent) (``tf_jacbp.check.conv_witness``). Each
+    record's ``layer_witness`` and ``summary()`` say which: ``"stock autodiff"``,
+    ``"materialized T(K)"`` or ``"finite differences"``.
 
     Per-example norms (a model that clips per example: one with an ``l2_norm_clip``, as
     ``tf_jacbp.privacy.DPModel``; ``tf_jacbp.check.norms``): DP-SGD clips with the norms of its
@@ -273,7 +285,10 @@ class GradientCheck(keras.callbacks.Callback):
             self._check()
         if logs is not None:
             epoch = self.records[self._epoch_first_record :]
-            logs.update(report.epoch_logs(epoch, self.finite_differences))
+            finite_differences = self.finite_differences or any(
+                r.witness == FINITE_DIFFERENCES for r in epoch
+            )
+            logs.update(report.epoch_logs(epoch, finite_differences))
         if self._writer is not None:
             self._writer.flush()
 
@@ -319,6 +334,24 @@ class GradientCheck(keras.callbacks.Callback):
         """
         report.plot(self.records, path)
 
+    def _warn_unwitnessed(self, w: Witnesses) -> None:
+        """Once: an implicit convolution over the witness's budget in a model without a float64
+        model to difference is compared with stock autodiff only (the same kernels)."""
+        names = w.conv.needs_finite_differences()
+        if not names or w.fd_possible or getattr(self, "_warned_unwitnessed", False):
+            return
+        self._warned_unwitnessed = True
+        warnings.warn(
+            f"GradientCheck: the convolutions {report.names(names)} apply T(K) by convolution "
+            "kernels that stock autodiff shares, and their dense T(K) on the probe is over the "
+            "Toeplitz budget, so their witness would be float64 finite differences, but the "
+            f"model has no float64 twin ({w.no_twin}): they are compared with stock autodiff "
+            "only. Raise tf_jacbp.toeplitz.set_budget_bytes(...) (the materialized T(K) is "
+            "then the witness) or use a model that round-trips through get_config.",
+            GradientCheckCoverageWarning,
+            stacklevel=3,
+        )
+
     def _check(self, probe: tuple | None = None) -> None:
         """Run the routes (and finite differences) on the probe; record, report, react.
 
@@ -336,8 +369,9 @@ class GradientCheck(keras.callbacks.Callback):
         if any(not r.passed and r.cause is None for r in new):
             again = w.records(w.run(*perturbed(probe)), probe)
             new = [rechecked(a, b) for a, b in zip(new, again, strict=True)]
-        if self.finite_differences:
+        if w.needs_finite_differences() and out.h is not None:
             new += w.finite_difference_records([np.asarray(g) for g in out.h], probe)
+        self._warn_unwitnessed(w)
         new = [dataclasses.replace(r, step=self._step, epoch=self._epoch) for r in new]
         self._last_check_step = self._step
         self.records += new

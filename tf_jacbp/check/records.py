@@ -7,6 +7,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+from tf_jacbp.check.conv_witness import (
+    FLOAT64_FINITE_DIFFERENCES,
+    MATERIALIZED_T,
+    STOCK_AUTODIFF,
+)
+
 ON_MISMATCH = ("raise", "warn", "log")
 """The values of ``GradientCheck(on_mismatch=...)``."""
 
@@ -23,6 +29,10 @@ first pass, the layers' ``squared_norms``) with the norms of autodiff's per-samp
 
 WITNESSES = (REFERENCE, FINITE_DIFFERENCES, PER_EXAMPLE_NORMS)
 """Every ``GradientCheckRecord.witness``."""
+
+LAYER_WITNESSES = (STOCK_AUTODIFF, MATERIALIZED_T, FLOAT64_FINITE_DIFFERENCES)
+"""Every ``GradientCheckRecord.layer_witness`` (``tf_jacbp.check.conv_witness``): what the
+owning layer's own map was checked against."""
 
 ROUNDING_FLOOR = "rounding_floor"
 """``GradientCheckRecord.criterion``: the bound on ``rel_err`` is derived from the rounding
@@ -118,6 +128,14 @@ class GradientCheckRecord:
             check was repeated on a perturbed probe: ``True`` if it passed there (a rounding
             flip of a ReLU kink or a max-pooling argmax: the record passes, its numbers are the
             first probe's), ``False`` if it failed again (a mismatch).
+        layer_witness: what the owning layer's map was differentiated by on the witness side
+            (``tf_jacbp.check.conv_witness``): ``"stock autodiff"`` (its reference route, stock
+            ops; every layer but an implicit convolution), ``"materialized T(K)"`` (a
+            convolution whose ``T(K)`` the training route applies by convolution kernels, which
+            stock autodiff shares: autodiff of the product with ``T(K)`` formed from ``K``
+            instead) or ``"finite differences"`` (such a convolution whose dense ``T(K)`` on the
+            probe is over the budget: its variables get float64 finite-difference records, and
+            its reference record, which shares the kernels, counts as not ``independent``).
     """
 
     step: int
@@ -142,3 +160,4 @@ class GradientCheckRecord:
     independent: bool = True
     cause: str | None = None
     recheck_passed: bool | None = None
+    layer_witness: str = STOCK_AUTODIFF

@@ -12,6 +12,7 @@ import numpy as np
 
 from tf_jacbp import tolerances
 from tf_jacbp._backend import BACKEND
+from tf_jacbp.check.conv_witness import MATERIALIZED_T, STOCK_AUTODIFF
 from tf_jacbp.check.records import (
     FINITE_DIFFERENCES,
     FIXED_RTOL,
@@ -69,11 +70,44 @@ def coverage_line(records: Sequence[GradientCheckRecord]) -> str:
     return line + "."
 
 
+def layer_witnesses(records: Sequence[GradientCheckRecord]) -> dict[str, str]:
+    """``layer -> witness`` for each layer checked against something else than stock autodiff
+    of its reference route (an implicit convolution: ``GradientCheckRecord.layer_witness``)."""
+    return {
+        r.layer: r.layer_witness
+        for r in records
+        if r.witness == REFERENCE and r.layer_witness != STOCK_AUTODIFF
+    }
+
+
+def witness_line(records: Sequence[GradientCheckRecord]) -> str | None:
+    """Which witness each implicit convolution was checked against, or ``None`` if none."""
+    chosen = layer_witnesses(records)
+    if not chosen:
+        return None
+    parts = [
+        f"'{layer}' against {'the ' if w == MATERIALIZED_T else 'float64 '}{w}"
+        for layer, w in chosen.items()
+    ]
+    return (
+        "Convolutions on the implicit route (their kernels are stock autodiff's too, so it is "
+        "no witness there): " + "; ".join(parts) + "."
+    )
+
+
+def witness_label(r: GradientCheckRecord) -> str:
+    """``r.witness``, with the layer's witness when it is not stock autodiff:
+    ``reference (materialized T(K))``."""
+    if r.witness == REFERENCE and r.layer_witness != STOCK_AUTODIFF:
+        return f"{r.witness} ({r.layer_witness})"
+    return r.witness
+
+
 def describe(r: GradientCheckRecord) -> str:
     """``variable 'v' (layer 'l'), rel err ... (bound ...)``: one record in words."""
     text = f"variable '{r.variable}' (layer '{r.layer}')"
-    if r.witness != REFERENCE:
-        text += f" vs {r.witness}"
+    if witness_label(r) != REFERENCE:
+        text += f" vs {witness_label(r)}"
     if not math.isfinite(r.rel_err) or r.cause is not None:
         return f"{text}, non-finite ({CAUSES.get(r.cause, 'a gradient is not finite')})"
     text += f", rel err {r.rel_err:.3g}"
@@ -130,6 +164,8 @@ def mismatch_message(failed: Sequence[GradientCheckRecord], total: int) -> str:
     ]
     for r in failed:
         witness = WITNESS_NAMES.get(r.witness, r.witness)
+        if r.witness == REFERENCE and r.layer_witness == MATERIALIZED_T:
+            witness += ", this convolution differentiated through its materialized T(K)"
         if r.cause is not None or not math.isfinite(r.rel_err):
             what = "a gradient has non-finite values (NaN or inf): " + CAUSES.get(
                 r.cause, "see the records"
@@ -185,6 +221,9 @@ def summary(records: Sequence[GradientCheckRecord]) -> str:
         f"{len(records)} comparisons, {failed} mismatches.",
         coverage_line(records),
     ]
+    line = witness_line(records)
+    if line is not None:
+        lines.append(line)
     reference = [r for r in records if r.witness == REFERENCE]
     candidates = [r for r in records if not r.passed] or reference
     if candidates:
@@ -205,7 +244,7 @@ def summary(records: Sequence[GradientCheckRecord]) -> str:
     ]
     groups: dict[tuple[str, str, str], list[GradientCheckRecord]] = {}
     for r in records:
-        groups.setdefault((r.layer, r.variable, r.witness), []).append(r)
+        groups.setdefault((r.layer, r.variable, witness_label(r)), []).append(r)
     for (layer, variable, witness), group in groups.items():
         ratios = [r.ratio for r in group if r.ratio is not None]
         float64 = [r.float64_rel_err for r in group if r.float64_rel_err is not None]

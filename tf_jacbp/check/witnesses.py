@@ -7,6 +7,12 @@ TensorFlow; on JAX, Python calling the routes' ``jax.jit`` functions) returns th
 ``tf_jacbp.check.criterion``, then the per-example norm records of a model that clips per
 example (``tf_jacbp.check.norms``). ``finite_difference_records`` adds the directional finite
 differences on the twin.
+
+A convolution whose ``T(K)`` the training route applies by convolution kernels (the implicit
+route) is differentiated on the reference side by ``tf_jacbp.check.conv_witness``'s witness
+instead of stock autodiff, which runs the same kernels: autodiff of the materialized ``T(K)``
+where it fits the budget, else float64 finite differences (``finite_difference_records``, then
+run whatever ``finite_differences`` says). Each record names it (``layer_witness``).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from keras import ops
 
 from tf_jacbp import backend, tolerances
 from tf_jacbp._backend import keras
+from tf_jacbp.check.conv_witness import FLOAT64_FINITE_DIFFERENCES, STOCK_AUTODIFF, ConvWitnesses
 from tf_jacbp.check.norms import NormStatistics, PerExampleNorms, clips_per_example
 from tf_jacbp.check.probe import is_finite
 from tf_jacbp.check.records import (
@@ -63,7 +70,8 @@ class Comparison(NamedTuple):
     floor: Any | None
     """``||g_ref - h64||`` per variable (``floor_statistics``); ``None`` without a twin."""
     h: list | None
-    """The twin's Jacobian-route gradients, for finite differences; else ``None``."""
+    """The float64 Jacobian-route gradients (the twin's, or the model's own when it trains in
+    float64), for finite differences; ``None`` when no finite difference can be asked for."""
     norms: NormStatistics | None
     """The per-example norm witness (``tf_jacbp.check.norms``); ``None`` unless the model
     clips per example."""
@@ -77,7 +85,9 @@ class Witnesses:
     model trains in float64 throughout, or could not be cloned: ``no_twin`` says why);
     ``replays_noise`` (False if a random layer other than dropout makes the twin's noise differ);
     ``norms``: the per-example norm witness (``tf_jacbp.check.norms``) of a model that clips per
-    example, else ``None`` (nothing more is traced or run).
+    example, else ``None`` (nothing more is traced or run); ``conv``: the witnesses of the
+    model's and its twin's Toeplitz layers (``tf_jacbp.check.conv_witness.ConvWitnesses``),
+    active while the reference routes are traced.
     """
 
     def __init__(
@@ -94,6 +104,7 @@ class Witnesses:
         layers = list(layers_of(model))
         owner = owners(layers)
         loss_dtypes = [loss_dtype(loss) for loss in keras.tree.flatten(model.loss)]
+        self.model, self.jit = model, model.jit_compile is True
         self.variables = variables
         self.finite_differences = finite_differences
         self.rtol, self.atol = rtol, atol
@@ -123,13 +134,12 @@ class Witnesses:
                 self.no_twin = str(err)
         if self.twin is not None:
             self.replays_noise = not self.twin.unreplayed_noise
+        twin_layers = [] if self.twin is None else list(layers_of(self.twin.model))
+        self.conv = ConvWitnesses([*layers, *twin_layers])
+        self.fd_possible = self.twin is not None or self.all_float64
+        self.fd_loss_fn = None
         if self.finite_differences:
-            self.fd_loss_fn = loss_function(self.twin.model, self.twin.state, jit)
-            rng = np.random.default_rng(FD_SEED)
-            self.fd_directions = []
-            for v in variables:
-                d = rng.normal(size=tuple(v.shape))
-                self.fd_directions.append(d / np.linalg.norm(d))
+            self.prepare_finite_differences()
         self.norms = None
         if clips_per_example(model):
             fallback = least_precise(self.tolerance_dtypes)
@@ -138,14 +148,49 @@ class Witnesses:
             )
         self.run = backend.compile_check(self._comparison)
 
+    def prepare_finite_differences(self) -> bool:
+        """Build the finite differences' compiled loss (on the twin, or on the model itself
+        when it trains in float64) and their random directions, once; False if there is no
+        float64 model to difference."""
+        if self.fd_loss_fn is not None:
+            return True
+        if not self.fd_possible:
+            return False
+        if self.twin is not None:
+            model, self.fd_variables, state = self.twin.model, self.twin.variables, self.twin.state
+        else:
+            model, self.fd_variables = self.model, list(self.variables)
+            state = state_variables(model)
+        self.fd_loss_fn = loss_function(model, state, self.jit)
+        rng = np.random.default_rng(FD_SEED)
+        self.fd_directions = []
+        for v in self.variables:
+            d = rng.normal(size=tuple(v.shape))
+            self.fd_directions.append(d / np.linalg.norm(d))
+        return True
+
+    def needs_finite_differences(self) -> bool:
+        """Finite differences run at this check: asked for, or the witness of an implicit
+        convolution whose ``T(K)`` is over the budget (known once the routes are traced)."""
+        return self.finite_differences or bool(self.conv.needs_finite_differences())
+
+    def layer_witness(self, i: int) -> str:
+        """What variable ``i``'s owning layer was checked against (``GradientCheckRecord.
+        layer_witness``): stock autodiff where no float64 model can be differenced."""
+        witness = self.conv.witness_of(self.layer_names[i])
+        if witness == FLOAT64_FINITE_DIFFERENCES and not self.fd_possible:
+            return STOCK_AUTODIFF
+        return witness
+
     def _comparison(self, x, y, sample_weight) -> Comparison:
         """All routes' gradients reduced to statistics (traced once, as one graph).
 
         Each route function is traced on its first call here: the Jacobian ones outside
-        ``reference_mode()``, the reference ones inside it.
+        ``reference_mode()``, the reference ones inside it, with the convolutions' witnesses
+        (``self.conv``).
         """
         loss, grads = self.jacobian_fn(x, y, sample_weight)
-        with reference_mode():
+        with reference_mode(), self.conv:
             loss_ref, refs = self.reference_fn(x, y, sample_weight)
         losses = [loss, loss_ref]
         float64 = floor = h = norms = None
@@ -153,19 +198,23 @@ class Witnesses:
         if twin is not None:
             twin.synchronize()
             loss64, h = twin.jacobian_fn(x, y, sample_weight)
-            with reference_mode():
+            with reference_mode(), self.conv:
                 loss64_ref, h_ref = twin.reference_fn(x, y, sample_weight)
             losses += [loss64, loss64_ref]
             float64 = _statistics(h, h_ref)
             floor = _floor_statistics(refs, h_ref)
         if self.norms is not None:
             norms = self.norms.statistics(x, y)
+        if h is None and self.all_float64:
+            h = grads  # the model is its own float64 twin
+        if not (self.finite_differences or self.conv):
+            h = None
         return Comparison(
             losses=_stack64(losses),
             train=_statistics(grads, refs),
             float64=float64,
             floor=floor,
-            h=h if self.finite_differences else None,
+            h=h,
             norms=norms,
         )
 
@@ -250,7 +299,11 @@ class Witnesses:
     def finite_difference_records(
         self, grads: list[np.ndarray], probe: tuple
     ) -> list[GradientCheckRecord]:
-        """``fd = (L(theta + eps v) - L(theta - eps v)) / 2 eps`` per variable, vs ``h . v``."""
+        """``fd = (L(theta + eps v) - L(theta - eps v)) / 2 eps`` per variable, vs ``h . v``
+        (``grads``: ``h``, the float64 Jacobian-route gradients); ``[]`` where no float64 model
+        can be differenced."""
+        if not self.prepare_finite_differences():
+            return []
         x, y, sample_weight = probe
         eps = tolerances.FINITE_DIFFERENCE_DELTA
         norms = [float(np.linalg.norm(g)) for g in grads]
@@ -259,7 +312,7 @@ class Witnesses:
         )
         records = []
         for i, (variable, g, v) in enumerate(
-            zip(self.twin.variables, grads, self.fd_directions, strict=True)
+            zip(self.fd_variables, grads, self.fd_directions, strict=True)
         ):
             theta = ops.convert_to_numpy(variable.value)
             variable.assign(theta + eps * v)
@@ -310,7 +363,16 @@ class Witnesses:
         **fields: Any,
     ) -> GradientCheckRecord:
         fields.setdefault("atol", self.atol)
-        fields.setdefault("independent", self.independent[i])
+        fields.setdefault(
+            "layer_witness",
+            {
+                REFERENCE: self.layer_witness(i),
+                FINITE_DIFFERENCES: FLOAT64_FINITE_DIFFERENCES,
+            }.get(witness, STOCK_AUTODIFF),  # per-example norms: per-sample stock autodiff
+        )
+        # an implicit convolution against stock autodiff: the same kernels on both routes
+        shared = self.conv.witness_of(self.layer_names[i]) == FLOAT64_FINITE_DIFFERENCES
+        fields.setdefault("independent", self.independent[i] and not shared)
         return GradientCheckRecord(
             step=0,
             epoch=0,
@@ -338,7 +400,7 @@ class Witnesses:
         if self.twin is not None:
             counts["float64_jacobian"] = count(self.twin.jacobian_fn)
             counts["float64_reference"] = count(self.twin.reference_fn)
-        if self.finite_differences:
+        if self.fd_loss_fn is not None:
             counts["finite_differences_loss"] = count(self.fd_loss_fn)
         return counts
 

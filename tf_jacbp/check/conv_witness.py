@@ -1,0 +1,258 @@
+"""The witness of a convolution on the implicit route: one that shares no kernel with it.
+
+A convolution with ``toeplitz="implicit"`` (or ``"auto"`` above the crossover,
+``tf_jacbp.toeplitz_implicit``) applies ``T(K)`` by the convolution (``keras.ops.conv``), the
+transposed convolution (``backend.conv_input_product``) and the filter gradient
+(``backend.conv_kernel_product``). Stock autodiff of its reference route (``keras.ops.conv``)
+runs those same transposed-convolution and filter-gradient kernels, so comparing the two proves
+little. ``GradientCheck`` and ``tf_jacbp.testing.check_layer`` therefore compare such a layer
+with one of
+
+* ``MATERIALIZED_T``: autodiff of the product with the materialized ``T(K)``,
+  ``materialized_reference``: ``Z = X T(K)^T + b`` for a convolution, ``Y = X T(K) + b`` for
+  ``Conv2DTranspose``, ``T(K)^T`` gathered from ``K`` by its index maps
+  (``ToeplitzProducts.transpose_matrix``: two ``ops.take``). Autodiff differentiates a matrix
+  product and two gathers: no convolution kernel. Used where a training step with the dense
+  float64 ``T(K)`` on the probe fits the budget (``fits_budget``);
+* ``FLOAT64_FINITE_DIFFERENCES``: float64 central differences of the loss, where it does not: the
+  forward convolution only, never a gradient kernel;
+
+and say which (``STOCK_AUTODIFF`` for every other layer, whose reference route is independent
+of its Jacobian formulas: stock ops against the materialized products or other code).
+
+``ConvWitnesses`` applies the choice: inside it (``with witnesses:``, around the tracing of a
+reference route) each Toeplitz layer it was given takes ``reference_for(layer)`` as its
+``reference``, which decides per call, from the input's size, and records what it chose.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from keras import ops
+
+from tf_jacbp import backend, toeplitz
+
+Tensor = Any
+
+STOCK_AUTODIFF = "stock autodiff"
+"""The layer's own reference route (stock ops) differentiated by autodiff."""
+
+MATERIALIZED_T = "materialized T(K)"
+"""Autodiff of the product with ``T(K)`` formed from ``K`` by its index maps
+(``materialized_reference``): a matrix product and gathers, no convolution kernel."""
+
+FLOAT64_FINITE_DIFFERENCES = "finite differences"
+"""Float64 central differences of the loss (the forward pass only)."""
+
+ORDER = (STOCK_AUTODIFF, MATERIALIZED_T, FLOAT64_FINITE_DIFFERENCES)
+"""The witnesses from the plainest to the one that needs most: a layer traced twice (in the
+model and in its float64 twin) reports the later of its two choices (``ConvWitnesses.chosen``)."""
+
+WITNESS_DTYPE = "float64"
+"""The dtype whose dense ``T(K)`` ``fits_budget`` sizes: the float64 twin's, the larger, so that
+a model and its twin make the same choice."""
+
+
+def is_toeplitz_layer(layer: Any) -> bool:
+    """``layer`` is one of tf_jacbp's Toeplitz layers (``Conv1D``, ``Conv2D``, ``Conv3D``,
+    ``Conv2DTranspose``): it has the route switch and the index maps this module reads."""
+    return all(
+        hasattr(layer, name)
+        for name in ("route_for", "plain_index", "image", "reference", "toeplitz", "filters")
+    )
+
+
+def transposes(layer: Any) -> bool:
+    """``layer`` multiplies by ``T(K)`` (``Conv2DTranspose``: ``y = T(K)^T x``) rather than by
+    ``T(K)^T`` (a convolution: ``z = T(K) x``)."""
+    return not hasattr(layer, "bias_mode")
+
+
+def supported(layer: Any) -> str | None:
+    """``None`` if ``materialized_reference`` forms this layer's product, else why not (a
+    configuration it does not know: ``channels_first``, ``groups > 1``)."""
+    if getattr(layer, "data_format", "channels_last") not in (None, "channels_last"):
+        return f"data_format={layer.data_format!r}"
+    if getattr(layer, "groups", 1) != 1:
+        return f"groups={layer.groups}"
+    return None
+
+
+def budget_bytes(layer: Any) -> int:
+    """The budget the witness's dense ``T(K)`` must fit: the layer's ``toeplitz_budget_bytes``,
+    else the process-wide ``tf_jacbp.toeplitz.get_budget_bytes()`` (read now)."""
+    own = getattr(layer, "toeplitz_budget_bytes", None)
+    return toeplitz.get_budget_bytes() if own is None else int(own)
+
+
+def _image(layer: Any, x: Tensor) -> Tensor:
+    """The batch as the layer's index maps read it: the view for a convolution (a sequence as an
+    image of height 1), the input itself for ``Conv2DTranspose``."""
+    return x if transposes(layer) else layer.image(x)
+
+
+def fits_budget(layer: Any, x: Tensor) -> bool:
+    """A training step with the dense float64 ``T(K)`` of ``x``'s size fits ``budget_bytes``
+    (``ConvIndex.step_bytes``); False for a size unknown when traced."""
+    image = _image(layer, x)
+    if any(n is None for n in tuple(image.shape[1:])):
+        return False
+    index = layer.plain_index(image)
+    return int(index.step_bytes(WITNESS_DTYPE, sparse=False)) <= budget_bytes(layer)
+
+
+def choose(layer: Any, x: Tensor) -> str:
+    """The witness of ``layer`` on the batch ``x``: ``STOCK_AUTODIFF`` unless ``T(K)`` is applied
+    implicitly there (``layer.route_for``); then ``MATERIALIZED_T`` where it fits the budget and
+    the configuration is ``supported``, else ``FLOAT64_FINITE_DIFFERENCES``."""
+    if not is_toeplitz_layer(layer) or layer.route_for(_image(layer, x)) != "implicit":
+        return STOCK_AUTODIFF
+    if supported(layer) is None and fits_budget(layer, x):
+        return MATERIALIZED_T
+    return FLOAT64_FINITE_DIFFERENCES
+
+
+def materialized_reference(
+    layer: Any, x: Tensor, kernel: Tensor, bias: Tensor | None = None
+) -> Tensor:
+    """The layer's map with ``T(K)`` formed, for autodiff: no convolution kernel runs.
+
+    A convolution (``Conv1D``, ``Conv2D``, ``Conv3D``): ``Z = X T(K)^T + b`` with ``X``
+    ``(batch, N)`` the rows ``vec(x_b)`` of the view (``layer.image``), ``T(K)^T`` ``(N, R)``
+    (``index.transpose_matrix(K)``, ``index = layer.plain_index(view)``) and ``b`` the tied bias
+    repeated at each of the ``P`` positions or the untied one flattened; ``(batch, *spatial, C)``
+    -> ``(batch, *spatial_out, F)``.
+
+    ``Conv2DTranspose``: ``Y = X T(K) + b`` with ``T(K)`` the Toeplitz matrix of the convolution
+    from the output's shape to the input's (``index.shape = (N_x, R_y)``): ``(batch, H, W, C)``
+    -> ``(batch, H_out, W_out, F)``.
+    """
+    why = supported(layer)
+    if why is not None:
+        raise ValueError(
+            f"materialized_reference: {type(layer).__name__} '{layer.name}' with {why} is not "
+            "formed here; its witness is finite differences (tf_jacbp.check.conv_witness.choose)."
+        )
+    image = _image(layer, x)
+    index = layer.plain_index(image)
+    t_transpose = ops.cast(index.transpose_matrix(kernel), x.dtype)  # (index N, index R)
+    if transposes(layer):
+        rows = ops.reshape(image, (-1, index.shape[0]))
+        out = ops.matmul(rows, ops.transpose(t_transpose))  # (batch, N) @ T(K)
+        if bias is not None:
+            out = out + ops.tile(ops.cast(bias, out.dtype), (index.shape[1] // layer.filters,))
+        return ops.reshape(out, (-1, *index.input_shape))
+    rows = ops.reshape(image, (-1, index.shape[1]))
+    out = ops.matmul(rows, t_transpose)  # (batch, N) @ T(K)^T
+    if bias is not None:
+        bias = ops.cast(bias, out.dtype)
+        if getattr(layer, "bias_mode", "tied") == "tied":
+            out = out + ops.tile(bias, (index.shape[0] // layer.filters,))
+        else:
+            out = out + ops.reshape(bias, (-1,))
+    lead = len(getattr(layer, "_lead", ()))
+    return ops.reshape(out, (-1, *index.output_shape[lead:]))
+
+
+class ConvWitnesses:
+    """The reference route of every Toeplitz layer in ``layers``, replaced while active
+    (``with witnesses:``) by ``reference_for``'s: the stock reference, the materialized
+    ``T(K)`` or (for finite differences, which run elsewhere) the stock reference again, as
+    ``choose`` says for each call's input. ``chosen`` maps each layer's name to what it chose
+    (the latest of ``ORDER`` over its calls and over layers of the same name, e.g. a model's and
+    its float64 twin's); ``reasons`` to why, in words. Reentrant; patches only the instances."""
+
+    def __init__(self, layers: Iterable[Any]):
+        self.layers = [layer for layer in layers if is_toeplitz_layer(layer)]
+        self.chosen: dict[str, str] = {}
+        self.reasons: dict[str, str] = {}
+        self._depth = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.layers)
+
+    def record(self, layer: Any, witness: str, x: Tensor) -> None:
+        """Note ``witness`` for ``layer`` (keeping the later of ``ORDER``) and why."""
+        name = layer.name
+        if ORDER.index(witness) < ORDER.index(self.chosen.get(name, STOCK_AUTODIFF)):
+            return
+        self.chosen[name] = witness
+        if witness == MATERIALIZED_T:
+            self.reasons[name] = "its implicit route against the materialized T(K)"
+        elif witness == FLOAT64_FINITE_DIFFERENCES:
+            why = supported(layer)
+            if why is None:
+                why = (
+                    f"a training step with its dense float64 T(K) is over the budget of "
+                    f"{budget_bytes(layer) / 2**20:.3g} MiB"
+                )
+            self.reasons[name] = f"its implicit route against finite differences ({why})"
+
+    def reference_for(self, layer: Any) -> Any:
+        """``layer.reference`` as the witness: ``(x, kernel, bias=None) -> y``."""
+        stock = type(layer).reference
+
+        def reference(x: Tensor, kernel: Tensor, bias: Tensor | None = None) -> Tensor:
+            witness = choose(layer, x)
+            self.record(layer, witness, x)
+            if witness == MATERIALIZED_T:
+                return materialized_reference(layer, x, kernel, bias)
+            return stock(layer, x, kernel, bias)
+
+        return reference
+
+    def __enter__(self) -> ConvWitnesses:
+        if self._depth == 0:
+            for layer in self.layers:
+                object.__setattr__(layer, "reference", self.reference_for(layer))
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            for layer in self.layers:
+                if "reference" in vars(layer):
+                    object.__delattr__(layer, "reference")
+
+    def needs_finite_differences(self) -> list[str]:
+        """The layers whose witness is finite differences (their names)."""
+        return [name for name, w in self.chosen.items() if w == FLOAT64_FINITE_DIFFERENCES]
+
+    def witness_of(self, layer_name: str) -> str:
+        """The witness ``layer_name`` was checked against (``STOCK_AUTODIFF`` if not traced or
+        not a Toeplitz layer)."""
+        return self.chosen.get(layer_name, STOCK_AUTODIFF)
+
+
+def finite_differences_possible() -> bool:
+    """Float64 is float64 on this backend (JAX only with x64 enabled)."""
+    return backend.float64_enabled()
+
+
+def describe(chosen: dict[str, str], reasons: dict[str, str]) -> str:
+    """One sentence naming each implicit convolution and its witness, or ``""`` if none."""
+    parts = [f"'{name}': {reasons.get(name, w)}" for name, w in chosen.items() if w in ORDER[1:]]
+    if not parts:
+        return ""
+    return (
+        "Convolutions on the implicit route (stock autodiff runs their kernels, so it is no "
+        "witness): " + "; ".join(parts) + "."
+    )
+
+
+__all__ = [
+    "FLOAT64_FINITE_DIFFERENCES",
+    "MATERIALIZED_T",
+    "ORDER",
+    "STOCK_AUTODIFF",
+    "ConvWitnesses",
+    "choose",
+    "describe",
+    "finite_differences_possible",
+    "fits_budget",
+    "is_toeplitz_layer",
+    "materialized_reference",
+]
