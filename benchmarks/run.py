@@ -17,7 +17,7 @@ from benchmarks.table import machine, markdown, print_table, write_json  # noqa:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from benchmarks import conv, gradient_check, jacobian, mlp, privacy
+    from benchmarks import conv, conv_sizes, gradient_check, jacobian, mlp, privacy
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the under-two-minutes subset")
@@ -29,14 +29,22 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for module in (mlp, conv, gradient_check, jacobian, privacy):
         rows += module.run(args.quick)
+    sizes = conv_sizes.run(args.quick)  # its own section: the size table and the CNNs' ratios
     print(f"# {machine()}; {mode}")
     print_table(rows)
+    print(f"\n{conv_sizes.SECTION}")
+    conv_sizes.report(sizes)
     if args.markdown:
         command = " ".join(["python -m benchmarks", *(argv if argv is not None else sys.argv[1:])])
         kept = kept_sections(args.markdown)
         with open(args.markdown, "w") as f:
-            f.write(markdown(rows, mode, command) + kept)
-        write_json(rows, os.path.splitext(args.markdown)[0] + ".json", mode)
+            f.write(
+                markdown(rows, mode, command)
+                + "\n"
+                + conv_sizes.markdown_section(sizes, mode, command)
+                + kept
+            )
+        write_json(rows + sizes, os.path.splitext(args.markdown)[0] + ".json", mode)
 
 
 KEPT_FROM = "## The GPU run"

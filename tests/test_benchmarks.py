@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -71,3 +72,63 @@ def test_peak_mib_of_a_tensorflow_step_without_the_bfc_allocator():
 
     step()
     assert 40 <= timing.peak_mib(step) <= 160
+
+
+# --- benchmarks/conv_sizes.py (issue 23 item 5) -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "strides, padding, dilation",
+    [(2, "same", 1), (1, "valid", 1), (1, "same", 2)],
+    ids=["stride 2 same (Gram form)", "valid (outer form)", "dilated"],
+)
+def test_conv_sizes_floor_computes_the_per_sample_kernel_gradient_norms(strides, padding, dilation):
+    """The floor's stock-op products are each sample's ``||dK_i||^2``: against the per-sample
+    kernel gradients of stock ``keras.layers.Conv2D`` by autodiff, float64."""
+    from benchmarks import conv_sizes
+    from tf_jacbp import tolerances
+
+    rng = np.random.default_rng(0)
+    stock = keras.layers.Conv2D(
+        8, 3, strides=strides, padding=padding, dilation_rate=dilation, dtype="float64"
+    )
+    x = tf.constant(rng.normal(size=(3, 9, 9, 4)))
+    delta = tf.constant(rng.normal(size=stock.compute_output_shape(x.shape)))
+    stock.build(x.shape)
+    ours = conv_sizes.stock_squared_norms(stock, x, delta).numpy()
+    expected = []
+    for i in range(3):
+        with tf.GradientTape() as tape:
+            value = tf.reduce_sum(stock(x[i : i + 1]) * delta[i : i + 1])
+        expected.append(float(tf.reduce_sum(tape.gradient(value, stock.kernel) ** 2)))
+    np.testing.assert_allclose(ours, expected, rtol=tolerances.RTOL["float64"])
+
+
+def test_conv_sizes_quick_rows_have_every_cell_and_finite_ratios():
+    """A small grid (one cell whose ``T(K)`` fits the limit, one over it) and the wide CNN's
+    privacy rows at batch 4: every row present, every ratio finite and positive, the size table
+    and the Markdown section name the cell that does not fit."""
+    from benchmarks import conv_sizes
+
+    limit = conv_sizes.dense_toeplitz_bytes(4, 2)
+    rows = conv_sizes.size_rows([(4, 2), (8, 2)], batch=2, repetitions=1, limit_bytes=limit)
+    assert [(r["side"], r["route"]) for r in rows] == [
+        (4, "implicit"),
+        (4, "materialize"),
+        (8, "implicit"),
+        (8, "materialize"),
+    ]
+    assert rows[3]["ratio"] is None and "does not fit: T(K) 64 KiB > 4 KiB" in rows[3]["variant"]
+    for row in rows[:3]:
+        assert np.isfinite(row["ratio"]) and row["ratio"] > 0
+    table = conv_sizes.size_table(rows)
+    assert [line[:3] for line in table[1:]] == [["4", "2", "4 KiB"], ["8", "2", "64 KiB"]]
+    assert table[2][6] == "does not fit"
+    rows += conv_sizes.privacy_rows("wide CNN", repetitions=1, calls=1, batch=4)
+    models = conv_sizes.model_rows(rows)
+    assert len(models) == 5
+    for row in models:
+        assert np.isfinite(row["ratio"]) and row["ratio"] > 0, row
+    section = conv_sizes.markdown_section(rows, "--quick", "python -m benchmarks --quick")
+    assert section.startswith(conv_sizes.SECTION)
+    assert "| 8 | 2 | 64 KiB |" in section and "does not fit" in section
