@@ -17,8 +17,10 @@ the number of outputs (``output_size``):
 
 ``axis_taps`` tabulates these reads for one axis; ``tf_jacbp.toeplitz`` builds ``T(K)`` from them
 and the pooling layers their selection and averaging matrices. The argument checks here
-(``as_tuple``, ``check_padding``, ``check_channels_last``, ``spatial_shape``) raise ValueErrors
-that name the argument, its value and the fix.
+(``as_tuple``, ``check_padding``, ``check_channels_last``, ``check_data_format``,
+``spatial_shape``) raise ValueErrors that name the argument, its value and the fix; the
+convolutions, which take both layouts, permute channels_first tensors to channels_last and back
+(``channels_last_axes``, ``channels_first_axes``, ``channels_first_order``).
 """
 
 from __future__ import annotations
@@ -57,6 +59,50 @@ def check_channels_last(data_format: Any, owner: str, rank: int = 2) -> str:
             f"keras.layers.Permute({permute}) and use channels_last."
         )
     return resolved
+
+
+DATA_FORMATS = ("channels_last", "channels_first")
+"""The layouts of a convolution's input and output: ``(batch, *spatial, channels)`` or
+``(batch, channels, *spatial)``."""
+
+
+def check_data_format(data_format: Any, owner: str, rank: int = 2) -> str:
+    """``"channels_last"`` or ``"channels_first"`` for ``data_format`` None (Keras' global
+    ``keras.config.image_data_format()``) or one of ``DATA_FORMATS``; else a ValueError naming
+    ``data_format`` and the choices (``rank`` spatial axes: the layouts)."""
+    resolved = keras.config.image_data_format() if data_format is None else data_format
+    if resolved not in DATA_FORMATS:
+        axes = _axis_names(rank)
+        last = ", ".join(("batch", *axes, "channels"))
+        first = ", ".join(("batch", "channels", *axes))
+        raise ValueError(
+            f"{owner}: data_format must be None (Keras' image_data_format()), 'channels_last' "
+            f"({last}) or 'channels_first' ({first}), got data_format={data_format!r}."
+        )
+    return resolved
+
+
+def channels_last_axes(ndim: int, lead: int = 1) -> list[int]:
+    """The permutation taking a channels_first tensor to channels_last: ``ndim`` axes of which
+    the first ``lead`` (batch; ``V`` and batch for the contract's ``m``) stay, the channel axis
+    ``lead`` moves behind the spatial axes. ``ops.transpose(t, channels_last_axes(...))``."""
+    return [*range(lead), *range(lead + 1, ndim), lead]
+
+
+def channels_first_axes(ndim: int, lead: int = 1) -> list[int]:
+    """The inverse of ``channels_last_axes``: the last (channel) axis moves to position
+    ``lead``."""
+    return [*range(lead), ndim - 1, *range(lead, ndim - 1)]
+
+
+def channels_first_order(shape: Sequence[int]) -> np.ndarray:
+    """Where each entry of the row-major ``vec`` of a channels_first sample ``(C, *spatial)``
+    sits in the ``vec`` of the same sample channels_last, ``shape = (*spatial, C)``:
+    ``vec_first = vec_last[order]``. A matrix over channels_last ``vec``s, ``A`` ``(R, N)``,
+    is over channels_first ones ``A[order_out][:, order_in]``."""
+    n = len(shape)
+    positions = np.arange(int(np.prod(shape))).reshape(tuple(shape))
+    return positions.transpose(n - 1, *range(n - 1)).reshape(-1)
 
 
 def as_tuple(value: Any, n: int, name: str, owner: str) -> tuple[int, ...]:

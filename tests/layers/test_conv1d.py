@@ -186,8 +186,9 @@ def test_fit_on_sequences_of_three_lengths_applies_the_reference_gradients():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"data_format": "channels_first"}, "data_format='channels_first'"),
-        ({"groups": 2}, "groups=2"),
+        ({"data_format": "channels_middle"}, "data_format='channels_middle'"),
+        ({"groups": 4}, "groups=4, filters=2"),
+        ({"groups": -1}, "groups=-1"),
         ({"lora_rank": 2}, "lora_rank=2"),
         ({"quantization_config": "int8"}, "quantization_config='int8'"),
         ({"padding": "full"}, r"'valid' or 'same' or 'causal', got padding='full'"),

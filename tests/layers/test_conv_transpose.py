@@ -307,7 +307,7 @@ def test_memory_guard_error_states_the_size_and_the_setting():
         ({"output_padding": (0, -1), "strides": 2}, r"output_padding=\(0, -1\)"),
         ({"output_padding": 1.5, "strides": 2}, "output_padding=1.5"),
         ({"output_padding": (0, 0, 0)}, r"output_padding=\(0, 0, 0\)"),
-        ({"data_format": "channels_first"}, "data_format='channels_first'"),
+        ({"data_format": "first"}, "data_format='first'"),
         ({"groups": 2}, "groups=2"),
         ({"lora_rank": 4}, "lora_rank=4"),
         ({"toeplitz_budget_bytes": 0}, "toeplitz_budget_bytes"),

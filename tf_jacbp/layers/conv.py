@@ -36,6 +36,15 @@ the same maps with TensorFlow ops when the graph runs (``tf_jacbp.toeplitz_dynam
 is still materialized dense and multiplied by the same code, its memory guard asserted at run time
 (no sparse fallback; not under XLA, which drops assertions but compiles each concrete size).
 
+``groups = G`` (Keras' grouped convolution, kernel ``(kh, kw, C/G, F)``): input channels of group
+``g`` reach only the filters of group ``g``, so with the channels of each side sorted by group
+``T(K)`` is block diagonal, ``diag(T(K_1), ..., T(K_G))``, ``K_g = K[..., g F/G : (g+1) F/G]``.
+Every product splits the same way: the forward pass and ``dX`` are the groups' products
+concatenated over the channel axis, ``dK`` their kernel products concatenated over the filter
+axis, and a sample's ``||dK_i||^2`` the sum of the groups'. ``data_format="channels_first"`` is
+a permutation of the input and the output entries, applied around the channels_last formulas
+(``tf_jacbp.layers.toeplitz_layer``): the Jacobians are then over the channels_first ``vec``.
+
 The formulas above are written once, for any number of spatial axes, in ``ToeplitzConv``:
 ``Conv3D`` (``tf_jacbp.layers.conv3d``) applies them to volumes, ``Conv1D``
 (``tf_jacbp.layers.conv1d``) to a sequence read as an image of height 1. The
@@ -72,7 +81,10 @@ class ToeplitzConv(_ToeplitzIndexed):
     C)`` is the image ``(batch, 1, T, C)``) and on the kernel ``(k_1, ..., C, F)`` (a 1-D kernel
     ``(k, C, F)`` is ``(1, k, C, F)``); ``Vec`` of either is the same vector, and so are the
     row-major ``vec`` of inputs and outputs, so ``T(K)``, its index maps and every Jacobian are
-    shared unchanged.
+    shared unchanged. Those methods (``_forward_group``, ``_vjp_input_group``,
+    ``_vjp_params_group``, ``_squared_norms_group``) see one group's channels, channels_last:
+    ``_forward`` and its siblings split the channels into ``groups`` and join the products, and
+    the base's contract methods permute a channels_first layout around them.
     """
 
     def __init__(
@@ -119,11 +131,16 @@ class ToeplitzConv(_ToeplitzIndexed):
             **kwargs,
         )
         owner = type(self).__name__
-        if groups != 1:
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0:
             raise ValueError(
-                f"{owner}: only groups=1 is supported, got groups={groups!r}. A grouped "
-                "convolution's Toeplitz matrix is block diagonal and tf_jacbp does not build it; "
-                f"use keras.layers.{owner} for grouped convolutions."
+                f"{owner}: The number of groups must be a positive integer. Received: "
+                f"groups={groups!r}. (Keras' check; groups=1 is an ungrouped convolution.)"
+            )
+        if filters % groups != 0:
+            raise ValueError(
+                f"{owner}: The number of filters must be evenly divisible by the number of "
+                f"groups. Received: groups={groups}, filters={filters}. (Keras' check; use "
+                "groups that divide both filters and the input's channels.)"
             )
         if bias not in BIAS_MODES:
             raise ValueError(
@@ -133,13 +150,29 @@ class ToeplitzConv(_ToeplitzIndexed):
         self.groups = groups
         self.bias_mode = bias
 
+    def _check_channels(self, channels: int, input_shape: tuple, owner: str) -> None:
+        """``groups`` must divide the input's channels (Keras' check at build)."""
+        if channels % self.groups != 0:
+            raise ValueError(
+                f"{owner}: The number of input channels must be evenly divisible by the number "
+                f"of groups. Received groups={self.groups}, but the input has {channels} "
+                f"channels (full input shape is {tuple(input_shape)}). (Keras' check; use "
+                "groups that divide both filters and the input's channels.)"
+            )
+
     def _kernel_shape(self, channels: int) -> tuple[int, ...]:
-        """Keras' ``(*kernel_size, C, F)``."""
-        return (*self.kernel_size, channels, self.filters)
+        """Keras' ``(*kernel_size, C / groups, F)``."""
+        return (*self.kernel_size, channels // self.groups, self.filters)
+
+    def _conv_kernel_shape(self) -> tuple[int, ...]:
+        """One group's kernel as ``T(K)``'s convolution reads it:
+        ``(*lead, *kernel_size, C / groups, F / groups)``."""
+        groups = self.groups
+        return (*self._lead, *self.kernel_size, self._channels // groups, self.filters // groups)
 
     def _bias_shape(self, input_shape: tuple) -> tuple[int, ...]:
-        """Tied: ``(F,)``; untied: the output's shape ``(*spatial_out, F)``, so the input's
-        spatial size must be known."""
+        """Tied: ``(F,)``; untied: the output's shape, ``(*spatial_out, F)`` or channels_first
+        ``(F, *spatial_out)``, so the input's spatial size must be known."""
         if self.bias_mode == "tied":
             return (self.filters,)
         if self.conv_index is None:
@@ -149,7 +182,8 @@ class ToeplitzConv(_ToeplitzIndexed):
                 f"{tuple(input_shape)}. Give keras.Input the full shape, or use bias='tied' (one "
                 "bias per filter) for inputs of varying size."
             )
-        return self.conv_index.output_shape[len(self._lead) :]
+        spatial_out = self.conv_index.output_shape[len(self._lead) : -1]
+        return self._shape_layout((None, *spatial_out, self.filters))[1:]
 
     def _static_index(self, spatial: tuple[int, ...], owner: str) -> toeplitz.ConvIndex:
         """The window must fit (``geometry.check_window_fits``); then the layer's convolution on
@@ -171,7 +205,66 @@ class ToeplitzConv(_ToeplitzIndexed):
         """An untied bias has one entry per output entry: its shape fixes the input's size."""
         return self.use_bias and self.bias_mode == "untied"
 
-    def forward(self, x: Tensor, kernel: Tensor, bias: Tensor | None = None) -> Tensor:
+    # --- groups: T(K) block diagonal, one block per group ------------------------------------
+
+    def _group(self, g: int, *tensors: Tensor | None) -> list[Tensor | None]:
+        """Group ``g``'s share of channels_last tensors whose last axis is the input's
+        (``x``: ``C / groups`` channels) or the output's (``m``, ``K``, ``b``: ``F / groups``),
+        in that order after ``x``: ``x[..., g C/G : (g+1) C/G]``, the others
+        ``[..., g F/G : (g+1) F/G]``. One group: the tensors themselves."""
+        if self.groups == 1:
+            return list(tensors)
+        sizes = [self._channels // self.groups] + [self.filters // self.groups] * 3
+        return [
+            None if t is None else t[..., g * n : (g + 1) * n]
+            for t, n in zip(tensors, sizes, strict=False)
+        ]
+
+    def _forward(self, x: Tensor, kernel: Tensor, bias: Tensor | None) -> Tensor:
+        """``z = T(K) vec(x) + b`` channels_last. With ``groups = G``, ``T(K)`` is block
+        diagonal over the groups (input channels of group ``g`` reach only its ``F / G``
+        filters, through ``K[..., g F/G : (g+1) F/G]``): the output is the concatenation over
+        the channel axis of each group's convolution."""
+        parts = []
+        for g in range(self.groups):
+            x_g, _, kernel_g, bias_g = self._group(g, x, None, kernel, bias)
+            parts.append(self._forward_group(x_g, kernel_g, bias_g))
+        return parts[0] if self.groups == 1 else ops.concatenate(parts, axis=-1)
+
+    def _vjp_input(self, m: Tensor, x: Tensor, kernel: Tensor) -> Tensor:
+        """``T(K)^T m`` channels_last: group ``g``'s input channels get its block's product
+        with its filters' share of ``m``; concatenated over the channel axis."""
+        parts = []
+        for g in range(self.groups):
+            x_g, m_g, kernel_g = self._group(g, x, m, kernel)
+            parts.append(self._vjp_input_group(m_g, x_g, kernel_g))
+        return parts[0] if self.groups == 1 else ops.concatenate(parts, axis=-1)
+
+    def _vjp_params(self, m, x, kernel, bias, sum_batch) -> list:
+        """Each group's kernel and bias products (its block's ``X_patch,g^T M_g``), concatenated
+        over the filter axis, the last of ``K`` and ``b``: ``K``'s column ``f`` of group ``g``
+        meets only that group's channels."""
+        parts = []
+        for g in range(self.groups):
+            x_g, m_g, kernel_g, bias_g = self._group(g, x, m, kernel, bias)
+            parts.append(self._vjp_params_group(m_g, x_g, kernel_g, bias_g, sum_batch))
+        if self.groups == 1:
+            return parts[0]
+        return [ops.concatenate(list(p), axis=-1) for p in zip(*parts, strict=True)]
+
+    def _squared_norms(self, m, x, kernel, bias) -> list:
+        """Per sample ``||dK_i||^2 = sum_g ||dK_{i,g}||^2`` (the groups' blocks are disjoint
+        columns of ``K``), likewise for the bias."""
+        total = None
+        for g in range(self.groups):
+            x_g, m_g, kernel_g, bias_g = self._group(g, x, m, kernel, bias)
+            norms = self._squared_norms_group(m_g, x_g, kernel_g, bias_g)
+            total = norms if total is None else [a + b for a, b in zip(total, norms, strict=True)]
+        return total
+
+    # --- one group, channels_last: Lemmas 2-3 (module docstring) -------------------------------
+
+    def _forward_group(self, x: Tensor, kernel: Tensor, bias: Tensor | None = None) -> Tensor:
         """``Z = X T(K)^T + b``: ``(batch, *spatial, C)`` -> ``(batch, *spatial_out, F)``, with
         ``T(K)`` applied as ``route_for`` says: formed for ``x``'s size (``build_toeplitz``;
         dense, or sparse over budget) and multiplied, or applied as the convolution
@@ -204,12 +297,12 @@ class ToeplitzConv(_ToeplitzIndexed):
         z = toeplitz_product(rows, self.build_toeplitz(kernel, image))
         if bias is not None:
             # Lemma 3's b = vec(B) (row-major, like z): tied, b_f repeated at every position.
-            positions = index.shape[0] // self.filters
+            positions = index.shape[0] // index.output_shape[-1]
             b = ops.tile(bias, (positions,)) if self.bias_mode == "tied" else ops.reshape(bias, -1)
             z = backend.bias_add(z, b)  # fused into the matmul by TensorFlow's graph optimizer
         return ops.reshape(z, (-1, *index.output_shape[len(self._lead) :]))
 
-    def vjp_input(self, m, x, y, kernel, bias=None):
+    def _vjp_input_group(self, m: Tensor, x: Tensor, kernel: Tensor) -> Tensor:
         """``(J_x z)^T m = T(K)^T m`` for each of the ``V`` vectors of each sample,
         ``(V, batch, *spatial_out, F)`` -> ``(V, batch, *spatial, C)``: the rows
         ``Delta T(K)`` of one product, or the transposed convolution of the ``V batch`` rows
@@ -228,8 +321,8 @@ class ToeplitzConv(_ToeplitzIndexed):
         return self._materialized_vjp_input(m, x, image, kernel)
 
     def _implicit_vjp_input(self, m: Tensor, x: Tensor, image: Tensor, kernel: Tensor) -> Tensor:
-        out = self.compute_output_shape(tuple(x.shape))[1:]
-        rows = ops.reshape(m, (-1, *self._lead, *(static_size(m, 2 + a) for a in range(len(out)))))
+        out = range(2, len(m.shape))
+        rows = ops.reshape(m, (-1, *self._lead, *(static_size(m, a) for a in out)))
         sizes = tuple(static_size(image, 1 + a) for a in range(len(image.shape) - 2))
         dx = self.implicit.apply_transpose(rows, self.view_kernel(kernel), sizes)
         return ops.reshape(dx, (static_size(m, 0), *ops.shape(x)))
@@ -240,7 +333,7 @@ class ToeplitzConv(_ToeplitzIndexed):
         dx = toeplitz_product(rows, self.build_toeplitz(kernel, image), transpose=True)
         return ops.reshape(dx, (static_size(m, 0), *ops.shape(x)))
 
-    def vjp_params(self, m, x, y, kernel, bias=None, sum_batch=True):
+    def _vjp_params_group(self, m, x, kernel, bias=None, sum_batch=True) -> list:
         """``(J_{Vec(K), b} z)^T m``: the kernel product ``Vec(X_patch^T M_v)`` and the tied
         bias' ``1^T M_v`` (``M_v`` the ``P x F`` matrix of vector ``v``) from one patch product
         (``ConvIndex.kernel_products``), summed over the batch or per sample; an untied bias'
@@ -255,7 +348,8 @@ class ToeplitzConv(_ToeplitzIndexed):
         stacks = static_size(m, 0)
         if self.route_for(image) == "implicit" and sum_batch and stacks == 1:
             delta = ops.reshape(m[0], (-1, *self._lead, *ops.shape(m)[2:]))
-            grads = [self.implicit.kernel_gradient(image, delta, self._conv_kernel_shape())]
+            kernel_shape = (*self._lead, *kernel.shape)
+            grads = [self.implicit.kernel_gradient(image, delta, kernel_shape)]
             grads = [ops.reshape(grads[0], (1, *kernel.shape))]
             if bias is None:
                 return grads
@@ -274,7 +368,7 @@ class ToeplitzConv(_ToeplitzIndexed):
         untied = ops.sum(m, axis=1) if sum_batch else m
         return [*grads, ops.reshape(untied, (*lead, *bias.shape))]
 
-    def squared_norms(self, m, x, y, kernel, bias=None):
+    def _squared_norms_group(self, m, x, kernel, bias=None) -> list:
         """Squared norms of each sample's ``dK_i = X_patch,i^T Delta_i`` and ``db_i``, ``(batch,)``,
         ``Delta_i`` the ``P x F`` matrix of ``m[0, i]``.
 
@@ -314,8 +408,9 @@ class ToeplitzConv(_ToeplitzIndexed):
         ]
         batch, taps, positions = static_size(x, 0), len(views), math.prod(out)
         views = ops.reshape(ops.stack(views, axis=1), (batch, taps, positions, channels))
-        delta = ops.reshape(m[0], (batch, positions, self.filters))
-        entries, f = taps * channels, self.filters
+        f = m.shape[-1]
+        delta = ops.reshape(m[0], (batch, positions, f))
+        entries = taps * channels
         if not dynamic and positions * (entries + f) < entries * f:  # Gram form, X_patch,i P x M
             patches = ops.reshape(ops.transpose(views, (0, 2, 1, 3)), (batch, positions, entries))
             norms = [patch_product_squared_norms(patches, delta)]
@@ -330,27 +425,52 @@ class ToeplitzConv(_ToeplitzIndexed):
         return norms
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
+        """Keras' output shape: ``(batch, *spatial_out, F)``, channels_first
+        ``(batch, F, *spatial_out)`` (``geometry.output_size``; None stays None)."""
+        last = self._shape_last(input_shape)
         sizes = [
             None if n is None else geometry.output_size(n, k, s, self.padding, d)
             for n, k, s, d in zip(
-                input_shape[1:-1], self.kernel_size, self.strides, self.dilation_rate, strict=True
+                last[1:-1], self.kernel_size, self.strides, self.dilation_rate, strict=True
             )
         ]
-        return (input_shape[0], *sizes, self.filters)
+        return self._shape_layout((input_shape[0], *sizes, self.filters))
+
+    def dense_kernel(self, kernel: Tensor) -> Tensor:
+        """``K`` ``(*k, C / G, F)`` of ``groups = G`` as the ungrouped kernel ``(*k, C, F)`` of
+        the same map: block diagonal, ``K'[..., c, f] = K[..., c - g C/G, f]`` when input
+        channel ``c`` and filter ``f`` are both in group ``g``, else 0. One group: ``K``."""
+        if self.groups == 1:
+            return kernel
+        groups, channels = self.groups, self._channels
+        c, f = channels // groups, kernel.shape[-1] // groups
+        rank = len(kernel.shape) - 2
+        blocks = [
+            ops.pad(
+                kernel[..., g * f : (g + 1) * f],
+                [(0, 0)] * rank + [(g * c, channels - (g + 1) * c), (0, 0)],
+            )
+            for g in range(groups)
+        ]
+        return ops.concatenate(blocks, axis=-1)
 
     def toeplitz_matrix(self, input_shape: tuple | None = None) -> Tensor:
-        """``T(K)`` ``(R, N)`` for the current kernel, dense (``tf_jacbp.toeplitz.conv_matrix``).
+        """``T(K)`` ``(R, N)`` for the current kernel, dense (``tf_jacbp.toeplitz.conv_matrix``),
+        over the ``vec`` of one sample as the layer sees it: with ``groups`` the ``T`` of the
+        block-diagonal kernel (``dense_kernel``), channels_first its rows and columns permuted
+        (``tf_jacbp.geometry.channels_first_order``).
 
-        ``input_shape`` ``(H, W, C)`` defaults to the one the layer was built for (required
-        when it was built for inputs of varying size).
+        ``input_shape`` (one sample, ``(H, W, C)``, channels_first ``(C, H, W)``) defaults to
+        the one the layer was built for (required when it was built for inputs of varying
+        size).
         """
-        kernel = self.read_parameters()[0]
+        kernel = self.dense_kernel(self.read_parameters()[0])
         if input_shape is None:
-            shape = self._index_or_built(None)[0].input_shape
+            shape = (*self._index_or_built(None)[0].input_shape[:-1], self._channels)
         else:
-            shape = self._lead + tuple(input_shape)
+            shape = self._lead + self._shape_last((None, *input_shape))[1:]
         kernel_size, strides, dilation = self._image_geometry()
-        return toeplitz.conv_matrix(
+        t = toeplitz.conv_matrix(
             ops.reshape(kernel, (*kernel_size, *kernel.shape[-2:])),
             shape,
             strides,
@@ -358,10 +478,15 @@ class ToeplitzConv(_ToeplitzIndexed):
             dilation,
             budget_bytes=self.toeplitz_budget_bytes,
         )
+        out = toeplitz.conv_index(
+            (*kernel_size, *kernel.shape[-2:]), shape, strides, self.padding, dilation
+        ).output_shape
+        return self._matrix_layout(t, out[len(self._lead) :], shape[len(self._lead) :])
 
     def jacobian_factors(self, x: Tensor) -> dict[str, Tensor]:
         """``{"T(K)": (R, N), "[I (x) X_patch | J_b]": (R, |K| + |b|)}`` at one sample ``x``
-        ``(*spatial, C)`` (Lemmas 2-3: the input and the parameter Jacobian of ``z``)."""
+        ``(*spatial, C)`` or channels_first ``(C, *spatial)`` (Lemmas 2-3: the input and the
+        parameter Jacobian of ``z``)."""
         t = ops.cast(self.toeplitz_matrix(tuple(x.shape)), x.dtype)
         return {"T(K)": t, "[I (x) X_patch | J_b]": self.parameter_jacobian(x)}
 
@@ -369,9 +494,13 @@ class ToeplitzConv(_ToeplitzIndexed):
         return {**super().get_config(), "groups": self.groups, "bias": self.bias_mode}
 
     def reference(self, x: Tensor, kernel: Tensor, bias: Tensor | None = None) -> Tensor:
-        """``keras.ops.conv`` (the stock convolution, differentiated by autodiff), then the
-        bias added (tied ``(F,)`` broadcast over positions, untied its own shape). ``"causal"``
-        is Keras' padding: ``(k - 1) d`` zeros before, then ``"valid"``."""
+        """``keras.ops.conv`` (the stock convolution, differentiated by autodiff; grouped when
+        ``K`` has ``C / groups`` input channels, which Keras compiles with XLA on TensorFlow's
+        CPU), then the bias added (tied ``(F,)`` broadcast over positions, untied its own
+        shape). ``"causal"`` is Keras' padding: ``(k - 1) d`` zeros before, then ``"valid"``.
+        channels_first: the input permuted to channels_last, the stock convolution, the output
+        permuted back (TensorFlow's CPU kernels take channels_last only)."""
+        x, bias = self._last(x), self._bias_last(bias)
         padding = self.padding
         if padding == "causal":
             left = (self.kernel_size[0] - 1) * self.dilation_rate[0]
@@ -379,25 +508,33 @@ class ToeplitzConv(_ToeplitzIndexed):
         z = ops.conv(
             x, kernel, strides=self.strides, padding=padding, dilation_rate=self.dilation_rate
         )
-        return z if bias is None else z + bias
+        return self._layout(z if bias is None else z + bias)
 
 
 @keras.saving.register_keras_serializable(package="tf_jacbp")
 class Conv2D(ToeplitzConv):
     """2-D convolution that multiplies by its materialized Toeplitz matrix ``T(K)``.
 
-    Arguments as ``keras.layers.Conv2D`` (channels_last, ``groups=1``), plus ``bias`` and
-    ``toeplitz_budget_bytes``.
+    Arguments as ``keras.layers.Conv2D``, plus ``bias``, ``toeplitz_budget_bytes`` and
+    ``toeplitz``.
 
     Args:
         filters: ``F``, the number of output channels (a positive integer).
         kernel_size: ``(kh, kw)`` or one int for both.
         strides: ``(s_h, s_w)`` or one int, >= 1.
         padding: ``"valid"`` or ``"same"`` (TensorFlow's rule, ``tf_jacbp.geometry.same_padding``).
-        data_format: ``None`` or ``"channels_last"``; ``"channels_first"`` is an error.
+        data_format: ``None`` (Keras' ``image_data_format()``), ``"channels_last"`` or
+            ``"channels_first"``: input ``(batch, C, H, W)``, output ``(batch, F, H_out,
+            W_out)``, computed channels_last between two permutations, so that every Jacobian
+            (``jacobian``, ``jacobian_rows``, ``toeplitz_matrix``) is over the row-major ``vec``
+            of the sample as the layer sees it, ``(C, H, W)`` (``tf_jacbp.layers.toeplitz_layer``).
         dilation_rate: ``(d_h, d_w)`` or one int, >= 1. As in Keras, ``strides > 1`` together with
             ``dilation_rate > 1`` is an error (the reference route cannot differentiate it on CPU).
-        groups: must be 1.
+        groups: ``G``, a positive integer dividing ``F`` and ``C`` (Keras' checks and messages):
+            input channels ``[g C/G, (g+1) C/G)`` reach only filters ``[g F/G, (g+1) F/G)``
+            through ``K[..., g F/G : (g+1) F/G]``, so ``T(K)`` is block diagonal over the groups
+            and every product is taken one group at a time (``ToeplitzConv._forward``). The
+            memory guard and ``toeplitz="auto"`` weigh one group's ``T(K)``.
         activation: a name from ``tf_jacbp.activations`` or ``None``; its Jacobian ``D`` follows.
         use_bias: whether ``z`` has a bias.
         bias: ``"tied"`` (Keras': shape ``(F,)``, one per filter) or ``"untied"`` (the paper's
@@ -414,9 +551,10 @@ class Conv2D(ToeplitzConv):
     ValueError naming them.
 
     Input ``(batch, H, W, C)``, output ``(batch, H_out, W_out, F)``; the kernel ``K`` has Keras'
-    shape ``(kh, kw, C, F)``. ``C`` must be known. With ``H, W`` known (``keras.Input((28, 28,
-    1))``) ``T(K)`` is built and guarded at build; with ``keras.Input((None, None, C))`` it is
-    built for each static size the layer is called with (``toeplitz_index``, guarded and cached).
+    shape ``(kh, kw, C / groups, F)``. ``C`` must be known. With ``H, W`` known
+    (``keras.Input((28, 28, 1))``) ``T(K)`` is built and guarded at build; with
+    ``keras.Input((None, None, C))`` it is built for each static size the layer is called with
+    (``toeplitz_index``, guarded and cached).
     A traced function of unknown size (``model.fit`` after a second size, since Keras relaxes its
     step to unknown sizes; a traced function with such an ``input_signature``) computes the index
     maps when it runs (``index_for``): ``T(K)`` stays dense, and the memory guard is a run-time

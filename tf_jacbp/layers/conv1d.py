@@ -28,8 +28,8 @@ from tf_jacbp.layers.conv import ToeplitzConv
 class Conv1D(ToeplitzConv):
     """1-D convolution that multiplies by its materialized Toeplitz matrix ``T(K)``.
 
-    Arguments as ``keras.layers.Conv1D``: those of ``Conv2D`` (channels_last, ``groups=1``, plus
-    ``bias`` and ``toeplitz_budget_bytes``) with one int, or a tuple of one, for each pair.
+    Arguments as ``keras.layers.Conv1D``: those of ``Conv2D`` (plus ``bias``,
+    ``toeplitz_budget_bytes`` and ``toeplitz``) with one int, or a tuple of one, for each pair.
 
     Args:
         kernel_size: ``k``.
@@ -39,15 +39,19 @@ class Conv1D(ToeplitzConv):
         dilation_rate: ``d``, >= 1; as in Keras, not together with ``strides > 1``.
         bias: ``"tied"`` (Keras': shape ``(F,)``) or ``"untied"`` (one per output entry, shape
             ``(T_out, F)``, the paper's ``B_i``).
-        filters, data_format, groups, activation, use_bias, kernel_initializer,
+        data_format: ``None``, ``"channels_last"`` or ``"channels_first"`` (input
+            ``(batch, C, T)``, output ``(batch, F, T_out)``, an untied bias ``(F, T_out)``; the
+            Jacobians are over the ``vec`` of ``(C, T)``), as for ``Conv2D``.
+        groups: a positive integer dividing ``F`` and ``C``, as for ``Conv2D``.
+        filters, activation, use_bias, kernel_initializer,
         bias_initializer, kernel_regularizer, bias_regularizer, activity_regularizer,
-        kernel_constraint, bias_constraint, toeplitz_budget_bytes: as for ``Conv2D`` (``groups``
-        must be 1; Keras' ``lora_rank``, ``lora_alpha`` and ``quantization_config`` are refused
-        with a ValueError naming them).
+        kernel_constraint, bias_constraint, toeplitz_budget_bytes, toeplitz: as for ``Conv2D``
+        (Keras' ``lora_rank``, ``lora_alpha`` and ``quantization_config`` are refused with a
+        ValueError naming them).
 
     Input ``(batch, T, C)`` with ``C`` known; output ``(batch, T_out, F)``; the kernel ``K`` has
-    Keras' shape ``(k, C, F)``. A sequence length of None (``keras.Input((None, C))``) builds
-    ``T(K)`` for each length the layer is called with, as ``Conv2D`` does for image sizes (a
+    Keras' shape ``(k, C / groups, F)``. A sequence length of None (``keras.Input((None, C))``)
+    builds ``T(K)`` for each length the layer is called with, as ``Conv2D`` does for image sizes (a
     length unknown when traced, as in ``fit`` after a second length: maps computed at run time).
 
     Example:

@@ -29,18 +29,21 @@ from tf_jacbp.layers.conv import ToeplitzConv
 class Conv3D(ToeplitzConv):
     """3-D convolution that multiplies by its materialized Toeplitz matrix ``T(K)``.
 
-    Arguments as ``keras.layers.Conv3D`` (channels_last, ``groups=1``), plus ``bias`` and
-    ``toeplitz_budget_bytes`` as for ``Conv2D``.
+    Arguments as ``keras.layers.Conv3D``, plus ``bias``, ``toeplitz_budget_bytes`` and
+    ``toeplitz`` as for ``Conv2D``.
 
     Args:
         filters: ``F``, the number of output channels (a positive integer).
         kernel_size: ``(k_1, k_2, k_3)`` or one int for all three.
         strides: ``(s_1, s_2, s_3)`` or one int, >= 1.
         padding: ``"valid"`` or ``"same"`` (TensorFlow's rule, ``tf_jacbp.geometry.same_padding``).
-        data_format: ``None`` or ``"channels_last"``; ``"channels_first"`` is an error.
+        data_format: ``None``, ``"channels_last"`` or ``"channels_first"`` (input
+            ``(batch, C, D, H, W)``; the Jacobians are over the ``vec`` of ``(C, D, H, W)``), as
+            for ``Conv2D``.
         dilation_rate: ``(d_1, d_2, d_3)`` or one int, >= 1; as in Keras, not together with
             ``strides > 1``.
-        groups: must be 1.
+        groups: a positive integer dividing ``F`` and ``C``, as for ``Conv2D`` (``T(K)`` block
+            diagonal over the groups).
         activation: a name from ``tf_jacbp.activations``, Keras' own function for it, or
             ``None``; its Jacobian ``D`` follows.
         use_bias: whether ``z`` has a bias.
@@ -54,8 +57,8 @@ class Conv3D(ToeplitzConv):
     ValueError naming them.
 
     Input ``(batch, D, H, W, C)`` with ``C`` known; output ``(batch, D_out, H_out, W_out, F)``;
-    the kernel ``K`` has Keras' shape ``(k_1, k_2, k_3, C, F)``, so weights copy to and from
-    ``keras.layers.Conv3D``. ``T(K)`` has ``D_out H_out W_out F`` rows and ``D H W C`` columns:
+    the kernel ``K`` has Keras' shape ``(k_1, k_2, k_3, C / groups, F)``, so weights copy to and
+    from ``keras.layers.Conv3D``. ``T(K)`` has ``D_out H_out W_out F`` rows and ``D H W C`` columns:
     it grows fast with the volume, and the memory guard (``toeplitz_budget_bytes``) applies.
     Volumes of varying size (``keras.Input((None, None, None, C))``) work as images do for
     ``Conv2D``: one ``T(K)`` per static size, the index maps computed when the graph runs for sizes

@@ -97,7 +97,8 @@ def check_output_padding(
 class Conv2DTranspose(_ToeplitzIndexed):
     """2-D transposed convolution that multiplies by the transpose of a materialized ``T(K)``.
 
-    Arguments as ``keras.layers.Conv2DTranspose`` (channels_last), plus ``toeplitz_budget_bytes``.
+    Arguments as ``keras.layers.Conv2DTranspose``, plus ``toeplitz_budget_bytes`` and
+    ``toeplitz``.
 
     Args:
         filters: ``F``, the number of output channels (a positive integer).
@@ -109,7 +110,10 @@ class Conv2DTranspose(_ToeplitzIndexed):
             which no convolution maps the output's size back to the input's (``"same"`` with an
             even kernel and ``output_padding=0``; stock Keras fails there too, when called) is a
             ValueError at build.
-        data_format: ``None`` or ``"channels_last"``; ``"channels_first"`` is an error.
+        data_format: ``None`` (Keras' ``image_data_format()``), ``"channels_last"`` or
+            ``"channels_first"`` (input ``(batch, C, H, W)``, output ``(batch, F, H_out,
+            W_out)``; computed channels_last between two permutations, so every Jacobian is
+            over the ``vec`` of the channels_first sample: ``tf_jacbp.layers.toeplitz_layer``).
         dilation_rate: ``(d_h, d_w)`` or one int, >= 1. As in Keras, ``strides > 1`` together with
             ``dilation_rate > 1`` is an error.
         activation: a name, Keras' own function for it (``keras.activations.relu``) or ``None``
@@ -238,7 +242,7 @@ class Conv2DTranspose(_ToeplitzIndexed):
         index.shape = (rows, index.shape[1])
         return index
 
-    def forward(self, x: Tensor, kernel: Tensor, bias: Tensor | None = None) -> Tensor:
+    def _forward(self, x: Tensor, kernel: Tensor, bias: Tensor | None = None) -> Tensor:
         """``Y = X T(K) + b``: ``(batch, H, W, C)`` -> ``(batch, H_out, W_out, F)``; per sample
         ``y = T(K)^T x + b``, ``T(K)`` formed for ``x``'s size (``build_toeplitz``) or applied
         as the transposed convolution (``ImplicitConv.apply_transpose``), as ``route_for``
@@ -268,7 +272,7 @@ class Conv2DTranspose(_ToeplitzIndexed):
             y = backend.bias_add(y, ops.tile(bias, (index.shape[1] // self.filters,)))
         return ops.reshape(y, (-1, *index.input_shape))
 
-    def vjp_input(self, m, x, y, kernel, bias=None):
+    def _vjp_input(self, m: Tensor, x: Tensor, kernel: Tensor) -> Tensor:
         """``(J_x y)^T m = T(K) m`` for each of the ``V`` vectors of each sample: the rows
         ``Delta T(K)^T``, or the convolution of the ``V batch`` rows
         (``ImplicitConv.apply``), ``(V, batch, H_out, W_out, F)`` -> ``(V, batch, H, W, C)``."""
@@ -293,7 +297,7 @@ class Conv2DTranspose(_ToeplitzIndexed):
         dx = toeplitz_product(rows, self.build_toeplitz(kernel, x))
         return ops.reshape(dx, (static_size(m, 0), *ops.shape(x)))
 
-    def vjp_params(self, m, x, y, kernel, bias=None, sum_batch=True):
+    def _vjp_params(self, m, x, kernel, bias=None, sum_batch=True) -> list:
         """``(J_{Vec(K), b} y)^T m``: the convolution's kernel product with the roles swapped,
         ``m[v]`` the input of ``T``'s convolution and ``x`` its upstream vectors:
         ``dK[..., c] = M_patch,v^T x[..., c]`` (``M_patch,v`` ``(P, M)``, the patch matrix of
@@ -326,7 +330,7 @@ class Conv2DTranspose(_ToeplitzIndexed):
         grads = [ops.reshape(products, (stacks, batch, *kernel.shape))]
         return grads + ([ops.sum(m, axis=(2, 3))] if bias is not None else [])
 
-    def squared_norms(self, m, x, y, kernel, bias=None):
+    def _squared_norms(self, m, x, kernel, bias=None) -> list:
         """``[||dK_i||^2, ||db_i||^2]`` per sample, ``(batch,)`` each, without forming ``dK_i``.
 
         ``dK_i`` is ``DY_patch,i^T X_i`` (``M x C``; ``DY_patch,i`` the ``P x M`` patch matrix
@@ -347,7 +351,10 @@ class Conv2DTranspose(_ToeplitzIndexed):
         autodiff; its output size is Keras' rule with ``output_padding``), then the bias added.
         TensorFlow's CPU kernel has no dilation, so a dilated ``K`` is first spread out with zeros
         (``K'[p d_h, q d_w] = K[p, q]``, the kernel ``(k - 1) d + 1`` wide that dilation means),
-        then used undilated (Keras' output size depends on ``(k - 1) d + 1`` only)."""
+        then used undilated (Keras' output size depends on ``(k - 1) d + 1`` only).
+        channels_first: the input permuted to channels_last, the stock transposed convolution,
+        the output permuted back (TensorFlow's CPU kernels take channels_last only)."""
+        x = self._last(x)
         (d_h, d_w), (kh, kw, filters, channels) = self.dilation_rate, kernel.shape
         if d_h > 1 or d_w > 1:
             spread = ops.pad(
@@ -363,20 +370,25 @@ class Conv2DTranspose(_ToeplitzIndexed):
             padding=self.padding,
             output_padding=self.output_padding,
         )
-        return y if bias is None else y + bias
+        return self._layout(y if bias is None else y + bias)
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
-        """``(batch, H_out, W_out, F)``, sizes by ``transpose_output_size`` (None stays None)."""
-        return (input_shape[0], *self._output_sizes(tuple(input_shape[1:3])), self.filters)
+        """``(batch, H_out, W_out, F)``, channels_first ``(batch, F, H_out, W_out)``, sizes by
+        ``transpose_output_size`` (None stays None)."""
+        last = self._shape_last(input_shape)
+        return self._shape_layout((last[0], *self._output_sizes(tuple(last[1:3])), self.filters))
 
     def toeplitz_matrix(self, input_shape: tuple[int, int, int] | None = None) -> Tensor:
         """``T(K)^T`` ``(R, N)`` for the current kernel, dense: the matrix the forward pass
         multiplies by, the transpose of the convolution's ``T(K)``
         (``tf_jacbp.toeplitz.conv_matrix``, under the layer's memory budget).
 
-        ``input_shape`` ``(H, W, C)`` defaults to the one the layer was built for.
+        ``input_shape`` ``(H, W, C)`` (channels_first ``(C, H, W)``) defaults to the one the
+        layer was built for. channels_first: rows and columns permuted to the ``vec`` of the
+        channels_first output and input (``tf_jacbp.geometry.channels_first_order``).
         """
-        index, _ = self._index_or_built(None if input_shape is None else (None, *input_shape))
+        shape = None if input_shape is None else self._shape_last((None, *input_shape))
+        index, _ = self._index_or_built(shape)
         t = toeplitz.conv_matrix(
             self.read_parameters()[0],
             index.input_shape,
@@ -385,11 +397,12 @@ class Conv2DTranspose(_ToeplitzIndexed):
             self.dilation_rate,
             budget_bytes=self.toeplitz_budget_bytes,
         )
-        return ops.transpose(t)
+        return self._matrix_layout(ops.transpose(t), index.input_shape, index.output_shape)
 
     def jacobian_factors(self, x: Tensor) -> dict[str, Tensor]:
         """``{"T(K)^T": (R, N), "J_{Vec(K), b} y": (R, |K| + |b|)}`` at one sample ``x``
-        ``(H, W, C)``: the input and the parameter Jacobian of ``y``."""
+        ``(H, W, C)`` (channels_first ``(C, H, W)``): the input and the parameter Jacobian of
+        ``y``."""
         t = ops.cast(self.toeplitz_matrix(tuple(x.shape)), x.dtype)
         return {"T(K)^T": t, "J_{Vec(K), b} y": self.parameter_jacobian(x)}
 

@@ -9,6 +9,17 @@ What they share is written here once: the Keras arguments and their checks, the 
 kept, each under the memory guard, or ``tf_jacbp.toeplitz_dynamic.DynamicConvIndex`` when the
 size is known only when the graph runs), ``T(K)`` built from the kernel, and the weights. The
 formulas of each layer (its forward pass and Jacobians) stay in its own module.
+
+``data_format="channels_first"``: the formulas are written once, channels_last. A channels_first
+input ``(batch, C, *spatial)`` is permuted to ``(batch, *spatial, C)`` where the contract enters
+(``forward``, ``vjp_input``, ``vjp_params``, ``squared_norms``; ``m`` ``(V, batch, F, *o)``
+likewise), the channels_last products are taken, and their results are permuted back where it
+exits. A permutation ``P`` of the entries is linear, so the map the layer computes is
+``z' = P_out z(P_in^T x')`` and its Jacobians are ``P_out J P_in^T``: every product and every
+Jacobian is over the row-major ``vec`` of the sample *as the layer sees it* (channels_first:
+``vec`` of ``(C, *spatial)``), which is what ``tf_jacbp.layout`` and ``jacobian_rows`` promise.
+The index maps, ``route_for``, ``index_for``, ``toeplitz_index`` and ``conv_index`` are those
+of the channels_last convolution (of one group, for a grouped ``ToeplitzConv``).
 """
 
 from __future__ import annotations
@@ -19,7 +30,6 @@ from keras import ops
 
 from tf_jacbp import activations, geometry, toeplitz
 from tf_jacbp._backend import keras
-from tf_jacbp.geometry import check_channels_last
 from tf_jacbp.layers.base import _KernelBiasLayer, refuse_unsupported
 from tf_jacbp.toeplitz_budget import check_budget
 from tf_jacbp.toeplitz_dynamic import DynamicConvIndex
@@ -85,7 +95,8 @@ class _ToeplitzIndexed(_KernelBiasLayer):
                 "one of them to 1."
             )
         self.padding = geometry.check_padding(padding, owner, self.paddings)
-        self.data_format = check_channels_last(data_format, owner, self.rank)
+        self.data_format = geometry.check_data_format(data_format, owner, self.rank)
+        self.groups = 1
         self.activation = activations.get(activation)
         self.use_bias = use_bias
         self.toeplitz_budget_bytes = (
@@ -179,7 +190,9 @@ class _ToeplitzIndexed(_KernelBiasLayer):
 
     def build(self, input_shape: tuple) -> None:
         owner = f"{type(self).__name__} '{self.name}'"
-        *spatial, channels = geometry.spatial_shape(input_shape, self.rank, owner, True)
+        last = self._shape_last(input_shape)
+        *spatial, channels = geometry.spatial_shape(last, self.rank, owner, True)
+        self._check_channels(channels, input_shape, owner)
         self._channels = channels
         self._budget = (
             toeplitz.get_budget_bytes()
@@ -196,8 +209,114 @@ class _ToeplitzIndexed(_KernelBiasLayer):
         # As Keras' convolutions, inputs of any spatial size are accepted (one T(K) per size),
         # unless the weights fix it (an untied bias).
         fixed = self._size_fixed_by_weights()
-        axes = {i + 1: n for i, n in enumerate(spatial) if n is not None and fixed}
-        self.input_spec = keras.layers.InputSpec(ndim=self.rank + 2, axes={**axes, -1: channels})
+        first = self.data_format == "channels_first"
+        axes = {i + 1 + first: n for i, n in enumerate(spatial) if n is not None and fixed}
+        axes[1 if first else -1] = channels
+        self.input_spec = keras.layers.InputSpec(ndim=self.rank + 2, axes=axes)
+
+    def _check_channels(self, channels: int, input_shape: tuple, owner: str) -> None:
+        """A check of the input's channel count at build (``ToeplitzConv``: ``groups``
+        divides it). Default: none."""
+
+    # --- the layout: channels_first permuted to channels_last and back (module docstring) ------
+
+    def _shape_last(self, shape: tuple) -> tuple:
+        """A static shape in the layer's layout as channels_last (``(batch, C, *s)`` ->
+        ``(batch, *s, C)``; channels_last as it is)."""
+        shape = tuple(shape)
+        if self.data_format == "channels_last" or len(shape) < 2:
+            return shape
+        return tuple(shape[a] for a in geometry.channels_last_axes(len(shape)))
+
+    def _shape_layout(self, shape: tuple) -> tuple:
+        """A channels_last static shape in the layer's layout (the inverse of
+        ``_shape_last``)."""
+        shape = tuple(shape)
+        if self.data_format == "channels_last":
+            return shape
+        return tuple(shape[a] for a in geometry.channels_first_axes(len(shape)))
+
+    def _last(self, t: Tensor, lead: int = 1) -> Tensor:
+        """``t`` (``lead`` leading axes, then the layer's layout) as channels_last."""
+        if self.data_format == "channels_last":
+            return t
+        return ops.transpose(t, geometry.channels_last_axes(len(t.shape), lead))
+
+    def _layout(self, t: Tensor, lead: int = 1) -> Tensor:
+        """A channels_last ``t`` (``lead`` leading axes) in the layer's layout."""
+        if self.data_format == "channels_last":
+            return t
+        return ops.transpose(t, geometry.channels_first_axes(len(t.shape), lead))
+
+    def _untied(self) -> bool:
+        return getattr(self, "bias_mode", "tied") == "untied"
+
+    def _bias_last(self, bias: Tensor | None, lead: int = 0) -> Tensor | None:
+        """The bias as the channels_last formulas read it: an untied bias has the output's
+        shape, ``(F, *o)`` channels_first, ``(*o, F)`` channels_last; a tied one is ``(F,)``."""
+        if bias is None or not self._untied():
+            return bias
+        return self._last(bias, lead)
+
+    def _bias_layout(self, grad: Tensor, lead: int) -> Tensor:
+        """The inverse of ``_bias_last`` for a bias product with ``lead`` leading axes."""
+        return self._layout(grad, lead) if self._untied() else grad
+
+    def _matrix_layout(self, t: Tensor, out_shape: tuple, in_shape: tuple) -> Tensor:
+        """A matrix ``(R, N)`` over the channels_last ``vec``s of one output ``out_shape`` and
+        one input ``in_shape`` (``(*spatial, channels)`` each), over the layer's layout:
+        channels_first, its rows and columns permuted (``geometry.channels_first_order``)."""
+        if self.data_format == "channels_last":
+            return t
+        rows = geometry.channels_first_order(out_shape)
+        columns = geometry.channels_first_order(in_shape)
+        return ops.take(ops.take(t, rows, axis=0), columns, axis=1)
+
+    # --- the contract, in the layer's layout; the channels_last products are the subclass's ---
+
+    def forward(self, x: Tensor, kernel: Tensor, bias: Tensor | None = None) -> Tensor:
+        """The layer's map in its layout: ``_forward`` of the channels_last input, permuted
+        back (channels_first: ``z' = P_out z(P_in^T x')``, module docstring)."""
+        return self._layout(self._forward(self._last(x), kernel, self._bias_last(bias)))
+
+    def vjp_input(self, m, x, y, kernel, bias=None):
+        """``(J_x z)^T m`` in the layer's layout, ``(V, batch, *y.shape[1:])`` ->
+        ``(V, batch, *x.shape[1:])``: ``P_in (J^T (P_out^T m))``, the channels_last
+        ``_vjp_input``."""
+        dx = self._vjp_input(self._last(m, 2), self._last(x), kernel)
+        return self._layout(dx, 2)
+
+    def vjp_params(self, m, x, y, kernel, bias=None, sum_batch=True):
+        """``(J_{Vec(K), b} z)^T m``, ``(V, *p.shape)`` each or ``(V, batch, *p.shape)``
+        without ``sum_batch``: the channels_last ``_vjp_params`` of ``P_out^T m`` (``K`` and a
+        tied ``b`` do not depend on the layout; an untied bias' product is permuted back)."""
+        grads = self._vjp_params(
+            self._last(m, 2), self._last(x), kernel, self._bias_last(bias), sum_batch
+        )
+        if len(grads) > 1:
+            grads[1] = self._bias_layout(grads[1], 1 if sum_batch else 2)
+        return grads
+
+    def squared_norms(self, m, x, y, kernel, bias=None):
+        """Per-sample squared norms of the parameter products, ``(batch,)`` each: those of the
+        channels_last ``_squared_norms`` (a permutation keeps norms)."""
+        return self._squared_norms(self._last(m, 2), self._last(x), kernel, self._bias_last(bias))
+
+    def _forward(self, x: Tensor, kernel: Tensor, bias: Tensor | None) -> Tensor:
+        """The forward pass on a channels_last batch."""
+        raise NotImplementedError
+
+    def _vjp_input(self, m: Tensor, x: Tensor, kernel: Tensor) -> Tensor:
+        """``vjp_input`` on channels_last ``m`` and ``x``."""
+        raise NotImplementedError
+
+    def _vjp_params(self, m, x, kernel, bias, sum_batch) -> list:
+        """``vjp_params`` on channels_last ``m``, ``x`` (and an untied bias' shape)."""
+        raise NotImplementedError
+
+    def _squared_norms(self, m, x, kernel, bias) -> list:
+        """``squared_norms`` on channels_last ``m`` and ``x``."""
+        raise NotImplementedError
 
     def toeplitz_index(self, input_shape: tuple) -> tuple[toeplitz.ConvIndex, bool]:
         """``(ConvIndex, sparse)`` for inputs of static shape ``(batch, *spatial, C)`` (the layer's
