@@ -162,19 +162,25 @@ class ConvWitnesses:
     ``T(K)`` or (for finite differences, which run elsewhere) the stock reference again, as
     ``choose`` says for each call's input. ``chosen`` maps each layer's name to what it chose
     (the latest of ``ORDER`` over its calls and over layers of the same name, e.g. a model's and
-    its float64 twin's); ``reasons`` to why, in words. Reentrant; patches only the instances."""
+    its float64 twin's); ``reasons`` to why, in words; ``by_policy`` (``policy``, shared when
+    given) maps each layer's dtype policy name (``"float64"``, ``"mixed_float16"``) to the latest
+    choice of its layers. Reentrant; patches only the instances."""
 
-    def __init__(self, layers: Iterable[Any]):
+    def __init__(self, layers: Iterable[Any], by_policy: dict[str, str] | None = None):
         self.layers = [layer for layer in layers if is_toeplitz_layer(layer)]
         self.chosen: dict[str, str] = {}
         self.reasons: dict[str, str] = {}
+        self.by_policy = {} if by_policy is None else by_policy
         self._depth = 0
 
     def __bool__(self) -> bool:
         return bool(self.layers)
 
-    def record(self, layer: Any, witness: str, x: Tensor) -> None:
+    def record(self, layer: Any, witness: str) -> None:
         """Note ``witness`` for ``layer`` (keeping the later of ``ORDER``) and why."""
+        policy = layer.dtype_policy.name
+        if ORDER.index(witness) >= ORDER.index(self.by_policy.get(policy, STOCK_AUTODIFF)):
+            self.by_policy[policy] = witness
         name = layer.name
         if ORDER.index(witness) < ORDER.index(self.chosen.get(name, STOCK_AUTODIFF)):
             return
@@ -196,7 +202,7 @@ class ConvWitnesses:
 
         def reference(x: Tensor, kernel: Tensor, bias: Tensor | None = None) -> Tensor:
             witness = choose(layer, x)
-            self.record(layer, witness, x)
+            self.record(layer, witness)
             if witness == MATERIALIZED_T:
                 return materialized_reference(layer, x, kernel, bias)
             return stock(layer, x, kernel, bias)

@@ -27,6 +27,15 @@ For a layer made by ``make_layer(dtype)`` it checks, in this order (each failure
    vectors, ``sum_batch`` both ways, its ``squared_norms`` against the squared norms of the
    per-sample reference gradients, and the derived ``jacobian_rows``, in float64.
 
+A convolution whose ``T(K)`` is applied implicitly (``toeplitz="implicit"``, or ``"auto"`` above
+the crossover) calls the transposed-convolution and filter-gradient kernels that stock autodiff
+of its ``reference`` runs too. For it, every reference route above is the witness of
+``tf_jacbp.check.conv_witness``: autodiff of the product with the materialized ``T(K)`` where a
+training step with the dense float64 ``T(K)`` fits the Toeplitz budget; above it the reference
+stays stock autodiff and check 2's float64 finite differences are the independent witness (run
+even with ``finite_differences=False``). ``check_layer`` returns a ``LayerCheckResult`` saying
+which witness each dtype policy's checks used.
+
 A layer of several inputs (``Add``) takes ``input_shape`` as a list of shapes; check it at a
 ``batch_size`` other than its number of inputs, so that a formula confusing the two fails.
 
@@ -59,6 +68,7 @@ to one) so that its input gradient reaches a variable, and the loss is
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from collections.abc import Callable, Sequence
 
@@ -66,6 +76,7 @@ import numpy as np
 
 from tf_jacbp import backend
 from tf_jacbp._backend import keras
+from tf_jacbp.check.conv_witness import FLOAT64_FINITE_DIFFERENCES, ORDER, STOCK_AUTODIFF
 from tf_jacbp.testing.contract import check_contract
 from tf_jacbp.testing.harness import (
     InputScale,
@@ -83,10 +94,12 @@ from tf_jacbp.testing.harness import (
     model_gradients,
     model_state,
     set_model_state,
+    witness_log,
 )
 
 __all__ = [
     "InputScale",
+    "LayerCheckResult",
     "assert_gradients_close",
     "build_model",
     "check_contract",
@@ -97,6 +110,32 @@ __all__ = [
     "model_state",
     "set_model_state",
 ]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCheckResult:
+    """What ``check_layer`` compared the layer's Jacobian route with.
+
+    Attributes:
+        witnesses: dtype policy name (``"float64"``, ``"float32"``, ``"mixed_float16"``) ->
+            ``"stock autodiff"`` (the layer's ``reference``), ``"materialized T(K)"`` (an
+            implicit convolution: autodiff of the product with ``T(K)`` formed from ``K``) or
+            ``"finite differences"`` (an implicit convolution over the budget: check 2), for
+            each policy a reference route was traced in; empty for a layer that is no Toeplitz
+            layer (``tf_jacbp.check.conv_witness``).
+        finite_differences: check 2 ran.
+    """
+
+    witnesses: dict[str, str]
+    finite_differences: bool
+
+    @property
+    def witness(self) -> str:
+        """The witness of the float64 checks (the formulas), else the latest of
+        ``conv_witness.ORDER`` over the policies; ``"stock autodiff"`` if none was recorded."""
+        if "float64" in self.witnesses:
+            return self.witnesses["float64"]
+        return max(self.witnesses.values(), key=ORDER.index, default=STOCK_AUTODIFF)
 
 
 def _check_contract(make_layer, input_shape, batch_size, seed, input_fn, training) -> None:
@@ -120,7 +159,7 @@ def check_layer(
     finite_differences: bool = True,
     training: bool | None = None,
     modes: bool = True,
-) -> None:
+) -> LayerCheckResult:
     """Run every comparison and mode of the module docstring on ``make_layer``.
 
     Args:
@@ -139,19 +178,25 @@ def check_layer(
         modes: run checks 3-5 (``fit`` eagerly, as a graph and under XLA; mixed precision; the
             ``.keras`` round trip). ``False`` keeps checks 1, 2, 6 and 7 only: for another
             configuration of a layer class whose every mode was checked with other arguments.
+
+    Returns a ``LayerCheckResult``: the witness of each dtype policy's checks (module docstring).
     """
     backend.require_float64("tf_jacbp.testing.check_layer")
     args = (make_layer, input_shape, batch_size, seed, input_fn, training)
-    _check_routes_agree(*args)
-    if finite_differences:
-        _check_finite_differences(*args)
-    if modes:
-        _check_fit_modes(*args)
-        _check_mixed_precision(*args)
-        if tmp_dir is None:
-            with tempfile.TemporaryDirectory() as tmp:
-                _check_saving(*args, tmp)
-        else:
-            _check_saving(*args, tmp_dir)
-    _check_per_example_rows(*args)
-    _check_contract(*args)
+    with witness_log() as log:
+        _check_routes_agree(*args)
+        # an implicit convolution over the budget has no other independent witness
+        differenced = finite_differences or FLOAT64_FINITE_DIFFERENCES in log.values()
+        if differenced:
+            _check_finite_differences(*args)
+        if modes:
+            _check_fit_modes(*args)
+            _check_mixed_precision(*args)
+            if tmp_dir is None:
+                with tempfile.TemporaryDirectory() as tmp:
+                    _check_saving(*args, tmp)
+            else:
+                _check_saving(*args, tmp_dir)
+        _check_per_example_rows(*args)
+        _check_contract(*args)
+    return LayerCheckResult(dict(log), differenced)

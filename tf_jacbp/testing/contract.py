@@ -13,6 +13,10 @@ on random vectors ``m`` of shape ``(V, batch, *y.shape[1:])`` for ``V = 1`` and 
   per-sample reference gradients (the norms DP-SGD clips with);
 * ``jacobian_rows`` (derived) and ``per_example_squared_norms`` agree with the same references.
 
+A convolution on the implicit route is referenced by the witness of
+``tf_jacbp.check.conv_witness`` (the materialized ``T(K)``, where it fits the budget): its stock
+``reference`` would run the convolution kernels its products call.
+
 The references differentiate ``reference``, never the formulas under test, so a formula that is
 wrong in one product only (a sign flipped in the per-sample rows, a quarter of the squared norm,
 the batch and input axes swapped in a map of several inputs) fails here.
@@ -28,7 +32,7 @@ import numpy as np
 from keras import ops
 
 from tf_jacbp import backend, tolerances
-from tf_jacbp.testing.harness import compiled
+from tf_jacbp.testing.harness import compiled, conv_witnesses
 
 Tensor = Any
 
@@ -146,5 +150,6 @@ def check_contract(layer: Any, x: Any, seed: int) -> None:
                 f"{name}: {type(op).__name__} does not implement the contract "
                 "(tf_jacbp.contract: vjp_input, vjp_params, squared_norms)"
             )
-        check_map(op, a, params, name, seed + j, integer_input=integer and j == 0)
+        with conv_witnesses([op]):  # an implicit convolution: the materialized T(K)
+            check_map(op, a, params, name, seed + j, integer_input=integer and j == 0)
         a = op.forward(a, *params)

@@ -5,12 +5,18 @@ It runs on Keras' TensorFlow and JAX backends: gradients are the backend's autod
 (``tf_jacbp.backend.value_and_gradients``: ``tf.GradientTape`` or ``jax.value_and_grad``) through
 the model's ``stateless_call``, finite differences are central differences of the same loss
 (compiled with ``jax.jit`` on JAX), and data are ``keras.ops`` tensors.
+
+The reference route of a convolution on the implicit route (``layer.route_for``) is the witness
+of ``tf_jacbp.check.conv_witness`` (autodiff of the materialized ``T(K)``; where that is over
+the budget, stock autodiff, and then check 2's finite differences are the independent
+witness): stock autodiff would run the same convolution kernels. ``witness_log`` collects what
+was chosen, per dtype policy.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,6 +24,8 @@ from keras import ops
 
 from tf_jacbp import backend, jacobian, numerics, tolerances
 from tf_jacbp._backend import BACKEND, keras
+from tf_jacbp.check.conv_witness import ConvWitnesses
+from tf_jacbp.check.routes import layers_of
 from tf_jacbp.route import reference_mode
 
 Tensor = Any
@@ -70,9 +78,37 @@ def compiled(function: Callable) -> Callable:
     return backend.xla_function(function) if BACKEND == "jax" else function
 
 
-def _route(reference: bool):
-    """``reference_mode()`` for the reference route, nothing for the Jacobian route."""
-    return reference_mode() if reference else contextlib.nullcontext()
+_WITNESS_LOGS: list[dict[str, str]] = []
+
+
+@contextlib.contextmanager
+def witness_log() -> Iterator[dict[str, str]]:
+    """Collect, while open, ``dtype policy name -> witness`` of the convolutions whose reference
+    route is traced (``tf_jacbp.check.conv_witness.ConvWitnesses.by_policy``)."""
+    log: dict[str, str] = {}
+    _WITNESS_LOGS.append(log)
+    try:
+        yield log
+    finally:
+        _WITNESS_LOGS.remove(log)
+
+
+def conv_witnesses(layers: Sequence[keras.layers.Layer]) -> ConvWitnesses:
+    """The witnesses of the Toeplitz layers among ``layers``, recording into the innermost open
+    ``witness_log``."""
+    return ConvWitnesses(layers, _WITNESS_LOGS[-1] if _WITNESS_LOGS else None)
+
+
+@contextlib.contextmanager
+def _route(reference: bool, model: keras.Model | None = None) -> Iterator[None]:
+    """``reference_mode()`` for the reference route, with the convolutions' witnesses of
+    ``model``'s layers; nothing for the Jacobian route."""
+    if not reference:
+        yield
+        return
+    layers = [] if model is None else list(layers_of(model))
+    with reference_mode(), conv_witnesses(layers):
+        yield
 
 
 def gradient_function(
@@ -85,7 +121,7 @@ def gradient_function(
     states). Compiled on JAX (``compiled``): build it once, call it for each batch."""
 
     def loss(values, state, x, t):
-        with _route(reference):
+        with _route(reference, model):
             y, _, losses = model.stateless_call(
                 values, state, x, training=training, return_losses=True
             )
@@ -94,7 +130,7 @@ def gradient_function(
 
     def gradients(values, state, x, t):
         _, grads = backend.value_and_gradients(lambda *v: loss(list(v), state, x, t), list(values))
-        with _route(reference):
+        with _route(reference, model):
             _, new_state = model.stateless_call(list(values), list(state), x, training=training)
         return grads, new_state
 
