@@ -30,8 +30,9 @@ batch 64), ResNet-20 (``tf_jacbp.models.resnet20``, 32x32x3, batch 64) and LeNet
 forward pass and the ``delta`` of every layer, as a plain gradient does, but instead of one
 filter gradient per convolution they need each sample's ``||X_patch,i^T Delta_i||_F^2``. Timed
 alone with stock TensorFlow ops for every convolution of the model, at its shapes:
-``products`` (the patches by ``tf.image.extract_patches``, then the cheaper exact form: the
-Gram form ``<X X^T, D D^T>`` when ``P (M + F) < M F``, else the outer product ``X^T D``) and
+``products`` (the patches by ``tf.image.extract_patches`` or as strided views, whichever is
+faster at that layer's shapes, then the cheaper exact form: the Gram form ``<X X^T, D D^T>``
+when ``P (M + F) < M F``, else the outer product ``X^T D``) and
 ``filter`` (the filter gradients, ``Conv2DBackpropFilter``). The norms' floor is ``(plain -
 filter + products) / plain``; the DP-SGD step's is ``(step + products) / step`` (the step's
 backward pass and its filter gradients, with clipped ``delta``, stay; the products come on top).
@@ -46,6 +47,7 @@ import math
 import os
 import statistics
 import sys
+import time
 from collections.abc import Callable
 
 if not __package__:  # run as a script: import from the repository
@@ -58,7 +60,7 @@ import tensorflow as tf  # noqa: E402
 from benchmarks.table import COLUMNS, cell, machine, print_table  # noqa: E402
 from benchmarks.timing import interleaved, peak_bytes, ratio_row  # noqa: E402
 from benchmarks.workloads import batch_gradient, compiled_pair  # noqa: E402
-from tf_jacbp import jacobian, layers, losses, models, privacy  # noqa: E402
+from tf_jacbp import geometry, jacobian, layers, losses, models, privacy  # noqa: E402
 from tf_jacbp.hooks import attach  # noqa: E402
 
 SIDES = (8, 16, 32, 64)
@@ -160,7 +162,11 @@ def size_rows(
             layer.build(x.shape)
             layer.set_weights(candidates["implicit"].get_weights())
         steps = {name: layer_step(layer) for name, layer in candidates.items()}
-        times = interleaved({k: lambda f=f, x=x: f(x) for k, f in steps.items()}, repetitions)
+        times = interleaved(
+            {k: lambda f=f, x=x: f(x) for k, f in steps.items()},
+            repetitions,
+            calls_for(lambda f=steps["stock"], x=x: f(x)),
+        )
         base = f"{side}x{side}x{channels} -> {channels}, batch {batch}, graph"
         extra = {"side": side, "channels": channels, "toeplitz_bytes": nbytes}
         for route in ("implicit", "materialize"):
@@ -177,6 +183,15 @@ def size_rows(
                 }
             rows.append({**row, **extra, "route": route})
     return rows
+
+
+def calls_for(fn: Callable[[], object], seconds: float = 0.05) -> int:
+    """Calls per repetition so that one repetition of ``fn`` takes about ``seconds`` (at least
+    one, at most 20): a step of a millisecond or two is timed over several calls."""
+    fn()
+    start = time.perf_counter()
+    fn()
+    return max(1, min(20, round(seconds / (time.perf_counter() - start))))
 
 
 def random_batch(shape: tuple[int, ...], batch: int) -> tuple[tf.Tensor, tf.Tensor]:
@@ -233,18 +248,46 @@ def conv_shapes(model: keras.Model, batch: int) -> list[tuple[keras.layers.Layer
     ]
 
 
-def stock_squared_norms(layer: keras.layers.Layer, x: tf.Tensor, delta: tf.Tensor) -> tf.Tensor:
+def stock_squared_norms(
+    layer: keras.layers.Layer, x: tf.Tensor, delta: tf.Tensor, patches: str = "extract"
+) -> tf.Tensor:
     """Each sample's ``||X_patch,i^T Delta_i||_F^2`` for a ``Conv2D`` ``layer`` (kernel part of
     its per-example gradient's squared norm), ``x`` ``(batch, H, W, C)``, ``delta`` the layer's
-    output shape: the patches ``X_patch,i`` (``P x M``) by ``tf.image.extract_patches``, then the
-    cheaper exact form, ``<X X^T, D D^T>`` (Gram, ``P x P``) when ``P (M + F) < M F``, else
-    ``||X^T D||^2`` (outer). Stock ops only, ``(batch,)``."""
+    output shape, by stock ops only, ``(batch,)``.
+
+    The patches ``X_patch,i`` (``P x M``, ``M = kh kw C``) by ``tf.image.extract_patches``
+    (``patches="extract"``) or as ``kh kw`` strided views of the padded input, stacked
+    (``"views"``; which is faster depends on the shape), then the cheaper exact form:
+    ``<X X^T, D D^T>`` (Gram, ``P x P``) when ``P (M + F) < M F``, else ``||X^T D||^2`` (outer).
+    """
     (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.strides, layer.dilation_rate
-    patches = tf.image.extract_patches(
-        x, [1, kh, kw, 1], [1, sh, sw, 1], [1, dh, dw, 1], layer.padding.upper()
-    )
     batch, positions = x.shape[0], math.prod(delta.shape[1:3])
-    a = tf.reshape(patches, [batch, positions, -1])
+    if patches == "extract":
+        a = tf.image.extract_patches(
+            x, [1, kh, kw, 1], [1, sh, sw, 1], [1, dh, dw, 1], layer.padding.upper()
+        )
+    elif patches == "views":
+        out = delta.shape[1:3]
+        pads = [
+            geometry.padding_amounts(n, k, s, layer.padding, d)
+            for n, k, s, d in zip(x.shape[1:3], (kh, kw), (sh, sw), (dh, dw), strict=True)
+        ]
+        x = tf.pad(x, [(0, 0), *pads, (0, 0)])
+        views = [
+            x[
+                :,
+                p * dh : p * dh + (out[0] - 1) * sh + 1 : sh,
+                q * dw : q * dw + (out[1] - 1) * sw + 1 : sw,
+            ]
+            for p in range(kh)
+            for q in range(kw)
+        ]
+        a = tf.stack(views, axis=3)  # (batch, out_h, out_w, taps, C): row-major (tap, c)
+    else:
+        raise ValueError(
+            f'stock_squared_norms: patches must be "extract" or "views", got {patches!r}'
+        )
+    a = tf.reshape(a, [batch, positions, -1])
     d = tf.reshape(delta, [batch, positions, -1])
     m, f = a.shape[2], d.shape[2]
     if positions * (m + f) < m * f:
@@ -253,21 +296,37 @@ def stock_squared_norms(layer: keras.layers.Layer, x: tf.Tensor, delta: tf.Tenso
     return tf.reduce_sum(tf.square(tf.matmul(a, d, transpose_a=True)), axis=(1, 2))
 
 
+def fastest_patches(layer: keras.layers.Layer, x: tf.Tensor, delta: tf.Tensor) -> str:
+    """The faster of ``stock_squared_norms``' two patch constructions at these shapes (the
+    median of five calls each, compiled)."""
+    seconds = {}
+    for patches in ("extract", "views"):
+        fn = tf.function(lambda patches=patches: stock_squared_norms(layer, x, delta, patches))
+        fn()
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            fn().numpy()
+            times.append(time.perf_counter() - start)
+        seconds[patches] = statistics.median(times)
+    return min(seconds, key=seconds.get)
+
+
 def stock_conv_work(model: keras.Model, batch: int) -> dict[str, Callable[[], object]]:
     """The floors' parts for every convolution of ``model`` at its shapes, stock TensorFlow ops
-    on random operands: ``"products"``, each sample's ``||X_patch,i^T Delta_i||_F^2`` (patches
-    by ``tf.image.extract_patches``, then the cheaper exact form), and ``"filter"``, the batch
-    filter gradients (``Conv2DBackpropFilter``)."""
+    on random operands: ``"products"``, each sample's ``||X_patch,i^T Delta_i||_F^2``
+    (``stock_squared_norms``, the faster patch construction for each layer), and
+    ``"filter"``, the batch filter gradients (``Conv2DBackpropFilter``)."""
     rng = np.random.default_rng(1)
     operands = []
     for layer, in_shape, out_shape in conv_shapes(model, batch):
         x = tf.constant(rng.normal(size=in_shape), tf.float32)
         delta = tf.constant(rng.normal(size=out_shape), tf.float32)
-        operands.append((layer, x, delta))
+        operands.append((layer, x, delta, fastest_patches(layer, x, delta)))
 
     @tf.function
     def products():
-        return [stock_squared_norms(layer, x, delta) for layer, x, delta in operands]
+        return [stock_squared_norms(*operand) for operand in operands]
 
     @tf.function
     def filters():
@@ -279,7 +338,7 @@ def stock_conv_work(model: keras.Model, batch: int) -> dict[str, Callable[[], ob
                 [1, *layer.strides, 1],
                 layer.padding.upper(),
             )
-            for layer, x, delta in operands
+            for layer, x, delta, _ in operands
         ]
 
     return {
@@ -356,7 +415,7 @@ def privacy_rows(name: str, repetitions: int, calls: int, batch: int | None = No
         ),
         ratio_row(
             "floor part: per-sample norm products alone vs one batch gradient",
-            "extract_patches, then the Gram or outer form; every conv",
+            "patches, then the Gram or outer form; every conv",
             t["products"],
             t["plain"],
             "floor",
@@ -481,8 +540,9 @@ per-repetition ratios (spread in brackets). `toeplitz="auto"`, the default, mate
 
 MODELS_READING = """The models against their stock-Keras twins (same weights, synthetic batches;
 `benchmarks/conv_sizes.py`'s docstring says what each row times). A `floor` row bounds the
-ratio above it: the same work with the per-sample norm products done by the fastest stock ops
-(`tf.image.extract_patches`, then the Gram or the outer form), measured in the same run."""
+ratio above it: the same work with the per-sample norm products done by stock ops (patches by
+`tf.image.extract_patches` or strided views, whichever is faster for the layer, then the Gram or
+the outer form), measured in the same run."""
 
 
 def markdown_section(rows: list[dict], mode: str, command: str) -> str:

@@ -77,12 +77,15 @@ def test_peak_mib_of_a_tensorflow_step_without_the_bfc_allocator():
 # --- benchmarks/conv_sizes.py (issue 23 item 5) -----------------------------------------------
 
 
+@pytest.mark.parametrize("patches", ["extract", "views"])
 @pytest.mark.parametrize(
     "strides, padding, dilation",
     [(2, "same", 1), (1, "valid", 1), (1, "same", 2)],
     ids=["stride 2 same (Gram form)", "valid (outer form)", "dilated"],
 )
-def test_conv_sizes_floor_computes_the_per_sample_kernel_gradient_norms(strides, padding, dilation):
+def test_conv_sizes_floor_computes_the_per_sample_kernel_gradient_norms(
+    strides, padding, dilation, patches
+):
     """The floor's stock-op products are each sample's ``||dK_i||^2``: against the per-sample
     kernel gradients of stock ``keras.layers.Conv2D`` by autodiff, float64."""
     from benchmarks import conv_sizes
@@ -95,7 +98,7 @@ def test_conv_sizes_floor_computes_the_per_sample_kernel_gradient_norms(strides,
     x = tf.constant(rng.normal(size=(3, 9, 9, 4)))
     delta = tf.constant(rng.normal(size=stock.compute_output_shape(x.shape)))
     stock.build(x.shape)
-    ours = conv_sizes.stock_squared_norms(stock, x, delta).numpy()
+    ours = conv_sizes.stock_squared_norms(stock, x, delta, patches).numpy()
     expected = []
     for i in range(3):
         with tf.GradientTape() as tape:
