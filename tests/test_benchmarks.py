@@ -135,3 +135,19 @@ def test_conv_sizes_quick_rows_have_every_cell_and_finite_ratios():
     section = conv_sizes.markdown_section(rows, "--quick", "python -m benchmarks --quick")
     assert section.startswith(conv_sizes.SECTION)
     assert "| 8 | 2 | 64 KiB |" in section and "does not fit" in section
+
+
+def test_conv_sizes_replaces_only_its_own_section_of_the_page(tmp_path):
+    """``python -m benchmarks.conv_sizes --markdown PATH`` puts its section before the GPU run's
+    the first time and replaces it afterwards; the table above and the GPU run stay as they were."""
+    from benchmarks import conv_sizes, run
+
+    page = tmp_path / "benchmarks.md"
+    head, gpu = "# Benchmarks\n\n| main table |\n", f"{run.KEPT_FROM} (issue 22)\n\nGPU text\n"
+    page.write_text(head + "\n" + gpu)
+    first = f"{conv_sizes.SECTION}\n\nfirst run\n"
+    conv_sizes.replace_section(str(page), first)
+    assert page.read_text() == head + "\n" + first + "\n" + gpu
+    second = f"{conv_sizes.SECTION}\n\nsecond run\n"
+    conv_sizes.replace_section(str(page), second)
+    assert page.read_text() == head + "\n" + second + "\n" + gpu
