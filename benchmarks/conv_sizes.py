@@ -37,6 +37,10 @@ when ``P (M + F) < M F``, else the outer product ``X^T D``) and
 filter + products) / plain``; the DP-SGD step's is ``(step + products) / step`` (the step's
 backward pass and its filter gradients, with clipped ``delta``, stay; the products come on top).
 
+The quick run (CI, under a minute): three cells of the grid (``QUICK_GRID``), the wide CNN's
+train step in graph mode, LeNet-5's under XLA, and the wide CNN's norm and DP-SGD rows, with
+fewer repetitions.
+
     python -m benchmarks.conv_sizes [--quick]     # this section alone; --quick: under a minute
     python -m benchmarks.conv_sizes --markdown docs/benchmarks.md   # and replace it in the page
     python -m benchmarks --markdown docs/benchmarks.md              # the whole page, this included
@@ -417,7 +421,7 @@ def privacy_rows(name: str, repetitions: int, calls: int, batch: int | None = No
         ),
         ratio_row(
             "floor part: per-sample norm products alone vs one batch gradient",
-            "patches, then the Gram or outer form; every conv",
+            f"{variant}; patches, then the Gram or outer form; every conv",
             t["products"],
             t["plain"],
             "floor",
