@@ -272,7 +272,7 @@ class ToeplitzConv(_ToeplitzIndexed):
         takes the convolution, so that it stays in its receptive field as in stock Keras (a
         dense ``T(K)`` multiplies it by every zero of its column: ``0 * NaN = NaN`` in every
         output of its sample)."""
-        image = self.image(x)
+        image = self._view(x)
         if self.route_for(image) == "implicit":
             return self._implicit_forward(image, kernel, bias)
         if self.toeplitz == "auto":
@@ -308,7 +308,7 @@ class ToeplitzConv(_ToeplitzIndexed):
         ``Delta T(K)`` of one product, or the transposed convolution of the ``V batch`` rows
         (``ImplicitConv.apply_transpose``; under ``"auto"`` also for rows with a NaN or an
         infinity, as ``forward``)."""
-        image = self.image(x)
+        image = self._view(x)
         route = self.route_for(image)
         if route == "implicit":
             return self._implicit_vjp_input(m, x, image, kernel)
@@ -344,7 +344,7 @@ class ToeplitzConv(_ToeplitzIndexed):
 
         Shapes ``(V, *p.shape)`` each, or ``(V, batch, *p.shape)`` without ``sum_batch``.
         """
-        image = self.image(x)
+        image = self._view(x)
         stacks = static_size(m, 0)
         if self.route_for(image) == "implicit" and sum_batch and stacks == 1:
             delta = ops.reshape(m[0], (-1, *self._lead, *ops.shape(m)[2:]))
@@ -380,7 +380,7 @@ class ToeplitzConv(_ToeplitzIndexed):
         sample. Tied bias: ``||1^T Delta_i||^2`` (``Delta_i`` summed over positions); untied:
         ``||Delta_i||^2``.
         """
-        x = self.image(x)
+        x = self._view(x)
         index = self.plain_index(x)
         *sizes, channels = index.input_shape
         out = index.output_shape[:-1]

@@ -320,11 +320,12 @@ class _ToeplitzIndexed(_KernelBiasLayer):
 
     def toeplitz_index(self, input_shape: tuple) -> tuple[toeplitz.ConvIndex, bool]:
         """``(ConvIndex, sparse)`` for inputs of static shape ``(batch, *spatial, C)`` (the layer's
-        own rank, or the image view): the index maps of ``T(K)`` for that size and whether the
-        memory guard keeps ``T`` sparse (``tf_jacbp.toeplitz.use_sparse``). Built on first use
-        for each size and kept. For ``Conv2DTranspose`` ``T(K)`` is the convolution's from the
-        output's shape ``(H_out, W_out, F)`` to ``(H, W, C)``: its ``input_shape`` is the output's,
-        its ``output_shape`` the input's.
+        own rank, or the image view; channels_last whatever the layer's ``data_format``; for a
+        grouped ``ToeplitzConv`` the ``T(K)`` of one group): the index maps of ``T(K)`` for that
+        size and whether the memory guard keeps ``T`` sparse (``tf_jacbp.toeplitz.use_sparse``).
+        Built on first use for each size and kept. For ``Conv2DTranspose`` ``T(K)`` is the
+        convolution's from the output's shape ``(H_out, W_out, F)`` to ``(H, W, C)``: its
+        ``input_shape`` is the output's, its ``output_shape`` the input's.
 
         Raises a ValueError when a spatial size is not known statically (``index_for(x)`` serves
         that case, with the maps computed when the graph runs), or when the size does not fit the
@@ -413,9 +414,15 @@ class _ToeplitzIndexed(_KernelBiasLayer):
         return self.conv_index, self.sparse_toeplitz
 
     def image(self, t: Tensor) -> Tensor:
-        """A batch ``(batch, *spatial, C)`` as the view ``(batch, *lead, *spatial, C)``: a
-        sequence ``(batch, T, C)`` is the image ``(batch, 1, T, C)`` of height 1 (same ``vec``);
-        images and volumes are their own view."""
+        """A batch in the layer's layout as the channels_last view the index maps read
+        (``route_for``, ``plain_index``, ``index_for``): channels_first ``(batch, C, *spatial)``
+        permuted to ``(batch, *spatial, C)``, then ``_view``."""
+        return self._view(self._last(t))
+
+    def _view(self, t: Tensor) -> Tensor:
+        """A channels_last batch ``(batch, *spatial, C)`` as the view ``(batch, *lead, *spatial,
+        C)``: a sequence ``(batch, T, C)`` is the image ``(batch, 1, T, C)`` of height 1 (same
+        ``vec``); images and volumes are their own view."""
         return t[:, None] if self.rank == 1 else t
 
     def jacobian_ops(self, training: bool = False) -> list:
