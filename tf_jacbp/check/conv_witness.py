@@ -15,7 +15,10 @@ with one of
   product and two gathers: no convolution kernel. Used where a training step with the dense
   float64 ``T(K)`` on the probe fits the budget (``fits_budget``);
 * ``FLOAT64_FINITE_DIFFERENCES``: float64 central differences of the loss, where it does not: the
-  forward convolution only, never a gradient kernel;
+  forward convolution only, never a gradient kernel. The layer's reference route then stays
+  stock autodiff (which shares the kernels, so ``GradientCheck`` counts that record as not
+  independent) and the differences run beside it: ``GradientCheck`` adds its directional finite
+  differences of every variable, ``check_layer`` its check 2 (every entry of every parameter);
 
 and say which (``STOCK_AUTODIFF`` for every other layer, whose reference route is independent
 of its Jacobian formulas: stock ops against the materialized products or other code).
@@ -23,6 +26,12 @@ of its Jacobian formulas: stock ops against the materialized products or other c
 ``ConvWitnesses`` applies the choice: inside it (``with witnesses:``, around the tracing of a
 reference route) each Toeplitz layer it was given takes ``reference_for(layer)`` as its
 ``reference``, which decides per call, from the input's size, and records what it chose.
+
+The budget: ``fits_budget`` compares ``ConvIndex.step_bytes`` of the dense float64 ``T(K)`` (the
+measured peak of a training step with it: ``T``, its index maps as graph constants, one
+sample) with the layer's ``toeplitz_budget_bytes`` or the process-wide budget, read when the
+reference route is traced. The witness holds ``T(K)`` and autodiff's gradient of it, ``2 R N``
+entries, for each of the routes traced (the model's dtype and its float64 twin).
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ from typing import Any
 
 from keras import ops
 
-from tf_jacbp import backend, toeplitz
+from tf_jacbp import toeplitz
 
 Tensor = Any
 
@@ -88,9 +97,9 @@ def budget_bytes(layer: Any) -> int:
 
 
 def _image(layer: Any, x: Tensor) -> Tensor:
-    """The batch as the layer's index maps read it: the view for a convolution (a sequence as an
-    image of height 1), the input itself for ``Conv2DTranspose``."""
-    return x if transposes(layer) else layer.image(x)
+    """The batch as the layer's index maps read it (``layer.image``): the channels_last view, a
+    sequence as an image of height 1; ``Conv2DTranspose``'s input as it is."""
+    return layer.image(x)
 
 
 def fits_budget(layer: Any, x: Tensor) -> bool:
@@ -233,22 +242,6 @@ class ConvWitnesses:
         return self.chosen.get(layer_name, STOCK_AUTODIFF)
 
 
-def finite_differences_possible() -> bool:
-    """Float64 is float64 on this backend (JAX only with x64 enabled)."""
-    return backend.float64_enabled()
-
-
-def describe(chosen: dict[str, str], reasons: dict[str, str]) -> str:
-    """One sentence naming each implicit convolution and its witness, or ``""`` if none."""
-    parts = [f"'{name}': {reasons.get(name, w)}" for name, w in chosen.items() if w in ORDER[1:]]
-    if not parts:
-        return ""
-    return (
-        "Convolutions on the implicit route (stock autodiff runs their kernels, so it is no "
-        "witness): " + "; ".join(parts) + "."
-    )
-
-
 __all__ = [
     "FLOAT64_FINITE_DIFFERENCES",
     "MATERIALIZED_T",
@@ -256,8 +249,6 @@ __all__ = [
     "STOCK_AUTODIFF",
     "ConvWitnesses",
     "choose",
-    "describe",
-    "finite_differences_possible",
     "fits_budget",
     "is_toeplitz_layer",
     "materialized_reference",

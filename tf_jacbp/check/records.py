@@ -51,8 +51,9 @@ LOG_KEYS = (
     "grad_check_norms_max_rel_err",
 )
 """The keys ``GradientCheck`` adds to the epoch ``logs``: the second and third are ints; the
-fourth only when a float64 twin runs, the fifth only with finite differences, the last only for
-a model that clips per example (the per-example norm witness)."""
+fourth only when a float64 twin runs, the fifth only with finite differences (asked for, or the
+witness of an implicit convolution over the budget: ``tf_jacbp.check.conv_witness``), the last
+only for a model that clips per example (the per-example norm witness)."""
 
 
 class GradientMismatchError(RuntimeError):

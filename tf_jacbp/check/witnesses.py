@@ -11,8 +11,8 @@ differences on the twin.
 A convolution whose ``T(K)`` the training route applies by convolution kernels (the implicit
 route) is differentiated on the reference side by ``tf_jacbp.check.conv_witness``'s witness
 instead of stock autodiff, which runs the same kernels: autodiff of the materialized ``T(K)``
-where it fits the budget, else float64 finite differences (``finite_difference_records``, then
-run whatever ``finite_differences`` says). Each record names it (``layer_witness``).
+where it fits the budget, else float64 finite differences (``finite_difference_records``, which
+then run even with ``finite_differences=False``). Each record names it (``layer_witness``).
 """
 
 from __future__ import annotations
