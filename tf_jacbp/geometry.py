@@ -76,8 +76,9 @@ def check_data_format(data_format: Any, owner: str, rank: int = 2) -> str:
         last = ", ".join(("batch", *axes, "channels"))
         first = ", ".join(("batch", "channels", *axes))
         raise ValueError(
-            f"{owner}: data_format must be None (Keras' image_data_format()), 'channels_last' "
-            f"({last}) or 'channels_first' ({first}), got data_format={data_format!r}."
+            f"{owner}: data_format must be 'channels_last' or 'channels_first' (or None: Keras' "
+            f"image_data_format()), got data_format={data_format!r}. channels_last: ({last}); "
+            f"channels_first: ({first})."
         )
     return resolved
 
