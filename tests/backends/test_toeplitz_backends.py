@@ -142,7 +142,9 @@ def test_conv2d_of_unknown_size_predicts_the_definitions_output_at_two_sizes(bac
     b`` (NumPy, the definition) at two image sizes. On TensorFlow ``predict`` traces again with
     the sizes unknown after the second size (``reduce_retracing``), so the second size runs
     through the run-time index (``tf_jacbp.backend.dynamic_conv_maps``); on JAX ``jax.jit``
-    traces each size with its sizes known, and the static index serves both."""
+    traces each size with its sizes known, and the static index serves both. (The layer asks for
+    ``toeplitz="materialize"``: under the default ``"auto"`` a size unknown when traced is
+    applied without forming ``T(K)``, tests/backends/test_conv_routes_backends.py.)"""
     tb.require_float64("Conv2D's forward pass")
     dynamic = []  # the run-time indices built
     build = DynamicConvIndex.__init__
@@ -152,7 +154,9 @@ def test_conv2d_of_unknown_size_predicts_the_definitions_output_at_two_sizes(bac
         build(self, *args, **kwargs)
 
     monkeypatch.setattr(DynamicConvIndex, "__init__", counted)
-    layer = Conv2D(3, (2, 3), strides=(2, 1), padding="same", dtype="float64")
+    layer = Conv2D(
+        3, (2, 3), strides=(2, 1), padding="same", dtype="float64", toeplitz="materialize"
+    )
     model = keras.Sequential([keras.Input((None, None, 2)), layer])
     rng = np.random.default_rng(7)
     layer.bias.assign(rng.normal(size=3))
