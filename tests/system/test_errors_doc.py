@@ -70,11 +70,11 @@ def _unknown_bias():
 
 
 def _groups():
-    layers.Conv2D(2, 3, groups=2)
+    layers.Conv2D(4, 3, groups=3)
 
 
-def _channels_first():
-    layers.Conv2D(2, 3, data_format="channels_first")
+def _data_format():
+    layers.Conv2D(2, 3, data_format="NCHW")
 
 
 def _strides():
@@ -274,8 +274,8 @@ def _embedding_id_out_of_range():
     layers.Embedding(5, 2)(np.array([[1, 7]]))
 
 
-def _conv1d_channels_first():
-    layers.Conv1D(2, 3, data_format="channels_first")
+def _conv1d_toeplitz_route():
+    layers.Conv1D(2, 3, toeplitz="dense")
 
 
 def _upsampling_bicubic():
@@ -296,8 +296,8 @@ CASES: list[tuple[str, Callable, type[Exception]]] = [
     ("unknown activation", _unknown_activation, ValueError),
     ("unknown padding", _unknown_padding, ValueError),
     ("unknown bias mode", _unknown_bias, ValueError),
-    ("groups != 1", _groups, ValueError),
-    ("channels_first", _channels_first, ValueError),
+    ("groups not dividing filters", _groups, ValueError),
+    ("data_format='NCHW'", _data_format, ValueError),
     ("zero or negative strides", _strides, ValueError),
     ("zero or negative pooling strides", _pool_strides, ValueError),
     ("label out of range", _label_out_of_range, ValueError),
@@ -342,7 +342,7 @@ CASES: list[tuple[str, Callable, type[Exception]]] = [
         _embedding_id_out_of_range,
         tf.errors.InvalidArgumentError,
     ),
-    ("Conv1D channels_first", _conv1d_channels_first, ValueError),
+    ("Conv1D toeplitz='dense'", _conv1d_toeplitz_route, ValueError),
     ("UpSampling2D interpolation='bicubic'", _upsampling_bicubic, ValueError),
     ("Concatenate along the batch axis", _concatenate_batch_axis, ValueError),
 ]
