@@ -5,12 +5,13 @@ convolution and the filter gradient; stock autodiff of its reference route runs 
 too. ``GradientCheck`` and ``check_layer`` compare it with autodiff of the materialized ``T(K)``
 where a step with the dense float64 ``T(K)`` fits the Toeplitz budget, else with float64 finite
 differences (``tf_jacbp.check.conv_witness``), and say which. Here: the materialized product
-equals the stock convolution; ``Conv2D``, ``Conv1D`` and ``Conv2DTranspose`` on the implicit
-route train under ``GradientCheck`` with zero mismatches and report the materialized witness; an
-error of 1e-3 planted in the implicit kernel gradient (``ImplicitConv.kernel_gradient``) or in
-its input product (``apply_transpose``; ``apply`` for ``Conv2DTranspose``, whose input product
-that is) is caught by both; with the budget lowered the witness is finite differences, reported,
-and they still catch the planted kernel-gradient error.
+equals the stock convolution (grouped and channels_first too); ``Conv2D`` (also grouped and
+channels_first), ``Conv1D`` and ``Conv2DTranspose`` on the implicit route train under
+``GradientCheck`` with zero mismatches and report the materialized witness; an error of 1e-3
+planted in the implicit kernel gradient (``ImplicitConv.kernel_gradient``) or in its input
+product (``apply_transpose``; ``apply`` for ``Conv2DTranspose``, whose input product that is)
+is caught by both; with the budget lowered the witness is finite differences, reported, and
+they still catch the planted kernel-gradient error.
 """
 
 from __future__ import annotations
@@ -52,6 +53,27 @@ CASES = {
             4, 3, padding="causal", dilation_rate=2, toeplitz="implicit", name="conv"
         ),
     ),
+    "Conv2D grouped channels_first": (
+        (2, 7, 7),
+        lambda: layers.Conv2D(
+            4,
+            2,
+            activation="tanh",
+            data_format="channels_first",
+            toeplitz="materialize",
+            name="first",
+            **OWN_BUDGET,
+        ),
+        lambda: layers.Conv2D(
+            4,
+            3,
+            groups=2,
+            bias="untied",
+            data_format="channels_first",
+            toeplitz="implicit",
+            name="conv",
+        ),
+    ),
     "Conv2DTranspose": (
         (4, 5, 2),
         lambda: layers.Conv2D(
@@ -64,6 +86,7 @@ CASES = {
 }
 
 INPUT_PRODUCT = {
+    "Conv2D grouped channels_first": "apply_transpose",
     "Conv2D": "apply_transpose",
     "Conv1D": "apply_transpose",
     "Conv2DTranspose": "apply",
@@ -126,6 +149,28 @@ def low_budget():
         (lambda: layers.Conv3D(2, 2, padding="same"), (2, 4, 5, 3, 2)),
         (lambda: layers.Conv2DTranspose(3, 3, strides=2, padding="same"), (2, 4, 5, 2)),
         (lambda: layers.Conv2DTranspose(3, 3, dilation_rate=2), (2, 4, 5, 2)),
+        (lambda: layers.Conv2D(4, 3, padding="same", strides=2, groups=2), (2, 7, 6, 4)),
+        (
+            lambda: layers.Conv2D(
+                4, (2, 3), dilation_rate=2, groups=2, bias="untied", data_format="channels_first"
+            ),
+            (2, 4, 7, 8),
+        ),
+        (
+            lambda: layers.Conv1D(4, 3, padding="causal", groups=2, data_format="channels_first"),
+            (2, 2, 9),
+        ),
+        (lambda: layers.Conv1D(6, 3, groups=3, bias="untied"), (2, 9, 3)),
+        (
+            lambda: layers.Conv3D(4, 2, padding="same", groups=2, data_format="channels_first"),
+            (2, 2, 4, 5, 3),
+        ),
+        (
+            lambda: layers.Conv2DTranspose(
+                3, 3, strides=2, padding="same", data_format="channels_first"
+            ),
+            (2, 2, 4, 5),
+        ),
     ],
 )
 def test_the_materialized_product_is_the_stock_convolution_in_float64(backend, make, shape):

@@ -81,11 +81,9 @@ def transposes(layer: Any) -> bool:
 
 def supported(layer: Any) -> str | None:
     """``None`` if ``materialized_reference`` forms this layer's product, else why not (a
-    configuration it does not know: ``channels_first``, ``groups > 1``)."""
-    if getattr(layer, "data_format", "channels_last") not in (None, "channels_last"):
+    ``data_format`` it does not know)."""
+    if getattr(layer, "data_format", None) not in (None, "channels_last", "channels_first"):
         return f"data_format={layer.data_format!r}"
-    if getattr(layer, "groups", 1) != 1:
-        return f"groups={layer.groups}"
     return None
 
 
@@ -123,20 +121,46 @@ def choose(layer: Any, x: Tensor) -> str:
     return FLOAT64_FINITE_DIFFERENCES
 
 
+def _rows_product(layer: Any, index: Any, image: Tensor, kernel: Tensor, bias: Tensor | None):
+    """One group's ``X T(K)^T + b`` (a convolution) or ``X T(K) + b`` (``Conv2DTranspose``) on
+    the channels_last view ``image``, shaped as the layer's channels_last output."""
+    t_transpose = ops.cast(index.transpose_matrix(kernel), image.dtype)  # (index N, index R)
+    if transposes(layer):
+        rows = ops.reshape(image, (-1, index.shape[0]))
+        out = ops.matmul(rows, ops.transpose(t_transpose))  # (batch, N) @ T(K)
+        if bias is not None:
+            out = out + ops.tile(bias, (index.shape[1] // index.kernel_shape[-2],))
+        return ops.reshape(out, (-1, *index.input_shape))
+    rows = ops.reshape(image, (-1, index.shape[1]))
+    out = ops.matmul(rows, t_transpose)  # (batch, N) @ T(K)^T
+    if bias is not None:
+        if getattr(layer, "bias_mode", "tied") == "tied":
+            out = out + ops.tile(bias, (index.shape[0] // index.output_shape[-1],))
+        else:
+            out = out + ops.reshape(bias, (-1,))
+    lead = len(getattr(layer, "_lead", ()))
+    return ops.reshape(out, (-1, *index.output_shape[lead:]))
+
+
 def materialized_reference(
     layer: Any, x: Tensor, kernel: Tensor, bias: Tensor | None = None
 ) -> Tensor:
     """The layer's map with ``T(K)`` formed, for autodiff: no convolution kernel runs.
 
     A convolution (``Conv1D``, ``Conv2D``, ``Conv3D``): ``Z = X T(K)^T + b`` with ``X``
-    ``(batch, N)`` the rows ``vec(x_b)`` of the view (``layer.image``), ``T(K)^T`` ``(N, R)``
-    (``index.transpose_matrix(K)``, ``index = layer.plain_index(view)``) and ``b`` the tied bias
-    repeated at each of the ``P`` positions or the untied one flattened; ``(batch, *spatial, C)``
-    -> ``(batch, *spatial_out, F)``.
+    ``(batch, N)`` the rows ``vec(x_b)`` of the channels_last view (``layer.image``),
+    ``T(K)^T`` ``(N, R)`` (``index.transpose_matrix(K)``, ``index = layer.plain_index(view)``)
+    and ``b`` the tied bias repeated at each of the ``P`` positions or the untied one flattened;
+    ``(batch, *spatial, C)`` -> ``(batch, *spatial_out, F)``. With ``groups = G`` ``T(K)`` is
+    block diagonal: group ``g``'s ``C / G`` channels times the ``T`` of ``K[..., g F/G : (g+1)
+    F/G]`` give its ``F / G`` filters, concatenated over the channel axis.
 
     ``Conv2DTranspose``: ``Y = X T(K) + b`` with ``T(K)`` the Toeplitz matrix of the convolution
     from the output's shape to the input's (``index.shape = (N_x, R_y)``): ``(batch, H, W, C)``
     -> ``(batch, H_out, W_out, F)``.
+
+    channels_first: the input read channels_last (``layer.image``), an untied bias
+    ``(F, *spatial_out)`` too, and the output moved back to ``(batch, F, *spatial_out)``.
     """
     why = supported(layer)
     if why is not None:
@@ -144,25 +168,30 @@ def materialized_reference(
             f"materialized_reference: {type(layer).__name__} '{layer.name}' with {why} is not "
             "formed here; its witness is finite differences (tf_jacbp.check.conv_witness.choose)."
         )
-    image = _image(layer, x)
+    first = getattr(layer, "data_format", None) == "channels_first"
+    image = layer.image(x)
     index = layer.plain_index(image)
-    t_transpose = ops.cast(index.transpose_matrix(kernel), x.dtype)  # (index N, index R)
-    if transposes(layer):
-        rows = ops.reshape(image, (-1, index.shape[0]))
-        out = ops.matmul(rows, ops.transpose(t_transpose))  # (batch, N) @ T(K)
-        if bias is not None:
-            out = out + ops.tile(ops.cast(bias, out.dtype), (index.shape[1] // layer.filters,))
-        return ops.reshape(out, (-1, *index.input_shape))
-    rows = ops.reshape(image, (-1, index.shape[1]))
-    out = ops.matmul(rows, t_transpose)  # (batch, N) @ T(K)^T
     if bias is not None:
-        bias = ops.cast(bias, out.dtype)
-        if getattr(layer, "bias_mode", "tied") == "tied":
-            out = out + ops.tile(bias, (index.shape[0] // layer.filters,))
-        else:
-            out = out + ops.reshape(bias, (-1,))
-    lead = len(getattr(layer, "_lead", ()))
-    return ops.reshape(out, (-1, *index.output_shape[lead:]))
+        bias = ops.cast(bias, image.dtype)
+        if first and len(bias.shape) > 1:  # untied, (F, *spatial_out)
+            bias = ops.moveaxis(bias, 0, -1)
+    groups = getattr(layer, "groups", 1)
+    if groups == 1:
+        out = _rows_product(layer, index, image, kernel, bias)
+    else:
+        c, f = int(image.shape[-1]) // groups, layer.filters // groups
+        parts = [
+            _rows_product(
+                layer,
+                index,
+                image[..., g * c : (g + 1) * c],
+                kernel[..., g * f : (g + 1) * f],
+                None if bias is None else bias[..., g * f : (g + 1) * f],
+            )
+            for g in range(groups)
+        ]
+        out = ops.concatenate(parts, axis=-1)
+    return ops.moveaxis(out, -1, 1) if first else out
 
 
 class ConvWitnesses:
