@@ -28,6 +28,8 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from keras import ops
 
 from tf_jacbp import backend as tb
@@ -183,9 +185,13 @@ def test_forward_and_gradients_equal_stock(backend, name, route):
     equal stock Keras' (and its autodiff) to 1e-12 in float64; grouped, also the stock
     ungrouped convolution of the block-diagonal kernel."""
     tb.require_float64("the float64 comparison with stock Keras")
-    cls, input_shape, kwargs = CASES[name]
-    layer = _layer(cls, input_shape, kwargs, route)
-    rng = np.random.default_rng(1)
+    assert_equals_stock(*CASES[name], route, backend, name)
+
+
+def assert_equals_stock(cls, input_shape, kwargs, route, backend, name, seed=0):
+    """The output and the gradients of ``sum(u * y)`` (input, kernel, bias) equal stock's."""
+    layer = _layer(cls, input_shape, kwargs, route, seed)
+    rng = np.random.default_rng(seed + 1)
     x = ops.convert_to_tensor(rng.normal(size=(2, *input_shape)))
     u = ops.convert_to_tensor(rng.normal(size=layer.compute_output_shape(tuple(x.shape))))
     weights = [ops.convert_to_tensor(w.value) for w in layer.trainable_variables]
@@ -194,7 +200,8 @@ def test_forward_and_gradients_equal_stock(backend, name, route):
         y, _ = layer.stateless_call(list(weights), [], x)
         return ops.sum(u * y)
 
-    value, grads = tb.value_and_gradients(ours, [x, *weights])
+    _, grads = tb.value_and_gradients(ours, [x, *weights])
+    y = layer.stateless_call(weights, [], x)[0]
     permute = _first(kwargs) and backend == "tensorflow"
     witnesses = [False] + ([True] if kwargs.get("groups", 1) > 1 else [])
     for dense in witnesses:
@@ -203,17 +210,18 @@ def test_forward_and_gradients_equal_stock(backend, name, route):
         stock.build(tuple(_to_last(np.zeros((2, *input_shape)), permute).shape))
         stock.set_weights([stock_kernel])
 
-        def reference(x, kernel, *bias, stock=stock):
+        def stock_output(x, kernel, *bias, stock=stock):
             y, _ = stock.stateless_call([kernel], [], _maybe_last(x, permute))
             y = _maybe_first(y, permute)
-            if bias:
-                y = y + _bias_broadcast(bias[0], kwargs, len(y.shape))
-            return ops.sum(u * y)
+            return y + _bias_broadcast(bias[0], kwargs, len(y.shape)) if bias else y
 
         stock_weights = [ops.convert_to_tensor(stock_kernel), *weights[1:]]
-        want_value, want = tb.value_and_gradients(reference, [x, *stock_weights])
+        want = tb.value_and_gradients(
+            lambda *t: ops.sum(u * stock_output(*t)), [x, *stock_weights]
+        )[1]
         what = f"{name} on {route} ({'block-diagonal' if dense else 'grouped'} stock)"
-        assert tolerances.relative_error(value, want_value) <= RTOL, what
+        error = tolerances.relative_error(y, stock_output(x, *stock_weights))
+        assert error <= RTOL, f"{what}: output {error:.1e}"
         assert tolerances.relative_error(grads[0], want[0]) <= RTOL, f"{what}: dx"
         want_kernel = ops.convert_to_numpy(want[1])
         if dense:  # the block-diagonal kernel's gradient, read at the blocks (chain rule)
@@ -246,9 +254,12 @@ def test_the_routes_agree(name):
     products (one vector and three, summed; per sample), squared norms and Jacobian rows, to
     1e-12; and the squared norms are those of the per-sample products."""
     tb.require_float64("the routes' float64 agreement")
-    cls, input_shape, kwargs = CASES[name]
-    materialized, implicit = (_layer(cls, input_shape, kwargs, r) for r in ROUTES)
-    rng = np.random.default_rng(2)
+    assert_routes_agree(*CASES[name], name)
+
+
+def assert_routes_agree(cls, input_shape, kwargs, name, seed=0):
+    materialized, implicit = (_layer(cls, input_shape, kwargs, r, seed) for r in ROUTES)
+    rng = np.random.default_rng(seed + 2)
     x = ops.convert_to_tensor(rng.normal(size=(3, *input_shape)))
     m = ops.convert_to_tensor(rng.normal(size=(3, *materialized.compute_output_shape(x.shape))))
     want, got = _products(materialized, x, m), _products(implicit, x, m)
@@ -261,6 +272,59 @@ def test_the_routes_agree(name):
         each = ops.convert_to_numpy(want[f"vjp_params[{i}] each"][0])
         norms = (each.reshape(each.shape[0], -1) ** 2).sum(axis=1)
         assert tolerances.relative_error(want[f"squared_norms[{i}]"], norms) <= RTOL, (name, i)
+
+
+@st.composite
+def layout_configs(draw):
+    """A convolution of any rank (or a transposed one), channels_first or grouped or both, with
+    its input shape in its layout. Transposed convolutions are not dilated here (TensorFlow's
+    stock ``Conv2DTranspose`` has no dilated CPU kernel)."""
+    kind = draw(st.sampled_from(["Conv1D", "Conv2D", "Conv3D", "Conv2DTranspose"]))
+    rank = {"Conv1D": 1, "Conv2D": 2, "Conv3D": 3, "Conv2DTranspose": 2}[kind]
+    padding = draw(st.sampled_from(["valid", "same", "causal"] if rank == 1 else ["valid", "same"]))
+    kernel = tuple(draw(st.integers(1, 3)) for _ in range(rank))
+    dilated = kind != "Conv2DTranspose" and draw(st.booleans())
+    strides = (1,) * rank if dilated else tuple(draw(st.integers(1, 3)) for _ in range(rank))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(rank)) if dilated else (1,) * rank
+    extent = [(k - 1) * d + 1 for k, d in zip(kernel, dilation, strict=True)]
+    low = 2 if rank == 3 else 3
+    sizes = tuple(draw(st.integers(max(low, e), max(low, e) + 2)) for e in extent)
+    groups = 1 if kind == "Conv2DTranspose" else draw(st.integers(1, 3))
+    first = groups == 1 or draw(st.booleans())
+    channels, filters = groups * draw(st.integers(1, 2)), groups * draw(st.integers(1, 2))
+    kwargs = {
+        "filters": filters,
+        "kernel_size": kernel,
+        "strides": strides,
+        "padding": padding,
+        "dilation_rate": dilation,
+        "use_bias": draw(st.booleans()),
+        "data_format": "channels_first" if first else "channels_last",
+    }
+    if groups > 1:
+        kwargs["groups"] = groups
+    if kind in ("Conv1D", "Conv2D") and kwargs["use_bias"] and draw(st.booleans()):
+        kwargs["bias"] = "untied"
+    if kind == "Conv2DTranspose" and padding == "valid" and max(strides) > 1:
+        kwargs["output_padding"] = tuple(draw(st.integers(0, s - 1)) for s in strides)
+    cls = getattr(layers, kind)
+    return cls, ((channels, *sizes) if first else (*sizes, channels)), kwargs
+
+
+@pytest.mark.slow
+@settings(max_examples=12, deadline=None)
+@given(layout_configs(), st.integers(0, 2**16))
+def test_drawn_configurations_equal_stock_and_the_routes_agree(config, seed):
+    """On drawn configurations: each route equals stock Keras (output and gradients, 1e-12) and
+    the two routes agree on every product of the contract."""
+    tb.require_float64("the float64 comparison with stock Keras")
+    cls, input_shape, kwargs = config
+    backend = keras.backend.backend()
+    for route in ROUTES:
+        assert_equals_stock(
+            cls, input_shape, kwargs, route, backend, f"{cls.__name__} {kwargs}", seed
+        )
+    assert_routes_agree(cls, input_shape, kwargs, f"{cls.__name__} {kwargs}", seed)
 
 
 CHECKED = [  # (case, route, every mode): the formula checks on one route each, every mode on both
