@@ -9,7 +9,10 @@ imported everywhere.
 * Images are channels_last, ``(H, W, C)``, and ``vec(x)`` is their row-major flattening:
   ``x[i, j, c]`` sits at ``(i * W + j) * C + c``. For one channel this is the paper's
   ``Vec(X^T)`` (Lemma 2). Conv outputs ``(H_out, W_out, C_out)`` are flattened the same way, so
-  the rows of the Toeplitz matrix ``T(K)`` are output positions in row-major order.
+  the rows of the Toeplitz matrix ``T(K)`` are output positions in row-major order. A
+  convolution with ``data_format="channels_first"`` sees its samples as ``(C, H, W)``: its
+  Jacobians are over the row-major ``vec`` of that array, ``T(K)`` with rows and columns
+  permuted (``tf_jacbp.layers.toeplitz_layer``).
 * ``theta = [Vec(W[1]); b[1]; Vec(W[2]); b[2]; ...]``: each layer's parameters in the order of
   ``JacobianLayer.jacobian_parameters()`` (kernel, then bias), layers in model order, each
   parameter by ``vec_parameter``.

@@ -70,8 +70,9 @@ def check_x(model: keras.Model, x: Any, dtype: Any, owner: str) -> Tensor:
             e for e in expected[1:] if e is not None
         ):
             hint = (
-                " Its axes look permuted: images are channels_last, (batch, height, width, "
-                "channels); transpose x."
+                " Its axes look permuted: give x in the layout of the model's input (channels_last "
+                "images are (batch, height, width, channels), channels_first ones (batch, "
+                "channels, height, width)); transpose x."
             )
         elif len(got) == len(expected) - 1:
             hint = " For one sample, add the batch axis: x[None]."
