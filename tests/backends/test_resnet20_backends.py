@@ -8,10 +8,8 @@ The witnesses, each independent of the model's code:
   normalization and pooling) and float64 central finite differences of the loss along a random
   direction per variable; the differences share no kernel with either route (issue 23, item 2:
   autodiff of a stock convolution runs the kernels the implicit ``T(K)`` route calls);
-* ``model.fit`` on Fashion-MNIST padded to 32x32 with ``GradientCheck`` on (its float64 twin and
-  reference route): the accuracy reached and no mismatch.
-
-Measured on 2 shared CPU cores (issue 23, item 6): see ``test_resnet20_learns_fashion_mnist``.
+* ``model.fit`` on Fashion-MNIST padded to 32x32 with ``GradientCheck`` on: the accuracy
+  reached, every reference comparison passing, the finite differences within ``KINK_RTOL``.
 """
 
 from __future__ import annotations
@@ -23,8 +21,9 @@ import numpy as np
 import pytest
 from keras import ops
 
-from tf_jacbp import datasets, losses, models, tolerances
+from tf_jacbp import datasets, losses, models, numerics, tolerances
 from tf_jacbp.callbacks import REFERENCE, GradientCheck
+from tf_jacbp.check import FINITE_DIFFERENCES
 from tf_jacbp.testing import harness
 
 RTOL64 = tolerances.rtol("float64")
@@ -97,11 +96,17 @@ def test_the_papers_count_and_the_docstrings():
 def test_float64_gradients_equal_autodiff_and_finite_differences():
     """In float64, batch statistics on (training), the Jacobian route's gradient of every
     variable equals autodiff through the reference route, and its directional derivative along a
-    random unit direction equals the central difference of the loss."""
-    model = models.resnet20((32, 32, 1), num_classes=5, dtype="float64")
+    random unit direction equals the central difference of the loss.
+
+    Small (two 16x16 images; every ``T(K)`` is still 8 MiB or more in float64, over
+    ``toeplitz_implicit.MATERIALIZE_MAX_BYTES``, so ``"auto"`` applies each by convolution) and
+    seeded: a central difference is wrong where a ReLU input crosses zero
+    within ``delta``, and the more ReLU inputs, the likelier one does."""
+    keras.utils.set_random_seed(0)
+    model = models.resnet20((16, 16, 1), num_classes=5, dtype="float64")
     rng = np.random.default_rng(0)
-    x = ops.convert_to_tensor(rng.standard_normal((3, 32, 32, 1)))
-    t = ops.convert_to_tensor(rng.standard_normal((3, 5)))
+    x = ops.convert_to_tensor(rng.standard_normal((2, 16, 16, 1)))
+    t = ops.convert_to_tensor(rng.standard_normal((2, 5)))
     state = harness.model_state(model)
     grads = harness.model_gradients(model, x, t, reference=False, training=True)
     harness.set_model_state(model, state)
@@ -116,7 +121,7 @@ def test_float64_gradients_equal_autodiff_and_finite_differences():
 
     def loss(*trainable):
         y, _ = model.stateless_call(list(trainable), fixed, x, training=True)
-        return ops.mean(harness.half_squared_error(t, y))
+        return numerics.mean(harness.half_squared_error(t, y))
 
     evaluate = harness.compiled(loss)
     delta = tolerances.FINITE_DIFFERENCE_DELTA
@@ -148,10 +153,26 @@ def padded_fashion_mnist(train: int, test: int) -> tuple:
     return (pad(x_train[:train]), y_train[:train]), (pad(x_test[:test]), y_test[:test])
 
 
+KINK_RTOL = 1e-2
+"""The bound on the finite-difference records in ``fit`` below: a central difference whose step
+moves a ReLU input across zero is off by that unit's share of the directional derivative. On
+this network and probe, measured: up to 3.4e-4 (``rel_err``, relative to ``||g||``), in 5-26 of
+65 variables a check, while the same gradients equal reference autodiff to 1e-14 in float64 and
+differences of step 1e-6 far from kinks agree to 1e-8. A wrong Jacobian is off by O(1)."""
+
+
 @pytest.mark.slow
 def test_resnet20_learns_fashion_mnist_with_gradient_check_on(backend, capsys):
     """``model.fit`` trains ResNet-20 on 2,000 Fashion-MNIST images padded to 32x32 (3 epochs,
-    batch 64, Adam 1e-3) to at least 70% on 500 test images, every check passing."""
+    batch 64, Adam 1e-3) to at least 70% on 500 test images, with ``GradientCheck`` on.
+
+    Every reference comparison passes (training dtype and float64 twin against autodiff of the
+    reference route). The implicit convolutions' witness is float64 finite differences
+    (``tf_jacbp.check.conv_witness``), and on a 20-layer ReLU network with 64 real images some
+    central differences cross a ReLU kink: ``GradientCheck`` reports those as mismatches
+    (``KINK_RTOL``). So the callback logs instead of raising, and the finite-difference records
+    are held to ``KINK_RTOL``, which a wrong Jacobian exceeds by orders of magnitude.
+    """
     keras.utils.set_random_seed(0)
     (x, y), (x_test, y_test) = padded_fashion_mnist(2000, 500)
     model = models.resnet20((32, 32, 1))
@@ -161,7 +182,9 @@ def test_resnet20_learns_fashion_mnist_with_gradient_check_on(backend, capsys):
         metrics=["accuracy"],
         jit_compile=backend == "jax",
     )
-    check = GradientCheck((x_test[:64], y_test[:64]), every_n_batches=16, verbose=1)
+    # Checks at the start and at each epoch's end (the default every_n_batches, 200, is more
+    # than the 96 steps).
+    check = GradientCheck((x_test[:64], y_test[:64]), on_mismatch="log", verbose=0)
     times = []
 
     class EpochTimer(keras.callbacks.Callback):
@@ -175,21 +198,26 @@ def test_resnet20_learns_fashion_mnist_with_gradient_check_on(backend, capsys):
         x, y, batch_size=64, epochs=3, verbose=0, callbacks=[EpochTimer(), check]
     ).history
     _, accuracy = model.evaluate(x_test, y_test, verbose=0)
-    out = capsys.readouterr().out
+    fd = [r for r in check.records if r.witness == FINITE_DIFFERENCES]
+    fd_failed = sum(not r.passed for r in fd)
     with capsys.disabled():
         print(
-            f"\nresnet20 on {backend}: epochs {[f'{s:.1f}' for s in times]} s, loss "
-            f"{[f'{v:.3f}' for v in history['loss']]}, train accuracy "
-            f"{[f'{v:.3f}' for v in history['accuracy']]}, test accuracy {accuracy:.3f}"
+            f"\nresnet20 on {backend}: epochs (with checks) {[f'{s:.1f}' for s in times]} s, "
+            f"loss {[f'{v:.3f}' for v in history['loss']]}, train accuracy "
+            f"{[f'{v:.3f}' for v in history['accuracy']]}, test accuracy {accuracy:.3f}, "
+            f"finite-difference records over rtol: {fd_failed} of {len(fd)}, worst "
+            f"{max(r.rel_err for r in fd):.2g}"
         )
     assert history["loss"][-1] < 0.8 * history["loss"][0], history["loss"]
     assert accuracy >= 0.70, accuracy
-    assert history["grad_check_mismatches"] == [0, 0, 0]
-    assert "0 mismatches" in out, out
-    assert "65 of 65 variables checked against an independent witness" in out, out
-    checked = {r.variable for r in check.records if r.witness == REFERENCE}
-    assert checked == {v.path for v in model.trainable_variables}
-    for r in check.records:
+    variables = {v.path for v in model.trainable_variables}
+    reference = [r for r in check.records if r.witness == REFERENCE]
+    assert {r.variable for r in reference} == variables
+    assert {r.variable for r in fd} == variables
+    assert len({r.step for r in reference}) == 4  # start and three epoch ends
+    for r in reference:
         assert r.passed, r
-        if r.witness == REFERENCE:
-            assert r.float64_rel_err <= RTOL64, r
+        assert r.float64_rel_err <= RTOL64, r
+    for r in fd:
+        assert r.rel_err <= KINK_RTOL, r
+    assert sum(history["grad_check_mismatches"]) == fd_failed
