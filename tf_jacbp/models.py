@@ -10,6 +10,8 @@ model comes attached (``tf_jacbp.hooks.attach``): its Keras step functions follo
 
 from __future__ import annotations
 
+from typing import Any
+
 from tf_jacbp import layers
 from tf_jacbp._backend import keras
 from tf_jacbp.hooks import attach
@@ -204,7 +206,7 @@ def resnet20(
     num_classes: int = 10,
     output_activation: str | None = None,
     momentum: float = 0.9,
-    **layer_kwargs,
+    **layer_kwargs: Any,
 ) -> keras.Model:
     """He et al. (2016)'s CIFAR ResNet-20 of tf_jacbp layers (``6 n + 2`` layers, ``n = 3``).
 
