@@ -157,9 +157,9 @@ KINK_RTOL = 1e-2
 """The bound on the finite-difference records in ``fit`` below: a central difference whose step
 moves a ReLU input across zero is off by that unit's share of the directional derivative. On
 this network, measured: up to 6.4e-4 (``rel_err``, relative to ``||g||``; 35 of 260 records over
-1e-6 on TensorFlow, 72 on JAX, with a 64-image probe), while the same gradients equal reference
-autodiff to 1e-14 in float64 and differences of step 1e-6 away from kinks agree to 1e-8. A wrong
-Jacobian is off by O(1)."""
+1e-6 on TensorFlow, 72 on JAX, with a 64-image probe; 23 and 11 with the 16 below), while the
+same gradients equal reference autodiff to 1e-14 in float64 and differences of step 1e-6 away
+from kinks agree to 1e-8. A wrong Jacobian is off by O(1)."""
 
 
 @pytest.mark.slow
