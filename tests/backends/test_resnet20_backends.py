@@ -165,15 +165,15 @@ from kinks agree to 1e-8. A wrong Jacobian is off by O(1)."""
 @pytest.mark.slow
 def test_resnet20_learns_fashion_mnist_with_gradient_check_on(backend, capsys):
     """``model.fit`` trains ResNet-20 on 2,000 Fashion-MNIST images padded to 32x32 (3 epochs,
-        batch 64, Adam 1e-3) to at least 65% on 500 test images, with ``GradientCheck`` on (a
+    batch 64, Adam 1e-3) to at least 65% on 500 test images, with ``GradientCheck`` on (a
     16-image probe: each check's finite differences run 130 float64 forward passes of it).
 
-        Every reference comparison passes (training dtype and float64 twin against autodiff of the
-        reference route). The implicit convolutions' witness is float64 finite differences
-        (``tf_jacbp.check.conv_witness``), and on a 20-layer ReLU network with real images some
-        central differences cross a ReLU kink: ``GradientCheck`` reports those as mismatches
-        (``KINK_RTOL``). So the callback logs instead of raising, and the finite-difference records
-        are held to ``KINK_RTOL``, which a wrong Jacobian exceeds by orders of magnitude.
+    Every reference comparison passes (training dtype and float64 twin against autodiff of the
+    reference route). The implicit convolutions' witness is float64 finite differences
+    (``tf_jacbp.check.conv_witness``), and on a 20-layer ReLU network with real images some
+    central differences cross a ReLU kink: ``GradientCheck`` reports those as mismatches
+    (``KINK_RTOL``). So the callback logs instead of raising, and the finite-difference records
+    are held to ``KINK_RTOL``, which a wrong Jacobian exceeds by orders of magnitude.
     """
     keras.utils.set_random_seed(0)
     (x, y), (x_test, y_test) = padded_fashion_mnist(2000, 500)
