@@ -129,9 +129,11 @@ def plant(monkeypatch, method: str) -> None:
 
 
 @pytest.fixture
-def low_budget():
-    """A Toeplitz budget of 1 MiB, below any training step's (``STEP_OVERHEAD_BYTES``): every
-    implicit convolution's witness is finite differences. Restored after the test."""
+def low_budget(monkeypatch):
+    """A Toeplitz budget of 1 MiB, below any training step's (``STEP_OVERHEAD_BYTES``), and the
+    unfolded patches taken as not fitting either: every implicit convolution's witness is
+    finite differences. Restored after the test."""
+    monkeypatch.setattr(conv_witness, "patches_fit", lambda layer, x: False)
     toeplitz.set_budget_bytes(2**20)
     try:
         yield
@@ -274,6 +276,40 @@ def test_over_the_budget_the_witness_is_finite_differences(backend, case, low_bu
     (r,) = [r for r in records if r.witness == FINITE_DIFFERENCES and not r.passed]
     assert r.rel_err > 10 * tolerances.FINITE_DIFFERENCE_RTOL
     assert r.layer_witness == conv_witness.FLOAT64_FINITE_DIFFERENCES
+
+
+@pytest.mark.parametrize("case", sorted(c for c in CASES if c != "Conv2DTranspose"))
+def test_over_the_budget_the_unfolded_patches_are_the_witness(case, monkeypatch):
+    """A dense float64 ``T(K)`` over the budget (1 MiB) while the probe's patch matrices fit it:
+    the witness is autodiff of ``X_patch K + b`` (gathers and a matmul), named in the records
+    and the summary, with no false alarm; a 1e-3 error planted in the filter gradient or in the
+    input product is caught by the reference record. (``Conv2DTranspose`` has no patch witness:
+    its witness over the budget is finite differences.)"""
+    toeplitz.set_budget_bytes(2**20)
+    try:
+        keras.utils.set_random_seed(0)
+        model = net(case)
+        x, y = data(case)
+        check = GradientCheck((x, y), every_n_batches=2, verbose=0)
+        history = model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[check])
+        assert history.history["grad_check_mismatches"] == [0]
+        reference = {r.layer: r for r in check.records if r.witness == REFERENCE}
+        assert reference["conv"].layer_witness == conv_witness.UNFOLDED_PATCHES
+        assert reference["conv"].independent
+        assert "'conv' against the unfolded patches" in check.summary()
+        for method in ("kernel_gradient", INPUT_PRODUCT[case]):
+            with monkeypatch.context() as patched:
+                plant(patched, method)
+                planted = net(case)
+                planted.set_weights(model.get_weights())
+                check = GradientCheck((x, y), on_mismatch="log", verbose=0)
+                records = check.check_now(planted)
+            failed = {r.variable.split("/", 1)[1] for r in records if not r.passed}
+            assert failed, (method, check.summary())
+            if method == "kernel_gradient":
+                assert failed == {"conv/kernel"}, check.summary()
+    finally:
+        toeplitz.set_budget_bytes(None)
 
 
 def implicit_conv2d(dtype):

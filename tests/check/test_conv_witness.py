@@ -87,9 +87,30 @@ def test_the_materialized_witness_catches_the_shared_kernel_bug(probe, shared_ke
     assert "materialized T(K)" in check.summary()
 
 
-def test_over_the_budget_finite_differences_catch_the_shared_kernel_bug(probe, shared_kernel_bug):
+def test_over_the_budget_the_unfolded_patches_catch_the_shared_kernel_bug(probe, shared_kernel_bug):
+    """Over the budget of the dense ``T(K)``, the probe's patch matrices are the witness (a
+    gather and a matmul): they catch the bug in the filter-gradient kernel too."""
     keras.utils.set_random_seed(0)
     model = net()
+    toeplitz.set_budget_bytes(2**20)
+    try:
+        check = GradientCheck(probe, on_mismatch="log", verbose=0)
+        records = check.check_now(model)
+    finally:
+        toeplitz.set_budget_bytes(None)
+    failed = [r.variable for r in records if not r.passed]
+    assert failed == ["net/conv/kernel"], check.summary()
+    r = conv_kernel(records, REFERENCE)
+    assert r.layer_witness == conv_witness.UNFOLDED_PATCHES and r.independent
+    assert r.float64_rel_err == pytest.approx(PLANTED, rel=0.05)
+
+
+def test_over_the_budget_finite_differences_catch_the_shared_kernel_bug(
+    probe, shared_kernel_bug, monkeypatch
+):
+    keras.utils.set_random_seed(0)
+    model = net()
+    monkeypatch.setattr(conv_witness, "patches_fit", lambda layer, x: False)
     toeplitz.set_budget_bytes(2**20)  # below any step's: the witness is finite differences
     try:
         check = GradientCheck(probe, on_mismatch="log", verbose=0)

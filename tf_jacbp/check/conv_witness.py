@@ -14,7 +14,12 @@ with one of
   (``ToeplitzProducts.transpose_matrix``: two ``ops.take``). Autodiff differentiates a matrix
   product and two gathers: no convolution kernel. Used where a training step with the dense
   float64 ``T(K)`` on the probe fits the budget (``fits_budget``);
-* ``FLOAT64_FINITE_DIFFERENCES``: float64 central differences of the loss, where it does not: the
+* ``UNFOLDED_PATCHES``: where ``T(K)`` does not fit but the probe's patch matrices do
+  (``patches_fit``; convolutions, not ``Conv2DTranspose``): autodiff of
+  ``z_b = X_patch,b K + b`` (Lemma 3's ``J_{Vec(K)} z = I_F (x) X_patch``), the patches gathered
+  from the input by ``ops.take`` (``patch_reference``): a gather and a matrix product, no
+  convolution kernel (the gather's gradient is a scatter-add, not a transposed convolution);
+* ``FLOAT64_FINITE_DIFFERENCES``: float64 central differences of the loss, where neither fits: the
   forward convolution only, never a gradient kernel. The layer's reference route then stays
   stock autodiff (which shares the kernels, so ``GradientCheck`` counts that record as not
   independent) and the differences run beside it: ``GradientCheck`` adds its directional finite
@@ -52,10 +57,18 @@ MATERIALIZED_T = "materialized T(K)"
 """Autodiff of the product with ``T(K)`` formed from ``K`` by its index maps
 (``materialized_reference``): a matrix product and gathers, no convolution kernel."""
 
+UNFOLDED_PATCHES = "unfolded patches"
+"""Autodiff of the product of the gathered patch matrices with ``K`` (``patch_reference``): a
+gather and a matrix product, no convolution kernel and no ``T(K)``."""
+
 FLOAT64_FINITE_DIFFERENCES = "finite differences"
 """Float64 central differences of the loss (the forward pass only)."""
 
-ORDER = (STOCK_AUTODIFF, MATERIALIZED_T, FLOAT64_FINITE_DIFFERENCES)
+PATCH_COPIES = 4
+"""How many probe-sized patch arrays ``patch_reference`` holds under autodiff (the gathered
+patches, their gradient, the products and theirs): what ``patches_fit`` sizes."""
+
+ORDER = (STOCK_AUTODIFF, MATERIALIZED_T, UNFOLDED_PATCHES, FLOAT64_FINITE_DIFFERENCES)
 """The witnesses from the plainest to the one that needs most: a layer traced twice (in the
 model and in its float64 twin) reports the later of its two choices (``ConvWitnesses.chosen``)."""
 
@@ -110,14 +123,34 @@ def fits_budget(layer: Any, x: Tensor) -> bool:
     return int(index.step_bytes(WITNESS_DTYPE, sparse=False)) <= budget_bytes(layer)
 
 
+def patches_fit(layer: Any, x: Tensor) -> bool:
+    """``patch_reference`` of the batch ``x`` fits ``budget_bytes``: ``PATCH_COPIES`` float64
+    arrays of ``M P`` entries per sample (``M = k_1 ... k_n C / G`` patch entries, ``P`` output
+    positions) and group. False for ``Conv2DTranspose`` and for a size unknown when traced."""
+    image = _image(layer, x)
+    if transposes(layer) or any(n is None for n in tuple(image.shape[1:])):
+        return False
+    index = layer.plain_index(image)
+    entries = 1
+    for n in index.kernel_shape[:-1]:
+        entries *= int(n)
+    batch = 256 if image.shape[0] is None else int(image.shape[0])
+    groups = getattr(layer, "groups", 1)
+    size = PATCH_COPIES * 8 * entries * int(index.positions) * batch * groups
+    return size <= budget_bytes(layer)
+
+
 def choose(layer: Any, x: Tensor) -> str:
     """The witness of ``layer`` on the batch ``x``: ``STOCK_AUTODIFF`` unless ``T(K)`` is applied
     implicitly there (``layer.route_for``); then ``MATERIALIZED_T`` where it fits the budget and
-    the configuration is ``supported``, else ``FLOAT64_FINITE_DIFFERENCES``."""
+    the configuration is ``supported``, else ``UNFOLDED_PATCHES`` where the patches fit
+    (``patches_fit``), else ``FLOAT64_FINITE_DIFFERENCES``."""
     if not is_toeplitz_layer(layer) or layer.route_for(_image(layer, x)) != "implicit":
         return STOCK_AUTODIFF
     if supported(layer) is None and fits_budget(layer, x):
         return MATERIALIZED_T
+    if supported(layer) is None and patches_fit(layer, x):
+        return UNFOLDED_PATCHES
     return FLOAT64_FINITE_DIFFERENCES
 
 
@@ -194,6 +227,46 @@ def materialized_reference(
     return ops.moveaxis(out, -1, 1) if first else out
 
 
+def _patch_product(layer: Any, index: Any, image: Tensor, kernel: Tensor, bias: Tensor | None):
+    """One group's ``z_b = X_patch,b K + b`` on the channels_last view: the patches gathered
+    (``index.stored_patches``, rows in ``K``'s storage order), times ``K`` as ``(M, F)``."""
+    patches = index.stored_patches(image[None], bias_row=False)[0]  # (M, P, batch)
+    filters = kernel.shape[-1]
+    rows = ops.reshape(ops.cast(kernel, image.dtype), (-1, filters))  # (M, F)
+    out = ops.einsum("mpb,mf->bpf", patches, rows)
+    lead = len(getattr(layer, "_lead", ()))
+    out = ops.reshape(out, (-1, *index.output_shape[lead:-1], filters))
+    return out if bias is None else out + bias
+
+
+def patch_reference(layer: Any, x: Tensor, kernel: Tensor, bias: Tensor | None = None) -> Tensor:
+    """A convolution's map as Lemma 3 writes it per sample, for autodiff: ``z_b = X_patch,b K
+    + b`` (``(P, M) x (M, F)``, the patches gathered from ``x`` by ``ops.take``; no convolution
+    kernel, no ``T(K)``). ``(batch, *spatial, C)`` -> ``(batch, *spatial_out, F)``; groups one
+    block each, concatenated; channels_first read and written as ``materialized_reference``."""
+    first = getattr(layer, "data_format", None) == "channels_first"
+    image = layer.image(x)
+    index = layer.plain_index(image)
+    if bias is not None:
+        bias = ops.cast(bias, image.dtype)
+        if first and len(bias.shape) > 1:  # untied, (F, *spatial_out)
+            bias = ops.moveaxis(bias, 0, -1)
+    groups = getattr(layer, "groups", 1)
+    c, f = int(image.shape[-1]) // groups, layer.filters // groups
+    parts = [
+        _patch_product(
+            layer,
+            index,
+            image[..., g * c : (g + 1) * c],
+            kernel[..., g * f : (g + 1) * f],
+            None if bias is None else bias[..., g * f : (g + 1) * f],
+        )
+        for g in range(groups)
+    ]
+    out = parts[0] if groups == 1 else ops.concatenate(parts, axis=-1)
+    return ops.moveaxis(out, -1, 1) if first else out
+
+
 class ConvWitnesses:
     """The reference route of every Toeplitz layer in ``layers``, replaced while active
     (``with witnesses:``) by ``reference_for``'s: the stock reference, the materialized
@@ -225,6 +298,11 @@ class ConvWitnesses:
         self.chosen[name] = witness
         if witness == MATERIALIZED_T:
             self.reasons[name] = "its implicit route against the materialized T(K)"
+        elif witness == UNFOLDED_PATCHES:
+            self.reasons[name] = (
+                "its implicit route against its unfolded patches (a dense float64 T(K) is over "
+                f"the budget of {budget_bytes(layer) / 2**20:.3g} MiB)"
+            )
         elif witness == FLOAT64_FINITE_DIFFERENCES:
             why = supported(layer)
             if why is None:
@@ -243,6 +321,8 @@ class ConvWitnesses:
             self.record(layer, witness)
             if witness == MATERIALIZED_T:
                 return materialized_reference(layer, x, kernel, bias)
+            if witness == UNFOLDED_PATCHES:
+                return patch_reference(layer, x, kernel, bias)
             return stock(layer, x, kernel, bias)
 
         return reference
@@ -276,9 +356,12 @@ __all__ = [
     "MATERIALIZED_T",
     "ORDER",
     "STOCK_AUTODIFF",
+    "UNFOLDED_PATCHES",
     "ConvWitnesses",
     "choose",
     "fits_budget",
     "is_toeplitz_layer",
     "materialized_reference",
+    "patch_reference",
+    "patches_fit",
 ]

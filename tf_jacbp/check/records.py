@@ -11,6 +11,7 @@ from tf_jacbp.check.conv_witness import (
     FLOAT64_FINITE_DIFFERENCES,
     MATERIALIZED_T,
     STOCK_AUTODIFF,
+    UNFOLDED_PATCHES,
 )
 
 ON_MISMATCH = ("raise", "warn", "log")
@@ -30,7 +31,7 @@ first pass, the layers' ``squared_norms``) with the norms of autodiff's per-samp
 WITNESSES = (REFERENCE, FINITE_DIFFERENCES, PER_EXAMPLE_NORMS)
 """Every ``GradientCheckRecord.witness``."""
 
-LAYER_WITNESSES = (STOCK_AUTODIFF, MATERIALIZED_T, FLOAT64_FINITE_DIFFERENCES)
+LAYER_WITNESSES = (STOCK_AUTODIFF, MATERIALIZED_T, UNFOLDED_PATCHES, FLOAT64_FINITE_DIFFERENCES)
 """Every ``GradientCheckRecord.layer_witness`` (``tf_jacbp.check.conv_witness``): what the
 owning layer's own map was checked against."""
 

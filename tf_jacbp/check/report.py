@@ -12,7 +12,12 @@ import numpy as np
 
 from tf_jacbp import tolerances
 from tf_jacbp._backend import BACKEND
-from tf_jacbp.check.conv_witness import MATERIALIZED_T, STOCK_AUTODIFF
+from tf_jacbp.check.conv_witness import (
+    FLOAT64_FINITE_DIFFERENCES,
+    MATERIALIZED_T,
+    STOCK_AUTODIFF,
+    UNFOLDED_PATCHES,
+)
 from tf_jacbp.check.records import (
     FINITE_DIFFERENCES,
     FIXED_RTOL,
@@ -86,7 +91,7 @@ def witness_line(records: Sequence[GradientCheckRecord]) -> str | None:
     if not chosen:
         return None
     parts = [
-        f"'{layer}' against {'the ' if w == MATERIALIZED_T else 'float64 '}{w}"
+        f"'{layer}' against {'float64 ' if w == FLOAT64_FINITE_DIFFERENCES else 'the '}{w}"
         for layer, w in chosen.items()
     ]
     return (
@@ -166,6 +171,8 @@ def mismatch_message(failed: Sequence[GradientCheckRecord], total: int) -> str:
         witness = WITNESS_NAMES.get(r.witness, r.witness)
         if r.witness == REFERENCE and r.layer_witness == MATERIALIZED_T:
             witness += ", this convolution differentiated through its materialized T(K)"
+        if r.witness == REFERENCE and r.layer_witness == UNFOLDED_PATCHES:
+            witness += ", this convolution differentiated through its unfolded patches"
         if r.cause is not None or not math.isfinite(r.rel_err):
             what = "a gradient has non-finite values (NaN or inf): " + CAUSES.get(
                 r.cause, "see the records"
