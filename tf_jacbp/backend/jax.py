@@ -849,3 +849,24 @@ def conv_kernel_product(
 
 
 __all__ += ["conv_input_product", "conv_kernel_product"]
+
+
+def image_patches(
+    x: object, kernel_size: tuple[int, int], strides: tuple[int, int], dilation: tuple[int, int]
+) -> object:
+    """The patch matrices of an already padded image batch, ``(batch, H, W, C)`` ->
+    ``(batch, o_h o_w, C k_h k_w)``: row ``i`` of sample ``b`` holds the window output ``i``
+    reads (``jax.lax.conv_general_dilated_patches``, no padding; entries ordered
+    ``(c, p_h, p_w)``)."""
+    patches = jax.lax.conv_general_dilated_patches(
+        x,
+        filter_shape=tuple(kernel_size),
+        window_strides=tuple(strides),
+        padding="VALID",
+        rhs_dilation=tuple(dilation),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    return jnp.reshape(patches, (x.shape[0], -1, patches.shape[-1]))
+
+
+__all__ += ["image_patches"]

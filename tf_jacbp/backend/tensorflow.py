@@ -924,3 +924,22 @@ def conv_kernel_product(
 
 
 __all__ += ["conv_input_product", "conv_kernel_product"]
+
+
+def image_patches(
+    x: object, kernel_size: tuple[int, int], strides: tuple[int, int], dilation: tuple[int, int]
+) -> object:
+    """The patch matrices of an already padded image batch, ``(batch, H, W, C)`` ->
+    ``(batch, o_h o_w, k_h k_w C)``: row ``i`` of sample ``b`` holds the window output ``i``
+    reads (``tf.image.extract_patches``, ``"VALID"``; entries ordered ``(p_h, p_w, c)``)."""
+    patches = tf.image.extract_patches(
+        x,
+        sizes=[1, *kernel_size, 1],
+        strides=[1, *strides, 1],
+        rates=[1, *dilation, 1],
+        padding="VALID",
+    )
+    return tf.reshape(patches, (tf.shape(x)[0], -1, patches.shape[-1]))
+
+
+__all__ += ["image_patches"]
