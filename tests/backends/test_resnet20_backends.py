@@ -161,7 +161,8 @@ def test_resnet20_learns_fashion_mnist_with_gradient_check_on(backend, capsys):
     16-image probe) raising on any mismatch: none.
 
     Every convolution is on the implicit route. Where a dense float64 T(K) is over the budget
-    (2 GiB for a 32 x 32 x 16 layer) it is checked against autodiff of its unfolded patches (``tf_jacbp.check.conv_witness.UNFOLDED_PATCHES``), which shares no kernel
+    (2 GiB for a 32 x 32 x 16 layer) it is checked against autodiff of its unfolded patches
+    (``tf_jacbp.check.conv_witness.UNFOLDED_PATCHES``), which shares no kernel
     with it, so no finite differences run (they false-alarm at ReLU kinks: measured up to 6.4e-4
     on this network before the patch witness existed).
     """
