@@ -201,6 +201,14 @@ def materialized_reference(
             f"materialized_reference: {type(layer).__name__} '{layer.name}' with {why} is not "
             "formed here; its witness is finite differences (tf_jacbp.check.conv_witness.choose)."
         )
+    return _by_group(layer, x, kernel, bias, _rows_product)
+
+
+def _by_group(layer: Any, x: Tensor, kernel: Tensor, bias: Tensor | None, product: Any) -> Tensor:
+    """``product(layer, index, image_g, K_g, b_g)`` for each group ``g`` of the channels_last
+    view (``layer.image``), concatenated over the channel axis, then back in the layer's layout:
+    what ``materialized_reference`` and ``patch_reference`` share (an untied channels_first bias
+    ``(F, *spatial_out)`` read channels_last)."""
     first = getattr(layer, "data_format", None) == "channels_first"
     image = layer.image(x)
     index = layer.plain_index(image)
@@ -209,21 +217,21 @@ def materialized_reference(
         if first and len(bias.shape) > 1:  # untied, (F, *spatial_out)
             bias = ops.moveaxis(bias, 0, -1)
     groups = getattr(layer, "groups", 1)
-    if groups == 1:
-        out = _rows_product(layer, index, image, kernel, bias)
-    else:
-        c, f = int(image.shape[-1]) // groups, layer.filters // groups
-        parts = [
-            _rows_product(
-                layer,
-                index,
-                image[..., g * c : (g + 1) * c],
-                kernel[..., g * f : (g + 1) * f],
-                None if bias is None else bias[..., g * f : (g + 1) * f],
-            )
-            for g in range(groups)
-        ]
-        out = ops.concatenate(parts, axis=-1)
+    if groups == 1:  # Conv2DTranspose among them: its kernel's last axis is C, not F
+        out = product(layer, index, image, kernel, bias)
+        return ops.moveaxis(out, -1, 1) if first else out
+    c, f = int(image.shape[-1]) // groups, layer.filters // groups
+    parts = [
+        product(
+            layer,
+            index,
+            image[..., g * c : (g + 1) * c],
+            kernel[..., g * f : (g + 1) * f],
+            None if bias is None else bias[..., g * f : (g + 1) * f],
+        )
+        for g in range(groups)
+    ]
+    out = ops.concatenate(parts, axis=-1)
     return ops.moveaxis(out, -1, 1) if first else out
 
 
@@ -244,27 +252,7 @@ def patch_reference(layer: Any, x: Tensor, kernel: Tensor, bias: Tensor | None =
     + b`` (``(P, M) x (M, F)``, the patches gathered from ``x`` by ``ops.take``; no convolution
     kernel, no ``T(K)``). ``(batch, *spatial, C)`` -> ``(batch, *spatial_out, F)``; groups one
     block each, concatenated; channels_first read and written as ``materialized_reference``."""
-    first = getattr(layer, "data_format", None) == "channels_first"
-    image = layer.image(x)
-    index = layer.plain_index(image)
-    if bias is not None:
-        bias = ops.cast(bias, image.dtype)
-        if first and len(bias.shape) > 1:  # untied, (F, *spatial_out)
-            bias = ops.moveaxis(bias, 0, -1)
-    groups = getattr(layer, "groups", 1)
-    c, f = int(image.shape[-1]) // groups, layer.filters // groups
-    parts = [
-        _patch_product(
-            layer,
-            index,
-            image[..., g * c : (g + 1) * c],
-            kernel[..., g * f : (g + 1) * f],
-            None if bias is None else bias[..., g * f : (g + 1) * f],
-        )
-        for g in range(groups)
-    ]
-    out = parts[0] if groups == 1 else ops.concatenate(parts, axis=-1)
-    return ops.moveaxis(out, -1, 1) if first else out
+    return _by_group(layer, x, kernel, bias, _patch_product)
 
 
 class ConvWitnesses:
